@@ -1,0 +1,23 @@
+//! Wire types and sans-IO logic shared by the punch server and agent.
+//!
+//! - [`signal`]: the signaling messages exchanged over the QUIC control stream.
+//! - [`codec`]: length-prefixed postcard framing with hard size limits.
+//! - [`probe`]: the authenticated UDP probe packets used to punch holes.
+//! - [`punch`]: the punching schedule and path choice as a state machine
+//!   that takes events and time and returns datagrams to send.
+//! - [`peer`]: the small request header spoken on peer-to-peer streams.
+
+pub mod codec;
+pub mod peer;
+pub mod probe;
+pub mod punch;
+pub mod signal;
+
+/// Version of the signaling protocol; sent in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// ALPN of the agent-to-server signaling connection.
+pub const ALPN_SIGNAL: &[u8] = b"punch-signal/1";
+/// ALPN of agent-to-agent peer connections.
+pub const ALPN_PEER: &[u8] = b"punch/1";
+/// Default UDP port of the rendezvous server (the STUN port).
+pub const DEFAULT_PORT: u16 = 3478;

@@ -1,0 +1,584 @@
+//! The punching schedule and path choice, as a sans-IO state machine.
+//!
+//! A [`Puncher`] is created from an offer. The driver feeds it received
+//! probes ([`Puncher::handle_probe`]) and the passage of time
+//! ([`Puncher::handle_timeout`]), sends what [`Puncher::poll_transmit`]
+//! returns, and reacts to [`Puncher::poll_event`]. It never touches a socket
+//! or a clock, so its tests run on a fake clock.
+//!
+//! Each side pings every candidate of the peer in rounds (quickly at first,
+//! then steadily) until a pong proves a path or the deadline passes. A valid
+//! ping from an address that was not advertised (a new mapping of a
+//! symmetric NAT) adds that address as a peer-reflexive candidate and is
+//! pinged back at once.
+
+use crate::probe::{Probe, ProbeError, ProbeKind};
+use crate::signal::{Candidate, CandidateKind, Role, SessionId, MAX_CANDIDATES};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Tunables of the punching schedule.
+#[derive(Clone, Debug)]
+pub struct PunchConfig {
+    /// Give up when no path is validated by then.
+    pub deadline: Duration,
+    /// Offsets from the start of the first rounds; after the last one,
+    /// rounds repeat every `interval`.
+    pub early_rounds: Vec<Duration>,
+    /// Spacing of the steady rounds.
+    pub interval: Duration,
+    /// Most candidates (advertised plus peer-reflexive) probed.
+    pub max_candidates: usize,
+}
+
+impl Default for PunchConfig {
+    fn default() -> Self {
+        PunchConfig {
+            deadline: Duration::from_secs(5),
+            early_rounds: [0, 20, 50, 100, 200, 400]
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            interval: Duration::from_millis(250),
+            max_candidates: 2 * MAX_CANDIDATES,
+        }
+    }
+}
+
+/// A datagram the driver must send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Something the driver must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PunchEvent {
+    /// A pong proved that `addr` reaches the peer.
+    Validated {
+        addr: SocketAddr,
+        kind: CandidateKind,
+        rtt: Duration,
+        /// Our own address as the peer saw it.
+        observed: SocketAddr,
+    },
+    /// The deadline passed with no validated path.
+    TimedOut,
+}
+
+#[derive(Clone, Debug)]
+struct CandState {
+    addr: SocketAddr,
+    kind: CandidateKind,
+    pings: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    txid: u64,
+    dst: SocketAddr,
+    at: Instant,
+}
+
+/// Where the session stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PunchState {
+    Probing,
+    Validated(SocketAddr),
+    TimedOut,
+}
+
+/// Counters for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PunchStats {
+    pub pings_sent: u32,
+    pub pongs_sent: u32,
+    pub pongs_received: u32,
+    pub rejected: u32,
+}
+
+/// The punching state machine of one session on one side.
+#[derive(Debug)]
+pub struct Puncher {
+    session: SessionId,
+    secret: [u8; 32],
+    role: Role,
+    config: PunchConfig,
+    candidates: Vec<CandState>,
+    start: Instant,
+    round: usize,
+    next_round: Instant,
+    sent: VecDeque<Sent>,
+    next_txid: u64,
+    outbox: VecDeque<Transmit>,
+    events: VecDeque<PunchEvent>,
+    state: PunchState,
+    stats: PunchStats,
+}
+
+/// Most outstanding pings remembered for matching pongs.
+const MAX_SENT: usize = 512;
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+impl Puncher {
+    /// Starts a session; the first round is due at `now + start_in`.
+    pub fn new(
+        session: SessionId,
+        secret: [u8; 32],
+        role: Role,
+        peer_candidates: &[Candidate],
+        now: Instant,
+        start_in: Duration,
+        txid_seed: u64,
+        config: PunchConfig,
+    ) -> Self {
+        let mut p = Puncher {
+            session,
+            secret,
+            role,
+            candidates: Vec::new(),
+            start: now + start_in,
+            round: 0,
+            next_round: now + start_in,
+            sent: VecDeque::new(),
+            next_txid: txid_seed,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            state: PunchState::Probing,
+            stats: PunchStats::default(),
+            config,
+        };
+        for c in peer_candidates {
+            p.add_candidate(c.addr, c.kind);
+        }
+        p
+    }
+
+    /// The session this puncher belongs to.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Current state.
+    pub fn state(&self) -> PunchState {
+        self.state
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> PunchStats {
+        self.stats
+    }
+
+    /// The candidates being probed, advertised and peer-reflexive.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.candidates
+            .iter()
+            .map(|c| Candidate {
+                addr: c.addr,
+                kind: c.kind,
+            })
+            .collect()
+    }
+
+    fn add_candidate(&mut self, addr: SocketAddr, kind: CandidateKind) -> Option<usize> {
+        let addr = canonical(addr);
+        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            return None;
+        }
+        if let Some(i) = self.candidates.iter().position(|c| c.addr == addr) {
+            return Some(i);
+        }
+        if self.candidates.len() >= self.config.max_candidates {
+            return None;
+        }
+        self.candidates.push(CandState {
+            addr,
+            kind,
+            pings: 0,
+        });
+        Some(self.candidates.len() - 1)
+    }
+
+    fn ping(&mut self, idx: usize, now: Instant) {
+        let txid = self.next_txid;
+        self.next_txid = self.next_txid.wrapping_add(1);
+        let cand = &mut self.candidates[idx];
+        cand.pings += 1;
+        let probe = Probe {
+            kind: ProbeKind::Ping,
+            role: self.role,
+            session: self.session,
+            txid,
+        };
+        if self.sent.len() >= MAX_SENT {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(Sent {
+            txid,
+            dst: cand.addr,
+            at: now,
+        });
+        self.outbox.push_back(Transmit {
+            dst: cand.addr,
+            payload: probe.encode(&self.secret),
+        });
+        self.stats.pings_sent += 1;
+    }
+
+    fn probing(&self) -> bool {
+        self.state == PunchState::Probing
+    }
+
+    /// Advances the schedule to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.probing() {
+            return;
+        }
+        if now >= self.start + self.config.deadline {
+            self.state = PunchState::TimedOut;
+            self.events.push_back(PunchEvent::TimedOut);
+            return;
+        }
+        if now >= self.next_round {
+            for i in 0..self.candidates.len() {
+                self.ping(i, now);
+            }
+            self.round += 1;
+            self.next_round = match self.config.early_rounds.get(self.round) {
+                Some(off) => self.start + *off,
+                None => now + self.config.interval,
+            };
+        }
+    }
+
+    /// Handles a datagram that carries the probe magic and this session's id.
+    pub fn handle_probe(
+        &mut self,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Result<(), ProbeError> {
+        let from = canonical(from);
+        let probe = match Probe::decode(data, &self.secret) {
+            Ok(p) if p.session == self.session && p.role != self.role => p,
+            Ok(_) => {
+                // Our own role: a reflection of our ping, or a confused peer.
+                self.stats.rejected += 1;
+                return Err(ProbeError::BadField);
+            }
+            Err(e) => {
+                self.stats.rejected += 1;
+                return Err(e);
+            }
+        };
+        match probe.kind {
+            ProbeKind::Ping => {
+                let pong = Probe {
+                    kind: ProbeKind::Pong { observed: from },
+                    role: self.role,
+                    session: self.session,
+                    txid: probe.txid,
+                };
+                self.outbox.push_back(Transmit {
+                    dst: from,
+                    payload: pong.encode(&self.secret),
+                });
+                self.stats.pongs_sent += 1;
+                let known = self.candidates.iter().any(|c| c.addr == from);
+                if !known && self.probing() {
+                    // A triggered check towards the new mapping, as ICE does.
+                    if let Some(i) = self.add_candidate(from, CandidateKind::PeerReflexive) {
+                        self.ping(i, now);
+                    }
+                }
+            }
+            ProbeKind::Pong { observed } => {
+                self.stats.pongs_received += 1;
+                let Some(pos) = self.sent.iter().position(|s| s.txid == probe.txid) else {
+                    self.stats.rejected += 1;
+                    return Err(ProbeError::BadField);
+                };
+                let sent = self.sent[pos];
+                if sent.dst != from {
+                    // A pong must come back from where the ping went.
+                    self.stats.rejected += 1;
+                    return Err(ProbeError::BadField);
+                }
+                if self.probing() {
+                    let kind = self
+                        .candidates
+                        .iter()
+                        .find(|c| c.addr == from)
+                        .map(|c| c.kind)
+                        .unwrap_or(CandidateKind::PeerReflexive);
+                    self.state = PunchState::Validated(from);
+                    self.events.push_back(PunchEvent::Validated {
+                        addr: from,
+                        kind,
+                        rtt: now.saturating_duration_since(sent.at),
+                        observed,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<PunchEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Puncher::handle_timeout`] must be called next; `None` once the
+    /// puncher only answers pings.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.probing() {
+            return None;
+        }
+        Some(self.next_round.min(self.start + self.config.deadline))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: [u8; 32] = [3; 32];
+
+    fn cand(s: &str, kind: CandidateKind) -> Candidate {
+        Candidate {
+            addr: s.parse().unwrap(),
+            kind,
+        }
+    }
+
+    /// Two punchers on a fake network: `a` lives at `a_addr`, `b` at
+    /// `b_addr`; `deliver(src, dst)` says whether a datagram gets through.
+    struct Net {
+        a: Puncher,
+        b: Puncher,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+        now: Instant,
+    }
+
+    impl Net {
+        fn run(
+            &mut self,
+            until: Duration,
+            deliver: &mut dyn FnMut(SocketAddr, SocketAddr) -> bool,
+        ) -> (Vec<PunchEvent>, Vec<PunchEvent>) {
+            let end = self.now + until;
+            let (mut ea, mut eb) = (Vec::new(), Vec::new());
+            while self.now < end {
+                self.a.handle_timeout(self.now);
+                self.b.handle_timeout(self.now);
+                // Shuttle datagrams until both outboxes are empty.
+                loop {
+                    let mut moved = false;
+                    while let Some(t) = self.a.poll_transmit() {
+                        moved = true;
+                        if t.dst == self.b_addr && deliver(self.a_addr, t.dst) {
+                            let _ = self.b.handle_probe(self.a_addr, &t.payload, self.now);
+                        }
+                    }
+                    while let Some(t) = self.b.poll_transmit() {
+                        moved = true;
+                        if t.dst == self.a_addr && deliver(self.b_addr, t.dst) {
+                            let _ = self.a.handle_probe(self.b_addr, &t.payload, self.now);
+                        }
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+                ea.extend(std::iter::from_fn(|| self.a.poll_event()));
+                eb.extend(std::iter::from_fn(|| self.b.poll_event()));
+                self.now += Duration::from_millis(5);
+            }
+            (ea, eb)
+        }
+    }
+
+    fn net(a_cands: &[Candidate], b_cands: &[Candidate]) -> Net {
+        let now = Instant::now();
+        let cfg = PunchConfig::default();
+        Net {
+            a: Puncher::new(
+                SessionId(1),
+                SECRET,
+                Role::Controlling,
+                b_cands,
+                now,
+                Duration::ZERO,
+                100,
+                cfg.clone(),
+            ),
+            b: Puncher::new(
+                SessionId(1),
+                SECRET,
+                Role::Controlled,
+                a_cands,
+                now,
+                Duration::ZERO,
+                200,
+                cfg,
+            ),
+            a_addr: "198.51.100.1:1000".parse().unwrap(),
+            b_addr: "203.0.113.2:2000".parse().unwrap(),
+            now,
+        }
+    }
+
+    #[test]
+    fn open_network_validates_at_once() {
+        let mut n = net(
+            &[cand("198.51.100.1:1000", CandidateKind::ServerReflexive)],
+            &[
+                cand("10.0.0.9:5", CandidateKind::Local),
+                cand("203.0.113.2:2000", CandidateKind::ServerReflexive),
+            ],
+        );
+        let (ea, eb) = n.run(Duration::from_millis(50), &mut |_, _| true);
+        assert!(matches!(
+            ea[0],
+            PunchEvent::Validated { addr, kind: CandidateKind::ServerReflexive, observed, .. }
+                if addr == n.b_addr && observed == n.a_addr
+        ));
+        assert!(matches!(eb[0], PunchEvent::Validated { addr, .. } if addr == n.a_addr));
+        assert_eq!(n.a.state(), PunchState::Validated(n.b_addr));
+        assert_eq!(n.a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn port_restricted_both_sides_needs_simultaneous_probes() {
+        // Each side's NAT drops inbound until that side has sent outbound to
+        // the source: the first pings die, later rounds get through.
+        let mut n = net(
+            &[cand("198.51.100.1:1000", CandidateKind::ServerReflexive)],
+            &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+        );
+        let mut opened: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+        let (ea, _) = n.run(Duration::from_secs(1), &mut |src, dst| {
+            let ok = opened.contains(&(dst, src));
+            opened.push((src, dst));
+            ok
+        });
+        assert!(matches!(ea.as_slice(), [PunchEvent::Validated { .. }]));
+    }
+
+    #[test]
+    fn unreachable_peer_times_out_with_bounded_probes() {
+        let mut n = net(
+            &[cand("198.51.100.1:1000", CandidateKind::ServerReflexive)],
+            &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+        );
+        let (ea, eb) = n.run(Duration::from_secs(6), &mut |_, _| false);
+        assert_eq!(ea, vec![PunchEvent::TimedOut]);
+        assert_eq!(eb, vec![PunchEvent::TimedOut]);
+        let sent = n.a.stats().pings_sent;
+        assert!((10..=40).contains(&sent), "pings sent: {sent}");
+        assert_eq!(n.a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn symmetric_mapping_is_learned_from_pings() {
+        // B advertises a stale port; its real mapping towards A is another.
+        let mut n = net(
+            &[cand("198.51.100.1:1000", CandidateKind::ServerReflexive)],
+            &[cand("203.0.113.2:1999", CandidateKind::ServerReflexive)],
+        );
+        let (ea, _) = n.run(Duration::from_millis(100), &mut |_, _| true);
+        assert!(matches!(
+            ea[0],
+            PunchEvent::Validated { addr, kind: CandidateKind::PeerReflexive, .. } if addr == n.b_addr
+        ));
+    }
+
+    #[test]
+    fn forged_and_reflected_probes_are_rejected() {
+        let now = Instant::now();
+        let mut p = Puncher::new(
+            SessionId(9),
+            SECRET,
+            Role::Controlling,
+            &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+            now,
+            Duration::ZERO,
+            0,
+            PunchConfig::default(),
+        );
+        p.handle_timeout(now);
+        let ping = p.poll_transmit().unwrap();
+        // Our own ping reflected back.
+        assert!(p
+            .handle_probe("203.0.113.2:2000".parse().unwrap(), &ping.payload, now)
+            .is_err());
+        // A pong signed with another secret.
+        let forged = Probe {
+            kind: ProbeKind::Pong {
+                observed: "198.51.100.1:1".parse().unwrap(),
+            },
+            role: Role::Controlled,
+            session: SessionId(9),
+            txid: 0,
+        }
+        .encode(&[4; 32]);
+        assert_eq!(
+            p.handle_probe("203.0.113.2:2000".parse().unwrap(), &forged, now),
+            Err(ProbeError::BadMac)
+        );
+        // A genuine pong from an address we never pinged.
+        let stray = Probe {
+            kind: ProbeKind::Pong {
+                observed: "198.51.100.1:1".parse().unwrap(),
+            },
+            role: Role::Controlled,
+            session: SessionId(9),
+            txid: 0,
+        }
+        .encode(&SECRET);
+        assert!(p
+            .handle_probe("203.0.113.66:2000".parse().unwrap(), &stray, now)
+            .is_err());
+        assert_eq!(p.state(), PunchState::Probing);
+        assert_eq!(p.stats().rejected, 3);
+    }
+
+    #[test]
+    fn peer_reflexive_candidates_are_bounded() {
+        let now = Instant::now();
+        let mut p = Puncher::new(
+            SessionId(1),
+            SECRET,
+            Role::Controlled,
+            &[],
+            now,
+            Duration::ZERO,
+            0,
+            PunchConfig::default(),
+        );
+        for port in 1..200u16 {
+            let ping = Probe {
+                kind: ProbeKind::Ping,
+                role: Role::Controlling,
+                session: SessionId(1),
+                txid: port as u64,
+            }
+            .encode(&SECRET);
+            let from = SocketAddr::new("198.51.100.1".parse().unwrap(), port);
+            p.handle_probe(from, &ping, now).unwrap();
+        }
+        assert_eq!(p.candidates().len(), PunchConfig::default().max_candidates);
+    }
+}

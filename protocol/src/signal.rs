@@ -1,0 +1,276 @@
+//! Signaling messages between an agent and the rendezvous server.
+//!
+//! The agent opens one bidirectional QUIC stream on the signaling connection
+//! and both sides exchange [`crate::codec`] frames on it: [`ClientMsg`] from
+//! the agent, [`ServerMsg`] from the server. Requests carry a `req` number
+//! that the answer repeats; offers are pushed unsolicited.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Longest worker id accepted.
+pub const MAX_WORKER_ID: usize = 64;
+/// Most candidates one side may advertise.
+pub const MAX_CANDIDATES: usize = 16;
+/// Most metadata entries in a `Hello`.
+pub const MAX_METADATA: usize = 32;
+/// Longest metadata key or value.
+pub const MAX_METADATA_LEN: usize = 256;
+
+/// An Ed25519 public key, raw 32 bytes.
+pub type PublicKey = [u8; 32];
+
+/// Identifies one punch session (one introduction of two agents).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Messages from agent to server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on the control stream.
+    Hello(Hello),
+    /// Ask the server to introduce us to `target`.
+    Connect { req: u32, target: String },
+    /// Report how a session ended.
+    Outcome(Outcome),
+    /// Application-level liveness check; answered with `Pong`.
+    Ping { req: u32 },
+    /// Update the agent's own candidate list (e.g. after an interface change).
+    Candidates { local: Vec<Candidate> },
+}
+
+/// The agent's introduction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The name other agents use to reach this one.
+    pub worker_id: String,
+    /// The agent's key; must match the key of its TLS client certificate.
+    pub public_key: PublicKey,
+    /// HMAC-SHA256 of the connection's TLS exporter under the shared token,
+    /// so the token itself never crosses the wire.
+    pub token_proof: Option<[u8; 32]>,
+    /// A one-off id (e.g. `punch-agent connect` without `--id`): the server
+    /// does not keep its key binding after it leaves.
+    pub ephemeral: bool,
+    /// Addresses of the agent's own interfaces (same-LAN candidates).
+    pub local_candidates: Vec<Candidate>,
+    /// Free-form key/value pairs.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Messages from server to agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Registration accepted.
+    Welcome {
+        version: u16,
+        /// The agent's address as the server sees it (its NAT mapping).
+        observed: SocketAddr,
+    },
+    /// A request failed, or (with `req: None`) the registration failed.
+    Error {
+        req: Option<u32>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// An introduction: punch towards this peer.
+    Offer(Offer),
+    /// Answer to `Ping`.
+    Pong { req: u32 },
+    /// The server saw the agent's mapped address change (NAT rebinding).
+    AddressChanged { observed: SocketAddr },
+}
+
+/// Why the server refused something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The agent speaks another protocol version.
+    BadVersion,
+    /// Missing or wrong token.
+    BadToken,
+    /// The worker id is bound to another key.
+    IdTaken,
+    /// Invalid worker id or metadata.
+    BadRequest,
+    /// No worker ever registered under that id.
+    UnknownWorker,
+    /// The worker is known but not connected now.
+    WorkerOffline,
+    /// An agent asked to connect to itself.
+    SelfConnect,
+    /// A frame could not be decoded.
+    Malformed,
+    /// Too many requests.
+    RateLimited,
+    /// Something went wrong inside the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Stable snake_case name, used in logs and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadVersion => "bad_version",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::IdTaken => "id_taken",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownWorker => "unknown_worker",
+            ErrorCode::WorkerOffline => "worker_offline",
+            ErrorCode::SelfConnect => "self_connect",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Which side of a session dials the QUIC connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Dials once a path is validated (the requester).
+    Controlling,
+    /// Probes and waits for the dial (the target).
+    Controlled,
+}
+
+/// Where a candidate address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CandidateKind {
+    /// An address of the agent's own interface.
+    Local,
+    /// The address the rendezvous server observed.
+    ServerReflexive,
+    /// Learned from a STUN server.
+    Stun,
+    /// A port mapping granted by the gateway (PCP, NAT-PMP, UPnP).
+    Mapped,
+    /// Seen as the source of a valid probe.
+    PeerReflexive,
+}
+
+/// One address a peer may be reached at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    pub kind: CandidateKind,
+}
+
+/// An introduction to a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The `Connect` request this answers (for the requester), if any.
+    pub req: Option<u32>,
+    pub session: SessionId,
+    /// Key for the probes' MACs; known only to the two agents and the server.
+    pub secret: [u8; 32],
+    pub role: Role,
+    pub peer_id: String,
+    pub peer_key: PublicKey,
+    pub peer_candidates: Vec<Candidate>,
+    /// Delay before the first probe, so both sides start together.
+    pub start_in_ms: u32,
+}
+
+/// How a connection attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathKind {
+    Direct,
+    Relayed,
+    Failed,
+}
+
+impl PathKind {
+    /// `"direct"`, `"relayed"` or `"failed"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Relayed => "relayed",
+            PathKind::Failed => "failed",
+        }
+    }
+}
+
+/// Outcome report for the server's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub session: SessionId,
+    pub path: PathKind,
+    pub connect_ms: u32,
+    pub remote: Option<SocketAddr>,
+}
+
+/// Why a worker id is not acceptable.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("worker id is empty")]
+    Empty,
+    #[error("worker id is longer than {MAX_WORKER_ID} bytes")]
+    TooLong,
+    #[error("worker id may contain only ASCII letters, digits, '-', '_' and '.'")]
+    BadChar,
+}
+
+/// Checks a worker id: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn validate_worker_id(id: &str) -> Result<(), NameError> {
+    if id.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if id.len() > MAX_WORKER_ID {
+        return Err(NameError::TooLong);
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(NameError::BadChar);
+    }
+    Ok(())
+}
+
+impl Hello {
+    /// Checks the bounded fields of a hello.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_worker_id(&self.worker_id).map_err(|e| e.to_string())?;
+        if self.local_candidates.len() > MAX_CANDIDATES {
+            return Err(format!("more than {MAX_CANDIDATES} candidates"));
+        }
+        if self.metadata.len() > MAX_METADATA {
+            return Err(format!("more than {MAX_METADATA} metadata entries"));
+        }
+        if self
+            .metadata
+            .iter()
+            .any(|(k, v)| k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN)
+        {
+            return Err(format!(
+                "metadata key or value longer than {MAX_METADATA_LEN}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_ids() {
+        assert!(validate_worker_id("worker-b.eu_1").is_ok());
+        assert_eq!(validate_worker_id(""), Err(NameError::Empty));
+        assert_eq!(validate_worker_id("a b"), Err(NameError::BadChar));
+        assert_eq!(validate_worker_id("ü"), Err(NameError::BadChar));
+        assert_eq!(
+            validate_worker_id(&"x".repeat(65)),
+            Err(NameError::TooLong)
+        );
+    }
+}
