@@ -1,1 +1,411 @@
-pub fn x(){}
+//! punch-agent: reach another worker by id over a direct QUIC connection.
+//!
+//! An [`Agent`] owns one UDP socket. Through it the agent keeps a signaling
+//! connection to the rendezvous server, punches holes with authenticated
+//! probes, and carries its peer connections, so all of them share one NAT
+//! mapping.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), punch_agent::AgentError> {
+//! use punch_agent::{Agent, AgentConfig};
+//! let mut cfg = AgentConfig::new("203.0.113.1:3478", "<server fingerprint>");
+//! cfg.worker_id = Some("worker-a".into());
+//! let agent = Agent::start(cfg).await?;
+//! let peer = agent.connect("worker-b").await?;
+//! println!("{} via {:?}", peer.peer_id, peer.path.kind);
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod peer;
+pub mod session;
+pub mod signal;
+pub mod socket;
+
+pub use error::AgentError;
+pub use peer::{PathInfo, PeerConnection};
+pub use punch_protocol::signal::PathKind;
+
+use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, PublicKey, ServerMsg};
+use punch_protocol::ALPN_PEER;
+use punch_tls::{Expect, Identity, KeyVerifier};
+use socket::{ProbeRouter, PunchSocket};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Rendezvous server, `HOST:PORT` (UDP).
+    pub server: String,
+    /// SHA-256 fingerprint of the server's key (`punch-server fingerprint`).
+    pub server_fingerprint: String,
+    /// Our worker id; `None` registers a one-off `anon-…` id.
+    pub worker_id: Option<String>,
+    /// Token the server requires, if any.
+    pub token: Option<String>,
+    /// Persistent key; `None` uses a fresh in-memory key (one-off agents).
+    pub key_file: Option<PathBuf>,
+    /// Local UDP address; `0.0.0.0:0` is dual-stack where possible.
+    pub bind: SocketAddr,
+    /// Give up punching after this long.
+    pub punch_timeout: Duration,
+    /// Keep-alive on the signaling and peer connections; must stay below the
+    /// shortest NAT UDP timeout on the path (Cloud NAT: 30 s).
+    pub keep_alive: Duration,
+    /// Advertise our interface addresses (same-LAN peers).
+    pub local_candidates: bool,
+    /// Limit for one connection attempt to the server.
+    pub server_connect_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for a server and its fingerprint.
+    pub fn new(server: impl Into<String>, fingerprint: impl Into<String>) -> Self {
+        AgentConfig {
+            server: server.into(),
+            server_fingerprint: fingerprint.into(),
+            worker_id: None,
+            token: None,
+            key_file: None,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            punch_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(5),
+            local_candidates: true,
+            server_connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Where the agent's signaling stands.
+#[derive(Clone, Debug)]
+pub enum Status {
+    /// Not registered yet, or reconnecting; the last failure, if any.
+    Connecting(Option<AgentError>),
+    /// Registered; our address as the server sees it.
+    Registered { observed: SocketAddr },
+    /// Stopped for good (bad token, fingerprint mismatch, id taken, …).
+    Failed(AgentError),
+}
+
+#[derive(Debug, Clone)]
+struct AllowedPeer {
+    peer_id: String,
+    until: Instant,
+}
+
+/// Replies to numbered requests.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Msg(ServerMsg),
+    Offer(
+        punch_protocol::signal::Offer,
+        mpsc::Receiver<socket::ProbeDatagram>,
+    ),
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: AgentConfig,
+    pub(crate) identity: Identity,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) socket: Arc<PunchSocket>,
+    pub(crate) router: Arc<ProbeRouter>,
+    pub(crate) worker_id: String,
+    pub(crate) ephemeral: bool,
+    pub(crate) fingerprint: String,
+    pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
+    pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
+    next_req: AtomicU32,
+    pub(crate) status: watch::Sender<Status>,
+    allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
+    incoming_tx: mpsc::Sender<PeerConnection>,
+    incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
+}
+
+/// A running agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+    _tasks: Arc<TaskGuard>,
+}
+
+struct TaskGuard(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Incoming peer connections queued before [`Agent::accept`] takes them.
+const INCOMING_QUEUE: usize = 64;
+
+fn anon_id() -> String {
+    format!("anon-{:016x}", rand::random::<u64>())
+}
+
+impl Agent {
+    /// Binds the socket and starts registering with the server in the
+    /// background. Use [`Agent::registered`] to wait for registration.
+    pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        let fingerprint = punch_tls::parse_fingerprint(&config.server_fingerprint)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let (worker_id, ephemeral) = match &config.worker_id {
+            Some(id) => {
+                punch_protocol::signal::validate_worker_id(id)
+                    .map_err(|e| AgentError::Config(format!("worker id {id:?}: {e}")))?;
+                (id.clone(), false)
+            }
+            None => (anon_id(), true),
+        };
+        let identity = match &config.key_file {
+            Some(p) => Identity::load_or_create(p)?,
+            None => Identity::generate()?,
+        };
+        let router = Arc::new(ProbeRouter::default());
+        let sock = punch_net::bind_udp(config.bind)
+            .map_err(|e| AgentError::Io(format!("cannot bind UDP {}: {e}", config.bind)))?;
+        let socket = PunchSocket::new(sock, router.clone())?;
+        let allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>> = Arc::default();
+        let allow = allowed.clone();
+        let verifier = KeyVerifier::new(Expect::Allowed(Arc::new(move |k: &PublicKey| {
+            allow
+                .lock()
+                .expect("not poisoned")
+                .get(k)
+                .is_some_and(|p| p.until > Instant::now())
+        })));
+        let mut server_cfg = punch_tls::server_config(&identity, verifier, &[ALPN_PEER])?;
+        server_cfg.transport_config(Arc::new(peer::peer_transport(config.keep_alive)));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            punch_net::endpoint_config(rand::random()),
+            Some(server_cfg),
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
+        let (status, _) = watch::channel(Status::Connecting(None));
+        let inner = Arc::new(Inner {
+            config,
+            identity,
+            endpoint,
+            socket,
+            router,
+            worker_id,
+            ephemeral,
+            fingerprint,
+            control: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU32::new(1),
+            status,
+            allowed,
+            incoming_tx,
+            incoming_rx: tokio::sync::Mutex::new(incoming_rx),
+        });
+        let tasks = vec![
+            tokio::spawn(signal::run(inner.clone())),
+            tokio::spawn(peer::accept_loop(inner.clone())),
+        ];
+        Ok(Agent {
+            inner,
+            _tasks: Arc::new(TaskGuard(tasks)),
+        })
+    }
+
+    /// Our worker id (an `anon-…` id when none was configured).
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// Fingerprint of our own key.
+    pub fn fingerprint(&self) -> String {
+        self.inner.identity.fingerprint()
+    }
+
+    /// The local address of the agent's UDP socket.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// The current signaling status.
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.inner.status.subscribe()
+    }
+
+    /// Waits until the agent is registered (returns the address the server
+    /// observed), it fails for good, or `timeout` passes.
+    pub async fn registered(&self, timeout: Duration) -> Result<SocketAddr, AgentError> {
+        let mut rx = self.inner.status.subscribe();
+        let wait = async {
+            loop {
+                match &*rx.borrow_and_update() {
+                    Status::Registered { observed } => return Ok(*observed),
+                    Status::Failed(e) => return Err(e.clone()),
+                    Status::Connecting(_) => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(AgentError::Io("agent stopped".into()));
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(match &*rx.borrow() {
+                Status::Connecting(Some(e)) => e.clone(),
+                _ => AgentError::ServerUnreachable {
+                    server: self.inner.config.server.clone(),
+                    reason: format!("not registered within {:.1} s", timeout.as_secs_f64()),
+                },
+            }),
+        }
+    }
+
+    /// Connects to the worker `target`: asks the server for an introduction,
+    /// punches, and opens a mutually authenticated QUIC connection.
+    pub async fn connect(&self, target: &str) -> Result<PeerConnection, AgentError> {
+        session::connect(&self.inner, target).await
+    }
+
+    /// The next incoming peer connection (already authenticated against the
+    /// key the server vouched for). `None` once the agent stops.
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        self.inner.incoming_rx.lock().await.recv().await
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.inner
+            .endpoint
+            .close(0u32.into(), b"agent shutting down");
+        let _ =
+            tokio::time::timeout(Duration::from_millis(500), self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+impl Inner {
+    /// Sends a request and waits for its answer.
+    pub(crate) async fn request(
+        &self,
+        make: impl FnOnce(u32) -> ClientMsg,
+        timeout: Duration,
+    ) -> Result<Reply, AgentError> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let control = self.control.lock().expect("not poisoned").clone();
+        let Some(control) = control else {
+            return Err(AgentError::ServerUnreachable {
+                server: self.config.server.clone(),
+                reason: "not connected".into(),
+            });
+        };
+        self.pending.lock().expect("not poisoned").insert(req, tx);
+        let lost = || AgentError::ServerUnreachable {
+            server: self.config.server.clone(),
+            reason: "signaling connection lost".into(),
+        };
+        if control.send(make(req)).await.is_err() {
+            self.pending.lock().expect("not poisoned").remove(&req);
+            return Err(lost());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(lost()),
+            Err(_) => {
+                self.pending.lock().expect("not poisoned").remove(&req);
+                Err(AgentError::Timeout("no answer from the server".into()))
+            }
+        }
+    }
+
+    /// Sends a message without waiting for an answer.
+    pub(crate) fn notify(&self, msg: ClientMsg) {
+        if let Some(c) = self.control.lock().expect("not poisoned").as_ref() {
+            let _ = c.try_send(msg);
+        }
+    }
+
+    /// Lets a peer with this key connect to us for a while.
+    pub(crate) fn allow_peer(&self, key: PublicKey, peer_id: &str, for_: Duration) {
+        let mut a = self.allowed.lock().expect("not poisoned");
+        let now = Instant::now();
+        a.retain(|_, p| p.until > now);
+        a.insert(
+            key,
+            AllowedPeer {
+                peer_id: peer_id.to_string(),
+                until: now + for_,
+            },
+        );
+    }
+
+    /// The worker id the server vouched for with this key.
+    pub(crate) fn allowed_peer_id(&self, key: &PublicKey) -> Option<String> {
+        self.allowed
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .map(|p| p.peer_id.clone())
+    }
+
+    pub(crate) fn deliver_incoming(&self, pc: PeerConnection) {
+        if let Err(mpsc::error::TrySendError::Full(pc)) = self.incoming_tx.try_send(pc) {
+            tracing::warn!(peer = %pc.peer_id, "incoming queue full; closing connection");
+            pc.conn.close(1u32.into(), b"busy");
+        }
+    }
+
+    /// Our candidates besides the server-observed address.
+    pub(crate) fn local_candidates(&self) -> Vec<Candidate> {
+        if !self.config.local_candidates {
+            return vec![];
+        }
+        let Ok(local) = self.endpoint.local_addr() else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        if !local.ip().is_unspecified() {
+            if !local.ip().is_loopback() {
+                out.push(Candidate {
+                    addr: punch_net::canonical(local),
+                    kind: CandidateKind::Local,
+                });
+            }
+            return out;
+        }
+        let Ok(ifs) = if_addrs::get_if_addrs() else {
+            return out;
+        };
+        for i in ifs {
+            let ip = i.ip();
+            if ip.is_loopback() || !self.socket.supports(ip) {
+                continue;
+            }
+            if let std::net::IpAddr::V6(v6) = ip {
+                // Link-local addresses need a scope id that peers do not know.
+                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                    continue;
+                }
+            }
+            out.push(Candidate {
+                addr: SocketAddr::new(ip, local.port()),
+                kind: CandidateKind::Local,
+            });
+            if out.len() >= punch_protocol::signal::MAX_CANDIDATES {
+                break;
+            }
+        }
+        out
+    }
+}

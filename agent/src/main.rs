@@ -1,1 +1,372 @@
-fn main(){}
+//! The `punch-agent` command.
+
+use clap::{Args, Parser, Subcommand};
+use punch_agent::{Agent, AgentConfig, AgentError, PeerConnection, Status};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// punch agent: register with a punch rendezvous server and reach other
+/// workers by id over direct, mutually authenticated QUIC connections.
+///
+/// Exit codes: 0 ok, 1 I/O, 2 usage/config, 3 unknown worker, 4 worker
+/// offline, 5 punch timed out, 6 bad token, 7 server fingerprint mismatch,
+/// 8 server unreachable, 9 worker id taken, 10 protocol version mismatch,
+/// 11 peer connection failed, 12 timeout, 13 other server refusal.
+#[derive(Parser, Debug)]
+#[command(name = "punch-agent", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Rendezvous server, HOST:PORT (UDP).
+    #[arg(long, global = true, env = "PUNCH_SERVER")]
+    server: Option<String>,
+    /// SHA-256 fingerprint of the server key (`punch-server fingerprint`).
+    #[arg(long, global = true, env = "PUNCH_SERVER_FINGERPRINT")]
+    server_fingerprint: Option<String>,
+    /// Token, if the server requires one.
+    #[arg(long, global = true, env = "PUNCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Our worker id. `connect` and `ping` register a one-off anon-… id
+    /// when none is given.
+    #[arg(long, global = true, env = "PUNCH_ID")]
+    id: Option<String>,
+    /// Persistent Ed25519 key of this agent; created if missing. Default:
+    /// <data dir>/punch/agent.key for agents with an id, a one-off key
+    /// otherwise.
+    #[arg(long, global = true, env = "PUNCH_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Local UDP address of the agent's one socket.
+    #[arg(long, global = true, env = "PUNCH_BIND", default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Seconds to punch before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_PUNCH_TIMEOUT",
+        default_value_t = 5.0
+    )]
+    punch_timeout: f64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Register and accept peer connections (answers ping and echo streams)
+    /// until interrupted. Reconnects by itself when the server goes away.
+    Serve,
+    /// Connect to TARGET, measure one round trip, print the result, exit.
+    Connect {
+        /// Worker id to reach.
+        target: String,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Overall limit in seconds (registration, punching, handshake).
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Connect to TARGET and measure round trips: min/avg/max.
+    Ping {
+        /// Worker id to reach.
+        target: String,
+        /// Number of round trips.
+        #[arg(short = 'c', long, default_value_t = 4)]
+        count: u32,
+        /// Seconds between round trips.
+        #[arg(short = 'i', long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PUNCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration, AgentError> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(AgentError::Config(format!(
+            "{what} must be between 0 and 86400 seconds, got {v}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn default_key_file() -> PathBuf {
+    dirs::data_local_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("punch")
+        .join("agent.key")
+}
+
+fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
+    let server = c.server.clone().ok_or_else(|| {
+        AgentError::Config("--server HOST:PORT (or PUNCH_SERVER) is required".into())
+    })?;
+    let fp = c.server_fingerprint.clone().ok_or_else(|| {
+        AgentError::Config(
+            "--server-fingerprint (or PUNCH_SERVER_FINGERPRINT) is required; get it with `punch-server fingerprint`"
+                .into(),
+        )
+    })?;
+    let mut cfg = AgentConfig::new(server, fp);
+    cfg.worker_id = c.id.clone();
+    cfg.token = c.token.clone().filter(|t| !t.is_empty());
+    cfg.key_file = match (&c.key_file, persistent || c.id.is_some()) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(default_key_file()),
+        (None, false) => None,
+    };
+    cfg.bind = c.bind;
+    cfg.punch_timeout = secs(c.punch_timeout, "--punch-timeout")?;
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (json, result) = match &cli.cmd {
+        Cmd::Serve => {
+            init_logs("info");
+            (false, serve(&cli.common).await)
+        }
+        Cmd::Connect {
+            target,
+            json,
+            timeout,
+        } => {
+            init_logs("error");
+            (*json, connect(&cli.common, target, *json, *timeout).await)
+        }
+        Cmd::Ping {
+            target,
+            count,
+            interval,
+            json,
+            timeout,
+        } => {
+            init_logs("error");
+            (
+                *json,
+                ping(&cli.common, target, *count, *interval, *json, *timeout).await,
+            )
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"error": e.kind(), "message": e.to_string(), "exit_code": e.exit_code()})
+                );
+            }
+            eprintln!("punch-agent: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+async fn serve(c: &Common) -> Result<(), AgentError> {
+    if c.id.is_none() {
+        return Err(AgentError::Config(
+            "serve needs --id NAME (or PUNCH_ID): the id other agents connect to".into(),
+        ));
+    }
+    let agent = Agent::start(config(c, true)?).await?;
+    let mut status = agent.watch_status();
+    let accept = {
+        let agent = agent.clone();
+        async move {
+            while let Some(pc) = agent.accept().await {
+                tokio::spawn(pc.serve());
+            }
+        }
+    };
+    tokio::spawn(accept);
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                agent.close().await;
+                return Ok(());
+            }
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return Err(AgentError::Io("agent stopped".into()));
+                }
+                let s = status.borrow_and_update().clone();
+                match s {
+                    Status::Failed(e) => return Err(e),
+                    Status::Registered { observed } if !announced => {
+                        announced = true;
+                        println!("punch-agent serving as {} (server sees us at {observed})", agent.worker_id());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+async fn connect_timed(
+    c: &Common,
+    target: &str,
+    timeout: f64,
+) -> Result<(Agent, PeerConnection), AgentError> {
+    let limit = secs(timeout, "--timeout")?;
+    let agent = Agent::start(config(c, false)?).await?;
+    let deadline = Instant::now() + limit;
+    agent.registered(limit).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let pc = tokio::time::timeout(left, agent.connect(target))
+        .await
+        .map_err(|_| {
+            AgentError::Timeout(format!("no connection to {target:?} within {timeout} s"))
+        })??;
+    Ok((agent, pc))
+}
+
+async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    let mut pinger = pc
+        .pinger()
+        .await
+        .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
+    let rtt = pinger
+        .ping()
+        .await
+        .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
+    let connect_ms = pc.path.connect_time.as_secs_f64() * 1e3;
+    let rtt_ms = rtt.as_secs_f64() * 1e3;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "target": target,
+                "path": pc.path.kind.as_str(),
+                "remote_addr": pc.path.remote_addr.to_string(),
+                "connect_ms": round3(connect_ms),
+                "rtt_ms": round3(rtt_ms),
+                "worker_id": agent.worker_id(),
+                "session": pc.path.session.to_string(),
+            })
+        );
+    } else {
+        println!(
+            "connected to {target} via {} path {} in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
+            pc.path.kind.as_str(),
+            pc.path.remote_addr
+        );
+    }
+    pc.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    Ok(())
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+async fn ping(
+    c: &Common,
+    target: &str,
+    count: u32,
+    interval: f64,
+    json: bool,
+    timeout: f64,
+) -> Result<(), AgentError> {
+    if count == 0 || count > 1_000_000 {
+        return Err(AgentError::Config(
+            "-c must be between 1 and 1000000".into(),
+        ));
+    }
+    let interval = if interval == 0.0 {
+        Duration::ZERO
+    } else {
+        secs(interval, "--interval")?
+    };
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    let mut pinger = pc
+        .pinger()
+        .await
+        .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
+    if !json {
+        println!(
+            "PING {target} via {} path {}",
+            pc.path.kind.as_str(),
+            pc.path.remote_addr
+        );
+    }
+    let mut rtts = Vec::with_capacity(count as usize);
+    for seq in 1..=count {
+        let rtt = tokio::time::timeout(Duration::from_secs(5), pinger.ping())
+            .await
+            .map_err(|_| AgentError::Timeout(format!("no echo for seq {seq} within 5 s")))?
+            .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
+        let ms = rtt.as_secs_f64() * 1e3;
+        if !json {
+            println!("reply from {target}: seq={seq} time={ms:.3} ms");
+        }
+        rtts.push(ms);
+        if seq < count {
+            tokio::time::sleep(interval).await;
+        }
+    }
+    let min = rtts.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = rtts.iter().cloned().fold(0.0, f64::max);
+    let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "target": target,
+                "path": pc.path.kind.as_str(),
+                "remote_addr": pc.path.remote_addr.to_string(),
+                "count": count,
+                "rtts_ms": rtts.iter().map(|v| round3(*v)).collect::<Vec<_>>(),
+                "min_ms": round3(min),
+                "avg_ms": round3(avg),
+                "max_ms": round3(max),
+            })
+        );
+    } else {
+        println!("{count} round trips: min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms");
+    }
+    pc.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -44,7 +44,9 @@ pub struct Probe {
 pub enum ProbeKind {
     Ping,
     /// The source address the ping arrived from, as seen by the answerer.
-    Pong { observed: SocketAddr },
+    Pong {
+        observed: SocketAddr,
+    },
 }
 
 /// Why a datagram is not a valid probe.

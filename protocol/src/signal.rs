@@ -268,9 +268,6 @@ mod tests {
         assert_eq!(validate_worker_id(""), Err(NameError::Empty));
         assert_eq!(validate_worker_id("a b"), Err(NameError::BadChar));
         assert_eq!(validate_worker_id("ü"), Err(NameError::BadChar));
-        assert_eq!(
-            validate_worker_id(&"x".repeat(65)),
-            Err(NameError::TooLong)
-        );
+        assert_eq!(validate_worker_id(&"x".repeat(65)), Err(NameError::TooLong));
     }
 }

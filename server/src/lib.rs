@@ -1,1 +1,152 @@
-pub fn x(){}
+//! punch-server: the rendezvous server.
+//!
+//! One UDP port carries the QUIC signaling endpoint. Agents register with a
+//! worker id bound to their key; on a connect request the server sends both
+//! agents an offer so they can punch a direct path. A small HTTP endpoint
+//! shows health and who is online.
+
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod signal;
+
+use metrics::Metrics;
+use punch_tls::Identity;
+use registry::Registry;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// UDP address of the signaling endpoint.
+    pub listen: SocketAddr,
+    /// HTTP address for health and peers; `None` disables HTTP.
+    pub http: Option<SocketAddr>,
+    /// Holds the persistent server key.
+    pub data_dir: PathBuf,
+    /// Shared token agents must prove; `None` runs open.
+    pub token: Option<String>,
+    /// Most worker ids held.
+    pub max_workers: usize,
+    /// Signaling idle timeout (agents keep alive well below it).
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults with the given data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], punch_protocol::DEFAULT_PORT)),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir,
+            token: None,
+            max_workers: 100_000,
+            idle_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Identity(#[from] punch_tls::TlsError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    BindUdp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind HTTP {addr}: {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+}
+
+/// State shared by the server's tasks.
+pub struct Shared {
+    pub registry: Mutex<Registry<signal::AgentHandle>>,
+    pub metrics: Metrics,
+    pub config: ServerConfig,
+    pub fingerprint: String,
+}
+
+/// A running server.
+pub struct Server {
+    /// The bound UDP address.
+    pub udp_addr: SocketAddr,
+    /// The bound HTTP address, if any.
+    pub http_addr: Option<SocketAddr>,
+    /// The fingerprint agents pin.
+    pub fingerprint: String,
+    /// Shared state (registry, metrics).
+    pub shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Path of the server key inside the data directory.
+pub fn key_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("server.key")
+}
+
+impl Server {
+    /// Binds the sockets and starts serving.
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let identity = Identity::load_or_create(&key_path(&config.data_dir))?;
+        let fingerprint = identity.fingerprint();
+        let socket = punch_net::bind_udp(config.listen).map_err(|source| ServerError::BindUdp {
+            addr: config.listen,
+            source,
+        })?;
+        let endpoint = signal::endpoint(&identity, &config, socket)?;
+        let udp_addr = endpoint.local_addr().map_err(ServerError::Endpoint)?;
+        if config.token.is_none() {
+            tracing::warn!(
+                "NO TOKEN CONFIGURED: any agent may register and connect. Set --token or PUNCH_TOKEN for anything but a trial."
+            );
+        }
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::new(config.max_workers)),
+            metrics: Metrics::default(),
+            config: config.clone(),
+            fingerprint: fingerprint.clone(),
+        });
+        let mut tasks = vec![tokio::spawn(signal::accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+        ))];
+        let mut http_addr = None;
+        if let Some(addr) = config.http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::BindHttp { addr, source })?;
+            http_addr = Some(listener.local_addr().map_err(ServerError::Endpoint)?);
+            tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
+        }
+        tracing::info!(%udp_addr, ?http_addr, %fingerprint, "punch-server listening");
+        Ok(Server {
+            udp_addr,
+            http_addr,
+            fingerprint,
+            shared,
+            endpoint,
+            tasks,
+        })
+    }
+
+    /// Stops serving: closes every connection and the sockets.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"server shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,1 +1,123 @@
-fn main(){}
+//! The `punch-server` command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use punch_server::{Server, ServerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// punch rendezvous server: registers agents by worker id and introduces
+/// them so they can punch a direct QUIC connection through their NATs.
+#[derive(Parser, Debug)]
+#[command(name = "punch-server", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the fingerprint agents pin (--server-fingerprint), creating the
+    /// server key if there is none yet.
+    Fingerprint {
+        /// Directory holding the server key.
+        #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// UDP address for QUIC signaling. 0.0.0.0 binds dual-stack ([::]) where
+    /// the OS allows.
+    #[arg(long, env = "PUNCH_LISTEN", default_value = "0.0.0.0:3478")]
+    listen: SocketAddr,
+    /// HTTP address for GET /healthz and GET /peers.
+    #[arg(long, env = "PUNCH_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Do not serve HTTP.
+    #[arg(long)]
+    no_http: bool,
+    /// Directory holding the persistent server key (server.key).
+    #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Shared token agents must present. Without it the server is open to
+    /// anyone who can reach it.
+    #[arg(long, env = "PUNCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Most worker ids held in the registry.
+    #[arg(long, env = "PUNCH_MAX_WORKERS", default_value_t = 100_000)]
+    max_workers: usize,
+    /// Seconds without any packet after which an agent's signaling
+    /// connection is dropped (agents keep alive every 5 s).
+    #[arg(long, default_value_t = 20)]
+    idle_timeout: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .map(|d| d.join("punch-server"))
+        .unwrap_or_else(|| PathBuf::from(".punch-server"))
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PUNCH_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Cmd::Fingerprint { data_dir }) = cli.cmd {
+        let id = punch_tls::Identity::load_or_create(&punch_server::key_path(&data_dir))?;
+        println!("{}", id.fingerprint());
+        return Ok(());
+    }
+    init_logs();
+    let a = cli.run;
+    if a.idle_timeout < 5 || a.idle_timeout > 600 {
+        anyhow::bail!("--idle-timeout must be between 5 and 600 seconds");
+    }
+    let mut cfg = ServerConfig::new(a.data_dir);
+    cfg.listen = a.listen;
+    cfg.http = (!a.no_http).then_some(a.http);
+    cfg.token = a.token.filter(|t| !t.is_empty());
+    cfg.max_workers = a.max_workers;
+    cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout);
+    let server = Server::start(cfg).await.context("starting punch-server")?;
+    // A machine-readable line for scripts and tests that start us on port 0.
+    println!(
+        "punch-server udp={} http={} fingerprint={}",
+        server.udp_addr,
+        server
+            .http_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into()),
+        server.fingerprint
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

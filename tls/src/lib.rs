@@ -132,6 +132,17 @@ impl Identity {
             .map_err(|e| TlsError::Cert(e.to_string()))
     }
 
+    /// A secret derived from the private key for another purpose (e.g. the
+    /// QUIC stateless-reset key, which must survive restarts).
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"punch derive ");
+        h.update(label.as_bytes());
+        h.update([0]);
+        h.update(&self.pkcs8);
+        h.finalize().into()
+    }
+
     /// The raw public key.
     pub fn public_key(&self) -> PublicKey {
         self.public

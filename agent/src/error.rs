@@ -1,0 +1,113 @@
+//! Agent errors, each with its own exit code so scripts can tell them apart.
+
+use punch_protocol::signal::ErrorCode;
+
+/// Everything that can go wrong for an agent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    #[error("unknown worker {0:?}: no agent has registered under that id")]
+    UnknownWorker(String),
+    #[error("worker {0:?} is offline")]
+    WorkerOffline(String),
+    #[error("punch timed out: no direct path to {target:?} within {secs:.1} s")]
+    PunchTimeout { target: String, secs: f64 },
+    #[error("bad token: {0}")]
+    BadToken(String),
+    #[error("server fingerprint mismatch: expected {expected}, server presented {got}")]
+    FingerprintMismatch { expected: String, got: String },
+    #[error("server unreachable at {server}: {reason}")]
+    ServerUnreachable { server: String, reason: String },
+    #[error("worker id refused: {0}")]
+    IdTaken(String),
+    #[error("protocol version mismatch: {0}")]
+    BadVersion(String),
+    #[error("peer connection failed: {0}")]
+    PeerConnect(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("request refused by server ({code}): {message}")]
+    Server { code: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl AgentError {
+    /// Process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::UnknownWorker(_) => 3,
+            AgentError::WorkerOffline(_) => 4,
+            AgentError::PunchTimeout { .. } => 5,
+            AgentError::BadToken(_) => 6,
+            AgentError::FingerprintMismatch { .. } => 7,
+            AgentError::ServerUnreachable { .. } => 8,
+            AgentError::IdTaken(_) => 9,
+            AgentError::BadVersion(_) => 10,
+            AgentError::PeerConnect(_) => 11,
+            AgentError::Timeout(_) => 12,
+            AgentError::Server { .. } => 13,
+            AgentError::Config(_) => 2,
+            AgentError::Io(_) => 1,
+        }
+    }
+
+    /// Stable snake_case kind, for JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::UnknownWorker(_) => "unknown_worker",
+            AgentError::WorkerOffline(_) => "worker_offline",
+            AgentError::PunchTimeout { .. } => "punch_timeout",
+            AgentError::BadToken(_) => "bad_token",
+            AgentError::FingerprintMismatch { .. } => "fingerprint_mismatch",
+            AgentError::ServerUnreachable { .. } => "server_unreachable",
+            AgentError::IdTaken(_) => "id_taken",
+            AgentError::BadVersion(_) => "bad_version",
+            AgentError::PeerConnect(_) => "peer_connect",
+            AgentError::Timeout(_) => "timeout",
+            AgentError::Server { .. } => "server_error",
+            AgentError::Config(_) => "config",
+            AgentError::Io(_) => "io",
+        }
+    }
+
+    /// Errors that retrying cannot fix: the agent stops reconnecting.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            AgentError::BadToken(_)
+                | AgentError::FingerprintMismatch { .. }
+                | AgentError::IdTaken(_)
+                | AgentError::BadVersion(_)
+                | AgentError::Config(_)
+        )
+    }
+
+    /// Maps a server error code for a request about `target`.
+    pub fn from_code(code: ErrorCode, message: String, target: &str) -> Self {
+        match code {
+            ErrorCode::UnknownWorker => AgentError::UnknownWorker(target.to_string()),
+            ErrorCode::WorkerOffline => AgentError::WorkerOffline(target.to_string()),
+            ErrorCode::BadToken => AgentError::BadToken(message),
+            ErrorCode::IdTaken => AgentError::IdTaken(message),
+            ErrorCode::BadVersion => AgentError::BadVersion(message),
+            other => AgentError::Server {
+                code: other.as_str(),
+                message,
+            },
+        }
+    }
+}
+
+impl From<std::io::Error> for AgentError {
+    fn from(e: std::io::Error) -> Self {
+        AgentError::Io(e.to_string())
+    }
+}
+
+impl From<punch_tls::TlsError> for AgentError {
+    fn from(e: punch_tls::TlsError) -> Self {
+        AgentError::Config(e.to_string())
+    }
+}

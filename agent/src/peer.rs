@@ -1,0 +1,178 @@
+//! Peer connections: what `connect` returns, what `serve` answers.
+
+use crate::Inner;
+use punch_net::{read_frame, write_frame};
+use punch_protocol::peer::{PeerRequest, MAX_PEER_HEADER};
+use punch_protocol::signal::{PathKind, SessionId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, info_span, Instrument};
+
+/// How a peer connection is carried.
+#[derive(Clone, Debug)]
+pub struct PathInfo {
+    /// Direct or relayed.
+    pub kind: PathKind,
+    /// The peer's address on that path.
+    pub remote_addr: SocketAddr,
+    /// From the connect request to the established connection (zero on the
+    /// accepting side).
+    pub connect_time: Duration,
+    /// The punch session that introduced the peers.
+    pub session: SessionId,
+}
+
+/// An authenticated connection to another agent.
+#[derive(Clone, Debug)]
+pub struct PeerConnection {
+    /// The QUIC connection; open streams on it freely.
+    pub conn: quinn::Connection,
+    /// The peer's worker id, as vouched for by the server.
+    pub peer_id: String,
+    /// The path in use.
+    pub path: PathInfo,
+}
+
+/// Errors on a peer stream.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot open stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Frame(#[from] punch_net::FrameError),
+    #[error("write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read failed: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("echo mismatch")]
+    Mismatch,
+}
+
+/// An open echo stream for repeated round-trip measurements.
+pub struct Pinger {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    seq: u64,
+}
+
+impl Pinger {
+    /// One round trip of 8 bytes.
+    pub async fn ping(&mut self) -> Result<Duration, PeerError> {
+        self.seq += 1;
+        let out = self.seq.to_be_bytes();
+        let t = Instant::now();
+        self.send.write_all(&out).await?;
+        let mut back = [0u8; 8];
+        self.recv.read_exact(&mut back).await?;
+        if back != out {
+            return Err(PeerError::Mismatch);
+        }
+        Ok(t.elapsed())
+    }
+}
+
+impl PeerConnection {
+    /// Opens an echo stream on the connection.
+    pub async fn pinger(&self) -> Result<Pinger, PeerError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, &PeerRequest::Echo).await?;
+        Ok(Pinger { send, recv, seq: 0 })
+    }
+
+    /// Serves the peer's streams (echo) until the connection closes.
+    pub async fn serve(self) {
+        let peer = self.peer_id.clone();
+        async move {
+            loop {
+                let (send, recv) = match self.conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        info!("peer connection closed: {e}");
+                        return;
+                    }
+                };
+                tokio::spawn(serve_stream(send, recv).in_current_span());
+            }
+        }
+        .instrument(info_span!("peer", peer = %peer))
+        .await
+    }
+}
+
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_HEADER).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("bad stream header: {e}");
+            let _ = send.reset(1u32.into());
+            return;
+        }
+    };
+    match req {
+        PeerRequest::Echo => {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        if send.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Transport settings for peer connections.
+pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("in range"),
+    ));
+    t
+}
+
+/// Accepts incoming peer connections for the agent's lifetime.
+pub(crate) async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!(%remote, "incoming peer handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "incoming peer handshake timed out");
+                    return;
+                }
+            };
+            let Some(peer_id) = punch_tls::peer_key(&conn).and_then(|k| inner.allowed_peer_id(&k))
+            else {
+                conn.close(2u32.into(), b"unknown peer");
+                return;
+            };
+            info!(peer = %peer_id, remote = %punch_net::canonical(conn.remote_address()), "peer connected");
+            inner.deliver_incoming(PeerConnection {
+                peer_id,
+                path: PathInfo {
+                    kind: PathKind::Direct,
+                    remote_addr: punch_net::canonical(conn.remote_address()),
+                    connect_time: Duration::ZERO,
+                    session: SessionId(0),
+                },
+                conn,
+            });
+        });
+    }
+}

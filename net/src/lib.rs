@@ -1,0 +1,108 @@
+//! QUIC plumbing shared by the punch server and agent.
+
+use punch_protocol::codec::{self, CodecError};
+use serde::{de::DeserializeOwned, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors reading or writing frames on a QUIC stream.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("stream closed")]
+    Closed,
+    #[error("read failed: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Reads one frame of at most `max` bytes.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, FrameError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = codec::check_len(prefix, max)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(codec::decode_body(&body)?)
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let frame = codec::encode_frame(msg)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Binds a UDP socket with large buffers. An unspecified IPv4 address
+/// (`0.0.0.0`) is bound dual-stack on `[::]` where the OS allows, so one
+/// socket serves IPv4 and IPv6.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    if let SocketAddr::V4(v4) = addr {
+        if v4.ip().is_unspecified() {
+            let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, v4.port(), 0, 0));
+            if let Ok(s) = bind_one(v6, true) {
+                return Ok(s);
+            }
+        }
+    }
+    bind_one(addr, false)
+}
+
+fn bind_one(addr: SocketAddr, dual: bool) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if dual {
+        sock.set_only_v6(false)?;
+    }
+    // Best effort: the kernel caps these at net.core.*mem_max.
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// Normalises IPv4-mapped IPv6 addresses (seen on dual-stack sockets) to IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Endpoint settings used everywhere: a stateless-reset key that survives
+/// restarts (so agents learn at their next packet that a restarted server
+/// lost their connection), and no greasing of the QUIC fixed bit, which
+/// keeps QUIC's first byte out of the range our probes use.
+pub fn endpoint_config(reset_secret: [u8; 32]) -> quinn::EndpointConfig {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
+    cfg.grease_quic_bit(false);
+    cfg
+}
+
+/// Transport settings for long-lived signaling connections.
+pub fn signal_transport(keep_alive: Option<Duration>, idle: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(keep_alive);
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle).expect("idle timeout in range"),
+    ));
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Signaling is small: keep per-connection buffers small so a server
+    // can hold many agents.
+    t.stream_receive_window((256u32 * 1024).into());
+    t.receive_window((512u32 * 1024).into());
+    t.send_window(512 * 1024);
+    t
+}

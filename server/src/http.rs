@@ -1,0 +1,63 @@
+//! The HTTP admin endpoint: `GET /healthz` and `GET /peers`.
+
+use crate::Shared;
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// One online worker in `GET /peers`.
+#[derive(Debug, Serialize)]
+pub struct PeerJson {
+    pub worker_id: String,
+    pub observed_addr: String,
+    /// RFC 3339, UTC.
+    pub connected_since: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+    agents_online: usize,
+    fingerprint: String,
+    metrics: crate::metrics::MetricsSnapshot,
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
+    let online = s.registry.lock().expect("not poisoned").online_count();
+    Json(Health {
+        status: "ok",
+        agents_online: online,
+        fingerprint: s.fingerprint.clone(),
+        metrics: s.metrics.snapshot(),
+    })
+}
+
+async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
+    let list = s.registry.lock().expect("not poisoned").online();
+    Json(
+        list.into_iter()
+            .map(|p| PeerJson {
+                worker_id: p.worker_id,
+                observed_addr: p.observed.to_string(),
+                connected_since: humantime::format_rfc3339_seconds(p.since).to_string(),
+            })
+            .collect(),
+    )
+}
+
+/// The router, for tests and embedding.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/peers", get(peers))
+        .with_state(shared)
+}
+
+/// Serves HTTP on `listener` until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    if let Err(e) = axum::serve(listener, router(shared)).await {
+        tracing::error!("HTTP server failed: {e}");
+    }
+}
