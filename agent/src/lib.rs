@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
     pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_req: AtomicU32,
+    /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
     pub(crate) status: watch::Sender<Status>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
@@ -204,6 +206,7 @@ impl Agent {
             control: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU32::new(1),
+            closing: std::sync::atomic::AtomicBool::new(false),
             status,
             allowed,
             incoming_tx,

@@ -4,7 +4,7 @@
 use crate::peer::{PathInfo, PeerConnection};
 use crate::socket::ProbeDatagram;
 use crate::{AgentError, Inner, Reply};
-use punch_protocol::punch::{PunchConfig, PunchEvent, Puncher};
+use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
 use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
@@ -42,13 +42,15 @@ fn spawn_puncher(
         .copied()
         .collect();
     let mut p = Puncher::new(
-        offer.session,
-        offer.secret,
-        offer.role,
-        &candidates,
+        PunchParams {
+            session: offer.session,
+            secret: offer.secret,
+            role: offer.role,
+            peer_candidates: &candidates,
+            start_in: Duration::from_millis(offer.start_in_ms.min(5_000) as u64),
+            txid_seed: rand::random(),
+        },
         Instant::now(),
-        Duration::from_millis(offer.start_in_ms.min(5_000) as u64),
-        rand::random(),
         config,
     );
     let (tx, rx) = oneshot::channel();

@@ -35,6 +35,9 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                     let end = session(&inner, &conn, send, recv, observed).await;
                     *inner.control.lock().expect("not poisoned") = None;
                     inner.pending.lock().expect("not poisoned").clear();
+                    if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     warn!("signaling connection lost: {end}; reconnecting");
                     inner.status.send_replace(Status::Connecting(Some(
                         AgentError::ServerUnreachable {
@@ -47,6 +50,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                     tokio::time::sleep(pause).await;
                     continue;
                 }
+                Err(_) if inner.closing.load(std::sync::atomic::Ordering::SeqCst) => return,
                 Err(e) if e.is_fatal() => {
                     warn!("giving up: {e}");
                     inner.status.send_replace(Status::Failed(e));

@@ -87,6 +87,19 @@ pub fn endpoint_config(reset_secret: [u8; 32]) -> quinn::EndpointConfig {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret);
     let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
     cfg.grease_quic_bit(false);
+    // quinn's default connection-id generator validates ids with a random
+    // per-process key and drops packets with ids it did not make, which
+    // would silence the stateless reset after a restart; derive that key
+    // from the same secret so a restarted server recognises its old ids.
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"punch cid key".as_slice(), &reset_secret].concat(),
+    );
+    let cid_key = u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn::ConnectionIdGenerator>
+    });
     cfg
 }
 

@@ -81,7 +81,7 @@ impl FrameDecoder {
     }
 
     /// Returns the next complete message, if one is buffered.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -110,10 +110,10 @@ mod tests {
         let frame = encode_frame(&msg).unwrap();
         let mut dec = FrameDecoder::default();
         for b in &frame {
-            assert!(dec.next::<ClientMsg>().unwrap().is_none());
+            assert!(dec.next_frame::<ClientMsg>().unwrap().is_none());
             dec.push(std::slice::from_ref(b)).unwrap();
         }
-        assert_eq!(dec.next::<ClientMsg>().unwrap(), Some(msg));
+        assert_eq!(dec.next_frame::<ClientMsg>().unwrap(), Some(msg));
     }
 
     #[test]
@@ -140,7 +140,7 @@ mod tests {
             let _ = decode_body::<ServerMsg>(&data);
             let mut dec = FrameDecoder::default();
             if dec.push(&data).is_ok() {
-                let _ = dec.next::<ClientMsg>();
+                let _ = dec.next_frame::<ClientMsg>();
             }
         }
     }

@@ -99,6 +99,22 @@ pub struct PunchStats {
     pub rejected: u32,
 }
 
+/// What an offer tells a puncher.
+#[derive(Clone, Debug)]
+pub struct PunchParams<'a> {
+    pub session: SessionId,
+    /// Key for the probes' MACs.
+    pub secret: [u8; 32],
+    /// Our role.
+    pub role: Role,
+    /// Where the peer may be reached.
+    pub peer_candidates: &'a [Candidate],
+    /// Delay before the first round.
+    pub start_in: Duration,
+    /// First transaction id (random in production, fixed in tests).
+    pub txid_seed: u64,
+}
+
 /// The punching state machine of one session on one side.
 #[derive(Debug)]
 pub struct Puncher {
@@ -126,17 +142,16 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Puncher {
-    /// Starts a session; the first round is due at `now + start_in`.
-    pub fn new(
-        session: SessionId,
-        secret: [u8; 32],
-        role: Role,
-        peer_candidates: &[Candidate],
-        now: Instant,
-        start_in: Duration,
-        txid_seed: u64,
-        config: PunchConfig,
-    ) -> Self {
+    /// Starts a session; the first round is due at `now + params.start_in`.
+    pub fn new(params: PunchParams<'_>, now: Instant, config: PunchConfig) -> Self {
+        let PunchParams {
+            session,
+            secret,
+            role,
+            peer_candidates,
+            start_in,
+            txid_seed,
+        } = params;
         let mut p = Puncher {
             session,
             secret,
@@ -415,23 +430,27 @@ mod tests {
         let cfg = PunchConfig::default();
         Net {
             a: Puncher::new(
-                SessionId(1),
-                SECRET,
-                Role::Controlling,
-                b_cands,
+                PunchParams {
+                    session: SessionId(1),
+                    secret: SECRET,
+                    role: Role::Controlling,
+                    peer_candidates: b_cands,
+                    start_in: Duration::ZERO,
+                    txid_seed: 100,
+                },
                 now,
-                Duration::ZERO,
-                100,
                 cfg.clone(),
             ),
             b: Puncher::new(
-                SessionId(1),
-                SECRET,
-                Role::Controlled,
-                a_cands,
+                PunchParams {
+                    session: SessionId(1),
+                    secret: SECRET,
+                    role: Role::Controlled,
+                    peer_candidates: a_cands,
+                    start_in: Duration::ZERO,
+                    txid_seed: 200,
+                },
                 now,
-                Duration::ZERO,
-                200,
                 cfg,
             ),
             a_addr: "198.51.100.1:1000".parse().unwrap(),
@@ -509,13 +528,15 @@ mod tests {
     fn forged_and_reflected_probes_are_rejected() {
         let now = Instant::now();
         let mut p = Puncher::new(
-            SessionId(9),
-            SECRET,
-            Role::Controlling,
-            &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+            PunchParams {
+                session: SessionId(9),
+                secret: SECRET,
+                role: Role::Controlling,
+                peer_candidates: &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+                start_in: Duration::ZERO,
+                txid_seed: 0,
+            },
             now,
-            Duration::ZERO,
-            0,
             PunchConfig::default(),
         );
         p.handle_timeout(now);
@@ -559,13 +580,15 @@ mod tests {
     fn peer_reflexive_candidates_are_bounded() {
         let now = Instant::now();
         let mut p = Puncher::new(
-            SessionId(1),
-            SECRET,
-            Role::Controlled,
-            &[],
+            PunchParams {
+                session: SessionId(1),
+                secret: SECRET,
+                role: Role::Controlled,
+                peer_candidates: &[],
+                start_in: Duration::ZERO,
+                txid_seed: 0,
+            },
             now,
-            Duration::ZERO,
-            0,
             PunchConfig::default(),
         );
         for port in 1..200u16 {

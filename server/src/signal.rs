@@ -330,8 +330,7 @@ async fn session_loop(
                 Some(Err(FrameError::Codec(e))) => {
                     inc(&shared.metrics.decode_errors);
                     warn!("malformed frame: {e}");
-                    let _ = write_frame(send, &ServerMsg::Error { req: None, code: ErrorCode::Malformed, message: e.to_string() }).await;
-                    conn.close(error_close_code(ErrorCode::Malformed), b"malformed frame");
+                    refuse(conn, send, ErrorCode::Malformed, format!("malformed frame: {e}")).await;
                     break Err(format!("malformed frame: {e}"));
                 }
                 Some(Err(e)) => break Err(e.to_string()),

@@ -1,0 +1,315 @@
+//! Runs the real `punch-server` and `punch-agent` binaries for tests and
+//! the lab: finds (and builds) them, starts them, reads their output with
+//! timeouts, and kills them on drop.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace binaries, built on first use so that
+/// `cargo test` alone is enough.
+pub fn bin_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| build_bins().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn build_bins() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PUNCH_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().context("exe has no parent")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "punch-server",
+        "-p",
+        "punch-agent",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .context("running cargo build for the binaries")?;
+    if !status.success() {
+        bail!("cargo build of punch-server/punch-agent failed");
+    }
+    Ok(dir)
+}
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir()?.join(name);
+    if !p.exists() {
+        bail!("{} not found (build the workspace first)", p.display());
+    }
+    Ok(p)
+}
+
+/// A child process whose stdout lines can be awaited. Killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every stdout line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with piped stdout; stderr goes to `log` if given.
+    pub fn spawn(name: &str, mut cmd: Command, log: Option<&Path>) -> Result<Proc> {
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        match log {
+            Some(p) => {
+                cmd.stderr(std::fs::File::create(p)?);
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return Ok(l);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                    "{}: no line containing {needle:?} within {timeout:?} (saw {:?})",
+                    self.name,
+                    self.seen
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!(
+                    "{}: exited before printing {needle:?} (saw {:?}, status {:?})",
+                    self.name,
+                    self.seen,
+                    self.child.try_wait()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a clean shutdown), then reap within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = self.child.id() as i32;
+        // SAFETY-free: plain kill(2) through the `kill` command keeps us off libc.
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        self.wait_exit(timeout)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `punch-server` process.
+pub struct ServerProc {
+    pub proc: Proc,
+    pub udp: SocketAddr,
+    pub http: SocketAddr,
+    pub fingerprint: String,
+    pub data_dir: PathBuf,
+}
+
+impl ServerProc {
+    /// Starts `punch-server` with `--data-dir dir`, `--http 127.0.0.1:0` and
+    /// the extra arguments, and waits for its listening line.
+    pub fn start(dir: &Path, extra: &[&str]) -> Result<ServerProc> {
+        let mut cmd = Command::new(bin("punch-server")?);
+        cmd.arg("--data-dir").arg(dir.join("server"));
+        if !extra.contains(&"--http") {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra);
+        cmd.env_remove("PUNCH_TOKEN");
+        let mut proc = Proc::spawn("punch-server", cmd, Some(&dir.join("server.log")))?;
+        let line = proc.wait_line("punch-server udp=", Duration::from_secs(20))?;
+        let field = |k: &str| -> Result<String> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
+                .with_context(|| format!("no {k} in {line:?}"))
+        };
+        Ok(ServerProc {
+            udp: field("udp=")?.parse()?,
+            http: field("http=")?.parse()?,
+            fingerprint: field("fingerprint=")?,
+            data_dir: dir.join("server"),
+            proc,
+        })
+    }
+
+    /// An agent command pointed at this server.
+    pub fn agent(&self) -> Result<Command> {
+        let mut cmd = Command::new(bin("punch-agent")?);
+        cmd.arg("--server")
+            .arg(self.udp.to_string())
+            .arg("--server-fingerprint")
+            .arg(&self.fingerprint);
+        for v in [
+            "PUNCH_SERVER",
+            "PUNCH_SERVER_FINGERPRINT",
+            "PUNCH_TOKEN",
+            "PUNCH_ID",
+            "PUNCH_KEY_FILE",
+        ] {
+            cmd.env_remove(v);
+        }
+        Ok(cmd)
+    }
+
+    /// Starts `punch-agent serve --id ID` and waits until it is registered.
+    pub fn serve(&self, dir: &Path, id: &str, extra: &[&str]) -> Result<Proc> {
+        let mut cmd = self.agent()?;
+        cmd.args(["serve", "--id", id, "--key-file"])
+            .arg(dir.join(format!("{id}.key")))
+            .args(extra);
+        let mut p = Proc::spawn(id, cmd, Some(&dir.join(format!("{id}.log"))))?;
+        p.wait_line("serving as", Duration::from_secs(20))?;
+        Ok(p)
+    }
+
+    /// GET a path on the server's HTTP port, returning the body.
+    pub fn http_get(&self, path: &str) -> Result<String> {
+        http_get(self.http, path)
+    }
+}
+
+/// A minimal HTTP/1.1 GET for tests (no external client needed).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// Result of one `punch-agent` run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The stdout parsed as one JSON object.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(self.stdout.trim())
+            .with_context(|| format!("stdout is not one JSON object: {self:?}"))
+    }
+}
+
+/// Runs a command to completion within `timeout`.
+pub fn run(mut cmd: Command, timeout: Duration) -> Result<Run> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "command timed out after {timeout:?}: {cmd:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output()?;
+    Ok(Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

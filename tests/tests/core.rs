@@ -1,0 +1,249 @@
+//! End-to-end tests of the core: real punch-server and punch-agent
+//! processes, real UDP and QUIC on loopback.
+
+use punch_lab::harness::{run, ServerProc};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn two_agents_connect_by_id_directly() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-b", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["target"], "worker-b");
+    assert_eq!(j["path"], "direct");
+    assert!(j["connect_ms"].as_f64().unwrap() > 0.0);
+    assert!(j["rtt_ms"].as_f64().unwrap() > 0.0);
+    let remote: std::net::SocketAddr = j["remote_addr"].as_str().unwrap().parse().unwrap();
+    assert!(remote.ip().is_loopback());
+
+    // ping: N round trips and a summary.
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["ping", "worker-b", "-c", "3", "-i", "0.05", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["rtts_ms"].as_array().unwrap().len(), 3);
+    assert!(j["min_ms"].as_f64().unwrap() <= j["max_ms"].as_f64().unwrap());
+
+    // /peers lists the serving worker with its observed address.
+    let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+    let b = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["worker_id"] == "worker-b")
+        .expect("worker-b in /peers");
+    assert!(b["observed_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(b["connected_since"].as_str().unwrap().ends_with('Z'));
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health["metrics"]["outcome_direct"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn unknown_and_offline_targets_are_distinct_errors() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "nobody"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(3), "{r:?}");
+    assert!(r.stderr.contains("unknown worker"), "{r:?}");
+
+    let mut c = s.serve(dir.path(), "worker-c", &[]).unwrap();
+    c.terminate(Duration::from_secs(10)).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-c", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(4), "{r:?}");
+    assert!(r.stderr.contains("offline"), "{r:?}");
+    assert_eq!(r.json().unwrap()["error"], "worker_offline");
+}
+
+#[test]
+fn tokens_are_enforced() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--token", "s3cret"]).unwrap();
+    for (token, what) in [(None, "missing"), (Some("wrong"), "wrong")] {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["connect", "x"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let r = run(cmd, T).unwrap();
+        assert_eq!(r.code, Some(6), "{what} token: {r:?}");
+        assert!(r.stderr.contains("bad token"), "{r:?}");
+    }
+    // The right token from the environment works.
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "nobody"]).env("PUNCH_TOKEN", "s3cret");
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(3), "{r:?}");
+}
+
+#[test]
+fn wrong_fingerprint_and_unreachable_server_are_refused() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let other = punch_tls::Identity::generate().unwrap().fingerprint();
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args([
+        "connect",
+        "x",
+        "--server",
+        &s.udp.to_string(),
+        "--server-fingerprint",
+        &other,
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(7), "{r:?}");
+    assert!(r.stderr.contains("fingerprint mismatch"), "{r:?}");
+
+    // A port nobody listens on.
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args([
+        "connect",
+        "x",
+        "--timeout",
+        "2",
+        "--server",
+        &addr.to_string(),
+        "--server-fingerprint",
+        &other,
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(8), "{r:?}");
+    assert!(r.stderr.contains("unreachable"), "{r:?}");
+}
+
+#[test]
+fn same_id_with_another_key_is_refused() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["serve", "--id", "worker-b", "--key-file"])
+        .arg(dir.path().join("impostor.key"));
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(9), "{r:?}");
+    assert!(r.stderr.contains("another key"), "{r:?}");
+}
+
+#[test]
+fn malformed_datagram_flood_does_not_stop_a_connect() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let target = s.udp;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut sent = 0u64;
+            let mut x: u64 = 0x9e3779b97f4a7c15;
+            // Bounded in count and time.
+            let end = std::time::Instant::now() + Duration::from_secs(20);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && sent < 200_000
+                && std::time::Instant::now() < end
+            {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x % 1400) as usize + 1;
+                let mut buf = vec![0u8; len];
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = (x >> (i % 8 * 8)) as u8 ^ i as u8;
+                }
+                // Some look like QUIC long headers, some like probes.
+                match x % 3 {
+                    0 => buf[0] = 0xc0 | (buf[0] & 0x3f),
+                    1 if len >= 4 => buf[..4].copy_from_slice(&punch_protocol::probe::MAGIC),
+                    _ => {}
+                }
+                let _ = sock.send_to(&buf, target);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    for _ in 0..3 {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["connect", "worker-b", "--json"]);
+        let r = run(cmd, T).unwrap();
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(r.json().unwrap()["path"], "direct");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(sent > 100, "flood sent only {sent} datagrams");
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert_eq!(health["status"], "ok");
+}
+
+#[test]
+fn ipv6_loopback_connect() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback on this machine");
+        return;
+    }
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--listen", "[::1]:0"]).unwrap();
+    assert!(s.udp.is_ipv6());
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-b", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["path"], "direct");
+    let remote: std::net::SocketAddr = j["remote_addr"].as_str().unwrap().parse().unwrap();
+    assert!(remote.is_ipv6(), "{remote}");
+}
+
+#[test]
+fn bad_cli_input_is_a_usage_error() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    for args in [
+        vec!["connect", "bad id!"],
+        vec!["connect", "x", "--timeout=-1"],
+        vec!["serve"],
+    ] {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(&args);
+        let r = run(cmd, T).unwrap();
+        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
+        assert!(r.stderr.contains("error"), "{r:?}");
+    }
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args([
+        "connect",
+        "x",
+        "--server",
+        "127.0.0.1:1",
+        "--server-fingerprint",
+        "abc",
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("fingerprint"), "{r:?}");
+}

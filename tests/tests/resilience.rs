@@ -1,0 +1,221 @@
+//! Server restarts and hostile clients.
+
+use punch_agent::{Agent, AgentConfig, PathKind, Status};
+use punch_lab::harness::ServerProc;
+use punch_net::{read_frame, write_frame};
+use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, ServerMsg};
+use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
+use punch_tls::{Expect, Identity, KeyVerifier};
+use std::time::{Duration, Instant};
+
+async fn agent(s: &ServerProc, id: &str, dir: &std::path::Path) -> Agent {
+    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
+    cfg.worker_id = Some(id.into());
+    cfg.key_file = Some(dir.join(format!("{id}.key")));
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    let a = Agent::start(cfg).await.unwrap();
+    a.registered(Duration::from_secs(10)).await.unwrap();
+    a
+}
+
+/// Waits until the agent has lost its registration and registered again.
+async fn reregistered(a: &Agent, limit: Duration) -> Result<(), String> {
+    let mut rx = a.watch_status();
+    let mut lost = false;
+    let wait = async {
+        loop {
+            match &*rx.borrow_and_update() {
+                Status::Connecting(_) => lost = true,
+                Status::Registered { .. } if lost => return Ok(()),
+                Status::Failed(e) => return Err(e.to_string()),
+                _ => {}
+            }
+            rx.changed().await.map_err(|e| e.to_string())?;
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| format!("{} did not re-register within {limit:?}", a.worker_id()))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reregister_after_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ServerProc::start(dir.path(), &[]).unwrap();
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    assert_eq!(
+        a.connect("worker-b").await.unwrap().path.kind,
+        PathKind::Direct
+    );
+
+    // Kill -9 and restart on the same port with the same data dir.
+    let port = s.udp.port().to_string();
+    s.proc.kill();
+    let listen = format!("127.0.0.1:{port}");
+    let s2 = ServerProc::start(dir.path(), &["--listen", &listen]).unwrap();
+    let restarted = Instant::now();
+    let (ra, rb) = tokio::join!(
+        reregistered(&a, Duration::from_secs(10)),
+        reregistered(&b, Duration::from_secs(10))
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let took = restarted.elapsed();
+    eprintln!("both agents re-registered {took:?} after the restart");
+    let peers = s2.http_get("/peers").unwrap();
+    assert!(
+        peers.contains("worker-a") && peers.contains("worker-b"),
+        "{peers}"
+    );
+    let pc = a.connect("worker-b").await.unwrap();
+    assert_eq!(pc.path.kind, PathKind::Direct);
+    let rtt = pc.pinger().await.unwrap().ping().await.unwrap();
+    assert!(rtt < Duration::from_secs(1));
+}
+
+/// A raw signaling client that can send anything.
+async fn raw_client(
+    s: &ServerProc,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    Identity,
+) {
+    let id = Identity::generate().unwrap();
+    let cfg = punch_tls::client_config(
+        &id,
+        KeyVerifier::new(Expect::Fingerprint(s.fingerprint.clone())),
+        ALPN_SIGNAL,
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(cfg, s.udp, "punch").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (ep, conn, send, recv, id)
+}
+
+fn hello(id: &Identity, version: u16, name: &str) -> ClientMsg {
+    ClientMsg::Hello(Hello {
+        version,
+        worker_id: name.into(),
+        public_key: id.public_key(),
+        token_proof: None,
+        ephemeral: true,
+        local_candidates: vec![],
+        metadata: vec![],
+    })
+}
+
+async fn next(recv: &mut quinn::RecvStream) -> ServerMsg {
+    tokio::time::timeout(Duration::from_secs(10), read_frame(recv, 1 << 16))
+        .await
+        .expect("server answers within 10 s")
+        .expect("a valid frame")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_get_errors_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+
+    // Wrong protocol version.
+    let (_ep, _c, mut send, mut recv, id) = raw_client(&s).await;
+    write_frame(&mut send, &hello(&id, PROTOCOL_VERSION + 98, "v99"))
+        .await
+        .unwrap();
+    match next(&mut recv).await {
+        ServerMsg::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::BadVersion);
+            assert!(message.contains("version"), "{message}");
+        }
+        m => panic!("expected BadVersion, got {m:?}"),
+    }
+
+    // A hello whose key is not the TLS key.
+    let (_ep, _c, mut send, mut recv, _) = raw_client(&s).await;
+    let other = Identity::generate().unwrap();
+    write_frame(&mut send, &hello(&other, PROTOCOL_VERSION, "liar"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut recv).await,
+        ServerMsg::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+
+    // A bad worker id.
+    let (_ep, _c, mut send, mut recv, id) = raw_client(&s).await;
+    write_frame(&mut send, &hello(&id, PROTOCOL_VERSION, "no spaces"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut recv).await,
+        ServerMsg::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+
+    // Garbage instead of a hello: an unknown message type.
+    let (_ep, _c, mut send, mut recv, _) = raw_client(&s).await;
+    send.write_all(&[0, 0, 0, 3, 0xee, 0xff, 0x01])
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut recv).await,
+        ServerMsg::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+
+    // After a good hello: a truncated frame, then an oversized length.
+    let (_ep, conn, mut send, mut recv, id) = raw_client(&s).await;
+    write_frame(&mut send, &hello(&id, PROTOCOL_VERSION, "raw-1"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut recv).await, ServerMsg::Welcome { .. }));
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert!(matches!(
+        next(&mut recv).await,
+        ServerMsg::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "server closes a connection that sent an oversized frame"
+    );
+
+    // A connection that never says hello is dropped after the hello timeout;
+    // meanwhile a well-behaved agent connects as usual.
+    let (_ep, _idle, _send, _recv, _) = raw_client(&s).await;
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let pc = a.connect("worker-b").await.unwrap();
+    assert_eq!(pc.path.kind, PathKind::Direct);
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert!(
+        health["metrics"]["decode_errors"].as_u64().unwrap() >= 2,
+        "{health}"
+    );
+}
