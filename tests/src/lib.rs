@@ -1,5 +1,6 @@
-//! punch-lab: the demo, benchmarks and the test harness that runs the real
-//! punch binaries.
+//! punch-lab: the demo, benchmarks, the network-namespace NAT lab and the
+//! test harness that runs the real punch binaries.
 
 pub mod demo;
 pub mod harness;
+pub mod lab;

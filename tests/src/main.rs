@@ -1,8 +1,13 @@
 //! The `punch-lab` command.
 
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use punch_lab::lab::{self, matrix, nat, Impair};
+use std::path::PathBuf;
 
-/// punch lab: demo and benchmarks on loopback.
+/// punch lab: the loopback demo and benchmarks, and a network-namespace NAT
+/// lab that measures hole punching with real punch-server and punch-agent
+/// processes behind nftables NATs (root needed for the lab).
 #[derive(Parser, Debug)]
 #[command(name = "punch-lab", version, about)]
 struct Cli {
@@ -10,11 +15,43 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct ImpairArgs {
+    /// One-way delay added on every site's uplink, each direction (ms).
+    #[arg(long, default_value_t = 0)]
+    delay: u32,
+    /// Uniform jitter on top of the delay (ms).
+    #[arg(long, default_value_t = 0)]
+    jitter: u32,
+    /// Loss on every site's uplink, each direction (percent).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+}
+
+impl ImpairArgs {
+    fn impair(&self) -> Result<Impair> {
+        let i = Impair {
+            delay_ms: self.delay,
+            jitter_ms: self.jitter,
+            loss_pct: self.loss,
+        };
+        i.validate()?;
+        Ok(i)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start a server and two agents on loopback, connect them by id, ping,
-    /// and say what happened step by step. No root needed.
-    Demo,
+    /// Start a server and two agents, connect them by id, ping, and say what
+    /// happened step by step. Without --nat on loopback (no root); with
+    /// --nat TYPE_A,TYPE_B behind two simulated NATs (root).
+    Demo {
+        /// Two NAT types, e.g. `port-restricted,symmetric`.
+        #[arg(long)]
+        nat: Option<String>,
+        #[command(flatten)]
+        impair: ImpairArgs,
+    },
     /// Median and p95 time to connect over N loopback connects.
     BenchConnect {
         /// Number of connects.
@@ -27,10 +64,72 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Prove with plain UDP probes that each lab NAT type behaves as named.
+    VerifyNat {
+        /// Comma-separated NAT types, or `all`.
+        #[arg(long, default_value = "all")]
+        types: String,
+        /// Write the verdicts as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Connect every ordered pair of NAT types N times and report success,
+    /// path and time to connect, against what theory predicts.
+    Matrix {
+        /// Comma-separated NAT types, or `all`.
+        #[arg(long, default_value = "all")]
+        types: String,
+        /// Connects per pair.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[command(flatten)]
+        impair: ImpairArgs,
+        /// Punch deadline given to the agents (s).
+        #[arg(long, default_value_t = 3.0)]
+        punch_timeout: f64,
+        /// Skip the two-hosts-behind-one-NAT pair.
+        #[arg(long)]
+        no_same_nat: bool,
+        /// Write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write an SVG heatmap of the direct rate.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Exit non-zero when a pair that theory says goes direct does not.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Print the table of what theory predicts for each pair (Markdown).
+    Theory,
+    /// Remove every lab namespace (and processes in them) left on this machine.
+    Clean,
+    /// (internal) Forward frames between two interfaces with delay.
+    #[command(hide = true)]
+    Forwarder {
+        #[arg(long)]
+        a: String,
+        #[arg(long)]
+        b: String,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u32,
+    },
+    /// (internal) UDP reflector for verify-nat.
+    #[command(hide = true)]
+    Reflector {
+        #[arg(long, value_delimiter = ',')]
+        ips: Vec<std::net::Ipv4Addr>,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
+    /// (internal) Mapping and filtering probe for verify-nat.
+    #[command(hide = true)]
+    NatProbe,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("PUNCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -38,16 +137,44 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let uses_lab = matches!(
+        cli.cmd,
+        Cmd::VerifyNat { .. } | Cmd::Matrix { .. } | Cmd::Demo { nat: Some(_), .. }
+    );
+    if uses_lab {
+        // Ctrl-C: remove this run's namespaces (and what runs in them),
+        // then exit, so nothing is left behind.
+        let _ = ctrlc::set_handler(|| {
+            let mine = format!("{}{}-", lab::PREFIX, std::process::id());
+            if let Ok(list) = lab::list_lab_namespaces() {
+                for ns in list.into_iter().filter(|n| n.starts_with(&mine)) {
+                    lab::remove_namespace(&ns);
+                }
+            }
+            eprintln!("punch-lab: interrupted; lab removed");
+            std::process::exit(130);
+        });
+    }
     match cli.cmd {
-        Cmd::Demo => punch_lab::demo::demo().await,
+        Cmd::Demo { nat: None, .. } => runtime()?.block_on(punch_lab::demo::demo()),
+        Cmd::Demo {
+            nat: Some(pair),
+            impair,
+        } => {
+            let types = nat::parse_types(&pair).map_err(anyhow::Error::msg)?;
+            let [a, b] = types[..] else {
+                bail!("--nat takes exactly two different types, e.g. port-restricted,symmetric (got {pair:?})");
+            };
+            lab::demo::nat_demo(a, b, impair.impair()?)
+        }
         Cmd::BenchConnect { count, ip, json } => {
             if !(1..=100_000).contains(&count) {
-                anyhow::bail!("--count must be between 1 and 100000");
+                bail!("--count must be between 1 and 100000");
             }
             if ip != "127.0.0.1" && ip != "::1" {
-                anyhow::bail!("--ip must be 127.0.0.1 or ::1 (loopback only)");
+                bail!("--ip must be 127.0.0.1 or ::1 (loopback only)");
             }
-            let b = punch_lab::demo::bench_connect(count, &ip).await?;
+            let b = runtime()?.block_on(punch_lab::demo::bench_connect(count, &ip))?;
             if json {
                 println!("{}", serde_json::to_string(&b)?);
             } else {
@@ -58,5 +185,103 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::VerifyNat { types, json } => {
+            let types = nat::parse_types(&types).map_err(anyhow::Error::msg)?;
+            let v = lab::verify::verify(&types)?;
+            print!("{}", lab::verify::table(&v));
+            if let Some(p) = json {
+                std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+            }
+            let bad = v.iter().filter(|x| !x.ok).count();
+            if bad > 0 {
+                bail!("{bad} NAT type(s) do not behave as named");
+            }
+            Ok(())
+        }
+        Cmd::Matrix {
+            types,
+            runs,
+            impair,
+            punch_timeout,
+            no_same_nat,
+            json,
+            svg,
+            strict,
+        } => {
+            let types = nat::parse_types(&types).map_err(anyhow::Error::msg)?;
+            if !(1..=1000).contains(&runs) {
+                bail!("--runs must be between 1 and 1000");
+            }
+            if !(0.5..=60.0).contains(&punch_timeout) {
+                bail!("--punch-timeout must be between 0.5 and 60 seconds");
+            }
+            let opts = matrix::MatrixOpts {
+                types,
+                runs,
+                impair: impair.impair()?,
+                punch_timeout,
+                same_nat: !no_same_nat,
+                progress: true,
+            };
+            let results = matrix::run_matrix(&opts)?;
+            print!("{}", matrix::table(&results));
+            if let Some(p) = json {
+                std::fs::write(
+                    p,
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "runs": runs,
+                        "impair": opts.impair,
+                        "punch_timeout": punch_timeout,
+                        "pairs": results,
+                    }))?,
+                )?;
+            }
+            if let Some(p) = svg {
+                std::fs::write(p, matrix::svg(&results))?;
+            }
+            let worse: Vec<String> = results
+                .iter()
+                .filter(|r| r.verdict == "worse-than-theory")
+                .map(|r| format!("{} -> {}", r.a, r.b))
+                .collect();
+            if strict && !worse.is_empty() {
+                bail!(
+                    "{} pair(s) that theory says go direct did not: {}",
+                    worse.len(),
+                    worse.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Theory => {
+            print!("{}", nat::theory_markdown());
+            Ok(())
+        }
+        Cmd::Clean => {
+            lab::preflight()?;
+            let removed = lab::clean(false)?;
+            println!("removed {} lab namespaces", removed.len());
+            Ok(())
+        }
+        Cmd::Forwarder {
+            a,
+            b,
+            delay_ms,
+            jitter_ms,
+        } => lab::delay::forward(&a, &b, delay_ms, jitter_ms),
+        Cmd::Reflector { ips, seconds } => {
+            lab::probe::reflector(&ips, std::time::Duration::from_secs(seconds.min(3600)))
+        }
+        Cmd::NatProbe => {
+            let r = lab::probe::probe([lab::SERVER_IP, lab::SERVER_IP2])?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

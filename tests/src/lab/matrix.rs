@@ -1,0 +1,379 @@
+//! `punch-lab matrix`: every ordered pair of NAT types, N connects each,
+//! with real punch-server and punch-agent processes in the lab.
+
+use super::nat::{theory, Expect, NatType};
+use super::{in_ns, Impair, Lab, SiteSpec, SERVER_IP};
+use crate::harness::{bin, run, Proc};
+use anyhow::{Context, Result};
+use std::time::Duration;
+
+/// Matrix settings.
+#[derive(Clone, Debug)]
+pub struct MatrixOpts {
+    pub types: Vec<NatType>,
+    pub runs: usize,
+    pub impair: Impair,
+    /// Punch deadline given to the agents, seconds.
+    pub punch_timeout: f64,
+    /// Also measure two hosts behind one NAT without hairpinning.
+    pub same_nat: bool,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// One ordered pair's figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PairResult {
+    pub a: String,
+    pub b: String,
+    pub expect: Expect,
+    pub reason: &'static str,
+    pub runs: usize,
+    pub connected: usize,
+    pub direct: usize,
+    pub success_rate: f64,
+    pub direct_rate: f64,
+    pub median_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub median_rtts: Option<f64>,
+    pub p95_rtts: Option<f64>,
+    /// Error kinds of failed runs.
+    pub errors: Vec<String>,
+    /// `agrees`, `worse-than-theory` or `better-than-theory`.
+    pub verdict: &'static str,
+}
+
+fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[((v.len() as f64 - 1.0) * q).round() as usize])
+}
+
+/// A lab with a server; the agents' common arguments.
+pub struct Running {
+    pub lab: Lab,
+    pub fingerprint: String,
+}
+
+/// Starts punch-server on the lab's server host.
+pub fn start_server(lab: &mut Lab) -> Result<String> {
+    let mut cmd = in_ns(&lab.server_ns, bin("punch-server")?);
+    cmd.arg("--listen")
+        .arg(format!("{SERVER_IP}:3478"))
+        .args(["--http", "127.0.0.1:8080", "--data-dir"])
+        .arg(lab.path("server-data"));
+    cmd.env("PUNCH_LOG", "info");
+    let log = lab.path("server.log");
+    let mut p = Proc::spawn("punch-server", cmd, Some(&log))?;
+    let line = p.wait_line("punch-server udp=", Duration::from_secs(20))?;
+    let fp = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("fingerprint="))
+        .context("fingerprint in the server's line")?
+        .to_string();
+    lab.keep(p);
+    Ok(fp)
+}
+
+/// `punch-agent` with the lab server's address, inside `ns`.
+pub fn agent_cmd(ns: &str, fp: &str, punch_timeout: f64) -> Result<std::process::Command> {
+    let mut cmd = in_ns(ns, bin("punch-agent")?);
+    cmd.arg("--server")
+        .arg(format!("{SERVER_IP}:3478"))
+        .args(["--server-fingerprint", fp])
+        .arg("--punch-timeout")
+        .arg(punch_timeout.to_string());
+    for v in [
+        "PUNCH_SERVER",
+        "PUNCH_SERVER_FINGERPRINT",
+        "PUNCH_TOKEN",
+        "PUNCH_ID",
+        "PUNCH_KEY_FILE",
+    ] {
+        cmd.env_remove(v);
+    }
+    Ok(cmd)
+}
+
+/// Starts `punch-agent serve --id ID` in `ns` and waits for registration.
+pub fn serve(lab: &mut Lab, ns: &str, id: &str, fp: &str, punch_timeout: f64) -> Result<()> {
+    let mut cmd = agent_cmd(ns, fp, punch_timeout)?;
+    cmd.args(["serve", "--id", id, "--key-file"])
+        .arg(lab.path(&format!("{id}.key")));
+    let log = lab.path(&format!("{id}.log"));
+    let mut p = Proc::spawn(id, cmd, Some(&log))?;
+    p.wait_line("serving as", Duration::from_secs(20))
+        .with_context(|| {
+            format!(
+                "agent {id} in {ns} did not register; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+    lab.keep(p);
+    Ok(())
+}
+
+/// Runs the matrix.
+pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
+    let mut lab = Lab::new()?;
+    let mut a_site = Vec::new();
+    let mut b_site = Vec::new();
+    for t in &opts.types {
+        let spec = SiteSpec {
+            nat: *t,
+            hosts: 1,
+            impair: opts.impair,
+        };
+        a_site.push(lab.add_site(&spec)?);
+        b_site.push(lab.add_site(&spec)?);
+    }
+    let same = if opts.same_nat {
+        Some(lab.add_site(&SiteSpec {
+            nat: NatType::PortRestricted,
+            hosts: 2,
+            impair: opts.impair,
+        })?)
+    } else {
+        None
+    };
+    let fp = start_server(&mut lab)?;
+    for (i, t) in opts.types.iter().enumerate() {
+        let ns = lab.sites[b_site[i]].hosts[0].clone();
+        serve(&mut lab, &ns, &format!("b-{t}"), &fp, opts.punch_timeout)?;
+    }
+    if let Some(s) = same {
+        let ns = lab.sites[s].hosts[1].clone();
+        serve(&mut lab, &ns, "b-same-nat", &fp, opts.punch_timeout)?;
+    }
+    // (A name, B name, A host namespace, target id, theory, reason, A site
+    // to reset between runs)
+    type Pair = (
+        String,
+        String,
+        String,
+        String,
+        Expect,
+        &'static str,
+        Option<usize>,
+    );
+    let mut pairs: Vec<Pair> = Vec::new();
+    for (i, a) in opts.types.iter().enumerate() {
+        for b in opts.types.iter() {
+            let (e, why) = theory(*a, *b);
+            pairs.push((
+                a.to_string(),
+                b.to_string(),
+                lab.sites[a_site[i]].hosts[0].clone(),
+                format!("b-{b}"),
+                e,
+                why,
+                Some(a_site[i]),
+            ));
+        }
+    }
+    if let Some(s) = same {
+        pairs.push((
+            "same-nat".into(),
+            "same-nat".into(),
+            lab.sites[s].hosts[0].clone(),
+            "b-same-nat".into(),
+            Expect::Direct,
+            "both hosts share one NAT without hairpinning: their LAN candidates reach each other",
+            None,
+        ));
+    }
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new((pairs.len() * opts.runs) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} {msg} [{elapsed_precise}]",
+            )
+            .expect("valid template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let limit = Duration::from_secs_f64(opts.punch_timeout + 20.0);
+    let mut results = Vec::new();
+    for (a, b, ns, target, expect, reason, reset) in pairs {
+        bar.set_message(format!("{a} -> {b}"));
+        let (mut times, mut rtts) = (Vec::new(), Vec::new());
+        let (mut connected, mut direct) = (0, 0);
+        let mut errors = Vec::new();
+        for _ in 0..opts.runs {
+            // Each run's agent is new: forget the NAT mappings that earlier
+            // runs' agents left (a 64-port block would otherwise fill up and
+            // collide, which measures the lab, not punching).
+            if let Some(site) = reset {
+                lab.flush_conntrack(site)?;
+            }
+            let mut cmd = agent_cmd(&ns, &fp, opts.punch_timeout)?;
+            cmd.args(["connect", &target, "--json", "--timeout"])
+                .arg((opts.punch_timeout + 15.0).to_string());
+            let r = run(cmd, limit)?;
+            let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
+            if r.code == Some(0) {
+                connected += 1;
+                if j["path"] == "direct" {
+                    direct += 1;
+                }
+                let ms = j["connect_ms"].as_f64().unwrap_or(0.0);
+                let rtt = j["rtt_ms"].as_f64().unwrap_or(0.0);
+                times.push(ms);
+                if rtt > 0.0 {
+                    rtts.push(ms / rtt);
+                }
+            } else {
+                errors.push(
+                    j["error"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("exit {:?}: {}", r.code, r.stderr.trim())),
+                );
+            }
+            bar.inc(1);
+        }
+        let runs = opts.runs;
+        let direct_rate = direct as f64 / runs as f64;
+        let verdict = match expect {
+            Expect::Direct if direct < runs => "worse-than-theory",
+            Expect::NeedsPredictionOrRelay if direct > 0 => "better-than-theory",
+            _ => "agrees",
+        };
+        results.push(PairResult {
+            a,
+            b,
+            expect,
+            reason,
+            runs,
+            connected,
+            direct,
+            success_rate: connected as f64 / runs as f64,
+            direct_rate,
+            median_ms: quantile(&mut times, 0.5),
+            p95_ms: quantile(&mut times, 0.95),
+            median_rtts: quantile(&mut rtts, 0.5),
+            p95_rtts: quantile(&mut rtts, 0.95),
+            errors,
+            verdict,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(results)
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The readable table.
+pub fn table(results: &[PairResult]) -> String {
+    let mut s = format!(
+        "{:<16} {:<16} {:<9} {:>5} {:>8} {:>7} {:>9} {:>9} {:>7} {:>7}  {}\n",
+        "A",
+        "B",
+        "theory",
+        "runs",
+        "success",
+        "direct",
+        "med ms",
+        "p95 ms",
+        "med rt",
+        "p95 rt",
+        "verdict"
+    );
+    for r in results {
+        s.push_str(&format!(
+            "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
+            r.a,
+            r.b,
+            match r.expect {
+                Expect::Direct => "direct",
+                Expect::NeedsPredictionOrRelay => "hard",
+            },
+            r.runs,
+            r.success_rate * 100.0,
+            r.direct_rate * 100.0,
+            opt(r.median_ms, 1),
+            opt(r.p95_ms, 1),
+            opt(r.median_rtts, 1),
+            opt(r.p95_rtts, 1),
+            r.verdict
+        ));
+    }
+    s
+}
+
+/// An SVG heatmap of the direct rate: rows A, columns B.
+pub fn svg(results: &[PairResult]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in results {
+        if !names.contains(&r.a.as_str()) {
+            names.push(&r.a);
+        }
+    }
+    let cell = 64;
+    let left = 130;
+    let top = 150;
+    let n = names.len();
+    let w = left + cell * n + 20;
+    let h = top + cell * n + 60;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">punch-lab matrix: direct connections (A connects to B)</text>\n\
+         <text x=\"10\" y=\"38\">green: direct, red: no direct path; ! marks a pair worse than theory, * better</text>\n"
+    );
+    for (j, b) in names.iter().enumerate() {
+        let x = left + j * cell + cell / 2;
+        s.push_str(&format!(
+            "<text x=\"{x}\" y=\"{}\" transform=\"rotate(-45 {x} {})\">{b}</text>\n",
+            top - 8,
+            top - 8
+        ));
+    }
+    for (i, a) in names.iter().enumerate() {
+        let y = top + i * cell;
+        s.push_str(&format!(
+            "<text x=\"8\" y=\"{}\">{a}</text>\n",
+            y + cell / 2 + 4
+        ));
+        for (j, b) in names.iter().enumerate() {
+            let Some(r) = results.iter().find(|r| r.a == *a && r.b == *b) else {
+                continue;
+            };
+            let x = left + j * cell;
+            let red = (255.0 * (1.0 - r.direct_rate)) as u8;
+            let green = (180.0 * r.direct_rate + 40.0) as u8;
+            let mark = match r.verdict {
+                "worse-than-theory" => "!",
+                "better-than-theory" => "*",
+                _ => "",
+            };
+            s.push_str(&format!(
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({red},{green},60)\" stroke=\"white\"/>\n\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\">{:.0}%{mark}</text>\n\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\" font-size=\"9\">{}</text>\n",
+                x + cell / 2,
+                y + cell / 2,
+                r.direct_rate * 100.0,
+                x + cell / 2,
+                y + cell / 2 + 14,
+                r.median_ms.map(|m| format!("{m:.0} ms")).unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(r) = results.iter().find(|r| r.a == "same-nat") {
+        s.push_str(&format!(
+            "<text x=\"10\" y=\"{}\">two hosts behind one NAT (no hairpin): {:.0}% direct</text>\n",
+            h - 20,
+            r.direct_rate * 100.0
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,632 @@
+//! The NAT lab: a fake internet, a server host and NATed sites built from
+//! Linux network namespaces, veth pairs, a bridge and nftables.
+//!
+//! Every namespace carries the prefix `plab<pid>-`, so a run's leftovers can
+//! be told from another live run's, and `punch-lab clean` (or the next run)
+//! removes namespaces whose creating process is gone. A [`Lab`] removes
+//! what it built when dropped, also on Ctrl-C (the binary turns SIGINT into
+//! an orderly exit).
+
+pub mod delay;
+pub mod demo;
+pub mod matrix;
+pub mod nat;
+pub mod probe;
+pub mod verify;
+
+use crate::harness::{bin, Proc};
+use anyhow::{bail, Context, Result};
+use nat::{NatAddrs, NatType};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Every lab namespace starts with this.
+pub const PREFIX: &str = "plab";
+
+/// Public address of the server host (the second one is [`SERVER_IP2`]).
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The server host's second public address.
+pub const SERVER_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+
+/// Link impairments on a site's uplink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Impair {
+    /// One-way delay added in each direction, ms.
+    pub delay_ms: u32,
+    /// Uniform jitter added on top of the delay, ms.
+    pub jitter_ms: u32,
+    /// Loss in each direction, percent.
+    pub loss_pct: f64,
+}
+
+impl Impair {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<()> {
+        if self.delay_ms > 2_000 || self.jitter_ms > 2_000 {
+            bail!("delay and jitter must be at most 2000 ms");
+        }
+        if !(0.0..=50.0).contains(&self.loss_pct) || self.loss_pct.is_nan() {
+            bail!("loss must be between 0 and 50 percent");
+        }
+        Ok(())
+    }
+}
+
+/// One site: hosts behind a NAT (or public hosts for `none`).
+#[derive(Clone, Debug)]
+pub struct SiteSpec {
+    pub nat: NatType,
+    pub hosts: usize,
+    pub impair: Impair,
+}
+
+/// A built site.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub index: usize,
+    pub nat: NatType,
+    /// Namespace names of the hosts.
+    pub hosts: Vec<String>,
+    /// Their addresses (private, or public for `none`).
+    pub host_ips: Vec<Ipv4Addr>,
+    /// The outermost NAT namespace (or the host itself for `none`).
+    pub edge_ns: String,
+    /// Namespaces of all NAT layers, outermost first.
+    pub nat_ns: Vec<String>,
+    /// The site's public address (the first host's for `none`).
+    pub public_ip: Ipv4Addr,
+}
+
+/// A running lab. Dropping it kills its processes and deletes its namespaces.
+pub struct Lab {
+    pub prefix: String,
+    namespaces: Vec<String>,
+    procs: Vec<Proc>,
+    /// Namespace of the server host.
+    pub server_ns: String,
+    pub sites: Vec<Site>,
+    pub dir: tempfile::TempDir,
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Checks that the lab can run here: root, `ip` and `nft`.
+pub fn preflight() -> Result<()> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        bail!("the NAT lab needs root (network namespaces and nftables); run it with sudo, or use `punch-lab demo` without --nat");
+    }
+    for tool in ["ip", "nft"] {
+        if !have(tool) {
+            bail!("`{tool}` not found: install iproute2 and nftables (apt-get install -y iproute2 nftables conntrack)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    sh(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// A command run inside namespace `ns`.
+pub fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
+fn nft(ns: &str, script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = in_ns(ns, "nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns} failed: {}\n--- script ---\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn sysctl(ns: &str, kv: &str) -> Result<()> {
+    sh(in_ns(ns, "sysctl").args(["-qw", kv])).map(|_| ())
+}
+
+/// Lab namespaces present on the machine.
+pub fn list_lab_namespaces() -> Result<Vec<String>> {
+    let out = sh(Command::new("ip").args(["netns", "list"]))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_string)
+        .collect())
+}
+
+fn owner_pid(ns: &str) -> Option<u32> {
+    ns.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Removes lab namespaces. With `only_dead`, only those whose creating
+/// process has exited. Returns the names removed.
+pub fn clean(only_dead: bool) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for ns in list_lab_namespaces()? {
+        let alive = owner_pid(&ns).is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if only_dead && alive {
+            continue;
+        }
+        if remove_namespace(&ns) {
+            removed.push(ns);
+        }
+    }
+    Ok(removed)
+}
+
+/// Kills what runs in a namespace and deletes it; true when it is gone.
+pub fn remove_namespace(ns: &str) -> bool {
+    kill_ns_processes(ns);
+    ip(&["netns", "del", ns]).is_ok()
+}
+
+fn kill_ns_processes(ns: &str) {
+    // Processes a crashed run left inside the namespace.
+    if let Ok(out) = sh(Command::new("ip").args(["netns", "pids", ns])) {
+        for pid in out.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+}
+
+impl Lab {
+    /// Checks the machine, removes leftovers of killed runs (saying so), and
+    /// starts an empty lab with the internet and the server host.
+    pub fn new() -> Result<Lab> {
+        preflight()?;
+        let stale = clean(true)?;
+        if !stale.is_empty() {
+            eprintln!(
+                "punch-lab: removed {} namespaces left by a killed run: {}",
+                stale.len(),
+                stale.join(", ")
+            );
+        }
+        let prefix = format!("{PREFIX}{}", std::process::id());
+        let mut lab = Lab {
+            server_ns: format!("{prefix}-srv"),
+            prefix,
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            sites: Vec::new(),
+            dir: tempfile::tempdir()?,
+        };
+        if list_lab_namespaces()?
+            .iter()
+            .any(|n| n.starts_with(&format!("{}-", lab.prefix)))
+        {
+            bail!("namespaces with prefix {} already exist", lab.prefix);
+        }
+        lab.build_core()?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<String> {
+        let ns = format!("{}-{name}", self.prefix);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn inet(&self) -> String {
+        format!("{}-inet", self.prefix)
+    }
+
+    fn build_core(&mut self) -> Result<()> {
+        let inet = self.add_ns("inet")?;
+        ip(&["-n", &inet, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &inet, "link", "set", "br0", "up"])?;
+        // Private sources never cross the fake internet: a NAT bug can then
+        // never pass for a punched path.
+        nft(
+            &inet,
+            "table bridge punchnet {\n  chain forward_filter {\n    type filter hook forward priority 0; policy accept;\n    \
+             ip saddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } counter drop\n  }\n}\n",
+        )?;
+        let srv = self.add_ns("srv")?;
+        self.uplink(&srv, "srv", Impair::default())?;
+        ip(&[
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/24"),
+            "dev",
+            "wan0",
+        ])?;
+        ip(&[
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            &format!("{SERVER_IP2}/24"),
+            "dev",
+            "wan0",
+        ])?;
+        Ok(())
+    }
+
+    /// Connects `ns` to the internet bridge with interface `wan0`, through a
+    /// delay namespace when the link has delay or jitter.
+    fn uplink(&mut self, ns: &str, tag: &str, imp: Impair) -> Result<()> {
+        let inet = self.inet();
+        let port = format!("p-{tag}");
+        if imp.delay_ms == 0 && imp.jitter_ms == 0 {
+            ip(&[
+                "link", "add", "wan0", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
+                &inet,
+            ])?;
+        } else {
+            let dly = self.add_ns(&format!("{tag}-dly"))?;
+            ip(&[
+                "link", "add", "wan0", "netns", ns, "type", "veth", "peer", "name", "dla", "netns",
+                &dly,
+            ])?;
+            ip(&[
+                "link", "add", "dlb", "netns", &dly, "type", "veth", "peer", "name", &port,
+                "netns", &inet,
+            ])?;
+            // The forwarder copies whole frames as they are: it cannot send
+            // one larger than the MTU (a UDP GSO super-frame) nor fill in a
+            // checksum left to offload, so offloads are off on every
+            // interface of the delayed link.
+            for (n, i) in [
+                (&dly, "dla"),
+                (&dly, "dlb"),
+                (&ns.to_string(), "wan0"),
+                (&inet, port.as_str()),
+            ] {
+                if n.as_str() == dly {
+                    ip(&["-n", n, "link", "set", i, "promisc", "on"])?;
+                }
+                sh(in_ns(n, "ethtool").args([
+                    "-K",
+                    i,
+                    "tx",
+                    "off",
+                    "tso",
+                    "off",
+                    "gso",
+                    "off",
+                    "gro",
+                    "off",
+                    "tx-udp-segmentation",
+                    "off",
+                ]))
+                .context("ethtool is needed for delayed links (apt-get install -y ethtool)")?;
+                ip(&["-n", n, "link", "set", i, "up"])?;
+            }
+            let mut cmd = in_ns(&dly, bin_self()?);
+            cmd.args([
+                "forwarder",
+                "--a",
+                "dla",
+                "--b",
+                "dlb",
+                "--delay-ms",
+                &imp.delay_ms.to_string(),
+                "--jitter-ms",
+                &imp.jitter_ms.to_string(),
+            ]);
+            let log = self.dir.path().join(format!("{tag}-dly.log"));
+            let mut p = Proc::spawn(&format!("{tag}-forwarder"), cmd, Some(&log))?;
+            p.wait_line("forwarding", Duration::from_secs(10))?;
+            self.procs.push(p);
+        }
+        ip(&["-n", &inet, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", ns, "link", "set", "wan0", "up"])?;
+        if imp.loss_pct > 0.0 {
+            let n = (imp.loss_pct * 100.0).round() as u32;
+            nft(
+                ns,
+                &format!(
+                    "table inet punchloss {{\n  chain in {{ type filter hook prerouting priority -300; policy accept; \
+                     iifname \"wan0\" numgen random mod 10000 < {n} drop; }}\n  \
+                     chain out {{ type filter hook postrouting priority 300; policy accept; \
+                     oifname \"wan0\" numgen random mod 10000 < {n} drop; }}\n}}\n"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds a site; returns its index in [`Lab::sites`].
+    pub fn add_site(&mut self, spec: &SiteSpec) -> Result<usize> {
+        spec.impair.validate()?;
+        if spec.hosts == 0 || spec.hosts > 8 {
+            bail!("a site has 1 to 8 hosts");
+        }
+        let i = self.sites.len();
+        if i >= 200 {
+            bail!("too many sites");
+        }
+        let tag = format!("s{i}");
+        let public_ip = Ipv4Addr::new(203, 0, 113, 10 + i as u8);
+        let mut hosts = Vec::new();
+        let mut host_ips = Vec::new();
+        if spec.nat == NatType::None {
+            // Public hosts: one address each on the internet.
+            let h = self.add_ns(&format!("{tag}-h0"))?;
+            self.uplink(&h, &tag, spec.impair)?;
+            ip(&[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("{public_ip}/24"),
+                "dev",
+                "wan0",
+            ])?;
+            hosts.push(h.clone());
+            host_ips.push(public_ip);
+            self.sites.push(Site {
+                index: i,
+                nat: spec.nat,
+                hosts,
+                host_ips,
+                edge_ns: h,
+                nat_ns: vec![],
+                public_ip,
+            });
+            return Ok(i);
+        }
+        let lan_net = format!("10.{}.0", i + 1);
+        let mut nat_ns = Vec::new();
+        let edge;
+        let inner;
+        if spec.nat == NatType::Cgnat {
+            // Carrier NAT on the internet, home NAT behind it in 100.64/10.
+            let cgn = self.add_ns(&format!("{tag}-cgn"))?;
+            self.uplink(&cgn, &tag, spec.impair)?;
+            ip(&[
+                "-n",
+                &cgn,
+                "addr",
+                "add",
+                &format!("{public_ip}/24"),
+                "dev",
+                "wan0",
+            ])?;
+            let home = self.add_ns(&format!("{tag}-nat"))?;
+            ip(&[
+                "link", "add", "lan0", "netns", &cgn, "type", "veth", "peer", "name", "wan0",
+                "netns", &home,
+            ])?;
+            let carrier_net = format!("100.64.{i}");
+            ip(&[
+                "-n",
+                &cgn,
+                "addr",
+                "add",
+                &format!("{carrier_net}.1/24"),
+                "dev",
+                "lan0",
+            ])?;
+            ip(&["-n", &cgn, "link", "set", "lan0", "up"])?;
+            ip(&[
+                "-n",
+                &home,
+                "addr",
+                "add",
+                &format!("{carrier_net}.2/24"),
+                "dev",
+                "wan0",
+            ])?;
+            ip(&["-n", &home, "link", "set", "wan0", "up"])?;
+            ip(&[
+                "-n",
+                &home,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{carrier_net}.1"),
+            ])?;
+            sysctl(&cgn, "net.ipv4.ip_forward=1")?;
+            nft(
+                &cgn,
+                &nat::ruleset(
+                    NatType::PortRestricted,
+                    &NatAddrs {
+                        lan: format!("{carrier_net}.0/24"),
+                        wan_ip: public_ip.to_string(),
+                        block_base: 0,
+                    },
+                ),
+            )?;
+            nat_ns.push(cgn.clone());
+            nat_ns.push(home.clone());
+            edge = cgn;
+            inner = (home, format!("{carrier_net}.2"));
+        } else {
+            let n = self.add_ns(&format!("{tag}-nat"))?;
+            self.uplink(&n, &tag, spec.impair)?;
+            ip(&[
+                "-n",
+                &n,
+                "addr",
+                "add",
+                &format!("{public_ip}/24"),
+                "dev",
+                "wan0",
+            ])?;
+            nat_ns.push(n.clone());
+            edge = n.clone();
+            inner = (n, public_ip.to_string());
+        }
+        let (nat_inner, inner_wan_ip) = inner;
+        ip(&["-n", &nat_inner, "link", "add", "lan0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &nat_inner,
+            "addr",
+            "add",
+            &format!("{lan_net}.1/24"),
+            "dev",
+            "lan0",
+        ])?;
+        ip(&["-n", &nat_inner, "link", "set", "lan0", "up"])?;
+        sysctl(&nat_inner, "net.ipv4.ip_forward=1")?;
+        let kind = if spec.nat == NatType::Cgnat {
+            NatType::PortRestricted
+        } else {
+            spec.nat
+        };
+        nft(
+            &nat_inner,
+            &nat::ruleset(
+                kind,
+                &NatAddrs {
+                    lan: format!("{lan_net}.0/24"),
+                    wan_ip: inner_wan_ip,
+                    block_base: 20480 + 64 * i as u16,
+                },
+            ),
+        )?;
+        if spec.nat == NatType::Cloudnat || spec.nat == NatType::CloudnatEim {
+            // Cloud NAT drops idle UDP mappings after 30 s (the module is
+            // loaded by the ruleset above, so the knobs exist now).
+            for k in [
+                "net.netfilter.nf_conntrack_udp_timeout=30",
+                "net.netfilter.nf_conntrack_udp_timeout_stream=30",
+            ] {
+                sysctl(&nat_inner, k)?;
+            }
+        }
+        for h in 0..spec.hosts {
+            let hn = self.add_ns(&format!("{tag}-h{h}"))?;
+            let port = format!("h{h}");
+            ip(&[
+                "link", "add", &port, "netns", &nat_inner, "type", "veth", "peer", "name", "eth0",
+                "netns", &hn,
+            ])?;
+            ip(&[
+                "-n", &nat_inner, "link", "set", &port, "master", "lan0", "up",
+            ])?;
+            let addr = Ipv4Addr::new(10, i as u8 + 1, 0, 10 + h as u8);
+            ip(&[
+                "-n",
+                &hn,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &hn, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &hn,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{lan_net}.1"),
+            ])?;
+            hosts.push(hn);
+            host_ips.push(addr);
+        }
+        self.sites.push(Site {
+            index: i,
+            nat: spec.nat,
+            hosts,
+            host_ips,
+            edge_ns: edge,
+            nat_ns,
+            public_ip,
+        });
+        Ok(i)
+    }
+
+    /// Keeps a process alive for the lab's lifetime.
+    pub fn keep(&mut self, p: Proc) {
+        self.procs.push(p);
+    }
+
+    /// Flushes conntrack in every NAT of a site (forgets all mappings).
+    pub fn flush_conntrack(&self, site: usize) -> Result<()> {
+        for ns in &self.sites[site].nat_ns {
+            let _ = sh(in_ns(ns, "conntrack").args(["-F"]));
+        }
+        Ok(())
+    }
+
+    /// Where logs and data go.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// This executable (run inside namespaces for the forwarder and probes).
+pub fn bin_self() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    if exe
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("punch-lab"))
+    {
+        return Ok(exe);
+    }
+    // In tests the current exe is the test binary: use the built punch-lab.
+    bin("punch-lab")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.kill();
+        }
+        for ns in self.namespaces.iter().rev() {
+            remove_namespace(ns);
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! NAT types of the lab: what each one is (RFC 4787 terms), the nftables
+//! rules that make a namespace behave as it, and what theory predicts for a
+//! pair of them.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A site's NAT behaviour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatType {
+    /// A public host, no NAT.
+    None,
+    /// Endpoint-independent mapping and filtering.
+    FullCone,
+    /// Endpoint-independent mapping, address-dependent filtering.
+    Restricted,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    PortRestricted,
+    /// Endpoint-dependent mapping (random ports), address-and-port-dependent filtering.
+    Symmetric,
+    /// Google Cloud NAT as created by default: endpoint-dependent mapping
+    /// from a fixed block of 64 ports per host, APDF, no hairpin, 30 s UDP.
+    Cloudnat,
+    /// Cloud NAT with Endpoint-Independent Mapping on (still APDF).
+    CloudnatEim,
+    /// A home NAT (EIM, APDF) behind a carrier NAT (EIM, APDF).
+    Cgnat,
+}
+
+/// How a NAT picks external ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    EndpointIndependent,
+    EndpointDependent,
+}
+
+/// Which unsolicited inbound packets a NAT lets through to a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    Open,
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+}
+
+impl NatType {
+    /// Every type, in table order.
+    pub const ALL: [NatType; 8] = [
+        NatType::None,
+        NatType::FullCone,
+        NatType::Restricted,
+        NatType::PortRestricted,
+        NatType::Symmetric,
+        NatType::Cloudnat,
+        NatType::CloudnatEim,
+        NatType::Cgnat,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatType::None => "none",
+            NatType::FullCone => "full-cone",
+            NatType::Restricted => "restricted",
+            NatType::PortRestricted => "port-restricted",
+            NatType::Symmetric => "symmetric",
+            NatType::Cloudnat => "cloudnat",
+            NatType::CloudnatEim => "cloudnat-eim",
+            NatType::Cgnat => "cgnat",
+        }
+    }
+
+    /// Mapping behaviour as built.
+    pub fn mapping(self) -> Mapping {
+        match self {
+            NatType::Symmetric | NatType::Cloudnat => Mapping::EndpointDependent,
+            _ => Mapping::EndpointIndependent,
+        }
+    }
+
+    /// Filtering behaviour as built.
+    pub fn filtering(self) -> Filtering {
+        match self {
+            NatType::None => Filtering::Open,
+            NatType::FullCone => Filtering::EndpointIndependent,
+            NatType::Restricted => Filtering::AddressDependent,
+            _ => Filtering::AddressAndPortDependent,
+        }
+    }
+
+    /// Does a fresh mapping get the inside port (when free)?
+    pub fn preserves_port(self) -> bool {
+        matches!(
+            self,
+            NatType::None
+                | NatType::FullCone
+                | NatType::Restricted
+                | NatType::PortRestricted
+                | NatType::Cgnat
+        )
+    }
+}
+
+impl fmt::Display for NatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for NatType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        NatType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown NAT type {s:?}; known: {}",
+                    NatType::ALL.map(|t| t.name()).join(", ")
+                )
+            })
+    }
+}
+
+/// Parses a comma-separated list of types (`all` for every type).
+pub fn parse_types(list: &str) -> Result<Vec<NatType>, String> {
+    if list == "all" {
+        return Ok(NatType::ALL.to_vec());
+    }
+    let mut v = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let t: NatType = s.parse()?;
+        if !v.contains(&t) {
+            v.push(t);
+        }
+    }
+    if v.is_empty() {
+        return Err("no NAT types given".into());
+    }
+    Ok(v)
+}
+
+/// What theory says a pair gets with plain simultaneous probing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expect {
+    Direct,
+    /// Needs port prediction, block scanning, the birthday method or a relay.
+    NeedsPredictionOrRelay,
+}
+
+/// The expected outcome for A connecting to B, and why.
+pub fn theory(a: NatType, b: NatType) -> (Expect, &'static str) {
+    use Mapping::*;
+    if a == NatType::None || b == NatType::None {
+        return (
+            Expect::Direct,
+            "one side has no NAT: the other side's probes open its own NAT and reach it",
+        );
+    }
+    match (a.mapping(), b.mapping()) {
+        (EndpointIndependent, EndpointIndependent) => (
+            Expect::Direct,
+            "both mappings are endpoint-independent: the addresses the server saw are the ones \
+             the peer's probes reach, and simultaneous probes open both filters",
+        ),
+        (EndpointDependent, EndpointDependent) => (
+            Expect::NeedsPredictionOrRelay,
+            "both mappings are endpoint-dependent: neither side knows the port the other's NAT \
+             uses towards it",
+        ),
+        _ => {
+            let easy = if a.mapping() == EndpointIndependent {
+                a
+            } else {
+                b
+            };
+            match easy.filtering() {
+                Filtering::Open | Filtering::EndpointIndependent | Filtering::AddressDependent => (
+                    Expect::Direct,
+                    "the hard side's new mapping is learned from its probe, which the easy side's \
+                     filter lets in (endpoint-independent or address-dependent filtering)",
+                ),
+                Filtering::AddressAndPortDependent => (
+                    Expect::NeedsPredictionOrRelay,
+                    "the hard side's probes come from an unadvertised port, which the easy side's \
+                     address-and-port-dependent filter drops",
+                ),
+            }
+        }
+    }
+}
+
+/// Addresses a NAT namespace needs for its rules.
+#[derive(Clone, Debug)]
+pub struct NatAddrs {
+    /// The LAN prefix behind the NAT, e.g. `10.1.0.0/24`.
+    pub lan: String,
+    /// The NAT's outside address.
+    pub wan_ip: String,
+    /// Index of the site (for the Cloud NAT port block).
+    pub block_base: u16,
+}
+
+/// The nftables ruleset (one `nft -f` script) for a NAT namespace whose
+/// outside interface is `wan0` and inside interface `lan0`.
+pub fn ruleset(t: NatType, a: &NatAddrs) -> String {
+    let lan = &a.lan;
+    let wan = &a.wan_ip;
+    let lo = a.block_base;
+    let hi = lo + 63;
+    // New inbound on wan0 is dropped *before* conntrack confirms it, so a
+    // dropped probe never occupies a tuple that would later make the NAT
+    // pick another port (which would fake endpoint-dependent mapping).
+    let drop_new_inbound = "iifname \"wan0\" ct state new drop";
+    let (snat, filter_pre, dnat, track) = match t {
+        NatType::None => unreachable!("no NAT namespace for public hosts"),
+        NatType::FullCone => (
+            format!("ip saddr {lan} oifname \"wan0\" snat ip to {wan}"),
+            String::new(),
+            "iifname \"wan0\" dnat ip to udp dport map @eim".to_string(),
+            "iifname \"lan0\" oifname \"wan0\" update @eim { udp sport : ip saddr }".to_string(),
+        ),
+        NatType::Restricted => (
+            format!("ip saddr {lan} oifname \"wan0\" snat ip to {wan}"),
+            "iifname \"wan0\" ct state new ip saddr . udp dport != @contacted drop".to_string(),
+            "iifname \"wan0\" dnat ip to udp dport map @eim".to_string(),
+            "iifname \"lan0\" oifname \"wan0\" update @eim { udp sport : ip saddr } update @contacted { ip daddr . udp sport }"
+                .to_string(),
+        ),
+        NatType::PortRestricted | NatType::Cgnat => (
+            format!("ip saddr {lan} oifname \"wan0\" snat ip to {wan}"),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        NatType::Symmetric => (
+            format!("ip saddr {lan} oifname \"wan0\" masquerade fully-random"),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        NatType::Cloudnat => (
+            format!(
+                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan}:{lo}-{hi} random\n    \
+                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}"
+            ),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        NatType::CloudnatEim => (
+            // A deterministic function of the inside port into the block:
+            // the same external port whatever the destination.
+            format!(
+                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : udp sport & 0x3f | {lo}\n    \
+                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}"
+            ),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
+    };
+    format!(
+        r#"flush ruleset
+table ip punchnat {{
+  map eim {{ type inet_service : ipv4_addr; flags dynamic,timeout; timeout 120s; }}
+  set contacted {{ type ipv4_addr . inet_service; flags dynamic,timeout; timeout 120s; }}
+  chain filter_pre {{
+    type filter hook prerouting priority -150; policy accept;
+    {filter_pre}
+  }}
+  chain nat_pre {{
+    type nat hook prerouting priority -100; policy accept;
+    {dnat}
+  }}
+  chain track {{
+    type filter hook forward priority 0; policy accept;
+    {track}
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ct state established,related accept
+    iifname "wan0" meta l4proto udp drop
+    iifname "lan0" ip daddr {wan} drop
+  }}
+  chain nat_post {{
+    type nat hook postrouting priority 100; policy accept;
+    {snat}
+  }}
+}}
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_roundtrip_and_unknown_is_an_error() {
+        for t in NatType::ALL {
+            assert_eq!(t.name().parse::<NatType>().unwrap(), t);
+        }
+        assert!("cone".parse::<NatType>().unwrap_err().contains("known:"));
+        assert_eq!(
+            parse_types("symmetric,none,symmetric").unwrap(),
+            vec![NatType::Symmetric, NatType::None]
+        );
+        assert!(parse_types(",").is_err());
+    }
+
+    #[test]
+    fn theory_matches_the_textbook() {
+        use NatType::*;
+        assert_eq!(theory(FullCone, Symmetric).0, Expect::Direct);
+        assert_eq!(theory(Restricted, Cloudnat).0, Expect::Direct);
+        assert_eq!(theory(PortRestricted, PortRestricted).0, Expect::Direct);
+        assert_eq!(
+            theory(Symmetric, PortRestricted).0,
+            Expect::NeedsPredictionOrRelay
+        );
+        assert_eq!(theory(Cloudnat, Cloudnat).0, Expect::NeedsPredictionOrRelay);
+        assert_eq!(
+            theory(Cloudnat, CloudnatEim).0,
+            Expect::NeedsPredictionOrRelay
+        );
+        assert_eq!(theory(Symmetric, None).0, Expect::Direct);
+        assert_eq!(theory(Cgnat, CloudnatEim).0, Expect::Direct);
+    }
+}
+
+/// The theory table as Markdown (checked in as `docs/nat-theory.md`).
+pub fn theory_markdown() -> String {
+    let mut s = String::from(
+        "# What theory predicts for each pair of lab NAT types\n\n\
+         Generated by `punch-lab theory` from `tests/src/lab/nat.rs`; a unit test keeps this file in step.\n\
+         \"direct\" means plain simultaneous probing (what punch does today) gets a direct path;\n\
+         \"hard\" means it needs port prediction, block scanning, the birthday method or a relay.\n\
+         `punch-lab matrix` marks every pair where measurement and this table differ.\n\n\
+         | NAT type | mapping | filtering |\n|---|---|---|\n",
+    );
+    for t in NatType::ALL {
+        s.push_str(&format!(
+            "| {} | {:?} | {:?} |\n",
+            t.name(),
+            t.mapping(),
+            t.filtering()
+        ));
+    }
+    s.push_str("\n| A \\ B |");
+    for b in NatType::ALL {
+        s.push_str(&format!(" {} |", b.name()));
+    }
+    s.push_str("\n|---|");
+    for _ in NatType::ALL {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for a in NatType::ALL {
+        s.push_str(&format!("| **{}** |", a.name()));
+        for b in NatType::ALL {
+            s.push_str(match theory(a, b).0 {
+                Expect::Direct => " direct |",
+                Expect::NeedsPredictionOrRelay => " hard |",
+            });
+        }
+        s.push('\n');
+    }
+    s.push_str("\nTwo hosts behind the same NAT (no hairpinning): direct, through their LAN candidates.\n\n## Why\n\n");
+    let mut seen = Vec::new();
+    for a in NatType::ALL {
+        for b in NatType::ALL {
+            let (e, why) = theory(a, b);
+            if !seen.contains(&why) {
+                seen.push(why);
+                s.push_str(&format!(
+                    "- **{}** (e.g. {} → {}): {why}.\n",
+                    match e {
+                        Expect::Direct => "direct",
+                        Expect::NeedsPredictionOrRelay => "hard",
+                    },
+                    a.name(),
+                    b.name()
+                ));
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod doc_tests {
+    #[test]
+    fn checked_in_theory_table_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/nat-theory.md");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            on_disk,
+            super::theory_markdown(),
+            "docs/nat-theory.md is stale: run `punch-lab theory > docs/nat-theory.md`"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! `punch-lab verify-nat`: build one site per NAT type and prove with plain
+//! UDP probes that each behaves as named.
+
+use super::nat::{Filtering, Mapping, NatType};
+use super::probe::NatReport;
+use super::{bin_self, in_ns, Impair, Lab, SiteSpec, SERVER_IP, SERVER_IP2};
+use crate::harness::{run, Proc};
+use anyhow::{Context, Result};
+use std::time::Duration;
+
+/// One site's verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verdict {
+    pub nat: NatType,
+    pub expected_mapping: &'static str,
+    pub expected_filtering: &'static str,
+    pub measured: NatReport,
+    pub block_ok: bool,
+    pub ok: bool,
+}
+
+fn mapping_name(m: Mapping) -> &'static str {
+    match m {
+        Mapping::EndpointIndependent => "endpoint-independent",
+        Mapping::EndpointDependent => "endpoint-dependent",
+    }
+}
+
+fn filtering_name(f: Filtering) -> &'static str {
+    match f {
+        Filtering::Open | Filtering::EndpointIndependent => "endpoint-independent",
+        Filtering::AddressDependent => "address-dependent",
+        Filtering::AddressAndPortDependent => "address-and-port-dependent",
+    }
+}
+
+fn probe_in(ns: &str) -> Result<NatReport> {
+    let mut cmd = in_ns(ns, bin_self()?);
+    cmd.arg("nat-probe");
+    let r = run(cmd, Duration::from_secs(30))?;
+    if r.code != Some(0) {
+        anyhow::bail!("nat-probe in {ns} failed: {}", r.stderr.trim());
+    }
+    serde_json::from_str(r.stdout.trim())
+        .with_context(|| format!("nat-probe output {:?}", r.stdout))
+}
+
+/// Builds the sites and checks each.
+pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
+    let mut lab = Lab::new()?;
+    let mut sites = Vec::new();
+    for t in types {
+        sites.push(lab.add_site(&SiteSpec {
+            nat: *t,
+            hosts: 1,
+            impair: Impair::default(),
+        })?);
+    }
+    let mut cmd = in_ns(&lab.server_ns, bin_self()?);
+    cmd.args([
+        "reflector",
+        "--ips",
+        &format!("{SERVER_IP},{SERVER_IP2}"),
+        "--seconds",
+        "600",
+    ]);
+    let log = lab.path("reflector.log");
+    let mut p = Proc::spawn("reflector", cmd, Some(&log))?;
+    p.wait_line("reflecting", Duration::from_secs(10))?;
+    lab.keep(p);
+    let mut out = Vec::new();
+    for (t, site) in types.iter().zip(sites) {
+        let ns = lab.sites[site].hosts[0].clone();
+        let expected_mapping = mapping_name(t.mapping());
+        let expected_filtering = filtering_name(t.filtering());
+        let check = |m: &NatReport| {
+            let mapping_ok = match t.mapping() {
+                Mapping::EndpointIndependent => m.mapping == "endpoint-independent",
+                Mapping::EndpointDependent => m.mapping != "endpoint-independent",
+            };
+            let block_ok = match t {
+                NatType::Cloudnat | NatType::CloudnatEim => {
+                    let lo = 20480 + 64 * site as u16;
+                    m.mapped
+                        .parse::<std::net::SocketAddr>()
+                        .is_ok_and(|a| (lo..lo + 64).contains(&a.port()))
+                }
+                _ => true,
+            };
+            (
+                mapping_ok && m.filtering == expected_filtering && block_ok,
+                block_ok,
+            )
+        };
+        let mut measured = probe_in(&ns)?;
+        let (mut ok, mut block_ok) = check(&measured);
+        if !ok {
+            // A random allocator can repeat a port by chance (1 in 64 for
+            // the Cloud NAT block): one fresh attempt before calling it.
+            measured = probe_in(&ns)?;
+            (ok, block_ok) = check(&measured);
+        }
+        out.push(Verdict {
+            nat: *t,
+            expected_mapping,
+            expected_filtering,
+            measured,
+            block_ok,
+            ok,
+        });
+    }
+    Ok(out)
+}
+
+/// The readable table.
+pub fn table(v: &[Verdict]) -> String {
+    let mut s = format!(
+        "{:<16} {:<28} {:<28} {:<22} {:<6} {}\n",
+        "NAT", "mapping (measured)", "filtering (measured)", "mapped", "pres.", "verdict"
+    );
+    for x in v {
+        s.push_str(&format!(
+            "{:<16} {:<28} {:<28} {:<22} {:<6} {}\n",
+            x.nat.name(),
+            x.measured.mapping,
+            x.measured.filtering,
+            x.measured.mapped,
+            if x.measured.port_preserved {
+                "yes"
+            } else {
+                "no"
+            },
+            if x.ok {
+                "ok".to_string()
+            } else {
+                format!(
+                    "MISMATCH: expected {} / {}{}",
+                    x.expected_mapping,
+                    x.expected_filtering,
+                    if x.block_ok {
+                        ""
+                    } else {
+                        ", port outside the host's block"
+                    }
+                )
+            }
+        ));
+    }
+    s
+}

@@ -1,0 +1,91 @@
+//! The NAT lab in CI: every lab NAT type behaves as named (plain UDP
+//! probes), and a reduced matrix (every ordered pair once, 10 ms delay per
+//! site link) goes direct wherever theory says it can.
+
+use punch_lab::harness::{bin, run};
+use std::process::Command;
+use std::time::Duration;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
+    if !is_root() {
+        eprintln!("skipping the NAT lab: it needs root (CI runs it as root)");
+        return;
+    }
+    let lab = bin("punch-lab").unwrap();
+
+    // 1. Each NAT type behaves as named.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("verify.json");
+    let mut cmd = Command::new(&lab);
+    cmd.args(["verify-nat", "--json"]).arg(&json);
+    let r = run(cmd, Duration::from_secs(300)).unwrap();
+    println!("{}", r.stdout);
+    assert_eq!(r.code, Some(0), "verify-nat failed: {r:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 8, "all eight types verified");
+
+    // 2. The demo behind two NATs, with delay on the links.
+    let mut cmd = Command::new(&lab);
+    cmd.args(["demo", "--nat", "cgnat,cloudnat-eim", "--delay", "5"]);
+    let r = run(cmd, Duration::from_secs(120)).unwrap();
+    assert_eq!(r.code, Some(0), "demo --nat failed: {r:?}");
+    assert!(r.stdout.contains("demo ok"), "{r:?}");
+
+    // 3. Reduced matrix, strict: a pair theory calls direct must go direct.
+    let json = dir.path().join("matrix.json");
+    let svg = dir.path().join("matrix.svg");
+    let mut cmd = Command::new(&lab);
+    cmd.args([
+        "matrix", "--runs", "1", "--delay", "10", "--strict", "--json",
+    ])
+    .arg(&json)
+    .arg("--svg")
+    .arg(&svg);
+    let r = run(cmd, Duration::from_secs(600)).unwrap();
+    println!("{}", r.stdout);
+    assert_eq!(r.code, Some(0), "matrix failed: {}", r.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let pairs = m["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 8 * 8 + 1, "every ordered pair plus same-nat");
+    for p in pairs {
+        if p["expect"] == "direct" {
+            assert_eq!(p["direct_rate"].as_f64(), Some(1.0), "{p}");
+        }
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("cloudnat-eim"));
+}
+
+#[test]
+fn lab_refuses_bad_input_clearly() {
+    let lab = bin("punch-lab").unwrap();
+    for (args, needle) in [
+        (vec!["matrix", "--types", "cone"], "unknown NAT type"),
+        (vec!["matrix", "--loss", "80"], "loss"),
+        (vec!["demo", "--nat", "symmetric"], "exactly two"),
+    ] {
+        let mut cmd = Command::new(&lab);
+        cmd.args(&args);
+        let r = run(cmd, Duration::from_secs(60)).unwrap();
+        assert_ne!(r.code, Some(0), "{args:?}");
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+    }
+    if !is_root() {
+        let mut cmd = Command::new(&lab);
+        cmd.args(["verify-nat"]);
+        let r = run(cmd, Duration::from_secs(60)).unwrap();
+        assert!(r.stderr.contains("needs root"), "{}", r.stderr);
+    }
+}
