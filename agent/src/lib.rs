@@ -123,6 +123,8 @@ pub(crate) struct Inner {
     next_req: AtomicU32,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
     pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Becomes true when the signaling task has ended.
+    pub(crate) signal_stopped: watch::Sender<bool>,
     pub(crate) status: watch::Sender<Status>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
@@ -207,6 +209,7 @@ impl Agent {
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU32::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),
+            signal_stopped: watch::channel(false).0,
             status,
             allowed,
             incoming_tx,
@@ -289,6 +292,16 @@ impl Agent {
 
     /// Closes every connection.
     pub async fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        // Dropping the control sender ends the signaling writer, which
+        // delivers what is queued (outcome reports) before we close.
+        let control = self.inner.control.lock().expect("not poisoned").take();
+        if control.is_some() {
+            drop(control);
+            let mut stopped = self.inner.signal_stopped.subscribe();
+            let _ =
+                tokio::time::timeout(Duration::from_millis(1500), stopped.wait_for(|s| *s)).await;
+        }
         self.inner
             .endpoint
             .close(0u32.into(), b"agent shutting down");

@@ -25,7 +25,12 @@ pub fn backoff(attempt: u32) -> Duration {
 /// Runs the signaling connection for the agent's lifetime.
 pub(crate) async fn run(inner: Arc<Inner>) {
     let span = info_span!("signal", worker = %inner.worker_id);
-    async move {
+    run_loop(inner.clone()).instrument(span).await;
+    inner.signal_stopped.send_replace(true);
+}
+
+async fn run_loop(inner: Arc<Inner>) {
+    {
         let mut attempt = 0u32;
         loop {
             match connect_once(&inner).await {
@@ -66,8 +71,6 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             }
         }
     }
-    .instrument(span)
-    .await
 }
 
 async fn resolve(server: &str) -> Result<SocketAddr, AgentError> {
@@ -213,6 +216,10 @@ async fn session(
                 return format!("write failed: {e}");
             }
         }
+        // The agent is closing: deliver what was queued (outcome reports)
+        // before the connection goes.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         "agent stopped".to_string()
     };
     let reader = async {

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod peer;
 pub mod probe;
 pub mod punch;
+pub mod relay;
 pub mod signal;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.

@@ -1,0 +1,475 @@
+//! Relay frames and the server's relay table.
+//!
+//! When no direct path can be punched, the agents' QUIC packets travel
+//! through the server's own UDP port inside a short header naming the
+//! session; the server sees only ciphertext. A side first *binds* its
+//! address to the session with a frame MAC'd with the session secret; from
+//! then on the server forwards data frames between the two bound addresses
+//! and nothing else (as TURN does with channel bindings). Every session has
+//! byte, time and idle quotas, and the table has a size cap.
+//!
+//! ```text
+//! bind:     magic[4] 1 session[8] side[1] nonce[8] mac[16]
+//! bind-ok:  magic[4] 2 session[8] side[1] nonce[8] mac[16]
+//! data:     magic[4] 3 session[8] payload…
+//! ```
+
+use crate::signal::{Role, SessionId};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// First four bytes of every relay frame (first byte outside the QUIC and
+/// STUN ranges, and different from the probe magic).
+pub const MAGIC: [u8; 4] = [0x0f, b'p', b'r', b'l'];
+/// Bytes a data frame adds in front of the payload.
+pub const DATA_HEADER: usize = 13;
+const BIND_LEN: usize = 4 + 1 + 8 + 1 + 8 + 16;
+
+/// Is this datagram a relay frame?
+pub fn is_relay(d: &[u8]) -> bool {
+    d.len() >= 4 && d[..4] == MAGIC
+}
+
+/// A parsed relay frame (payload borrowed).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Bind {
+        session: SessionId,
+        side: Role,
+        nonce: u64,
+        mac: &'a [u8],
+    },
+    BindOk {
+        session: SessionId,
+        side: Role,
+        nonce: u64,
+        mac: &'a [u8],
+    },
+    Data {
+        session: SessionId,
+        payload: &'a [u8],
+    },
+}
+
+/// Why a relay frame was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    #[error("not a relay frame")]
+    BadMagic,
+    #[error("malformed relay frame")]
+    Malformed,
+    #[error("unknown relay session")]
+    UnknownSession,
+    #[error("relay bind MAC does not verify")]
+    BadMac,
+    #[error("data from an address not bound to the session")]
+    NotBound,
+    #[error("the peer has not bound yet")]
+    PeerNotBound,
+    #[error("relay session quota exhausted")]
+    Quota,
+    #[error("relay table full")]
+    Full,
+}
+
+fn side_byte(r: Role) -> u8 {
+    match r {
+        Role::Controlling => 0,
+        Role::Controlled => 1,
+    }
+}
+
+fn bind_mac(secret: &[u8; 32], kind: u8, session: SessionId, side: Role, nonce: u64) -> [u8; 16] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("any key length");
+    m.update(b"punch relay");
+    m.update(&[kind]);
+    m.update(&session.0.to_be_bytes());
+    m.update(&[side_byte(side)]);
+    m.update(&nonce.to_be_bytes());
+    let full = m.finalize().into_bytes();
+    full[..16].try_into().expect("16 bytes")
+}
+
+fn encode_bind(kind: u8, secret: &[u8; 32], session: SessionId, side: Role, nonce: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BIND_LEN);
+    v.extend_from_slice(&MAGIC);
+    v.push(kind);
+    v.extend_from_slice(&session.0.to_be_bytes());
+    v.push(side_byte(side));
+    v.extend_from_slice(&nonce.to_be_bytes());
+    v.extend_from_slice(&bind_mac(secret, kind, session, side, nonce));
+    v
+}
+
+/// A bind request from `side`.
+pub fn encode_bind_request(
+    secret: &[u8; 32],
+    session: SessionId,
+    side: Role,
+    nonce: u64,
+) -> Vec<u8> {
+    encode_bind(1, secret, session, side, nonce)
+}
+
+/// The server's answer to a bind.
+pub fn encode_bind_ok(secret: &[u8; 32], session: SessionId, side: Role, nonce: u64) -> Vec<u8> {
+    encode_bind(2, secret, session, side, nonce)
+}
+
+/// Writes a data frame header for `session` into `out[..DATA_HEADER]`.
+pub fn write_data_header(out: &mut [u8], session: SessionId) {
+    out[..4].copy_from_slice(&MAGIC);
+    out[4] = 3;
+    out[5..13].copy_from_slice(&session.0.to_be_bytes());
+}
+
+/// Verifies the MAC of a bind or bind-ok frame.
+pub fn verify_bind(frame: &Frame<'_>, secret: &[u8; 32]) -> bool {
+    let (kind, session, side, nonce, mac) = match frame {
+        Frame::Bind {
+            session,
+            side,
+            nonce,
+            mac,
+        } => (1, *session, *side, *nonce, *mac),
+        Frame::BindOk {
+            session,
+            side,
+            nonce,
+            mac,
+        } => (2, *session, *side, *nonce, *mac),
+        Frame::Data { .. } => return false,
+    };
+    let expected = bind_mac(secret, kind, session, side, nonce);
+    mac.len() == 16
+        && mac
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+}
+
+/// Parses a relay frame.
+pub fn parse(d: &[u8]) -> Result<Frame<'_>, RelayError> {
+    if !is_relay(d) {
+        return Err(RelayError::BadMagic);
+    }
+    if d.len() < DATA_HEADER {
+        return Err(RelayError::Malformed);
+    }
+    let session = SessionId(u64::from_be_bytes(d[5..13].try_into().expect("8 bytes")));
+    match d[4] {
+        3 => Ok(Frame::Data {
+            session,
+            payload: &d[DATA_HEADER..],
+        }),
+        k @ (1 | 2) => {
+            if d.len() != BIND_LEN {
+                return Err(RelayError::Malformed);
+            }
+            let side = match d[13] {
+                0 => Role::Controlling,
+                1 => Role::Controlled,
+                _ => return Err(RelayError::Malformed),
+            };
+            let nonce = u64::from_be_bytes(d[14..22].try_into().expect("8 bytes"));
+            let mac = &d[22..38];
+            Ok(if k == 1 {
+                Frame::Bind {
+                    session,
+                    side,
+                    nonce,
+                    mac,
+                }
+            } else {
+                Frame::BindOk {
+                    session,
+                    side,
+                    nonce,
+                    mac,
+                }
+            })
+        }
+        _ => Err(RelayError::Malformed),
+    }
+}
+
+/// Relay limits.
+#[derive(Clone, Debug)]
+pub struct RelayLimits {
+    /// Sessions held at once (introduced, bound or not).
+    pub max_sessions: usize,
+    /// Bytes one session may relay.
+    pub session_bytes: u64,
+    /// Longest life of a session.
+    pub session_time: Duration,
+    /// A session with no traffic this long is dropped.
+    pub idle: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_sessions: 10_000,
+            session_bytes: 4 << 30,
+            session_time: Duration::from_secs(24 * 3600),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    secret: [u8; 32],
+    bound: [Option<SocketAddr>; 2],
+    created: Instant,
+    last: Instant,
+    bytes: u64,
+}
+
+/// What the server must do with a relay frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send `frame` (a bind-ok) back to the sender.
+    Reply(Vec<u8>),
+    /// Forward the datagram unchanged to this address.
+    Forward(SocketAddr),
+}
+
+/// Counters of the relay.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub binds: u64,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    pub dropped: u64,
+    pub expired: u64,
+}
+
+/// The server's sessions and bindings (sans-IO).
+#[derive(Debug)]
+pub struct RelayTable {
+    limits: RelayLimits,
+    sessions: HashMap<SessionId, Session>,
+    /// Bound address → session, for data frames.
+    pub stats: RelayStats,
+}
+
+impl RelayTable {
+    /// An empty table.
+    pub fn new(limits: RelayLimits) -> Self {
+        RelayTable {
+            limits,
+            sessions: HashMap::new(),
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// Number of sessions held.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Allows relaying for a session the server just introduced.
+    pub fn insert(
+        &mut self,
+        session: SessionId,
+        secret: [u8; 32],
+        now: Instant,
+    ) -> Result<(), RelayError> {
+        if self.sessions.len() >= self.limits.max_sessions {
+            self.expire(now);
+            if self.sessions.len() >= self.limits.max_sessions {
+                return Err(RelayError::Full);
+            }
+        }
+        self.sessions.insert(
+            session,
+            Session {
+                secret,
+                bound: [None, None],
+                created: now,
+                last: now,
+                bytes: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops idle and expired sessions.
+    pub fn expire(&mut self, now: Instant) {
+        let l = &self.limits;
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| {
+            now.saturating_duration_since(s.last) < l.idle
+                && now.saturating_duration_since(s.created) < l.session_time
+        });
+        self.stats.expired += (before - self.sessions.len()) as u64;
+    }
+
+    /// Handles a relay frame of `len` bytes from `from`.
+    pub fn handle(
+        &mut self,
+        from: SocketAddr,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<Action, RelayError> {
+        let r = self.handle_inner(from, frame, now);
+        if r.is_err() {
+            self.stats.dropped += 1;
+        }
+        r
+    }
+
+    fn handle_inner(
+        &mut self,
+        from: SocketAddr,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<Action, RelayError> {
+        let parsed = parse(frame)?;
+        match parsed {
+            Frame::Bind {
+                session,
+                side,
+                nonce,
+                ..
+            } => {
+                let s = self
+                    .sessions
+                    .get_mut(&session)
+                    .ok_or(RelayError::UnknownSession)?;
+                if !verify_bind(&parsed, &s.secret) {
+                    return Err(RelayError::BadMac);
+                }
+                s.bound[side_byte(side) as usize] = Some(from);
+                s.last = now;
+                self.stats.binds += 1;
+                Ok(Action::Reply(encode_bind_ok(
+                    &s.secret, session, side, nonce,
+                )))
+            }
+            Frame::BindOk { .. } => Err(RelayError::Malformed),
+            Frame::Data { session, .. } => {
+                let l = &self.limits;
+                let s = self
+                    .sessions
+                    .get_mut(&session)
+                    .ok_or(RelayError::UnknownSession)?;
+                let to = if s.bound[0] == Some(from) {
+                    s.bound[1]
+                } else if s.bound[1] == Some(from) {
+                    s.bound[0]
+                } else {
+                    return Err(RelayError::NotBound);
+                };
+                let to = to.ok_or(RelayError::PeerNotBound)?;
+                let len = frame.len() as u64;
+                if s.bytes + len > l.session_bytes
+                    || now.saturating_duration_since(s.created) >= l.session_time
+                {
+                    return Err(RelayError::Quota);
+                }
+                s.bytes += len;
+                s.last = now;
+                self.stats.forwarded_packets += 1;
+                self.stats.forwarded_bytes += len;
+                Ok(Action::Forward(to))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: SessionId = SessionId(77);
+    const K: [u8; 32] = [5; 32];
+
+    fn a(p: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 9], p))
+    }
+
+    #[test]
+    fn bind_then_forward_both_ways() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits::default());
+        t.insert(S, K, now).unwrap();
+        let mut data = vec![0u8; DATA_HEADER + 5];
+        write_data_header(&mut data, S);
+        // Nobody bound yet.
+        assert_eq!(t.handle(a(1), &data, now), Err(RelayError::NotBound));
+        let bind = encode_bind_request(&K, S, Role::Controlling, 1);
+        let Action::Reply(ok) = t.handle(a(1), &bind, now).unwrap() else {
+            panic!()
+        };
+        assert!(verify_bind(&parse(&ok).unwrap(), &K));
+        assert_eq!(t.handle(a(1), &data, now), Err(RelayError::PeerNotBound));
+        t.handle(a(2), &encode_bind_request(&K, S, Role::Controlled, 2), now)
+            .unwrap();
+        assert_eq!(t.handle(a(1), &data, now), Ok(Action::Forward(a(2))));
+        assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(1))));
+        assert_eq!(t.handle(a(3), &data, now), Err(RelayError::NotBound));
+        assert_eq!(t.stats.forwarded_packets, 2);
+    }
+
+    #[test]
+    fn forged_binds_and_unknown_sessions_are_refused() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits::default());
+        t.insert(S, K, now).unwrap();
+        let forged = encode_bind_request(&[6; 32], S, Role::Controlling, 1);
+        assert_eq!(t.handle(a(1), &forged, now), Err(RelayError::BadMac));
+        let other = encode_bind_request(&K, SessionId(78), Role::Controlling, 1);
+        assert_eq!(t.handle(a(1), &other, now), Err(RelayError::UnknownSession));
+        assert_eq!(t.stats.dropped, 2);
+    }
+
+    #[test]
+    fn quotas_idle_and_cap() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits {
+            max_sessions: 1,
+            session_bytes: 40,
+            idle: Duration::from_secs(10),
+            ..RelayLimits::default()
+        });
+        t.insert(S, K, now).unwrap();
+        assert_eq!(t.insert(SessionId(2), K, now), Err(RelayError::Full));
+        t.handle(a(1), &encode_bind_request(&K, S, Role::Controlling, 1), now)
+            .unwrap();
+        t.handle(a(2), &encode_bind_request(&K, S, Role::Controlled, 1), now)
+            .unwrap();
+        let mut data = vec![0u8; 30];
+        write_data_header(&mut data, S);
+        assert!(t.handle(a(1), &data, now).is_ok());
+        assert_eq!(t.handle(a(1), &data, now), Err(RelayError::Quota));
+        t.expire(now + Duration::from_secs(11));
+        assert!(t.is_empty());
+        assert_eq!(t.stats.expired, 1);
+        // The slot is free again.
+        t.insert(SessionId(2), K, now).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_ok_or_err(mut d in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut t = RelayTable::new(RelayLimits::default());
+            t.insert(S, K, Instant::now()).unwrap();
+            let _ = t.handle(a(1), &d, Instant::now());
+            if d.len() >= 4 { d[..4].copy_from_slice(&MAGIC); }
+            let _ = t.handle(a(1), &d, Instant::now());
+            let _ = parse(&d);
+        }
+    }
+}
