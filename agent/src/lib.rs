@@ -25,6 +25,7 @@ pub mod socket;
 pub use error::AgentError;
 pub use peer::{PathInfo, PeerConnection};
 pub use punch_protocol::signal::PathKind;
+pub use session::Punched;
 
 use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, PublicKey, ServerMsg};
 use punch_protocol::ALPN_PEER;
@@ -37,6 +38,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// When to use the server's relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Punch; relay when no direct path is validated by `relay_after`, and
+    /// move to the direct path whenever it is validated.
+    Auto,
+    /// Never relay: fail when punching fails.
+    Never,
+    /// Relay at once, no punching.
+    Force,
+}
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -62,6 +75,10 @@ pub struct AgentConfig {
     pub local_candidates: bool,
     /// Limit for one connection attempt to the server.
     pub server_connect_timeout: Duration,
+    /// Relay policy.
+    pub relay: RelayMode,
+    /// Start relayed when punching has not found a path by then.
+    pub relay_after: Duration,
 }
 
 impl AgentConfig {
@@ -78,6 +95,8 @@ impl AgentConfig {
             keep_alive: Duration::from_secs(5),
             local_candidates: true,
             server_connect_timeout: Duration::from_secs(3),
+            relay: RelayMode::Auto,
+            relay_after: Duration::from_secs(3),
         }
     }
 }
@@ -119,6 +138,10 @@ pub(crate) struct Inner {
     pub(crate) ephemeral: bool,
     pub(crate) fingerprint: String,
     pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
+    /// The server's UDP address as last resolved (also the relay).
+    pub(crate) server_addr: Mutex<Option<SocketAddr>>,
+    /// Virtual addresses with a live peer connection.
+    pub(crate) live_peers: Mutex<std::collections::HashSet<SocketAddr>>,
     pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_req: AtomicU32,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
@@ -206,6 +229,8 @@ impl Agent {
             ephemeral,
             fingerprint,
             control: Mutex::new(None),
+            server_addr: Mutex::new(None),
+            live_peers: Mutex::new(Default::default()),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU32::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),

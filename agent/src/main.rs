@@ -1,7 +1,7 @@
 //! The `punch-agent` command.
 
 use clap::{Args, Parser, Subcommand};
-use punch_agent::{Agent, AgentConfig, AgentError, PeerConnection, Status};
+use punch_agent::{Agent, AgentConfig, AgentError, PeerConnection, RelayMode, Status};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,16 @@ struct Common {
         default_value_t = 5.0
     )]
     punch_timeout: f64,
+    /// Never use the server's relay: fail when no direct path can be punched.
+    #[arg(long, global = true, conflicts_with = "force_relay")]
+    no_relay: bool,
+    /// Use the server's relay at once, without punching.
+    #[arg(long, global = true)]
+    force_relay: bool,
+    /// Start on the relay when punching has found no path after this many
+    /// seconds; the connection moves to the direct path once one is found.
+    #[arg(long, global = true, env = "PUNCH_RELAY_AFTER", default_value_t = 3.0)]
+    relay_after: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,6 +147,14 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
     };
     cfg.bind = c.bind;
     cfg.punch_timeout = secs(c.punch_timeout, "--punch-timeout")?;
+    cfg.relay_after = secs(c.relay_after, "--relay-after")?;
+    cfg.relay = if c.no_relay {
+        RelayMode::Never
+    } else if c.force_relay {
+        RelayMode::Force
+    } else {
+        RelayMode::Auto
+    };
     Ok(cfg)
 }
 
@@ -258,13 +276,17 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
         .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
     let connect_ms = pc.path.connect_time.as_secs_f64() * 1e3;
     let rtt_ms = rtt.as_secs_f64() * 1e3;
+    let (kind, remote) = pc.path_now();
+    let remote = remote.unwrap_or(pc.path.remote_addr);
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
-                "path": pc.path.kind.as_str(),
-                "remote_addr": pc.path.remote_addr.to_string(),
+                "path": kind.as_str(),
+                "initial_path": pc.path.kind.as_str(),
+                "remote_addr": remote.to_string(),
+                "transport": "udp",
                 "connect_ms": round3(connect_ms),
                 "rtt_ms": round3(rtt_ms),
                 "worker_id": agent.worker_id(),
@@ -273,9 +295,8 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
         );
     } else {
         println!(
-            "connected to {target} via {} path {} in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
-            pc.path.kind.as_str(),
-            pc.path.remote_addr
+            "connected to {target} via {} path {remote} in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
+            kind.as_str(),
         );
     }
     pc.conn.close(0u32.into(), b"done");
@@ -335,13 +356,14 @@ async fn ping(
     let min = rtts.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = rtts.iter().cloned().fold(0.0, f64::max);
     let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
+    let (kind, remote) = pc.path_now();
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
-                "path": pc.path.kind.as_str(),
-                "remote_addr": pc.path.remote_addr.to_string(),
+                "path": kind.as_str(),
+                "remote_addr": remote.unwrap_or(pc.path.remote_addr).to_string(),
                 "count": count,
                 "rtts_ms": rtts.iter().map(|v| round3(*v)).collect::<Vec<_>>(),
                 "min_ms": round3(min),

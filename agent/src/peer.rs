@@ -1,5 +1,6 @@
 //! Peer connections: what `connect` returns, what `serve` answers.
 
+use crate::socket::{ActivePath, PunchSocket};
 use crate::Inner;
 use punch_net::{read_frame, write_frame};
 use punch_protocol::peer::{PeerRequest, MAX_PEER_HEADER};
@@ -9,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, info_span, Instrument};
 
-/// How a peer connection is carried.
+/// How a peer connection started out; see [`PeerConnection::path_now`]
+/// for the path it uses now.
 #[derive(Clone, Debug)]
 pub struct PathInfo {
-    /// Direct or relayed.
+    /// Direct or relayed, when the handshake started.
     pub kind: PathKind,
-    /// The peer's address on that path.
+    /// The peer's (or the relay's) address on that path.
     pub remote_addr: SocketAddr,
     /// From the connect request to the established connection (zero on the
     /// accepting side).
@@ -30,8 +32,21 @@ pub struct PeerConnection {
     pub conn: quinn::Connection,
     /// The peer's worker id, as vouched for by the server.
     pub peer_id: String,
-    /// The path in use.
+    /// The path when the connection was established.
     pub path: PathInfo,
+    /// The stable address quinn sees for the peer.
+    pub virtual_addr: SocketAddr,
+    pub(crate) socket: Arc<PunchSocket>,
+}
+
+/// The path packets to virtual address `v` take now, and the address they
+/// go to (the peer's, or the relay's).
+pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<SocketAddr>) {
+    match socket.paths.lock().expect("not poisoned").active(v) {
+        Some(ActivePath::Direct(a)) => (PathKind::Direct, Some(a)),
+        Some(ActivePath::Relay(server)) => (PathKind::Relayed, Some(server)),
+        _ => (PathKind::Failed, None),
+    }
 }
 
 /// Errors on a peer stream.
@@ -73,6 +88,12 @@ impl Pinger {
 }
 
 impl PeerConnection {
+    /// The path in use now: it moves from the relay to a direct path as
+    /// soon as one is validated, without a new connection.
+    pub fn path_now(&self) -> (PathKind, Option<SocketAddr>) {
+        current_path(&self.socket, self.virtual_addr)
+    }
+
     /// Opens an echo stream on the connection.
     pub async fn pinger(&self) -> Result<Pinger, PeerError> {
         let (mut send, recv) = self.conn.open_bi().await?;
@@ -134,6 +155,11 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
 pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
+    // Relayed packets carry a 13-byte header: keep QUIC packets small
+    // enough that a relayed one still fits a 1500-byte link over IPv6.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(1400);
+    t.mtu_discovery_config(Some(mtu));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("in range"),
     ));
@@ -162,15 +188,27 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 conn.close(2u32.into(), b"unknown peer");
                 return;
             };
-            info!(peer = %peer_id, remote = %punch_net::canonical(conn.remote_address()), "peer connected");
+            let v = punch_net::canonical(conn.remote_address());
+            let session = inner
+                .socket
+                .paths
+                .lock()
+                .expect("not poisoned")
+                .session(v)
+                .unwrap_or(SessionId(0));
+            crate::session::hold(&inner, v, &conn);
+            let (kind, remote) = current_path(&inner.socket, v);
+            info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
             inner.deliver_incoming(PeerConnection {
                 peer_id,
                 path: PathInfo {
-                    kind: PathKind::Direct,
-                    remote_addr: punch_net::canonical(conn.remote_address()),
+                    kind,
+                    remote_addr: remote.unwrap_or(v),
                     connect_time: Duration::ZERO,
-                    session: SessionId(0),
+                    session,
                 },
+                virtual_addr: v,
+                socket: inner.socket.clone(),
                 conn,
             });
         });

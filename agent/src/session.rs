@@ -1,10 +1,12 @@
 //! Punch sessions: drive the sans-IO [`Puncher`] with the agent's socket,
-//! and open the peer connection over the path it validates.
+//! bind the relay when punching is slow or impossible, and open the peer
+//! connection to the peer's virtual address, whose path can change under it.
 
 use crate::peer::{PathInfo, PeerConnection};
 use crate::socket::ProbeDatagram;
-use crate::{AgentError, Inner, Reply};
+use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
+use punch_protocol::relay;
 use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
@@ -17,6 +19,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 /// its side validates too.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
 
+/// How often a live connection refreshes its relay binding (the server
+/// drops bindings idle for 60 s by default).
+const RELAY_REFRESH: Duration = Duration::from_secs(20);
+
 /// What punching found.
 #[derive(Debug, Clone, Copy)]
 pub struct Punched {
@@ -25,10 +31,13 @@ pub struct Punched {
 }
 
 /// Runs a puncher in its own task. The first result goes to the returned
-/// receiver; the task then keeps answering probes for [`ANSWER_GRACE`].
+/// receiver; a validated path becomes the direct path of `v` at once (also
+/// after the connection started on the relay); the task then keeps
+/// answering probes for [`ANSWER_GRACE`].
 fn spawn_puncher(
     inner: &Arc<Inner>,
     offer: &Offer,
+    v: SocketAddr,
     mut probes: mpsc::Receiver<ProbeDatagram>,
 ) -> oneshot::Receiver<Option<Punched>> {
     let config = PunchConfig {
@@ -69,7 +78,8 @@ fn spawn_puncher(
                 while let Some(ev) = p.poll_event() {
                     match ev {
                         PunchEvent::Validated { addr, kind, rtt, observed } => {
-                            info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, "path validated");
+                            info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, "path validated; using it");
+                            inner.socket.paths.lock().expect("not poisoned").set_direct(v, Some(addr));
                             if let Some(tx) = tx.take() {
                                 let _ = tx.send(Some(Punched { addr, rtt }));
                             }
@@ -96,8 +106,9 @@ fn spawn_puncher(
                 tokio::select! {
                     d = probes.recv() => match d {
                         Some(d) => {
-                            if let Err(e) = p.handle_probe(d.from, &d.data, Instant::now()) {
-                                debug!(from = %d.from, "probe rejected: {e}");
+                            match p.handle_probe(d.from, &d.data, Instant::now()) {
+                                Ok(()) => inner.socket.paths.lock().expect("not poisoned").learn(v, d.from),
+                                Err(e) => debug!(from = %d.from, "probe rejected: {e}"),
                             }
                         }
                         None => break,
@@ -113,19 +124,123 @@ fn spawn_puncher(
     rx
 }
 
-/// The controlled side: punch and let the peer dial us.
+/// Binds our side of the session on the server's relay; on success the
+/// relay becomes the peer's path until a direct one is validated.
+async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<(), AgentError> {
+    let server = inner
+        .server_addr
+        .lock()
+        .expect("not poisoned")
+        .ok_or_else(|| AgentError::PeerConnect("no server address for the relay".into()))?;
+    let mut rx = inner.socket.watch_binds(offer.session);
+    let result = async {
+        for attempt in 1..=5u32 {
+            let nonce: u64 = rand::random();
+            let frame = relay::encode_bind_request(&offer.secret, offer.session, offer.role, nonce);
+            let _ = inner.socket.send_raw(server, &frame);
+            let wait = Duration::from_millis(250 * attempt as u64);
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                let Ok(parsed) = relay::parse(&answer) else {
+                    continue;
+                };
+                let ours = matches!(parsed, relay::Frame::BindOk { session, side, nonce: n, .. }
+                    if session == offer.session && side == offer.role && n == nonce);
+                if ours && relay::verify_bind(&parsed, &offer.secret) {
+                    inner
+                        .socket
+                        .paths
+                        .lock()
+                        .expect("not poisoned")
+                        .set_relay(v, Some(server));
+                    debug!(%server, "relay bound");
+                    return Ok(());
+                }
+            }
+        }
+        Err(AgentError::PeerConnect(format!(
+            "the relay at {server} did not confirm the binding"
+        )))
+    }
+    .await;
+    inner.socket.unwatch_binds(offer.session);
+    result
+}
+
+/// Forgets a peer's virtual address unless a connection uses it.
+fn release(inner: &Arc<Inner>, v: SocketAddr) {
+    if !inner.live_peers.lock().expect("not poisoned").contains(&v) {
+        inner.socket.paths.lock().expect("not poisoned").remove(v);
+    }
+}
+
+/// Keeps `v` while `conn` lives.
+pub(crate) fn hold(inner: &Arc<Inner>, v: SocketAddr, conn: &quinn::Connection) {
+    inner.live_peers.lock().expect("not poisoned").insert(v);
+    let inner = inner.clone();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let mut refresh = tokio::time::interval(RELAY_REFRESH);
+        refresh.tick().await;
+        loop {
+            tokio::select! {
+                _ = conn.closed() => break,
+                _ = refresh.tick() => {
+                    let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
+                    if let Some((server, frame)) = r {
+                        let _ = inner.socket.send_raw(server, &frame);
+                    }
+                }
+            }
+        }
+        inner.live_peers.lock().expect("not poisoned").remove(&v);
+        inner.socket.paths.lock().expect("not poisoned").remove(v);
+    });
+}
+
+fn register(inner: &Arc<Inner>, offer: &Offer) -> Result<SocketAddr, AgentError> {
+    inner
+        .socket
+        .paths
+        .lock()
+        .expect("not poisoned")
+        .register(offer.session, offer.secret, offer.role)
+        .ok_or_else(|| AgentError::PeerConnect("too many peers".into()))
+}
+
+/// The controlled side: punch (and bind the relay) and let the peer dial us.
 pub(crate) async fn controlled(
     inner: Arc<Inner>,
     offer: Offer,
     probes: mpsc::Receiver<ProbeDatagram>,
 ) {
     info!(session = %offer.session, peer = %offer.peer_id, "offer: peer wants to connect");
-    inner.allow_peer(
-        offer.peer_key,
-        &offer.peer_id,
-        inner.config.punch_timeout + Duration::from_secs(30),
-    );
-    let _ = spawn_puncher(&inner, &offer, probes).await;
+    let v = match register(&inner, &offer) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("{e}");
+            inner.router.unregister(offer.session);
+            return;
+        }
+    };
+    let window = inner.config.punch_timeout + Duration::from_secs(30);
+    inner.allow_peer(offer.peer_key, &offer.peer_id, window);
+    let mode = inner.config.relay;
+    if offer.relay && mode != RelayMode::Never {
+        let (inner2, offer2) = (inner.clone(), offer.clone());
+        tokio::spawn(async move {
+            if let Err(e) = bind_relay(&inner2, &offer2, v).await {
+                warn!(session = %offer2.session, "{e}");
+            }
+        });
+    }
+    if mode == RelayMode::Force && offer.relay {
+        inner.router.unregister(offer.session);
+    } else {
+        let _ = spawn_puncher(&inner, &offer, v, probes).await;
+    }
+    tokio::time::sleep(window).await;
+    release(&inner, v);
 }
 
 /// The controlling side of `Agent::connect`.
@@ -156,54 +271,121 @@ pub(crate) async fn connect(
         inner.router.unregister(offer.session);
         return Err(AgentError::Io("server sent an inconsistent offer".into()));
     }
+    let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);
-    async {
-        info!(candidates = ?offer.peer_candidates, "offer received; punching");
-        let punched = spawn_puncher(inner, &offer, probes).await.ok().flatten();
-        let Some(punched) = punched else {
-            report(inner, &offer, PathKind::Failed, start, None);
-            return Err(AgentError::PunchTimeout {
-                target: target.to_string(),
-                secs: inner.config.punch_timeout.as_secs_f64(),
-            });
-        };
-        let verifier = KeyVerifier::new(Expect::Key(offer.peer_key));
-        let mut cfg =
-            punch_tls::client_config(&inner.identity, verifier, punch_protocol::ALPN_PEER)?;
-        cfg.transport_config(Arc::new(crate::peer::peer_transport(inner.config.keep_alive)));
-        let connecting = inner
-            .endpoint
-            .connect_with(cfg, punched.addr, "punch-peer")
-            .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
-        let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                report(inner, &offer, PathKind::Failed, start, Some(punched.addr));
-                return Err(AgentError::PeerConnect(e.to_string()));
-            }
-            Err(_) => {
-                report(inner, &offer, PathKind::Failed, start, Some(punched.addr));
-                return Err(AgentError::PeerConnect(
-                    "QUIC handshake over the punched path timed out".into(),
-                ));
-            }
-        };
-        let connect_time = start.elapsed();
-        report(inner, &offer, PathKind::Direct, start, Some(punched.addr));
-        info!(remote = %punched.addr, connect_ms = connect_time.as_secs_f64() * 1e3, "connected directly");
-        Ok(PeerConnection {
-            conn,
-            peer_id: target.to_string(),
-            path: PathInfo {
-                kind: PathKind::Direct,
-                remote_addr: punched.addr,
-                connect_time,
-                session: offer.session,
-            },
-        })
+    let r = dial(inner, target, &offer, v, probes, start)
+        .instrument(span)
+        .await;
+    match &r {
+        Ok(pc) => hold(inner, v, &pc.conn),
+        Err(_) => release(inner, v),
     }
-    .instrument(span)
-    .await
+    r
+}
+
+async fn dial(
+    inner: &Arc<Inner>,
+    target: &str,
+    offer: &Offer,
+    v: SocketAddr,
+    probes: mpsc::Receiver<ProbeDatagram>,
+    start: Instant,
+) -> Result<PeerConnection, AgentError> {
+    let mode = inner.config.relay;
+    if mode == RelayMode::Force && !offer.relay {
+        inner.router.unregister(offer.session);
+        return Err(AgentError::PeerConnect(
+            "--force-relay, but the server does not relay".into(),
+        ));
+    }
+    let relay_ok = offer.relay && mode != RelayMode::Never;
+    info!(candidates = ?offer.peer_candidates, relay = relay_ok, "offer received");
+    if mode == RelayMode::Force {
+        inner.router.unregister(offer.session);
+        bind_relay(inner, offer, v).await?;
+    } else {
+        let mut punched = spawn_puncher(inner, offer, v, probes);
+        // Bind the relay early (one packet) so falling back costs nothing.
+        let mut bound = relay_ok.then(|| {
+            let (inner, offer) = (inner.clone(), offer.clone());
+            tokio::spawn(async move { bind_relay(&inner, &offer, v).await })
+        });
+        let relay_at = tokio::time::sleep(if relay_ok {
+            inner.config.relay_after
+        } else {
+            Duration::MAX / 4
+        });
+        tokio::pin!(relay_at);
+        let direct = tokio::select! {
+            r = &mut punched => r.ok().flatten(),
+            _ = &mut relay_at => {
+                info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                None
+            }
+        };
+        if direct.is_none() {
+            let Some(b) = bound.take() else {
+                report(inner, offer, PathKind::Failed, start, None);
+                return Err(AgentError::PunchTimeout {
+                    target: target.to_string(),
+                    secs: inner.config.punch_timeout.as_secs_f64(),
+                });
+            };
+            match b.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    report(inner, offer, PathKind::Failed, start, None);
+                    return Err(e);
+                }
+                Err(e) => return Err(AgentError::Io(e.to_string())),
+            }
+        }
+    }
+    // The path the handshake starts on (it may change under the connection).
+    let (start_kind, start_remote) = crate::peer::current_path(&inner.socket, v);
+    let verifier = KeyVerifier::new(Expect::Key(offer.peer_key));
+    let mut cfg = punch_tls::client_config(&inner.identity, verifier, punch_protocol::ALPN_PEER)?;
+    cfg.transport_config(Arc::new(crate::peer::peer_transport(
+        inner.config.keep_alive,
+    )));
+    let connecting = inner
+        .endpoint
+        .connect_with(cfg, inner.socket.quinn_addr(v), "punch-peer")
+        .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
+    let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            report(inner, offer, PathKind::Failed, start, None);
+            return Err(AgentError::PeerConnect(e.to_string()));
+        }
+        Err(_) => {
+            report(inner, offer, PathKind::Failed, start, None);
+            return Err(AgentError::PeerConnect(
+                "QUIC handshake with the peer timed out".into(),
+            ));
+        }
+    };
+    let connect_time = start.elapsed();
+    let (kind, remote) = crate::peer::current_path(&inner.socket, v);
+    report(inner, offer, kind, start, remote);
+    info!(
+        ?remote,
+        path = kind.as_str(),
+        connect_ms = connect_time.as_secs_f64() * 1e3,
+        "connected"
+    );
+    Ok(PeerConnection {
+        conn,
+        peer_id: target.to_string(),
+        path: PathInfo {
+            kind: start_kind,
+            remote_addr: start_remote.or(remote).unwrap_or(v),
+            connect_time,
+            session: offer.session,
+        },
+        virtual_addr: v,
+        socket: inner.socket.clone(),
+    })
 }
 
 fn report(

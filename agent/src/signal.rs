@@ -98,6 +98,7 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
         reason,
     };
     let addr = resolve(server).await?;
+    *inner.server_addr.lock().expect("not poisoned") = Some(addr);
     let verifier = KeyVerifier::new(Expect::Fingerprint(inner.fingerprint.clone()));
     let mut cfg = punch_tls::client_config(&inner.identity, verifier.clone(), ALPN_SIGNAL)?;
     cfg.transport_config(Arc::new(punch_net::signal_transport(

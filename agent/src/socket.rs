@@ -7,13 +7,14 @@
 //! connections thus share one NAT mapping.
 
 use punch_protocol::probe::{self, Probe};
+use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,11 +77,170 @@ impl ProbeRouter {
     }
 }
 
-/// quinn's socket with probes filtered out.
+/// How a peer is reached right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivePath {
+    /// Straight to the peer's address.
+    Direct(SocketAddr),
+    /// Through the server's relay at this address.
+    Relay(SocketAddr),
+    /// Nothing yet: packets are dropped (QUIC retransmits).
+    None,
+}
+
+#[derive(Clone, Debug)]
+struct PeerPath {
+    session: SessionId,
+    secret: [u8; 32],
+    role: punch_protocol::signal::Role,
+    direct: Option<SocketAddr>,
+    relay: Option<SocketAddr>,
+}
+
+impl PeerPath {
+    fn active(&self) -> ActivePath {
+        match (self.direct, self.relay) {
+            (Some(d), _) => ActivePath::Direct(d),
+            (None, Some(r)) => ActivePath::Relay(r),
+            (None, None) => ActivePath::None,
+        }
+    }
+}
+
+/// Per-peer virtual addresses and the live path under each.
+///
+/// quinn talks to a peer at a *virtual* address from 240.0.0.0/4 (reserved,
+/// never routed) that stays the same for the connection's life; the socket
+/// sends each datagram for it on the peer's best path (direct when
+/// validated, else the relay) and labels what arrives on either path with
+/// the virtual address. Switching paths therefore never changes the
+/// connection quinn sees. iroh does the same with its per-peer mapped
+/// addresses.
+#[derive(Debug, Default)]
+pub struct PathTable {
+    peers: HashMap<SocketAddr, PeerPath>,
+    by_direct: HashMap<SocketAddr, SocketAddr>,
+    by_session: HashMap<SessionId, SocketAddr>,
+    next: u32,
+}
+
+/// Most peers with a virtual address at once.
+pub const MAX_PEERS: usize = 4096;
+
+/// Is this one of our virtual addresses' range?
+pub fn is_virtual(addr: SocketAddr) -> bool {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => v4.octets()[0] >= 240 && !v4.is_broadcast(),
+        IpAddr::V6(_) => false,
+    }
+}
+
+impl PathTable {
+    /// Allocates the virtual address of a session's peer.
+    pub fn register(
+        &mut self,
+        session: SessionId,
+        secret: [u8; 32],
+        role: punch_protocol::signal::Role,
+    ) -> Option<SocketAddr> {
+        if let Some(v) = self.by_session.get(&session) {
+            return Some(*v);
+        }
+        if self.peers.len() >= MAX_PEERS {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1) & 0x0fff_ffff;
+        let n = self.next;
+        let v = SocketAddr::from((
+            Ipv4Addr::new(
+                240 | (n >> 24) as u8,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ),
+            1,
+        ));
+        self.peers.insert(
+            v,
+            PeerPath {
+                session,
+                secret,
+                role,
+                direct: None,
+                relay: None,
+            },
+        );
+        self.by_session.insert(session, v);
+        Some(v)
+    }
+
+    /// Forgets a peer.
+    pub fn remove(&mut self, v: SocketAddr) {
+        if let Some(p) = self.peers.remove(&v) {
+            self.by_session.remove(&p.session);
+            self.by_direct.retain(|_, x| *x != v);
+        }
+    }
+
+    /// Labels datagrams from `addr` (which sent an authenticated probe of
+    /// the peer's session) as coming from `v`, so QUIC packets that arrive
+    /// before our own side validated the path reach the right connection.
+    pub fn learn(&mut self, v: SocketAddr, addr: SocketAddr) {
+        if self.peers.contains_key(&v) && self.by_direct.len() < 4 * MAX_PEERS {
+            self.by_direct.entry(addr).or_insert(v);
+        }
+    }
+
+    /// Uses `addr` as the direct path (validated by probes).
+    pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct = addr;
+            if let Some(a) = addr {
+                self.by_direct.insert(a, v);
+            }
+        }
+    }
+
+    /// Uses the relay at `server` (bound) for the peer.
+    pub fn set_relay(&mut self, v: SocketAddr, server: Option<SocketAddr>) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.relay = server;
+        }
+    }
+
+    /// The path packets to `v` take now.
+    pub fn active(&self, v: SocketAddr) -> Option<ActivePath> {
+        self.peers.get(&v).map(PeerPath::active)
+    }
+
+    /// A fresh bind request for the peer's relay binding, if it has one:
+    /// the server drops idle bindings, and a direct path carries no relay
+    /// traffic, so live connections refresh theirs.
+    pub fn relay_refresh(&self, v: SocketAddr) -> Option<(SocketAddr, Vec<u8>)> {
+        let p = self.peers.get(&v)?;
+        let server = p.relay?;
+        Some((
+            server,
+            relay::encode_bind_request(&p.secret, p.session, p.role, rand::random()),
+        ))
+    }
+
+    /// The session of a virtual address.
+    pub fn session(&self, v: SocketAddr) -> Option<SessionId> {
+        self.peers.get(&v).map(|p| p.session)
+    }
+}
+
+/// quinn's socket with probes and relay frames handled, and peers behind
+/// virtual addresses.
 pub struct PunchSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     router: Arc<ProbeRouter>,
     ipv6: bool,
+    /// Peers' virtual addresses and paths.
+    pub paths: Mutex<PathTable>,
+    /// Relay bind confirmations, by session.
+    bind_waiters: Mutex<HashMap<SessionId, mpsc::Sender<Vec<u8>>>>,
 }
 
 impl fmt::Debug for PunchSocket {
@@ -95,28 +255,98 @@ impl PunchSocket {
     /// Wraps a bound socket.
     pub fn new(sock: std::net::UdpSocket, router: Arc<ProbeRouter>) -> io::Result<Arc<Self>> {
         let ipv6 = sock.local_addr()?.is_ipv6();
+        let clone = sock.try_clone()?;
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
+        punch_net::disable_gro(&clone);
         Ok(Arc::new(PunchSocket {
             inner,
             router,
             ipv6,
+            paths: Mutex::new(PathTable::default()),
+            bind_waiters: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The virtual address in the form quinn uses on this socket.
+    pub fn quinn_addr(&self, v: SocketAddr) -> SocketAddr {
+        punch_net::for_socket(v, self.ipv6)
+    }
+
+    /// Waits for relay bind confirmations of `session` (raw frames).
+    pub fn watch_binds(&self, session: SessionId) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel(4);
+        self.bind_waiters
+            .lock()
+            .expect("not poisoned")
+            .insert(session, tx);
+        rx
+    }
+
+    /// Stops waiting for binds of `session`.
+    pub fn unwatch_binds(&self, session: SessionId) {
+        self.bind_waiters
+            .lock()
+            .expect("not poisoned")
+            .remove(&session);
+    }
+
+    /// Sends a raw datagram (probe or relay control), best effort.
+    pub fn send_raw(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        self.send_probe(dst, payload)
+    }
+
+    fn send_relayed(&self, server: SocketAddr, session: SessionId, t: &Transmit) -> io::Result<()> {
+        let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
+        let mut frame = Vec::with_capacity(relay::DATA_HEADER + seg);
+        for chunk in t.contents.chunks(seg) {
+            frame.clear();
+            frame.resize(relay::DATA_HEADER, 0);
+            relay::write_data_header(&mut frame, session);
+            frame.extend_from_slice(chunk);
+            self.inner.try_send(&Transmit {
+                destination: punch_net::for_socket(server, self.ipv6),
+                ecn: t.ecn,
+                contents: &frame,
+                segment_size: None,
+                src_ip: t.src_ip,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Handles a relay frame; returns the virtual source and the payload
+    /// range for data frames.
+    fn relay_in(&self, data: &[u8]) -> Option<(SocketAddr, usize)> {
+        match relay::parse(data) {
+            Ok(relay::Frame::Data { session, payload }) => {
+                let paths = self.paths.lock().expect("not poisoned");
+                let v = *paths.by_session.get(&session)?;
+                Some((v, data.len() - payload.len()))
+            }
+            Ok(relay::Frame::BindOk { session, .. }) => {
+                if let Some(tx) = self
+                    .bind_waiters
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&session)
+                {
+                    let _ = tx.try_send(data.to_vec());
+                }
+                None
+            }
+            _ => None,
+        }
     }
 
     /// Sends one probe datagram; best effort (probes are repeated anyway).
     pub fn send_probe(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
-        let destination = match (dst, self.ipv6) {
-            (SocketAddr::V4(v4), true) => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            (SocketAddr::V6(_), false) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "IPv6 destination on an IPv4 socket",
-                ))
-            }
-            _ => dst,
-        };
+        if dst.is_ipv6() && !self.ipv6 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "IPv6 destination on an IPv4 socket",
+            ));
+        }
+        let destination = punch_net::for_socket(dst, self.ipv6);
         self.inner.try_send(&Transmit {
             destination,
             ecn: None,
@@ -138,7 +368,28 @@ impl AsyncUdpSocket for PunchSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        let dst = punch_net::canonical(transmit.destination);
+        if !is_virtual(dst) {
+            return self.inner.try_send(transmit);
+        }
+        let (active, session) = {
+            let paths = self.paths.lock().expect("not poisoned");
+            (paths.active(dst), paths.session(dst))
+        };
+        match (active, session) {
+            (Some(ActivePath::Direct(addr)), _) => self.inner.try_send(&Transmit {
+                destination: punch_net::for_socket(addr, self.ipv6),
+                ecn: transmit.ecn,
+                contents: transmit.contents,
+                segment_size: transmit.segment_size,
+                src_ip: transmit.src_ip,
+            }),
+            (Some(ActivePath::Relay(server)), Some(session)) => {
+                self.send_relayed(server, session, transmit)
+            }
+            // No path yet (or a forgotten peer): drop, QUIC retransmits.
+            _ => Ok(()),
+        }
     }
 
     fn poll_recv(
@@ -154,24 +405,37 @@ impl AsyncUdpSocket for PunchSocket {
             };
             let mut kept = 0;
             for i in 0..n {
-                let m = meta[i];
-                let data = &bufs[i][..m.len];
-                if probe::is_probe(data) {
-                    // With GRO one entry may hold several datagrams of equal
-                    // size from one source; a probe's neighbours are probes.
-                    let stride = m.stride.max(1);
-                    for seg in data.chunks(stride) {
-                        if probe::is_probe(seg) {
-                            self.router.route(m.addr, seg);
-                        }
-                    }
+                let mut m = meta[i];
+                // GRO is off on this socket: one datagram per entry.
+                if probe::is_probe(&bufs[i][..m.len]) {
+                    self.router.route(m.addr, &bufs[i][..m.len]);
                     continue;
+                }
+                if relay::is_relay(&bufs[i][..m.len]) {
+                    let Some((v, header)) = self.relay_in(&bufs[i][..m.len]) else {
+                        continue;
+                    };
+                    bufs[i].copy_within(header..m.len, 0);
+                    m.len -= header;
+                    m.stride = m.len;
+                    m.addr = self.quinn_addr(v);
+                } else {
+                    let from = punch_net::canonical(m.addr);
+                    let mut paths = self.paths.lock().expect("not poisoned");
+                    if let Some(v) = paths.by_direct.get(&from).copied() {
+                        // QUIC from a probed address while we have no path
+                        // yet: answer the way it came.
+                        if paths.active(v) == Some(ActivePath::None) {
+                            paths.set_direct(v, Some(from));
+                        }
+                        m.addr = self.quinn_addr(v);
+                    }
                 }
                 if kept != i {
                     let (head, tail) = bufs.split_at_mut(i);
                     head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
-                    meta[kept] = m;
                 }
+                meta[kept] = m;
                 kept += 1;
             }
             if kept > 0 {
@@ -190,7 +454,7 @@ impl AsyncUdpSocket for PunchSocket {
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        1
     }
 
     fn may_fragment(&self) -> bool {

@@ -119,3 +119,37 @@ pub fn signal_transport(keep_alive: Option<Duration>, idle: Duration) -> quinn::
     t.send_window(512 * 1024);
     t
 }
+
+/// Turns off UDP GRO on a socket (quinn turns it on), so every received
+/// datagram arrives on its own. Our sockets demultiplex QUIC, probes and
+/// relay frames per datagram; a GRO batch could mix them.
+#[cfg(target_os = "linux")]
+pub fn disable_gro(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let off: libc::c_int = 0;
+    // SAFETY: valid fd, option pointer and length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            &off as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// No GRO outside Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn disable_gro(_sock: &UdpSocket) {}
+
+/// The address to hand to a socket: IPv4 destinations become IPv4-mapped
+/// IPv6 on an IPv6 (dual-stack) socket.
+pub fn for_socket(addr: SocketAddr, ipv6_socket: bool) -> SocketAddr {
+    match (addr, ipv6_socket) {
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        _ => addr,
+    }
+}

@@ -177,6 +177,8 @@ pub struct Offer {
     pub peer_candidates: Vec<Candidate>,
     /// Delay before the first probe, so both sides start together.
     pub start_in_ms: u32,
+    /// The server will relay this session on its UDP port if asked.
+    pub relay: bool,
 }
 
 /// How a connection attempt ended.

@@ -22,15 +22,38 @@ struct Health {
     agents_online: usize,
     fingerprint: String,
     metrics: crate::metrics::MetricsSnapshot,
+    relay: Option<RelayJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct RelayJson {
+    sessions: usize,
+    binds: u64,
+    forwarded_packets: u64,
+    forwarded_bytes: u64,
+    dropped: u64,
+    expired: u64,
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
     let online = s.registry.lock().expect("not poisoned").online_count();
+    let relay = s.relay.as_ref().map(|t| {
+        let t = t.lock().expect("not poisoned");
+        RelayJson {
+            sessions: t.len(),
+            binds: t.stats.binds,
+            forwarded_packets: t.stats.forwarded_packets,
+            forwarded_bytes: t.stats.forwarded_bytes,
+            dropped: t.stats.dropped,
+            expired: t.stats.expired,
+        }
+    });
     Json(Health {
         status: "ok",
         agents_online: online,
         fingerprint: s.fingerprint.clone(),
         metrics: s.metrics.snapshot(),
+        relay,
     })
 }
 

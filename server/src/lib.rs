@@ -9,6 +9,7 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod signal;
+pub mod udp;
 
 use metrics::Metrics;
 use punch_tls::Identity;
@@ -34,6 +35,8 @@ pub struct ServerConfig {
     pub max_workers: usize,
     /// Signaling idle timeout (agents keep alive well below it).
     pub idle_timeout: Duration,
+    /// Relay limits; `None` turns the relay off.
+    pub relay: Option<punch_protocol::relay::RelayLimits>,
 }
 
 impl ServerConfig {
@@ -46,6 +49,7 @@ impl ServerConfig {
             token: None,
             max_workers: 100_000,
             idle_timeout: Duration::from_secs(20),
+            relay: Some(punch_protocol::relay::RelayLimits::default()),
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub config: ServerConfig,
     pub fingerprint: String,
+    /// Relay sessions; `None` when relaying is off.
+    pub relay: Option<Arc<Mutex<punch_protocol::relay::RelayTable>>>,
 }
 
 /// A running server.
@@ -105,6 +111,12 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let relay = config
+            .relay
+            .clone()
+            .map(|l| Arc::new(Mutex::new(punch_protocol::relay::RelayTable::new(l))));
+        let socket =
+            udp::ServerSocket::new(socket, relay.clone()).map_err(ServerError::Endpoint)?;
         let endpoint = signal::endpoint(&identity, &config, socket)?;
         let udp_addr = endpoint.local_addr().map_err(ServerError::Endpoint)?;
         if config.token.is_none() {
@@ -117,11 +129,24 @@ impl Server {
             metrics: Metrics::default(),
             config: config.clone(),
             fingerprint: fingerprint.clone(),
+            relay: relay.clone(),
         });
         let mut tasks = vec![tokio::spawn(signal::accept_loop(
             endpoint.clone(),
             shared.clone(),
         ))];
+        if let Some(table) = relay {
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    table
+                        .lock()
+                        .expect("not poisoned")
+                        .expire(std::time::Instant::now());
+                }
+            }));
+        }
         let mut http_addr = None;
         if let Some(addr) = config.http {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -50,6 +50,21 @@ struct RunArgs {
     /// Most worker ids held in the registry.
     #[arg(long, env = "PUNCH_MAX_WORKERS", default_value_t = 100_000)]
     max_workers: usize,
+    /// Do not relay: agents that cannot punch fail instead.
+    #[arg(long, env = "PUNCH_NO_RELAY")]
+    no_relay: bool,
+    /// Most relay sessions held at once.
+    #[arg(long, default_value_t = 10_000)]
+    relay_max_sessions: usize,
+    /// Bytes one relay session may carry, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    relay_session_mib: u64,
+    /// Longest life of a relay session, seconds.
+    #[arg(long, default_value_t = 86_400)]
+    relay_session_secs: u64,
+    /// A relay session idle this long (seconds) is dropped.
+    #[arg(long, default_value_t = 60)]
+    relay_idle_secs: u64,
     /// Seconds without any packet after which an agent's signaling
     /// connection is dropped (agents keep alive every 5 s).
     #[arg(long, default_value_t = 20)]
@@ -91,6 +106,15 @@ async fn main() -> anyhow::Result<()> {
     cfg.token = a.token.filter(|t| !t.is_empty());
     cfg.max_workers = a.max_workers;
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout);
+    if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
+        anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");
+    }
+    cfg.relay = (!a.no_relay).then(|| punch_protocol::relay::RelayLimits {
+        max_sessions: a.relay_max_sessions,
+        session_bytes: a.relay_session_mib.saturating_mul(1 << 20),
+        session_time: std::time::Duration::from_secs(a.relay_session_secs),
+        idle: std::time::Duration::from_secs(a.relay_idle_secs),
+    });
     let server = Server::start(cfg).await.context("starting punch-server")?;
     // A machine-readable line for scripts and tests that start us on port 0.
     println!(

@@ -35,7 +35,7 @@ const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 pub fn endpoint(
     identity: &Identity,
     config: &ServerConfig,
-    socket: std::net::UdpSocket,
+    socket: Arc<crate::udp::ServerSocket>,
 ) -> Result<quinn::Endpoint, ServerError> {
     let mut server_cfg =
         punch_tls::server_config(identity, KeyVerifier::new(Expect::AnyKey), &[ALPN_SIGNAL])?;
@@ -44,7 +44,7 @@ pub fn endpoint(
         config.idle_timeout,
     )));
     let endpoint_cfg = punch_net::endpoint_config(identity.derive_secret("stateless-reset"));
-    quinn::Endpoint::new(
+    quinn::Endpoint::new_with_abstract_socket(
         endpoint_cfg,
         Some(server_cfg),
         socket,
@@ -421,6 +421,12 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let session = SessionId(rand::random());
+    let relay = shared.relay.as_ref().is_some_and(|t| {
+        t.lock()
+            .expect("not poisoned")
+            .insert(session, secret, std::time::Instant::now())
+            .is_ok()
+    });
     let to_target = Offer {
         req: None,
         session,
@@ -430,6 +436,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         peer_key: intro.requester_key,
         peer_candidates: intro.requester.candidates(),
         start_in_ms: 0,
+        relay,
     };
     let to_requester = Offer {
         req: Some(req),
@@ -440,6 +447,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         peer_key: intro.target_key,
         peer_candidates: intro.target.candidates(),
         start_in_ms: 0,
+        relay,
     };
     if intro
         .target

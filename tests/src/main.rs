@@ -96,9 +96,16 @@ enum Cmd {
         /// Write an SVG heatmap of the direct rate.
         #[arg(long)]
         svg: Option<PathBuf>,
-        /// Exit non-zero when a pair that theory says goes direct does not.
+        /// Exit non-zero when a pair that theory says goes direct does not,
+        /// or a pair does not connect at all.
         #[arg(long)]
         strict: bool,
+        /// Pass --no-relay to the agents (measure punching alone).
+        #[arg(long)]
+        no_relay: bool,
+        /// Pass --relay-after SECS to the agents.
+        #[arg(long)]
+        relay_after: Option<f64>,
     },
     /// Print the table of what theory predicts for each pair (Markdown).
     Theory,
@@ -207,6 +214,8 @@ fn main() -> Result<()> {
             json,
             svg,
             strict,
+            no_relay,
+            relay_after,
         } => {
             let types = nat::parse_types(&types).map_err(anyhow::Error::msg)?;
             if !(1..=1000).contains(&runs) {
@@ -222,6 +231,17 @@ fn main() -> Result<()> {
                 punch_timeout,
                 same_nat: !no_same_nat,
                 progress: true,
+                agent_args: {
+                    let mut v = Vec::new();
+                    if no_relay {
+                        v.push("--no-relay".to_string());
+                    }
+                    if let Some(s) = relay_after {
+                        v.push("--relay-after".to_string());
+                        v.push(s.to_string());
+                    }
+                    v
+                },
             };
             let results = matrix::run_matrix(&opts)?;
             print!("{}", matrix::table(&results));
@@ -249,6 +269,18 @@ fn main() -> Result<()> {
                     "{} pair(s) that theory says go direct did not: {}",
                     worse.len(),
                     worse.join(", ")
+                );
+            }
+            let unconnected: Vec<String> = results
+                .iter()
+                .filter(|r| r.connected < r.runs)
+                .map(|r| format!("{} -> {}", r.a, r.b))
+                .collect();
+            if strict && !no_relay && !unconnected.is_empty() {
+                bail!(
+                    "{} pair(s) did not always connect: {}",
+                    unconnected.len(),
+                    unconnected.join(", ")
                 );
             }
             Ok(())

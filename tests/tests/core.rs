@@ -247,3 +247,65 @@ fn bad_cli_input_is_a_usage_error() {
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("fingerprint"), "{r:?}");
 }
+
+#[test]
+fn forced_relay_carries_the_connection_and_is_counted() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "ping",
+        "worker-b",
+        "-c",
+        "5",
+        "-i",
+        "0.01",
+        "--force-relay",
+        "--json",
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["path"], "relayed");
+    assert_eq!(
+        j["remote_addr"],
+        s.udp.to_string(),
+        "relayed via the server"
+    );
+    assert_eq!(j["rtts_ms"].as_array().unwrap().len(), 5);
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    let relay = &health["relay"];
+    assert!(relay["binds"].as_u64().unwrap() >= 2, "{health}");
+    assert!(
+        relay["forwarded_packets"].as_u64().unwrap() >= 10,
+        "{health}"
+    );
+    assert!(
+        health["metrics"]["outcome_relayed"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+
+    // --no-relay and --force-relay contradict each other.
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-b", "--force-relay", "--no-relay"]);
+    assert_eq!(run(cmd, T).unwrap().code, Some(2));
+}
+
+#[test]
+fn a_server_without_relay_refuses_forced_relay_clearly() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--no-relay"]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-b", "--force-relay", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(11), "{r:?}");
+    assert!(r.stderr.contains("does not relay"), "{r:?}");
+    // Punching still works.
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["connect", "worker-b", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.json().unwrap()["path"], "direct");
+}

@@ -44,7 +44,7 @@ pub fn nat_demo(a: NatType, b: NatType, impair: Impair) -> Result<()> {
     }
     if r.code != Some(0) {
         println!("5. {}", r.stderr.trim());
-        bail!("A could not reach B directly (the relay fallback is not built yet)");
+        bail!("A could not reach B");
     }
     println!("\ndemo ok");
     Ok(())

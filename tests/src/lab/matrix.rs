@@ -19,6 +19,8 @@ pub struct MatrixOpts {
     pub same_nat: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Extra arguments for every `punch-agent` (e.g. `--no-relay`).
+    pub agent_args: Vec<String>,
 }
 
 /// One ordered pair's figures.
@@ -31,6 +33,9 @@ pub struct PairResult {
     pub runs: usize,
     pub connected: usize,
     pub direct: usize,
+    /// Runs that started on the relay and moved to a direct path.
+    pub upgraded: usize,
+    pub relayed: usize,
     pub success_rate: f64,
     pub direct_rate: f64,
     pub median_ms: Option<f64>,
@@ -201,7 +206,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     for (a, b, ns, target, expect, reason, reset) in pairs {
         bar.set_message(format!("{a} -> {b}"));
         let (mut times, mut rtts) = (Vec::new(), Vec::new());
-        let (mut connected, mut direct) = (0, 0);
+        let (mut connected, mut direct, mut upgraded, mut relayed) = (0, 0, 0, 0);
         let mut errors = Vec::new();
         for _ in 0..opts.runs {
             // Each run's agent is new: forget the NAT mappings that earlier
@@ -212,13 +217,19 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             }
             let mut cmd = agent_cmd(&ns, &fp, opts.punch_timeout)?;
             cmd.args(["connect", &target, "--json", "--timeout"])
-                .arg((opts.punch_timeout + 15.0).to_string());
+                .arg((opts.punch_timeout + 15.0).to_string())
+                .args(&opts.agent_args);
             let r = run(cmd, limit)?;
             let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
             if r.code == Some(0) {
                 connected += 1;
                 if j["path"] == "direct" {
                     direct += 1;
+                    if j["initial_path"] == "relayed" {
+                        upgraded += 1;
+                    }
+                } else if j["path"] == "relayed" {
+                    relayed += 1;
                 }
                 let ms = j["connect_ms"].as_f64().unwrap_or(0.0);
                 let rtt = j["rtt_ms"].as_f64().unwrap_or(0.0);
@@ -251,6 +262,8 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             runs,
             connected,
             direct,
+            upgraded,
+            relayed,
             success_rate: connected as f64 / runs as f64,
             direct_rate,
             median_ms: quantile(&mut times, 0.5),
@@ -288,7 +301,7 @@ pub fn table(results: &[PairResult]) -> String {
     );
     for r in results {
         s.push_str(&format!(
-            "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
+            "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>7.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
             r.a,
             r.b,
             match r.expect {
@@ -298,6 +311,7 @@ pub fn table(results: &[PairResult]) -> String {
             r.runs,
             r.success_rate * 100.0,
             r.direct_rate * 100.0,
+            r.relayed as f64 * 100.0 / r.runs as f64,
             opt(r.median_ms, 1),
             opt(r.p95_ms, 1),
             opt(r.median_rtts, 1),

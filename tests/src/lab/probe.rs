@@ -102,8 +102,17 @@ pub fn probe(ips: [std::net::Ipv4Addr; 2]) -> Result<NatReport> {
     } else {
         "address-and-port-dependent"
     };
-    // Filtering, from a fresh socket so no earlier mapping helps.
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    // Filtering, from a fresh socket so no earlier mapping helps. Its port
+    // differs from the first one in the low six bits, which the Cloud NAT
+    // EIM model maps into its 64-port block: otherwise both sockets would
+    // claim one external port, a clash no real allocator makes.
+    let mut sock = UdpSocket::bind("0.0.0.0:0")?;
+    for _ in 0..32 {
+        if sock.local_addr()?.port() & 63 != local.port() & 63 {
+            break;
+        }
+        sock = UdpSocket::bind("0.0.0.0:0")?;
+    }
     let filtering = if ask(&sock, a(0, 0), 3, 10)?.is_some() {
         "endpoint-independent"
     } else if ask(&sock, a(0, 0), 1, 11)?.is_some() {

@@ -1,0 +1,126 @@
+//! The server's UDP socket: QUIC for signaling, relay frames handled inline.
+//!
+//! [`ServerSocket`] wraps quinn's socket. Datagrams that start with the
+//! relay magic never reach quinn: the relay table decides (bind, forward or
+//! drop) and the answer leaves from the same socket, so agents' relayed
+//! packets use the same address and NAT mapping as their signaling.
+
+use punch_protocol::relay::{self, Action, RelayTable};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// quinn's socket with relay frames taken out.
+pub struct ServerSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    relay: Option<Arc<Mutex<RelayTable>>>,
+    ipv6: bool,
+}
+
+impl fmt::Debug for ServerSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerSocket").finish_non_exhaustive()
+    }
+}
+
+impl ServerSocket {
+    /// Wraps a bound socket; `relay` is `None` when relaying is off.
+    pub fn new(
+        sock: std::net::UdpSocket,
+        relay: Option<Arc<Mutex<RelayTable>>>,
+    ) -> io::Result<Arc<Self>> {
+        let ipv6 = sock.local_addr()?.is_ipv6();
+        let clone = sock.try_clone()?;
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
+        punch_net::disable_gro(&clone);
+        Ok(Arc::new(ServerSocket { inner, relay, ipv6 }))
+    }
+
+    fn relay_frame(&self, from: SocketAddr, data: &[u8]) {
+        let Some(table) = &self.relay else { return };
+        let from = punch_net::canonical(from);
+        let action = table
+            .lock()
+            .expect("not poisoned")
+            .handle(from, data, Instant::now());
+        let (to, contents) = match action {
+            Ok(Action::Forward(to)) => (to, data),
+            Ok(Action::Reply(ref frame)) => (from, frame.as_slice()),
+            Err(e) => {
+                tracing::trace!(%from, "relay frame dropped: {e}");
+                return;
+            }
+        };
+        // Best effort, like any UDP forwarder: a full socket buffer drops.
+        let _ = self.inner.try_send(&Transmit {
+            destination: punch_net::for_socket(to, self.ipv6),
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        });
+    }
+}
+
+impl AsyncUdpSocket for ServerSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let mut kept = 0;
+            for i in 0..n {
+                let m = meta[i];
+                if relay::is_relay(&bufs[i][..m.len]) {
+                    self.relay_frame(m.addr, &bufs[i][..m.len]);
+                    continue;
+                }
+                if kept != i {
+                    let (head, tail) = bufs.split_at_mut(i);
+                    head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
+                    meta[kept] = m;
+                }
+                kept += 1;
+            }
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
