@@ -79,6 +79,9 @@ pub struct AgentConfig {
     pub relay: RelayMode,
     /// Start relayed when punching has not found a path by then.
     pub relay_after: Duration,
+    /// Standard STUN servers (`HOST:PORT`) to learn our mapping from, in
+    /// addition to the rendezvous server's view.
+    pub stun: Vec<String>,
 }
 
 impl AgentConfig {
@@ -97,6 +100,7 @@ impl AgentConfig {
             server_connect_timeout: Duration::from_secs(3),
             relay: RelayMode::Auto,
             relay_after: Duration::from_secs(3),
+            stun: Vec::new(),
         }
     }
 }

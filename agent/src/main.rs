@@ -55,6 +55,10 @@ struct Common {
         default_value_t = 5.0
     )]
     punch_timeout: f64,
+    /// A standard STUN server (HOST:PORT) to learn our public mapping from;
+    /// repeatable. Its answers become candidates in offers.
+    #[arg(long, global = true, env = "PUNCH_STUN", value_delimiter = ',')]
+    stun: Vec<String>,
     /// Never use the server's relay: fail when no direct path can be punched.
     #[arg(long, global = true, conflicts_with = "force_relay")]
     no_relay: bool,
@@ -108,6 +112,7 @@ fn init_logs(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -148,6 +153,7 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
     cfg.bind = c.bind;
     cfg.punch_timeout = secs(c.punch_timeout, "--punch-timeout")?;
     cfg.relay_after = secs(c.relay_after, "--relay-after")?;
+    cfg.stun = c.stun.clone();
     cfg.relay = if c.no_relay {
         RelayMode::Never
     } else if c.force_relay {

@@ -143,13 +143,16 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
         }
         None => None,
     };
+    let mut candidates = inner.local_candidates();
+    candidates.extend(stun_candidates(inner).await);
+    candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
     let hello = Hello {
         version: PROTOCOL_VERSION,
         worker_id: inner.worker_id.clone(),
         public_key: inner.identity.public_key(),
         token_proof,
         ephemeral: inner.ephemeral,
-        local_candidates: inner.local_candidates(),
+        local_candidates: candidates,
         metadata: vec![],
     };
     write_frame(&mut send, &ClientMsg::Hello(hello))
@@ -183,6 +186,37 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
         Ok(Err(e)) => Err(close_reason(&conn).unwrap_or_else(|| unreachable(e.to_string()))),
         Err(_) => Err(unreachable("no welcome in time".into())),
     }
+}
+
+/// Our mapping as each configured STUN server sees it, asked in parallel
+/// (at most one second in all, so registration is never held up long).
+async fn stun_candidates(inner: &Arc<Inner>) -> Vec<punch_protocol::signal::Candidate> {
+    let mut asks = Vec::new();
+    for s in inner.config.stun.iter().take(8) {
+        let inner = inner.clone();
+        let s = s.clone();
+        asks.push(tokio::spawn(async move {
+            let addr = resolve(&s).await.ok()?;
+            let mapped = inner.socket.stun_query(addr, Duration::from_secs(1)).await;
+            match mapped {
+                Some(m) => info!(stun = %s, mapped = %m, "STUN server reports our address"),
+                None => warn!(stun = %s, "no answer from STUN server"),
+            }
+            mapped
+        }));
+    }
+    let mut out: Vec<punch_protocol::signal::Candidate> = Vec::new();
+    for a in asks {
+        if let Ok(Some(addr)) = a.await {
+            if !out.iter().any(|c| c.addr == addr) {
+                out.push(punch_protocol::signal::Candidate {
+                    addr,
+                    kind: punch_protocol::signal::CandidateKind::Stun,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Maps the server's application close code to an error, if it gave one.

@@ -9,6 +9,7 @@
 use punch_protocol::probe::{self, Probe};
 use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
+use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::collections::HashMap;
@@ -241,6 +242,8 @@ pub struct PunchSocket {
     pub paths: Mutex<PathTable>,
     /// Relay bind confirmations, by session.
     bind_waiters: Mutex<HashMap<SessionId, mpsc::Sender<Vec<u8>>>>,
+    /// STUN transactions waiting for their response, by transaction id.
+    stun_waiters: Mutex<HashMap<[u8; 16], tokio::sync::oneshot::Sender<Vec<u8>>>>,
 }
 
 impl fmt::Debug for PunchSocket {
@@ -264,6 +267,7 @@ impl PunchSocket {
             ipv6,
             paths: Mutex::new(PathTable::default()),
             bind_waiters: Mutex::new(HashMap::new()),
+            stun_waiters: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -280,6 +284,59 @@ impl PunchSocket {
             .expect("not poisoned")
             .insert(session, tx);
         rx
+    }
+
+    /// Asks a STUN server for our mapped address, from the agent's one
+    /// socket (so it is the mapping peers see), with retries.
+    pub async fn stun_query(
+        &self,
+        server: SocketAddr,
+        limit: std::time::Duration,
+    ) -> Option<SocketAddr> {
+        let txid = stun::new_txid();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.stun_waiters
+            .lock()
+            .expect("not poisoned")
+            .insert(txid, tx);
+        let req = stun::binding_request(&txid, false, false);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut wait = std::time::Duration::from_millis(100);
+        let mut out = None;
+        while tokio::time::Instant::now() < deadline {
+            if self.send_raw(server, &req).is_err() {
+                break;
+            }
+            let until = (tokio::time::Instant::now() + wait).min(deadline);
+            if let Ok(Ok(resp)) = tokio::time::timeout_at(until, &mut rx).await {
+                out = stun::parse(&resp)
+                    .ok()
+                    .filter(|m| m.msg_type == stun::BINDING_SUCCESS)
+                    .and_then(|m| m.mapped_address());
+                break;
+            }
+            wait *= 2;
+        }
+        self.stun_waiters
+            .lock()
+            .expect("not poisoned")
+            .remove(&txid);
+        out.map(punch_net::canonical)
+    }
+
+    fn stun_in(&self, data: &[u8]) {
+        let Ok(m) = stun::parse(data) else { return };
+        if m.msg_type != stun::BINDING_SUCCESS && m.msg_type != stun::BINDING_ERROR {
+            return;
+        }
+        if let Some(tx) = self
+            .stun_waiters
+            .lock()
+            .expect("not poisoned")
+            .remove(&m.txid)
+        {
+            let _ = tx.send(data.to_vec());
+        }
     }
 
     /// Stops waiting for binds of `session`.
@@ -409,6 +466,10 @@ impl AsyncUdpSocket for PunchSocket {
                 // GRO is off on this socket: one datagram per entry.
                 if probe::is_probe(&bufs[i][..m.len]) {
                     self.router.route(m.addr, &bufs[i][..m.len]);
+                    continue;
+                }
+                if stun::looks_like_stun(&bufs[i][..m.len]) {
+                    self.stun_in(&bufs[i][..m.len]);
                     continue;
                 }
                 if relay::is_relay(&bufs[i][..m.len]) {

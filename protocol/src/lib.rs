@@ -13,6 +13,7 @@ pub mod probe;
 pub mod punch;
 pub mod relay;
 pub mod signal;
+pub mod stun;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 1;

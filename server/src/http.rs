@@ -14,6 +14,9 @@ pub struct PeerJson {
     pub observed_addr: String,
     /// RFC 3339, UTC.
     pub connected_since: String,
+    /// Candidates offered to peers, as `KIND ADDR` (`server`, `local`,
+    /// `stun`, `mapped`).
+    pub candidates: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -23,6 +26,14 @@ struct Health {
     fingerprint: String,
     metrics: crate::metrics::MetricsSnapshot,
     relay: Option<RelayJson>,
+    stun: StunJson,
+}
+
+#[derive(Debug, Serialize)]
+struct StunJson {
+    requests: u64,
+    errors_sent: u64,
+    dropped: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +65,14 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
         fingerprint: s.fingerprint.clone(),
         metrics: s.metrics.snapshot(),
         relay,
+        stun: StunJson {
+            requests: s.stun.requests.load(std::sync::atomic::Ordering::Relaxed),
+            errors_sent: s
+                .stun
+                .errors_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+            dropped: s.stun.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        },
     })
 }
 
@@ -65,6 +84,21 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                 worker_id: p.worker_id,
                 observed_addr: p.observed.to_string(),
                 connected_since: humantime::format_rfc3339_seconds(p.since).to_string(),
+                candidates: p
+                    .candidates
+                    .iter()
+                    .map(|c| {
+                        use punch_protocol::signal::CandidateKind::*;
+                        let k = match c.kind {
+                            Local => "local",
+                            ServerReflexive => "server",
+                            Stun => "stun",
+                            Mapped => "mapped",
+                            PeerReflexive => "peer",
+                        };
+                        format!("{k} {}", c.addr)
+                    })
+                    .collect(),
             })
             .collect(),
     )

@@ -81,6 +81,8 @@ pub struct Shared {
     pub fingerprint: String,
     /// Relay sessions; `None` when relaying is off.
     pub relay: Option<Arc<Mutex<punch_protocol::relay::RelayTable>>>,
+    /// STUN responder counters.
+    pub stun: Arc<udp::StunStats>,
 }
 
 /// A running server.
@@ -117,6 +119,7 @@ impl Server {
             .map(|l| Arc::new(Mutex::new(punch_protocol::relay::RelayTable::new(l))));
         let socket =
             udp::ServerSocket::new(socket, relay.clone()).map_err(ServerError::Endpoint)?;
+        let stun = socket.stun.clone();
         let endpoint = signal::endpoint(&identity, &config, socket)?;
         let udp_addr = endpoint.local_addr().map_err(ServerError::Endpoint)?;
         if config.token.is_none() {
@@ -130,6 +133,7 @@ impl Server {
             config: config.clone(),
             fingerprint: fingerprint.clone(),
             relay: relay.clone(),
+            stun,
         });
         let mut tasks = vec![tokio::spawn(signal::accept_loop(
             endpoint.clone(),

@@ -50,6 +50,8 @@ pub struct PeerInfo {
     pub worker_id: String,
     pub observed: SocketAddr,
     pub since: SystemTime,
+    /// Everything offered to peers, server-observed address first.
+    pub candidates: Vec<Candidate>,
 }
 
 /// The outcome of a successful registration.
@@ -191,6 +193,7 @@ impl<H> Registry<H> {
                     worker_id: id.clone(),
                     observed: o.observed,
                     since: o.since,
+                    candidates: o.candidates(),
                 })
             })
             .collect();

@@ -6,12 +6,14 @@
 //! packets use the same address and NAT mapping as their signaling.
 
 use punch_protocol::relay::{self, Action, RelayTable};
+use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -21,7 +23,21 @@ pub struct ServerSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     relay: Option<Arc<Mutex<RelayTable>>>,
     ipv6: bool,
+    local: SocketAddr,
+    /// STUN counters.
+    pub stun: Arc<StunStats>,
 }
+
+/// Counters of the STUN responder.
+#[derive(Debug, Default)]
+pub struct StunStats {
+    pub requests: AtomicU64,
+    pub errors_sent: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// SOFTWARE attribute of our STUN answers.
+pub const SOFTWARE: &str = concat!("punch-server ", env!("CARGO_PKG_VERSION"));
 
 impl fmt::Debug for ServerSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,11 +51,48 @@ impl ServerSocket {
         sock: std::net::UdpSocket,
         relay: Option<Arc<Mutex<RelayTable>>>,
     ) -> io::Result<Arc<Self>> {
-        let ipv6 = sock.local_addr()?.is_ipv6();
+        let local = sock.local_addr()?;
+        let ipv6 = local.is_ipv6();
         let clone = sock.try_clone()?;
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
         punch_net::disable_gro(&clone);
-        Ok(Arc::new(ServerSocket { inner, relay, ipv6 }))
+        Ok(Arc::new(ServerSocket {
+            inner,
+            relay,
+            ipv6,
+            local,
+            stun: Arc::default(),
+        }))
+    }
+
+    /// Answers a STUN Binding request.
+    fn stun_request(&self, from: SocketAddr, dst_ip: Option<std::net::IpAddr>, data: &[u8]) {
+        let from = punch_net::canonical(from);
+        let Ok(msg) = stun::parse(data) else {
+            self.stun.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let local = match (self.local.ip().is_unspecified(), dst_ip) {
+            (true, Some(ip)) => Some(SocketAddr::new(ip.to_canonical(), self.local.port())),
+            (true, None) => None,
+            (false, _) => Some(punch_net::canonical(self.local)),
+        };
+        let info = stun::ResponderInfo { local, other: None };
+        let Some(resp) = stun::answer(&msg, from, info, SOFTWARE) else {
+            self.stun.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if stun::parse(&resp).is_ok_and(|r| r.msg_type == stun::BINDING_ERROR) {
+            self.stun.errors_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stun.requests.fetch_add(1, Ordering::Relaxed);
+        let _ = self.inner.try_send(&Transmit {
+            destination: punch_net::for_socket(from, self.ipv6),
+            ecn: None,
+            contents: &resp,
+            segment_size: None,
+            src_ip: dst_ip,
+        });
     }
 
     fn relay_frame(&self, from: SocketAddr, data: &[u8]) {
@@ -93,6 +146,10 @@ impl AsyncUdpSocket for ServerSocket {
                 let m = meta[i];
                 if relay::is_relay(&bufs[i][..m.len]) {
                     self.relay_frame(m.addr, &bufs[i][..m.len]);
+                    continue;
+                }
+                if stun::looks_like_stun(&bufs[i][..m.len]) {
+                    self.stun_request(m.addr, m.dst_ip, &bufs[i][..m.len]);
                     continue;
                 }
                 if kept != i {

@@ -1,0 +1,109 @@
+//! STUN interop with real third-party software: Debian's `stun` client
+//! (stund) asks punch-server for its mapping, and a real coturn serves as
+//! the STUN server for `punch-agent --stun`.
+
+use punch_lab::harness::{run, Proc, ServerProc};
+use punch_protocol::stun;
+use std::process::Command;
+use std::time::Duration;
+
+/// The tool, or `None` (skip) outside CI; in CI a missing tool fails.
+fn tool(name: &str, package: &str) -> Option<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(());
+    }
+    if std::env::var("CI").is_ok() {
+        panic!("`{name}` missing in CI: .ci/run installs the Debian package {package}");
+    }
+    eprintln!("skipping: `{name}` not installed (apt-get install {package})");
+    None
+}
+
+#[test]
+fn third_party_stun_client_gets_the_right_mapping_from_punch_server() {
+    let Some(()) = tool("stun", "stun-client") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let mut cmd = Command::new("stun");
+    cmd.arg(s.udp.to_string()).args(["1", "-v"]);
+    let r = run(cmd, Duration::from_secs(20)).unwrap();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    let port = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Opened port "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("stun prints the port it opened");
+    assert!(
+        out.contains(&format!("MappedAddress = 127.0.0.1:{port}")),
+        "stun client output: {out}"
+    );
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert!(
+        health["stun"]["requests"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+}
+
+#[test]
+fn coturn_serves_as_stun_server_for_the_agent() {
+    let Some(()) = tool("turnserver", "coturn") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let mut cmd = Command::new("turnserver");
+    cmd.args([
+        "--listening-ip",
+        "127.0.0.1",
+        "--listening-port",
+        &port.to_string(),
+        "--stun-only",
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "-n",
+        "--log-file",
+        "stdout",
+        "--pidfile",
+    ])
+    .arg(dir.path().join("turn.pid"));
+    let _turn = Proc::spawn("turnserver", cmd, None).unwrap();
+    // Ready when it answers a Binding request (bounded: 10 s).
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let req = stun::binding_request(&stun::new_txid(), false, false);
+    let mut buf = [0u8; 512];
+    let ready = (0..50).any(|_| {
+        probe.send_to(&req, ("127.0.0.1", port)).unwrap();
+        probe
+            .recv_from(&mut buf)
+            .is_ok_and(|(n, _)| stun::parse(&buf[..n]).is_ok_and(|m| m.mapped_address().is_some()))
+    });
+    assert!(ready, "coturn did not answer STUN within 10 s");
+
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let stun = format!("127.0.0.1:{port}");
+    let _b = s.serve(dir.path(), "worker-s", &["--stun", &stun]).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("worker-s.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("STUN server reports our address") && l.contains(&stun))
+        .unwrap_or_else(|| panic!("agent log has no answer from coturn: {log}"));
+    let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+    let observed = peers[0]["observed_addr"].as_str().unwrap();
+    assert!(
+        line.contains(&format!("mapped={observed}")),
+        "coturn's answer {line:?} should be the address punch-server sees, {observed}"
+    );
+}
