@@ -28,8 +28,19 @@ pub struct PunchConfig {
     pub early_rounds: Vec<Duration>,
     /// Spacing of the steady rounds.
     pub interval: Duration,
-    /// Most candidates (advertised plus peer-reflexive) probed.
+    /// Most candidates (advertised, peer-reflexive and predicted) probed.
     pub max_candidates: usize,
+    /// When no path is validated this long after the start, also probe the
+    /// other ports of the aligned port block around each server-observed
+    /// candidate (`block_size` ports). Many carrier and cloud NATs, Google
+    /// Cloud NAT among them, give each host a small fixed block and pick a
+    /// new port from it for every destination: probing the whole block from
+    /// both sides at once then meets one of the peer's new mappings.
+    pub block_scan_after: Option<Duration>,
+    /// Size (a power of two) of the port block scanned.
+    pub block_size: u16,
+    /// Most pings one session sends.
+    pub max_pings: u32,
 }
 
 impl Default for PunchConfig {
@@ -41,7 +52,10 @@ impl Default for PunchConfig {
                 .map(|ms| Duration::from_millis(*ms))
                 .collect(),
             interval: Duration::from_millis(250),
-            max_candidates: 2 * MAX_CANDIDATES,
+            max_candidates: 2 * MAX_CANDIDATES + 128,
+            block_scan_after: Some(Duration::from_millis(400)),
+            block_size: 64,
+            max_pings: 1500,
         }
     }
 }
@@ -132,6 +146,7 @@ pub struct Puncher {
     events: VecDeque<PunchEvent>,
     state: PunchState,
     stats: PunchStats,
+    scanning: bool,
 }
 
 /// Most outstanding pings remembered for matching pongs.
@@ -166,6 +181,7 @@ impl Puncher {
             events: VecDeque::new(),
             state: PunchState::Probing,
             stats: PunchStats::default(),
+            scanning: false,
             config,
         };
         for c in peer_candidates {
@@ -219,6 +235,26 @@ impl Puncher {
         Some(self.candidates.len() - 1)
     }
 
+    fn add_block_candidates(&mut self) {
+        let size = self.config.block_size.max(1);
+        let mask = !(size - 1);
+        let bases: Vec<SocketAddr> = self
+            .candidates
+            .iter()
+            .filter(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr)
+            .collect();
+        for b in bases {
+            let first = b.port() & mask;
+            for k in 0..size {
+                let port = first.wrapping_add(k);
+                if port != b.port() && port >= 1024 {
+                    self.add_candidate(SocketAddr::new(b.ip(), port), CandidateKind::Predicted);
+                }
+            }
+        }
+    }
+
     fn ping(&mut self, idx: usize, now: Instant) {
         let txid = self.next_txid;
         self.next_txid = self.next_txid.wrapping_add(1);
@@ -260,7 +296,19 @@ impl Puncher {
             return;
         }
         if now >= self.next_round {
+            if !self.scanning
+                && self
+                    .config
+                    .block_scan_after
+                    .is_some_and(|after| now >= self.start + after)
+            {
+                self.scanning = true;
+                self.add_block_candidates();
+            }
             for i in 0..self.candidates.len() {
+                if self.stats.pings_sent >= self.config.max_pings {
+                    break;
+                }
                 self.ping(i, now);
             }
             self.round += 1;
@@ -506,8 +554,30 @@ mod tests {
         assert_eq!(ea, vec![PunchEvent::TimedOut]);
         assert_eq!(eb, vec![PunchEvent::TimedOut]);
         let sent = n.a.stats().pings_sent;
-        assert!((10..=40).contains(&sent), "pings sent: {sent}");
+        let budget = PunchConfig::default().max_pings;
+        assert!((10..=budget).contains(&sent), "pings sent: {sent}");
         assert_eq!(n.a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn block_scan_finds_a_new_mapping_in_the_peers_port_block() {
+        // B's NAT gave it another port of the same 64-port block towards A
+        // than the one the server saw; both NATs filter by address and port.
+        let mut n = net(
+            &[cand("198.51.100.1:1000", CandidateKind::ServerReflexive)],
+            &[cand("203.0.113.2:20481", CandidateKind::ServerReflexive)],
+        );
+        n.b_addr = "203.0.113.2:20500".parse().unwrap();
+        let mut opened: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+        let (ea, _) = n.run(Duration::from_secs(2), &mut |src, dst| {
+            let ok = opened.contains(&(dst, src));
+            opened.push((src, dst));
+            ok
+        });
+        assert!(
+            matches!(ea.first(), Some(PunchEvent::Validated { addr, kind: CandidateKind::Predicted, .. }) if *addr == n.b_addr),
+            "{ea:?}"
+        );
     }
 
     #[test]

@@ -154,6 +154,8 @@ pub enum CandidateKind {
     Mapped,
     /// Seen as the source of a valid probe.
     PeerReflexive,
+    /// A guess: another port of the peer's NAT port block.
+    Predicted,
 }
 
 /// One address a peer may be reached at.

@@ -95,6 +95,7 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                             Stun => "stun",
                             Mapped => "mapped",
                             PeerReflexive => "peer",
+                            Predicted => "predicted",
                         };
                         format!("{k} {}", c.addr)
                     })
