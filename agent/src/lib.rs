@@ -17,6 +17,7 @@
 //! ```
 
 pub mod error;
+pub mod natcheck;
 pub mod peer;
 pub mod session;
 pub mod signal;

@@ -87,6 +87,15 @@ enum Cmd {
         #[arg(long, default_value_t = 15.0)]
         timeout: f64,
     },
+    /// Classify this host's NAT (RFC 5780): public address, mapping and
+    /// filtering behaviour, port preservation, hairpinning. Asks the
+    /// --server's STUN port (start punch-server with --alt-listen), or the
+    /// first --stun server. No registration, no fingerprint needed.
+    NatCheck {
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect to TARGET and measure round trips: min/avg/max.
     Ping {
         /// Worker id to reach.
@@ -168,6 +177,10 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (json, result) = match &cli.cmd {
+        Cmd::NatCheck { json } => {
+            init_logs("error");
+            (*json, nat_check(&cli.common, *json).await)
+        }
         Cmd::Serve => {
             init_logs("info");
             (false, serve(&cli.common).await)
@@ -207,6 +220,48 @@ async fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
+    let target = c.stun.first().or(c.server.as_ref()).ok_or_else(|| {
+        AgentError::Config("nat-check needs --server HOST:PORT or --stun HOST:PORT".into())
+    })?;
+    let addr = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| AgentError::ServerUnreachable {
+            server: target.clone(),
+            reason: format!("cannot resolve: {e}"),
+        })?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| AgentError::Config(format!("{target} has no IPv4 address")))?;
+    let bind = if c.bind.ip().is_unspecified() {
+        std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        c.bind
+    };
+    let r = punch_agent::natcheck::check(addr, bind).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| AgentError::Io(e.to_string()))?
+        );
+    } else if r.udp == "blocked" {
+        println!("UDP: blocked (no STUN answer from {addr})");
+    } else {
+        println!("UDP:            ok");
+        println!(
+            "public address: {}",
+            r.public_addr.clone().unwrap_or_default()
+        );
+        println!("mapping:        {}", r.mapping);
+        println!("filtering:      {}", r.filtering);
+        println!("port preserved: {}", r.port_preserved.unwrap_or(false));
+        println!("hairpinning:    {}", r.hairpin.unwrap_or(false));
+        if r.other_addr.is_none() {
+            println!("(the server has no alternate address: start punch-server with --alt-listen)");
+        }
+    }
+    Ok(())
 }
 
 async fn serve(c: &Common) -> Result<(), AgentError> {

@@ -5,6 +5,7 @@
 //! agents an offer so they can punch a direct path. A small HTTP endpoint
 //! shows health and who is online.
 
+pub mod alt;
 pub mod http;
 pub mod metrics;
 pub mod registry;
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Relay limits; `None` turns the relay off.
     pub relay: Option<punch_protocol::relay::RelayLimits>,
+    /// RFC 5780 alternate address (other IP and port) for NAT discovery.
+    pub alt_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -50,6 +53,7 @@ impl ServerConfig {
             max_workers: 100_000,
             idle_timeout: Duration::from_secs(20),
             relay: Some(punch_protocol::relay::RelayLimits::default()),
+            alt_listen: None,
         }
     }
 }
@@ -117,8 +121,15 @@ impl Server {
             .relay
             .clone()
             .map(|l| Arc::new(Mutex::new(punch_protocol::relay::RelayTable::new(l))));
-        let socket =
-            udp::ServerSocket::new(socket, relay.clone()).map_err(ServerError::Endpoint)?;
+        let alt = match config.alt_listen {
+            Some(a) => Some(
+                alt::AltSockets::bind(socket.local_addr().map_err(ServerError::Endpoint)?, a)
+                    .map_err(|source| ServerError::BindUdp { addr: a, source })?,
+            ),
+            None => None,
+        };
+        let socket = udp::ServerSocket::new(socket, relay.clone(), alt.clone())
+            .map_err(ServerError::Endpoint)?;
         let stun = socket.stun.clone();
         let endpoint = signal::endpoint(&identity, &config, socket)?;
         let udp_addr = endpoint.local_addr().map_err(ServerError::Endpoint)?;
@@ -139,6 +150,9 @@ impl Server {
             endpoint.clone(),
             shared.clone(),
         ))];
+        if let Some(alt) = alt {
+            tasks.push(tokio::spawn(alt.serve(shared.stun.clone())));
+        }
         if let Some(table) = relay {
             tasks.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -50,6 +50,12 @@ struct RunArgs {
     /// Most worker ids held in the registry.
     #[arg(long, env = "PUNCH_MAX_WORKERS", default_value_t = 100_000)]
     max_workers: usize,
+    /// A second address (other IP and other port) for RFC 5780 NAT
+    /// discovery: STUN is then also answered on it and on the two mixed
+    /// combinations, and CHANGE-REQUEST is honoured. Needs a specific
+    /// --listen address.
+    #[arg(long, env = "PUNCH_ALT_LISTEN")]
+    alt_listen: Option<SocketAddr>,
     /// Do not relay: agents that cannot punch fail instead.
     #[arg(long, env = "PUNCH_NO_RELAY")]
     no_relay: bool,
@@ -107,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.token = a.token.filter(|t| !t.is_empty());
     cfg.max_workers = a.max_workers;
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout);
+    cfg.alt_listen = a.alt_listen;
     if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
         anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");
     }

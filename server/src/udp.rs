@@ -26,6 +26,7 @@ pub struct ServerSocket {
     local: SocketAddr,
     /// STUN counters.
     pub stun: Arc<StunStats>,
+    alt: Option<Arc<crate::alt::AltSockets>>,
 }
 
 /// Counters of the STUN responder.
@@ -50,6 +51,7 @@ impl ServerSocket {
     pub fn new(
         sock: std::net::UdpSocket,
         relay: Option<Arc<Mutex<RelayTable>>>,
+        alt: Option<Arc<crate::alt::AltSockets>>,
     ) -> io::Result<Arc<Self>> {
         let local = sock.local_addr()?;
         let ipv6 = local.is_ipv6();
@@ -62,6 +64,7 @@ impl ServerSocket {
             ipv6,
             local,
             stun: Arc::default(),
+            alt,
         }))
     }
 
@@ -77,7 +80,18 @@ impl ServerSocket {
             (true, None) => None,
             (false, _) => Some(punch_net::canonical(self.local)),
         };
-        let info = stun::ResponderInfo { local, other: None };
+        let (ci, cp) = msg.change_request();
+        let out = self
+            .alt
+            .as_ref()
+            .and_then(|a| local.and_then(|l| a.respond_from(l, ci, cp)));
+        let info = stun::ResponderInfo {
+            local: match out {
+                Some(s) => s.local_addr().ok(),
+                None => local,
+            },
+            other: self.alt.as_ref().map(|a| a.other),
+        };
         let Some(resp) = stun::answer(&msg, from, info, SOFTWARE) else {
             self.stun.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -86,6 +100,10 @@ impl ServerSocket {
             self.stun.errors_sent.fetch_add(1, Ordering::Relaxed);
         }
         self.stun.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(out) = out {
+            let _ = out.send_to(&resp, from);
+            return;
+        }
         let _ = self.inner.try_send(&Transmit {
             destination: punch_net::for_socket(from, self.ipv6),
             ecn: None,

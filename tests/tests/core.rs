@@ -309,3 +309,40 @@ fn a_server_without_relay_refuses_forced_relay_clearly() {
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.json().unwrap()["path"], "direct");
 }
+
+#[test]
+fn nat_check_against_rfc5780_server_and_blocked_udp() {
+    let dir = tmp();
+    let port = std::net::UdpSocket::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let alt = format!("127.0.0.2:{port}");
+    let s = ServerProc::start(dir.path(), &["--alt-listen", &alt]).unwrap();
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args(["nat-check", "--json", "--server", &s.udp.to_string()]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    // Loopback has no NAT: everything is endpoint-independent.
+    assert_eq!(j["udp"], "ok");
+    assert_eq!(j["mapping"], "endpoint-independent", "{j}");
+    assert_eq!(j["filtering"], "endpoint-independent", "{j}");
+    assert_eq!(j["port_preserved"], true);
+    assert_eq!(j["other_addr"], alt);
+    let public: std::net::SocketAddr = j["public_addr"].as_str().unwrap().parse().unwrap();
+    let local: std::net::SocketAddr = j["local_addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(public.port(), local.port());
+    assert_eq!(j["hairpin"], true, "loopback reaches itself");
+
+    // Nothing listening: UDP reported blocked, exit 0 (it is a finding).
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args(["nat-check", "--json", "--server", &addr.to_string()]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.json().unwrap()["udp"], "blocked");
+}

@@ -67,6 +67,8 @@ pub fn start_server(lab: &mut Lab) -> Result<String> {
     let mut cmd = in_ns(&lab.server_ns, bin("punch-server")?);
     cmd.arg("--listen")
         .arg(format!("{SERVER_IP}:3478"))
+        .arg("--alt-listen")
+        .arg(format!("{}:3479", super::SERVER_IP2))
         .args(["--http", "127.0.0.1:8080", "--data-dir"])
         .arg(lab.path("server-data"));
     cmd.env("PUNCH_LOG", "info");

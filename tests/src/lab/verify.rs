@@ -16,6 +16,10 @@ pub struct Verdict {
     pub expected_filtering: &'static str,
     pub measured: NatReport,
     pub block_ok: bool,
+    /// `punch-agent nat-check` against punch-server's RFC 5780 STUN.
+    pub nat_check_mapping: String,
+    pub nat_check_filtering: String,
+    pub nat_check_ok: bool,
     pub ok: bool,
 }
 
@@ -45,6 +49,26 @@ fn probe_in(ns: &str) -> Result<NatReport> {
         .with_context(|| format!("nat-probe output {:?}", r.stdout))
 }
 
+fn nat_check_in(ns: &str) -> Result<(String, String)> {
+    let mut cmd = in_ns(ns, crate::harness::bin("punch-agent")?);
+    cmd.args([
+        "nat-check",
+        "--json",
+        "--server",
+        &format!("{SERVER_IP}:3478"),
+    ]);
+    let r = run(cmd, Duration::from_secs(30))?;
+    if r.code != Some(0) {
+        anyhow::bail!("nat-check in {ns} failed: {}", r.stderr.trim());
+    }
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+        .with_context(|| format!("nat-check output {:?}", r.stdout))?;
+    Ok((
+        v["mapping"].as_str().unwrap_or_default().to_string(),
+        v["filtering"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
 /// Builds the sites and checks each.
 pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
     let mut lab = Lab::new()?;
@@ -68,6 +92,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
     let mut p = Proc::spawn("reflector", cmd, Some(&log))?;
     p.wait_line("reflecting", Duration::from_secs(10))?;
     lab.keep(p);
+    super::matrix::start_server(&mut lab)?;
     let mut out = Vec::new();
     for (t, site) in types.iter().zip(sites) {
         let ns = lab.sites[site].hosts[0].clone();
@@ -100,13 +125,29 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             measured = probe_in(&ns)?;
             (ok, block_ok) = check(&measured);
         }
+        let nat_check_ok = |m: &str, f: &str| {
+            let mapping_ok = match t.mapping() {
+                Mapping::EndpointIndependent => m == "endpoint-independent",
+                Mapping::EndpointDependent => m == "address-and-port-dependent",
+            };
+            mapping_ok && f == expected_filtering
+        };
+        let mut nc = nat_check_in(&ns)?;
+        if !nat_check_ok(&nc.0, &nc.1) {
+            // Same chance repeat as above (1 in 64 for the Cloud NAT block).
+            nc = nat_check_in(&ns)?;
+        }
+        let nc_ok = nat_check_ok(&nc.0, &nc.1);
         out.push(Verdict {
             nat: *t,
             expected_mapping,
             expected_filtering,
             measured,
             block_ok,
-            ok,
+            nat_check_mapping: nc.0,
+            nat_check_filtering: nc.1,
+            nat_check_ok: nc_ok,
+            ok: ok && nc_ok,
         });
     }
     Ok(out)
@@ -115,12 +156,18 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
 /// The readable table.
 pub fn table(v: &[Verdict]) -> String {
     let mut s = format!(
-        "{:<16} {:<28} {:<28} {:<22} {:<6} {}\n",
-        "NAT", "mapping (measured)", "filtering (measured)", "mapped", "pres.", "verdict"
+        "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
+        "NAT",
+        "mapping (measured)",
+        "filtering (measured)",
+        "mapped",
+        "pres.",
+        "nat-check",
+        "verdict"
     );
     for x in v {
         s.push_str(&format!(
-            "{:<16} {:<28} {:<28} {:<22} {:<6} {}\n",
+            "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
             x.nat.name(),
             x.measured.mapping,
             x.measured.filtering,
@@ -129,6 +176,11 @@ pub fn table(v: &[Verdict]) -> String {
                 "yes"
             } else {
                 "no"
+            },
+            if x.nat_check_ok {
+                "agrees".to_string()
+            } else {
+                format!("{}/{}", x.nat_check_mapping, x.nat_check_filtering)
             },
             if x.ok {
                 "ok".to_string()

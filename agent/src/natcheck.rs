@@ -1,0 +1,152 @@
+//! `nat-check`: classify our own NAT as RFC 5780 does, against a server
+//! that answers STUN with OTHER-ADDRESS and CHANGE-REQUEST (punch-server with
+//! `--alt-listen`, or any RFC 5780 STUN server).
+
+use punch_protocol::stun;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+/// What the checks found.
+#[derive(Debug, Clone, Serialize)]
+pub struct NatReport {
+    /// `"ok"`, or `"blocked"` when no STUN answer came back at all.
+    pub udp: &'static str,
+    pub local_addr: Option<String>,
+    pub public_addr: Option<String>,
+    /// `endpoint-independent`, `address-dependent`,
+    /// `address-and-port-dependent`, or `unknown` (no alternate address).
+    pub mapping: &'static str,
+    /// Same three values, or `unknown`.
+    pub filtering: &'static str,
+    pub port_preserved: Option<bool>,
+    pub hairpin: Option<bool>,
+    /// The server's alternate address, if it has one.
+    pub other_addr: Option<String>,
+}
+
+/// Requests carry PADDING so the server's amplification guard lets the
+/// RFC 5780 attributes into the answer.
+fn request(txid: &[u8; 16], change_ip: bool, change_port: bool) -> Vec<u8> {
+    let mut b = stun::Builder::new(stun::BINDING_REQUEST, txid);
+    if change_ip || change_port {
+        let flags = (change_ip as u8) << 2 | (change_port as u8) << 1;
+        b.attr(stun::attr::CHANGE_REQUEST, &[0, 0, 0, flags]);
+    }
+    b.attr(stun::attr::PADDING, &[0; 96]);
+    b.finish_with_fingerprint()
+}
+
+struct Answer {
+    mapped: SocketAddr,
+    other: Option<SocketAddr>,
+}
+
+async fn ask(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    change_ip: bool,
+    change_port: bool,
+) -> Option<Answer> {
+    let txid = stun::new_txid();
+    let req = request(&txid, change_ip, change_port);
+    let mut buf = [0u8; 1500];
+    for attempt in 0..3u64 {
+        sock.send_to(&req, to).await.ok()?;
+        let until = tokio::time::Instant::now() + Duration::from_millis(300 + 200 * attempt);
+        while let Ok(Ok((n, _))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+            let Ok(m) = stun::parse(&buf[..n]) else {
+                continue;
+            };
+            if m.txid != txid || m.msg_type != stun::BINDING_SUCCESS {
+                continue;
+            }
+            let other = m
+                .get(stun::attr::OTHER_ADDRESS)
+                .or_else(|| m.get(stun::attr::CHANGED_ADDRESS))
+                .and_then(|v| stun::decode_address(v, None));
+            return Some(Answer {
+                mapped: punch_net::canonical(m.mapped_address()?),
+                other,
+            });
+        }
+    }
+    None
+}
+
+async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {
+    let txid = stun::new_txid();
+    let req = request(&txid, false, false);
+    let mut buf = [0u8; 1500];
+    for _ in 0..2 {
+        if sock.send_to(&req, mapped).await.is_err() {
+            return false;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Ok((n, _))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+            if stun::parse(&buf[..n]).is_ok_and(|m| m.txid == txid) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Runs the RFC 5780 tests against `server` from fresh sockets on `bind`.
+pub async fn check(server: SocketAddr, bind: SocketAddr) -> std::io::Result<NatReport> {
+    let s1 = UdpSocket::bind(bind).await?;
+    let local = s1.local_addr()?;
+    let Some(first) = ask(&s1, server, false, false).await else {
+        return Ok(NatReport {
+            udp: "blocked",
+            local_addr: Some(local.to_string()),
+            public_addr: None,
+            mapping: "unknown",
+            filtering: "unknown",
+            port_preserved: None,
+            hairpin: None,
+            other_addr: None,
+        });
+    };
+    let m1 = first.mapped;
+    let mut mapping = "unknown";
+    if let Some(other) = first.other {
+        let m2 = ask(
+            &s1,
+            SocketAddr::new(other.ip(), server.port()),
+            false,
+            false,
+        )
+        .await;
+        let m3 = ask(&s1, other, false, false).await;
+        mapping = match (m2, m3) {
+            (Some(a), _) if a.mapped == m1 => "endpoint-independent",
+            (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
+            (Some(_), Some(_)) => "address-and-port-dependent",
+            _ => "unknown",
+        };
+    }
+    // Filtering from a socket that has talked to the primary address only.
+    let s2 = UdpSocket::bind(bind).await?;
+    let filtering = if first.other.is_none() {
+        "unknown"
+    } else if ask(&s2, server, true, true).await.is_some() {
+        "endpoint-independent"
+    } else if ask(&s2, server, false, true).await.is_some() {
+        "address-dependent"
+    } else {
+        "address-and-port-dependent"
+    };
+    let hp = hairpin(&s1, m1).await;
+    Ok(NatReport {
+        udp: "ok",
+        local_addr: Some(local.to_string()),
+        public_addr: Some(m1.to_string()),
+        mapping,
+        filtering,
+        port_preserved: Some(m1.port() == local.port()),
+        hairpin: Some(hp),
+        other_addr: first.other.map(|o| o.to_string()),
+    })
+}
