@@ -58,6 +58,20 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let pairs = m["pairs"].as_array().unwrap();
+    // The delay forwarder gives the RTT asked for: 10 ms on each of the two
+    // sites' links, both ways = 40 ms between two NATed hosts (plus a
+    // little processing; the one-off first ping can be slower).
+    let mut rtts: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p["a"] != "same-nat")
+        .filter_map(|p| p["median_rtt_ms"].as_f64())
+        .collect();
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    let median = rtts[rtts.len() / 2];
+    assert!(
+        (39.0..55.0).contains(&median),
+        "lab RTT {median} ms, asked for 40 ms"
+    );
     assert_eq!(pairs.len(), 8 * 8 + 1, "every ordered pair plus same-nat");
     for p in pairs {
         assert_eq!(

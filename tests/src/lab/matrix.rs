@@ -42,6 +42,9 @@ pub struct PairResult {
     pub p95_ms: Option<f64>,
     pub median_rtts: Option<f64>,
     pub p95_rtts: Option<f64>,
+    /// Median round trip A↔B measured over the peer connection (ms): with
+    /// `--delay D` it should be about 4·D (each site's link, both ways).
+    pub median_rtt_ms: Option<f64>,
     /// Error kinds of failed runs.
     pub errors: Vec<String>,
     /// `agrees`, `worse-than-theory` or `better-than-theory`.
@@ -207,7 +210,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let mut results = Vec::new();
     for (a, b, ns, target, expect, reason, reset) in pairs {
         bar.set_message(format!("{a} -> {b}"));
-        let (mut times, mut rtts) = (Vec::new(), Vec::new());
+        let (mut times, mut rtts, mut rtt_ms) = (Vec::new(), Vec::new(), Vec::new());
         let (mut connected, mut direct, mut upgraded, mut relayed) = (0, 0, 0, 0);
         let mut errors = Vec::new();
         for _ in 0..opts.runs {
@@ -238,6 +241,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                 times.push(ms);
                 if rtt > 0.0 {
                     rtts.push(ms / rtt);
+                    if j["path"] == "direct" {
+                        rtt_ms.push(rtt);
+                    }
                 }
             } else {
                 errors.push(
@@ -272,6 +278,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             p95_ms: quantile(&mut times, 0.95),
             median_rtts: quantile(&mut rtts, 0.5),
             p95_rtts: quantile(&mut rtts, 0.95),
+            median_rtt_ms: quantile(&mut rtt_ms, 0.5),
             errors,
             verdict,
         });
