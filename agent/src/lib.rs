@@ -146,7 +146,8 @@ pub(crate) struct Inner {
     /// The server's UDP address as last resolved (also the relay).
     pub(crate) server_addr: Mutex<Option<SocketAddr>>,
     /// Virtual addresses with a live peer connection.
-    pub(crate) live_peers: Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Live peer connections per virtual address.
+    pub(crate) live_peers: Mutex<HashMap<SocketAddr, usize>>,
     pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_req: AtomicU32,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.

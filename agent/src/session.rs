@@ -7,7 +7,7 @@ use crate::socket::ProbeDatagram;
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
 use punch_protocol::relay;
-use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg};
+use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg, SessionId};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -147,12 +147,13 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
                 let ours = matches!(parsed, relay::Frame::BindOk { session, side, nonce: n, .. }
                     if session == offer.session && side == offer.role && n == nonce);
                 if ours && relay::verify_bind(&parsed, &offer.secret) {
-                    inner
-                        .socket
-                        .paths
-                        .lock()
-                        .expect("not poisoned")
-                        .set_relay(v, Some(server));
+                    inner.socket.paths.lock().expect("not poisoned").set_relay(
+                        v,
+                        server,
+                        offer.session,
+                        offer.secret,
+                        offer.role,
+                    );
                     debug!(%server, "relay bound");
                     return Ok(());
                 }
@@ -167,16 +168,37 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
     result
 }
 
-/// Forgets a peer's virtual address unless a connection uses it.
-fn release(inner: &Arc<Inner>, v: SocketAddr) {
-    if !inner.live_peers.lock().expect("not poisoned").contains(&v) {
-        inner.socket.paths.lock().expect("not poisoned").remove(v);
+/// Forgets a peer's virtual address unless a connection uses it or a newer
+/// session with the same peer took it over.
+fn release(inner: &Arc<Inner>, v: SocketAddr, session: SessionId) {
+    if !inner
+        .live_peers
+        .lock()
+        .expect("not poisoned")
+        .contains_key(&v)
+    {
+        inner
+            .socket
+            .paths
+            .lock()
+            .expect("not poisoned")
+            .remove_if_latest(v, session);
     }
 }
 
-/// Keeps `v` while `conn` lives.
-pub(crate) fn hold(inner: &Arc<Inner>, v: SocketAddr, conn: &quinn::Connection) {
-    inner.live_peers.lock().expect("not poisoned").insert(v);
+/// Keeps `v` while `conn` (of `session`) lives.
+pub(crate) fn hold(
+    inner: &Arc<Inner>,
+    v: SocketAddr,
+    session: SessionId,
+    conn: &quinn::Connection,
+) {
+    *inner
+        .live_peers
+        .lock()
+        .expect("not poisoned")
+        .entry(v)
+        .or_insert(0) += 1;
     let inner = inner.clone();
     let conn = conn.clone();
     tokio::spawn(async move {
@@ -193,8 +215,25 @@ pub(crate) fn hold(inner: &Arc<Inner>, v: SocketAddr, conn: &quinn::Connection) 
                 }
             }
         }
-        inner.live_peers.lock().expect("not poisoned").remove(&v);
-        inner.socket.paths.lock().expect("not poisoned").remove(v);
+        let last = {
+            let mut live = inner.live_peers.lock().expect("not poisoned");
+            let n = live.entry(v).or_insert(1);
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&v);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            inner
+                .socket
+                .paths
+                .lock()
+                .expect("not poisoned")
+                .remove_if_latest(v, session);
+        }
     });
 }
 
@@ -204,7 +243,7 @@ fn register(inner: &Arc<Inner>, offer: &Offer) -> Result<SocketAddr, AgentError>
         .paths
         .lock()
         .expect("not poisoned")
-        .register(offer.session, offer.secret, offer.role)
+        .register(offer.session, offer.peer_key)
         .ok_or_else(|| AgentError::PeerConnect("too many peers".into()))
 }
 
@@ -240,7 +279,7 @@ pub(crate) async fn controlled(
         let _ = spawn_puncher(&inner, &offer, v, probes).await;
     }
     tokio::time::sleep(window).await;
-    release(&inner, v);
+    release(&inner, v, offer.session);
 }
 
 /// The controlling side of `Agent::connect`.
@@ -277,8 +316,8 @@ pub(crate) async fn connect(
         .instrument(span)
         .await;
     match &r {
-        Ok(pc) => hold(inner, v, &pc.conn),
-        Err(_) => release(inner, v),
+        Ok(pc) => hold(inner, v, offer.session, &pc.conn),
+        Err(_) => release(inner, v, offer.session),
     }
     r
 }

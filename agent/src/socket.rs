@@ -91,18 +91,26 @@ pub enum ActivePath {
 
 #[derive(Clone, Debug)]
 struct PeerPath {
+    /// The latest session with this peer.
+    session: SessionId,
+    direct: Option<SocketAddr>,
+    relay: Option<RelayBinding>,
+}
+
+/// A relay binding: the server and the session it is bound on.
+#[derive(Clone, Copy, Debug)]
+struct RelayBinding {
+    server: SocketAddr,
     session: SessionId,
     secret: [u8; 32],
     role: punch_protocol::signal::Role,
-    direct: Option<SocketAddr>,
-    relay: Option<SocketAddr>,
 }
 
 impl PeerPath {
     fn active(&self) -> ActivePath {
         match (self.direct, self.relay) {
             (Some(d), _) => ActivePath::Direct(d),
-            (None, Some(r)) => ActivePath::Relay(r),
+            (None, Some(r)) => ActivePath::Relay(r.server),
             (None, None) => ActivePath::None,
         }
     }
@@ -117,11 +125,16 @@ impl PeerPath {
 /// the virtual address. Switching paths therefore never changes the
 /// connection quinn sees. iroh does the same with its per-peer mapped
 /// addresses.
+///
+/// The virtual address belongs to the peer (its key), not to one session:
+/// a second connection to the same peer shares it, so the same source
+/// address never has to mean two things.
 #[derive(Debug, Default)]
 pub struct PathTable {
     peers: HashMap<SocketAddr, PeerPath>,
     by_direct: HashMap<SocketAddr, SocketAddr>,
     by_session: HashMap<SessionId, SocketAddr>,
+    by_key: HashMap<punch_protocol::signal::PublicKey, SocketAddr>,
     next: u32,
 }
 
@@ -141,11 +154,17 @@ impl PathTable {
     pub fn register(
         &mut self,
         session: SessionId,
-        secret: [u8; 32],
-        role: punch_protocol::signal::Role,
+        peer_key: punch_protocol::signal::PublicKey,
     ) -> Option<SocketAddr> {
         if let Some(v) = self.by_session.get(&session) {
             return Some(*v);
+        }
+        if let Some(v) = self.by_key.get(&peer_key).copied() {
+            if let Some(p) = self.peers.get_mut(&v) {
+                p.session = session;
+                self.by_session.insert(session, v);
+                return Some(v);
+            }
         }
         if self.peers.len() >= MAX_PEERS {
             return None;
@@ -165,21 +184,28 @@ impl PathTable {
             v,
             PeerPath {
                 session,
-                secret,
-                role,
                 direct: None,
                 relay: None,
             },
         );
         self.by_session.insert(session, v);
+        self.by_key.insert(peer_key, v);
         Some(v)
     }
 
     /// Forgets a peer.
     pub fn remove(&mut self, v: SocketAddr) {
-        if let Some(p) = self.peers.remove(&v) {
-            self.by_session.remove(&p.session);
+        if self.peers.remove(&v).is_some() {
+            self.by_session.retain(|_, x| *x != v);
+            self.by_key.retain(|_, x| *x != v);
             self.by_direct.retain(|_, x| *x != v);
+        }
+    }
+
+    /// Forgets a peer unless a newer session than `session` took it over.
+    pub fn remove_if_latest(&mut self, v: SocketAddr, session: SessionId) {
+        if self.peers.get(&v).is_some_and(|p| p.session == session) {
+            self.remove(v);
         }
     }
 
@@ -187,8 +213,12 @@ impl PathTable {
     /// the peer's session) as coming from `v`, so QUIC packets that arrive
     /// before our own side validated the path reach the right connection.
     pub fn learn(&mut self, v: SocketAddr, addr: SocketAddr) {
-        if self.peers.contains_key(&v) && self.by_direct.len() < 4 * MAX_PEERS {
-            self.by_direct.entry(addr).or_insert(v);
+        // The latest peer to probe from an address owns it: NATs reuse
+        // ports, and a stale owner would misroute a new peer's packets.
+        if self.peers.contains_key(&v)
+            && (self.by_direct.len() < 4 * MAX_PEERS || self.by_direct.contains_key(&addr))
+        {
+            self.by_direct.insert(addr, v);
         }
     }
 
@@ -202,11 +232,28 @@ impl PathTable {
         }
     }
 
-    /// Uses the relay at `server` (bound) for the peer.
-    pub fn set_relay(&mut self, v: SocketAddr, server: Option<SocketAddr>) {
+    /// Uses the relay at `server`, bound on this session, for the peer.
+    pub fn set_relay(
+        &mut self,
+        v: SocketAddr,
+        server: SocketAddr,
+        session: SessionId,
+        secret: [u8; 32],
+        role: punch_protocol::signal::Role,
+    ) {
         if let Some(p) = self.peers.get_mut(&v) {
-            p.relay = server;
+            p.relay = Some(RelayBinding {
+                server,
+                session,
+                secret,
+                role,
+            });
         }
+    }
+
+    /// The session the peer's relay binding uses.
+    pub fn relay_session(&self, v: SocketAddr) -> Option<SessionId> {
+        self.peers.get(&v)?.relay.map(|r| r.session)
     }
 
     /// The path packets to `v` take now.
@@ -218,11 +265,10 @@ impl PathTable {
     /// the server drops idle bindings, and a direct path carries no relay
     /// traffic, so live connections refresh theirs.
     pub fn relay_refresh(&self, v: SocketAddr) -> Option<(SocketAddr, Vec<u8>)> {
-        let p = self.peers.get(&v)?;
-        let server = p.relay?;
+        let r = self.peers.get(&v)?.relay?;
         Some((
-            server,
-            relay::encode_bind_request(&p.secret, p.session, p.role, rand::random()),
+            r.server,
+            relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
         ))
     }
 
@@ -431,7 +477,7 @@ impl AsyncUdpSocket for PunchSocket {
         }
         let (active, session) = {
             let paths = self.paths.lock().expect("not poisoned");
-            (paths.active(dst), paths.session(dst))
+            (paths.active(dst), paths.relay_session(dst))
         };
         match (active, session) {
             (Some(ActivePath::Direct(addr)), _) => self.inner.try_send(&Transmit {

@@ -219,3 +219,44 @@ async fn hostile_clients_get_errors_and_others_are_unaffected() {
         "{health}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_and_concurrent_connects_to_one_peer() {
+    // Sequential: each connection closes before the next opens (the
+    // previous one's clean-up must not tear down the next one's path).
+    let b = punch_lab::demo::bench_connect(20, "127.0.0.1")
+        .await
+        .unwrap();
+    assert_eq!(b.count, 20);
+    // Concurrent: two live connections to the same peer share its path.
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let bb = agent(&s, "worker-b", dir.path()).await;
+    let b2 = bb.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = b2.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let one = a.connect("worker-b").await.unwrap();
+    let two = a.connect("worker-b").await.unwrap();
+    assert_eq!(one.virtual_addr, two.virtual_addr);
+    for pc in [&one, &two, &one] {
+        let rtt = tokio::time::timeout(Duration::from_secs(5), async {
+            pc.pinger().await.unwrap().ping().await.unwrap()
+        })
+        .await
+        .expect("both connections carry data");
+        assert!(rtt < Duration::from_secs(1));
+    }
+    two.conn.close(0u32.into(), b"done");
+    two.conn.closed().await;
+    // Closing one leaves the other working.
+    let rtt = tokio::time::timeout(Duration::from_secs(5), async {
+        one.pinger().await.unwrap().ping().await.unwrap()
+    })
+    .await
+    .expect("the remaining connection still carries data");
+    assert!(rtt < Duration::from_secs(1));
+}

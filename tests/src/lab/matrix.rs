@@ -47,6 +47,8 @@ pub struct PairResult {
     pub median_rtt_ms: Option<f64>,
     /// Error kinds of failed runs.
     pub errors: Vec<String>,
+    /// Their one-line reasons.
+    pub error_messages: Vec<String>,
     /// `agrees`, `worse-than-theory` or `better-than-theory`.
     pub verdict: &'static str,
 }
@@ -213,6 +215,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         let (mut times, mut rtts, mut rtt_ms) = (Vec::new(), Vec::new(), Vec::new());
         let (mut connected, mut direct, mut upgraded, mut relayed) = (0, 0, 0, 0);
         let mut errors = Vec::new();
+        let mut error_messages = Vec::new();
         for _ in 0..opts.runs {
             // Each run's agent is new: forget the NAT mappings that earlier
             // runs' agents left (a 64-port block would otherwise fill up and
@@ -252,6 +255,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                         .map(str::to_string)
                         .unwrap_or_else(|| format!("exit {:?}: {}", r.code, r.stderr.trim())),
                 );
+                error_messages.push(j["message"].as_str().unwrap_or_default().to_string());
             }
             bar.inc(1);
         }
@@ -280,6 +284,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             p95_rtts: quantile(&mut rtts, 0.95),
             median_rtt_ms: quantile(&mut rtt_ms, 0.5),
             errors,
+            error_messages,
             verdict,
         });
     }
