@@ -284,7 +284,7 @@ async fn serve(c: &Common) -> Result<(), AgentError> {
     let mut announced = false;
     loop {
         tokio::select! {
-            _ = shutdown_signal() => {
+            _ = punch_net::shutdown_signal() => {
                 tracing::info!("shutting down");
                 agent.close().await;
                 return Ok(());
@@ -438,18 +438,4 @@ async fn ping(
     pc.conn.close(0u32.into(), b"done");
     agent.close().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -153,3 +153,23 @@ pub fn for_socket(addr: SocketAddr, ipv6_socket: bool) -> SocketAddr {
         _ => addr,
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM: the binaries' clean-shutdown trigger.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
