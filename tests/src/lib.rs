@@ -4,3 +4,4 @@
 pub mod demo;
 pub mod harness;
 pub mod lab;
+pub mod stunbench;

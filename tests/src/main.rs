@@ -107,6 +107,33 @@ enum Cmd {
         #[arg(long)]
         relay_after: Option<f64>,
     },
+    /// STUN Binding requests per second against TARGET (loopback), every
+    /// answer validated, with p50/p99 latency.
+    StunBench {
+        /// The STUN server, e.g. 127.0.0.1:3478.
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// Seconds to run (1 to 60).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client sockets.
+        #[arg(long, default_value_t = 16)]
+        sockets: usize,
+        /// Requests in flight per socket.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// TARGET is a plain UDP echo server (the ceiling), not STUN.
+        #[arg(long)]
+        echo: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A do-nothing UDP echo server on loopback (the ceiling for stun-bench).
+    UdpEcho {
+        #[arg(long, default_value = "127.0.0.1:3480")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the table of what theory predicts for each pair (Markdown).
     Theory,
     /// Remove every lab namespace (and processes in them) left on this machine.
@@ -286,6 +313,28 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::StunBench {
+            target,
+            seconds,
+            sockets,
+            window,
+            echo,
+            json,
+        } => {
+            let b = runtime()?.block_on(punch_lab::stunbench::run(
+                target, seconds, sockets, window, echo,
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+            } else {
+                println!(
+                    "{}: {:.0} answers/s valid ({} sent, {} answered, {} invalid, {} lost), p50 {:.0} µs, p99 {:.0} µs",
+                    b.target, b.per_sec, b.sent, b.answered, b.invalid, b.lost, b.p50_us, b.p99_us
+                );
+            }
+            Ok(())
+        }
+        Cmd::UdpEcho { listen } => punch_lab::stunbench::echo(listen),
         Cmd::Theory => {
             print!("{}", nat::theory_markdown());
             Ok(())

@@ -107,3 +107,33 @@ fn coturn_serves_as_stun_server_for_the_agent() {
         "coturn's answer {line:?} should be the address punch-server sees, {observed}"
     );
 }
+
+#[test]
+fn stun_bench_validates_every_answer_from_punch_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let mut cmd = Command::new(punch_lab::harness::bin("punch-lab").unwrap());
+    cmd.args([
+        "stun-bench",
+        "--seconds",
+        "1",
+        "--sockets",
+        "2",
+        "--window",
+        "4",
+        "--json",
+        "--target",
+    ])
+    .arg(s.udp.to_string());
+    let r = run(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(j["answered"].as_u64().unwrap() > 100, "{j}");
+    assert_eq!(j["invalid"].as_u64(), Some(0), "{j}");
+    // Load goes to loopback only.
+    let mut cmd = Command::new(punch_lab::harness::bin("punch-lab").unwrap());
+    cmd.args(["stun-bench", "--target", "192.0.2.1:3478"]);
+    let r = run(cmd, Duration::from_secs(30)).unwrap();
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("loopback"), "{}", r.stderr);
+}
