@@ -501,55 +501,37 @@ impl AsyncUdpSocket for PunchSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let n = match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let mut kept = 0;
-            for i in 0..n {
-                let mut m = meta[i];
-                // GRO is off on this socket: one datagram per entry.
-                if probe::is_probe(&bufs[i][..m.len]) {
-                    self.router.route(m.addr, &bufs[i][..m.len]);
-                    continue;
-                }
-                if stun::looks_like_stun(&bufs[i][..m.len]) {
-                    self.stun_in(&bufs[i][..m.len]);
-                    continue;
-                }
-                if relay::is_relay(&bufs[i][..m.len]) {
-                    let Some((v, header)) = self.relay_in(&bufs[i][..m.len]) else {
-                        continue;
-                    };
-                    bufs[i].copy_within(header..m.len, 0);
-                    m.len -= header;
-                    m.stride = m.len;
-                    m.addr = self.quinn_addr(v);
-                } else {
-                    let from = punch_net::canonical(m.addr);
-                    let mut paths = self.paths.lock().expect("not poisoned");
-                    if let Some(v) = paths.by_direct.get(&from).copied() {
-                        // QUIC from a probed address while we have no path
-                        // yet: answer the way it came.
-                        if paths.active(v) == Some(ActivePath::None) {
-                            paths.set_direct(v, Some(from));
-                        }
-                        m.addr = self.quinn_addr(v);
-                    }
-                }
-                if kept != i {
-                    let (head, tail) = bufs.split_at_mut(i);
-                    head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
-                }
-                meta[kept] = m;
-                kept += 1;
+        punch_net::poll_recv_filtered(&*self.inner, cx, bufs, meta, |buf, m| {
+            if probe::is_probe(&buf[..m.len]) {
+                self.router.route(m.addr, &buf[..m.len]);
+                return false;
             }
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
+            if stun::looks_like_stun(&buf[..m.len]) {
+                self.stun_in(&buf[..m.len]);
+                return false;
             }
-            // Everything was probes: poll again so quinn's waker stays armed.
-        }
+            if relay::is_relay(&buf[..m.len]) {
+                let Some((v, header)) = self.relay_in(&buf[..m.len]) else {
+                    return false;
+                };
+                buf.copy_within(header..m.len, 0);
+                m.len -= header;
+                m.stride = m.len;
+                m.addr = self.quinn_addr(v);
+                return true;
+            }
+            let from = punch_net::canonical(m.addr);
+            let mut paths = self.paths.lock().expect("not poisoned");
+            if let Some(v) = paths.by_direct.get(&from).copied() {
+                // QUIC from a probed address while we have no path yet:
+                // answer the way it came.
+                if paths.active(v) == Some(ActivePath::None) {
+                    paths.set_direct(v, Some(from));
+                }
+                m.addr = self.quinn_addr(v);
+            }
+            true
+        })
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

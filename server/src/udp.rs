@@ -154,33 +154,18 @@ impl AsyncUdpSocket for ServerSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let n = match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let mut kept = 0;
-            for i in 0..n {
-                let m = meta[i];
-                if relay::is_relay(&bufs[i][..m.len]) {
-                    self.relay_frame(m.addr, &bufs[i][..m.len]);
-                    continue;
-                }
-                if stun::looks_like_stun(&bufs[i][..m.len]) {
-                    self.stun_request(m.addr, m.dst_ip, &bufs[i][..m.len]);
-                    continue;
-                }
-                if kept != i {
-                    let (head, tail) = bufs.split_at_mut(i);
-                    head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
-                    meta[kept] = m;
-                }
-                kept += 1;
+        punch_net::poll_recv_filtered(&*self.inner, cx, bufs, meta, |buf, m| {
+            let data = &buf[..m.len];
+            if relay::is_relay(data) {
+                self.relay_frame(m.addr, data);
+                false
+            } else if stun::looks_like_stun(data) {
+                self.stun_request(m.addr, m.dst_ip, data);
+                false
+            } else {
+                true
             }
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
-            }
-        }
+        })
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

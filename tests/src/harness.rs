@@ -174,6 +174,20 @@ impl Drop for Proc {
     }
 }
 
+/// Removes the `PUNCH_*` settings a test runner may carry, so an agent sees
+/// only the flags the test gives it.
+pub fn clear_agent_env(cmd: &mut Command) {
+    for v in [
+        "PUNCH_SERVER",
+        "PUNCH_SERVER_FINGERPRINT",
+        "PUNCH_TOKEN",
+        "PUNCH_ID",
+        "PUNCH_KEY_FILE",
+    ] {
+        cmd.env_remove(v);
+    }
+}
+
 /// A running `punch-server` process.
 pub struct ServerProc {
     pub proc: Proc,
@@ -221,15 +235,7 @@ impl ServerProc {
             .arg(self.udp.to_string())
             .arg("--server-fingerprint")
             .arg(&self.fingerprint);
-        for v in [
-            "PUNCH_SERVER",
-            "PUNCH_SERVER_FINGERPRINT",
-            "PUNCH_TOKEN",
-            "PUNCH_ID",
-            "PUNCH_KEY_FILE",
-        ] {
-            cmd.env_remove(v);
-        }
+        clear_agent_env(&mut cmd);
         Ok(cmd)
     }
 

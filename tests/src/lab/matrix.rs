@@ -97,15 +97,7 @@ pub fn agent_cmd(ns: &str, fp: &str, punch_timeout: f64) -> Result<std::process:
         .args(["--server-fingerprint", fp])
         .arg("--punch-timeout")
         .arg(punch_timeout.to_string());
-    for v in [
-        "PUNCH_SERVER",
-        "PUNCH_SERVER_FINGERPRINT",
-        "PUNCH_TOKEN",
-        "PUNCH_ID",
-        "PUNCH_KEY_FILE",
-    ] {
-        cmd.env_remove(v);
-    }
+    crate::harness::clear_agent_env(&mut cmd);
     Ok(cmd)
 }
 
