@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// Standard STUN servers (`HOST:PORT`) to learn our mapping from, in
     /// addition to the rendezvous server's view.
     pub stun: Vec<String>,
+    /// Classify our NAT (RFC 5780 checks against the server) after
+    /// registering, and report the class to the server.
+    pub nat_check: bool,
 }
 
 impl AgentConfig {
@@ -102,6 +105,7 @@ impl AgentConfig {
             relay: RelayMode::Auto,
             relay_after: Duration::from_secs(3),
             stun: Vec::new(),
+            nat_check: true,
         }
     }
 }
@@ -145,9 +149,6 @@ pub(crate) struct Inner {
     pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
     /// The server's UDP address as last resolved (also the relay).
     pub(crate) server_addr: Mutex<Option<SocketAddr>>,
-    /// Virtual addresses with a live peer connection.
-    /// Live peer connections per virtual address.
-    pub(crate) live_peers: Mutex<HashMap<SocketAddr, usize>>,
     pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_req: AtomicU32,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
@@ -155,6 +156,9 @@ pub(crate) struct Inner {
     /// Becomes true when the signaling task has ended.
     pub(crate) signal_stopped: watch::Sender<bool>,
     pub(crate) status: watch::Sender<Status>,
+    /// Our NAT class, once classified (sent again on every registration).
+    pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
+    pub(crate) nat_started: std::sync::atomic::AtomicBool,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
@@ -236,11 +240,12 @@ impl Agent {
             fingerprint,
             control: Mutex::new(None),
             server_addr: Mutex::new(None),
-            live_peers: Mutex::new(Default::default()),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU32::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),
             signal_stopped: watch::channel(false).0,
+            nat: Mutex::new(None),
+            nat_started: Default::default(),
             status,
             allowed,
             incoming_tx,
@@ -254,6 +259,12 @@ impl Agent {
             inner,
             _tasks: Arc::new(TaskGuard(tasks)),
         })
+    }
+
+    /// Our NAT's class, once the agent has classified it (shortly after
+    /// it first registers, when [`AgentConfig::nat_check`] is on).
+    pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
+        *self.inner.nat.lock().expect("not poisoned")
     }
 
     /// Our worker id (an `anon-…` id when none was configured).

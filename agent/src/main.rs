@@ -69,6 +69,11 @@ struct Common {
     /// seconds; the connection moves to the direct path once one is found.
     #[arg(long, global = true, env = "PUNCH_RELAY_AFTER", default_value_t = 3.0)]
     relay_after: f64,
+    /// Do not classify our NAT after registering (by default the agent runs
+    /// the nat-check tests once in the background and tells the server its
+    /// class, which offers and the server's metrics carry).
+    #[arg(long, global = true)]
+    no_nat_check: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,6 +168,7 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
     cfg.punch_timeout = secs(c.punch_timeout, "--punch-timeout")?;
     cfg.relay_after = secs(c.relay_after, "--relay-after")?;
     cfg.stun = c.stun.clone();
+    cfg.nat_check = !c.no_nat_check;
     cfg.relay = if c.no_relay {
         RelayMode::Never
     } else if c.force_relay {
@@ -239,7 +245,7 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
     } else {
         c.bind
     };
-    let r = punch_agent::natcheck::check(addr, bind).await?;
+    let r = punch_agent::natcheck::check(addr, bind, true).await?;
     if json {
         println!(
             "{}",
@@ -400,16 +406,22 @@ async fn ping(
         );
     }
     let mut rtts = Vec::with_capacity(count as usize);
+    let mut paths = Vec::with_capacity(count as usize);
     for seq in 1..=count {
         let rtt = tokio::time::timeout(Duration::from_secs(5), pinger.ping())
             .await
             .map_err(|_| AgentError::Timeout(format!("no echo for seq {seq} within 5 s")))?
             .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
         let ms = rtt.as_secs_f64() * 1e3;
+        let (kind, _) = pc.path_now();
         if !json {
-            println!("reply from {target}: seq={seq} time={ms:.3} ms");
+            println!(
+                "reply from {target}: seq={seq} time={ms:.3} ms path={}",
+                kind.as_str()
+            );
         }
         rtts.push(ms);
+        paths.push(kind.as_str());
         if seq < count {
             tokio::time::sleep(interval).await;
         }
@@ -427,6 +439,7 @@ async fn ping(
                 "remote_addr": remote.unwrap_or(pc.path.remote_addr).to_string(),
                 "count": count,
                 "rtts_ms": rtts.iter().map(|v| round3(*v)).collect::<Vec<_>>(),
+                "paths": paths,
                 "min_ms": round3(min),
                 "avg_ms": round3(avg),
                 "max_ms": round3(max),

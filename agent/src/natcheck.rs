@@ -2,6 +2,7 @@
 //! that answers STUN with OTHER-ADDRESS and CHANGE-REQUEST (punch-server with
 //! `--alt-listen`, or any RFC 5780 STUN server).
 
+use punch_protocol::signal::{NatBehaviour, NatClass};
 use punch_protocol::stun;
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -24,6 +25,29 @@ pub struct NatReport {
     pub hairpin: Option<bool>,
     /// The server's alternate address, if it has one.
     pub other_addr: Option<String>,
+}
+
+impl NatReport {
+    /// The class to report to the server; `None` when UDP got no answer.
+    pub fn class(&self) -> Option<NatClass> {
+        let public: SocketAddr = self.public_addr.as_deref()?.parse().ok()?;
+        let b = |s: &str| match s {
+            "endpoint-independent" => NatBehaviour::EndpointIndependent,
+            "address-dependent" => NatBehaviour::AddressDependent,
+            "address-and-port-dependent" => NatBehaviour::AddressAndPortDependent,
+            _ => NatBehaviour::Unknown,
+        };
+        let port_preserved = self.port_preserved.unwrap_or(false);
+        let own_ip = if_addrs::get_if_addrs()
+            .map(|ifs| ifs.iter().any(|i| i.ip() == public.ip()))
+            .unwrap_or(false);
+        Some(NatClass {
+            public: own_ip && port_preserved,
+            mapping: b(self.mapping),
+            filtering: b(self.filtering),
+            port_preserved,
+        })
+    }
 }
 
 /// Requests carry PADDING so the server's amplification guard lets the
@@ -93,8 +117,14 @@ async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {
     false
 }
 
-/// Runs the RFC 5780 tests against `server` from fresh sockets on `bind`.
-pub async fn check(server: SocketAddr, bind: SocketAddr) -> std::io::Result<NatReport> {
+/// Runs the RFC 5780 tests against `server` from fresh sockets on `bind`
+/// (the hairpin test only when asked: it costs up to 600 ms on NATs that
+/// do not hairpin).
+pub async fn check(
+    server: SocketAddr,
+    bind: SocketAddr,
+    test_hairpin: bool,
+) -> std::io::Result<NatReport> {
     let s1 = UdpSocket::bind(bind).await?;
     let local = s1.local_addr()?;
     let Some(first) = ask(&s1, server, false, false).await else {
@@ -138,7 +168,11 @@ pub async fn check(server: SocketAddr, bind: SocketAddr) -> std::io::Result<NatR
     } else {
         "address-and-port-dependent"
     };
-    let hp = hairpin(&s1, m1).await;
+    let hp = if test_hairpin {
+        Some(hairpin(&s1, m1).await)
+    } else {
+        None
+    };
     Ok(NatReport {
         udp: "ok",
         local_addr: Some(local.to_string()),
@@ -146,7 +180,7 @@ pub async fn check(server: SocketAddr, bind: SocketAddr) -> std::io::Result<NatR
         mapping,
         filtering,
         port_preserved: Some(m1.port() == local.port()),
-        hairpin: Some(hp),
+        hairpin: hp,
         other_addr: first.other.map(|o| o.to_string()),
     })
 }

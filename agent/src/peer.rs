@@ -154,7 +154,9 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
 /// Transport settings for peer connections.
 pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(keep_alive));
+    // Peers keep-alive at least every second: a silent direct path is how
+    // the agent notices a dead NAT mapping and moves to the relay.
+    t.keep_alive_interval(Some(keep_alive.min(Duration::from_secs(1))));
     // Relayed packets carry a 13-byte header: keep QUIC packets small
     // enough that a relayed one still fits a 1500-byte link over IPv6.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -196,7 +198,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 .expect("not poisoned")
                 .session(v)
                 .unwrap_or(SessionId(0));
-            crate::session::hold(&inner, v, session, &conn);
+            crate::session::hold(&inner, v, &conn, None);
             let (kind, remote) = current_path(&inner.socket, v);
             info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
             inner.deliver_incoming(PeerConnection {

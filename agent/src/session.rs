@@ -3,11 +3,11 @@
 //! connection to the peer's virtual address, whose path can change under it.
 
 use crate::peer::{PathInfo, PeerConnection};
-use crate::socket::ProbeDatagram;
+use crate::socket::{ActivePath, ProbeDatagram};
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
 use punch_protocol::relay;
-use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg, SessionId};
+use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -168,73 +168,159 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
     result
 }
 
-/// Forgets a peer's virtual address unless a connection uses it or a newer
-/// session with the same peer took it over.
-fn release(inner: &Arc<Inner>, v: SocketAddr, session: SessionId) {
-    if !inner
-        .live_peers
-        .lock()
-        .expect("not poisoned")
-        .contains_key(&v)
-    {
-        inner
-            .socket
-            .paths
-            .lock()
-            .expect("not poisoned")
-            .remove_if_latest(v, session);
-    }
+/// The session using `v` is over; the last user forgets the peer.
+fn release(inner: &Arc<Inner>, v: SocketAddr) {
+    inner.socket.paths.lock().expect("not poisoned").unref(v);
 }
 
-/// Keeps `v` while `conn` (of `session`) lives.
+/// A direct path silent this long is dead (peers keep-alive every second;
+/// NAT mappings expire or are flushed): the connection moves to the relay.
+const DIRECT_DEAD_AFTER: Duration = Duration::from_millis(2500);
+/// How often a live connection checks its path.
+const PATH_CHECK: Duration = Duration::from_millis(250);
+/// First re-punch after a direct path died, and after a connection started
+/// (and stayed) on the relay; doubled after each failure up to the cap.
+const REPUNCH_AFTER_DEATH: Duration = Duration::from_secs(1);
+const REPUNCH_AFTER_RELAY_START: Duration = Duration::from_secs(30);
+const REPUNCH_MAX: Duration = Duration::from_secs(300);
+
+/// Keeps `v` while `conn` lives and looks after its path: refreshes the
+/// relay binding, moves to the relay when the direct path goes silent,
+/// and (on the dialing side, which knows `target`) punches again while the
+/// connection runs on the relay, so it moves back to a direct path.
 pub(crate) fn hold(
     inner: &Arc<Inner>,
     v: SocketAddr,
-    session: SessionId,
     conn: &quinn::Connection,
+    target: Option<String>,
 ) {
-    *inner
-        .live_peers
-        .lock()
-        .expect("not poisoned")
-        .entry(v)
-        .or_insert(0) += 1;
+    if !inner.socket.paths.lock().expect("not poisoned").add_ref(v) {
+        return;
+    }
     let inner = inner.clone();
     let conn = conn.clone();
-    tokio::spawn(async move {
-        let mut refresh = tokio::time::interval(RELAY_REFRESH);
-        refresh.tick().await;
-        loop {
-            tokio::select! {
-                _ = conn.closed() => break,
-                _ = refresh.tick() => {
-                    let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
-                    if let Some((server, frame)) = r {
-                        let _ = inner.socket.send_raw(server, &frame);
+    let span = info_span!("path", peer = target.as_deref().unwrap_or("incoming"), %v);
+    tokio::spawn(
+        async move {
+            let mut refresh = tokio::time::interval(RELAY_REFRESH);
+            refresh.tick().await;
+            let mut check = tokio::time::interval(PATH_CHECK);
+            let mut repunch_at: Option<tokio::time::Instant> = None;
+            let mut backoff = REPUNCH_AFTER_RELAY_START;
+            let mut repunching: Option<tokio::task::JoinHandle<bool>> = None;
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => break,
+                    _ = refresh.tick() => {
+                        let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
+                        if let Some((server, frame)) = r {
+                            let _ = inner.socket.send_raw(server, &frame);
+                        }
+                    }
+                    done = async { repunching.as_mut().expect("guarded").await }, if repunching.is_some() => {
+                        repunching = None;
+                        if done.unwrap_or(false) {
+                            info!("direct path found again");
+                            backoff = REPUNCH_AFTER_RELAY_START;
+                            repunch_at = None;
+                        } else {
+                            backoff = (backoff * 2).min(REPUNCH_MAX);
+                            repunch_at = Some(tokio::time::Instant::now() + backoff);
+                            debug!(next_in = ?backoff, "re-punch found no direct path");
+                        }
+                    }
+                    _ = check.tick() => {
+                        let (silence, on_relay) = {
+                            let p = inner.socket.paths.lock().expect("not poisoned");
+                            (p.direct_silence(v), matches!(p.active(v), Some(ActivePath::Relay(_))))
+                        };
+                        let dead = silence.is_some_and(|s| s >= DIRECT_DEAD_AFTER);
+                        // Without a relay, a dead direct path can only be punched again.
+                        let needs_direct = on_relay || dead;
+                        if dead {
+                            let rebind = inner.socket.paths.lock().expect("not poisoned").fall_back(v);
+                            if let Some((server, frame)) = rebind {
+                                warn!(silent_ms = silence.unwrap_or_default().as_millis() as u64, "direct path went silent; the connection moves to the relay");
+                                let _ = inner.socket.send_raw(server, &frame);
+                                // Our NAT mapping may have changed: let the
+                                // server see the new one before we punch again.
+                                inner.notify(ClientMsg::Ping { req: 0 });
+                                // An ack-eliciting packet on the new path makes
+                                // quinn resend what the dead path lost now rather
+                                // than at its next (backed-off) probe timeout.
+                                let _ = conn.send_datagram(bytes::Bytes::from_static(&[0]));
+                                backoff = REPUNCH_AFTER_DEATH;
+                                repunch_at = Some(tokio::time::Instant::now() + backoff);
+                            } else if repunch_at.is_none() && repunching.is_none() {
+                                backoff = REPUNCH_AFTER_DEATH;
+                                repunch_at = Some(tokio::time::Instant::now() + backoff);
+                            }
+                        } else if on_relay && repunch_at.is_none() && repunching.is_none() {
+                            repunch_at = Some(tokio::time::Instant::now() + backoff);
+                        }
+                        if let (Some(t), Some(target)) = (repunch_at, target.as_ref()) {
+                            if needs_direct && repunching.is_none() && tokio::time::Instant::now() >= t {
+                                repunch_at = None;
+                                let (inner, target) = (inner.clone(), target.clone());
+                                repunching = Some(tokio::spawn(async move {
+                                    match repunch(&inner, &target, v).await {
+                                        Ok(direct) => direct,
+                                        Err(e) => {
+                                            debug!("re-punch failed: {e}");
+                                            false
+                                        }
+                                    }
+                                }.in_current_span()));
+                            }
+                        }
                     }
                 }
             }
-        }
-        let last = {
-            let mut live = inner.live_peers.lock().expect("not poisoned");
-            let n = live.entry(v).or_insert(1);
-            *n -= 1;
-            if *n == 0 {
-                live.remove(&v);
-                true
-            } else {
-                false
+            if let Some(r) = repunching {
+                r.abort();
             }
-        };
-        if last {
-            inner
-                .socket
-                .paths
-                .lock()
-                .expect("not poisoned")
-                .remove_if_latest(v, session);
+            release(&inner, v);
         }
-    });
+        .instrument(span),
+    );
+}
+
+/// Asks the server to introduce us to `target` again and punches, while a
+/// connection to it runs on the relay; a validated path becomes the
+/// connection's direct path. True when one was found.
+async fn repunch(inner: &Arc<Inner>, target: &str, v: SocketAddr) -> Result<bool, AgentError> {
+    let start = Instant::now();
+    let (offer, probes) = request_offer(inner, target).await?;
+    let v2 = register(inner, &offer)?;
+    let r = async {
+        if v2 != v {
+            return Err(AgentError::PeerConnect(format!(
+                "{target} answered with another key"
+            )));
+        }
+        info!(session = %offer.session, "punching again for a direct path");
+        if offer.relay && inner.config.relay != RelayMode::Never {
+            // Move the relay binding to the new session (and our current
+            // NAT mapping).
+            let (inner, offer) = (inner.clone(), offer.clone());
+            tokio::spawn(async move {
+                if let Err(e) = bind_relay(&inner, &offer, v).await {
+                    debug!("re-binding the relay: {e}");
+                }
+            });
+        }
+        let punched = spawn_puncher(inner, &offer, v, probes).await.ok().flatten();
+        let kind = if punched.is_some() {
+            PathKind::Direct
+        } else {
+            PathKind::Relayed
+        };
+        report(inner, &offer, kind, start, punched.map(|p| p.addr));
+        Ok(punched.is_some())
+    }
+    .await;
+    release(inner, v2);
+    r
 }
 
 fn register(inner: &Arc<Inner>, offer: &Offer) -> Result<SocketAddr, AgentError> {
@@ -279,7 +365,7 @@ pub(crate) async fn controlled(
         let _ = spawn_puncher(&inner, &offer, v, probes).await;
     }
     tokio::time::sleep(window).await;
-    release(&inner, v, offer.session);
+    release(&inner, v);
 }
 
 /// The controlling side of `Agent::connect`.
@@ -290,6 +376,24 @@ pub(crate) async fn connect(
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
     let start = Instant::now();
+    let (offer, probes) = request_offer(inner, target).await?;
+    let v = register(inner, &offer)?;
+    let span = info_span!("connect", session = %offer.session, peer = %target);
+    let r = dial(inner, target, &offer, v, probes, start)
+        .instrument(span)
+        .await;
+    if let Ok(pc) = &r {
+        hold(inner, v, &pc.conn, Some(target.to_string()));
+    }
+    release(inner, v);
+    r
+}
+
+/// Asks the server for an introduction to `target`.
+async fn request_offer(
+    inner: &Arc<Inner>,
+    target: &str,
+) -> Result<(Offer, mpsc::Receiver<ProbeDatagram>), AgentError> {
     let reply = inner
         .request(
             |req| ClientMsg::Connect {
@@ -310,16 +414,7 @@ pub(crate) async fn connect(
         inner.router.unregister(offer.session);
         return Err(AgentError::Io("server sent an inconsistent offer".into()));
     }
-    let v = register(inner, &offer)?;
-    let span = info_span!("connect", session = %offer.session, peer = %target);
-    let r = dial(inner, target, &offer, v, probes, start)
-        .instrument(span)
-        .await;
-    match &r {
-        Ok(pc) => hold(inner, v, offer.session, &pc.conn),
-        Err(_) => release(inner, v, offer.session),
-    }
-    r
+    Ok((offer, probes))
 }
 
 async fn dial(

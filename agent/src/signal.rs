@@ -219,6 +219,47 @@ async fn stun_candidates(inner: &Arc<Inner>) -> Vec<punch_protocol::signal::Cand
     out
 }
 
+/// Classifies our NAT once, in the background, and reports the class on
+/// this and every later registration.
+fn classify_nat(inner: &Arc<Inner>) {
+    if let Some(nat) = *inner.nat.lock().expect("not poisoned") {
+        inner.notify(ClientMsg::Nat(nat));
+        return;
+    }
+    if !inner.config.nat_check
+        || inner
+            .nat_started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {
+        return;
+    };
+    let inner = inner.clone();
+    tokio::spawn(
+        async move {
+            let bind = if server.is_ipv4() {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            } else {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            };
+            match crate::natcheck::check(server, bind, false).await {
+                Ok(r) => match r.class() {
+                    Some(nat) => {
+                        info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), "NAT classified");
+                        *inner.nat.lock().expect("not poisoned") = Some(nat);
+                        inner.notify(ClientMsg::Nat(nat));
+                    }
+                    None => debug!("NAT not classified: no STUN answer"),
+                },
+                Err(e) => debug!("NAT check failed: {e}"),
+            }
+        }
+        .in_current_span(),
+    );
+}
+
 /// Maps the server's application close code to an error, if it gave one.
 fn close_reason(conn: &quinn::Connection) -> Option<AgentError> {
     match conn.close_reason()? {
@@ -245,6 +286,7 @@ async fn session(
     let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
     *inner.control.lock().expect("not poisoned") = Some(tx);
     inner.status.send_replace(Status::Registered { observed });
+    classify_nat(inner);
     let writer = async {
         while let Some(m) = rx.recv().await {
             if let Err(e) = write_frame(&mut send, &m).await {

@@ -95,6 +95,11 @@ struct PeerPath {
     session: SessionId,
     direct: Option<SocketAddr>,
     relay: Option<RelayBinding>,
+    /// When the last datagram arrived on the direct path.
+    direct_rx: Option<std::time::Instant>,
+    /// Sessions and connections using this address; it is forgotten when
+    /// the last one lets go.
+    users: usize,
 }
 
 /// A relay binding: the server and the session it is bound on.
@@ -150,18 +155,23 @@ pub fn is_virtual(addr: SocketAddr) -> bool {
 }
 
 impl PathTable {
-    /// Allocates the virtual address of a session's peer.
+    /// The virtual address of a session's peer (allocated when the peer
+    /// has none), with one more user: call [`PathTable::unref`] when the
+    /// session is over.
     pub fn register(
         &mut self,
         session: SessionId,
         peer_key: punch_protocol::signal::PublicKey,
     ) -> Option<SocketAddr> {
-        if let Some(v) = self.by_session.get(&session) {
-            return Some(*v);
-        }
-        if let Some(v) = self.by_key.get(&peer_key).copied() {
+        let known = self
+            .by_session
+            .get(&session)
+            .or_else(|| self.by_key.get(&peer_key))
+            .copied();
+        if let Some(v) = known {
             if let Some(p) = self.peers.get_mut(&v) {
                 p.session = session;
+                p.users += 1;
                 self.by_session.insert(session, v);
                 return Some(v);
             }
@@ -186,6 +196,8 @@ impl PathTable {
                 session,
                 direct: None,
                 relay: None,
+                direct_rx: None,
+                users: 1,
             },
         );
         self.by_session.insert(session, v);
@@ -193,19 +205,27 @@ impl PathTable {
         Some(v)
     }
 
+    /// One more user of `v` (a connection); false when `v` is unknown.
+    pub fn add_ref(&mut self, v: SocketAddr) -> bool {
+        self.peers.get_mut(&v).map(|p| p.users += 1).is_some()
+    }
+
+    /// One user of `v` is done; the last one forgets the peer.
+    pub fn unref(&mut self, v: SocketAddr) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.users = p.users.saturating_sub(1);
+            if p.users == 0 {
+                self.remove(v);
+            }
+        }
+    }
+
     /// Forgets a peer.
-    pub fn remove(&mut self, v: SocketAddr) {
+    fn remove(&mut self, v: SocketAddr) {
         if self.peers.remove(&v).is_some() {
             self.by_session.retain(|_, x| *x != v);
             self.by_key.retain(|_, x| *x != v);
             self.by_direct.retain(|_, x| *x != v);
-        }
-    }
-
-    /// Forgets a peer unless a newer session than `session` took it over.
-    pub fn remove_if_latest(&mut self, v: SocketAddr, session: SessionId) {
-        if self.peers.get(&v).is_some_and(|p| p.session == session) {
-            self.remove(v);
         }
     }
 
@@ -226,6 +246,7 @@ impl PathTable {
     pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>) {
         if let Some(p) = self.peers.get_mut(&v) {
             p.direct = addr;
+            p.direct_rx = Some(std::time::Instant::now());
             if let Some(a) = addr {
                 self.by_direct.insert(a, v);
             }
@@ -249,6 +270,31 @@ impl PathTable {
                 role,
             });
         }
+    }
+
+    /// How long the direct path of `v` has been silent, when it is the
+    /// path in use.
+    pub fn direct_silence(&self, v: SocketAddr) -> Option<std::time::Duration> {
+        let p = self.peers.get(&v)?;
+        p.direct?;
+        Some(p.direct_rx?.elapsed())
+    }
+
+    /// Gives up the direct path of `v` for its relay binding (when it has
+    /// one); returns a fresh bind request to send, since the NAT mapping
+    /// the relay knows may be the one that just died.
+    pub fn fall_back(&mut self, v: SocketAddr) -> Option<(SocketAddr, Vec<u8>)> {
+        let p = self.peers.get_mut(&v)?;
+        p.relay?;
+        // The dead address keeps mapping to `v`: late packets from it must
+        // not look like a new peer to quinn.
+        p.direct.take()?;
+        self.relay_refresh(v)
+    }
+
+    /// Does the peer have a relay binding?
+    pub fn has_relay(&self, v: SocketAddr) -> bool {
+        self.peers.get(&v).is_some_and(|p| p.relay.is_some())
     }
 
     /// The session the peer's relay binding uses.
@@ -527,6 +573,11 @@ impl AsyncUdpSocket for PunchSocket {
                 // answer the way it came.
                 if paths.active(v) == Some(ActivePath::None) {
                     paths.set_direct(v, Some(from));
+                }
+                if let Some(p) = paths.peers.get_mut(&v) {
+                    if p.direct == Some(from) {
+                        p.direct_rx = Some(std::time::Instant::now());
+                    }
                 }
                 m.addr = self.quinn_addr(v);
             }

@@ -16,7 +16,7 @@ pub mod signal;
 pub mod stun;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// ALPN of the agent-to-server signaling connection.
 pub const ALPN_SIGNAL: &[u8] = b"punch-signal/1";
 /// ALPN of agent-to-agent peer connections.

@@ -43,6 +43,74 @@ pub enum ClientMsg {
     Ping { req: u32 },
     /// Update the agent's own candidate list (e.g. after an interface change).
     Candidates { local: Vec<Candidate> },
+    /// The agent's NAT as it classified it (RFC 5780 checks against the
+    /// server's two addresses), sent once it knows.
+    Nat(NatClass),
+}
+
+/// A NAT behaviour as RFC 4787 names it (for mapping or for filtering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NatBehaviour {
+    /// Not measured (the server has no alternate address, or no answer).
+    Unknown,
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+}
+
+impl NatBehaviour {
+    /// `endpoint-independent`, `address-dependent`,
+    /// `address-and-port-dependent` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatBehaviour::Unknown => "unknown",
+            NatBehaviour::EndpointIndependent => "endpoint-independent",
+            NatBehaviour::AddressDependent => "address-dependent",
+            NatBehaviour::AddressAndPortDependent => "address-and-port-dependent",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            NatBehaviour::Unknown => "unknown",
+            NatBehaviour::EndpointIndependent => "ei",
+            NatBehaviour::AddressDependent => "ad",
+            NatBehaviour::AddressAndPortDependent => "apd",
+        }
+    }
+}
+
+/// An agent's NAT, as the agent measured it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NatClass {
+    /// No NAT at all: the public address is the agent's own.
+    pub public: bool,
+    pub mapping: NatBehaviour,
+    pub filtering: NatBehaviour,
+    /// The NAT kept the agent's source port.
+    pub port_preserved: bool,
+}
+
+impl NatClass {
+    /// A short label for counters: `none`, or mapping and filtering such
+    /// as `eim-apdf` (port-restricted cone) or `apdm-apdf` (symmetric).
+    pub fn label(&self) -> String {
+        if self.public {
+            return "none".into();
+        }
+        match (self.mapping, self.filtering) {
+            (NatBehaviour::Unknown, NatBehaviour::Unknown) => "unknown".into(),
+            (m, f) => format!("{}m-{}f", m.short(), f.short()),
+        }
+    }
+
+    /// Does the mapping depend on the destination (a "hard" NAT)?
+    pub fn endpoint_dependent(&self) -> bool {
+        matches!(
+            self.mapping,
+            NatBehaviour::AddressDependent | NatBehaviour::AddressAndPortDependent
+        )
+    }
 }
 
 /// The agent's introduction.
@@ -181,6 +249,8 @@ pub struct Offer {
     pub start_in_ms: u32,
     /// The server will relay this session on its UDP port if asked.
     pub relay: bool,
+    /// The peer's NAT, when it has reported it.
+    pub peer_nat: Option<NatClass>,
 }
 
 /// How a connection attempt ended.

@@ -17,6 +17,18 @@ pub struct PeerJson {
     /// Candidates offered to peers, as `KIND ADDR` (`server`, `local`,
     /// `stun`, `mapped`).
     pub candidates: Vec<String>,
+    /// The NAT class the agent measured and reported, if it has.
+    pub nat: Option<NatJson>,
+}
+
+/// An agent's NAT class in JSON.
+#[derive(Debug, Serialize)]
+pub struct NatJson {
+    /// Short form: `none`, or e.g. `eim-apdf`.
+    pub label: String,
+    pub mapping: &'static str,
+    pub filtering: &'static str,
+    pub port_preserved: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -27,6 +39,8 @@ struct Health {
     metrics: crate::metrics::MetricsSnapshot,
     relay: Option<RelayJson>,
     stun: StunJson,
+    /// Connect outcomes by `requester/target` NAT class.
+    outcomes_by_nat_pair: std::collections::BTreeMap<String, crate::metrics::PairCounts>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +78,7 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
         agents_online: online,
         fingerprint: s.fingerprint.clone(),
         metrics: s.metrics.snapshot(),
+        outcomes_by_nat_pair: s.metrics.nat_pairs.lock().expect("not poisoned").counts(),
         relay,
         stun: StunJson {
             requests: s.stun.requests.load(std::sync::atomic::Ordering::Relaxed),
@@ -100,6 +115,12 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                         format!("{k} {}", c.addr)
                     })
                     .collect(),
+                nat: p.nat.map(|n| NatJson {
+                    label: n.label(),
+                    mapping: n.mapping.as_str(),
+                    filtering: n.filtering.as_str(),
+                    port_preserved: n.port_preserved,
+                }),
             })
             .collect(),
     )

@@ -4,7 +4,7 @@
 //! The registry is generic over `H`, the handle used to reach an online
 //! agent (a channel sender in the server), so it is tested without sockets.
 
-use punch_protocol::signal::{Candidate, CandidateKind, ErrorCode, PublicKey};
+use punch_protocol::signal::{Candidate, CandidateKind, ErrorCode, NatClass, PublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
@@ -17,6 +17,8 @@ pub struct Online<H> {
     pub observed: SocketAddr,
     pub since: SystemTime,
     pub local: Vec<Candidate>,
+    /// The NAT class the agent reported, if it did.
+    pub nat: Option<NatClass>,
     pub handle: H,
 }
 
@@ -52,6 +54,7 @@ pub struct PeerInfo {
     pub since: SystemTime,
     /// Everything offered to peers, server-observed address first.
     pub candidates: Vec<Candidate>,
+    pub nat: Option<NatClass>,
 }
 
 /// The outcome of a successful registration.
@@ -162,6 +165,15 @@ impl<H> Registry<H> {
         }
     }
 
+    /// Records the NAT class a connection reported.
+    pub fn update_nat(&mut self, id: &str, conn_id: u64, nat: NatClass) {
+        if let Some(o) = self.workers.get_mut(id).and_then(|w| w.online.as_mut()) {
+            if o.conn_id == conn_id {
+                o.nat = Some(nat);
+            }
+        }
+    }
+
     /// Looks up both sides of a connect request.
     pub fn introduce(
         &self,
@@ -194,6 +206,7 @@ impl<H> Registry<H> {
                     observed: o.observed,
                     since: o.since,
                     candidates: o.candidates(),
+                    nat: o.nat,
                 })
             })
             .collect();
@@ -217,6 +230,7 @@ mod tests {
             observed: SocketAddr::from(([203, 0, 113, 1], port)),
             since: SystemTime::now(),
             local: vec![],
+            nat: None,
             handle: (),
         }
     }

@@ -232,6 +232,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
             observed,
             since: SystemTime::now(),
             local: hello.local_candidates.clone(),
+            nat: None,
             handle: AgentHandle {
                 tx,
                 conn: conn.clone(),
@@ -388,7 +389,21 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
                 PathKind::Relayed => &m.outcome_relayed,
                 PathKind::Failed => &m.outcome_failed,
             });
-            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, "outcome");
+            let pair = m
+                .nat_pairs
+                .lock()
+                .expect("not poisoned")
+                .outcome(o.session, o.path);
+            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, nat_pair = pair.as_deref().unwrap_or("-"), "outcome");
+            None
+        }
+        ClientMsg::Nat(nat) => {
+            info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), "NAT class reported");
+            shared
+                .registry
+                .lock()
+                .expect("not poisoned")
+                .update_nat(id, conn_id, nat);
             None
         }
         ClientMsg::Connect { req, target } => {
@@ -437,6 +452,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         peer_candidates: intro.requester.candidates(),
         start_in_ms: 0,
         relay,
+        peer_nat: intro.requester.nat,
     };
     let to_requester = Offer {
         req: Some(req),
@@ -448,7 +464,9 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         peer_candidates: intro.target.candidates(),
         start_in_ms: 0,
         relay,
+        peer_nat: intro.target.nat,
     };
+    let pair = crate::metrics::pair_label(intro.requester.nat, intro.target.nat);
     if intro
         .target
         .handle
@@ -465,6 +483,12 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         });
     }
     inc(&shared.metrics.introductions);
-    info!(%target, %session, "introduced");
+    info!(%target, %session, nat_pair = %pair, "introduced");
+    shared
+        .metrics
+        .nat_pairs
+        .lock()
+        .expect("not poisoned")
+        .introduced(session, pair);
     Some(ServerMsg::Offer(to_requester))
 }

@@ -132,6 +132,22 @@ impl Proc {
         }
     }
 
+    /// The next stdout line, or `None` once stdout is closed.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<Option<String>> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => {
+                self.seen.push(l.clone());
+                Ok(Some(l))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                "{}: no output within {timeout:?} (saw {:?})",
+                self.name,
+                self.seen
+            ),
+        }
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -107,6 +107,23 @@ enum Cmd {
         #[arg(long)]
         relay_after: Option<f64>,
     },
+    /// Kill a live connection's direct path (flush conntrack in both NATs
+    /// while pings run) and check it carries on over the relay, then goes
+    /// direct again: one connection throughout, every ping answered.
+    Failover {
+        /// Two NAT types that punch, the first one's port allocation
+        /// random so the flush really changes the mapping.
+        #[arg(long, default_value = "cloudnat,port-restricted")]
+        nat: String,
+        /// Pings, 100 ms apart.
+        #[arg(long, default_value_t = 120)]
+        pings: u32,
+        #[command(flatten)]
+        impair: ImpairArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// STUN Binding requests per second against TARGET (loopback), every
     /// answer validated, with p50/p99 latency.
     StunBench {
@@ -174,7 +191,10 @@ fn main() -> Result<()> {
         .init();
     let uses_lab = matches!(
         cli.cmd,
-        Cmd::VerifyNat { .. } | Cmd::Matrix { .. } | Cmd::Demo { nat: Some(_), .. }
+        Cmd::VerifyNat { .. }
+            | Cmd::Matrix { .. }
+            | Cmd::Failover { .. }
+            | Cmd::Demo { nat: Some(_), .. }
     );
     if uses_lab {
         // Ctrl-C: remove this run's namespaces (and what runs in them),
@@ -309,6 +329,38 @@ fn main() -> Result<()> {
                     "{} pair(s) did not always connect: {}",
                     unconnected.len(),
                     unconnected.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Failover {
+            nat: pair,
+            pings,
+            impair,
+            json,
+        } => {
+            let types = nat::parse_types(&pair).map_err(anyhow::Error::msg)?;
+            let [a, b] = types[..] else {
+                bail!(
+                    "--nat takes exactly two types, e.g. cloudnat,port-restricted (got {pair:?})"
+                );
+            };
+            if !(40..=10_000).contains(&pings) {
+                bail!("--pings must be between 40 and 10000");
+            }
+            let r = lab::failover::failover(a, b, impair.impair()?, pings)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} -> {}: {} pings, all answered; paths {}; on the relay {:.0} ms after the flush, direct again after {:.0} ms; slowest round trip {:.0} ms",
+                    r.a,
+                    r.b,
+                    r.pings,
+                    lab::failover::compress(&r.paths).join(" → "),
+                    r.to_relay_ms.unwrap_or_default(),
+                    r.to_direct_ms.unwrap_or_default(),
+                    r.max_rtt_ms
                 );
             }
             Ok(())

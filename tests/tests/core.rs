@@ -15,6 +15,25 @@ fn two_agents_connect_by_id_directly() {
     let dir = tmp();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
     let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    // worker-b classifies its NAT after registering and reports it: on
+    // loopback there is none.
+    let deadline = std::time::Instant::now() + T;
+    let nat = loop {
+        let peers: serde_json::Value =
+            serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+        let nat = peers[0]["nat"].clone();
+        if !nat.is_null() {
+            break nat;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker-b never reported its NAT class: {peers}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(nat["label"], "none", "{nat}");
+    assert_eq!(nat["port_preserved"], true, "{nat}");
+
     let mut cmd = s.agent().unwrap();
     cmd.args(["connect", "worker-b", "--json"]);
     let r = run(cmd, T).unwrap();
@@ -52,6 +71,14 @@ fn two_agents_connect_by_id_directly() {
     let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
     assert_eq!(health["status"], "ok");
     assert!(health["metrics"]["outcome_direct"].as_u64().unwrap() >= 2);
+    // Outcomes by NAT-class pair: the target's class is known.
+    let pairs = health["outcomes_by_nat_pair"].as_object().unwrap();
+    let direct: u64 = pairs
+        .iter()
+        .filter(|(k, _)| k.ends_with("/none"))
+        .map(|(_, v)| v["direct"].as_u64().unwrap())
+        .sum();
+    assert_eq!(direct, 2, "{pairs:?}");
 }
 
 #[test]

@@ -144,6 +144,40 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
         Some(2),
         "started relayed, ended direct: {p}"
     );
+
+    // 6. The direct path dies under a live connection (conntrack flushed in
+    //    both NATs; Cloud NAT then maps to another port): pings go on over
+    //    the relay, then direct again after a new punch; none is lost.
+    let mut cmd = Command::new(&lab);
+    cmd.args([
+        "failover",
+        "--nat",
+        "cloudnat,port-restricted",
+        "--delay",
+        "10",
+        "--pings",
+        "80",
+        "--json",
+    ]);
+    let r = run(cmd, Duration::from_secs(180)).unwrap();
+    assert_eq!(r.code, Some(0), "failover: {}", r.stderr);
+    let f = r.json().unwrap();
+    let paths: Vec<&str> = f["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 80, "every ping answered: {f}");
+    let first_relayed = paths.iter().position(|p| *p == "relayed").expect("relayed");
+    assert!(first_relayed >= 10, "{f}");
+    assert_eq!(
+        paths.last(),
+        Some(&"direct"),
+        "direct again at the end: {f}"
+    );
+    // Bounded by the 2.5 s silence deadline plus a check and a round trip.
+    assert!(f["to_relay_ms"].as_f64().unwrap() < 6000.0, "{f}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 pub mod delay;
 pub mod demo;
+pub mod failover;
 pub mod matrix;
 pub mod nat;
 pub mod probe;
