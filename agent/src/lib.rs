@@ -24,7 +24,7 @@ pub mod signal;
 pub mod socket;
 
 pub use error::AgentError;
-pub use peer::{PathInfo, PeerConnection};
+pub use peer::{PathInfo, PeerConnection, PeerError};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
 

@@ -118,6 +118,22 @@ enum Cmd {
         #[arg(long, default_value_t = 15.0)]
         timeout: f64,
     },
+    /// Connect to TARGET and measure throughput over the peer connection:
+    /// upload for N seconds, then download for N seconds (MB = 10^6 bytes).
+    /// With --force-relay, through the server's relay.
+    Bench {
+        /// Worker id to reach.
+        target: String,
+        /// Seconds per direction (1 to 60).
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
 }
 
 fn init_logs(default: &str) {
@@ -210,6 +226,18 @@ async fn main() -> ExitCode {
             (
                 *json,
                 ping(&cli.common, target, *count, *interval, *json, *timeout).await,
+            )
+        }
+        Cmd::Bench {
+            target,
+            seconds,
+            json,
+            timeout,
+        } => {
+            init_logs("error");
+            (
+                *json,
+                bench(&cli.common, target, *seconds, *json, *timeout).await,
             )
         }
     };
@@ -365,6 +393,69 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
             "connected to {target} via {} path {remote} in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
             kind.as_str(),
         );
+    }
+    pc.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    Ok(())
+}
+
+async fn bench(
+    c: &Common,
+    target: &str,
+    seconds: u32,
+    json: bool,
+    timeout: f64,
+) -> Result<(), AgentError> {
+    if !(1..=60).contains(&seconds) {
+        return Err(AgentError::Config(
+            "--seconds must be between 1 and 60".into(),
+        ));
+    }
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    let per = Duration::from_secs(seconds as u64);
+    let peer_err = |e: punch_agent::PeerError| AgentError::PeerConnect(e.to_string());
+    let limit = per + Duration::from_secs(30);
+    let late = || AgentError::Timeout(format!("{target} stopped answering during the bench"));
+    let (kind, remote) = pc.path_now();
+    if !json {
+        println!(
+            "bench {target} via {} path {}, {seconds} s each way",
+            kind.as_str(),
+            remote.unwrap_or(pc.path.remote_addr)
+        );
+    }
+    let (up_bytes, up_time) = tokio::time::timeout(limit, pc.upload(per))
+        .await
+        .map_err(|_| late())?
+        .map_err(peer_err)?;
+    let up = up_bytes as f64 / up_time.as_secs_f64() / 1e6;
+    if !json {
+        println!("upload:   {up:9.1} MB/s ({:.0} Mbit/s)", up * 8.0);
+    }
+    let (down_bytes, down_time) = tokio::time::timeout(limit, pc.download(per))
+        .await
+        .map_err(|_| late())?
+        .map_err(peer_err)?;
+    let down = down_bytes as f64 / down_time.as_secs_f64() / 1e6;
+    let (kind, remote) = pc.path_now();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "target": target,
+                "path": kind.as_str(),
+                "remote_addr": remote.unwrap_or(pc.path.remote_addr).to_string(),
+                "transport": "udp",
+                "seconds": seconds,
+                "upload_bytes": up_bytes,
+                "upload_mb_per_s": round3(up),
+                "download_bytes": down_bytes,
+                "download_mb_per_s": round3(down),
+                "rtt_ms": round3(pc.conn.rtt().as_secs_f64() * 1e3),
+            })
+        );
+    } else {
+        println!("download: {down:9.1} MB/s ({:.0} Mbit/s)", down * 8.0);
     }
     pc.conn.close(0u32.into(), b"done");
     agent.close().await;

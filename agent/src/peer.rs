@@ -3,7 +3,7 @@
 use crate::socket::{ActivePath, PunchSocket};
 use crate::Inner;
 use punch_net::{read_frame, write_frame};
-use punch_protocol::peer::{PeerRequest, MAX_PEER_HEADER};
+use punch_protocol::peer::{PeerRequest, MAX_PEER_HEADER, MAX_SOURCE_MS};
 use punch_protocol::signal::{PathKind, SessionId};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +101,41 @@ impl PeerConnection {
         Ok(Pinger { send, recv, seq: 0 })
     }
 
+    /// Sends bytes for `duration` on one stream and returns what the peer
+    /// counted and the time until its count came back.
+    pub async fn upload(&self, duration: Duration) -> Result<(u64, Duration), PeerError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, &PeerRequest::Sink).await?;
+        let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            send.write_chunk(chunk.clone()).await?;
+        }
+        let _ = send.finish();
+        let mut count = [0u8; 8];
+        recv.read_exact(&mut count).await?;
+        Ok((u64::from_be_bytes(count), start.elapsed()))
+    }
+
+    /// Asks the peer to send for `duration` and returns the bytes received
+    /// and the time they took.
+    pub async fn download(&self, duration: Duration) -> Result<(u64, Duration), PeerError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let millis = duration.as_millis().min(MAX_SOURCE_MS as u128) as u32;
+        write_frame(&mut send, &PeerRequest::Source { millis }).await?;
+        let _ = send.finish();
+        let start = Instant::now();
+        let mut total = 0u64;
+        while let Some(chunk) = recv
+            .read_chunk(usize::MAX, true)
+            .await
+            .map_err(|e| PeerError::Read(quinn::ReadExactError::ReadError(e)))?
+        {
+            total += chunk.bytes.len() as u64;
+        }
+        Ok((total, start.elapsed()))
+    }
+
     /// Serves the peer's streams (echo) until the connection closes.
     pub async fn serve(self) {
         let peer = self.peer_id.clone();
@@ -131,6 +166,31 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
         }
     };
     match req {
+        PeerRequest::Sink => {
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => total += n as u64,
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            let _ = send.write_all(&total.to_be_bytes()).await;
+            let _ = send.finish();
+        }
+        PeerRequest::Source { millis } => {
+            let until = Instant::now() + Duration::from_millis(millis.min(MAX_SOURCE_MS) as u64);
+            let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+            while Instant::now() < until {
+                if send.write_chunk(chunk.clone()).await.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish();
+            // Keep the stream until the opener has read everything.
+            let _ = send.stopped().await;
+        }
         PeerRequest::Echo => {
             let mut buf = vec![0u8; 16 * 1024];
             loop {

@@ -444,23 +444,26 @@ impl PunchSocket {
         self.send_probe(dst, payload)
     }
 
+    /// Sends quinn's datagrams to the relay, each behind a data header. A
+    /// GSO batch stays one batch (one syscall): every segment grows by the
+    /// header, and only the last may be shorter, as GSO requires.
     fn send_relayed(&self, server: SocketAddr, session: SessionId, t: &Transmit) -> io::Result<()> {
         let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
-        let mut frame = Vec::with_capacity(relay::DATA_HEADER + seg);
+        let n = t.contents.len().div_ceil(seg);
+        let mut frames = Vec::with_capacity(t.contents.len() + n * relay::DATA_HEADER);
+        let mut header = [0u8; relay::DATA_HEADER];
+        relay::write_data_header(&mut header, session);
         for chunk in t.contents.chunks(seg) {
-            frame.clear();
-            frame.resize(relay::DATA_HEADER, 0);
-            relay::write_data_header(&mut frame, session);
-            frame.extend_from_slice(chunk);
-            self.inner.try_send(&Transmit {
-                destination: punch_net::for_socket(server, self.ipv6),
-                ecn: t.ecn,
-                contents: &frame,
-                segment_size: None,
-                src_ip: t.src_ip,
-            })?;
+            frames.extend_from_slice(&header);
+            frames.extend_from_slice(chunk);
         }
-        Ok(())
+        self.inner.try_send(&Transmit {
+            destination: punch_net::for_socket(server, self.ipv6),
+            ecn: t.ecn,
+            contents: &frames,
+            segment_size: (n > 1).then_some(seg + relay::DATA_HEADER),
+            src_ip: t.src_ip,
+        })
     }
 
     /// Handles a relay frame; returns the virtual source and the payload

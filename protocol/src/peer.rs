@@ -13,4 +13,13 @@ pub const MAX_PEER_HEADER: usize = 4096;
 pub enum PeerRequest {
     /// Echo every byte back until the opener finishes its side.
     Echo,
+    /// Read and discard everything until the opener finishes, then answer
+    /// with the byte count (8 bytes, big-endian): upload throughput.
+    Sink,
+    /// Send bytes for this many milliseconds (at most [`MAX_SOURCE_MS`]),
+    /// then finish: download throughput.
+    Source { millis: u32 },
 }
+
+/// Longest [`PeerRequest::Source`] a peer serves.
+pub const MAX_SOURCE_MS: u32 = 60_000;

@@ -55,9 +55,9 @@ impl ServerSocket {
     ) -> io::Result<Arc<Self>> {
         let local = sock.local_addr()?;
         let ipv6 = local.is_ipv6();
-        let clone = sock.try_clone()?;
+        // GRO stays on: a burst of relayed datagrams from one agent arrives
+        // as one buffer and leaves as one GSO send (see `poll_recv`).
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
-        punch_net::disable_gro(&clone);
         Ok(Arc::new(ServerSocket {
             inner,
             relay,
@@ -113,29 +113,93 @@ impl ServerSocket {
         });
     }
 
-    fn relay_frame(&self, from: SocketAddr, data: &[u8]) {
-        let Some(table) = &self.relay else { return };
-        let from = punch_net::canonical(from);
-        let action = table
-            .lock()
-            .expect("not poisoned")
-            .handle(from, data, Instant::now());
-        let (to, contents) = match action {
-            Ok(Action::Forward(to)) => (to, data),
-            Ok(Action::Reply(ref frame)) => (from, frame.as_slice()),
-            Err(e) => {
-                tracing::trace!(%from, "relay frame dropped: {e}");
-                return;
+    /// Sends `data` (one datagram, or `stride`-sized GSO segments) to `to`;
+    /// best effort, like any UDP forwarder: a full socket buffer drops.
+    fn forward(&self, to: SocketAddr, data: &[u8], stride: usize) {
+        let segments = data.len().div_ceil(stride.max(1));
+        let gso = self.inner.max_transmit_segments();
+        if segments > 1 && gso >= segments {
+            let _ = self.inner.try_send(&Transmit {
+                destination: punch_net::for_socket(to, self.ipv6),
+                ecn: None,
+                contents: data,
+                segment_size: Some(stride),
+                src_ip: None,
+            });
+            return;
+        }
+        for d in data.chunks(stride.max(1)) {
+            let _ = self.inner.try_send(&Transmit {
+                destination: punch_net::for_socket(to, self.ipv6),
+                ecn: None,
+                contents: d,
+                segment_size: None,
+                src_ip: None,
+            });
+        }
+    }
+
+    /// Handles one received buffer of `len` bytes in `stride`-sized
+    /// segments (GRO), all from `from`: relay frames are forwarded (runs of
+    /// segments for one destination in one GSO send), STUN is answered,
+    /// and the QUIC segments are moved to the front; returns their length.
+    fn sort_segments(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+        let len = meta.len;
+        let stride = if meta.stride == 0 { len } else { meta.stride };
+        let mut kept = 0;
+        // A pending run of relay segments for one destination: (to, start, end).
+        let mut run: Option<(SocketAddr, usize, usize)> = None;
+        let mut table = None;
+        let mut off = 0;
+        while off < len {
+            let end = (off + stride).min(len);
+            let seg = &buf[off..end];
+            if relay::is_relay(seg) {
+                let Some(t) = &self.relay else {
+                    off = end;
+                    continue;
+                };
+                let from = punch_net::canonical(meta.addr);
+                let t = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
+                match t.handle(from, seg, Instant::now()) {
+                    Ok(Action::Forward(to)) => match &mut run {
+                        Some((r_to, _, r_end)) if *r_to == to && *r_end == off => *r_end = end,
+                        _ => {
+                            if let Some((to, s, e)) = run.take() {
+                                self.forward(to, &buf[s..e], stride);
+                            }
+                            run = Some((to, off, end));
+                        }
+                    },
+                    Ok(Action::Reply(frame)) => {
+                        if let Some((to, s, e)) = run.take() {
+                            self.forward(to, &buf[s..e], stride);
+                        }
+                        self.forward(from, &frame, frame.len());
+                    }
+                    Err(e) => tracing::trace!(%from, "relay frame dropped: {e}"),
+                }
+                off = end;
+                continue;
             }
-        };
-        // Best effort, like any UDP forwarder: a full socket buffer drops.
-        let _ = self.inner.try_send(&Transmit {
-            destination: punch_net::for_socket(to, self.ipv6),
-            ecn: None,
-            contents,
-            segment_size: None,
-            src_ip: None,
-        });
+            if let Some((to, s, e)) = run.take() {
+                self.forward(to, &buf[s..e], stride);
+            }
+            if stun::looks_like_stun(seg) {
+                drop(table.take());
+                self.stun_request(meta.addr, meta.dst_ip, seg);
+            } else {
+                // QUIC: kept for quinn, packed at the front. Only the last
+                // segment can be short, so the kept ones keep the stride.
+                buf.copy_within(off..end, kept);
+                kept += end - off;
+            }
+            off = end;
+        }
+        if let Some((to, s, e)) = run.take() {
+            self.forward(to, &buf[s..e], stride);
+        }
+        kept
     }
 }
 
@@ -154,18 +218,31 @@ impl AsyncUdpSocket for ServerSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        punch_net::poll_recv_filtered(&*self.inner, cx, bufs, meta, |buf, m| {
-            let data = &buf[..m.len];
-            if relay::is_relay(data) {
-                self.relay_frame(m.addr, data);
-                false
-            } else if stun::looks_like_stun(data) {
-                self.stun_request(m.addr, m.dst_ip, data);
-                false
-            } else {
-                true
+        loop {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let mut out = 0;
+            for i in 0..n {
+                let mut m = meta[i];
+                let kept = self.sort_segments(&mut bufs[i], &m);
+                if kept == 0 {
+                    continue;
+                }
+                if out != i {
+                    let (head, tail) = bufs.split_at_mut(i);
+                    head[out][..kept].copy_from_slice(&tail[0][..kept]);
+                }
+                m.len = kept;
+                m.stride = m.stride.min(kept);
+                meta[out] = m;
+                out += 1;
             }
-        })
+            if out > 0 {
+                return Poll::Ready(Ok(out));
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -177,7 +254,7 @@ impl AsyncUdpSocket for ServerSocket {
     }
 
     fn max_receive_segments(&self) -> usize {
-        1
+        self.inner.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {

@@ -313,6 +313,36 @@ fn forced_relay_carries_the_connection_and_is_counted() {
         "{health}"
     );
 
+    // Bulk data both ways through the relay (GRO/GSO batches on the
+    // server): the peer counts every byte sent, and the relay carried them.
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "bench",
+        "worker-b",
+        "--seconds",
+        "1",
+        "--force-relay",
+        "--json",
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["path"], "relayed", "{j}");
+    let up = j["upload_bytes"].as_u64().unwrap();
+    let down = j["download_bytes"].as_u64().unwrap();
+    assert!(up > 1_000_000 && down > 1_000_000, "{j}");
+    assert!(j["upload_mb_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert!(
+        health["relay"]["forwarded_bytes"].as_u64().unwrap() >= up + down,
+        "{health}"
+    );
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["bench", "worker-b", "--seconds", "0"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("--seconds"), "{r:?}");
+
     // --no-relay and --force-relay contradict each other.
     let mut cmd = s.agent().unwrap();
     cmd.args(["connect", "worker-b", "--force-relay", "--no-relay"]);
