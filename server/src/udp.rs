@@ -21,6 +21,8 @@ use std::time::Instant;
 /// quinn's socket with relay frames taken out.
 pub struct ServerSocket {
     inner: Arc<dyn AsyncUdpSocket>,
+    /// The same socket, for batched STUN answers (`sendmmsg`).
+    raw: std::net::UdpSocket,
     relay: Option<Arc<Mutex<RelayTable>>>,
     ipv6: bool,
     local: SocketAddr,
@@ -36,6 +38,9 @@ pub struct StunStats {
     pub errors_sent: AtomicU64,
     pub dropped: AtomicU64,
 }
+
+/// STUN answers of one receive batch: (client, our address it asked, bytes).
+type Answers = Vec<(SocketAddr, Option<std::net::IpAddr>, Vec<u8>)>;
 
 /// SOFTWARE attribute of our STUN answers.
 pub const SOFTWARE: &str = concat!("punch-server ", env!("CARGO_PKG_VERSION"));
@@ -57,9 +62,11 @@ impl ServerSocket {
         let ipv6 = local.is_ipv6();
         // GRO stays on: a burst of relayed datagrams from one agent arrives
         // as one buffer and leaves as one GSO send (see `poll_recv`).
+        let raw = sock.try_clone()?;
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
         Ok(Arc::new(ServerSocket {
             inner,
+            raw,
             relay,
             ipv6,
             local,
@@ -68,12 +75,18 @@ impl ServerSocket {
         }))
     }
 
-    /// Answers a STUN Binding request.
-    fn stun_request(&self, from: SocketAddr, dst_ip: Option<std::net::IpAddr>, data: &[u8]) {
+    /// Answers a STUN Binding request: sends it from an alternate socket
+    /// (CHANGE-REQUEST), or returns it for the main socket to send.
+    fn stun_request(
+        &self,
+        from: SocketAddr,
+        dst_ip: Option<std::net::IpAddr>,
+        data: &[u8],
+    ) -> Option<Vec<u8>> {
         let from = punch_net::canonical(from);
         let Ok(msg) = stun::parse(data) else {
             self.stun.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         let local = match (self.local.ip().is_unspecified(), dst_ip) {
             (true, Some(ip)) => Some(SocketAddr::new(ip.to_canonical(), self.local.port())),
@@ -94,23 +107,18 @@ impl ServerSocket {
         };
         let Some(resp) = stun::answer(&msg, from, info, SOFTWARE) else {
             self.stun.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
-        if stun::parse(&resp).is_ok_and(|r| r.msg_type == stun::BINDING_ERROR) {
+        // The answer's type sits in its first two bytes.
+        if resp.get(..2) == Some(&stun::BINDING_ERROR.to_be_bytes()[..]) {
             self.stun.errors_sent.fetch_add(1, Ordering::Relaxed);
         }
         self.stun.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(out) = out {
             let _ = out.send_to(&resp, from);
-            return;
+            return None;
         }
-        let _ = self.inner.try_send(&Transmit {
-            destination: punch_net::for_socket(from, self.ipv6),
-            ecn: None,
-            contents: &resp,
-            segment_size: None,
-            src_ip: dst_ip,
-        });
+        Some(resp)
     }
 
     /// Sends `data` (one datagram, or `stride`-sized GSO segments) to `to`;
@@ -143,7 +151,7 @@ impl ServerSocket {
     /// segments (GRO), all from `from`: relay frames are forwarded (runs of
     /// segments for one destination in one GSO send), STUN is answered,
     /// and the QUIC segments are moved to the front; returns their length.
-    fn sort_segments(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+    fn sort_segments(&self, buf: &mut [u8], meta: &RecvMeta, answers: &mut Answers) -> usize {
         let len = meta.len;
         let stride = if meta.stride == 0 { len } else { meta.stride };
         let mut kept = 0;
@@ -187,7 +195,9 @@ impl ServerSocket {
             }
             if stun::looks_like_stun(seg) {
                 drop(table.take());
-                self.stun_request(meta.addr, meta.dst_ip, seg);
+                if let Some(resp) = self.stun_request(meta.addr, meta.dst_ip, seg) {
+                    answers.push((meta.addr, meta.dst_ip, resp));
+                }
             } else {
                 // QUIC: kept for quinn, packed at the front. Only the last
                 // segment can be short, so the kept ones keep the stride.
@@ -224,9 +234,10 @@ impl AsyncUdpSocket for ServerSocket {
                 other => return other,
             };
             let mut out = 0;
+            let mut answers = Answers::new();
             for i in 0..n {
                 let mut m = meta[i];
-                let kept = self.sort_segments(&mut bufs[i], &m);
+                let kept = self.sort_segments(&mut bufs[i], &m, &mut answers);
                 if kept == 0 {
                     continue;
                 }
@@ -238,6 +249,14 @@ impl AsyncUdpSocket for ServerSocket {
                 m.stride = m.stride.min(kept);
                 meta[out] = m;
                 out += 1;
+            }
+            if !answers.is_empty() {
+                // STUN answers of the whole batch leave in one sendmmsg.
+                let list: Vec<punch_net::OutDatagram<'_>> = answers
+                    .iter()
+                    .map(|(to, src, d)| (*to, *src, d.as_slice()))
+                    .collect();
+                punch_net::send_many(&self.raw, &list);
             }
             if out > 0 {
                 return Poll::Ready(Ok(out));
