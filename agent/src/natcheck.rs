@@ -50,15 +50,20 @@ impl NatReport {
     }
 }
 
-/// Requests carry PADDING so the server's amplification guard lets the
-/// RFC 5780 attributes into the answer.
+/// Requests are padded so punch-server's amplification guard lets the
+/// RFC 5780 attributes into the answer. The padding is a long SOFTWARE
+/// attribute, not PADDING: SOFTWARE is comprehension-optional, so other
+/// servers (coturn answers PADDING with 420) ignore it.
 fn request(txid: &[u8; 16], change_ip: bool, change_port: bool) -> Vec<u8> {
     let mut b = stun::Builder::new(stun::BINDING_REQUEST, txid);
     if change_ip || change_port {
         let flags = (change_ip as u8) << 2 | (change_port as u8) << 1;
         b.attr(stun::attr::CHANGE_REQUEST, &[0, 0, 0, flags]);
     }
-    b.attr(stun::attr::PADDING, &[0; 96]);
+    let text = b"punch-agent nat-check (RFC 5780)";
+    let mut pad = [b' '; 96];
+    pad[..text.len()].copy_from_slice(text);
+    b.attr(stun::attr::SOFTWARE, &pad);
     b.finish_with_fingerprint()
 }
 

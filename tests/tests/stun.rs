@@ -1,6 +1,7 @@
 //! STUN interop with real third-party software: Debian's `stun` client
 //! (stund) asks punch-server for its mapping, and a real coturn serves as
-//! the STUN server for `punch-agent --stun`.
+//! the STUN server for `punch-agent --stun` and, with two addresses, as the
+//! RFC 5780 server for `punch-agent nat-check --stun`.
 
 use punch_lab::harness::{run, Proc, ServerProc};
 use punch_protocol::stun;
@@ -136,4 +137,74 @@ fn stun_bench_validates_every_answer_from_punch_server() {
     let r = run(cmd, Duration::from_secs(30)).unwrap();
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("loopback"), "{}", r.stderr);
+}
+
+/// Two consecutive UDP ports free on 127.0.0.1 and 127.0.0.2.
+fn port_pair() -> u16 {
+    for _ in 0..100 {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p == u16::MAX {
+            continue;
+        }
+        let free = [("127.0.0.1", p + 1), ("127.0.0.2", p), ("127.0.0.2", p + 1)]
+            .iter()
+            .all(|a| std::net::UdpSocket::bind(*a).is_ok());
+        if free {
+            return p;
+        }
+    }
+    panic!("no free pair of UDP ports on 127.0.0.1/127.0.0.2");
+}
+
+#[test]
+fn nat_check_works_against_coturn_as_rfc5780_server() {
+    let Some(()) = tool("turnserver", "coturn") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = port_pair();
+    // coturn does RFC 5780 when it has two listening IPs of one family and
+    // an alternate port.
+    let mut cmd = Command::new("turnserver");
+    cmd.args(["--listening-ip", "127.0.0.1", "--listening-ip", "127.0.0.2"])
+        .args(["--listening-port", &port.to_string()])
+        .args(["--alt-listening-port", &(port + 1).to_string()])
+        .args(["--stun-only", "--no-tls", "--no-dtls", "--no-cli", "-n"])
+        .args(["--log-file", "stdout", "--pidfile"])
+        .arg(dir.path().join("turn.pid"));
+    let _turn = Proc::spawn("turnserver", cmd, None).unwrap();
+    // Ready when its alternate address answers too (bounded: 15 s).
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let req = stun::binding_request(&stun::new_txid(), false, false);
+    let mut buf = [0u8; 512];
+    let ready = (0..75).any(|_| {
+        probe.send_to(&req, ("127.0.0.2", port + 1)).unwrap();
+        probe.recv_from(&mut buf).is_ok()
+    });
+    assert!(
+        ready,
+        "coturn did not answer on 127.0.0.2:{} within 15 s",
+        port + 1
+    );
+
+    let mut cmd = Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+    cmd.args([
+        "nat-check",
+        "--json",
+        "--stun",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let r = run(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["udp"], "ok", "{j}");
+    assert_eq!(j["other_addr"], format!("127.0.0.2:{}", port + 1), "{j}");
+    // Loopback has no NAT.
+    assert_eq!(j["mapping"], "endpoint-independent", "{j}");
+    assert_eq!(j["filtering"], "endpoint-independent", "{j}");
+    assert_eq!(j["port_preserved"], true, "{j}");
 }
