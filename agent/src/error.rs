@@ -92,6 +92,8 @@ impl AgentError {
             ErrorCode::BadToken => AgentError::BadToken(message),
             ErrorCode::IdTaken => AgentError::IdTaken(message),
             ErrorCode::BadVersion => AgentError::BadVersion(message),
+            ErrorCode::Timeout => AgentError::Timeout(message),
+            ErrorCode::BadRequest => AgentError::Config(message),
             other => AgentError::Server {
                 code: other.as_str(),
                 message,

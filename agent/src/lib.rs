@@ -22,13 +22,16 @@ pub mod peer;
 pub mod session;
 pub mod signal;
 pub mod socket;
+pub mod status;
 
 pub use error::AgentError;
 pub use peer::{PathInfo, PeerConnection, PeerError};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
 
-use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, PublicKey, ServerMsg};
+use punch_protocol::signal::{
+    Candidate, CandidateKind, ClientMsg, PublicKey, Query, ServerMsg, WorkerInfo,
+};
 use punch_protocol::ALPN_PEER;
 use punch_tls::{Expect, Identity, KeyVerifier};
 use socket::{ProbeRouter, PunchSocket};
@@ -86,6 +89,12 @@ pub struct AgentConfig {
     /// Classify our NAT (RFC 5780 checks against the server) after
     /// registering, and report the class to the server.
     pub nat_check: bool,
+    /// Our type (service kind), for discovery.
+    pub kind: Option<String>,
+    /// Labels others can filter on.
+    pub tags: Vec<String>,
+    /// Free-form key/value pairs shown in the registry.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -106,6 +115,9 @@ impl AgentConfig {
             relay_after: Duration::from_secs(3),
             stun: Vec::new(),
             nat_check: true,
+            kind: None,
+            tags: Vec::new(),
+            metadata: Vec::new(),
         }
     }
 }
@@ -267,6 +279,67 @@ impl Agent {
         *self.inner.nat.lock().expect("not poisoned")
     }
 
+    async fn query(&self, query: Query, timeout: Duration) -> Result<Vec<WorkerInfo>, AgentError> {
+        let target = match &query {
+            Query::Get { id } | Query::Wait { id, .. } => id.clone(),
+            _ => String::new(),
+        };
+        match self
+            .inner
+            .request(|req| ClientMsg::Query { req, query }, timeout)
+            .await?
+        {
+            Reply::Msg(ServerMsg::Workers { workers, .. }) => Ok(workers),
+            Reply::Msg(ServerMsg::Error { code, message, .. }) => {
+                Err(AgentError::from_code(code, message, &target))
+            }
+            other => Err(AgentError::Io(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Workers online or stale, optionally of a type and with a tag.
+    pub async fn list(
+        &self,
+        kind: Option<&str>,
+        tag: Option<&str>,
+    ) -> Result<Vec<WorkerInfo>, AgentError> {
+        let query = Query::List {
+            kind: kind.map(str::to_string),
+            tag: tag.map(str::to_string),
+        };
+        self.query(query, Duration::from_secs(10)).await
+    }
+
+    /// A random online worker of a type, if there is one.
+    pub async fn discover(&self, kind: &str) -> Result<Option<WorkerInfo>, AgentError> {
+        let query = Query::Discover {
+            kind: kind.to_string(),
+        };
+        Ok(self.query(query, Duration::from_secs(10)).await?.pop())
+    }
+
+    /// Waits until worker `id` is online (at most `timeout`).
+    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Result<WorkerInfo, AgentError> {
+        punch_protocol::signal::validate_worker_id(id)
+            .map_err(|e| AgentError::Config(format!("worker id {id:?}: {e}")))?;
+        let ms = timeout
+            .as_millis()
+            .min(punch_protocol::signal::MAX_WAIT_MS as u128) as u32;
+        let query = Query::Wait {
+            id: id.to_string(),
+            timeout_ms: ms,
+        };
+        self.query(query, timeout + Duration::from_secs(10))
+            .await?
+            .pop()
+            .ok_or_else(|| AgentError::Io("empty answer to wait".into()))
+    }
+
+    /// The rendezvous server as configured (`HOST:PORT`).
+    pub fn server(&self) -> &str {
+        &self.inner.config.server
+    }
+
     /// Our worker id (an `anon-…` id when none was configured).
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
@@ -338,8 +411,10 @@ impl Agent {
         // Dropping the control sender ends the signaling writer, which
         // delivers what is queued (outcome reports) before we close.
         let control = self.inner.control.lock().expect("not poisoned").take();
-        if control.is_some() {
-            drop(control);
+        if let Some(c) = control {
+            // Deregister at once rather than go stale.
+            let _ = c.try_send(ClientMsg::Bye);
+            drop(c);
             let mut stopped = self.inner.signal_stopped.subscribe();
             let _ =
                 tokio::time::timeout(Duration::from_millis(1500), stopped.wait_for(|s| *s)).await;

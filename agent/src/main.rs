@@ -78,9 +78,51 @@ struct Common {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Register and accept peer connections (answers ping and echo streams)
-    /// until interrupted. Reconnects by itself when the server goes away.
-    Serve,
+    /// Register and accept peer connections (answers ping, echo and bench
+    /// streams) until interrupted. Reconnects by itself when the server
+    /// goes away; Ctrl-C or SIGTERM deregisters at once.
+    Serve {
+        /// Our type (service kind), for `list --type` and `discover`.
+        #[arg(long = "type", env = "PUNCH_TYPE")]
+        kind: Option<String>,
+        /// A tag to filter on; repeatable.
+        #[arg(long = "tag", env = "PUNCH_TAGS", value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Metadata KEY=VALUE; repeatable.
+        #[arg(long = "meta", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+        /// Serve GET /healthz and GET / (our status) on this TCP address.
+        /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+    },
+    /// List workers online or stale (recently dropped), optionally of one
+    /// type and with one tag.
+    List {
+        #[arg(long = "type")]
+        kind: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a random online worker of TYPE (exit 3 when none is online).
+    Discover {
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.
+    /// For start-up ordering of containers.
+    Wait {
+        worker: String,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// Connect to TARGET, measure one round trip, print the result, exit.
     Connect {
         /// Worker id to reach.
@@ -203,9 +245,38 @@ async fn main() -> ExitCode {
             init_logs("error");
             (*json, nat_check(&cli.common, *json).await)
         }
-        Cmd::Serve => {
+        Cmd::Serve {
+            kind,
+            tags,
+            meta,
+            http,
+        } => {
             init_logs("info");
-            (false, serve(&cli.common).await)
+            let http = http.or_else(|| {
+                std::env::var("PORT")
+                    .ok()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+            });
+            (
+                false,
+                serve(&cli.common, kind.clone(), tags.clone(), meta.clone(), http).await,
+            )
+        }
+        Cmd::List { kind, tag, json } => {
+            init_logs("error");
+            (
+                *json,
+                list(&cli.common, kind.as_deref(), tag.as_deref(), *json).await,
+            )
+        }
+        Cmd::Discover { kind, json } => {
+            init_logs("error");
+            (*json, discover(&cli.common, kind, *json).await)
+        }
+        Cmd::Wait { worker, timeout } => {
+            init_logs("error");
+            (false, wait(&cli.common, worker, *timeout).await)
         }
         Cmd::Connect {
             target,
@@ -298,13 +369,156 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn serve(c: &Common) -> Result<(), AgentError> {
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    punch_protocol::signal::validate_name("metadata key", k)?;
+    if v.len() > punch_protocol::signal::MAX_METADATA_LEN {
+        return Err(format!(
+            "metadata value longer than {} bytes",
+            punch_protocol::signal::MAX_METADATA_LEN
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// A worker as `list --json` and `discover --json` print it (the same
+/// fields as the server's HTTP API).
+fn worker_json(w: &punch_protocol::signal::WorkerInfo) -> serde_json::Value {
+    json!({
+        "worker_id": w.id,
+        "type": w.kind,
+        "tags": w.tags,
+        "metadata": w.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "state": w.state.as_str(),
+        "observed_addr": w.observed.to_string(),
+        "nat": w.nat.map(|n| json!({
+            "label": n.label(),
+            "mapping": n.mapping.as_str(),
+            "filtering": n.filtering.as_str(),
+            "port_preserved": n.port_preserved,
+        })),
+        "since": humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms)
+        ).to_string(),
+    })
+}
+
+/// A one-off agent for registry queries.
+async fn query_agent(c: &Common) -> Result<Agent, AgentError> {
+    let mut cfg = config(c, false)?;
+    cfg.nat_check = false;
+    let agent = Agent::start(cfg).await?;
+    agent.registered(Duration::from_secs(15)).await?;
+    Ok(agent)
+}
+
+async fn list(
+    c: &Common,
+    kind: Option<&str>,
+    tag: Option<&str>,
+    json: bool,
+) -> Result<(), AgentError> {
+    let agent = query_agent(c).await?;
+    let r = agent.list(kind, tag).await;
+    agent.close().await;
+    let workers = r?;
+    if json {
+        let v: Vec<_> = workers.iter().map(worker_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:<7} {:<22} {:<10} TAGS",
+        "WORKER", "TYPE", "STATE", "ADDRESS", "NAT"
+    );
+    for w in &workers {
+        println!(
+            "{:<24} {:<12} {:<7} {:<22} {:<10} {}",
+            w.id,
+            w.kind.as_deref().unwrap_or("-"),
+            w.state.as_str(),
+            w.observed,
+            w.nat.map(|n| n.label()).unwrap_or_else(|| "-".into()),
+            w.tags.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn discover(c: &Common, kind: &str, json: bool) -> Result<(), AgentError> {
+    punch_protocol::signal::validate_name("type", kind).map_err(AgentError::Config)?;
+    let agent = query_agent(c).await?;
+    let r = agent.discover(kind).await;
+    agent.close().await;
+    match r? {
+        Some(w) if json => println!("{}", worker_json(&w)),
+        Some(w) => println!("{}", w.id),
+        None => {
+            return Err(AgentError::UnknownWorker(format!(
+                "no online worker of type {kind}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentError> {
+    let limit = secs(timeout, "--timeout")?;
+    let agent = query_agent(c).await?;
+    let r = agent.wait_for(worker, limit).await;
+    agent.close().await;
+    match r {
+        Ok(w) => {
+            println!("{} is online at {}", w.id, w.observed);
+            Ok(())
+        }
+        Err(AgentError::Timeout(_)) => Err(AgentError::Timeout(format!(
+            "{worker} did not come online within {timeout} s"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+async fn serve(
+    c: &Common,
+    kind: Option<String>,
+    tags: Vec<String>,
+    meta: Vec<(String, String)>,
+    http: Option<SocketAddr>,
+) -> Result<(), AgentError> {
     if c.id.is_none() {
         return Err(AgentError::Config(
             "serve needs --id NAME (or PUNCH_ID): the id other agents connect to".into(),
         ));
     }
-    let agent = Agent::start(config(c, true)?).await?;
+    if let Some(k) = &kind {
+        punch_protocol::signal::validate_name("type", k).map_err(AgentError::Config)?;
+    }
+    for t in &tags {
+        punch_protocol::signal::validate_name("tag", t).map_err(AgentError::Config)?;
+    }
+    let max = punch_protocol::signal::MAX_TAGS;
+    if tags.len() > max {
+        return Err(AgentError::Config(format!("at most {max} tags")));
+    }
+    let max = punch_protocol::signal::MAX_METADATA;
+    if meta.len() > max {
+        return Err(AgentError::Config(format!("at most {max} --meta entries")));
+    }
+    let mut cfg = config(c, true)?;
+    cfg.kind = kind;
+    cfg.tags = tags;
+    cfg.metadata = meta;
+    let agent = Agent::start(cfg).await?;
+    if let Some(addr) = http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Config(format!("--http {addr}: {e}")))?;
+        tracing::info!(%addr, "status on HTTP");
+        tokio::spawn(punch_agent::status::serve(listener, agent.clone()));
+    }
     let mut status = agent.watch_status();
     let accept = {
         let agent = agent.clone();

@@ -153,7 +153,9 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
         token_proof,
         ephemeral: inner.ephemeral,
         local_candidates: candidates,
-        metadata: vec![],
+        metadata: inner.config.metadata.clone(),
+        kind: inner.config.kind.clone(),
+        tags: inner.config.tags.clone(),
     };
     write_frame(&mut send, &ClientMsg::Hello(hello))
         .await
@@ -317,7 +319,9 @@ async fn session(
 
 fn dispatch(inner: &Arc<Inner>, msg: ServerMsg) {
     match msg {
-        ServerMsg::Pong { req } => answer(inner, req, Reply::Msg(msg)),
+        ServerMsg::Pong { req } | ServerMsg::Workers { req, .. } => {
+            answer(inner, req, Reply::Msg(msg))
+        }
         ServerMsg::Error { req: Some(req), .. } => answer(inner, req, Reply::Msg(msg)),
         ServerMsg::Error {
             req: None,

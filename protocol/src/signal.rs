@@ -16,6 +16,12 @@ pub const MAX_CANDIDATES: usize = 16;
 pub const MAX_METADATA: usize = 32;
 /// Longest metadata key or value.
 pub const MAX_METADATA_LEN: usize = 256;
+/// Most tags in a `Hello`.
+pub const MAX_TAGS: usize = 16;
+/// Most workers in one `Workers` answer.
+pub const MAX_LIST: usize = 1000;
+/// Longest `Wait` a server honours.
+pub const MAX_WAIT_MS: u32 = 3_600_000;
 
 /// An Ed25519 public key, raw 32 bytes.
 pub type PublicKey = [u8; 32];
@@ -46,6 +52,63 @@ pub enum ClientMsg {
     /// The agent's NAT as it classified it (RFC 5780 checks against the
     /// server's two addresses), sent once it knows.
     Nat(NatClass),
+    /// A registry query; answered with `Workers` or `Error`.
+    Query { req: u32, query: Query },
+    /// The agent is shutting down cleanly: deregister now rather than go
+    /// stale.
+    Bye,
+}
+
+/// Registry queries an agent may send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// Workers known now (online or stale), optionally of one type and
+    /// with one tag.
+    List {
+        kind: Option<String>,
+        tag: Option<String>,
+    },
+    /// One worker (an empty answer when unknown).
+    Get { id: String },
+    /// A random online worker of a type (an empty answer when none).
+    Discover { kind: String },
+    /// Answer as soon as the worker is online, or `Error(Timeout)`.
+    Wait { id: String, timeout_ms: u32 },
+}
+
+/// Whether a worker is reachable now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    /// Its signaling connection is up.
+    Online,
+    /// Its connection dropped recently; it keeps its place for a grace
+    /// period in case it comes back.
+    Stale,
+}
+
+impl WorkerState {
+    /// `"online"` or `"stale"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Online => "online",
+            WorkerState::Stale => "stale",
+        }
+    }
+}
+
+/// What the registry knows of a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub kind: Option<String>,
+    pub tags: Vec<String>,
+    pub metadata: Vec<(String, String)>,
+    pub state: WorkerState,
+    /// Its address as the server saw it last.
+    pub observed: SocketAddr,
+    pub nat: Option<NatClass>,
+    /// When it registered (online) or dropped (stale), Unix milliseconds.
+    pub since_ms: u64,
 }
 
 /// A NAT behaviour as RFC 4787 names it (for mapping or for filtering).
@@ -132,6 +195,10 @@ pub struct Hello {
     pub local_candidates: Vec<Candidate>,
     /// Free-form key/value pairs.
     pub metadata: Vec<(String, String)>,
+    /// The worker's type (service kind), for discovery.
+    pub kind: Option<String>,
+    /// Labels to filter on.
+    pub tags: Vec<String>,
 }
 
 /// Messages from server to agent.
@@ -155,6 +222,8 @@ pub enum ServerMsg {
     Pong { req: u32 },
     /// The server saw the agent's mapped address change (NAT rebinding).
     AddressChanged { observed: SocketAddr },
+    /// Answer to a `Query`.
+    Workers { req: u32, workers: Vec<WorkerInfo> },
 }
 
 /// Why the server refused something.
@@ -180,6 +249,8 @@ pub enum ErrorCode {
     RateLimited,
     /// Something went wrong inside the server.
     Internal,
+    /// A `Wait` ran out of time.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -196,6 +267,7 @@ impl ErrorCode {
             ErrorCode::Malformed => "malformed",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }
@@ -292,6 +364,16 @@ pub enum NameError {
     BadChar,
 }
 
+/// Checks a type, tag or metadata key: the same rule as worker ids.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    validate_worker_id(name).map_err(|e| {
+        format!(
+            "{what} {name:?}: {}",
+            e.to_string().replace("worker id", what)
+        )
+    })
+}
+
 /// Checks a worker id: 1 to 64 of `[A-Za-z0-9._-]`.
 pub fn validate_worker_id(id: &str) -> Result<(), NameError> {
     if id.is_empty() {
@@ -318,6 +400,18 @@ impl Hello {
         }
         if self.metadata.len() > MAX_METADATA {
             return Err(format!("more than {MAX_METADATA} metadata entries"));
+        }
+        if self.tags.len() > MAX_TAGS {
+            return Err(format!("more than {MAX_TAGS} tags"));
+        }
+        if let Some(k) = &self.kind {
+            validate_name("type", k)?;
+        }
+        for t in &self.tags {
+            validate_name("tag", t)?;
+        }
+        for (k, _) in &self.metadata {
+            validate_name("metadata key", k)?;
         }
         if self
             .metadata

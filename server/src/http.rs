@@ -1,11 +1,25 @@
-//! The HTTP admin endpoint: `GET /healthz` and `GET /peers`.
+//! The HTTP API: health, metrics, the worker registry, events, waits,
+//! barriers and a status page for people.
+//!
+//! Routes under `/api/v1/` and `/` need the server token as a bearer token
+//! (`Authorization: Bearer TOKEN`; the status page also takes `?token=`)
+//! unless the server runs without a token or with `--http-open`;
+//! `/healthz` and `/metrics` are open unless `--metrics-auth`. Errors are
+//! JSON: `{"error": KIND, "message": TEXT}` with a 4xx status.
 
+use crate::hub::WaitError;
 use crate::Shared;
-use axum::extract::State;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use punch_protocol::signal::{validate_name, validate_worker_id, WorkerInfo, MAX_LIST};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One online worker in `GET /peers`.
 #[derive(Debug, Serialize)]
@@ -115,22 +129,322 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                         format!("{k} {}", c.addr)
                     })
                     .collect(),
-                nat: p.nat.map(|n| NatJson {
-                    label: n.label(),
-                    mapping: n.mapping.as_str(),
-                    filtering: n.filtering.as_str(),
-                    port_preserved: n.port_preserved,
-                }),
+                nat: p.nat.map(nat_json),
             })
             .collect(),
     )
 }
 
+/// A JSON error with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({"error": self.kind, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<WaitError> for ApiError {
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::Timeout => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "timed out")
+            }
+            WaitError::Busy | WaitError::Full => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
+            }
+        }
+    }
+}
+
+/// One worker in the API.
+#[derive(Debug, Serialize)]
+pub struct WorkerJson {
+    pub worker_id: String,
+    /// The worker's type (`serve --type`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `online` or `stale`.
+    pub state: &'static str,
+    pub observed_addr: String,
+    pub nat: Option<NatJson>,
+    /// RFC 3339: when it registered (online) or dropped (stale).
+    pub since: String,
+}
+
+fn nat_json(n: punch_protocol::signal::NatClass) -> NatJson {
+    NatJson {
+        label: n.label(),
+        mapping: n.mapping.as_str(),
+        filtering: n.filtering.as_str(),
+        port_preserved: n.port_preserved,
+    }
+}
+
+impl From<WorkerInfo> for WorkerJson {
+    fn from(w: WorkerInfo) -> Self {
+        WorkerJson {
+            worker_id: w.id,
+            kind: w.kind,
+            tags: w.tags,
+            metadata: w
+                .metadata
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
+            state: w.state.as_str(),
+            observed_addr: w.observed.to_string(),
+            nat: w.nat.map(nat_json),
+            since: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms),
+            )
+            .to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    tag: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TimeoutParam {
+    timeout: Option<String>,
+}
+
+/// `?timeout=SECS`: default 30 s, capped at an hour; negative, zero-length
+/// or non-numbers are refused.
+fn timeout_of(p: &TimeoutParam) -> Result<Duration, ApiError> {
+    let Some(t) = &p.timeout else {
+        return Ok(Duration::from_secs(30));
+    };
+    let secs: f64 = t
+        .parse()
+        .map_err(|_| ApiError::bad(format!("timeout {t:?} is not a number of seconds")))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(ApiError::bad(format!(
+            "timeout {t:?} must be 0 or more seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(
+        secs.min(crate::hub::MAX_WAIT.as_secs_f64()),
+    ))
+}
+
+async fn workers(
+    State(s): State<Arc<Shared>>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<Vec<WorkerJson>>, ApiError> {
+    if let Some(k) = &p.kind {
+        validate_name("type", k).map_err(ApiError::bad)?;
+    }
+    if let Some(t) = &p.tag {
+        validate_name("tag", t).map_err(ApiError::bad)?;
+    }
+    let list = s.registry.lock().expect("not poisoned").list(
+        p.kind.as_deref(),
+        p.tag.as_deref(),
+        MAX_LIST,
+    );
+    Ok(Json(list.into_iter().map(WorkerJson::from).collect()))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    validate_worker_id(id).map_err(|e| ApiError::bad(format!("worker id {id:?}: {e}")))
+}
+
+async fn worker(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerJson>, ApiError> {
+    check_id(&id)?;
+    let w = s.registry.lock().expect("not poisoned").get(&id);
+    w.map(|w| Json(w.into())).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_worker",
+            format!("no worker {id:?} is online or stale"),
+        )
+    })
+}
+
+async fn discover(
+    State(s): State<Arc<Shared>>,
+    Path(kind): Path<String>,
+) -> Result<Json<WorkerJson>, ApiError> {
+    validate_name("type", &kind).map_err(ApiError::bad)?;
+    let w = s
+        .registry
+        .lock()
+        .expect("not poisoned")
+        .discover(&kind, |n| {
+            rand::Rng::gen_range(&mut rand::thread_rng(), 0..n)
+        });
+    w.map(|w| Json(w.into())).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "none_online",
+            format!("no online worker of type {kind:?}"),
+        )
+    })
+}
+
+async fn wait(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(p): Query<TimeoutParam>,
+) -> Result<Json<WorkerJson>, ApiError> {
+    check_id(&id)?;
+    let limit = timeout_of(&p)?;
+    let w = s.hub.wait_online(&s, &id, limit).await?;
+    Ok(Json(w.into()))
+}
+
+async fn barrier_put(
+    State(s): State<Arc<Shared>>,
+    Path(key): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    validate_name("barrier", &key).map_err(ApiError::bad)?;
+    s.hub.release(&key)?;
+    tracing::info!(barrier = %key, "barrier released");
+    Ok(Json(serde_json::json!({"barrier": key, "released": true})))
+}
+
+async fn barrier_get(
+    State(s): State<Arc<Shared>>,
+    Path(key): Path<String>,
+    Query(p): Query<TimeoutParam>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    validate_name("barrier", &key).map_err(ApiError::bad)?;
+    let limit = timeout_of(&p)?;
+    s.hub.wait_barrier(&key, limit).await?;
+    Ok(Json(serde_json::json!({"barrier": key, "released": true})))
+}
+
+async fn events(
+    State(s): State<Arc<Shared>>,
+) -> Result<
+    Sse<impl tokio_stream::Stream<Item = Result<SseEvent, std::convert::Infallible>>>,
+    ApiError,
+> {
+    use tokio_stream::StreamExt;
+    let rx = s.hub.subscribe();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| {
+        // A subscriber too slow for the buffer misses events; the seq
+        // numbers show the gap.
+        let ev = r.ok()?;
+        let data = serde_json::to_string(&*ev).ok()?;
+        Some(Ok(SseEvent::default()
+            .event(ev.event)
+            .id(ev.seq.to_string())
+            .data(data)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn metrics_text(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::prometheus(&s),
+    )
+}
+
+async fn status_page(State(s): State<Arc<Shared>>) -> Html<String> {
+    Html(crate::status::page(&s))
+}
+
+/// Checks the bearer token (or `?token=` on the status page).
+async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let Some(token) = s.config.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if s.config.http_open {
+        return next.run(req).await;
+    }
+    let path = req.uri().path();
+    if s.config.metrics_open && (path == "/healthz" || path == "/metrics") {
+        return next.run(req).await;
+    }
+    let given = bearer(req.headers()).or_else(|| {
+        (path == "/")
+            .then(|| {
+                req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("token="))
+                        .map(str::to_string)
+                })
+            })
+            .flatten()
+    });
+    match given {
+        Some(g) if punch_tls::ct_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", "wrong token").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "this server requires its token: Authorization: Bearer TOKEN",
+        )
+        .into_response(),
+    }
+}
+
+fn bearer(h: &HeaderMap) -> Option<String> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(|t| t.trim().to_string())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
 /// The router, for tests and embedding.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .route("/peers", get(peers))
+        .route("/api/v1/workers", get(workers))
+        .route("/api/v1/workers/{id}", get(worker))
+        .route("/api/v1/discover/{type}", get(discover))
+        .route("/api/v1/wait/{id}", get(wait))
+        .route("/api/v1/barriers/{key}", get(barrier_get).put(barrier_put))
+        .route("/api/v1/events", get(events))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared)
 }
 

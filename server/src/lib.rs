@@ -7,9 +7,12 @@
 
 pub mod alt;
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod registry;
 pub mod signal;
+pub mod status;
+pub mod store;
 pub mod udp;
 
 use metrics::Metrics;
@@ -40,6 +43,14 @@ pub struct ServerConfig {
     pub relay: Option<punch_protocol::relay::RelayLimits>,
     /// RFC 5780 alternate address (other IP and port) for NAT discovery.
     pub alt_listen: Option<SocketAddr>,
+    /// How long a worker whose connection dropped stays listed (stale).
+    pub stale_grace: Duration,
+    /// Serve the HTTP API without the bearer token.
+    pub http_open: bool,
+    /// Serve `/healthz` and `/metrics` without the bearer token (on by
+    /// default: probes and scrapers rarely carry tokens; they show counts,
+    /// not workers).
+    pub metrics_open: bool,
 }
 
 impl ServerConfig {
@@ -54,6 +65,9 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(20),
             relay: Some(punch_protocol::relay::RelayLimits::default()),
             alt_listen: None,
+            stale_grace: Duration::from_secs(30),
+            http_open: false,
+            metrics_open: true,
         }
     }
 }
@@ -75,6 +89,8 @@ pub enum ServerError {
     },
     #[error("cannot start QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// State shared by the server's tasks.
@@ -87,6 +103,10 @@ pub struct Shared {
     pub relay: Option<Arc<Mutex<punch_protocol::relay::RelayTable>>>,
     /// STUN responder counters.
     pub stun: Arc<udp::StunStats>,
+    /// Persistent id-to-key bindings.
+    pub store: store::Store,
+    /// Registry events, waits and barriers.
+    pub hub: hub::Hub,
 }
 
 /// A running server.
@@ -138,8 +158,16 @@ impl Server {
                 "NO TOKEN CONFIGURED: any agent may register and connect. Set --token or PUNCH_TOKEN for anything but a trial."
             );
         }
+        let store = store::Store::open(&config.data_dir)?;
+        let mut registry = Registry::new(config.max_workers);
+        registry.grace = config.stale_grace;
+        let bindings = store.load()?;
+        tracing::info!(bindings = bindings.len(), "loaded worker-id bindings");
+        registry.load_bindings(bindings);
         let shared = Arc::new(Shared {
-            registry: Mutex::new(Registry::new(config.max_workers)),
+            registry: Mutex::new(registry),
+            store,
+            hub: hub::Hub::default(),
             metrics: Metrics::default(),
             config: config.clone(),
             fingerprint: fingerprint.clone(),
@@ -152,6 +180,25 @@ impl Server {
         ))];
         if let Some(alt) = alt {
             tasks.push(tokio::spawn(alt.serve(shared.stun.clone())));
+        }
+        {
+            // Stale workers expire after the grace period.
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    let events = shared
+                        .registry
+                        .lock()
+                        .expect("not poisoned")
+                        .expire(std::time::Instant::now());
+                    for ev in events {
+                        tracing::info!(worker = %ev.worker, "expired");
+                        shared.hub.publish(ev);
+                    }
+                }
+            }));
         }
         if let Some(table) = relay {
             tasks.push(tokio::spawn(async move {

@@ -26,6 +26,15 @@ enum Cmd {
         #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+    /// Release WORKER's id: forget the key it is bound to, so another key
+    /// may register it. Run it while the server is stopped.
+    Forget {
+        /// The worker id to release.
+        worker: String,
+        /// Directory holding the server's data.
+        #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +84,17 @@ struct RunArgs {
     /// connection is dropped (agents keep alive every 5 s).
     #[arg(long, default_value_t = 20)]
     idle_timeout: u64,
+    /// Seconds a worker whose connection dropped stays listed as stale
+    /// (keeping its place for a quick reconnect) before it expires.
+    #[arg(long, env = "PUNCH_STALE_SECS", default_value_t = 30)]
+    stale_secs: u64,
+    /// Serve the HTTP API and status page without the bearer token.
+    #[arg(long, env = "PUNCH_HTTP_OPEN")]
+    http_open: bool,
+    /// Require the bearer token on /healthz and /metrics too (open by
+    /// default, for probes and scrapers).
+    #[arg(long)]
+    metrics_auth: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -102,6 +122,19 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", id.fingerprint());
         return Ok(());
     }
+    if let Some(Cmd::Forget { worker, data_dir }) = cli.cmd {
+        punch_protocol::signal::validate_worker_id(&worker)
+            .map_err(|e| anyhow::anyhow!("worker id {worker:?}: {e}"))?;
+        let store = punch_server::store::Store::open(&data_dir).context(
+            "opening the binding store (is punch-server running on this data dir? stop it first)",
+        )?;
+        if store.forget(&worker)? {
+            println!("released {worker}: the next key to register it gets it");
+        } else {
+            println!("{worker} was not bound");
+        }
+        return Ok(());
+    }
     init_logs();
     let a = cli.run;
     if a.idle_timeout < 5 || a.idle_timeout > 600 {
@@ -114,6 +147,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.max_workers = a.max_workers;
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout);
     cfg.alt_listen = a.alt_listen;
+    if !(1..=86_400).contains(&a.stale_secs) {
+        anyhow::bail!("--stale-secs must be between 1 and 86400");
+    }
+    cfg.stale_grace = std::time::Duration::from_secs(a.stale_secs);
+    cfg.http_open = a.http_open;
+    cfg.metrics_open = !a.metrics_auth;
     if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
         anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");
     }

@@ -1,5 +1,11 @@
 //! Server counters.
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use punch_protocol::signal::{NatClass, PathKind, SessionId};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -25,6 +31,178 @@ pub struct Metrics {
     pub dropped_messages: AtomicU64,
     /// Outcomes by the NAT classes of requester and target.
     pub nat_pairs: Mutex<NatPairs>,
+    /// Time to connect as the agents report it.
+    pub connect_time: ConnectTime,
+    /// The latest connects, newest last, for the status page.
+    pub recent: Mutex<VecDeque<RecentConnect>>,
+}
+
+/// Connects kept for the status page.
+pub const RECENT_CONNECTS: usize = 50;
+
+/// One finished connect.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentConnect {
+    pub at: std::time::SystemTime,
+    pub requester: String,
+    pub target: String,
+    pub path: &'static str,
+    pub connect_ms: u32,
+    pub nat_pair: String,
+}
+
+impl Metrics {
+    /// Remembers a finished connect.
+    pub fn record(&self, c: RecentConnect) {
+        let mut r = self.recent.lock().expect("not poisoned");
+        if r.len() >= RECENT_CONNECTS {
+            r.pop_front();
+        }
+        r.push_back(c);
+    }
+}
+
+/// Histogram of reported times to connect, in seconds.
+#[derive(Debug, Clone)]
+pub struct ConnectTime(pub Histogram);
+
+impl Default for ConnectTime {
+    fn default() -> Self {
+        // 5 ms to about 20 s.
+        ConnectTime(Histogram::new(exponential_buckets(0.005, 2.0, 13)))
+    }
+}
+
+/// The Prometheus (OpenMetrics) text exposition of the server's state.
+pub fn prometheus(s: &crate::Shared) -> String {
+    let m = s.metrics.snapshot();
+    let mut reg = Registry::with_prefix("punch");
+    let (online, stale) = {
+        let r = s.registry.lock().expect("not poisoned");
+        (r.online_count(), r.stale_count())
+    };
+    reg.register(
+        "agents_online",
+        "Agents with a live signaling connection",
+        ConstGauge::new(online as i64),
+    );
+    reg.register(
+        "agents_stale",
+        "Agents whose connection dropped, within the grace period",
+        ConstGauge::new(stale as i64),
+    );
+    let counters: [(&str, &str, u64); 11] = [
+        ("registrations", "Successful registrations", m.registrations),
+        (
+            "registrations_refused",
+            "Refused registrations",
+            m.registration_refused,
+        ),
+        (
+            "auth_failures",
+            "Registrations with a missing or wrong token",
+            m.auth_failures,
+        ),
+        (
+            "decode_errors",
+            "Malformed signaling frames",
+            m.decode_errors,
+        ),
+        ("connect_requests", "Connect requests", m.connect_requests),
+        ("introductions", "Introductions sent", m.introductions),
+        (
+            "connect_errors",
+            "Connect requests refused",
+            m.connect_errors,
+        ),
+        ("address_changes", "NAT rebindings seen", m.address_changes),
+        (
+            "handshake_failures",
+            "Failed QUIC handshakes",
+            m.handshake_failures,
+        ),
+        (
+            "stun_requests",
+            "STUN Binding requests answered",
+            s.stun.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "waits_refused",
+            "Waits refused because too many ran",
+            s.hub.waits_refused.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        reg.register(name, help, ConstCounter::new(v));
+    }
+    reg.register(
+        "waits_in_progress",
+        "Long-polls and barrier waits running",
+        ConstGauge::new(s.hub.waits_in_progress() as i64),
+    );
+    let outcomes = Family::<Vec<(String, String)>, Counter>::default();
+    for (path, v) in [
+        ("direct", m.outcome_direct),
+        ("relayed", m.outcome_relayed),
+        ("failed", m.outcome_failed),
+    ] {
+        outcomes
+            .get_or_create(&vec![("path".into(), path.into())])
+            .inc_by(v);
+    }
+    reg.register("connect_outcomes", "Connect outcomes by path", outcomes);
+    let by_nat = Family::<Vec<(String, String)>, Counter>::default();
+    for (pair, c) in s.metrics.nat_pairs.lock().expect("not poisoned").counts() {
+        for (path, v) in [
+            ("direct", c.direct),
+            ("relayed", c.relayed),
+            ("failed", c.failed),
+        ] {
+            by_nat
+                .get_or_create(&vec![
+                    ("nat_pair".into(), pair.clone()),
+                    ("path".into(), path.into()),
+                ])
+                .inc_by(v);
+        }
+    }
+    reg.register(
+        "connect_outcomes_by_nat",
+        "Connect outcomes by requester/target NAT class and path",
+        by_nat,
+    );
+    reg.register(
+        "time_to_connect_seconds",
+        "Time to connect as agents report it",
+        s.metrics.connect_time.0.clone(),
+    );
+    if let Some(t) = &s.relay {
+        let t = t.lock().expect("not poisoned");
+        reg.register(
+            "relay_sessions",
+            "Relay sessions held",
+            ConstGauge::new(t.len() as i64),
+        );
+        reg.register(
+            "relay_forwarded_bytes",
+            "Bytes relayed",
+            ConstCounter::new(t.stats.forwarded_bytes),
+        );
+        reg.register(
+            "relay_forwarded_packets",
+            "Datagrams relayed",
+            ConstCounter::new(t.stats.forwarded_packets),
+        );
+        reg.register(
+            "relay_dropped",
+            "Relay frames dropped (bad MAC, unknown session, quota)",
+            ConstCounter::new(t.stats.dropped),
+        );
+    }
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
 }
 
 /// `requester/target` NAT labels, e.g. `eim-apdf/apdm-apdf`; `unreported`
@@ -41,7 +219,8 @@ const PAIR_SESSIONS: usize = 16_384;
 /// so the map stays small; sessions awaiting an outcome are capped.
 #[derive(Debug, Default)]
 pub struct NatPairs {
-    pending: HashMap<SessionId, String>,
+    /// Session → (pair label, target id).
+    pending: HashMap<SessionId, (String, String)>,
     order: VecDeque<SessionId>,
     counts: BTreeMap<String, PairCounts>,
 }
@@ -55,28 +234,29 @@ pub struct PairCounts {
 }
 
 impl NatPairs {
-    /// Remembers which pair a session introduced.
-    pub fn introduced(&mut self, session: SessionId, pair: String) {
+    /// Remembers which pair (and target) a session introduced.
+    pub fn introduced(&mut self, session: SessionId, pair: String, target: String) {
         if self.order.len() >= PAIR_SESSIONS {
             if let Some(old) = self.order.pop_front() {
                 self.pending.remove(&old);
             }
         }
         self.order.push_back(session);
-        self.pending.insert(session, pair);
+        self.pending.insert(session, (pair, target));
     }
 
-    /// Counts a session's outcome under its pair; returns the pair.
-    pub fn outcome(&mut self, session: SessionId, path: PathKind) -> Option<String> {
+    /// Counts a session's outcome under its pair; returns the pair and the
+    /// target.
+    pub fn outcome(&mut self, session: SessionId, path: PathKind) -> Option<(String, String)> {
         // Counted once: a session has one outcome.
-        let pair = self.pending.remove(&session)?;
+        let (pair, target) = self.pending.remove(&session)?;
         let c = self.counts.entry(pair.clone()).or_default();
         match path {
             PathKind::Direct => c.direct += 1,
             PathKind::Relayed => c.relayed += 1,
             PathKind::Failed => c.failed += 1,
         }
-        Some(pair)
+        Some((pair, target))
     }
 
     /// The counts so far.
@@ -107,10 +287,10 @@ mod tests {
         assert_eq!(pair, "eim-apdf/apdm-apdf");
         assert_eq!(pair_label(None, Some(easy)), "unreported/eim-apdf");
         let mut p = NatPairs::default();
-        p.introduced(SessionId(1), pair.clone());
+        p.introduced(SessionId(1), pair.clone(), "b".into());
         assert_eq!(
             p.outcome(SessionId(1), PathKind::Relayed),
-            Some(pair.clone())
+            Some((pair.clone(), "b".into()))
         );
         // A repeated or unknown report counts nothing.
         assert_eq!(p.outcome(SessionId(1), PathKind::Direct), None);
@@ -119,7 +299,7 @@ mod tests {
         assert_eq!(p.counts()[&pair].direct, 0);
         // Sessions waiting for an outcome are bounded.
         for i in 0..(PAIR_SESSIONS as u64 + 10) {
-            p.introduced(SessionId(100 + i), "x/y".into());
+            p.introduced(SessionId(100 + i), "x/y".into(), "b".into());
         }
         assert!(p.pending.len() <= PAIR_SESSIONS);
         assert_eq!(p.outcome(SessionId(100), PathKind::Direct), None);

@@ -6,11 +6,12 @@ use crate::{ServerConfig, ServerError, Shared};
 use punch_net::{canonical, read_frame, write_frame, FrameError};
 use punch_protocol::codec::MAX_FRAME;
 use punch_protocol::signal::{
-    ClientMsg, ErrorCode, Hello, Offer, PathKind, Role, ServerMsg, SessionId,
+    validate_name, ClientMsg, ErrorCode, Hello, Offer, PathKind, Query, Role, ServerMsg, SessionId,
+    MAX_LIST, MAX_WAIT_MS,
 };
 use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
-use rand::RngCore;
+use rand::{Rng, RngCore};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -118,6 +119,7 @@ pub fn error_close_code(code: ErrorCode) -> quinn::VarInt {
         ErrorCode::Malformed => 8,
         ErrorCode::RateLimited => 9,
         ErrorCode::Internal => 10,
+        ErrorCode::Timeout => 11,
     };
     (0x100 + n).into()
 }
@@ -234,18 +236,30 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
             local: hello.local_candidates.clone(),
             nat: None,
             handle: AgentHandle {
-                tx,
+                tx: tx.clone(),
                 conn: conn.clone(),
             },
+        };
+        let profile = crate::registry::Profile {
+            kind: hello.kind.clone(),
+            tags: hello.tags.clone(),
+            metadata: hello.metadata.clone(),
         };
         let reg = shared.registry.lock().expect("not poisoned").register(
             &id,
             key,
             hello.ephemeral,
+            profile,
             online,
         );
         match reg {
             Ok(r) => {
+                if r.new_binding {
+                    if let Err(e) = shared.store.put(&id, &key) {
+                        // The binding still holds until a restart.
+                        warn!("could not persist the id binding: {e}");
+                    }
+                }
                 if let Some(old) = r.replaced {
                     info!("replacing previous connection {}", old.conn_id);
                     old.handle
@@ -266,18 +280,29 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
             }
         }
         inc(&shared.metrics.registrations);
-        info!(%observed, ephemeral = hello.ephemeral, "registered");
+        info!(%observed, ephemeral = hello.ephemeral, kind = ?hello.kind, "registered");
+        shared.hub.publish(crate::registry::Event {
+            kind: crate::registry::EventKind::Registered,
+            worker: id.clone(),
+            observed: Some(observed),
+        });
         let result = session_loop(
-            &conn, conn_id, &id, &shared, &mut send, recv, &mut rx, observed,
+            &conn, conn_id, &id, &shared, &mut send, recv, &mut rx, tx, observed,
         )
         .await;
-        shared
-            .registry
-            .lock()
-            .expect("not poisoned")
-            .unregister(&id, conn_id);
+        let clean = matches!(result, Ok(true));
+        let ev = shared.registry.lock().expect("not poisoned").unregister(
+            &id,
+            conn_id,
+            clean,
+            std::time::Instant::now(),
+        );
+        if let Some(ev) = ev {
+            shared.hub.publish(ev);
+        }
         match result {
-            Ok(()) => info!("disconnected"),
+            Ok(true) => info!("deregistered (clean shutdown)"),
+            Ok(false) => info!("disconnected"),
             Err(reason) => info!("disconnected: {reason}"),
         }
     }
@@ -294,8 +319,9 @@ async fn session_loop(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     rx: &mut mpsc::Receiver<ServerMsg>,
+    tx: mpsc::Sender<ServerMsg>,
     observed: std::net::SocketAddr,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     write_frame(
         send,
         &ServerMsg::Welcome {
@@ -321,6 +347,26 @@ async fn session_loop(
     let result = loop {
         tokio::select! {
             msg = in_rx.recv() => match msg {
+                Some(Ok(ClientMsg::Bye)) => break Ok(true),
+                Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
+                    // Answered later, from its own task, through the queue.
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let limit = Duration::from_millis(timeout_ms.min(MAX_WAIT_MS) as u64);
+                        let answer = match shared.hub.wait_online(&shared, &target, limit).await {
+                            Ok(w) => ServerMsg::Workers { req, workers: vec![w] },
+                            Err(e) => ServerMsg::Error {
+                                req: Some(req),
+                                code: match e {
+                                    crate::hub::WaitError::Timeout => ErrorCode::Timeout,
+                                    _ => ErrorCode::RateLimited,
+                                },
+                                message: format!("waiting for {target:?}: {e}"),
+                            },
+                        };
+                        let _ = tx.send(answer).await;
+                    }.in_current_span());
+                }
                 Some(Ok(m)) => {
                     if let Some(answer) = handle(m, id, conn_id, shared) {
                         if let Err(e) = write_frame(send, &answer).await {
@@ -335,7 +381,7 @@ async fn session_loop(
                     break Err(format!("malformed frame: {e}"));
                 }
                 Some(Err(e)) => break Err(e.to_string()),
-                None => break Ok(()),
+                None => break Ok(false),
             },
             out = rx.recv() => match out {
                 Some(m) => {
@@ -343,7 +389,7 @@ async fn session_loop(
                         break Err(e.to_string());
                     }
                 }
-                None => break Ok(()),
+                None => break Ok(false),
             },
             _ = check.tick() => {
                 let now = canonical(conn.remote_address());
@@ -351,6 +397,11 @@ async fn session_loop(
                 if changed {
                     inc(&shared.metrics.address_changes);
                     info!(observed = %now, "address changed (NAT rebinding)");
+                    shared.hub.publish(crate::registry::Event {
+                        kind: crate::registry::EventKind::AddressChanged,
+                        worker: id.to_string(),
+                        observed: Some(now),
+                    });
                     if let Err(e) = write_frame(send, &ServerMsg::AddressChanged { observed: now }).await {
                         break Err(e.to_string());
                     }
@@ -394,7 +445,20 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
                 .lock()
                 .expect("not poisoned")
                 .outcome(o.session, o.path);
-            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, nat_pair = pair.as_deref().unwrap_or("-"), "outcome");
+            if let Some((pair, target)) = &pair {
+                if o.path != PathKind::Failed {
+                    m.connect_time.0.observe(o.connect_ms as f64 / 1e3);
+                }
+                m.record(crate::metrics::RecentConnect {
+                    at: SystemTime::now(),
+                    requester: id.to_string(),
+                    target: target.clone(),
+                    path: o.path.as_str(),
+                    connect_ms: o.connect_ms,
+                    nat_pair: pair.clone(),
+                });
+            }
+            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, nat_pair = pair.as_ref().map(|p| p.0.as_str()).unwrap_or("-"), "outcome");
             None
         }
         ClientMsg::Nat(nat) => {
@@ -410,7 +474,43 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
             inc(&shared.metrics.connect_requests);
             introduce(req, id, &target, shared)
         }
+        ClientMsg::Query { req, query } => Some(query_answer(req, query, shared)),
+        // Handled by the session loop.
+        ClientMsg::Bye => None,
     }
+}
+
+/// Answers the registry queries that need no waiting.
+fn query_answer(req: u32, query: Query, shared: &Arc<Shared>) -> ServerMsg {
+    let bad = |message: String| ServerMsg::Error {
+        req: Some(req),
+        code: ErrorCode::BadRequest,
+        message,
+    };
+    let reg = shared.registry.lock().expect("not poisoned");
+    let workers = match query {
+        Query::List { kind, tag } => {
+            for (what, v) in [("type", &kind), ("tag", &tag)] {
+                if let Some(v) = v {
+                    if let Err(e) = validate_name(what, v) {
+                        return bad(e);
+                    }
+                }
+            }
+            reg.list(kind.as_deref(), tag.as_deref(), MAX_LIST)
+        }
+        Query::Get { id } => reg.get(&id).into_iter().collect(),
+        Query::Discover { kind } => {
+            if let Err(e) = validate_name("type", &kind) {
+                return bad(e);
+            }
+            reg.discover(&kind, |n| rand::thread_rng().gen_range(0..n))
+                .into_iter()
+                .collect()
+        }
+        Query::Wait { .. } => return bad("wait is answered by the session".into()),
+    };
+    ServerMsg::Workers { req, workers }
 }
 
 fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<ServerMsg> {
@@ -489,6 +589,6 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         .nat_pairs
         .lock()
         .expect("not poisoned")
-        .introduced(session, pair);
+        .introduced(session, pair, target.to_string());
     Some(ServerMsg::Offer(to_requester))
 }

@@ -103,6 +103,13 @@ async fn raw_client(
     (ep, conn, send, recv, id)
 }
 
+fn hello_of(id: &Identity, name: &str) -> Hello {
+    match hello(id, PROTOCOL_VERSION, name) {
+        ClientMsg::Hello(h) => h,
+        _ => unreachable!(),
+    }
+}
+
 fn hello(id: &Identity, version: u16, name: &str) -> ClientMsg {
     ClientMsg::Hello(Hello {
         version,
@@ -112,6 +119,8 @@ fn hello(id: &Identity, version: u16, name: &str) -> ClientMsg {
         ephemeral: true,
         local_candidates: vec![],
         metadata: vec![],
+        kind: None,
+        tags: vec![],
     })
 }
 
@@ -173,6 +182,39 @@ async fn hostile_clients_get_errors_and_others_are_unaffected() {
             ..
         }
     ));
+
+    // Registry metadata out of bounds: too many tags, a bad type name, an
+    // oversized metadata value.
+    for bad in [
+        Hello {
+            tags: (0..17).map(|i| format!("t{i}")).collect(),
+            ..hello_of(&id, "tags")
+        },
+        Hello {
+            kind: Some("bad type!".into()),
+            ..hello_of(&id, "kind")
+        },
+        Hello {
+            metadata: vec![("k".into(), "v".repeat(257))],
+            ..hello_of(&id, "meta")
+        },
+    ] {
+        let (_ep, _c, mut send, mut recv, id2) = raw_client(&s).await;
+        let bad = Hello {
+            public_key: id2.public_key(),
+            ..bad
+        };
+        write_frame(&mut send, &ClientMsg::Hello(bad))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut recv).await,
+            ServerMsg::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
+    }
 
     // Garbage instead of a hello: an unknown message type.
     let (_ep, _c, mut send, mut recv, _) = raw_client(&s).await;
