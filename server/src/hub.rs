@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, watch, Semaphore};
 
-/// Waits (worker waits and barrier waits, HTTP and signaling) at once.
+/// Default cap on waits (worker waits and barrier waits, HTTP and
+/// signaling) at once.
 pub const MAX_WAITS: usize = 10_000;
 /// Named barriers held at once.
 pub const MAX_BARRIERS: usize = 10_000;
@@ -51,6 +52,7 @@ pub struct Hub {
     events: broadcast::Sender<Arc<EventRecord>>,
     seq: AtomicU64,
     waits: Arc<Semaphore>,
+    max_waits: usize,
     barriers: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Waits refused because [`MAX_WAITS`] were running.
     pub waits_refused: AtomicU64,
@@ -58,17 +60,23 @@ pub struct Hub {
 
 impl Default for Hub {
     fn default() -> Self {
-        Hub {
-            events: broadcast::channel(EVENT_BUFFER).0,
-            seq: AtomicU64::new(0),
-            waits: Arc::new(Semaphore::new(MAX_WAITS)),
-            barriers: Mutex::new(HashMap::new()),
-            waits_refused: AtomicU64::new(0),
-        }
+        Hub::new(MAX_WAITS)
     }
 }
 
 impl Hub {
+    /// A hub allowing `max_waits` waits at once.
+    pub fn new(max_waits: usize) -> Self {
+        Hub {
+            events: broadcast::channel(EVENT_BUFFER).0,
+            seq: AtomicU64::new(0),
+            waits: Arc::new(Semaphore::new(max_waits)),
+            max_waits,
+            barriers: Mutex::new(HashMap::new()),
+            waits_refused: AtomicU64::new(0),
+        }
+    }
+
     /// Publishes a registry event.
     pub fn publish(&self, ev: Event) {
         let rec = EventRecord {
@@ -169,6 +177,6 @@ impl Hub {
 
     /// Waits running now.
     pub fn waits_in_progress(&self) -> usize {
-        MAX_WAITS - self.waits.available_permits()
+        self.max_waits - self.waits.available_permits()
     }
 }

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub stale_grace: Duration,
     /// Serve the HTTP API without the bearer token.
     pub http_open: bool,
+    /// Most waits (long-polls, barrier waits, agents' `Wait`) at once.
+    pub max_waits: usize,
     /// Serve `/healthz` and `/metrics` without the bearer token (on by
     /// default: probes and scrapers rarely carry tokens; they show counts,
     /// not workers).
@@ -67,6 +69,7 @@ impl ServerConfig {
             alt_listen: None,
             stale_grace: Duration::from_secs(30),
             http_open: false,
+            max_waits: hub::MAX_WAITS,
             metrics_open: true,
         }
     }
@@ -167,7 +170,7 @@ impl Server {
         let shared = Arc::new(Shared {
             registry: Mutex::new(registry),
             store,
-            hub: hub::Hub::default(),
+            hub: hub::Hub::new(config.max_waits),
             metrics: Metrics::default(),
             config: config.clone(),
             fingerprint: fingerprint.clone(),

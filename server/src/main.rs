@@ -88,6 +88,10 @@ struct RunArgs {
     /// (keeping its place for a quick reconnect) before it expires.
     #[arg(long, env = "PUNCH_STALE_SECS", default_value_t = 30)]
     stale_secs: u64,
+    /// Most waits (HTTP long-polls, barrier waits, agents' `wait`) held at
+    /// once; more are refused (HTTP 429) and counted.
+    #[arg(long, default_value_t = 10_000)]
+    max_waits: usize,
     /// Serve the HTTP API and status page without the bearer token.
     #[arg(long, env = "PUNCH_HTTP_OPEN")]
     http_open: bool,
@@ -152,6 +156,10 @@ async fn main() -> anyhow::Result<()> {
     }
     cfg.stale_grace = std::time::Duration::from_secs(a.stale_secs);
     cfg.http_open = a.http_open;
+    if !(1..=1_000_000).contains(&a.max_waits) {
+        anyhow::bail!("--max-waits must be between 1 and 1000000");
+    }
+    cfg.max_waits = a.max_waits;
     cfg.metrics_open = !a.metrics_auth;
     if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
         anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");

@@ -112,7 +112,16 @@ fn registry_api_end_to_end() {
     // A killed agent is noticed by the signaling idle timeout (5 s here).
     let s = ServerProc::start(
         dir.path(),
-        &["--token", TOKEN, "--stale-secs", "2", "--idle-timeout", "5"],
+        &[
+            "--token",
+            TOKEN,
+            "--stale-secs",
+            "2",
+            "--idle-timeout",
+            "5",
+            "--max-waits",
+            "4",
+        ],
     )
     .unwrap();
     let events = event_stream(&s);
@@ -261,6 +270,43 @@ fn registry_api_end_to_end() {
         assert_eq!(w.join().unwrap(), Ok(200));
     }
     assert_eq!(get(&s, "/api/v1/barriers/start?timeout=5").0, 200);
+
+    // Waits are bounded (4 here): the fifth is refused and counted.
+    let holders: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("http://{}/api/v1/barriers/hold?timeout=30&n={i}", s.http);
+            std::thread::spawn(move || {
+                ureq::get(&url)
+                    .set("Authorization", &format!("Bearer {TOKEN}"))
+                    .call()
+                    .map(|r| r.status())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s
+        .http_get("/metrics")
+        .unwrap()
+        .contains("punch_waits_in_progress 4")
+    {
+        assert!(Instant::now() < deadline, "holding waits never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = get(&s, "/api/v1/wait/gpu-1?timeout=1");
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (429, Some("busy")),
+        "{body}"
+    );
+    assert!(s
+        .http_get("/metrics")
+        .unwrap()
+        .contains("punch_waits_refused_total 1"));
+    assert_eq!(call("PUT", &s, "/api/v1/barriers/hold", Some(TOKEN)).0, 200);
+    for h in holders {
+        assert_eq!(h.join().unwrap(), Ok(200));
+    }
     assert_eq!(get(&s, "/api/v1/barriers/other?timeout=0.2").0, 408);
 
     // Liveness: a killed agent goes stale, then expires; a clean shutdown
