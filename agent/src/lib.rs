@@ -17,6 +17,7 @@
 //! ```
 
 pub mod error;
+pub mod forward;
 pub mod natcheck;
 pub mod peer;
 pub mod session;
@@ -95,6 +96,9 @@ pub struct AgentConfig {
     pub tags: Vec<String>,
     /// Free-form key/value pairs shown in the registry.
     pub metadata: Vec<(String, String)>,
+    /// TCP addresses peers may forward to through us (`forward`); empty:
+    /// none.
+    pub allow_forward: Vec<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -118,6 +122,7 @@ impl AgentConfig {
             kind: None,
             tags: Vec::new(),
             metadata: Vec::new(),
+            allow_forward: Vec::new(),
         }
     }
 }
@@ -171,6 +176,7 @@ pub(crate) struct Inner {
     /// Our NAT class, once classified (sent again on every registration).
     pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
+    pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
@@ -241,6 +247,7 @@ impl Agent {
         )?;
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let (status, _) = watch::channel(Status::Connecting(None));
+        let allow_forward = Arc::new(config.allow_forward.clone());
         let inner = Arc::new(Inner {
             config,
             identity,
@@ -258,6 +265,7 @@ impl Agent {
             signal_stopped: watch::channel(false).0,
             nat: Mutex::new(None),
             nat_started: Default::default(),
+            allow_forward,
             status,
             allowed,
             incoming_tx,

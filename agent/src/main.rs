@@ -91,6 +91,10 @@ enum Cmd {
         /// Metadata KEY=VALUE; repeatable.
         #[arg(long = "meta", value_parser = parse_meta)]
         meta: Vec<(String, String)>,
+        /// Let peers forward TCP connections to this address (`forward
+        /// --remote`); repeatable. Nothing is allowed by default.
+        #[arg(long = "allow-forward", value_name = "IP:PORT")]
+        allow_forward: Vec<SocketAddr>,
         /// Serve GET /healthz and GET / (our status) on this TCP address.
         /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
         #[arg(long)]
@@ -114,6 +118,23 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Forward local TCP connections to a TCP service reachable from
+    /// TARGET (like `ssh -L`): each connection to --local rides its own
+    /// QUIC stream; TARGET connects to --remote if it is on its
+    /// --allow-forward list. Runs until interrupted.
+    Forward {
+        /// Worker id to reach.
+        target: String,
+        /// Local TCP address to listen on.
+        #[arg(long, value_name = "IP:PORT")]
+        local: SocketAddr,
+        /// The address TARGET connects to, as TARGET sees it.
+        #[arg(long, value_name = "IP:PORT")]
+        remote: SocketAddr,
+        /// Limit in seconds for connecting to TARGET.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
     },
     /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.
     /// For start-up ordering of containers.
@@ -250,6 +271,7 @@ async fn main() -> ExitCode {
             tags,
             meta,
             http,
+            allow_forward,
         } => {
             init_logs("info");
             let http = http.or_else(|| {
@@ -260,7 +282,15 @@ async fn main() -> ExitCode {
             });
             (
                 false,
-                serve(&cli.common, kind.clone(), tags.clone(), meta.clone(), http).await,
+                serve(
+                    &cli.common,
+                    kind.clone(),
+                    tags.clone(),
+                    meta.clone(),
+                    http,
+                    allow_forward.clone(),
+                )
+                .await,
             )
         }
         Cmd::List { kind, tag, json } => {
@@ -273,6 +303,18 @@ async fn main() -> ExitCode {
         Cmd::Discover { kind, json } => {
             init_logs("error");
             (*json, discover(&cli.common, kind, *json).await)
+        }
+        Cmd::Forward {
+            target,
+            local,
+            remote,
+            timeout,
+        } => {
+            init_logs("warn");
+            (
+                false,
+                forward(&cli.common, target, *local, *remote, *timeout).await,
+            )
         }
         Cmd::Wait { worker, timeout } => {
             init_logs("error");
@@ -464,6 +506,84 @@ async fn discover(c: &Common, kind: &str, json: bool) -> Result<(), AgentError> 
     Ok(())
 }
 
+async fn forward(
+    c: &Common,
+    target: &str,
+    local: SocketAddr,
+    remote: SocketAddr,
+    timeout: f64,
+) -> Result<(), AgentError> {
+    use punch_agent::forward::{self, ForwardError};
+    let remote_s = remote.to_string();
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    // Refused up front, with the peer's reason, rather than per connection.
+    match forward::open(&pc, &remote_s, true).await {
+        Ok(_) => {}
+        Err(ForwardError::Refused(why)) => {
+            return Err(AgentError::PeerConnect(format!(
+                "{target} refuses to forward to {remote}: {why}"
+            )))
+        }
+        Err(e) => return Err(AgentError::PeerConnect(e.to_string())),
+    }
+    let listener = tokio::net::TcpListener::bind(local)
+        .await
+        .map_err(|e| AgentError::Config(format!("--local {local}: {e}")))?;
+    let (kind, _) = pc.path_now();
+    println!(
+        "forwarding {} -> {target} -> {remote} ({} path)",
+        listener.local_addr().unwrap_or(local),
+        kind.as_str()
+    );
+    let pc = std::sync::Arc::new(tokio::sync::Mutex::new(pc));
+    loop {
+        let (tcp, from) = tokio::select! {
+            _ = punch_net::shutdown_signal() => break,
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (agent, pc, remote_s, target) = (
+            agent.clone(),
+            pc.clone(),
+            remote_s.clone(),
+            target.to_string(),
+        );
+        tokio::spawn(async move {
+            // The peer connection may have died (peer restarted): connect
+            // again for this and later connections.
+            let conn = {
+                let mut g = pc.lock().await;
+                if g.conn.close_reason().is_some() {
+                    match agent.connect(&target).await {
+                        Ok(new) => *g = new,
+                        Err(e) => {
+                            tracing::warn!(%from, "cannot reach {target}: {e}");
+                            return;
+                        }
+                    }
+                }
+                g.clone()
+            };
+            match forward::open(&conn, &remote_s, false).await {
+                Ok((send, recv)) => {
+                    let (up, down) = forward::pipe(tcp, send, recv).await;
+                    tracing::debug!(%from, up, down, "forwarded connection closed");
+                }
+                Err(e) => tracing::warn!(%from, "forward to {remote_s} via {target} failed: {e}"),
+            }
+        });
+    }
+    pc.lock().await.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    Ok(())
+}
+
 async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentError> {
     let limit = secs(timeout, "--timeout")?;
     let agent = query_agent(c).await?;
@@ -487,6 +607,7 @@ async fn serve(
     tags: Vec<String>,
     meta: Vec<(String, String)>,
     http: Option<SocketAddr>,
+    allow_forward: Vec<SocketAddr>,
 ) -> Result<(), AgentError> {
     if c.id.is_none() {
         return Err(AgentError::Config(
@@ -511,6 +632,7 @@ async fn serve(
     cfg.kind = kind;
     cfg.tags = tags;
     cfg.metadata = meta;
+    cfg.allow_forward = allow_forward;
     let agent = Agent::start(cfg).await?;
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -37,6 +37,8 @@ pub struct PeerConnection {
     /// The stable address quinn sees for the peer.
     pub virtual_addr: SocketAddr,
     pub(crate) socket: Arc<PunchSocket>,
+    /// Targets this side forwards to when the peer asks.
+    pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
 }
 
 /// The path packets to virtual address `v` take now, and the address they
@@ -148,7 +150,8 @@ impl PeerConnection {
                         return;
                     }
                 };
-                tokio::spawn(serve_stream(send, recv).in_current_span());
+                let allow = self.allow_forward.clone();
+                tokio::spawn(serve_stream(send, recv, allow).in_current_span());
             }
         }
         .instrument(info_span!("peer", peer = %peer))
@@ -156,7 +159,11 @@ impl PeerConnection {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    allow_forward: Arc<Vec<SocketAddr>>,
+) {
     let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_HEADER).await {
         Ok(r) => r,
         Err(e) => {
@@ -166,6 +173,9 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
         }
     };
     match req {
+        PeerRequest::Forward { target, check_only } => {
+            crate::forward::serve(send, recv, target, check_only, &allow_forward).await;
+        }
         PeerRequest::Sink => {
             let mut total = 0u64;
             let mut buf = vec![0u8; 64 * 1024];
@@ -271,6 +281,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 },
                 virtual_addr: v,
                 socket: inner.socket.clone(),
+                allow_forward: inner.allow_forward.clone(),
                 conn,
             });
         });

@@ -19,6 +19,19 @@ pub enum PeerRequest {
     /// Send bytes for this many milliseconds (at most [`MAX_SOURCE_MS`]),
     /// then finish: download throughput.
     Source { millis: u32 },
+    /// Connect to `target` (`IP:PORT`, which must be on the peer's forward
+    /// allow list) and carry the stream's bytes to and from it; the peer
+    /// answers with a [`PeerReply`] first. `check_only` asks whether it
+    /// would be allowed, without connecting.
+    Forward { target: String, check_only: bool },
+}
+
+/// The first frame of an answer to a request that can be refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReply {
+    pub ok: bool,
+    /// Why not, when refused.
+    pub message: String,
 }
 
 /// Longest [`PeerRequest::Source`] a peer serves.
