@@ -17,6 +17,7 @@
 //! ```
 
 pub mod error;
+pub mod files;
 pub mod forward;
 pub mod natcheck;
 pub mod peer;
@@ -99,6 +100,8 @@ pub struct AgentConfig {
     /// TCP addresses peers may forward to through us (`forward`); empty:
     /// none.
     pub allow_forward: Vec<SocketAddr>,
+    /// A directory to share read-only with peers (`files`, `get`).
+    pub share: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -123,6 +126,7 @@ impl AgentConfig {
             tags: Vec::new(),
             metadata: Vec::new(),
             allow_forward: Vec::new(),
+            share: None,
         }
     }
 }
@@ -177,6 +181,7 @@ pub(crate) struct Inner {
     pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
+    pub(crate) share: Option<Arc<files::Share>>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
@@ -248,6 +253,12 @@ impl Agent {
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let (status, _) = watch::channel(Status::Connecting(None));
         let allow_forward = Arc::new(config.allow_forward.clone());
+        let share = match &config.share {
+            Some(d) => Some(Arc::new(files::Share::new(d).map_err(|e| {
+                AgentError::Config(format!("--share {}: {e}", d.display()))
+            })?)),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             config,
             identity,
@@ -266,6 +277,7 @@ impl Agent {
             nat: Mutex::new(None),
             nat_started: Default::default(),
             allow_forward,
+            share,
             status,
             allowed,
             incoming_tx,

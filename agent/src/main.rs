@@ -91,6 +91,9 @@ enum Cmd {
         /// Metadata KEY=VALUE; repeatable.
         #[arg(long = "meta", value_parser = parse_meta)]
         meta: Vec<(String, String)>,
+        /// Share this directory read-only with peers (`files`, `get`).
+        #[arg(long, value_name = "DIR")]
+        share: Option<PathBuf>,
         /// Let peers forward TCP connections to this address (`forward
         /// --remote`); repeatable. Nothing is allowed by default.
         #[arg(long = "allow-forward", value_name = "IP:PORT")]
@@ -133,6 +136,29 @@ enum Cmd {
         #[arg(long, value_name = "IP:PORT")]
         remote: SocketAddr,
         /// Limit in seconds for connecting to TARGET.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// List the files TARGET shares (serve --share): name, size, BLAKE3.
+    Files {
+        target: String,
+        /// Print a JSON array of {name, size, blake3}.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Download NAME from TARGET's shared directory, with a progress bar.
+    /// A partial download (PATH.part) resumes; the file is put in place
+    /// only after its BLAKE3 matches.
+    Get {
+        target: String,
+        name: String,
+        /// Where to write (default: the name's last component, here).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Limit in seconds for connecting.
         #[arg(long, default_value_t = 15.0)]
         timeout: f64,
     },
@@ -272,6 +298,7 @@ async fn main() -> ExitCode {
             meta,
             http,
             allow_forward,
+            share,
         } => {
             init_logs("info");
             let http = http.or_else(|| {
@@ -289,6 +316,7 @@ async fn main() -> ExitCode {
                     meta.clone(),
                     http,
                     allow_forward.clone(),
+                    share.clone(),
                 )
                 .await,
             )
@@ -314,6 +342,26 @@ async fn main() -> ExitCode {
             (
                 false,
                 forward(&cli.common, target, *local, *remote, *timeout).await,
+            )
+        }
+        Cmd::Files {
+            target,
+            json,
+            timeout,
+        } => {
+            init_logs("error");
+            (*json, files(&cli.common, target, *json, *timeout).await)
+        }
+        Cmd::Get {
+            target,
+            name,
+            output,
+            timeout,
+        } => {
+            init_logs("error");
+            (
+                false,
+                get(&cli.common, target, name, output.clone(), *timeout).await,
             )
         }
         Cmd::Wait { worker, timeout } => {
@@ -584,6 +632,75 @@ async fn forward(
     Ok(())
 }
 
+async fn files(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    let r = punch_agent::files::list(&pc).await;
+    pc.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    let list = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|f| json!({"name": f.name, "size": f.size, "blake3": f.blake3}))
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for f in &list {
+            println!("{:>14}  {}  {}", f.size, f.blake3, f.name);
+        }
+        println!("{} files", list.len());
+    }
+    Ok(())
+}
+
+async fn get(
+    c: &Common,
+    target: &str,
+    name: &str,
+    output: Option<PathBuf>,
+    timeout: f64,
+) -> Result<(), AgentError> {
+    punch_agent::files::check_name(name).map_err(AgentError::Config)?;
+    let out = match output {
+        Some(o) => o,
+        None => PathBuf::from(
+            std::path::Path::new(name)
+                .file_name()
+                .ok_or_else(|| AgentError::Config(format!("{name:?} has no file name")))?,
+        ),
+    };
+    let (agent, pc) = connect_timed(c, target, timeout).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let r = punch_agent::files::get(&pc, name, &out, &progress).await;
+    bar.finish_and_clear();
+    pc.conn.close(0u32.into(), b"done");
+    agent.close().await;
+    let (size, resumed, hash) = r.map_err(|e| match e {
+        punch_agent::files::FileError::Io(m) => AgentError::Io(m),
+        other => AgentError::PeerConnect(format!("{target}: {other}")),
+    })?;
+    let resumed = if resumed > 0 {
+        format!(" (resumed from byte {resumed})")
+    } else {
+        String::new()
+    };
+    println!(
+        "got {name}: {size} bytes, blake3 {hash} -> {}{resumed}",
+        out.display()
+    );
+    Ok(())
+}
+
 async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentError> {
     let limit = secs(timeout, "--timeout")?;
     let agent = query_agent(c).await?;
@@ -608,6 +725,7 @@ async fn serve(
     meta: Vec<(String, String)>,
     http: Option<SocketAddr>,
     allow_forward: Vec<SocketAddr>,
+    share: Option<PathBuf>,
 ) -> Result<(), AgentError> {
     if c.id.is_none() {
         return Err(AgentError::Config(
@@ -633,6 +751,7 @@ async fn serve(
     cfg.tags = tags;
     cfg.metadata = meta;
     cfg.allow_forward = allow_forward;
+    cfg.share = share;
     let agent = Agent::start(cfg).await?;
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)

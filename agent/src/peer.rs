@@ -39,6 +39,8 @@ pub struct PeerConnection {
     pub(crate) socket: Arc<PunchSocket>,
     /// Targets this side forwards to when the peer asks.
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
+    /// The directory this side shares, if any.
+    pub(crate) share: Option<Arc<crate::files::Share>>,
 }
 
 /// The path packets to virtual address `v` take now, and the address they
@@ -151,7 +153,8 @@ impl PeerConnection {
                     }
                 };
                 let allow = self.allow_forward.clone();
-                tokio::spawn(serve_stream(send, recv, allow).in_current_span());
+                let share = self.share.clone();
+                tokio::spawn(serve_stream(send, recv, allow, share).in_current_span());
             }
         }
         .instrument(info_span!("peer", peer = %peer))
@@ -163,6 +166,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     allow_forward: Arc<Vec<SocketAddr>>,
+    share: Option<Arc<crate::files::Share>>,
 ) {
     let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_HEADER).await {
         Ok(r) => r,
@@ -175,6 +179,10 @@ async fn serve_stream(
     match req {
         PeerRequest::Forward { target, check_only } => {
             crate::forward::serve(send, recv, target, check_only, &allow_forward).await;
+        }
+        PeerRequest::ListFiles => crate::files::serve_list(send, share).await,
+        PeerRequest::GetFile { name, offset } => {
+            crate::files::serve_get(send, share, name, offset).await
         }
         PeerRequest::Sink => {
             let mut total = 0u64;
@@ -287,6 +295,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 virtual_addr: v,
                 socket: inner.socket.clone(),
                 allow_forward: inner.allow_forward.clone(),
+                share: inner.share.clone(),
                 conn,
             });
         });

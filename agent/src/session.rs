@@ -520,6 +520,7 @@ async fn dial(
         virtual_addr: v,
         socket: inner.socket.clone(),
         allow_forward: inner.allow_forward.clone(),
+        share: inner.share.clone(),
     })
 }
 

@@ -24,6 +24,44 @@ pub enum PeerRequest {
     /// answers with a [`PeerReply`] first. `check_only` asks whether it
     /// would be allowed, without connecting.
     Forward { target: String, check_only: bool },
+    /// List the shared files; answered with a [`PeerReply`], then a
+    /// [`FileList`] frame.
+    ListFiles,
+    /// Send shared file `name` from byte `offset`: a [`PeerReply`], a
+    /// [`FileHeader`] frame, then the bytes until the stream finishes.
+    GetFile { name: String, offset: u64 },
+}
+
+/// Most entries in a [`FileList`].
+pub const MAX_FILES: usize = 10_000;
+/// Longest shared file name (a relative path with `/`).
+pub const MAX_FILE_NAME: usize = 1024;
+/// Largest [`FileList`] frame.
+pub const MAX_FILE_LIST_FRAME: usize = 4 << 20;
+
+/// One shared file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative path inside the shared directory, `/`-separated.
+    pub name: String,
+    pub size: u64,
+    /// BLAKE3 of the whole file, hex.
+    pub blake3: String,
+}
+
+/// The shared files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileList {
+    pub files: Vec<FileEntry>,
+}
+
+/// What precedes a file's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHeader {
+    /// The whole file's size.
+    pub size: u64,
+    /// BLAKE3 of the whole file, hex.
+    pub blake3: String,
 }
 
 /// The first frame of an answer to a request that can be refused.

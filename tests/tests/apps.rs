@@ -1,6 +1,7 @@
 //! What users run over a connection: port forwarding to a real HTTP server
 //! (Python's http.server) through two agents, many connections at once,
-//! and refusals for targets not on the allow list.
+//! and refusals for targets not on the allow list; file sharing with
+//! listing, download, resume, hash verification and path-escape refusals.
 
 use punch_lab::harness::{run, Proc, ServerProc};
 use std::process::Command;
@@ -141,4 +142,102 @@ fn port_forwarding_carries_http_and_refuses_what_is_not_allowed() {
     let r = run(cmd, T).unwrap();
     assert_eq!(r.code, Some(11), "{r:?}");
     fwd.terminate(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn file_sharing_lists_downloads_resumes_and_refuses_escapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    // 6 MB of varied bytes, and a small file in a subdirectory.
+    let big: Vec<u8> = (0..6_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(share.join("big.bin"), &big).unwrap();
+    std::fs::write(share.join("sub/small.txt"), b"small\n").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), b"not shared").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.txt"), share.join("link-out")).unwrap();
+
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s
+        .serve(dir.path(), "sharer", &["--share", share.to_str().unwrap()])
+        .unwrap();
+
+    // The list: names, sizes, hashes; the symlink out is not there.
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["files", "sharer", "--json"]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let list = r.json().unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["big.bin", "sub/small.txt"]);
+    assert_eq!(list[0]["size"], 6_000_000);
+    let hash = list[0]["blake3"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 64);
+
+    // A whole download.
+    let out = dir.path().join("dl.bin");
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains(&hash), "{r:?}");
+    assert!(
+        std::fs::read(&out).unwrap() == big,
+        "downloaded bytes differ"
+    );
+    assert!(!dir.path().join("dl.bin.part").exists());
+
+    // An interrupted download (the first 2.5 MB already in .part) resumes.
+    let out2 = dir.path().join("resumed.bin");
+    std::fs::write(dir.path().join("resumed.bin.part"), &big[..2_500_000]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out2);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("resumed from byte 2500000"), "{r:?}");
+    assert!(std::fs::read(&out2).unwrap() == big);
+
+    // A corrupt partial file is caught by the hash, removed, not put in place.
+    let out3 = dir.path().join("bad.bin");
+    std::fs::write(dir.path().join("bad.bin.part"), vec![0u8; 1_000_000]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out3);
+    let r = run(cmd, T).unwrap();
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("hash mismatch"), "{r:?}");
+    assert!(!out3.exists() && !dir.path().join("bad.bin.part").exists());
+
+    // Escapes are refused by the sharer (and by our own check first).
+    for bad in [
+        "../secret.txt",
+        "link-out",
+        "sub/../../secret.txt",
+        "nope.txt",
+    ] {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["get", "sharer", bad, "-o"])
+            .arg(dir.path().join("x"));
+        let r = run(cmd, T).unwrap();
+        assert_ne!(r.code, Some(0), "{bad}: {r:?}");
+        assert!(!dir.path().join("x").exists(), "{bad}");
+    }
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "link-out", "-o"])
+        .arg(dir.path().join("x"));
+    let r = run(cmd, T).unwrap();
+    assert!(r.stderr.contains("outside the shared directory"), "{r:?}");
+
+    // A worker that shares nothing says so.
+    let _c = s.serve(dir.path(), "plain", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["files", "plain"]);
+    let r = run(cmd, T).unwrap();
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("shares no directory"), "{r:?}");
 }
