@@ -5,14 +5,44 @@
 //! probes, and carries its peer connections, so all of them share one NAT
 //! mapping.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), punch_agent::AgentError> {
-//! use punch_agent::{Agent, AgentConfig};
-//! let mut cfg = AgentConfig::new("203.0.113.1:3478", "<server fingerprint>");
-//! cfg.worker_id = Some("worker-a".into());
-//! let agent = Agent::start(cfg).await?;
-//! let peer = agent.connect("worker-b").await?;
-//! println!("{} via {:?}", peer.peer_id, peer.path.kind);
+//! A complete run on loopback: a server (embedded here; normally
+//! `punch-server` on a public host), a worker that accepts and echoes, and
+//! one that connects to it by id (`examples/embed.rs` is the same as a
+//! program):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use punch_agent::{Agent, PathKind};
+//! use std::time::Duration;
+//! # let dir = tempfile::tempdir()?;
+//! # let mut sc = punch_server::ServerConfig::new(dir.path().to_path_buf());
+//! # sc.listen = "127.0.0.1:0".parse()?;
+//! # sc.http = None;
+//! # let server = punch_server::Server::start(sc).await?;
+//! # let (addr, fingerprint) = (server.udp_addr.to_string(), server.fingerprint.clone());
+//! // `addr` and `fingerprint` name the server (`punch-server fingerprint`).
+//! let b = Agent::builder(&addr, &fingerprint).worker_id("worker-b").no_nat_check().start().await?;
+//! b.registered(Duration::from_secs(5)).await?;
+//! let accepting = b.clone();
+//! tokio::spawn(async move {
+//!     while let Some(peer) = accepting.accept().await {
+//!         // `peer.peer_id` is the id the server vouched for.
+//!         tokio::spawn(peer.serve()); // answers echo, bench and file streams
+//!     }
+//! });
+//!
+//! let a = Agent::builder(&addr, &fingerprint).worker_id("worker-a").no_nat_check().start().await?;
+//! a.registered(Duration::from_secs(5)).await?;
+//! let peer = a.connect("worker-b").await?;
+//! assert_eq!(peer.path.kind, PathKind::Direct);
+//! println!("{} via {} in {:?}", peer.peer_id, peer.path.remote_addr, peer.path.connect_time);
+//!
+//! // `peer.conn` is a plain quinn connection: open streams on it freely.
+//! let mut pinger = peer.pinger().await?;
+//! println!("rtt {:?}", pinger.ping().await?);
+//! a.close().await;
+//! b.close().await;
 //! # Ok(()) }
 //! ```
 
@@ -211,7 +241,104 @@ fn anon_id() -> String {
     format!("anon-{:016x}", rand::random::<u64>())
 }
 
+/// Builds an agent with the CLI's options, e.g.
+/// `Agent::builder(server, fingerprint).worker_id("w").tag("eu").start()`.
+#[derive(Clone, Debug)]
+pub struct AgentBuilder {
+    config: AgentConfig,
+}
+
+impl AgentBuilder {
+    /// Our worker id (`--id`); without it a one-off `anon-…` id.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.config.worker_id = Some(id.into());
+        self
+    }
+    /// The server's token (`--token`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.config.token = Some(token.into());
+        self
+    }
+    /// Where our persistent key lives (`--key-file`).
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.key_file = Some(path.into());
+        self
+    }
+    /// Our UDP address (`--bind`).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.config.bind = addr;
+        self
+    }
+    /// Give up punching after this long (`--punch-timeout`).
+    pub fn punch_timeout(mut self, d: Duration) -> Self {
+        self.config.punch_timeout = d;
+        self
+    }
+    /// Relay policy (`--no-relay`, `--force-relay`).
+    pub fn relay(mut self, mode: RelayMode) -> Self {
+        self.config.relay = mode;
+        self
+    }
+    /// Start on the relay when no direct path is found by then
+    /// (`--relay-after`).
+    pub fn relay_after(mut self, d: Duration) -> Self {
+        self.config.relay_after = d;
+        self
+    }
+    /// A standard STUN server, `HOST:PORT` (`--stun`, repeatable).
+    pub fn stun(mut self, server: impl Into<String>) -> Self {
+        self.config.stun.push(server.into());
+        self
+    }
+    /// Skip classifying our NAT (`--no-nat-check`).
+    pub fn no_nat_check(mut self) -> Self {
+        self.config.nat_check = false;
+        self
+    }
+    /// Our type, for discovery (`--type`).
+    pub fn kind(mut self, kind: impl Into<String>) -> Self {
+        self.config.kind = Some(kind.into());
+        self
+    }
+    /// A tag (`--tag`, repeatable).
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.config.tags.push(tag.into());
+        self
+    }
+    /// A metadata entry (`--meta K=V`, repeatable).
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.metadata.push((key.into(), value.into()));
+        self
+    }
+    /// Let peers forward TCP to this address (`--allow-forward`).
+    pub fn allow_forward(mut self, addr: SocketAddr) -> Self {
+        self.config.allow_forward.push(addr);
+        self
+    }
+    /// Share a directory read-only (`--share`).
+    pub fn share(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.share = Some(dir.into());
+        self
+    }
+    /// The settings built so far.
+    pub fn config(self) -> AgentConfig {
+        self.config
+    }
+    /// Starts the agent ([`Agent::start`]).
+    pub async fn start(self) -> Result<Agent, AgentError> {
+        Agent::start(self.config).await
+    }
+}
+
 impl Agent {
+    /// A builder for an agent of the server at `server` (`HOST:PORT`) with
+    /// key fingerprint `fingerprint`.
+    pub fn builder(server: impl Into<String>, fingerprint: impl Into<String>) -> AgentBuilder {
+        AgentBuilder {
+            config: AgentConfig::new(server, fingerprint),
+        }
+    }
+
     /// Binds the socket and starts registering with the server in the
     /// background. Use [`Agent::registered`] to wait for registration.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
