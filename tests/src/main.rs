@@ -1,6 +1,6 @@
 //! The `punch-lab` command.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use punch_lab::lab::{self, matrix, nat, Impair};
 use std::path::PathBuf;
@@ -124,6 +124,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// `punch-agent bench` between two lab sites (delay and loss on their
+    /// links), beside iperf3 over TCP between the same hosts (with
+    /// `--nat none,none` and iperf3 installed) for the path's ceiling.
+    Throughput {
+        /// Two NAT types.
+        #[arg(long, default_value = "none,none")]
+        nat: String,
+        /// Seconds per direction.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[command(flatten)]
+        impair: ImpairArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// STUN Binding requests per second against TARGET (loopback), every
     /// answer validated, with p50/p99 latency.
     StunBench {
@@ -194,6 +210,7 @@ fn main() -> Result<()> {
         Cmd::VerifyNat { .. }
             | Cmd::Matrix { .. }
             | Cmd::Failover { .. }
+            | Cmd::Throughput { .. }
             | Cmd::Demo { nat: Some(_), .. }
     );
     if uses_lab {
@@ -361,6 +378,42 @@ fn main() -> Result<()> {
                     r.to_relay_ms.unwrap_or_default(),
                     r.to_direct_ms.unwrap_or_default(),
                     r.max_rtt_ms
+                );
+            }
+            Ok(())
+        }
+        Cmd::Throughput {
+            nat: pair,
+            seconds,
+            impair,
+            json,
+        } => {
+            let one = |t: &str| -> Result<nat::NatType> {
+                let v = nat::parse_types(t).map_err(anyhow::Error::msg)?;
+                v.first().copied().context("a NAT type")
+            };
+            let Some((a, b)) = pair.split_once(',') else {
+                bail!("--nat takes two types, e.g. none,none (got {pair:?})");
+            };
+            let (a, b) = (one(a)?, one(b)?);
+            if !(1..=60).contains(&seconds) {
+                bail!("--seconds must be between 1 and 60");
+            }
+            let t = lab::throughput::throughput(a, b, impair.impair()?, seconds)?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                println!(
+                    "{} -> {} ({} ms per link): punch {} path: upload {} MB/s, download {} MB/s; iperf3 TCP {}",
+                    t.a,
+                    t.b,
+                    t.delay_ms,
+                    t.punch["path"].as_str().unwrap_or("?"),
+                    t.punch["upload_mb_per_s"],
+                    t.punch["download_mb_per_s"],
+                    t.iperf3_tcp_mb_per_s
+                        .map(|v| format!("{v} MB/s"))
+                        .unwrap_or_else(|| "not measured".into())
                 );
             }
             Ok(())

@@ -13,6 +13,7 @@ pub mod failover;
 pub mod matrix;
 pub mod nat;
 pub mod probe;
+pub mod throughput;
 pub mod verify;
 
 use crate::harness::{bin, Proc};
