@@ -242,9 +242,6 @@ pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
     t.mtu_discovery_config(Some(mtu));
     // Windows for bulk transfers at a few ms of RTT (quinn's defaults
     // cap a stream near 1.25 MB in flight).
-    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
-    t.receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.send_window(16 << 20);
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("in range"),
     ));

@@ -48,9 +48,12 @@ pub fn throughput(a: NatType, b: NatType, impair: Impair, seconds: u32) -> Resul
         &seconds.to_string(),
         "--json",
     ]);
+    cmd.env("PUNCH_LOG", "info");
     let r = run(cmd, Duration::from_secs(60 + 3 * seconds as u64))?;
     if r.code != Some(0) {
-        bail!("punch-agent bench failed: {}", r.stderr.trim());
+        let tail: Vec<&str> = r.stderr.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("punch-agent bench failed:\n{}", tail.join("\n"));
     }
     let punch = r.json()?;
     let have_iperf = std::process::Command::new("sh")
