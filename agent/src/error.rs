@@ -6,30 +6,47 @@ use punch_protocol::signal::ErrorCode;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AgentError {
     #[error("unknown worker {0:?}: no agent has registered under that id")]
+    /// No agent ever registered under this id.
     UnknownWorker(String),
     #[error("worker {0:?} is offline")]
+    /// The worker is known but not connected now.
     WorkerOffline(String),
     #[error("punch timed out: no direct path to {target:?} within {secs:.1} s")]
+    /// No direct path within the punch deadline (and no relay).
+    #[allow(missing_docs)]
     PunchTimeout { target: String, secs: f64 },
     #[error("bad token: {0}")]
+    /// The server wants a token we lack, or ours is wrong.
     BadToken(String),
     #[error("server fingerprint mismatch: expected {expected}, server presented {got}")]
+    /// The server's key is not the pinned one.
+    #[allow(missing_docs)]
     FingerprintMismatch { expected: String, got: String },
     #[error("server unreachable at {server}: {reason}")]
+    /// No answer from the server.
+    #[allow(missing_docs)]
     ServerUnreachable { server: String, reason: String },
     #[error("worker id refused: {0}")]
+    /// The worker id is bound to another key.
     IdTaken(String),
     #[error("protocol version mismatch: {0}")]
+    /// The server speaks another protocol version.
     BadVersion(String),
     #[error("peer connection failed: {0}")]
+    /// The QUIC connection to the peer (or a stream on it) failed.
     PeerConnect(String),
     #[error("timed out: {0}")]
+    /// A limit passed.
     Timeout(String),
     #[error("request refused by server ({code}): {message}")]
+    /// The server refused a request (its error code and message).
+    #[allow(missing_docs)]
     Server { code: &'static str, message: String },
     #[error("invalid configuration: {0}")]
+    /// A bad setting or argument.
     Config(String),
     #[error("I/O error: {0}")]
+    /// A local I/O failure.
     Io(String),
 }
 

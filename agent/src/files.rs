@@ -23,12 +23,17 @@ use tracing::{debug, info};
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("the peer refuses: {0}")]
+    /// The sharer refused (its reason).
     Refused(String),
     #[error("peer stream: {0}")]
+    /// The peer stream failed.
     Stream(String),
     #[error("{0}")]
+    /// A local file failed.
     Io(String),
     #[error("hash mismatch: got {got}, the peer announced {want}; the partial file was removed")]
+    /// The download's BLAKE3 differs from the sharer's.
+    #[allow(missing_docs)]
     HashMismatch { got: String, want: String },
 }
 

@@ -16,8 +16,10 @@ use tracing::{debug, info};
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("the peer refuses: {0}")]
+    /// The peer refused (its reason).
     Refused(String),
     #[error("peer stream: {0}")]
+    /// The peer stream failed.
     Stream(String),
 }
 

@@ -46,6 +46,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod files;
 pub mod forward;
@@ -167,7 +169,10 @@ pub enum Status {
     /// Not registered yet, or reconnecting; the last failure, if any.
     Connecting(Option<AgentError>),
     /// Registered; our address as the server sees it.
-    Registered { observed: SocketAddr },
+    Registered {
+        /// Our address as the server sees it.
+        observed: SocketAddr,
+    },
     /// Stopped for good (bad token, fingerprint mismatch, id taken, …).
     Failed(AgentError),
 }

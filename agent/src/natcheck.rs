@@ -14,14 +14,18 @@ use tokio::net::UdpSocket;
 pub struct NatReport {
     /// `"ok"`, or `"blocked"` when no STUN answer came back at all.
     pub udp: &'static str,
+    /// The local address the checks ran from.
     pub local_addr: Option<String>,
+    /// Our address as the STUN server saw it.
     pub public_addr: Option<String>,
     /// `endpoint-independent`, `address-dependent`,
     /// `address-and-port-dependent`, or `unknown` (no alternate address).
     pub mapping: &'static str,
     /// Same three values, or `unknown`.
     pub filtering: &'static str,
+    /// The NAT kept our source port.
     pub port_preserved: Option<bool>,
+    /// A packet to our own public address came back (only when tested).
     pub hairpin: Option<bool>,
     /// The server's alternate address, if it has one.
     pub other_addr: Option<String>,

@@ -57,14 +57,19 @@ pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<So
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error("cannot open stream: {0}")]
+    /// The connection failed.
     Open(#[from] quinn::ConnectionError),
     #[error(transparent)]
+    /// A request or answer frame failed.
     Frame(#[from] punch_net::FrameError),
     #[error("write failed: {0}")]
+    /// Writing to the stream failed.
     Write(#[from] quinn::WriteError),
     #[error("read failed: {0}")]
+    /// Reading from the stream failed.
     Read(#[from] quinn::ReadExactError),
     #[error("echo mismatch")]
+    /// The echo differed from what was sent.
     Mismatch,
 }
 

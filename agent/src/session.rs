@@ -26,7 +26,9 @@ const RELAY_REFRESH: Duration = Duration::from_secs(20);
 /// What punching found.
 #[derive(Debug, Clone, Copy)]
 pub struct Punched {
+    /// The peer's validated address.
     pub addr: SocketAddr,
+    /// The round trip of the validating probe.
     pub rtt: Duration,
 }
 

@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 /// A probe datagram delivered to a session.
 #[derive(Debug)]
 pub struct ProbeDatagram {
+    /// Where it came from.
     pub from: SocketAddr,
+    /// The whole datagram.
     pub data: Vec<u8>,
 }
 
