@@ -36,7 +36,7 @@
 //! a.registered(Duration::from_secs(5)).await?;
 //! let peer = a.connect("worker-b").await?;
 //! assert_eq!(peer.path.kind, PathKind::Direct);
-//! println!("{} via {} in {:?}", peer.peer_id, peer.path.remote_addr, peer.path.connect_time);
+//! println!("{} via {} in {:?}, rtt {:?}", peer.peer_id, peer.path.remote_addr, peer.path.connect_time, peer.rtt());
 //!
 //! // `peer.conn` is a plain quinn connection: open streams on it freely.
 //! let mut pinger = peer.pinger().await?;

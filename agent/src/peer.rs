@@ -103,6 +103,11 @@ impl PeerConnection {
         current_path(&self.socket, self.virtual_addr)
     }
 
+    /// The connection's current round-trip estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
     /// Opens an echo stream on the connection.
     pub async fn pinger(&self) -> Result<Pinger, PeerError> {
         let (mut send, recv) = self.conn.open_bi().await?;
