@@ -346,6 +346,9 @@ async fn session_loop(
     let reader = tokio::spawn(reader);
     let result = loop {
         tokio::select! {
+            // Messages first: a Bye that arrived just before the connection
+            // closed must count as a clean shutdown.
+            biased;
             msg = in_rx.recv() => match msg {
                 Some(Ok(ClientMsg::Bye)) => break Ok(true),
                 Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {

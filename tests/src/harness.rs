@@ -244,13 +244,21 @@ impl ServerProc {
         })
     }
 
-    /// An agent command pointed at this server.
+    /// An agent command pointed at this server, bound to the loopback
+    /// address of the server's family: test traffic stays on loopback, and
+    /// agents do not offer (and punch to) the machine's other interfaces.
     pub fn agent(&self) -> Result<Command> {
         let mut cmd = Command::new(bin("punch-agent")?);
+        let bind = if self.udp.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
         cmd.arg("--server")
             .arg(self.udp.to_string())
             .arg("--server-fingerprint")
-            .arg(&self.fingerprint);
+            .arg(&self.fingerprint)
+            .args(["--bind", bind]);
         clear_agent_env(&mut cmd);
         Ok(cmd)
     }
