@@ -4,4 +4,5 @@
 pub mod demo;
 pub mod harness;
 pub mod lab;
+pub mod load;
 pub mod stunbench;

@@ -140,6 +140,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hold N simulated agents (real QUIC signaling connections with
+    /// keep-alive) on a punch-server started on loopback, send connect
+    /// requests between them at R per second for S seconds, and report
+    /// agents held, registration rate, offer latency and the server's
+    /// memory and CPU.
+    Load {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 500)]
+        connects_per_sec: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// STUN Binding requests per second against TARGET (loopback), every
     /// answer validated, with p50/p99 latency.
     StunBench {
@@ -414,6 +430,27 @@ fn main() -> Result<()> {
                     t.iperf3_tcp_mb_per_s
                         .map(|v| format!("{v} MB/s"))
                         .unwrap_or_else(|| "not measured".into())
+                );
+            }
+            Ok(())
+        }
+        Cmd::Load {
+            agents,
+            connects_per_sec,
+            seconds,
+            json,
+        } => {
+            let r = runtime()?.block_on(punch_lab::load::run(agents, connects_per_sec, seconds))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} of {} agents held (registered in {:.1} s, {:.0}/s); {} connects at {}/s: {} offers, {} errors, offer p50 {} p99 {}; server RSS {:.1} MiB ({:.0} bytes/agent over idle), CPU {:.0} % while connecting",
+                    r.agents_held, r.agents_requested, r.registration_secs, r.registrations_per_sec,
+                    r.connects_sent, connects_per_sec, r.offers_received, r.connect_errors,
+                    r.offer_p50_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into()),
+                    r.offer_p99_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into()),
+                    r.server_rss_mib, r.server_bytes_per_agent, r.server_cpu_pct_while_connecting
                 );
             }
             Ok(())

@@ -403,3 +403,29 @@ fn nat_check_against_rfc5780_server_and_blocked_udp() {
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.json().unwrap()["udp"], "blocked");
 }
+
+#[test]
+fn load_generator_holds_agents_and_measures_offers() {
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-lab").unwrap());
+    cmd.args([
+        "load",
+        "--agents",
+        "40",
+        "--connects-per-sec",
+        "100",
+        "--seconds",
+        "1",
+        "--json",
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["agents_held"], 40, "{j}");
+    assert!(j["connects_sent"].as_u64().unwrap() >= 50, "{j}");
+    assert_eq!(j["connects_sent"], j["offers_received"], "{j}");
+    assert_eq!(j["connect_errors"], 0, "{j}");
+    assert!(j["server_rss_mib"].as_f64().unwrap() > 0.0, "{j}");
+    let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-lab").unwrap());
+    cmd.args(["load", "--agents", "1"]);
+    assert_ne!(run(cmd, T).unwrap().code, Some(0));
+}
