@@ -254,7 +254,11 @@ pub struct RelayStats {
 pub struct RelayTable {
     limits: RelayLimits,
     sessions: HashMap<SessionId, Session>,
-    /// Bound address → session, for data frames.
+    /// When a full table was last swept for expired sessions: a full table
+    /// is swept at most once a second, not on every insert (a sweep is
+    /// linear in the table).
+    last_full_sweep: Option<Instant>,
+    /// Counters.
     pub stats: RelayStats,
 }
 
@@ -264,6 +268,7 @@ impl RelayTable {
         RelayTable {
             limits,
             sessions: HashMap::new(),
+            last_full_sweep: None,
             stats: RelayStats::default(),
         }
     }
@@ -286,7 +291,13 @@ impl RelayTable {
         now: Instant,
     ) -> Result<(), RelayError> {
         if self.sessions.len() >= self.limits.max_sessions {
-            self.expire(now);
+            let due = self
+                .last_full_sweep
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+            if due {
+                self.last_full_sweep = Some(now);
+                self.expire(now);
+            }
             if self.sessions.len() >= self.limits.max_sessions {
                 return Err(RelayError::Full);
             }
