@@ -472,6 +472,30 @@ mod tests {
         t.insert(SessionId(2), K, now).unwrap();
     }
 
+    #[test]
+    fn a_full_table_is_swept_at_most_once_a_second() {
+        let t0 = Instant::now();
+        let mut t = RelayTable::new(RelayLimits {
+            max_sessions: 2,
+            idle: Duration::from_millis(100),
+            ..RelayLimits::default()
+        });
+        t.insert(SessionId(1), K, t0).unwrap();
+        t.insert(SessionId(2), K, t0).unwrap();
+        // Full, nothing idle yet: sweeps and refuses.
+        assert_eq!(t.insert(SessionId(3), K, t0), Err(RelayError::Full));
+        // Idle now, but the last sweep was under a second ago: refused
+        // without another sweep.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(t.insert(SessionId(3), K, t1), Err(RelayError::Full));
+        assert_eq!(t.len(), 2);
+        // A second later the sweep runs and frees both slots.
+        let t2 = t0 + Duration::from_millis(1000);
+        t.insert(SessionId(3), K, t2).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats.expired, 2);
+    }
+
     proptest! {
         #[test]
         fn any_bytes_are_ok_or_err(mut d in proptest::collection::vec(any::<u8>(), 0..64)) {
