@@ -6,11 +6,11 @@
 //! length, and are renamed into place only after the BLAKE3 of the whole
 //! file matches the sharer's.
 
-use crate::peer::PeerConnection;
+use crate::peer::{accept, refuse, request, PeerConnection, Refusal};
 use punch_net::{read_frame, write_frame};
 use punch_protocol::peer::{
-    FileEntry, FileHeader, FileList, PeerReply, PeerRequest, MAX_FILES, MAX_FILE_LIST_FRAME,
-    MAX_FILE_NAME, MAX_PEER_HEADER,
+    FileEntry, FileHeader, FileList, PeerRequest, MAX_FILES, MAX_FILE_LIST_FRAME, MAX_FILE_NAME,
+    MAX_PEER_HEADER,
 };
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -152,15 +152,14 @@ impl Share {
     }
 }
 
-async fn refuse(send: &mut quinn::SendStream, message: String) {
-    let _ = write_frame(send, &PeerReply { ok: false, message }).await;
-    let _ = send.finish();
+impl From<Refusal> for FileError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Refused(m) => FileError::Refused(m),
+            Refusal::Stream(m) => FileError::Stream(m),
+        }
+    }
 }
-
-const OK: PeerReply = PeerReply {
-    ok: true,
-    message: String::new(),
-};
 
 /// The serving side of `ListFiles`.
 pub(crate) async fn serve_list(mut send: quinn::SendStream, share: Option<Arc<Share>>) {
@@ -174,7 +173,7 @@ pub(crate) async fn serve_list(mut send: quinn::SendStream, share: Option<Arc<Sh
     let Ok(files) = tokio::task::spawn_blocking(move || share.list()).await else {
         return refuse(&mut send, "listing failed".into()).await;
     };
-    if write_frame(&mut send, &OK).await.is_ok() {
+    if accept(&mut send).await {
         let _ = write_frame(&mut send, &FileList { files }).await;
     }
     let _ = send.finish();
@@ -219,7 +218,7 @@ pub(crate) async fn serve_get(
         Ok(f) => f,
         Err(e) => return refuse(&mut send, format!("cannot open {name:?}: {e}")).await,
     };
-    if write_frame(&mut send, &OK).await.is_err()
+    if !accept(&mut send).await
         || write_frame(&mut send, &FileHeader { size, blake3 })
             .await
             .is_err()
@@ -258,17 +257,7 @@ pub(crate) async fn serve_get(
 
 /// Lists the peer's shared files.
 pub async fn list(pc: &PeerConnection) -> Result<Vec<FileEntry>, FileError> {
-    let (mut send, mut recv) = pc.conn.open_bi().await.map_err(stream_err)?;
-    write_frame(&mut send, &PeerRequest::ListFiles)
-        .await
-        .map_err(stream_err)?;
-    let _ = send.finish();
-    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER)
-        .await
-        .map_err(stream_err)?;
-    if !reply.ok {
-        return Err(FileError::Refused(reply.message));
-    }
+    let (_send, mut recv) = request(&pc.conn, &PeerRequest::ListFiles, true).await?;
     let list: FileList = read_frame(&mut recv, MAX_FILE_LIST_FRAME)
         .await
         .map_err(stream_err)?;
@@ -293,27 +282,19 @@ pub async fn get(
         .await
         .map(|m| m.len())
         .unwrap_or(0);
-    let (mut send, mut recv) = pc.conn.open_bi().await.map_err(stream_err)?;
-    write_frame(
-        &mut send,
-        &PeerRequest::GetFile {
-            name: name.to_string(),
-            offset,
-        },
-    )
-    .await
-    .map_err(stream_err)?;
-    let _ = send.finish();
-    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER)
-        .await
-        .map_err(stream_err)?;
-    if !reply.ok {
-        if offset > 0 && reply.message.contains("past the end") {
+    let req = PeerRequest::GetFile {
+        name: name.to_string(),
+        offset,
+    };
+    let (_send, mut recv) = match request(&pc.conn, &req, true).await {
+        Ok(s) => s,
+        Err(Refusal::Refused(m)) if offset > 0 && m.contains("past the end") => {
             // The partial file is longer than the file now: start over.
             let _ = tokio::fs::remove_file(&part).await;
+            return Err(FileError::Refused(m));
         }
-        return Err(FileError::Refused(reply.message));
-    }
+        Err(e) => return Err(e.into()),
+    };
     let header: FileHeader = read_frame(&mut recv, MAX_PEER_HEADER)
         .await
         .map_err(stream_err)?;

@@ -4,9 +4,8 @@
 //! default). End-of-stream and errors propagate both ways: a half-closed
 //! TCP side finishes the QUIC stream and the other way round.
 
-use crate::peer::PeerConnection;
-use punch_net::{read_frame, write_frame};
-use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER};
+use crate::peer::{accept, refuse, request, PeerConnection, Refusal};
+use punch_protocol::peer::PeerRequest;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,8 +22,13 @@ pub enum ForwardError {
     Stream(String),
 }
 
-fn stream_err(e: impl std::fmt::Display) -> ForwardError {
-    ForwardError::Stream(e.to_string())
+impl From<Refusal> for ForwardError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Refused(m) => ForwardError::Refused(m),
+            Refusal::Stream(m) => ForwardError::Stream(m),
+        }
+    }
 }
 
 /// Opens a forward to `target` on the peer; with `check_only`, just asks
@@ -34,19 +38,11 @@ pub async fn open(
     target: &str,
     check_only: bool,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
-    let (mut send, mut recv) = pc.conn.open_bi().await.map_err(stream_err)?;
     let req = PeerRequest::Forward {
         target: target.to_string(),
         check_only,
     };
-    write_frame(&mut send, &req).await.map_err(stream_err)?;
-    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER)
-        .await
-        .map_err(stream_err)?;
-    if !reply.ok {
-        return Err(ForwardError::Refused(reply.message));
-    }
-    Ok((send, recv))
+    Ok(request(&pc.conn, &req, false).await?)
 }
 
 /// Carries bytes between a TCP connection and a QUIC stream until both
@@ -115,59 +111,28 @@ pub(crate) async fn serve(
     check_only: bool,
     allow: &[SocketAddr],
 ) {
-    let refuse = |message: String| PeerReply { ok: false, message };
     let addr = match target.parse::<SocketAddr>() {
         Ok(a) if allow.contains(&a) => a,
         Ok(_) => {
             info!(%target, "forward refused: not on the allow list");
-            let r = refuse(format!("{target} is not on its --allow-forward list"));
-            let _ = write_frame(&mut send, &r).await;
-            let _ = send.finish();
-            return;
+            let why = format!("{target} is not on its --allow-forward list");
+            return refuse(&mut send, why).await;
         }
-        Err(_) => {
-            let r = refuse(format!("{target:?} is not an IP:PORT"));
-            let _ = write_frame(&mut send, &r).await;
-            let _ = send.finish();
-            return;
-        }
+        Err(_) => return refuse(&mut send, format!("{target:?} is not an IP:PORT")).await,
     };
     if check_only {
-        let ok = PeerReply {
-            ok: true,
-            message: String::new(),
-        };
-        let _ = write_frame(&mut send, &ok).await;
+        accept(&mut send).await;
         let _ = send.finish();
         return;
     }
-    let tcp =
-        match tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr))
-            .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                let _ =
-                    write_frame(&mut send, &refuse(format!("cannot connect to {addr}: {e}"))).await;
-                let _ = send.finish();
-                return;
-            }
-            Err(_) => {
-                let _ = write_frame(
-                    &mut send,
-                    &refuse(format!("connecting to {addr} timed out")),
-                )
-                .await;
-                let _ = send.finish();
-                return;
-            }
-        };
-    let _ = tcp.set_nodelay(true);
-    let ok = PeerReply {
-        ok: true,
-        message: String::new(),
+    let connect = TcpStream::connect(addr);
+    let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return refuse(&mut send, format!("cannot connect to {addr}: {e}")).await,
+        Err(_) => return refuse(&mut send, format!("connecting to {addr} timed out")).await,
     };
-    if write_frame(&mut send, &ok).await.is_err() {
+    let _ = tcp.set_nodelay(true);
+    if !accept(&mut send).await {
         return;
     }
     let (up, down) = pipe(tcp, send, recv).await;

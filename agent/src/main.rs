@@ -476,23 +476,7 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 /// A worker as `list --json` and `discover --json` print it (the same
 /// fields as the server's HTTP API).
 fn worker_json(w: &punch_protocol::signal::WorkerInfo) -> serde_json::Value {
-    json!({
-        "worker_id": w.id,
-        "type": w.kind,
-        "tags": w.tags,
-        "metadata": w.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<String, serde_json::Value>>(),
-        "state": w.state.as_str(),
-        "observed_addr": w.observed.to_string(),
-        "nat": w.nat.map(|n| json!({
-            "label": n.label(),
-            "mapping": n.mapping.as_str(),
-            "filtering": n.filtering.as_str(),
-            "port_preserved": n.port_preserved,
-        })),
-        "since": humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms)
-        ).to_string(),
-    })
+    json!(punch_protocol::view::WorkerView::from(w.clone()))
 }
 
 /// A one-off agent for registry queries.

@@ -3,7 +3,7 @@
 use crate::socket::{ActivePath, PunchSocket};
 use crate::Inner;
 use punch_net::{read_frame, write_frame};
-use punch_protocol::peer::{PeerRequest, MAX_PEER_HEADER, MAX_SOURCE_MS};
+use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER, MAX_SOURCE_MS};
 use punch_protocol::signal::{PathKind, SessionId};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +51,52 @@ pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<So
         Some(ActivePath::Relay(server)) => (PathKind::Relayed, Some(server)),
         _ => (PathKind::Failed, None),
     }
+}
+
+/// Why a request that the peer may refuse did not go through.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The peer said no (its reason).
+    Refused(String),
+    /// The stream failed.
+    Stream(String),
+}
+
+/// Opens a stream, sends `req` (finishing our side when `finish`), and
+/// reads the peer's [`PeerReply`]: the streams once it accepted.
+pub(crate) async fn request(
+    conn: &quinn::Connection,
+    req: &PeerRequest,
+    finish: bool,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Refusal> {
+    let stream = |e: &dyn std::fmt::Display| Refusal::Stream(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
+    write_frame(&mut send, req).await.map_err(|e| stream(&e))?;
+    if finish {
+        let _ = send.finish();
+    }
+    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER)
+        .await
+        .map_err(|e| stream(&e))?;
+    if !reply.ok {
+        return Err(Refusal::Refused(reply.message));
+    }
+    Ok((send, recv))
+}
+
+/// Answers a request with a refusal and ends our side of the stream.
+pub(crate) async fn refuse(send: &mut quinn::SendStream, message: String) {
+    let _ = write_frame(send, &PeerReply { ok: false, message }).await;
+    let _ = send.finish();
+}
+
+/// Accepts a request; false when the stream is gone.
+pub(crate) async fn accept(send: &mut quinn::SendStream) -> bool {
+    let ok = PeerReply {
+        ok: true,
+        message: String::new(),
+    };
+    write_frame(send, &ok).await.is_ok()
 }
 
 /// Errors on a peer stream.

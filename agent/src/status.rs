@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use punch_protocol::view::html_escape as esc;
 
 fn state(agent: &Agent) -> (bool, serde_json::Value) {
     let status = agent.watch_status().borrow().clone();
@@ -17,14 +18,7 @@ fn state(agent: &Agent) -> (bool, serde_json::Value) {
         Status::Connecting(e) => (false, "connecting", None, e.map(|e| e.to_string())),
         Status::Failed(e) => (false, "failed", None, Some(e.to_string())),
     };
-    let nat = agent.nat_class().map(|n| {
-        serde_json::json!({
-            "label": n.label(),
-            "mapping": n.mapping.as_str(),
-            "filtering": n.filtering.as_str(),
-            "port_preserved": n.port_preserved,
-        })
-    });
+    let nat = agent.nat_class().map(punch_protocol::view::NatView::from);
     (
         registered,
         serde_json::json!({
@@ -46,12 +40,6 @@ async fn healthz(State(agent): State<Agent>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 async fn index(State(agent): State<Agent>) -> Html<String> {

@@ -114,47 +114,34 @@ pub fn send_many(sock: &UdpSocket, msgs: &[OutDatagram<'_>]) -> usize {
                 h.msg_hdr.msg_control = buf;
                 h.msg_hdr.msg_controllen = std::mem::size_of_val(&cmsgs[i]);
                 // SAFETY: the control buffer is large and aligned enough for
-                // one cmsghdr with an in6_pktinfo; CMSG_* stay inside it.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                // one cmsghdr with an in6_pktinfo (the larger of the two).
+                h.msg_hdr.msg_controllen = unsafe {
                     match ip.to_canonical() {
-                        std::net::IpAddr::V4(v4) => {
-                            let info = libc::in_pktinfo {
+                        std::net::IpAddr::V4(v4) => put_cmsg(
+                            &h.msg_hdr,
+                            libc::IPPROTO_IP,
+                            libc::IP_PKTINFO,
+                            libc::in_pktinfo {
                                 ipi_ifindex: 0,
                                 ipi_spec_dst: libc::in_addr {
                                     s_addr: u32::from_ne_bytes(v4.octets()),
                                 },
                                 ipi_addr: libc::in_addr { s_addr: 0 },
-                            };
-                            (*c).cmsg_level = libc::IPPROTO_IP;
-                            (*c).cmsg_type = libc::IP_PKTINFO;
-                            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&info) as _) as _;
-                            std::ptr::write_unaligned(
-                                libc::CMSG_DATA(c) as *mut libc::in_pktinfo,
-                                info,
-                            );
-                            h.msg_hdr.msg_controllen =
-                                libc::CMSG_SPACE(std::mem::size_of_val(&info) as _) as _;
-                        }
-                        std::net::IpAddr::V6(v6) => {
-                            let info = libc::in6_pktinfo {
+                            },
+                        ),
+                        std::net::IpAddr::V6(v6) => put_cmsg(
+                            &h.msg_hdr,
+                            libc::IPPROTO_IPV6,
+                            libc::IPV6_PKTINFO,
+                            libc::in6_pktinfo {
                                 ipi6_addr: libc::in6_addr {
                                     s6_addr: v6.octets(),
                                 },
                                 ipi6_ifindex: 0,
-                            };
-                            (*c).cmsg_level = libc::IPPROTO_IPV6;
-                            (*c).cmsg_type = libc::IPV6_PKTINFO;
-                            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&info) as _) as _;
-                            std::ptr::write_unaligned(
-                                libc::CMSG_DATA(c) as *mut libc::in6_pktinfo,
-                                info,
-                            );
-                            h.msg_hdr.msg_controllen =
-                                libc::CMSG_SPACE(std::mem::size_of_val(&info) as _) as _;
-                        }
+                            },
+                        ),
                     }
-                }
+                };
             }
             hdrs.push(h);
         }
@@ -181,6 +168,23 @@ pub fn send_many(sock: &UdpSocket, msgs: &[OutDatagram<'_>]) -> usize {
         }
     }
     sent
+}
+
+/// Writes one control message carrying `value` at the start of `hdr`'s
+/// control buffer; returns the control length to set.
+///
+/// # Safety
+/// `hdr.msg_control` must point to a buffer aligned for `cmsghdr` and at
+/// least `CMSG_SPACE(size_of::<T>())` long.
+#[cfg(target_os = "linux")]
+unsafe fn put_cmsg<T>(hdr: &libc::msghdr, level: libc::c_int, ty: libc::c_int, value: T) -> usize {
+    let size = std::mem::size_of::<T>() as libc::c_uint;
+    let c = libc::CMSG_FIRSTHDR(hdr);
+    (*c).cmsg_level = level;
+    (*c).cmsg_type = ty;
+    (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut T, value);
+    libc::CMSG_SPACE(size) as usize
 }
 
 /// Sends many small datagrams (one `send_to` each outside Linux; the

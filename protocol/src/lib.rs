@@ -14,6 +14,7 @@ pub mod punch;
 pub mod relay;
 pub mod signal;
 pub mod stun;
+pub mod view;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 2;

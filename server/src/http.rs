@@ -16,7 +16,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use punch_protocol::signal::{validate_name, validate_worker_id, WorkerInfo, MAX_LIST};
+use punch_protocol::signal::{validate_name, validate_worker_id, MAX_LIST};
+use punch_protocol::view::{NatView, WorkerView};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,17 +33,7 @@ pub struct PeerJson {
     /// `stun`, `mapped`).
     pub candidates: Vec<String>,
     /// The NAT class the agent measured and reported, if it has.
-    pub nat: Option<NatJson>,
-}
-
-/// An agent's NAT class in JSON.
-#[derive(Debug, Serialize)]
-pub struct NatJson {
-    /// Short form: `none`, or e.g. `eim-apdf`.
-    pub label: String,
-    pub mapping: &'static str,
-    pub filtering: &'static str,
-    pub port_preserved: bool,
+    pub nat: Option<NatView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,7 +120,7 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                         format!("{k} {}", c.addr)
                     })
                     .collect(),
-                nat: p.nat.map(nat_json),
+                nat: p.nat.map(NatView::from),
             })
             .collect(),
     )
@@ -180,54 +171,6 @@ impl From<WaitError> for ApiError {
     }
 }
 
-/// One worker in the API.
-#[derive(Debug, Serialize)]
-pub struct WorkerJson {
-    pub worker_id: String,
-    /// The worker's type (`serve --type`).
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub tags: Vec<String>,
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-    /// `online` or `stale`.
-    pub state: &'static str,
-    pub observed_addr: String,
-    pub nat: Option<NatJson>,
-    /// RFC 3339: when it registered (online) or dropped (stale).
-    pub since: String,
-}
-
-fn nat_json(n: punch_protocol::signal::NatClass) -> NatJson {
-    NatJson {
-        label: n.label(),
-        mapping: n.mapping.as_str(),
-        filtering: n.filtering.as_str(),
-        port_preserved: n.port_preserved,
-    }
-}
-
-impl From<WorkerInfo> for WorkerJson {
-    fn from(w: WorkerInfo) -> Self {
-        WorkerJson {
-            worker_id: w.id,
-            kind: w.kind,
-            tags: w.tags,
-            metadata: w
-                .metadata
-                .into_iter()
-                .map(|(k, v)| (k, serde_json::Value::String(v)))
-                .collect(),
-            state: w.state.as_str(),
-            observed_addr: w.observed.to_string(),
-            nat: w.nat.map(nat_json),
-            since: humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms),
-            )
-            .to_string(),
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct ListParams {
     #[serde(rename = "type")]
@@ -262,7 +205,7 @@ fn timeout_of(p: &TimeoutParam) -> Result<Duration, ApiError> {
 async fn workers(
     State(s): State<Arc<Shared>>,
     Query(p): Query<ListParams>,
-) -> Result<Json<Vec<WorkerJson>>, ApiError> {
+) -> Result<Json<Vec<WorkerView>>, ApiError> {
     if let Some(k) = &p.kind {
         validate_name("type", k).map_err(ApiError::bad)?;
     }
@@ -274,7 +217,7 @@ async fn workers(
         p.tag.as_deref(),
         MAX_LIST,
     );
-    Ok(Json(list.into_iter().map(WorkerJson::from).collect()))
+    Ok(Json(list.into_iter().map(WorkerView::from).collect()))
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -284,7 +227,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 async fn worker(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
-) -> Result<Json<WorkerJson>, ApiError> {
+) -> Result<Json<WorkerView>, ApiError> {
     check_id(&id)?;
     let w = s.registry.lock().expect("not poisoned").get(&id);
     w.map(|w| Json(w.into())).ok_or_else(|| {
@@ -299,7 +242,7 @@ async fn worker(
 async fn discover(
     State(s): State<Arc<Shared>>,
     Path(kind): Path<String>,
-) -> Result<Json<WorkerJson>, ApiError> {
+) -> Result<Json<WorkerView>, ApiError> {
     validate_name("type", &kind).map_err(ApiError::bad)?;
     let w = s
         .registry
@@ -321,7 +264,7 @@ async fn wait(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
     Query(p): Query<TimeoutParam>,
-) -> Result<Json<WorkerJson>, ApiError> {
+) -> Result<Json<WorkerView>, ApiError> {
     check_id(&id)?;
     let limit = timeout_of(&p)?;
     let w = s.hub.wait_online(&s, &id, limit).await?;

@@ -4,16 +4,8 @@
 //! rates.
 
 use crate::Shared;
+use punch_protocol::view::html_escape as esc;
 use std::fmt::Write;
-
-/// HTML-escapes text (metadata values are free-form).
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
 
 fn pct(n: u64, total: u64) -> String {
     if total == 0 {

@@ -59,6 +59,28 @@ fn ids(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// A GET with the token in a thread of its own: its status, or the error.
+fn spawn_get(s: &ServerProc, path: &str) -> std::thread::JoinHandle<Result<u16, String>> {
+    let url = format!("http://{}{path}", s.http);
+    std::thread::spawn(move || {
+        ureq::get(&url)
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Waits (at most 20 s) until the server counts `n` waits in progress.
+fn waits_in_progress(s: &ServerProc, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = format!("punch_waits_in_progress {n}");
+    while !s.http_get("/metrics").unwrap().contains(&line) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Reads server-sent events into a channel: (event name, worker). A plain
 /// socket read line by line: each event arrives as one chunk of a chunked
 /// response, and a buffering HTTP client would hold events back.
@@ -210,24 +232,9 @@ fn registry_api_end_to_end() {
     let mut cmd = agent(&s);
     cmd.args(["wait", "late-1", "--timeout", "30"]);
     let mut waiter = Proc::spawn("wait", cmd, None).unwrap();
-    let url = format!("http://{}/api/v1/wait/late-1?timeout=30", s.http);
-    let poll = std::thread::spawn(move || {
-        ureq::get(&url)
-            .set("Authorization", &format!("Bearer {TOKEN}"))
-            .call()
-            .map(|r| r.status())
-            .map_err(|e| e.to_string())
-    });
+    let poll = spawn_get(&s, "/api/v1/wait/late-1?timeout=30");
     // Both are waiting once the server counts them.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !s
-        .http_get("/metrics")
-        .unwrap()
-        .contains("punch_waits_in_progress 2")
-    {
-        assert!(Instant::now() < deadline, "waits never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    waits_in_progress(&s, 2, "waits never started");
     let _late = serve(&s, dir.path(), "late-1", &[]);
     assert!(waiter.wait_exit(Duration::from_secs(20)).unwrap().success());
     assert_eq!(poll.join().unwrap(), Ok(200));
@@ -242,26 +249,9 @@ fn registry_api_end_to_end() {
 
     // Barriers release every waiter; later waits return at once.
     let waiters: Vec<_> = (0..3)
-        .map(|_| {
-            let url = format!("http://{}/api/v1/barriers/start?timeout=30", s.http);
-            std::thread::spawn(move || {
-                ureq::get(&url)
-                    .set("Authorization", &format!("Bearer {TOKEN}"))
-                    .call()
-                    .map(|r| r.status())
-                    .map_err(|e| e.to_string())
-            })
-        })
+        .map(|_| spawn_get(&s, "/api/v1/barriers/start?timeout=30"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !s
-        .http_get("/metrics")
-        .unwrap()
-        .contains("punch_waits_in_progress 3")
-    {
-        assert!(Instant::now() < deadline, "barrier waits never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    waits_in_progress(&s, 3, "barrier waits never started");
     assert_eq!(
         call("PUT", &s, "/api/v1/barriers/start", Some(TOKEN)).0,
         200
@@ -273,26 +263,9 @@ fn registry_api_end_to_end() {
 
     // Waits are bounded (4 here): the fifth is refused and counted.
     let holders: Vec<_> = (0..4)
-        .map(|i| {
-            let url = format!("http://{}/api/v1/barriers/hold?timeout=30&n={i}", s.http);
-            std::thread::spawn(move || {
-                ureq::get(&url)
-                    .set("Authorization", &format!("Bearer {TOKEN}"))
-                    .call()
-                    .map(|r| r.status())
-                    .map_err(|e| e.to_string())
-            })
-        })
+        .map(|i| spawn_get(&s, &format!("/api/v1/barriers/hold?timeout=30&n={i}")))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !s
-        .http_get("/metrics")
-        .unwrap()
-        .contains("punch_waits_in_progress 4")
-    {
-        assert!(Instant::now() < deadline, "holding waits never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    waits_in_progress(&s, 4, "holding waits never started");
     let (code, body) = get(&s, "/api/v1/wait/gpu-1?timeout=1");
     assert_eq!(
         (code, body["error"].as_str()),

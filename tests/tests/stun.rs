@@ -61,37 +61,7 @@ fn coturn_serves_as_stun_server_for_the_agent() {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let mut cmd = Command::new("turnserver");
-    cmd.args([
-        "--listening-ip",
-        "127.0.0.1",
-        "--listening-port",
-        &port.to_string(),
-        "--stun-only",
-        "--no-tls",
-        "--no-dtls",
-        "--no-cli",
-        "-n",
-        "--log-file",
-        "stdout",
-        "--pidfile",
-    ])
-    .arg(dir.path().join("turn.pid"));
-    let _turn = Proc::spawn("turnserver", cmd, None).unwrap();
-    // Ready when it answers a Binding request (bounded: 10 s).
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let req = stun::binding_request(&stun::new_txid(), false, false);
-    let mut buf = [0u8; 512];
-    let ready = (0..50).any(|_| {
-        probe.send_to(&req, ("127.0.0.1", port)).unwrap();
-        probe
-            .recv_from(&mut buf)
-            .is_ok_and(|(n, _)| stun::parse(&buf[..n]).is_ok_and(|m| m.mapped_address().is_some()))
-    });
-    assert!(ready, "coturn did not answer STUN within 10 s");
+    let _turn = coturn(dir.path(), &["127.0.0.1"], port, None);
 
     let s = ServerProc::start(dir.path(), &[]).unwrap();
     let stun = format!("127.0.0.1:{port}");
@@ -166,29 +136,11 @@ fn nat_check_works_against_coturn_as_rfc5780_server() {
     let port = port_pair();
     // coturn does RFC 5780 when it has two listening IPs of one family and
     // an alternate port.
-    let mut cmd = Command::new("turnserver");
-    cmd.args(["--listening-ip", "127.0.0.1", "--listening-ip", "127.0.0.2"])
-        .args(["--listening-port", &port.to_string()])
-        .args(["--alt-listening-port", &(port + 1).to_string()])
-        .args(["--stun-only", "--no-tls", "--no-dtls", "--no-cli", "-n"])
-        .args(["--log-file", "stdout", "--pidfile"])
-        .arg(dir.path().join("turn.pid"));
-    let _turn = Proc::spawn("turnserver", cmd, None).unwrap();
-    // Ready when its alternate address answers too (bounded: 15 s).
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let req = stun::binding_request(&stun::new_txid(), false, false);
-    let mut buf = [0u8; 512];
-    let ready = (0..75).any(|_| {
-        probe.send_to(&req, ("127.0.0.2", port + 1)).unwrap();
-        probe.recv_from(&mut buf).is_ok()
-    });
-    assert!(
-        ready,
-        "coturn did not answer on 127.0.0.2:{} within 15 s",
-        port + 1
+    let _turn = coturn(
+        dir.path(),
+        &["127.0.0.1", "127.0.0.2"],
+        port,
+        Some(port + 1),
     );
 
     let mut cmd = Command::new(punch_lab::harness::bin("punch-agent").unwrap());
@@ -207,4 +159,37 @@ fn nat_check_works_against_coturn_as_rfc5780_server() {
     assert_eq!(j["mapping"], "endpoint-independent", "{j}");
     assert_eq!(j["filtering"], "endpoint-independent", "{j}");
     assert_eq!(j["port_preserved"], true, "{j}");
+}
+
+/// Starts coturn as a plain STUN server on `ips` at `port` (and `alt` as its
+/// alternate port), ready once the last of its addresses answers a Binding
+/// request with a mapped address (bounded: 15 s).
+fn coturn(dir: &std::path::Path, ips: &[&str], port: u16, alt: Option<u16>) -> Proc {
+    let mut cmd = Command::new("turnserver");
+    for ip in ips {
+        cmd.args(["--listening-ip", ip]);
+    }
+    cmd.args(["--listening-port", &port.to_string()]);
+    if let Some(a) = alt {
+        cmd.args(["--alt-listening-port", &a.to_string()]);
+    }
+    cmd.args(["--stun-only", "--no-tls", "--no-dtls", "--no-cli", "-n"])
+        .args(["--log-file", "stdout", "--pidfile"])
+        .arg(dir.join("turn.pid"));
+    let turn = Proc::spawn("turnserver", cmd, None).unwrap();
+    let last = (*ips.last().expect("an address"), alt.unwrap_or(port));
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let req = stun::binding_request(&stun::new_txid(), false, false);
+    let mut buf = [0u8; 512];
+    let ready = (0..75).any(|_| {
+        probe.send_to(&req, last).unwrap();
+        probe
+            .recv_from(&mut buf)
+            .is_ok_and(|(n, _)| stun::parse(&buf[..n]).is_ok_and(|m| m.mapped_address().is_some()))
+    });
+    assert!(ready, "coturn did not answer STUN on {last:?} within 15 s");
+    turn
 }

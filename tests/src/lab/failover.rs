@@ -3,9 +3,9 @@
 //! and must go on over the relay, then move back to a direct path when the
 //! agents punch again — without the application seeing a new connection.
 
-use super::matrix::{agent_cmd, serve, start_server};
+use super::matrix::{agent_cmd, pair_lab, PairLab};
 use super::nat::NatType;
-use super::{Impair, Lab, SiteSpec};
+use super::{Impair, Lab};
 use crate::harness::Proc;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -31,21 +31,14 @@ pub struct Failover {
 /// Runs the scenario; fails unless every ping is answered and the path went
 /// direct → relayed → direct.
 pub fn failover(a: NatType, b: NatType, impair: Impair, pings: u32) -> Result<Failover> {
-    let mut lab = Lab::new()?;
-    let sa = lab.add_site(&SiteSpec {
-        nat: a,
-        hosts: 1,
-        impair,
-    })?;
-    let sb = lab.add_site(&SiteSpec {
-        nat: b,
-        hosts: 1,
-        impair,
-    })?;
-    let fp = start_server(&mut lab)?;
-    let ns_b = lab.sites[sb].hosts[0].clone();
-    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0)?;
-    let ns_a = lab.sites[sa].hosts[0].clone();
+    let PairLab {
+        lab,
+        fp,
+        sa,
+        sb,
+        ns_a,
+        ..
+    } = pair_lab(a, b, impair)?;
     let mut cmd = agent_cmd(&ns_a, &fp, 3.0)?;
     cmd.args(["ping", "worker-b", "-c", &pings.to_string(), "-i", "0.1"]);
     cmd.env("PUNCH_LOG", "info");

@@ -119,6 +119,45 @@ pub fn serve(lab: &mut Lab, ns: &str, id: &str, fp: &str, punch_timeout: f64) ->
     Ok(())
 }
 
+/// Two one-host sites behind NATs `a` and `b`, the server, and
+/// `worker-b` serving on B's host: what the demo, failover and throughput
+/// scenarios start from.
+pub struct PairLab {
+    pub lab: Lab,
+    /// The server's fingerprint.
+    pub fp: String,
+    /// Site indices of A and B.
+    pub sa: usize,
+    pub sb: usize,
+    /// Host namespaces of A and B.
+    pub ns_a: String,
+    pub ns_b: String,
+}
+
+/// Builds a [`PairLab`].
+pub fn pair_lab(a: NatType, b: NatType, impair: Impair) -> Result<PairLab> {
+    let mut lab = Lab::new()?;
+    let site = |nat| SiteSpec {
+        nat,
+        hosts: 1,
+        impair,
+    };
+    let sa = lab.add_site(&site(a))?;
+    let sb = lab.add_site(&site(b))?;
+    let fp = start_server(&mut lab)?;
+    let ns_a = lab.sites[sa].hosts[0].clone();
+    let ns_b = lab.sites[sb].hosts[0].clone();
+    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0)?;
+    Ok(PairLab {
+        lab,
+        fp,
+        sa,
+        sb,
+        ns_a,
+        ns_b,
+    })
+}
+
 /// Runs the matrix.
 pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let mut lab = Lab::new()?;

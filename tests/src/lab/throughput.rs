@@ -3,9 +3,9 @@
 //! the same two hosts for the path's ceiling (when iperf3 is installed and
 //! the sites have no NAT, so iperf3 can reach the other host).
 
-use super::matrix::{agent_cmd, serve, start_server};
+use super::matrix::{agent_cmd, pair_lab, PairLab};
 use super::nat::NatType;
-use super::{in_ns, Impair, Lab, SiteSpec};
+use super::{in_ns, Impair};
 use crate::harness::{run, Proc};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -25,21 +25,14 @@ pub struct Throughput {
 
 /// Runs the bench from A to B for `seconds` each way.
 pub fn throughput(a: NatType, b: NatType, impair: Impair, seconds: u32) -> Result<Throughput> {
-    let mut lab = Lab::new()?;
-    let sa = lab.add_site(&SiteSpec {
-        nat: a,
-        hosts: 1,
-        impair,
-    })?;
-    let sb = lab.add_site(&SiteSpec {
-        nat: b,
-        hosts: 1,
-        impair,
-    })?;
-    let fp = start_server(&mut lab)?;
-    let ns_a = lab.sites[sa].hosts[0].clone();
-    let ns_b = lab.sites[sb].hosts[0].clone();
-    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0)?;
+    let PairLab {
+        lab,
+        fp,
+        sb,
+        ns_a,
+        ns_b,
+        ..
+    } = pair_lab(a, b, impair)?;
     let mut cmd = agent_cmd(&ns_a, &fp, 3.0)?;
     cmd.args([
         "bench",

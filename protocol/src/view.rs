@@ -1,0 +1,122 @@
+//! Views shared by the server and the agent: the JSON of a worker and of a
+//! NAT class (the server's HTTP API and the agent's `--json` print the same
+//! fields), and escaping for their HTML status pages.
+
+use crate::signal::{NatClass, WorkerInfo};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// An agent's NAT class.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NatView {
+    /// Short form: `none`, or e.g. `eim-apdf`.
+    pub label: String,
+    /// Mapping behaviour, e.g. `endpoint-independent`.
+    pub mapping: &'static str,
+    /// Filtering behaviour, same values.
+    pub filtering: &'static str,
+    /// The NAT kept the agent's source port.
+    pub port_preserved: bool,
+}
+
+impl From<NatClass> for NatView {
+    fn from(n: NatClass) -> Self {
+        NatView {
+            label: n.label(),
+            mapping: n.mapping.as_str(),
+            filtering: n.filtering.as_str(),
+            port_preserved: n.port_preserved,
+        }
+    }
+}
+
+/// One worker of the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerView {
+    /// Its id.
+    pub worker_id: String,
+    /// Its type (`serve --type`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Its metadata, as an object.
+    pub metadata: BTreeMap<String, String>,
+    /// `online` or `stale`.
+    pub state: &'static str,
+    /// Its address as the server saw it last.
+    pub observed_addr: String,
+    /// Its NAT class, if it reported one.
+    pub nat: Option<NatView>,
+    /// RFC 3339: when it registered (online) or dropped (stale).
+    pub since: String,
+}
+
+impl From<WorkerInfo> for WorkerView {
+    fn from(w: WorkerInfo) -> Self {
+        WorkerView {
+            worker_id: w.id,
+            kind: w.kind,
+            tags: w.tags,
+            metadata: w.metadata.into_iter().collect(),
+            state: w.state.as_str(),
+            observed_addr: w.observed.to_string(),
+            nat: w.nat.map(NatView::from),
+            since: humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + Duration::from_millis(w.since_ms),
+            )
+            .to_string(),
+        }
+    }
+}
+
+/// Escapes text for HTML (element content and quoted attributes).
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::{NatBehaviour, WorkerState};
+
+    #[test]
+    fn views_have_the_documented_fields() {
+        let w = WorkerInfo {
+            id: "gpu-1".into(),
+            kind: Some("gpu".into()),
+            tags: vec!["eu".into()],
+            metadata: vec![("zone".into(), "a b".into())],
+            state: WorkerState::Stale,
+            observed: "198.51.100.7:4000".parse().unwrap(),
+            nat: Some(NatClass {
+                public: false,
+                mapping: NatBehaviour::EndpointIndependent,
+                filtering: NatBehaviour::AddressAndPortDependent,
+                port_preserved: true,
+            }),
+            since_ms: 0,
+        };
+        let v = serde_json::to_value(WorkerView::from(w)).unwrap();
+        assert_eq!(v["worker_id"], "gpu-1");
+        assert_eq!(v["type"], "gpu");
+        assert_eq!(v["metadata"]["zone"], "a b");
+        assert_eq!(v["state"], "stale");
+        assert_eq!(v["nat"]["label"], "eim-apdf");
+        assert_eq!(v["nat"]["filtering"], "address-and-port-dependent");
+        assert_eq!(v["since"], "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(
+            html_escape(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+}
