@@ -6,6 +6,8 @@
 //! - [`punch`]: the punching schedule and path choice as a state machine
 //!   that takes events and time and returns datagrams to send.
 //! - [`peer`]: the small request header spoken on peer-to-peer streams.
+//! - [`relay`]: relay frames and the server's relay table.
+//! - [`ws`]: signaling and relay frames over WebSocket (the TCP channel).
 
 pub mod codec;
 pub mod peer;
@@ -15,9 +17,10 @@ pub mod relay;
 pub mod signal;
 pub mod stun;
 pub mod view;
+pub mod ws;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// ALPN of the agent-to-server signaling connection.
 pub const ALPN_SIGNAL: &[u8] = b"punch-signal/1";
 /// ALPN of agent-to-agent peer connections.

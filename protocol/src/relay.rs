@@ -221,10 +221,26 @@ impl Default for RelayLimits {
     }
 }
 
+/// Where a bound side of a session is: a UDP address, or a client of the
+/// TCP (WebSocket) channel, named by its connection number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A UDP source address.
+    Udp(SocketAddr),
+    /// A WebSocket client.
+    Tcp(u64),
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        Endpoint::Udp(a)
+    }
+}
+
 #[derive(Debug)]
 struct Session {
     secret: [u8; 32],
-    bound: [Option<SocketAddr>; 2],
+    bound: [Option<Endpoint>; 2],
     created: Instant,
     last: Instant,
     bytes: u64,
@@ -235,8 +251,8 @@ struct Session {
 pub enum Action {
     /// Send `frame` (a bind-ok) back to the sender.
     Reply(Vec<u8>),
-    /// Forward the datagram unchanged to this address.
-    Forward(SocketAddr),
+    /// Forward the datagram unchanged to this endpoint.
+    Forward(Endpoint),
 }
 
 /// Counters of the relay.
@@ -329,11 +345,11 @@ impl RelayTable {
     /// Handles a relay frame of `len` bytes from `from`.
     pub fn handle(
         &mut self,
-        from: SocketAddr,
+        from: impl Into<Endpoint>,
         frame: &[u8],
         now: Instant,
     ) -> Result<Action, RelayError> {
-        let r = self.handle_inner(from, frame, now);
+        let r = self.handle_inner(from.into(), frame, now);
         if r.is_err() {
             self.stats.dropped += 1;
         }
@@ -342,7 +358,7 @@ impl RelayTable {
 
     fn handle_inner(
         &mut self,
-        from: SocketAddr,
+        from: Endpoint,
         frame: &[u8],
         now: Instant,
     ) -> Result<Action, RelayError> {
@@ -428,10 +444,40 @@ mod tests {
         assert_eq!(t.handle(a(1), &data, now), Err(RelayError::PeerNotBound));
         t.handle(a(2), &encode_bind_request(&K, S, Role::Controlled, 2), now)
             .unwrap();
-        assert_eq!(t.handle(a(1), &data, now), Ok(Action::Forward(a(2))));
-        assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(1))));
+        assert_eq!(t.handle(a(1), &data, now), Ok(Action::Forward(a(2).into())));
+        assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(1).into())));
         assert_eq!(t.handle(a(3), &data, now), Err(RelayError::NotBound));
         assert_eq!(t.stats.forwarded_packets, 2);
+    }
+
+    #[test]
+    fn a_tcp_client_and_a_udp_address_relay_to_each_other() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits::default());
+        t.insert(S, K, now).unwrap();
+        t.handle(
+            Endpoint::Tcp(4),
+            &encode_bind_request(&K, S, Role::Controlling, 1),
+            now,
+        )
+        .unwrap();
+        t.handle(a(2), &encode_bind_request(&K, S, Role::Controlled, 2), now)
+            .unwrap();
+        let mut data = vec![0u8; DATA_HEADER + 5];
+        write_data_header(&mut data, S);
+        assert_eq!(
+            t.handle(Endpoint::Tcp(4), &data, now),
+            Ok(Action::Forward(a(2).into()))
+        );
+        assert_eq!(
+            t.handle(a(2), &data, now),
+            Ok(Action::Forward(Endpoint::Tcp(4)))
+        );
+        // Another TCP client is not bound to the session.
+        assert_eq!(
+            t.handle(Endpoint::Tcp(5), &data, now),
+            Err(RelayError::NotBound)
+        );
     }
 
     #[test]

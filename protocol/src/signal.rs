@@ -100,6 +100,8 @@ impl WorkerState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub id: String,
+    /// How it reaches the server.
+    pub transport: Transport,
     pub kind: Option<String>,
     pub tags: Vec<String>,
     pub metadata: Vec<(String, String)>,
@@ -109,6 +111,24 @@ pub struct WorkerInfo {
     pub nat: Option<NatClass>,
     /// When it registered (online) or dropped (stale), Unix milliseconds.
     pub since_ms: u64,
+}
+
+/// How an agent reaches the server: QUIC over UDP, or WebSocket over TCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Transport {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    /// `"udp"` or `"tcp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
 }
 
 /// A NAT behaviour as RFC 4787 names it (for mapping or for filtering).
@@ -323,6 +343,9 @@ pub struct Offer {
     pub relay: bool,
     /// The peer's NAT, when it has reported it.
     pub peer_nat: Option<NatClass>,
+    /// The peer reaches the server only over TCP and knows no UDP mapping
+    /// of its own: punching cannot work, so start on the relay at once.
+    pub peer_tcp_only: bool,
 }
 
 /// How a connection attempt ended.

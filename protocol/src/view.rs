@@ -47,6 +47,8 @@ pub struct WorkerView {
     pub state: &'static str,
     /// Its address as the server saw it last.
     pub observed_addr: String,
+    /// How it reaches the server: `udp` (QUIC) or `tcp` (WebSocket).
+    pub transport: &'static str,
     /// Its NAT class, if it reported one.
     pub nat: Option<NatView>,
     /// RFC 3339: when it registered (online) or dropped (stale).
@@ -62,6 +64,7 @@ impl From<WorkerInfo> for WorkerView {
             metadata: w.metadata.into_iter().collect(),
             state: w.state.as_str(),
             observed_addr: w.observed.to_string(),
+            transport: w.transport.as_str(),
             nat: w.nat.map(NatView::from),
             since: humantime::format_rfc3339_seconds(
                 UNIX_EPOCH + Duration::from_millis(w.since_ms),
@@ -89,6 +92,7 @@ mod tests {
     fn views_have_the_documented_fields() {
         let w = WorkerInfo {
             id: "gpu-1".into(),
+            transport: crate::signal::Transport::Tcp,
             kind: Some("gpu".into()),
             tags: vec!["eu".into()],
             metadata: vec![("zone".into(), "a b".into())],
@@ -107,6 +111,7 @@ mod tests {
         assert_eq!(v["type"], "gpu");
         assert_eq!(v["metadata"]["zone"], "a b");
         assert_eq!(v["state"], "stale");
+        assert_eq!(v["transport"], "tcp");
         assert_eq!(v["nat"]["label"], "eim-apdf");
         assert_eq!(v["nat"]["filtering"], "address-and-port-dependent");
         assert_eq!(v["since"], "1970-01-01T00:00:00Z");

@@ -388,12 +388,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/events", get(events))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
+        // Agents prove their token inside the channel (and a front may sit
+        // in between), so the WebSocket takes no bearer token.
+        .route(punch_protocol::ws::PATH, get(crate::tcp::upgrade))
         .with_state(shared)
 }
 
 /// Serves HTTP on `listener` until the task is aborted.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    if let Err(e) = axum::serve(listener, router(shared)).await {
+    let app = router(shared).into_make_service_with_connect_info::<crate::tcp::Remote>();
+    if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("HTTP server failed: {e}");
     }
 }

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub mod tcp;
 pub mod udp;
 
 use metrics::Metrics;
@@ -49,6 +50,13 @@ pub struct ServerConfig {
     pub http_open: bool,
     /// Most waits (long-polls, barrier waits, agents' `Wait`) at once.
     pub max_waits: usize,
+    /// Where the TLS + WebSocket channel listens.
+    pub tcp_listen: TcpListen,
+    /// Most WebSocket clients at once (and TLS connections on the TCP
+    /// port).
+    pub max_tcp_clients: usize,
+    /// Bytes per second one TCP client may relay; 0 is unlimited.
+    pub tcp_rate: u64,
     /// Serve `/healthz` and `/metrics` without the bearer token (on by
     /// default: probes and scrapers rarely carry tokens; they show counts,
     /// not workers).
@@ -71,8 +79,22 @@ impl ServerConfig {
             http_open: false,
             max_waits: hub::MAX_WAITS,
             metrics_open: true,
+            tcp_listen: TcpListen::SameAsUdp,
+            max_tcp_clients: 10_000,
+            tcp_rate: 256 << 20,
         }
     }
+}
+
+/// Where the TCP (TLS + WebSocket) channel listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpListen {
+    /// The bound UDP address, on TCP: agents find both at one HOST:PORT.
+    SameAsUdp,
+    /// This address.
+    Addr(SocketAddr),
+    /// No TCP listener (the HTTP listener still takes `/ws`).
+    Off,
 }
 
 /// Errors starting the server.
@@ -87,6 +109,11 @@ pub enum ServerError {
     },
     #[error("cannot bind HTTP {addr}: {source}")]
     BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind TCP {addr}: {source}")]
+    BindTcp {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -110,6 +137,12 @@ pub struct Shared {
     pub store: store::Store,
     /// Registry events, waits and barriers.
     pub hub: hub::Hub,
+    /// The server's key (signs its proof on WebSocket channels).
+    pub identity: Identity,
+    /// WebSocket clients and TCP counters.
+    pub tcp: Arc<tcp::TcpClients>,
+    /// The UDP socket (relay frames from TCP clients leave through it).
+    pub udp: Arc<udp::ServerSocket>,
 }
 
 /// A running server.
@@ -118,6 +151,8 @@ pub struct Server {
     pub udp_addr: SocketAddr,
     /// The bound HTTP address, if any.
     pub http_addr: Option<SocketAddr>,
+    /// The bound TCP (TLS + WebSocket) address, if any.
+    pub tcp_addr: Option<SocketAddr>,
     /// The fingerprint agents pin.
     pub fingerprint: String,
     /// Shared state (registry, metrics).
@@ -151,10 +186,11 @@ impl Server {
             ),
             None => None,
         };
-        let socket = udp::ServerSocket::new(socket, relay.clone(), alt.clone())
+        let tcp = tcp::TcpClients::new(config.max_tcp_clients);
+        let socket = udp::ServerSocket::new(socket, relay.clone(), alt.clone(), tcp.clone())
             .map_err(ServerError::Endpoint)?;
         let stun = socket.stun.clone();
-        let endpoint = signal::endpoint(&identity, &config, socket)?;
+        let endpoint = signal::endpoint(&identity, &config, socket.clone())?;
         let udp_addr = endpoint.local_addr().map_err(ServerError::Endpoint)?;
         if config.token.is_none() {
             tracing::warn!(
@@ -176,6 +212,9 @@ impl Server {
             fingerprint: fingerprint.clone(),
             relay: relay.clone(),
             stun,
+            identity: identity.clone(),
+            tcp,
+            udp: socket,
         });
         let mut tasks = vec![tokio::spawn(signal::accept_loop(
             endpoint.clone(),
@@ -223,9 +262,42 @@ impl Server {
             http_addr = Some(listener.local_addr().map_err(ServerError::Endpoint)?);
             tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
         }
-        tracing::info!(%udp_addr, ?http_addr, %fingerprint, "punch-server listening");
+        let mut tcp_addr = None;
+        let want = match config.tcp_listen {
+            TcpListen::SameAsUdp => Some(udp_addr),
+            TcpListen::Addr(a) => Some(a),
+            TcpListen::Off => None,
+        };
+        if let Some(addr) = want {
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                // An ephemeral UDP port may be taken on TCP: any port will
+                // do then (the caller asked for no particular one).
+                Err(e)
+                    if config.tcp_listen == TcpListen::SameAsUdp && config.listen.port() == 0 =>
+                {
+                    tracing::debug!("TCP port {} taken ({e}); using another", addr.port());
+                    tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+                        .await
+                        .map_err(|source| ServerError::BindTcp { addr, source })?
+                }
+                Err(source) => return Err(ServerError::BindTcp { addr, source }),
+            };
+            let bound = listener.local_addr().map_err(ServerError::Endpoint)?;
+            let tls = tcp::TlsListener::new(
+                listener,
+                punch_tls::tcp::server_config(&identity)?,
+                shared.tcp.clone(),
+            )
+            .map_err(ServerError::Endpoint)?;
+            tasks.push(tokio::spawn(tcp::serve_tls(tls, shared.clone())));
+            tcp::announce(bound);
+            tcp_addr = Some(bound);
+        }
+        tracing::info!(%udp_addr, ?tcp_addr, ?http_addr, %fingerprint, "punch-server listening");
         Ok(Server {
             udp_addr,
+            tcp_addr,
             http_addr,
             fingerprint,
             shared,

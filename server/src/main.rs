@@ -43,7 +43,24 @@ struct RunArgs {
     /// the OS allows.
     #[arg(long, env = "PUNCH_LISTEN", default_value = "0.0.0.0:3478")]
     listen: SocketAddr,
-    /// HTTP address for GET /healthz and GET /peers.
+    /// TCP address of the TLS + WebSocket channel (`/ws`) for agents whose
+    /// UDP is blocked. Default: the host and port of --listen, on TCP
+    /// (deployments behind strict firewalls use 443).
+    #[arg(long, env = "PUNCH_TCP_LISTEN")]
+    tcp_listen: Option<SocketAddr>,
+    /// Do not listen on TCP (agents can still use /ws on the HTTP listener).
+    #[arg(long)]
+    no_tcp: bool,
+    /// Most WebSocket clients at once; more are refused and counted.
+    #[arg(long, default_value_t = 10_000)]
+    max_tcp_clients: usize,
+    /// MiB per second one TCP client may send through the relay (excess
+    /// frames are dropped and counted); 0 is unlimited.
+    #[arg(long, default_value_t = 256)]
+    tcp_rate_mib: u64,
+    /// HTTP address for GET /healthz and GET /peers; it also takes the
+    /// agents' WebSocket at /ws, for a TLS-terminating front (Cloud Run,
+    /// an ingress, nginx) to forward to.
     #[arg(long, env = "PUNCH_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// Do not serve HTTP.
@@ -161,6 +178,19 @@ async fn main() -> anyhow::Result<()> {
     }
     cfg.max_waits = a.max_waits;
     cfg.metrics_open = !a.metrics_auth;
+    cfg.tcp_listen = if a.no_tcp {
+        punch_server::TcpListen::Off
+    } else {
+        match a.tcp_listen {
+            Some(addr) => punch_server::TcpListen::Addr(addr),
+            None => punch_server::TcpListen::SameAsUdp,
+        }
+    };
+    if !(1..=1_000_000).contains(&a.max_tcp_clients) {
+        anyhow::bail!("--max-tcp-clients must be between 1 and 1000000");
+    }
+    cfg.max_tcp_clients = a.max_tcp_clients;
+    cfg.tcp_rate = a.tcp_rate_mib.saturating_mul(1 << 20);
     if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
         anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");
     }
@@ -172,14 +202,13 @@ async fn main() -> anyhow::Result<()> {
     });
     let server = Server::start(cfg).await.context("starting punch-server")?;
     // A machine-readable line for scripts and tests that start us on port 0.
+    let or_off = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(
-        "punch-server udp={} http={} fingerprint={}",
+        "punch-server udp={} http={} fingerprint={} tcp={}",
         server.udp_addr,
-        server
-            .http_addr
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "off".into()),
-        server.fingerprint
+        or_off(server.http_addr),
+        server.fingerprint,
+        or_off(server.tcp_addr),
     );
     punch_net::shutdown_signal().await;
     tracing::info!("shutting down");

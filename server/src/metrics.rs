@@ -18,6 +18,9 @@ pub struct Metrics {
     pub connections_accepted: AtomicU64,
     pub handshake_failures: AtomicU64,
     pub registrations: AtomicU64,
+    /// Registrations over QUIC (UDP) and over WebSocket (TCP).
+    pub registrations_udp: AtomicU64,
+    pub registrations_tcp: AtomicU64,
     pub registration_refused: AtomicU64,
     pub auth_failures: AtomicU64,
     pub decode_errors: AtomicU64,

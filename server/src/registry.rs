@@ -10,7 +10,7 @@
 //! by the server) so an id can never be taken over.
 
 use punch_protocol::signal::{
-    Candidate, CandidateKind, ErrorCode, NatClass, PublicKey, WorkerInfo, WorkerState,
+    Candidate, CandidateKind, ErrorCode, NatClass, PublicKey, Transport, WorkerInfo, WorkerState,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 pub struct Online<H> {
     /// Distinguishes successive connections of one worker.
     pub conn_id: u64,
+    /// The agent's address as the server sees it: its UDP mapping over
+    /// QUIC; over TCP the TCP peer, which is no UDP candidate.
     pub observed: SocketAddr,
+    /// How it reaches the server.
+    pub transport: Transport,
     pub since: SystemTime,
     pub local: Vec<Candidate>,
     /// The NAT class the agent reported, if it did.
@@ -30,13 +34,23 @@ pub struct Online<H> {
 }
 
 impl<H> Online<H> {
+    /// Reaches the server only over TCP and knows no UDP mapping of its
+    /// own (no STUN answer): nobody can punch to it.
+    pub fn tcp_only(&self) -> bool {
+        self.transport == Transport::Tcp
+            && !self.local.iter().any(|c| c.kind == CandidateKind::Stun)
+    }
+
     /// Candidates offered to peers: the server-observed address first, then
     /// the agent's own interface addresses.
     pub fn candidates(&self) -> Vec<Candidate> {
-        let mut v = vec![Candidate {
-            addr: self.observed,
-            kind: CandidateKind::ServerReflexive,
-        }];
+        let mut v = Vec::new();
+        if self.transport == Transport::Udp {
+            v.push(Candidate {
+                addr: self.observed,
+                kind: CandidateKind::ServerReflexive,
+            });
+        }
         for c in &self.local {
             if !v.iter().any(|x| x.addr == c.addr) {
                 v.push(*c);
@@ -59,6 +73,7 @@ struct Stale {
     since: SystemTime,
     at: Instant,
     observed: SocketAddr,
+    transport: Transport,
     nat: Option<NatClass>,
 }
 
@@ -243,6 +258,7 @@ impl<H> Registry<H> {
                 since: SystemTime::now(),
                 at: now,
                 observed: o.observed,
+                transport: o.transport,
                 nat: o.nat,
             });
             EventKind::Stale
@@ -328,13 +344,14 @@ impl<H> Registry<H> {
     }
 
     fn info(id: &str, w: &Worker<H>) -> Option<WorkerInfo> {
-        let (state, observed, nat, since) = match (&w.online, &w.stale) {
-            (Some(o), _) => (WorkerState::Online, o.observed, o.nat, o.since),
-            (None, Some(s)) => (WorkerState::Stale, s.observed, s.nat, s.since),
+        let (state, observed, transport, nat, since) = match (&w.online, &w.stale) {
+            (Some(o), _) => (WorkerState::Online, o.observed, o.transport, o.nat, o.since),
+            (None, Some(s)) => (WorkerState::Stale, s.observed, s.transport, s.nat, s.since),
             (None, None) => return None,
         };
         Some(WorkerInfo {
             id: id.to_string(),
+            transport,
             kind: w.profile.kind.clone(),
             tags: w.profile.tags.clone(),
             metadata: w.profile.metadata.clone(),
@@ -428,6 +445,7 @@ mod tests {
         Online {
             conn_id,
             observed: SocketAddr::from(([203, 0, 113, 1], port)),
+            transport: Transport::Udp,
             since: SystemTime::now(),
             local: vec![],
             nat: None,

@@ -7,7 +7,7 @@ use punch_net::{canonical, read_frame, write_frame, FrameError};
 use punch_protocol::codec::MAX_FRAME;
 use punch_protocol::signal::{
     validate_name, ClientMsg, ErrorCode, Hello, Offer, PathKind, Query, Role, ServerMsg, SessionId,
-    MAX_LIST, MAX_WAIT_MS,
+    Transport, MAX_LIST, MAX_WAIT_MS,
 };
 use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
@@ -22,7 +22,102 @@ use tracing::{debug, info, info_span, warn, Instrument};
 #[derive(Clone, Debug)]
 pub struct AgentHandle {
     tx: mpsc::Sender<ServerMsg>,
-    conn: quinn::Connection,
+    closer: Closer,
+}
+
+/// Ends an agent's connection (when a newer one replaces it).
+#[derive(Clone, Debug)]
+pub enum Closer {
+    /// A QUIC connection.
+    Quic(quinn::Connection),
+    /// A WebSocket channel: its task stops when notified.
+    Tcp(Arc<tokio::sync::Notify>),
+}
+
+impl Closer {
+    fn close(&self, reason: &str) {
+        match self {
+            Closer::Quic(c) => c.close(0u32.into(), reason.as_bytes()),
+            Closer::Tcp(n) => n.notify_one(),
+        }
+    }
+}
+
+/// The agent's end of a registered channel, whichever transport carries it.
+pub(crate) enum Link<'a> {
+    Quic {
+        conn: &'a quinn::Connection,
+        send: &'a mut quinn::SendStream,
+    },
+    Tcp(crate::tcp::WsLink),
+}
+
+impl Link<'_> {
+    async fn send(&mut self, m: &ServerMsg) -> Result<(), String> {
+        match self {
+            Link::Quic { send, .. } => write_frame(*send, m).await.map_err(|e| e.to_string()),
+            Link::Tcp(l) => l.send(punch_protocol::ws::encode_signal(m)).await,
+        }
+    }
+
+    /// Sends an error, waits briefly for it to be delivered, and closes.
+    pub(crate) async fn refuse(&mut self, code: ErrorCode, message: String) {
+        match self {
+            Link::Quic { conn, send } => refuse(conn, send, code, message).await,
+            Link::Tcp(l) => {
+                warn!(code = code.as_str(), "refusing agent: {message}");
+                let m = ServerMsg::Error {
+                    req: None,
+                    code,
+                    message,
+                };
+                let _ = l.send(punch_protocol::ws::encode_signal(&m)).await;
+                l.finish().await;
+            }
+        }
+    }
+
+    /// Resolves when the transport is gone.
+    async fn closed(&self) -> String {
+        match self {
+            Link::Quic { conn, .. } => conn.closed().await.to_string(),
+            Link::Tcp(l) => l.closed().await,
+        }
+    }
+
+    /// The peer's current address, where it can change under the channel
+    /// (QUIC follows NAT rebinding; a TCP connection cannot).
+    fn rebinding_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Link::Quic { conn, .. } => Some(canonical(conn.remote_address())),
+            Link::Tcp(_) => None,
+        }
+    }
+}
+
+/// A message from the agent's reader, or why reading ended.
+pub(crate) type Incoming = Result<ClientMsg, ReadEnd>;
+
+/// Why the reader of an agent's channel stopped.
+#[derive(Debug)]
+pub(crate) enum ReadEnd {
+    /// A frame that does not decode.
+    Malformed(String),
+    /// The channel closed or failed.
+    Closed(String),
+}
+
+/// What the transport established about the agent before its hello.
+pub(crate) struct Arrival {
+    pub conn_id: u64,
+    /// The key the agent proved (TLS client certificate, or a signature).
+    pub key: punch_protocol::signal::PublicKey,
+    /// The value its token proof must be computed over, if the channel
+    /// offers one.
+    pub token_binding: Option<[u8; 32]>,
+    pub observed: std::net::SocketAddr,
+    pub transport: Transport,
+    pub closer: Closer,
 }
 
 /// Messages queued per agent before it counts as too slow.
@@ -54,12 +149,17 @@ pub fn endpoint(
     .map_err(ServerError::Endpoint)
 }
 
+/// A number for a new agent connection, unique across transports.
+pub fn next_conn_id() -> u64 {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    NEXT_CONN.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Accepts connections until the endpoint closes.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
-        let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let conn_id = next_conn_id();
         let remote = canonical(incoming.remote_address());
         tokio::spawn(
             async move {
@@ -140,48 +240,98 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
             return;
         }
     };
-    let hello: Hello =
-        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, MAX_FRAME)).await {
-            Ok(Ok(ClientMsg::Hello(h))) => h,
-            Ok(Ok(_)) => {
-                inc(&shared.metrics.decode_errors);
-                refuse(
-                    &conn,
-                    &mut send,
-                    ErrorCode::BadRequest,
-                    "expected Hello first".into(),
-                )
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, MAX_FRAME))
+        .await
+        .map(|r| {
+            r.map_err(|e| match e {
+                FrameError::Codec(c) => ReadEnd::Malformed(c.to_string()),
+                e => ReadEnd::Closed(e.to_string()),
+            })
+        });
+    let mut link = Link::Quic {
+        conn: &conn,
+        send: &mut send,
+    };
+    let Some(hello) = expect_hello(&mut link, first, &shared).await else {
+        return;
+    };
+    let mut exporter = [0u8; 32];
+    let token_binding = conn
+        .export_keying_material(&mut exporter, TOKEN_PROOF_LABEL, b"")
+        .ok()
+        .map(|_| exporter);
+    let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    // The reader runs as its own task so a slow peer write cannot stall it.
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame::<ClientMsg>(&mut recv, MAX_FRAME)
+                .await
+                .map_err(|e| match e {
+                    FrameError::Codec(c) => ReadEnd::Malformed(c.to_string()),
+                    e => ReadEnd::Closed(e.to_string()),
+                });
+            let stop = r.is_err();
+            if in_tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let arrival = Arrival {
+        conn_id,
+        key,
+        token_binding,
+        observed: canonical(conn.remote_address()),
+        transport: Transport::Udp,
+        closer: Closer::Quic(conn.clone()),
+    };
+    serve_registered(link, arrival, hello, in_rx, shared).await;
+    reader.abort();
+}
+
+/// Reads the first message, which must be a hello; refuses the agent
+/// otherwise.
+pub(crate) async fn expect_hello(
+    link: &mut Link<'_>,
+    first: Result<Incoming, tokio::time::error::Elapsed>,
+    shared: &Arc<Shared>,
+) -> Option<Hello> {
+    match first {
+        Ok(Ok(ClientMsg::Hello(h))) => Some(h),
+        Ok(Ok(_)) => {
+            inc(&shared.metrics.decode_errors);
+            link.refuse(ErrorCode::BadRequest, "expected Hello first".into())
                 .await;
-                return;
-            }
-            Ok(Err(FrameError::Codec(e))) => {
-                inc(&shared.metrics.decode_errors);
-                refuse(
-                    &conn,
-                    &mut send,
-                    ErrorCode::Malformed,
-                    format!("bad hello: {e}"),
-                )
+            None
+        }
+        Ok(Err(ReadEnd::Malformed(e))) => {
+            inc(&shared.metrics.decode_errors);
+            link.refuse(ErrorCode::Malformed, format!("bad hello: {e}"))
                 .await;
-                return;
-            }
-            Ok(Err(e)) => {
-                debug!("control stream failed before hello: {e}");
-                return;
-            }
-            Err(_) => {
-                refuse(
-                    &conn,
-                    &mut send,
-                    ErrorCode::BadRequest,
-                    "no hello in time".into(),
-                )
+            None
+        }
+        Ok(Err(ReadEnd::Closed(e))) => {
+            debug!("channel failed before hello: {e}");
+            None
+        }
+        Err(_) => {
+            link.refuse(ErrorCode::BadRequest, "no hello in time".into())
                 .await;
-                return;
-            }
-        };
+            None
+        }
+    }
+}
+
+/// Checks a hello, registers the agent and serves it until it leaves,
+/// whichever transport carries it.
+pub(crate) async fn serve_registered(
+    mut link: Link<'_>,
+    arrival: Arrival,
+    hello: Hello,
+    in_rx: mpsc::Receiver<Incoming>,
+    shared: Arc<Shared>,
+) {
     let id = hello.worker_id.clone();
-    let span = info_span!("agent", worker = %id);
+    let span = info_span!("agent", worker = %id, transport = arrival.transport.as_str());
     async move {
         if hello.version != PROTOCOL_VERSION {
             inc(&shared.metrics.registration_refused);
@@ -189,33 +339,29 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                 "protocol version {} not supported; this server speaks {PROTOCOL_VERSION}",
                 hello.version
             );
-            refuse(&conn, &mut send, ErrorCode::BadVersion, msg).await;
+            link.refuse(ErrorCode::BadVersion, msg).await;
             return;
         }
         if let Err(e) = hello.validate() {
             inc(&shared.metrics.registration_refused);
-            refuse(&conn, &mut send, ErrorCode::BadRequest, e).await;
+            link.refuse(ErrorCode::BadRequest, e).await;
             return;
         }
-        if hello.public_key != key {
+        if hello.public_key != arrival.key {
             inc(&shared.metrics.registration_refused);
-            refuse(
-                &conn,
-                &mut send,
+            link.refuse(
                 ErrorCode::BadRequest,
-                "hello key differs from TLS key".into(),
+                "hello key differs from the proven key".into(),
             )
             .await;
             return;
         }
         if let Some(token) = &shared.config.token {
-            let mut exporter = [0u8; 32];
-            let ok = conn
-                .export_keying_material(&mut exporter, TOKEN_PROOF_LABEL, b"")
-                .is_ok()
-                && hello.token_proof.is_some_and(|p| {
-                    punch_tls::ct_eq(&p, &punch_tls::token_proof(token, &exporter))
-                });
+            let ok = arrival.token_binding.is_some_and(|b| {
+                hello
+                    .token_proof
+                    .is_some_and(|p| punch_tls::ct_eq(&p, &punch_tls::token_proof(token, &b)))
+            });
             if !ok {
                 inc(&shared.metrics.auth_failures);
                 let msg = if hello.token_proof.is_none() {
@@ -223,21 +369,29 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                 } else {
                     "wrong token"
                 };
-                refuse(&conn, &mut send, ErrorCode::BadToken, msg.into()).await;
+                link.refuse(ErrorCode::BadToken, msg.into()).await;
                 return;
             }
         }
-        let observed = canonical(conn.remote_address());
+        let Arrival {
+            conn_id,
+            key,
+            observed,
+            transport,
+            closer,
+            ..
+        } = arrival;
         let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
         let online = Online {
             conn_id,
             observed,
+            transport,
             since: SystemTime::now(),
             local: hello.local_candidates.clone(),
             nat: None,
             handle: AgentHandle {
                 tx: tx.clone(),
-                conn: conn.clone(),
+                closer,
             },
         };
         let profile = crate::registry::Profile {
@@ -262,9 +416,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                 }
                 if let Some(old) = r.replaced {
                     info!("replacing previous connection {}", old.conn_id);
-                    old.handle
-                        .conn
-                        .close(0u32.into(), b"replaced by a new connection");
+                    old.handle.closer.close("replaced by a new connection");
                 }
             }
             Err(code) => {
@@ -275,11 +427,15 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                     }
                     _ => "registry full".to_string(),
                 };
-                refuse(&conn, &mut send, code, msg).await;
+                link.refuse(code, msg).await;
                 return;
             }
         }
         inc(&shared.metrics.registrations);
+        inc(match transport {
+            Transport::Udp => &shared.metrics.registrations_udp,
+            Transport::Tcp => &shared.metrics.registrations_tcp,
+        });
         info!(%observed, ephemeral = hello.ephemeral, kind = ?hello.kind, "registered");
         shared.hub.publish(crate::registry::Event {
             kind: crate::registry::EventKind::Registered,
@@ -287,7 +443,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
             observed: Some(observed),
         });
         let result = session_loop(
-            &conn, conn_id, &id, &shared, &mut send, recv, &mut rx, tx, observed,
+            &mut link, conn_id, &id, &shared, in_rx, &mut rx, tx, observed,
         )
         .await;
         let clean = matches!(result, Ok(true));
@@ -312,45 +468,28 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
 
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
-    conn: &quinn::Connection,
+    link: &mut Link<'_>,
     conn_id: u64,
     id: &str,
     shared: &Arc<Shared>,
-    send: &mut quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut in_rx: mpsc::Receiver<Incoming>,
     rx: &mut mpsc::Receiver<ServerMsg>,
     tx: mpsc::Sender<ServerMsg>,
     observed: std::net::SocketAddr,
 ) -> Result<bool, String> {
-    write_frame(
-        send,
-        &ServerMsg::Welcome {
-            version: PROTOCOL_VERSION,
-            observed,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    link.send(&ServerMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        observed,
+    })
+    .await?;
     let mut check = tokio::time::interval(ADDRESS_CHECK);
-    // The reader runs as its own future so a slow peer write cannot stall it.
-    let (in_tx, mut in_rx) = mpsc::channel::<Result<ClientMsg, FrameError>>(16);
-    let reader = async move {
-        loop {
-            let r = read_frame::<ClientMsg>(&mut recv, MAX_FRAME).await;
-            let stop = r.is_err();
-            if in_tx.send(r).await.is_err() || stop {
-                break;
-            }
-        }
-    };
-    let reader = tokio::spawn(reader);
-    let result = loop {
+    loop {
         tokio::select! {
             // Messages first: a Bye that arrived just before the connection
             // closed must count as a clean shutdown.
             biased;
             msg = in_rx.recv() => match msg {
-                Some(Ok(ClientMsg::Bye)) => break Ok(true),
+                Some(Ok(ClientMsg::Bye)) => return Ok(true),
                 Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
                     // Answered later, from its own task, through the queue.
                     let (shared, tx) = (shared.clone(), tx.clone());
@@ -372,30 +511,24 @@ async fn session_loop(
                 }
                 Some(Ok(m)) => {
                     if let Some(answer) = handle(m, id, conn_id, shared) {
-                        if let Err(e) = write_frame(send, &answer).await {
-                            break Err(e.to_string());
-                        }
+                        link.send(&answer).await?;
                     }
                 }
-                Some(Err(FrameError::Codec(e))) => {
+                Some(Err(ReadEnd::Malformed(e))) => {
                     inc(&shared.metrics.decode_errors);
                     warn!("malformed frame: {e}");
-                    refuse(conn, send, ErrorCode::Malformed, format!("malformed frame: {e}")).await;
-                    break Err(format!("malformed frame: {e}"));
+                    link.refuse(ErrorCode::Malformed, format!("malformed frame: {e}")).await;
+                    return Err(format!("malformed frame: {e}"));
                 }
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Ok(false),
+                Some(Err(ReadEnd::Closed(e))) => return Err(e),
+                None => return Ok(false),
             },
             out = rx.recv() => match out {
-                Some(m) => {
-                    if let Err(e) = write_frame(send, &m).await {
-                        break Err(e.to_string());
-                    }
-                }
-                None => break Ok(false),
+                Some(m) => link.send(&m).await?,
+                None => return Ok(false),
             },
             _ = check.tick() => {
-                let now = canonical(conn.remote_address());
+                let Some(now) = link.rebinding_addr() else { continue };
                 let changed = shared.registry.lock().expect("not poisoned").update_observed(id, conn_id, now);
                 if changed {
                     inc(&shared.metrics.address_changes);
@@ -405,16 +538,12 @@ async fn session_loop(
                         worker: id.to_string(),
                         observed: Some(now),
                     });
-                    if let Err(e) = write_frame(send, &ServerMsg::AddressChanged { observed: now }).await {
-                        break Err(e.to_string());
-                    }
+                    link.send(&ServerMsg::AddressChanged { observed: now }).await?;
                 }
             }
-            e = conn.closed() => break Err(e.to_string()),
+            e = link.closed() => return Err(e),
         }
-    };
-    reader.abort();
-    result
+    }
 }
 
 /// Handles one message; returns the direct answer, if any.
@@ -556,6 +685,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         start_in_ms: 0,
         relay,
         peer_nat: intro.requester.nat,
+        peer_tcp_only: intro.requester.tcp_only(),
     };
     let to_requester = Offer {
         req: Some(req),
@@ -568,6 +698,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         start_in_ms: 0,
         relay,
         peer_nat: intro.target.nat,
+        peer_tcp_only: intro.target.tcp_only(),
     };
     let pair = crate::metrics::pair_label(intro.requester.nat, intro.target.nat);
     if intro

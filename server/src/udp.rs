@@ -5,7 +5,7 @@
 //! drop) and the answer leaves from the same socket, so agents' relayed
 //! packets use the same address and NAT mapping as their signaling.
 
-use punch_protocol::relay::{self, Action, RelayTable};
+use punch_protocol::relay::{self, Action, Endpoint, RelayTable};
 use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -29,6 +29,8 @@ pub struct ServerSocket {
     /// STUN counters.
     pub stun: Arc<StunStats>,
     alt: Option<Arc<crate::alt::AltSockets>>,
+    /// WebSocket clients, for relay sides bound over TCP.
+    tcp: Arc<crate::tcp::TcpClients>,
 }
 
 /// Counters of the STUN responder.
@@ -57,6 +59,7 @@ impl ServerSocket {
         sock: std::net::UdpSocket,
         relay: Option<Arc<Mutex<RelayTable>>>,
         alt: Option<Arc<crate::alt::AltSockets>>,
+        tcp: Arc<crate::tcp::TcpClients>,
     ) -> io::Result<Arc<Self>> {
         let local = sock.local_addr()?;
         let ipv6 = local.is_ipv6();
@@ -72,7 +75,13 @@ impl ServerSocket {
             local,
             stun: Arc::default(),
             alt,
+            tcp,
         }))
+    }
+
+    /// Sends one relay frame that arrived over TCP to a UDP address.
+    pub fn send_datagram(&self, to: SocketAddr, data: &[u8]) {
+        self.forward(to, data, data.len());
     }
 
     /// Answers a STUN Binding request: sends it from an alternate socket
@@ -170,7 +179,8 @@ impl ServerSocket {
                 let from = punch_net::canonical(meta.addr);
                 let t = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
                 match t.handle(from, seg, Instant::now()) {
-                    Ok(Action::Forward(to)) => match &mut run {
+                    Ok(Action::Forward(Endpoint::Tcp(id))) => self.tcp.deliver(id, seg),
+                    Ok(Action::Forward(Endpoint::Udp(to))) => match &mut run {
                         Some((r_to, _, r_end)) if *r_to == to && *r_end == off => *r_end = end,
                         _ => {
                             if let Some((to, s, e)) = run.take() {

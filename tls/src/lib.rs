@@ -18,6 +18,8 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+pub mod tcp;
+
 /// Raw Ed25519 public key.
 pub type PublicKey = [u8; 32];
 

@@ -1,0 +1,669 @@
+//! The TCP channel: signaling and relay over WebSocket, for agents whose
+//! UDP is blocked or who reach the server through an HTTPS-only front.
+//!
+//! Two listeners accept the WebSocket at `/ws`: the TCP port (`--tcp-listen`,
+//! TLS with the server's own certificate) and the plain HTTP listener
+//! (`--http`), which a TLS-terminating front (Cloud Run, an ingress, nginx)
+//! forwards to. Over the WebSocket run the same signaling messages as over
+//! QUIC and the same relay frames as over UDP (see `punch_protocol::ws`);
+//! a relay session may have one side on UDP and the other on TCP.
+
+use crate::metrics::inc;
+use crate::signal::{self, Arrival, Closer, Incoming, Link, ReadEnd};
+use crate::Shared;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::{IncomingStream, Listener};
+use axum::Router;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use punch_protocol::relay::{Action, Endpoint};
+use punch_protocol::signal::{ClientMsg, ErrorCode, Transport};
+use punch_protocol::ws::{self, WsAuth, WsFrame};
+use punch_protocol::PROTOCOL_VERSION;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// Time a TCP client has for its TLS handshake, and an agent for its
+/// WebSocket handshake messages.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to a client that takes longer than this ends its channel (a
+/// client that never reads must not hold the server's memory).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Relay frames queued for one client before new ones are dropped (UDP
+/// semantics: QUIC backs off).
+const RELAY_QUEUE: usize = 1024;
+/// Signaling messages queued for one client.
+const SIGNAL_QUEUE: usize = 64;
+
+/// Counters of the TCP channel.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// TCP connections accepted on the TLS port.
+    pub accepted: AtomicU64,
+    /// TLS handshakes that failed or timed out (plain HTTP, garbage, scans).
+    pub tls_failures: AtomicU64,
+    /// Connections or upgrades refused because the client cap was reached.
+    pub refused_full: AtomicU64,
+    /// WebSocket channels that completed the handshake and registered.
+    pub channels: AtomicU64,
+    /// Channels ended for a protocol error (bad message, bad proof, …).
+    pub protocol_errors: AtomicU64,
+    /// Relay frames dropped for the per-connection byte rate.
+    pub rate_limited: AtomicU64,
+    /// Relay frames to TCP clients dropped because their queue was full.
+    pub queue_drops: AtomicU64,
+    /// Relay frames received from and sent to TCP clients.
+    pub relay_in: AtomicU64,
+    pub relay_out: AtomicU64,
+}
+
+/// The live WebSocket clients, by connection number: where relay frames
+/// for a TCP-bound relay side go.
+#[derive(Debug)]
+pub struct TcpClients {
+    relay: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    /// Caps WebSocket clients (both listeners).
+    pub(crate) slots: Arc<Semaphore>,
+    /// Caps connections on the TLS port, handshakes included.
+    conns: Arc<Semaphore>,
+    /// Counters.
+    pub stats: TcpStats,
+}
+
+impl TcpClients {
+    /// Room for `max` clients.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(TcpClients {
+            relay: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(max)),
+            conns: Arc::new(Semaphore::new(max)),
+            stats: TcpStats::default(),
+        })
+    }
+
+    /// WebSocket channels open now.
+    pub fn count(&self) -> usize {
+        self.relay.lock().expect("not poisoned").len()
+    }
+
+    /// Hands a relay frame to a TCP client; dropped when it is gone or
+    /// its queue is full.
+    pub fn deliver(&self, id: u64, frame: &[u8]) {
+        let tx = self.relay.lock().expect("not poisoned").get(&id).cloned();
+        let Some(tx) = tx else { return };
+        if tx.try_send(Bytes::copy_from_slice(frame)).is_ok() {
+            self.stats.relay_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.queue_drops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The remote address of an HTTP or TLS connection (for `ConnectInfo`).
+#[derive(Clone, Copy, Debug)]
+pub struct Remote(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for Remote {
+    fn connect_info(s: IncomingStream<'_, TcpListener>) -> Self {
+        Remote(*s.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Remote {
+    fn connect_info(s: IncomingStream<'_, TlsListener>) -> Self {
+        Remote(*s.remote_addr())
+    }
+}
+
+/// A stream that holds a connection slot while it lives.
+pub struct Slotted<S> {
+    inner: S,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Slotted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Slotted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+type TlsConn = Slotted<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Accepts TCP connections and completes their TLS handshakes off the
+/// accept path (a client that stalls its handshake holds only its own
+/// task), handing finished ones to axum.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(TlsConn, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Starts accepting on `listener`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        clients: Arc<TcpClients>,
+    ) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off.
+                        warn!("TCP accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                clients.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let Ok(slot) = clients.conns.clone().try_acquire_owned() else {
+                    clients.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "TCP client cap reached; connection closed");
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx, clients) = (acceptor.clone(), tx.clone(), clients.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let conn = Slotted {
+                                inner: tls,
+                                _slot: slot,
+                            };
+                            let _ = tx.send((conn, remote)).await;
+                        }
+                        Ok(Err(e)) => {
+                            clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            debug!(%remote, "TLS handshake failed: {e}");
+                        }
+                        Err(_) => {
+                            clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            debug!(%remote, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { rx, local })
+    }
+}
+
+impl Listener for TlsListener {
+    type Io = TlsConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task never ends while the listener lives.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves the TLS port: the WebSocket at `/ws` and `/healthz`.
+pub async fn serve_tls(listener: TlsListener, shared: Arc<Shared>) {
+    let app = Router::new()
+        .route(ws::PATH, get(upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(shared);
+    if let Err(e) = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<Remote>(),
+    )
+    .await
+    {
+        warn!("TCP listener stopped: {e}");
+    }
+}
+
+/// `GET /ws`: upgrades to the agent channel (on either listener).
+pub async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(Remote(remote)): ConnectInfo<Remote>,
+    headers: HeaderMap,
+    up: WebSocketUpgrade,
+) -> Response {
+    let Ok(slot) = shared.tcp.slots.clone().try_acquire_owned() else {
+        shared
+            .tcp
+            .stats
+            .refused_full
+            .fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many TCP clients\n").into_response();
+    };
+    // Behind a front the TCP peer is the front; the client is named in
+    // X-Forwarded-For (shown only, never trusted for anything).
+    let observed = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 0))
+        .unwrap_or(remote);
+    up.max_message_size(ws::MAX_MESSAGE)
+        .max_frame_size(ws::MAX_MESSAGE)
+        .on_failed_upgrade(|e| debug!("WebSocket upgrade failed: {e}"))
+        .on_upgrade(move |socket| async move {
+            let conn_id = signal::next_conn_id();
+            channel(socket, conn_id, punch_net::canonical(observed), shared)
+                .instrument(info_span!("ws", conn_id, %remote))
+                .await;
+            drop(slot);
+        })
+}
+
+/// The agent's end of a WebSocket channel, for the signaling session.
+pub(crate) struct WsLink {
+    sig: Option<mpsc::Sender<Message>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    done: watch::Receiver<Option<String>>,
+    kick: Arc<Notify>,
+}
+
+impl WsLink {
+    pub(crate) async fn send(&mut self, payload: Vec<u8>) -> Result<(), String> {
+        let tx = self.sig.as_ref().ok_or("channel closing")?;
+        tx.send(Message::Binary(payload.into()))
+            .await
+            .map_err(|_| self.reason())
+    }
+
+    fn reason(&self) -> String {
+        self.done
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "channel closed".into())
+    }
+
+    /// Lets the writer deliver what is queued, say goodbye and stop.
+    pub(crate) async fn finish(&mut self) {
+        self.sig.take();
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
+        }
+    }
+
+    pub(crate) async fn closed(&self) -> String {
+        let mut done = self.done.clone();
+        tokio::select! {
+            _ = self.kick.notified() => "replaced by a new connection".into(),
+            _ = done.wait_for(|d| d.is_some()) => self.reason(),
+        }
+    }
+}
+
+/// Writes signaling messages (first) and relay frames to the socket,
+/// batching what is queued into one flush.
+async fn writer(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut sig: mpsc::Receiver<Message>,
+    mut relay: mpsc::Receiver<Bytes>,
+    done: watch::Sender<Option<String>>,
+) {
+    let reason = loop {
+        let first = tokio::select! {
+            biased;
+            m = sig.recv() => match m {
+                Some(m) => m,
+                None => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        sink.send(Message::Close(Some(CloseFrame { code: 1000, reason: "bye".into() }))),
+                    )
+                    .await;
+                    break "server closed the channel".to_string();
+                }
+            },
+            f = relay.recv() => match f {
+                Some(f) => Message::Binary(f),
+                None => break "server closed the channel".to_string(),
+            },
+        };
+        let batch = async {
+            sink.feed(first).await?;
+            for _ in 0..64 {
+                let next = match sig.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => match relay.try_recv() {
+                        Ok(f) => Message::Binary(f),
+                        Err(_) => break,
+                    },
+                };
+                sink.feed(next).await?;
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, batch).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break format!("write failed: {e}"),
+            Err(_) => break "client does not read (write timed out)".to_string(),
+        }
+    };
+    debug!("writer stopped: {reason}");
+    done.send_replace(Some(reason));
+}
+
+/// A token bucket over bytes per second.
+struct Rate {
+    per_sec: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Rate {
+    fn new(per_sec: u64) -> Self {
+        Rate {
+            per_sec,
+            tokens: per_sec as f64 / 4.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes; false when over the rate (0 means unlimited).
+    fn take(&mut self, n: usize) -> bool {
+        if self.per_sec == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let burst = (self.per_sec as f64 / 4.0).max(256.0 * 1024.0);
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * self.per_sec as f64)
+            .min(burst);
+        self.last = now;
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn next_binary(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Result<Bytes, String> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(b),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(_))) => return Err("text message on the agent channel".into()),
+            Some(Ok(Message::Close(_))) | None => return Err("closed by the client".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Serves one WebSocket channel: the key handshake, then the signaling
+/// session, with relay frames handled as they arrive.
+async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: Arc<Shared>) {
+    let (sink, mut stream) = socket.split();
+    let (sig_tx, sig_rx) = mpsc::channel(SIGNAL_QUEUE);
+    let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
+    let (done_tx, done_rx) = watch::channel(None);
+    let writer = tokio::spawn(writer(sink, sig_rx, relay_rx, done_tx).in_current_span());
+    let mut link = WsLink {
+        sig: Some(sig_tx),
+        writer: Some(writer),
+        done: done_rx,
+        kick: Arc::new(Notify::new()),
+    };
+    let stats = &shared.tcp.stats;
+    let mut server_nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut server_nonce);
+    let hello = WsAuth::ServerHello {
+        version: PROTOCOL_VERSION,
+        nonce: server_nonce,
+    };
+    if link.send(ws::encode_auth(&hello)).await.is_err() {
+        return;
+    }
+    // The agent's proof and hello, in that order, in time.
+    let first_two = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let a = next_binary(&mut stream).await?;
+        let h = next_binary(&mut stream).await?;
+        Ok::<_, String>((a, h))
+    })
+    .await;
+    let (auth, hello_msg) = match first_two {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            debug!("channel ended before its hello: {e}");
+            return;
+        }
+        Err(_) => {
+            inc(&stats.protocol_errors);
+            debug!("no hello in time");
+            return;
+        }
+    };
+    let client_auth = match ws::parse(&auth) {
+        Ok(WsFrame::Auth(b)) => ws::decode::<WsAuth>(b).ok(),
+        _ => None,
+    };
+    let Some(WsAuth::ClientAuth {
+        nonce: client_nonce,
+        signature,
+    }) = client_auth
+    else {
+        inc(&stats.protocol_errors);
+        inc(&shared.metrics.decode_errors);
+        let mut l = Link::Tcp(link);
+        l.refuse(ErrorCode::BadRequest, "expected the key proof first".into())
+            .await;
+        return;
+    };
+    let first: Incoming = match ws::parse(&hello_msg) {
+        Ok(WsFrame::Signal(b)) => {
+            ws::decode::<ClientMsg>(b).map_err(|e| ReadEnd::Malformed(e.to_string()))
+        }
+        Ok(_) => Err(ReadEnd::Malformed("expected Hello".into())),
+        Err(e) => Err(ReadEnd::Malformed(e.to_string())),
+    };
+    let mut l = Link::Tcp(link);
+    let Some(hello) = signal::expect_hello(&mut l, Ok(first), &shared).await else {
+        inc(&stats.protocol_errors);
+        return;
+    };
+    let Link::Tcp(mut link) = l else {
+        unreachable!("built above")
+    };
+    let signed = ws::client_signed(&server_nonce, &client_nonce);
+    if !punch_tls::tcp::verify_signature(&hello.public_key, &signed, &signature) {
+        inc(&stats.protocol_errors);
+        inc(&shared.metrics.auth_failures);
+        let mut l = Link::Tcp(link);
+        l.refuse(
+            ErrorCode::BadRequest,
+            "the key proof does not verify".into(),
+        )
+        .await;
+        return;
+    }
+    let proof = match shared
+        .identity
+        .sign(&ws::server_signed(&server_nonce, &client_nonce))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("cannot sign: {e}");
+            return;
+        }
+    };
+    if link
+        .send(ws::encode_auth(&WsAuth::ServerAuth { signature: proof }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    inc(&stats.channels);
+    shared
+        .tcp
+        .relay
+        .lock()
+        .expect("not poisoned")
+        .insert(conn_id, relay_tx.clone());
+    let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    let reader = {
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let end = read_loop(&mut stream, conn_id, &in_tx, &relay_tx, &shared).await;
+                let _ = in_tx.send(Err(end)).await;
+            }
+            .in_current_span(),
+        )
+    };
+    let arrival = Arrival {
+        conn_id,
+        key: hello.public_key,
+        token_binding: Some(ws::token_binding(&server_nonce, &client_nonce)),
+        observed,
+        transport: Transport::Tcp,
+        closer: Closer::Tcp(link.kick.clone()),
+    };
+    signal::serve_registered(Link::Tcp(link), arrival, hello, in_rx, shared.clone()).await;
+    reader.abort();
+    shared
+        .tcp
+        .relay
+        .lock()
+        .expect("not poisoned")
+        .remove(&conn_id);
+}
+
+/// Reads the channel after the handshake: signaling to the session, relay
+/// frames through the relay table at once. Returns why it stopped.
+async fn read_loop(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    conn_id: u64,
+    in_tx: &mpsc::Sender<Incoming>,
+    relay_tx: &mpsc::Sender<Bytes>,
+    shared: &Arc<Shared>,
+) -> ReadEnd {
+    let stats = &shared.tcp.stats;
+    let mut rate = Rate::new(shared.config.tcp_rate);
+    let idle = shared.config.idle_timeout;
+    loop {
+        let msg = match tokio::time::timeout(idle, next_binary(stream)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return ReadEnd::Closed(e),
+            Err(_) => return ReadEnd::Closed(format!("silent for {idle:?}")),
+        };
+        match ws::parse(&msg) {
+            Ok(WsFrame::Signal(b)) => {
+                let m = ws::decode::<ClientMsg>(b).map_err(|e| ReadEnd::Malformed(e.to_string()));
+                let stop = m.is_err();
+                if in_tx.send(m).await.is_err() || stop {
+                    return ReadEnd::Closed("session over".into());
+                }
+            }
+            Ok(WsFrame::Relay(frame)) => {
+                stats.relay_in.fetch_add(1, Ordering::Relaxed);
+                if !rate.take(frame.len()) {
+                    stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                relay_frame(conn_id, frame, relay_tx, shared);
+            }
+            Ok(WsFrame::Auth(_)) => {
+                inc(&stats.protocol_errors);
+                return ReadEnd::Malformed("handshake message after the handshake".into());
+            }
+            Err(e) => {
+                inc(&stats.protocol_errors);
+                return ReadEnd::Malformed(e.to_string());
+            }
+        }
+    }
+}
+
+/// Passes a relay frame from TCP client `conn_id` through the relay table.
+fn relay_frame(conn_id: u64, frame: &[u8], own: &mpsc::Sender<Bytes>, shared: &Arc<Shared>) {
+    let Some(table) = &shared.relay else { return };
+    let action =
+        table
+            .lock()
+            .expect("not poisoned")
+            .handle(Endpoint::Tcp(conn_id), frame, Instant::now());
+    match action {
+        Ok(Action::Forward(Endpoint::Udp(to))) => shared.udp.send_datagram(to, frame),
+        Ok(Action::Forward(Endpoint::Tcp(id))) => shared.tcp.deliver(id, frame),
+        Ok(Action::Reply(answer)) => {
+            let _ = own.try_send(Bytes::from(answer));
+        }
+        Err(e) => tracing::trace!("relay frame from TCP client dropped: {e}"),
+    }
+}
+
+/// Logs what the TCP side is doing once it starts.
+pub fn announce(addr: SocketAddr) {
+    info!(%addr, "TCP (TLS + WebSocket) listening");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rate;
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_refuses() {
+        let mut r = Rate::new(1_000_000);
+        assert!(r.take(200_000));
+        assert!(!r.take(200_000));
+        let mut open = Rate::new(0);
+        assert!(open.take(usize::MAX));
+    }
+}
