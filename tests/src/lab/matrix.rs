@@ -294,7 +294,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         let direct_rate = direct as f64 / runs as f64;
         let verdict = match expect {
             Expect::Direct if direct < runs => "worse-than-theory",
-            Expect::NeedsPredictionOrRelay if direct > 0 => "better-than-theory",
+            Expect::NeedsPredictionOrRelay | Expect::RelayOverTcp if direct > 0 => {
+                "better-than-theory"
+            }
             _ => "agrees",
         };
         results.push(PairResult {
@@ -349,10 +351,7 @@ pub fn table(results: &[PairResult]) -> String {
             "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>7.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
             r.a,
             r.b,
-            match r.expect {
-                Expect::Direct => "direct",
-                Expect::NeedsPredictionOrRelay => "hard",
-            },
+            r.expect.label(),
             r.runs,
             r.success_rate * 100.0,
             r.direct_rate * 100.0,

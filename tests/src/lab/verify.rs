@@ -27,6 +27,7 @@ fn mapping_name(m: Mapping) -> &'static str {
     match m {
         Mapping::EndpointIndependent => "endpoint-independent",
         Mapping::EndpointDependent => "endpoint-dependent",
+        Mapping::NoUdp => "no-udp",
     }
 }
 
@@ -35,6 +36,7 @@ fn filtering_name(f: Filtering) -> &'static str {
         Filtering::Open | Filtering::EndpointIndependent => "endpoint-independent",
         Filtering::AddressDependent => "address-dependent",
         Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        Filtering::Blocked => "blocked",
     }
 }
 
@@ -71,6 +73,9 @@ fn nat_check_in(ns: &str) -> Result<(String, String)> {
 
 /// Builds the sites and checks each.
 pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
+    if let Some(t) = types.iter().find(|t| !t.has_udp()) {
+        anyhow::bail!("{t} has no UDP: there is no mapping or filtering to classify");
+    }
     let mut lab = Lab::new()?;
     let mut sites = Vec::new();
     for t in types {
@@ -102,6 +107,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             let mapping_ok = match t.mapping() {
                 Mapping::EndpointIndependent => m.mapping == "endpoint-independent",
                 Mapping::EndpointDependent => m.mapping != "endpoint-independent",
+                Mapping::NoUdp => unreachable!("UDP-less types are refused above"),
             };
             let block_ok = match t {
                 NatType::Cloudnat | NatType::CloudnatEim => {
@@ -129,6 +135,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             let mapping_ok = match t.mapping() {
                 Mapping::EndpointIndependent => m == "endpoint-independent",
                 Mapping::EndpointDependent => m == "address-and-port-dependent",
+                Mapping::NoUdp => unreachable!("UDP-less types are refused above"),
             };
             mapping_ok && f == expected_filtering
         };
