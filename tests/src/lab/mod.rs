@@ -13,6 +13,7 @@ pub mod failover;
 pub mod matrix;
 pub mod nat;
 pub mod probe;
+pub mod reach;
 pub mod throughput;
 pub mod verify;
 
@@ -34,9 +35,10 @@ pub const SERVER_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 
 /// Ports a `proxy-only` site's HTTP proxy lets CONNECT reach (tinyproxy's
 /// `ConnectPort`; with no such line it would allow every port): HTTPS, the
-/// server's ports (3478, 3479) and 7000 for a lab TCP echo. Every other
-/// port is refused with 403, like a corporate proxy does.
-pub const PROXY_CONNECT_PORTS: [u16; 4] = [443, 3478, 3479, 7000];
+/// server's ports (3478, 3479) and the lab's TCP echo
+/// ([`reach::ECHO_PORT`]). Every other port is refused with 403, like a
+/// corporate proxy does ([`reach::UNLISTED_PORT`] checks that).
+pub const PROXY_CONNECT_PORTS: [u16; 4] = [443, 3478, 3479, reach::ECHO_PORT];
 
 /// Link impairments on a site's uplink.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
