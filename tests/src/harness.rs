@@ -77,7 +77,6 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` with piped stdout; stderr goes to `log` if given.
     pub fn spawn(name: &str, mut cmd: Command, log: Option<&Path>) -> Result<Proc> {
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
         match log {
             Some(p) => {
                 cmd.stderr(std::fs::File::create(p)?);
@@ -86,13 +85,33 @@ impl Proc {
                 cmd.stderr(Stdio::null());
             }
         }
+        Self::start(name, cmd, None)
+    }
+
+    /// Like [`Proc::spawn`] for a program that logs to stdout: stderr and
+    /// every stdout line (still awaitable) both go to `log`.
+    pub fn spawn_tee(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        cmd.stderr(file.try_clone()?);
+        Self::start(name, cmd, Some(file))
+    }
+
+    fn start(name: &str, mut cmd: Command, mut tee: Option<std::fs::File>) -> Result<Proc> {
+        use std::io::Write;
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         let out = child.stdout.take().context("stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if let Some(f) = tee.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if tx.send(line).is_err() && tee.is_none() {
                     break;
                 }
             }

@@ -64,9 +64,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Prove with plain UDP probes that each lab NAT type behaves as named.
+    /// Prove with plain UDP probes that each lab NAT type behaves as named
+    /// (for `udp-blocked` and `proxy-only`, which have no UDP to classify:
+    /// that UDP is blocked and TCP gets out as the type promises).
     VerifyNat {
-        /// Comma-separated NAT types, or `all`.
+        /// Comma-separated NAT types; `all` (the UDP types), `tcp-only`
+        /// (udp-blocked, proxy-only).
         #[arg(long, default_value = "all")]
         types: String,
         /// Write the verdicts as JSON.
@@ -76,7 +79,8 @@ enum Cmd {
     /// Connect every ordered pair of NAT types N times and report success,
     /// path and time to connect, against what theory predicts.
     Matrix {
-        /// Comma-separated NAT types, or `all`.
+        /// Comma-separated NAT types; `all` (the UDP types), `tcp-only`
+        /// (udp-blocked, proxy-only).
         #[arg(long, default_value = "all")]
         types: String,
         /// Connects per pair.
@@ -210,6 +214,30 @@ enum Cmd {
     /// (internal) Mapping and filtering probe for verify-nat.
     #[command(hide = true)]
     NatProbe,
+    /// (internal) UDP and TCP echo on lab addresses, for verify-nat's
+    /// checks of the UDP-less site types.
+    #[command(hide = true)]
+    LabEcho {
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<std::net::SocketAddr>,
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<std::net::SocketAddr>,
+    },
+    /// (internal) One reachability check against lab-echo; prints JSON.
+    #[command(hide = true)]
+    Reach {
+        /// A UDP echo.
+        #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+        udp: Option<std::net::SocketAddr>,
+        /// A TCP echo (directly, or through --proxy).
+        #[arg(long)]
+        tcp: Option<std::net::SocketAddr>,
+        /// HTTP CONNECT proxy URL for --tcp, e.g. http://10.2.0.1:8888.
+        #[arg(long, requires = "tcp")]
+        proxy: Option<String>,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -498,6 +526,26 @@ fn main() -> Result<()> {
         }
         Cmd::NatProbe => {
             let r = lab::probe::probe([lab::SERVER_IP, lab::SERVER_IP2])?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::LabEcho { udp, tcp } => lab::reach::echo(&udp, &tcp),
+        Cmd::Reach {
+            udp,
+            tcp,
+            proxy,
+            timeout_ms,
+        } => {
+            if !(1..=60_000).contains(&timeout_ms) {
+                bail!("--timeout-ms must be between 1 and 60000");
+            }
+            let t = std::time::Duration::from_millis(timeout_ms);
+            let r = match (udp, tcp, proxy) {
+                (Some(a), _, _) => lab::reach::udp(a, t),
+                (None, Some(a), None) => lab::reach::tcp(a, t),
+                (None, Some(a), Some(p)) => lab::reach::via_proxy(&p, a, t),
+                (None, None, _) => bail!("--udp or --tcp"),
+            };
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

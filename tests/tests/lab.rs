@@ -1,10 +1,20 @@
 //! The NAT lab in CI: every lab NAT type behaves as named (plain UDP
 //! probes), and a reduced matrix (every ordered pair once, 10 ms delay per
-//! site link) goes direct wherever theory says it can.
+//! site link) goes direct wherever theory says it can. The UDP-less site
+//! types block what they promise and let TCP out as they promise.
 
 use punch_lab::harness::{bin, run};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// One lab at a time: the matrix measures round trips and connect times,
+/// which a second lab on the same (2-core) machine would disturb.
+static LAB: Mutex<()> = Mutex::new(());
+
+fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -21,6 +31,7 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
         eprintln!("skipping the NAT lab: it needs root (CI runs it as root)");
         return;
     }
+    let _one = one_lab_at_a_time();
     let lab = bin("punch-lab").unwrap();
 
     // 1. Each NAT type behaves as named.
@@ -178,6 +189,75 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     );
     // Bounded by the 2.5 s silence deadline plus a check and a round trip.
     assert!(f["to_relay_ms"].as_f64().unwrap() < 6000.0, "{f}");
+}
+
+#[test]
+fn udp_blocked_and_proxy_only_sites_block_udp_and_let_tcp_out() {
+    if !is_root() {
+        eprintln!("skipping the UDP-less sites: the NAT lab needs root (CI runs it as root)");
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let lab = bin("punch-lab").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("verify.json");
+    let mut cmd = Command::new(&lab);
+    cmd.args(["verify-nat", "--types", "udp-blocked,proxy-only", "--json"])
+        .arg(&json);
+    // Each check is bounded (2 s); the lab build and nine checks fit well.
+    let r = run(cmd, Duration::from_secs(120)).unwrap();
+    println!("{}", r.stdout);
+    assert_eq!(r.code, Some(0), "verify-nat udp-blocked,proxy-only: {r:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = v.as_array().unwrap();
+    assert_eq!(v.len(), 2, "{v:?}");
+    let ok = |r: &serde_json::Value| r["ok"].as_bool().unwrap();
+    let seen_ip = |r: &serde_json::Value| {
+        r["seen"]
+            .as_str()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip().to_string())
+    };
+    let public_of = |b: &serde_json::Value| seen_ip(&b["control_tcp"]).expect("control answered");
+    for site in v {
+        let b = &site["blocking"];
+        assert!(site["ok"].as_bool().unwrap(), "{site}");
+        assert!(site.get("measured").is_none(), "no UDP classified: {site}");
+        // Controls: the echo answers the gateway itself over UDP and TCP,
+        // so silence from the host is the site's blocking.
+        assert!(ok(&b["control_udp"]) && ok(&b["control_tcp"]), "{b}");
+        assert!(public_of(b).starts_with("203.0.113."), "{b}");
+        assert!(!ok(&b["udp"]), "UDP from the host must get no answer: {b}");
+        match site["nat"].as_str().unwrap() {
+            "udp-blocked" => {
+                assert!(ok(&b["tcp_direct"]), "TCP gets out: {b}");
+                assert_eq!(seen_ip(&b["tcp_direct"]), Some(public_of(b)), "{b}");
+                assert!(b["proxy"].is_null(), "{b}");
+                assert_eq!(b["agent_args"], serde_json::json!([]), "{b}");
+            }
+            "proxy-only" => {
+                assert!(!ok(&b["tcp_direct"]), "no direct TCP: {b}");
+                let via = &b["tcp_via_proxy"];
+                assert!(ok(via), "CONNECT through the proxy: {b}");
+                assert_eq!(
+                    seen_ip(via),
+                    Some(public_of(b)),
+                    "leaves from the gateway: {b}"
+                );
+                let unlisted = &b["proxy_unlisted_port"];
+                assert!(!ok(unlisted), "{b}");
+                assert!(unlisted["detail"].as_str().unwrap().contains("403"), "{b}");
+                let url = b["proxy"].as_str().unwrap();
+                assert!(
+                    url.starts_with("http://10.") && url.ends_with(":8888"),
+                    "{url}"
+                );
+                assert_eq!(b["agent_args"], serde_json::json!(["--proxy", url]), "{b}");
+            }
+            other => panic!("unexpected type {other}"),
+        }
+    }
 }
 
 #[test]

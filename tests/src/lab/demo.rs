@@ -31,6 +31,7 @@ pub fn nat_demo(a: NatType, b: NatType, impair: Impair) -> Result<()> {
     println!("4. theory for {a} -> {b}: {expect:?} ({why})");
     let mut cmd = agent_cmd(&ns_a, &fp, 3.0)?;
     cmd.args(["ping", "worker-b", "-c", "3", "-i", "0.2"]);
+    cmd.args(lab.agent_args_for(&ns_a));
     let r = run(cmd, Duration::from_secs(60))?;
     for l in r.stdout.lines() {
         println!("5. {l}");

@@ -41,6 +41,7 @@ pub fn failover(a: NatType, b: NatType, impair: Impair, pings: u32) -> Result<Fa
     } = pair_lab(a, b, impair)?;
     let mut cmd = agent_cmd(&ns_a, &fp, 3.0)?;
     cmd.args(["ping", "worker-b", "-c", &pings.to_string(), "-i", "0.1"]);
+    cmd.args(lab.agent_args_for(&ns_a));
     cmd.env("PUNCH_LOG", "info");
     let log = lab.path("ping.log");
     let mut ping = Proc::spawn("ping", cmd, Some(&log))?;

@@ -101,11 +101,13 @@ pub fn agent_cmd(ns: &str, fp: &str, punch_timeout: f64) -> Result<std::process:
     Ok(cmd)
 }
 
-/// Starts `punch-agent serve --id ID` in `ns` and waits for registration.
+/// Starts `punch-agent serve --id ID` in `ns` (with the arguments its site
+/// needs, [`super::Site::agent_args`]) and waits for registration.
 pub fn serve(lab: &mut Lab, ns: &str, id: &str, fp: &str, punch_timeout: f64) -> Result<()> {
     let mut cmd = agent_cmd(ns, fp, punch_timeout)?;
     cmd.args(["serve", "--id", id, "--key-file"])
-        .arg(lab.path(&format!("{id}.key")));
+        .arg(lab.path(&format!("{id}.key")))
+        .args(lab.agent_args_for(ns));
     let log = lab.path(&format!("{id}.log"));
     let mut p = Proc::spawn(id, cmd, Some(&log))?;
     p.wait_line("serving as", Duration::from_secs(20))
@@ -257,7 +259,8 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             let mut cmd = agent_cmd(&ns, &fp, opts.punch_timeout)?;
             cmd.args(["connect", &target, "--json", "--timeout"])
                 .arg((opts.punch_timeout + 15.0).to_string())
-                .args(&opts.agent_args);
+                .args(&opts.agent_args)
+                .args(lab.agent_args_for(&ns));
             let r = run(cmd, limit)?;
             let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
             if r.code == Some(0) {
@@ -294,7 +297,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         let direct_rate = direct as f64 / runs as f64;
         let verdict = match expect {
             Expect::Direct if direct < runs => "worse-than-theory",
-            Expect::NeedsPredictionOrRelay if direct > 0 => "better-than-theory",
+            Expect::NeedsPredictionOrRelay | Expect::RelayOverTcp if direct > 0 => {
+                "better-than-theory"
+            }
             _ => "agrees",
         };
         results.push(PairResult {
@@ -349,10 +354,7 @@ pub fn table(results: &[PairResult]) -> String {
             "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>7.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
             r.a,
             r.b,
-            match r.expect {
-                Expect::Direct => "direct",
-                Expect::NeedsPredictionOrRelay => "hard",
-            },
+            r.expect.label(),
             r.runs,
             r.success_rate * 100.0,
             r.direct_rate * 100.0,

@@ -13,6 +13,7 @@ pub mod failover;
 pub mod matrix;
 pub mod nat;
 pub mod probe;
+pub mod reach;
 pub mod throughput;
 pub mod verify;
 
@@ -31,6 +32,13 @@ pub const PREFIX: &str = "plab";
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The server host's second public address.
 pub const SERVER_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+
+/// Ports a `proxy-only` site's HTTP proxy lets CONNECT reach (tinyproxy's
+/// `ConnectPort`; with no such line it would allow every port): HTTPS, the
+/// server's ports (3478, 3479) and the lab's TCP echo
+/// ([`reach::ECHO_PORT`]). Every other port is refused with 403, like a
+/// corporate proxy does ([`reach::UNLISTED_PORT`] checks that).
+pub const PROXY_CONNECT_PORTS: [u16; 4] = [443, 3478, 3479, reach::ECHO_PORT];
 
 /// Link impairments on a site's uplink.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
@@ -79,6 +87,20 @@ pub struct Site {
     pub nat_ns: Vec<String>,
     /// The site's public address (the first host's for `none`).
     pub public_ip: Ipv4Addr,
+    /// The HTTP CONNECT proxy the hosts must use (`http://10.x.0.1:8888`),
+    /// set for `proxy-only` sites only.
+    pub proxy: Option<String>,
+}
+
+impl Site {
+    /// Extra `punch-agent` arguments an agent on this site's hosts needs:
+    /// `--proxy URL` on a `proxy-only` site, nothing elsewhere.
+    pub fn agent_args(&self) -> Vec<String> {
+        match &self.proxy {
+            Some(url) => vec!["--proxy".to_string(), url.clone()],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// A running lab. Dropping it kills its processes and deletes its namespaces.
@@ -419,6 +441,7 @@ impl Lab {
                 edge_ns: h,
                 nat_ns: vec![],
                 public_ip,
+                proxy: None,
             });
             return Ok(i);
         }
@@ -518,7 +541,13 @@ impl Lab {
             "lan0",
         ])?;
         ip(&["-n", &nat_inner, "link", "set", "lan0", "up"])?;
-        sysctl(&nat_inner, "net.ipv4.ip_forward=1")?;
+        // A proxy-only gateway routes nothing (its ruleset drops all
+        // forwarding as well).
+        let forward = spec.nat != NatType::ProxyOnly;
+        sysctl(
+            &nat_inner,
+            &format!("net.ipv4.ip_forward={}", u8::from(forward)),
+        )?;
         let kind = if spec.nat == NatType::Cgnat {
             NatType::PortRestricted
         } else {
@@ -578,6 +607,12 @@ impl Lab {
             hosts.push(hn);
             host_ips.push(addr);
         }
+        let proxy = if spec.nat == NatType::ProxyOnly {
+            let gw: Ipv4Addr = format!("{lan_net}.1").parse()?;
+            Some(self.start_proxy(&tag, &nat_inner, gw, &format!("{lan_net}.0/24"))?)
+        } else {
+            None
+        };
         self.sites.push(Site {
             index: i,
             nat: spec.nat,
@@ -586,8 +621,61 @@ impl Lab {
             edge_ns: edge,
             nat_ns,
             public_ip,
+            proxy,
         });
         Ok(i)
+    }
+
+    /// Runs tinyproxy in the gateway namespace `ns`, listening on the LAN
+    /// address `gw`, open to `lan` only; returns its URL. Its own
+    /// connections leave from the gateway's WAN address. Config and log go
+    /// in the lab directory; the process is killed with the lab.
+    fn start_proxy(&mut self, tag: &str, ns: &str, gw: Ipv4Addr, lan: &str) -> Result<String> {
+        if !have("tinyproxy") {
+            bail!("proxy-only sites run tinyproxy: apt-get install -y tinyproxy");
+        }
+        let port = nat::PROXY_PORT;
+        let connect_ports: String = PROXY_CONNECT_PORTS
+            .iter()
+            .map(|p| format!("ConnectPort {p}\n"))
+            .collect();
+        // No LogFile: in the foreground (-d) tinyproxy logs to stdout, which
+        // is copied to the log file and read for its readiness line. No
+        // PidFile, no daemon. It binds as root, then runs as nobody.
+        let conf = format!(
+            "# punch-lab: the HTTP CONNECT proxy of proxy-only site {tag}\n\
+             User nobody\n\
+             Group nogroup\n\
+             Listen {gw}\n\
+             Port {port}\n\
+             Timeout 600\n\
+             MaxClients 100\n\
+             LogLevel Info\n\
+             DisableViaHeader Yes\n\
+             Allow {lan}\n\
+             {connect_ports}"
+        );
+        let conf_path = self.path(&format!("{tag}-tinyproxy.conf"));
+        std::fs::write(&conf_path, conf)?;
+        let mut cmd = in_ns(ns, "tinyproxy");
+        cmd.arg("-d").arg("-c").arg(&conf_path);
+        let log = self.path(&format!("{tag}-tinyproxy.log"));
+        let mut p = Proc::spawn_tee(&format!("{tag}-tinyproxy"), cmd, &log)?;
+        p.wait_line("Accepting connections", Duration::from_secs(10))
+            .with_context(|| format!("tinyproxy in {ns}; log {}", log.display()))?;
+        self.procs.push(p);
+        Ok(format!("http://{gw}:{port}"))
+    }
+
+    /// Extra `punch-agent` arguments for an agent in host namespace `ns`
+    /// ([`Site::agent_args`] of the site it belongs to; none for the
+    /// server host or an unknown namespace).
+    pub fn agent_args_for(&self, ns: &str) -> Vec<String> {
+        self.sites
+            .iter()
+            .find(|s| s.hosts.iter().any(|h| h == ns))
+            .map(Site::agent_args)
+            .unwrap_or_default()
     }
 
     /// Keeps a process alive for the lab's lifetime.

@@ -26,7 +26,17 @@ pub enum NatType {
     CloudnatEim,
     /// A home NAT (EIM, APDF) behind a carrier NAT (EIM, APDF).
     Cgnat,
+    /// A network that lets no UDP out or in at all (dropped in both
+    /// directions at the NAT), while TCP leaves through an ordinary
+    /// port-restricted-like NAT.
+    UdpBlocked,
+    /// A network with no route out for its hosts except a real HTTP CONNECT
+    /// proxy (tinyproxy) on the gateway: the gateway forwards nothing.
+    ProxyOnly,
 }
+
+/// The HTTP CONNECT proxy's port on a `proxy-only` site's gateway.
+pub const PROXY_PORT: u16 = 8888;
 
 /// How a NAT picks external ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -34,6 +44,9 @@ pub enum NatType {
 pub enum Mapping {
     EndpointIndependent,
     EndpointDependent,
+    /// No UDP leaves the site, so there is no UDP mapping to speak of
+    /// (`udp-blocked`, `proxy-only`).
+    NoUdp,
 }
 
 /// Which unsolicited inbound packets a NAT lets through to a mapping.
@@ -44,10 +57,20 @@ pub enum Filtering {
     EndpointIndependent,
     AddressDependent,
     AddressAndPortDependent,
+    /// Every UDP packet is dropped, solicited or not (`udp-blocked`,
+    /// `proxy-only`).
+    Blocked,
 }
 
 impl NatType {
-    /// Every type, in table order.
+    /// The classic UDP NAT types, in table order: what `all` means on the
+    /// command line (`matrix`, `verify-nat`).
+    ///
+    /// The UDP-less types are kept out of this list on purpose (they are in
+    /// [`NatType::TCP_ONLY`]): `matrix` runs every pair of `all` by default
+    /// and `matrix --strict` (the CI lab test) requires every pair to
+    /// connect, which pairs with a UDP-less site cannot do until the agent
+    /// can reach the server over TCP (through a proxy).
     pub const ALL: [NatType; 8] = [
         NatType::None,
         NatType::FullCone,
@@ -58,6 +81,30 @@ impl NatType {
         NatType::CloudnatEim,
         NatType::Cgnat,
     ];
+
+    /// Sites without UDP: `tcp-only` on the command line. Their connections
+    /// can only go through a relay reached over TCP.
+    pub const TCP_ONLY: [NatType; 2] = [NatType::UdpBlocked, NatType::ProxyOnly];
+
+    /// [`NatType::ALL`] then [`NatType::TCP_ONLY`]: every type the lab
+    /// builds (names, the theory table).
+    pub const EVERY: [NatType; 10] = [
+        NatType::None,
+        NatType::FullCone,
+        NatType::Restricted,
+        NatType::PortRestricted,
+        NatType::Symmetric,
+        NatType::Cloudnat,
+        NatType::CloudnatEim,
+        NatType::Cgnat,
+        NatType::UdpBlocked,
+        NatType::ProxyOnly,
+    ];
+
+    /// False for the types that pass no UDP at all.
+    pub fn has_udp(self) -> bool {
+        !NatType::TCP_ONLY.contains(&self)
+    }
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -70,20 +117,27 @@ impl NatType {
             NatType::Cloudnat => "cloudnat",
             NatType::CloudnatEim => "cloudnat-eim",
             NatType::Cgnat => "cgnat",
+            NatType::UdpBlocked => "udp-blocked",
+            NatType::ProxyOnly => "proxy-only",
         }
     }
 
-    /// Mapping behaviour as built.
+    /// Mapping behaviour as built (for UDP: the UDP-less types have none;
+    /// `udp-blocked` maps TCP like `port-restricted`, `proxy-only` only
+    /// lets the proxy's own connections out).
     pub fn mapping(self) -> Mapping {
         match self {
+            NatType::UdpBlocked | NatType::ProxyOnly => Mapping::NoUdp,
             NatType::Symmetric | NatType::Cloudnat => Mapping::EndpointDependent,
             _ => Mapping::EndpointIndependent,
         }
     }
 
-    /// Filtering behaviour as built.
+    /// Filtering behaviour as built (for UDP: everything is dropped on the
+    /// UDP-less types).
     pub fn filtering(self) -> Filtering {
         match self {
+            NatType::UdpBlocked | NatType::ProxyOnly => Filtering::Blocked,
             NatType::None => Filtering::Open,
             NatType::FullCone => Filtering::EndpointIndependent,
             NatType::Restricted => Filtering::AddressDependent,
@@ -113,29 +167,34 @@ impl fmt::Display for NatType {
 impl FromStr for NatType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        NatType::ALL
+        NatType::EVERY
             .iter()
             .copied()
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown NAT type {s:?}; known: {}",
-                    NatType::ALL.map(|t| t.name()).join(", ")
+                    "unknown NAT type {s:?}; known: {} (or `all`, `tcp-only`)",
+                    NatType::EVERY.map(|t| t.name()).join(", ")
                 )
             })
     }
 }
 
-/// Parses a comma-separated list of types (`all` for every type).
+/// Parses a comma-separated list of types; `all` stands for the classic
+/// UDP types ([`NatType::ALL`]) and `tcp-only` for the UDP-less ones
+/// ([`NatType::TCP_ONLY`]), e.g. `all,tcp-only` for every type.
 pub fn parse_types(list: &str) -> Result<Vec<NatType>, String> {
-    if list == "all" {
-        return Ok(NatType::ALL.to_vec());
-    }
     let mut v = Vec::new();
     for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let t: NatType = s.parse()?;
-        if !v.contains(&t) {
-            v.push(t);
+        let group: Vec<NatType> = match s {
+            "all" => NatType::ALL.to_vec(),
+            "tcp-only" => NatType::TCP_ONLY.to_vec(),
+            _ => vec![s.parse()?],
+        };
+        for t in group {
+            if !v.contains(&t) {
+                v.push(t);
+            }
         }
     }
     if v.is_empty() {
@@ -151,11 +210,39 @@ pub enum Expect {
     Direct,
     /// Needs port prediction, block scanning, the birthday method or a relay.
     NeedsPredictionOrRelay,
+    /// One side passes no UDP: only a relay reached over TCP (through the
+    /// site's HTTP proxy for `proxy-only`) can connect the pair.
+    RelayOverTcp,
+}
+
+impl Expect {
+    /// The short word used in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Expect::Direct => "direct",
+            Expect::NeedsPredictionOrRelay => "hard",
+            Expect::RelayOverTcp => "relay-tcp",
+        }
+    }
 }
 
 /// The expected outcome for A connecting to B, and why.
 pub fn theory(a: NatType, b: NatType) -> (Expect, &'static str) {
     use Mapping::*;
+    if a == NatType::ProxyOnly || b == NatType::ProxyOnly {
+        return (
+            Expect::RelayOverTcp,
+            "one side reaches the internet only through an HTTP CONNECT proxy: no UDP at all, \
+             so only a relay reached over TCP through the proxy can carry the connection",
+        );
+    }
+    if a == NatType::UdpBlocked || b == NatType::UdpBlocked {
+        return (
+            Expect::RelayOverTcp,
+            "one side's network drops all UDP: no punched path and no UDP relay, \
+             so only a relay reached over TCP can carry the connection",
+        );
+    }
     if a == NatType::None || b == NatType::None {
         return (
             Expect::Direct,
@@ -168,6 +255,7 @@ pub fn theory(a: NatType, b: NatType) -> (Expect, &'static str) {
             "both mappings are endpoint-independent: the addresses the server saw are the ones \
              the peer's probes reach, and simultaneous probes open both filters",
         ),
+        (NoUdp, _) | (_, NoUdp) => unreachable!("UDP-less types are handled above"),
         (EndpointDependent, EndpointDependent) => (
             Expect::NeedsPredictionOrRelay,
             "both mappings are endpoint-dependent: neither side knows the port the other's NAT \
@@ -185,7 +273,7 @@ pub fn theory(a: NatType, b: NatType) -> (Expect, &'static str) {
                     "the hard side's new mapping is learned from its probe, which the easy side's \
                      filter lets in (endpoint-independent or address-dependent filtering)",
                 ),
-                Filtering::AddressAndPortDependent => (
+                Filtering::AddressAndPortDependent | Filtering::Blocked => (
                     Expect::NeedsPredictionOrRelay,
                     "the hard side's probes come from an unadvertised port, which the easy side's \
                      address-and-port-dependent filter drops",
@@ -217,6 +305,9 @@ pub fn ruleset(t: NatType, a: &NatAddrs) -> String {
     // dropped probe never occupies a tuple that would later make the NAT
     // pick another port (which would fake endpoint-dependent mapping).
     let drop_new_inbound = "iifname \"wan0\" ct state new drop";
+    if t == NatType::ProxyOnly {
+        return proxy_only_ruleset(a);
+    }
     let (snat, filter_pre, dnat, track) = match t {
         NatType::None => unreachable!("no NAT namespace for public hosts"),
         NatType::FullCone => (
@@ -238,6 +329,19 @@ pub fn ruleset(t: NatType, a: &NatAddrs) -> String {
             String::new(),
             String::new(),
         ),
+        // Port-restricted for TCP; every UDP packet forwarded to or from
+        // the internet is dropped (the input chain drops UDP to the NAT
+        // itself). UDP between two hosts on the LAN bridge (which
+        // br_netfilter also shows to this hook) stays allowed.
+        NatType::UdpBlocked => (
+            format!("ip saddr {lan} oifname \"wan0\" snat ip to {wan}"),
+            drop_new_inbound.to_string(),
+            String::new(),
+            "oifname \"wan0\" meta l4proto udp counter drop\n    \
+             iifname \"wan0\" meta l4proto udp counter drop"
+                .to_string(),
+        ),
+        NatType::ProxyOnly => unreachable!("handled above"),
         NatType::Symmetric => (
             format!("ip saddr {lan} oifname \"wan0\" masquerade fully-random"),
             drop_new_inbound.to_string(),
@@ -297,21 +401,108 @@ table ip punchnat {{
     )
 }
 
+/// A `proxy-only` gateway: nothing is forwarded between LAN and WAN; from
+/// the LAN only the proxy port on the gateway itself is open; from the WAN
+/// only answers to the gateway's own (the proxy's) connections come in.
+/// (Frames between two hosts on the LAN bridge, which br_netfilter also
+/// shows to the forward hook, stay on the LAN.)
+fn proxy_only_ruleset(a: &NatAddrs) -> String {
+    let lan = &a.lan;
+    format!(
+        r#"flush ruleset
+table ip punchnat {{
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+    iifname != "wan0" oifname != {{ "wan0", "lan0" }} accept
+    counter drop
+  }}
+  chain input {{
+    type filter hook input priority 0; policy drop;
+    iifname "lo" accept
+    ct state established,related accept
+    iifname "lan0" ip saddr {lan} tcp dport {PROXY_PORT} accept
+  }}
+}}
+"#
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_roundtrip_and_unknown_is_an_error() {
-        for t in NatType::ALL {
+        for t in NatType::EVERY {
             assert_eq!(t.name().parse::<NatType>().unwrap(), t);
         }
         assert!("cone".parse::<NatType>().unwrap_err().contains("known:"));
+        assert!("cone"
+            .parse::<NatType>()
+            .unwrap_err()
+            .contains("proxy-only"));
         assert_eq!(
             parse_types("symmetric,none,symmetric").unwrap(),
             vec![NatType::Symmetric, NatType::None]
         );
         assert!(parse_types(",").is_err());
+        assert_eq!(parse_types("all").unwrap(), NatType::ALL.to_vec());
+        assert_eq!(
+            parse_types("tcp-only").unwrap(),
+            vec![NatType::UdpBlocked, NatType::ProxyOnly]
+        );
+        assert_eq!(
+            parse_types("all,tcp-only").unwrap(),
+            NatType::EVERY.to_vec()
+        );
+    }
+
+    #[test]
+    fn every_is_all_then_tcp_only() {
+        let joined: Vec<NatType> = NatType::ALL
+            .iter()
+            .chain(NatType::TCP_ONLY.iter())
+            .copied()
+            .collect();
+        assert_eq!(joined, NatType::EVERY.to_vec());
+        assert!(NatType::ALL.iter().all(|t| t.has_udp()));
+        assert!(NatType::TCP_ONLY.iter().all(|t| !t.has_udp()
+            && t.mapping() == Mapping::NoUdp
+            && t.filtering() == Filtering::Blocked
+            && !t.preserves_port()));
+    }
+
+    #[test]
+    fn udp_less_sites_are_relay_over_tcp_with_anyone() {
+        for t in NatType::TCP_ONLY {
+            for other in NatType::EVERY {
+                assert_eq!(theory(t, other).0, Expect::RelayOverTcp);
+                assert_eq!(theory(other, t).0, Expect::RelayOverTcp);
+            }
+        }
+    }
+
+    #[test]
+    fn udp_blocked_drops_udp_and_proxy_only_forwards_nothing() {
+        let a = NatAddrs {
+            lan: "10.9.0.0/24".into(),
+            wan_ip: "203.0.113.18".into(),
+            block_base: 0,
+        };
+        let u = ruleset(NatType::UdpBlocked, &a);
+        assert!(
+            u.contains("oifname \"wan0\" meta l4proto udp counter drop"),
+            "{u}"
+        );
+        assert!(
+            u.contains("iifname \"wan0\" meta l4proto udp counter drop"),
+            "{u}"
+        );
+        assert!(u.contains("snat ip to 203.0.113.18"), "{u}");
+        let p = ruleset(NatType::ProxyOnly, &a);
+        assert!(p.contains("hook forward priority 0; policy drop;"), "{p}");
+        assert!(p.contains(&format!("tcp dport {PROXY_PORT} accept")), "{p}");
+        assert!(!p.contains("snat") && !p.contains("masquerade"), "{p}");
     }
 
     #[test]
@@ -340,11 +531,15 @@ pub fn theory_markdown() -> String {
         "# What theory predicts for each pair of lab NAT types\n\n\
          Generated by `punch-lab theory` from `tests/src/lab/nat.rs`; a unit test keeps this file in step.\n\
          \"direct\" means plain simultaneous probing (what punch does today) gets a direct path;\n\
-         \"hard\" means it needs port prediction, block scanning, the birthday method or a relay.\n\
+         \"hard\" means it needs port prediction, block scanning, the birthday method or a relay;\n\
+         \"relay-tcp\" means one side passes no UDP, so only a relay reached over TCP can connect them.\n\
          `punch-lab matrix` marks every pair where measurement and this table differ.\n\n\
+         `udp-blocked` drops all UDP (both ways) and lets TCP out through a port-restricted-like NAT;\n\
+         `proxy-only` forwards nothing and offers only an HTTP CONNECT proxy (tinyproxy) on its gateway.\n\
+         Neither is in `all` (`punch-lab matrix`'s default); name them, or use `tcp-only`.\n\n\
          | NAT type | mapping | filtering |\n|---|---|---|\n",
     );
-    for t in NatType::ALL {
+    for t in NatType::EVERY {
         s.push_str(&format!(
             "| {} | {:?} | {:?} |\n",
             t.name(),
@@ -353,37 +548,31 @@ pub fn theory_markdown() -> String {
         ));
     }
     s.push_str("\n| A \\ B |");
-    for b in NatType::ALL {
+    for b in NatType::EVERY {
         s.push_str(&format!(" {} |", b.name()));
     }
     s.push_str("\n|---|");
-    for _ in NatType::ALL {
+    for _ in NatType::EVERY {
         s.push_str("---|");
     }
     s.push('\n');
-    for a in NatType::ALL {
+    for a in NatType::EVERY {
         s.push_str(&format!("| **{}** |", a.name()));
-        for b in NatType::ALL {
-            s.push_str(match theory(a, b).0 {
-                Expect::Direct => " direct |",
-                Expect::NeedsPredictionOrRelay => " hard |",
-            });
+        for b in NatType::EVERY {
+            s.push_str(&format!(" {} |", theory(a, b).0.label()));
         }
         s.push('\n');
     }
     s.push_str("\nTwo hosts behind the same NAT (no hairpinning): direct, through their LAN candidates.\n\n## Why\n\n");
     let mut seen = Vec::new();
-    for a in NatType::ALL {
-        for b in NatType::ALL {
+    for a in NatType::EVERY {
+        for b in NatType::EVERY {
             let (e, why) = theory(a, b);
             if !seen.contains(&why) {
                 seen.push(why);
                 s.push_str(&format!(
                     "- **{}** (e.g. {} → {}): {why}.\n",
-                    match e {
-                        Expect::Direct => "direct",
-                        Expect::NeedsPredictionOrRelay => "hard",
-                    },
+                    e.label(),
                     a.name(),
                     b.name()
                 ));

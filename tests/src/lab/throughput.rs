@@ -41,6 +41,7 @@ pub fn throughput(a: NatType, b: NatType, impair: Impair, seconds: u32) -> Resul
         &seconds.to_string(),
         "--json",
     ]);
+    cmd.args(lab.agent_args_for(&ns_a));
     cmd.env("PUNCH_LOG", "info");
     let r = run(cmd, Duration::from_secs(60 + 3 * seconds as u64))?;
     if r.code != Some(0) {

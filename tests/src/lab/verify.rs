@@ -1,8 +1,11 @@
 //! `punch-lab verify-nat`: build one site per NAT type and prove with plain
-//! UDP probes that each behaves as named.
+//! UDP probes that each behaves as named. The UDP-less types (`udp-blocked`,
+//! `proxy-only`) have no UDP mapping or filtering to classify: for them it
+//! checks the blocking instead ([`super::reach::check_site`]).
 
 use super::nat::{Filtering, Mapping, NatType};
 use super::probe::NatReport;
+use super::reach::{self, BlockReport};
 use super::{bin_self, in_ns, Impair, Lab, SiteSpec, SERVER_IP, SERVER_IP2};
 use crate::harness::{run, Proc};
 use anyhow::{Context, Result};
@@ -14,8 +17,13 @@ pub struct Verdict {
     pub nat: NatType,
     pub expected_mapping: &'static str,
     pub expected_filtering: &'static str,
-    pub measured: NatReport,
+    /// The UDP probes' findings (none for the UDP-less types).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<NatReport>,
     pub block_ok: bool,
+    /// What a UDP-less type let through (instead of `measured`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocking: Option<BlockReport>,
     /// `punch-agent nat-check` against punch-server's RFC 5780 STUN.
     pub nat_check_mapping: String,
     pub nat_check_filtering: String,
@@ -27,6 +35,7 @@ fn mapping_name(m: Mapping) -> &'static str {
     match m {
         Mapping::EndpointIndependent => "endpoint-independent",
         Mapping::EndpointDependent => "endpoint-dependent",
+        Mapping::NoUdp => "no-udp",
     }
 }
 
@@ -35,6 +44,7 @@ fn filtering_name(f: Filtering) -> &'static str {
         Filtering::Open | Filtering::EndpointIndependent => "endpoint-independent",
         Filtering::AddressDependent => "address-dependent",
         Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        Filtering::Blocked => "blocked",
     }
 }
 
@@ -93,15 +103,38 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
     p.wait_line("reflecting", Duration::from_secs(10))?;
     lab.keep(p);
     super::matrix::start_server(&mut lab)?;
+    if types.iter().any(|t| !t.has_udp()) {
+        reach::start_echo(&mut lab)?;
+    }
     let mut out = Vec::new();
     for (t, site) in types.iter().zip(sites) {
         let ns = lab.sites[site].hosts[0].clone();
         let expected_mapping = mapping_name(t.mapping());
         let expected_filtering = filtering_name(t.filtering());
+        if !t.has_udp() {
+            // Nothing to classify (and punch-agent nat-check has no UDP to
+            // work with either): check that UDP is blocked and that TCP
+            // gets out as the type promises.
+            let b = reach::check_site(&lab, site)?;
+            out.push(Verdict {
+                nat: *t,
+                expected_mapping,
+                expected_filtering,
+                measured: None,
+                block_ok: true,
+                ok: b.ok,
+                blocking: Some(b),
+                nat_check_mapping: "skipped (no UDP)".into(),
+                nat_check_filtering: "skipped (no UDP)".into(),
+                nat_check_ok: true,
+            });
+            continue;
+        }
         let check = |m: &NatReport| {
             let mapping_ok = match t.mapping() {
                 Mapping::EndpointIndependent => m.mapping == "endpoint-independent",
                 Mapping::EndpointDependent => m.mapping != "endpoint-independent",
+                Mapping::NoUdp => unreachable!("UDP-less types are checked above"),
             };
             let block_ok = match t {
                 NatType::Cloudnat | NatType::CloudnatEim => {
@@ -129,6 +162,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             let mapping_ok = match t.mapping() {
                 Mapping::EndpointIndependent => m == "endpoint-independent",
                 Mapping::EndpointDependent => m == "address-and-port-dependent",
+                Mapping::NoUdp => unreachable!("UDP-less types are checked above"),
             };
             mapping_ok && f == expected_filtering
         };
@@ -142,8 +176,9 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             nat: *t,
             expected_mapping,
             expected_filtering,
-            measured,
+            measured: Some(measured),
             block_ok,
+            blocking: None,
             nat_check_mapping: nc.0,
             nat_check_filtering: nc.1,
             nat_check_ok: nc_ok,
@@ -153,7 +188,8 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
     Ok(out)
 }
 
-/// The readable table.
+/// The readable table. The UDP-less types get a row saying nothing was
+/// classified, and below the table what each check saw.
 pub fn table(v: &[Verdict]) -> String {
     let mut s = format!(
         "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
@@ -165,18 +201,34 @@ pub fn table(v: &[Verdict]) -> String {
         "nat-check",
         "verdict"
     );
+    let mut notes = String::new();
     for x in v {
+        if let Some(b) = &x.blocking {
+            s.push_str(&format!(
+                "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
+                x.nat.name(),
+                "no UDP: not classified",
+                "blocking checked instead",
+                "-",
+                "-",
+                "skipped",
+                if x.ok {
+                    "ok (UDP blocked, TCP as promised)".to_string()
+                } else {
+                    format!("MISMATCH: {}", b.problems.join("; "))
+                }
+            ));
+            notes.push_str(&blocking_notes(x.nat, b));
+            continue;
+        }
+        let Some(m) = &x.measured else { continue };
         s.push_str(&format!(
             "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
             x.nat.name(),
-            x.measured.mapping,
-            x.measured.filtering,
-            x.measured.mapped,
-            if x.measured.port_preserved {
-                "yes"
-            } else {
-                "no"
-            },
+            m.mapping,
+            m.filtering,
+            m.mapped,
+            if m.port_preserved { "yes" } else { "no" },
             if x.nat_check_ok {
                 "agrees".to_string()
             } else {
@@ -197,6 +249,35 @@ pub fn table(v: &[Verdict]) -> String {
                 )
             }
         ));
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+        s.push_str(&notes);
+    }
+    s
+}
+
+fn blocking_notes(t: NatType, b: &BlockReport) -> String {
+    let line = |what: &str, r: &reach::Reach| format!("  {what}: {} ({:.0} ms)\n", r.detail, r.ms);
+    let mut s = format!("{t}:\n");
+    s.push_str(&line("UDP echo from the gateway (control)", &b.control_udp));
+    s.push_str(&line("TCP echo from the gateway (control)", &b.control_tcp));
+    s.push_str(&line("UDP echo from the host", &b.udp));
+    s.push_str(&line("direct TCP from the host", &b.tcp_direct));
+    if let Some(r) = &b.tcp_via_proxy {
+        s.push_str(&line(
+            &format!("TCP through {}", b.proxy.as_deref().unwrap_or("?")),
+            r,
+        ));
+    }
+    if let Some(r) = &b.proxy_unlisted_port {
+        s.push_str(&line(
+            &format!("CONNECT to unlisted port {}", reach::UNLISTED_PORT),
+            r,
+        ));
+    }
+    if !b.agent_args.is_empty() {
+        s.push_str(&format!("  agent arguments: {}\n", b.agent_args.join(" ")));
     }
     s
 }
