@@ -57,6 +57,7 @@ pub mod session;
 pub mod signal;
 pub mod socket;
 pub mod status;
+pub mod tcp;
 
 pub use error::AgentError;
 pub use peer::{PathInfo, PeerConnection, PeerError};
@@ -92,8 +93,25 @@ pub enum RelayMode {
 /// Agent settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// Rendezvous server, `HOST:PORT` (UDP).
+    /// Rendezvous server: `HOST:PORT` is QUIC over UDP there, with the TCP
+    /// channel at `wss://HOST:PORT/ws`; `wss://HOST[:PORT]/PATH` alone is
+    /// the TCP channel only (an HTTPS-only front).
     pub server: String,
+    /// The TCP channel, when it is not at the UDP server's host and port
+    /// (`wss://HOST[:PORT]/ws`, e.g. an HTTPS front).
+    pub server_tcp: Option<String>,
+    /// CA certificates (PEM) for the front's certificate, instead of the
+    /// system roots. The server's own pinned key is always accepted.
+    pub server_ca: Option<PathBuf>,
+    /// HTTP proxy for the TCP channel (`http://[USER:PASS@]HOST:PORT`);
+    /// without it `HTTPS_PROXY`/`ALL_PROXY` apply, and `NO_PROXY` always.
+    pub proxy: Option<String>,
+    /// Renew the WebSocket before a front cuts it (Cloud Run: 60 minutes).
+    pub ws_max_age: Duration,
+    /// Try the TCP channel when QUIC has not answered within this long.
+    pub tcp_after: Duration,
+    /// Never use the TCP channel.
+    pub udp_only: bool,
     /// SHA-256 fingerprint of the server's key (`punch-server fingerprint`).
     pub server_fingerprint: String,
     /// Our worker id; `None` registers a one-off `anon-…` id.
@@ -141,6 +159,12 @@ impl AgentConfig {
     pub fn new(server: impl Into<String>, fingerprint: impl Into<String>) -> Self {
         AgentConfig {
             server: server.into(),
+            server_tcp: None,
+            server_ca: None,
+            proxy: None,
+            ws_max_age: Duration::from_secs(50 * 60),
+            tcp_after: Duration::from_millis(300),
+            udp_only: false,
             server_fingerprint: fingerprint.into(),
             worker_id: None,
             token: None,
@@ -160,6 +184,14 @@ impl AgentConfig {
             allow_forward: Vec::new(),
             share: None,
         }
+    }
+}
+
+impl AgentConfig {
+    /// Does `server` name the TCP channel only (`wss://…`)?
+    pub fn server_tcp_only(&self) -> bool {
+        let s = self.server.trim();
+        s.starts_with("wss://") || s.starts_with("ws://")
     }
 }
 
@@ -205,6 +237,15 @@ pub(crate) struct Inner {
     pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
     /// The server's UDP address as last resolved (also the relay).
     pub(crate) server_addr: Mutex<Option<SocketAddr>>,
+    /// The channel signaling runs on now, if registered.
+    pub(crate) transport: Mutex<Option<punch_protocol::signal::Transport>>,
+    /// Registered over TCP with no UDP mapping known: nobody can punch to
+    /// us.
+    pub(crate) tcp_only: std::sync::atomic::AtomicBool,
+    /// Counts new channels to the server (connections re-punch on a change).
+    pub(crate) channel_changes: watch::Sender<u64>,
+    /// Trust anchors for a front, loaded on first use.
+    roots: std::sync::OnceLock<Option<rustls::RootCertStore>>,
     pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_req: AtomicU32,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
@@ -402,6 +443,10 @@ impl Agent {
             fingerprint,
             control: Mutex::new(None),
             server_addr: Mutex::new(None),
+            transport: Mutex::new(None),
+            tcp_only: Default::default(),
+            channel_changes: watch::channel(0).0,
+            roots: std::sync::OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU32::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -423,6 +468,11 @@ impl Agent {
             inner,
             _tasks: Arc::new(TaskGuard(tasks)),
         })
+    }
+
+    /// The channel signaling runs on now (`None` while not registered).
+    pub fn transport(&self) -> Option<punch_protocol::signal::Transport> {
+        *self.inner.transport.lock().expect("not poisoned")
     }
 
     /// Our NAT's class, once the agent has classified it (shortly after
@@ -580,6 +630,40 @@ impl Agent {
 }
 
 impl Inner {
+    /// How relay frames reach the server now: over the WebSocket while
+    /// signaling runs there, else over UDP.
+    pub(crate) fn relay_via(&self) -> Option<socket::RelayVia> {
+        if *self.transport.lock().expect("not poisoned")
+            == Some(punch_protocol::signal::Transport::Tcp)
+        {
+            return Some(socket::RelayVia::Tcp);
+        }
+        self.server_addr
+            .lock()
+            .expect("not poisoned")
+            .map(socket::RelayVia::Udp)
+    }
+
+    /// Registered over TCP with no UDP mapping of our own.
+    pub(crate) fn tcp_only(&self) -> bool {
+        self.tcp_only.load(Ordering::SeqCst)
+    }
+
+    /// The front's trust anchors: `--server-ca`, else the system roots;
+    /// `None` (pinned key only) when neither loads.
+    pub(crate) fn front_roots(&self) -> Option<rustls::RootCertStore> {
+        self.roots
+            .get_or_init(
+                || match punch_tls::tcp::load_roots(self.config.server_ca.as_deref()) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!("{e}; only the server's pinned key is accepted on TCP");
+                        None
+                    }
+                },
+            )
+            .clone()
+    }
     /// Sends a request and waits for its answer.
     pub(crate) async fn request(
         &self,

@@ -26,9 +26,37 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// Rendezvous server, HOST:PORT (UDP).
+    /// Rendezvous server. HOST:PORT: QUIC over UDP there, and the TCP
+    /// channel (TLS + WebSocket) at the same host and port, tried when UDP
+    /// has not answered within 300 ms. wss://HOST[:PORT]/ws: the TCP
+    /// channel only (a server behind an HTTPS-only front).
     #[arg(long, global = true, env = "PUNCH_SERVER")]
     server: Option<String>,
+    /// The TCP channel when it is not at --server's host and port, e.g. an
+    /// HTTPS front: wss://HOST[:PORT]/ws.
+    #[arg(long, global = true, env = "PUNCH_SERVER_TCP")]
+    server_tcp: Option<String>,
+    /// CA certificates (PEM) that sign the front's certificate, instead of
+    /// the system roots. The server's own pinned key is always accepted.
+    #[arg(long, global = true, env = "PUNCH_SERVER_CA")]
+    server_ca: Option<PathBuf>,
+    /// HTTP proxy for the TCP channel, http://[USER:PASS@]HOST:PORT (HTTP
+    /// CONNECT, Basic auth). Default: $HTTPS_PROXY / $ALL_PROXY; $NO_PROXY
+    /// exempts hosts either way.
+    #[arg(long, global = true)]
+    proxy: Option<String>,
+    /// Renew the TCP channel after this many seconds, before a front cuts
+    /// it (Cloud Run ends WebSockets at 60 minutes); peer connections stay.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_WS_MAX_AGE",
+        default_value_t = 3000.0
+    )]
+    ws_max_age: f64,
+    /// Never use the TCP channel (UDP only).
+    #[arg(long, global = true)]
+    no_tcp: bool,
     /// SHA-256 fingerprint of the server key (`punch-server fingerprint`).
     #[arg(long, global = true, env = "PUNCH_SERVER_FINGERPRINT")]
     server_fingerprint: Option<String>,
@@ -274,6 +302,21 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
     cfg.relay_after = secs(c.relay_after, "--relay-after")?;
     cfg.stun = c.stun.clone();
     cfg.nat_check = !c.no_nat_check;
+    cfg.server_tcp = c.server_tcp.clone().filter(|s| !s.is_empty());
+    cfg.server_ca = c.server_ca.clone();
+    cfg.proxy = c.proxy.clone().filter(|s| !s.is_empty());
+    cfg.ws_max_age = secs(c.ws_max_age, "--ws-max-age")?;
+    if cfg.ws_max_age < Duration::from_secs(10) {
+        return Err(AgentError::Config(
+            "--ws-max-age must be at least 10 seconds".into(),
+        ));
+    }
+    cfg.udp_only = c.no_tcp;
+    if cfg.udp_only && cfg.server_tcp_only() {
+        return Err(AgentError::Config(
+            "--no-tcp, but --server names a WebSocket".into(),
+        ));
+    }
     cfg.relay = if c.no_relay {
         RelayMode::Never
     } else if c.force_relay {
@@ -811,7 +854,12 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
     let connect_ms = pc.path.connect_time.as_secs_f64() * 1e3;
     let rtt_ms = rtt.as_secs_f64() * 1e3;
     let (kind, remote) = pc.path_now();
-    let remote = remote.unwrap_or(pc.path.remote_addr);
+    let transport = pc.transport_now();
+    let remote = match (remote, transport) {
+        (Some(r), _) => r.to_string(),
+        (None, punch_protocol::signal::Transport::Tcp) => "server relay over TCP".to_string(),
+        (None, _) => pc.path.remote_addr.to_string(),
+    };
     if json {
         println!(
             "{}",
@@ -819,8 +867,8 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
                 "target": target,
                 "path": kind.as_str(),
                 "initial_path": pc.path.kind.as_str(),
-                "remote_addr": remote.to_string(),
-                "transport": "udp",
+                "remote_addr": remote,
+                "transport": transport.as_str(),
                 "connect_ms": round3(connect_ms),
                 "rtt_ms": round3(rtt_ms),
                 "worker_id": agent.worker_id(),
@@ -829,8 +877,9 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
         );
     } else {
         println!(
-            "connected to {target} via {} path {remote} in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
+            "connected to {target} via {} path {remote} ({}) in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
             kind.as_str(),
+            transport.as_str(),
         );
     }
     pc.conn.close(0u32.into(), b"done");

@@ -48,7 +48,10 @@ pub struct PeerConnection {
 pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<SocketAddr>) {
     match socket.paths.lock().expect("not poisoned").active(v) {
         Some(ActivePath::Direct(a)) => (PathKind::Direct, Some(a)),
-        Some(ActivePath::Relay(server)) => (PathKind::Relayed, Some(server)),
+        Some(ActivePath::Relay(crate::socket::RelayVia::Udp(server))) => {
+            (PathKind::Relayed, Some(server))
+        }
+        Some(ActivePath::Relay(crate::socket::RelayVia::Tcp)) => (PathKind::Relayed, None),
         _ => (PathKind::Failed, None),
     }
 }
@@ -147,6 +150,21 @@ impl PeerConnection {
     /// soon as one is validated, without a new connection.
     pub fn path_now(&self) -> (PathKind, Option<SocketAddr>) {
         current_path(&self.socket, self.virtual_addr)
+    }
+
+    /// How this side's packets travel now: `Udp` (direct, or the UDP
+    /// relay) or `Tcp` (the relay over the WebSocket channel).
+    pub fn transport_now(&self) -> punch_protocol::signal::Transport {
+        match self
+            .socket
+            .paths
+            .lock()
+            .expect("not poisoned")
+            .active(self.virtual_addr)
+        {
+            Some(ActivePath::Relay(via)) => via.transport(),
+            _ => punch_protocol::signal::Transport::Udp,
+        }
     }
 
     /// The connection's current round-trip estimate.

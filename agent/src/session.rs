@@ -129,17 +129,15 @@ fn spawn_puncher(
 /// Binds our side of the session on the server's relay; on success the
 /// relay becomes the peer's path until a direct one is validated.
 async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<(), AgentError> {
-    let server = inner
-        .server_addr
-        .lock()
-        .expect("not poisoned")
-        .ok_or_else(|| AgentError::PeerConnect("no server address for the relay".into()))?;
+    let via = inner
+        .relay_via()
+        .ok_or_else(|| AgentError::PeerConnect("no channel to the server's relay".into()))?;
     let mut rx = inner.socket.watch_binds(offer.session);
     let result = async {
         for attempt in 1..=5u32 {
             let nonce: u64 = rand::random();
             let frame = relay::encode_bind_request(&offer.secret, offer.session, offer.role, nonce);
-            let _ = inner.socket.send_raw(server, &frame);
+            inner.socket.send_relay_control(via, &frame);
             let wait = Duration::from_millis(250 * attempt as u64);
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -151,18 +149,18 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
                 if ours && relay::verify_bind(&parsed, &offer.secret) {
                     inner.socket.paths.lock().expect("not poisoned").set_relay(
                         v,
-                        server,
+                        via,
                         offer.session,
                         offer.secret,
                         offer.role,
                     );
-                    debug!(%server, "relay bound");
+                    debug!(?via, "relay bound");
                     return Ok(());
                 }
             }
         }
         Err(AgentError::PeerConnect(format!(
-            "the relay at {server} did not confirm the binding"
+            "the relay ({via:?}) did not confirm the binding"
         )))
     }
     .await;
@@ -210,13 +208,24 @@ pub(crate) fn hold(
             let mut repunch_at: Option<tokio::time::Instant> = None;
             let mut backoff = REPUNCH_AFTER_RELAY_START;
             let mut repunching: Option<tokio::task::JoinHandle<bool>> = None;
+            let mut channel = inner.channel_changes.subscribe();
             loop {
                 tokio::select! {
                     _ = conn.closed() => break,
+                    Ok(()) = channel.changed() => {
+                        // A new channel to the server (UDP back after TCP,
+                        // say): a relayed connection tries for a direct
+                        // path soon rather than after its backoff.
+                        let on_relay = matches!(inner.socket.paths.lock().expect("not poisoned").active(v), Some(ActivePath::Relay(_)));
+                        if on_relay && repunching.is_none() {
+                            backoff = REPUNCH_AFTER_DEATH;
+                            repunch_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                        }
+                    }
                     _ = refresh.tick() => {
                         let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
-                        if let Some((server, frame)) = r {
-                            let _ = inner.socket.send_raw(server, &frame);
+                        if let Some((via, frame)) = r {
+                            inner.socket.send_relay_control(via, &frame);
                         }
                     }
                     done = async { repunching.as_mut().expect("guarded").await }, if repunching.is_some() => {
@@ -241,9 +250,9 @@ pub(crate) fn hold(
                         let needs_direct = on_relay || dead;
                         if dead {
                             let rebind = inner.socket.paths.lock().expect("not poisoned").fall_back(v);
-                            if let Some((server, frame)) = rebind {
+                            if let Some((via, frame)) = rebind {
                                 warn!(silent_ms = silence.unwrap_or_default().as_millis() as u64, "direct path went silent; the connection moves to the relay");
-                                let _ = inner.socket.send_raw(server, &frame);
+                                inner.socket.send_relay_control(via, &frame);
                                 // Our NAT mapping may have changed: let the
                                 // server see the new one before we punch again.
                                 inner.notify(ClientMsg::Ping { req: 0 });
@@ -435,7 +444,22 @@ async fn dial(
         ));
     }
     let relay_ok = offer.relay && mode != RelayMode::Never;
-    info!(candidates = ?offer.peer_candidates, relay = relay_ok, "offer received");
+    // Punching cannot work when either side has no UDP of its own: start
+    // on the relay at once (punching still runs, in case).
+    let hopeless = offer.peer_tcp_only || inner.tcp_only();
+    info!(candidates = ?offer.peer_candidates, relay = relay_ok, hopeless, "offer received");
+    if hopeless && mode == RelayMode::Never {
+        inner.router.unregister(offer.session);
+        report(inner, offer, PathKind::Failed, start, None);
+        let who = if inner.tcp_only() {
+            "this agent"
+        } else {
+            target
+        };
+        return Err(AgentError::PeerConnect(format!(
+            "no direct path is possible: {who} has no UDP (it reaches the server only over TCP), and --no-relay forbids the relay"
+        )));
+    }
     if mode == RelayMode::Force {
         inner.router.unregister(offer.session);
         bind_relay(inner, offer, v).await?;
@@ -446,7 +470,9 @@ async fn dial(
             let (inner, offer) = (inner.clone(), offer.clone());
             tokio::spawn(async move { bind_relay(&inner, &offer, v).await })
         });
-        let relay_at = tokio::time::sleep(if relay_ok {
+        let relay_at = tokio::time::sleep(if relay_ok && hopeless {
+            Duration::ZERO
+        } else if relay_ok {
             inner.config.relay_after
         } else {
             Duration::MAX / 4

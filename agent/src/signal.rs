@@ -1,9 +1,11 @@
 //! The signaling client: connect, register, dispatch, reconnect.
 
 use crate::{AgentError, Inner, Reply, Status};
+use futures_util::{SinkExt, StreamExt};
 use punch_net::{read_frame, write_frame, FrameError};
 use punch_protocol::codec::MAX_FRAME;
-use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, ServerMsg};
+use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, ServerMsg, Transport};
+use punch_protocol::ws::WsFrame;
 use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, KeyVerifier, TOKEN_PROOF_LABEL};
 use rand::Rng;
@@ -11,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// Delay before reconnect attempt `attempt` (0-based): exponential from
@@ -30,45 +33,76 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 }
 
 async fn run_loop(inner: Arc<Inner>) {
-    {
-        let mut attempt = 0u32;
-        loop {
-            match connect_once(&inner).await {
-                Ok((conn, send, recv, observed)) => {
-                    attempt = 0;
-                    info!(%observed, server = %inner.config.server, "registered");
-                    let end = session(&inner, &conn, send, recv, observed).await;
-                    *inner.control.lock().expect("not poisoned") = None;
-                    inner.pending.lock().expect("not poisoned").clear();
-                    if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                        return;
+    let mut attempt = 0u32;
+    loop {
+        match connect_once(&inner).await {
+            Ok((chan, observed)) => {
+                attempt = 0;
+                let transport = chan.transport();
+                info!(%observed, server = %inner.config.server, transport = transport.as_str(), "registered");
+                let end = match chan {
+                    Channel::Quic { conn, send, recv } => {
+                        session(&inner, &conn, send, recv, observed).await
                     }
-                    warn!("signaling connection lost: {end}; reconnecting");
-                    inner.status.send_replace(Status::Connecting(Some(
-                        AgentError::ServerUnreachable {
-                            server: inner.config.server.clone(),
-                            reason: end,
-                        },
-                    )));
+                    Channel::Ws(ws) => ws_session(&inner, *ws, observed).await,
+                };
+                *inner.control.lock().expect("not poisoned") = None;
+                inner.socket.set_tcp_out(None);
+                *inner.transport.lock().expect("not poisoned") = None;
+                inner.pending.lock().expect("not poisoned").clear();
+                if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let planned = matches!(end, SessionEnd::Renew(_));
+                let reason = end.to_string();
+                if planned {
+                    info!("{reason}; reconnecting");
+                } else {
+                    warn!("signaling connection lost: {reason}; reconnecting");
+                }
+                inner.status.send_replace(Status::Connecting(Some(
+                    AgentError::ServerUnreachable {
+                        server: inner.config.server.clone(),
+                        reason,
+                    },
+                )));
+                if !planned {
                     // Immediately, but jittered so a fleet spreads out.
                     let pause = Duration::from_millis(rand::thread_rng().gen_range(0..200));
                     tokio::time::sleep(pause).await;
-                    continue;
                 }
-                Err(_) if inner.closing.load(std::sync::atomic::Ordering::SeqCst) => return,
-                Err(e) if e.is_fatal() => {
-                    warn!("giving up: {e}");
-                    inner.status.send_replace(Status::Failed(e));
-                    return;
-                }
-                Err(e) => {
-                    let delay = backoff(attempt);
-                    debug!("registration failed: {e}; retrying in {delay:?}");
-                    inner.status.send_replace(Status::Connecting(Some(e)));
-                    attempt = attempt.saturating_add(1);
-                    tokio::time::sleep(delay).await;
-                }
+                continue;
             }
+            Err(_) if inner.closing.load(std::sync::atomic::Ordering::SeqCst) => return,
+            Err(e) if e.is_fatal() => {
+                warn!("giving up: {e}");
+                inner.status.send_replace(Status::Failed(e));
+                return;
+            }
+            Err(e) => {
+                let delay = backoff(attempt);
+                debug!("registration failed: {e}; retrying in {delay:?}");
+                inner.status.send_replace(Status::Connecting(Some(e)));
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// How a registered session ended.
+enum SessionEnd {
+    /// On purpose: a fresh channel follows at once (UDP answers again, or
+    /// the WebSocket reached its maximum age).
+    Renew(String),
+    /// The channel failed.
+    Lost(String),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Renew(s) | SessionEnd::Lost(s) => f.write_str(s),
         }
     }
 }
@@ -84,21 +118,180 @@ async fn resolve(server: &str) -> Result<SocketAddr, AgentError> {
     addrs.next().ok_or_else(|| unreachable("no address".into()))
 }
 
-type Registered = (
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-    SocketAddr,
-);
+/// A channel being opened.
+type PendingChannel<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Channel, AgentError>> + Send + 'a>>;
 
-async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
+/// An established channel to the server, not yet registered.
+enum Channel {
+    Quic {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+    Ws(Box<WsChannel>),
+}
+
+/// A WebSocket after the server's hello.
+struct WsChannel {
+    ws: crate::tcp::Ws,
+    server_nonce: [u8; 32],
+    client_nonce: [u8; 32],
+}
+
+impl Channel {
+    fn transport(&self) -> Transport {
+        match self {
+            Channel::Quic { .. } => Transport::Udp,
+            Channel::Ws(_) => Transport::Tcp,
+        }
+    }
+}
+
+/// Where the server is: QUIC over UDP at `udp` (`HOST:PORT`), the
+/// WebSocket at `tcp`.
+pub(crate) struct Endpoints {
+    pub udp: Option<String>,
+    pub tcp: Option<crate::tcp::WsUrl>,
+}
+
+/// Reads `--server` and `--server-tcp`: `HOST:PORT` is QUIC there and the
+/// WebSocket at `wss://HOST:PORT/ws` (where the server listens on TCP by
+/// default); `wss://…` alone is the TCP channel only.
+pub(crate) fn endpoints(config: &crate::AgentConfig) -> Result<Endpoints, AgentError> {
+    let s = config.server.trim();
+    if s.starts_with("wss://") || s.starts_with("ws://") {
+        let tcp = crate::tcp::WsUrl::parse(s)?;
+        if config.server_tcp.is_some() {
+            return Err(AgentError::Config(
+                "--server is already a WebSocket URL; --server-tcp names the TCP channel of a UDP server".into(),
+            ));
+        }
+        return Ok(Endpoints {
+            udp: None,
+            tcp: Some(tcp),
+        });
+    }
+    if s.contains("://") {
+        return Err(AgentError::Config(format!(
+            "--server {s:?}: expected HOST:PORT (QUIC) or wss://HOST[:PORT]/ws"
+        )));
+    }
+    let tcp = match &config.server_tcp {
+        Some(u) => crate::tcp::WsUrl::parse(u)?,
+        None => crate::tcp::WsUrl::parse(&format!("wss://{s}{}", punch_protocol::ws::PATH))?,
+    };
+    Ok(Endpoints {
+        udp: Some(s.to_string()),
+        tcp: (!config.udp_only).then_some(tcp),
+    })
+}
+
+/// Connects to the server, happy-eyeballs style: QUIC first, the
+/// WebSocket when QUIC has not answered within `tcp_after` (or failed);
+/// the first channel up wins and the agent registers on it.
+async fn connect_once(inner: &Arc<Inner>) -> Result<(Channel, SocketAddr), AgentError> {
+    let ep = endpoints(&inner.config)?;
+    let mut udp_err: Option<AgentError> = None;
+    let mut tcp_err: Option<AgentError> = None;
+    let udp = async {
+        match &ep.udp {
+            Some(s) => quic_channel(inner, s).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(udp);
+    let mut udp_done = ep.udp.is_none();
+    let tcp_start = tokio::time::sleep(if ep.udp.is_some() {
+        inner.config.tcp_after
+    } else {
+        Duration::ZERO
+    });
+    tokio::pin!(tcp_start);
+    let mut tcp: Option<PendingChannel<'_>> = None;
+    let mut tcp_done = ep.tcp.is_none();
+    let chan = loop {
+        if udp_done && tcp_done {
+            return Err(match (udp_err, tcp_err) {
+                (Some(u), Some(t)) => AgentError::ServerUnreachable {
+                    server: inner.config.server.clone(),
+                    reason: format!("UDP: {}; TCP: {}", reason(&u), reason(&t)),
+                },
+                (Some(e), None) | (None, Some(e)) => e,
+                (None, None) => AgentError::Config("no server endpoint".into()),
+            });
+        }
+        tokio::select! {
+            r = &mut udp, if !udp_done => match r {
+                Ok(c) => break c,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    debug!("QUIC to the server: {e}");
+                    udp_done = true;
+                    udp_err = Some(e);
+                    if tcp.is_none() && !tcp_done {
+                        tcp_start.as_mut().reset(tokio::time::Instant::now());
+                    }
+                }
+            },
+            _ = &mut tcp_start, if tcp.is_none() && !tcp_done => {
+                if let Some(url) = &ep.tcp {
+                    if ep.udp.is_some() {
+                        debug!(after = ?inner.config.tcp_after, "no QUIC answer yet; trying the WebSocket too");
+                    }
+                    tcp = Some(Box::pin(ws_channel(inner, url)));
+                }
+            },
+            r = async { tcp.as_mut().expect("guarded").await }, if tcp.is_some() && !tcp_done => match r {
+                Ok(c) => break c,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    debug!("WebSocket to the server: {e}");
+                    tcp_done = true;
+                    tcp_err = Some(e);
+                }
+            },
+        }
+    };
+    let mut chan = chan;
+    let observed = register(inner, &mut chan).await?;
+    Ok((chan, observed))
+}
+
+fn reason(e: &AgentError) -> String {
+    match e {
+        AgentError::ServerUnreachable { reason, .. } => reason.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// QUIC handshake and control stream.
+async fn quic_channel(inner: &Arc<Inner>, server: &str) -> Result<Channel, AgentError> {
+    let unreachable = |reason: String| AgentError::ServerUnreachable {
+        server: server.to_string(),
+        reason,
+    };
+    let addr = resolve(server).await?;
+    *inner.server_addr.lock().expect("not poisoned") = Some(addr);
+    let conn = quic_handshake(inner, addr, inner.config.server_connect_timeout).await?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(Channel::Quic { conn, send, recv })
+}
+
+/// A QUIC handshake with the server at `addr`, pinned to its key.
+async fn quic_handshake(
+    inner: &Arc<Inner>,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<quinn::Connection, AgentError> {
     let server = &inner.config.server;
     let unreachable = |reason: String| AgentError::ServerUnreachable {
         server: server.clone(),
         reason,
     };
-    let addr = resolve(server).await?;
-    *inner.server_addr.lock().expect("not poisoned") = Some(addr);
     let verifier = KeyVerifier::new(Expect::Fingerprint(inner.fingerprint.clone()));
     let mut cfg = punch_tls::client_config(&inner.identity, verifier.clone(), ALPN_SIGNAL)?;
     cfg.transport_config(Arc::new(punch_net::signal_transport(
@@ -109,8 +302,8 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
         .endpoint
         .connect_with(cfg, addr, "punch")
         .map_err(|e| unreachable(e.to_string()))?;
-    let conn = match tokio::time::timeout(inner.config.server_connect_timeout, connecting).await {
-        Ok(Ok(c)) => c,
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => {
             if let Some(k) = verifier.seen_key() {
                 let got = punch_tls::fingerprint_of(&k);
@@ -121,80 +314,58 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<Registered, AgentError> {
                     });
                 }
             }
-            return Err(unreachable(e.to_string()));
+            Err(unreachable(e.to_string()))
         }
-        Err(_) => {
-            return Err(unreachable(format!(
-                "no answer within {:.1} s",
-                inner.config.server_connect_timeout.as_secs_f64()
-            )))
-        }
-    };
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let token_proof = match &inner.config.token {
-        Some(t) => {
-            let mut exporter = [0u8; 32];
-            conn.export_keying_material(&mut exporter, TOKEN_PROOF_LABEL, b"")
-                .map_err(|_| AgentError::Io("TLS exporter unavailable".into()))?;
-            Some(punch_tls::token_proof(t, &exporter))
-        }
-        None => None,
-    };
-    let mut candidates = inner.local_candidates();
-    candidates.extend(stun_candidates(inner).await);
-    candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        worker_id: inner.worker_id.clone(),
-        public_key: inner.identity.public_key(),
-        token_proof,
-        ephemeral: inner.ephemeral,
-        local_candidates: candidates,
-        metadata: inner.config.metadata.clone(),
-        kind: inner.config.kind.clone(),
-        tags: inner.config.tags.clone(),
-    };
-    write_frame(&mut send, &ClientMsg::Hello(hello))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let first = tokio::time::timeout(
-        inner.config.server_connect_timeout,
-        read_frame::<ServerMsg>(&mut recv, MAX_FRAME),
-    )
-    .await;
-    match first {
-        Ok(Ok(ServerMsg::Welcome { version, observed })) => {
-            if version != PROTOCOL_VERSION {
-                return Err(AgentError::BadVersion(format!(
-                    "server speaks version {version}, we speak {PROTOCOL_VERSION}"
-                )));
-            }
-            Ok((conn, send, recv, punch_net::canonical(observed)))
-        }
-        Ok(Ok(ServerMsg::Error { code, message, .. })) => Err(match code {
-            ErrorCode::BadToken => AgentError::BadToken(message),
-            ErrorCode::IdTaken => AgentError::IdTaken(message),
-            ErrorCode::BadVersion => AgentError::BadVersion(message),
-            ErrorCode::BadRequest | ErrorCode::Malformed => AgentError::Config(message),
-            other => AgentError::Server {
-                code: other.as_str(),
-                message,
-            },
-        }),
-        Ok(Ok(other)) => Err(unreachable(format!("unexpected first message {other:?}"))),
-        Ok(Err(e)) => Err(close_reason(&conn).unwrap_or_else(|| unreachable(e.to_string()))),
-        Err(_) => Err(unreachable("no welcome in time".into())),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {:.1} s",
+            limit.as_secs_f64()
+        ))),
     }
+}
+
+/// The WebSocket, up to the server's hello.
+async fn ws_channel(inner: &Arc<Inner>, url: &crate::tcp::WsUrl) -> Result<Channel, AgentError> {
+    let unreachable = |reason: String| AgentError::ServerUnreachable {
+        server: url.to_string(),
+        reason,
+    };
+    let limit = inner
+        .config
+        .server_connect_timeout
+        .max(Duration::from_secs(5));
+    let r = tokio::time::timeout(limit, async {
+        let mut ws = crate::tcp::open(inner, url).await.map_err(unreachable)?;
+        let server_nonce = crate::tcp::server_hello(&mut ws).await?;
+        let mut client_nonce = [0u8; 32];
+        rand::thread_rng().fill(&mut client_nonce);
+        crate::tcp::client_auth(inner, &mut ws, &server_nonce, &client_nonce).await?;
+        Ok(Channel::Ws(Box::new(WsChannel {
+            ws,
+            server_nonce,
+            client_nonce,
+        })))
+    })
+    .await;
+    r.unwrap_or_else(|_| {
+        Err(unreachable(format!(
+            "no WebSocket within {:.1} s",
+            limit.as_secs_f64()
+        )))
+    })
 }
 
 /// Our mapping as each configured STUN server sees it, asked in parallel
 /// (at most one second in all, so registration is never held up long).
-async fn stun_candidates(inner: &Arc<Inner>) -> Vec<punch_protocol::signal::Candidate> {
+async fn stun_candidates(
+    inner: &Arc<Inner>,
+    extra: Option<SocketAddr>,
+) -> Vec<punch_protocol::signal::Candidate> {
     let mut asks = Vec::new();
-    for s in inner.config.stun.iter().take(8) {
+    let servers = extra
+        .map(|a| a.to_string())
+        .into_iter()
+        .chain(inner.config.stun.iter().cloned());
+    for s in servers.take(8) {
         let inner = inner.clone();
         let s = s.clone();
         asks.push(tokio::spawn(async move {
@@ -278,17 +449,176 @@ fn close_reason(conn: &quinn::Connection) -> Option<AgentError> {
     }
 }
 
+/// Says hello on a fresh channel and waits for the welcome; returns our
+/// address as the server sees it.
+async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, AgentError> {
+    let server = inner.config.server.clone();
+    let unreachable = |reason: String| AgentError::ServerUnreachable {
+        server: server.clone(),
+        reason,
+    };
+    let binding = match chan {
+        Channel::Quic { conn, .. } => {
+            let mut exporter = [0u8; 32];
+            conn.export_keying_material(&mut exporter, TOKEN_PROOF_LABEL, b"")
+                .map_err(|_| AgentError::Io("TLS exporter unavailable".into()))?;
+            exporter
+        }
+        Channel::Ws(w) => punch_protocol::ws::token_binding(&w.server_nonce, &w.client_nonce),
+    };
+    let token_proof = inner
+        .config
+        .token
+        .as_ref()
+        .map(|t| punch_tls::token_proof(t, &binding));
+    let mut candidates = inner.local_candidates();
+    // Over TCP the server sees no UDP mapping of ours: ask its STUN port
+    // (and the configured STUN servers) so peers can still punch to us.
+    let extra = match chan {
+        Channel::Ws(_) => *inner.server_addr.lock().expect("not poisoned"),
+        Channel::Quic { .. } => None,
+    };
+    let stun = stun_candidates(inner, extra).await;
+    let has_stun = !stun.is_empty();
+    candidates.extend(stun);
+    candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
+    let hello = ClientMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        worker_id: inner.worker_id.clone(),
+        public_key: inner.identity.public_key(),
+        token_proof,
+        ephemeral: inner.ephemeral,
+        local_candidates: candidates,
+        metadata: inner.config.metadata.clone(),
+        kind: inner.config.kind.clone(),
+        tags: inner.config.tags.clone(),
+    });
+    let limit = inner
+        .config
+        .server_connect_timeout
+        .max(Duration::from_secs(3));
+    let first = match chan {
+        Channel::Quic { conn, send, recv } => {
+            write_frame(send, &hello)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            match tokio::time::timeout(limit, read_frame::<ServerMsg>(recv, MAX_FRAME)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    return Err(close_reason(conn).unwrap_or_else(|| unreachable(e.to_string())))
+                }
+                Err(_) => return Err(unreachable("no welcome in time".into())),
+            }
+        }
+        Channel::Ws(w) => {
+            let msg = punch_protocol::ws::encode_signal(&hello);
+            w.ws.send(Message::Binary(msg.into()))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let r = tokio::time::timeout(limit, async {
+                let mut proven = false;
+                loop {
+                    let m = crate::tcp::next_binary(&mut w.ws)
+                        .await
+                        .map_err(&unreachable)?;
+                    match punch_protocol::ws::parse(&m) {
+                        Ok(WsFrame::Auth(b)) => {
+                            crate::tcp::check_server_auth(
+                                inner,
+                                b,
+                                &w.server_nonce,
+                                &w.client_nonce,
+                            )?;
+                            proven = true;
+                        }
+                        Ok(WsFrame::Signal(b)) => {
+                            let m = punch_protocol::ws::decode::<ServerMsg>(b)
+                                .map_err(|e| unreachable(e.to_string()))?;
+                            // Only a refusal may come before the server's proof.
+                            if proven || matches!(m, ServerMsg::Error { .. }) {
+                                return Ok(m);
+                            }
+                            return Err(unreachable(
+                                "welcome without the server's key proof".into(),
+                            ));
+                        }
+                        _ => {
+                            return Err(unreachable("unexpected message before the welcome".into()))
+                        }
+                    }
+                }
+            })
+            .await;
+            match r {
+                Ok(r) => r?,
+                Err(_) => return Err(unreachable("no welcome in time".into())),
+            }
+        }
+    };
+    let tcp = matches!(chan, Channel::Ws(_));
+    match first {
+        ServerMsg::Welcome { version, observed } => {
+            if version != PROTOCOL_VERSION {
+                return Err(AgentError::BadVersion(format!(
+                    "server speaks version {version}, we speak {PROTOCOL_VERSION}"
+                )));
+            }
+            inner
+                .tcp_only
+                .store(tcp && !has_stun, std::sync::atomic::Ordering::SeqCst);
+            Ok(punch_net::canonical(observed))
+        }
+        ServerMsg::Error { code, message, .. } => Err(match code {
+            ErrorCode::BadToken => AgentError::BadToken(message),
+            ErrorCode::IdTaken => AgentError::IdTaken(message),
+            ErrorCode::BadVersion => AgentError::BadVersion(message),
+            ErrorCode::BadRequest | ErrorCode::Malformed => AgentError::Config(message),
+            other => AgentError::Server {
+                code: other.as_str(),
+                message,
+            },
+        }),
+        other => Err(unreachable(format!("unexpected first message {other:?}"))),
+    }
+}
+
+/// Common start of a registered session: the channel becomes the way to
+/// the server, relay bindings move onto it, and connections hear of it.
+fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr) {
+    *inner.transport.lock().expect("not poisoned") = Some(transport);
+    inner.status.send_replace(Status::Registered { observed });
+    if let Some(via) = inner.relay_via() {
+        let binds = inner
+            .socket
+            .paths
+            .lock()
+            .expect("not poisoned")
+            .move_relays(via);
+        if !binds.is_empty() {
+            info!(
+                bindings = binds.len(),
+                ?via,
+                "relay bindings move to the new channel"
+            );
+        }
+        for (via, frame) in binds {
+            inner.socket.send_relay_control(via, &frame);
+        }
+    }
+    inner.channel_changes.send_modify(|n| *n += 1);
+    classify_nat(inner);
+}
+
 async fn session(
     inner: &Arc<Inner>,
     conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     observed: SocketAddr,
-) -> String {
+) -> SessionEnd {
     let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
     *inner.control.lock().expect("not poisoned") = Some(tx);
-    inner.status.send_replace(Status::Registered { observed });
-    classify_nat(inner);
+    on_registered(inner, Transport::Udp, observed);
     let writer = async {
         while let Some(m) = rx.recv().await {
             if let Err(e) = write_frame(&mut send, &m).await {
@@ -310,10 +640,124 @@ async fn session(
             }
         }
     };
-    tokio::select! {
+    SessionEnd::Lost(tokio::select! {
         r = writer => r,
         r = reader => r,
         e = conn.closed() => e.to_string(),
+    })
+}
+
+/// The session over the WebSocket: signaling and relay frames share it.
+/// It ends on purpose when UDP answers again (QUIC is preferred) or the
+/// channel reaches `ws_max_age` (fronts cut long requests).
+async fn ws_session(inner: &Arc<Inner>, chan: WsChannel, observed: SocketAddr) -> SessionEnd {
+    let (mut sink, mut stream) = chan.ws.split();
+    let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
+    let (relay_tx, mut relay_rx) = mpsc::channel::<bytes::Bytes>(1024);
+    *inner.control.lock().expect("not poisoned") = Some(tx);
+    inner.socket.set_tcp_out(Some(relay_tx));
+    on_registered(inner, Transport::Tcp, observed);
+    let keep_alive = inner.config.keep_alive;
+    let writer = async {
+        let mut ping = tokio::time::interval(keep_alive);
+        ping.tick().await;
+        loop {
+            let first = tokio::select! {
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => Message::Binary(punch_protocol::ws::encode_signal(&m).into()),
+                    None => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+                        return "agent stopped".to_string();
+                    }
+                },
+                f = relay_rx.recv() => match f {
+                    Some(f) => Message::Binary(f),
+                    None => return "relay queue closed".to_string(),
+                },
+                _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
+            };
+            // What is queued goes out in one flush.
+            let batch = async {
+                sink.feed(first).await?;
+                for _ in 0..64 {
+                    let next = match rx.try_recv() {
+                        Ok(m) => Message::Binary(punch_protocol::ws::encode_signal(&m).into()),
+                        Err(_) => match relay_rx.try_recv() {
+                            Ok(f) => Message::Binary(f),
+                            Err(_) => break,
+                        },
+                    };
+                    sink.feed(next).await?;
+                }
+                sink.flush().await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), batch).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return format!("write failed: {e}"),
+                Err(_) => return "the server does not read (write timed out)".to_string(),
+            }
+        }
+    };
+    let reader = async {
+        // The server pongs our pings: three intervals of silence is dead.
+        let silence = keep_alive * 3;
+        loop {
+            let m = match tokio::time::timeout(silence, stream.next()).await {
+                Err(_) => return format!("server silent for {silence:?}"),
+                Ok(None) => return "server closed the channel".to_string(),
+                Ok(Some(Err(e))) => return e.to_string(),
+                Ok(Some(Ok(m))) => m,
+            };
+            let b = match m {
+                Message::Binary(b) => b,
+                Message::Close(c) => {
+                    return match c {
+                        Some(c) => format!("server closed the channel: {}", c.reason),
+                        None => "server closed the channel".to_string(),
+                    }
+                }
+                Message::Text(_) => return "text message from the server".to_string(),
+                _ => continue,
+            };
+            match punch_protocol::ws::parse(&b) {
+                Ok(WsFrame::Relay(_)) => inner.socket.tcp_in(b),
+                Ok(WsFrame::Signal(body)) => match punch_protocol::ws::decode::<ServerMsg>(body) {
+                    Ok(m) => dispatch(inner, m),
+                    Err(e) => return format!("malformed message from server: {e}"),
+                },
+                Ok(WsFrame::Auth(_)) => debug!("ignoring a late handshake message"),
+                Err(e) => return format!("malformed message from server: {e}"),
+            }
+        }
+    };
+    let max_age = tokio::time::sleep(inner.config.ws_max_age);
+    let udp_back = async {
+        let Some(addr) = *inner.server_addr.lock().expect("not poisoned") else {
+            return std::future::pending().await;
+        };
+        if inner.config.server_tcp_only() {
+            return std::future::pending().await;
+        }
+        let mut attempt = 0;
+        loop {
+            tokio::time::sleep(crate::tcp::udp_retry(attempt)).await;
+            attempt += 1;
+            if let Ok(c) = quic_handshake(inner, addr, Duration::from_secs(2)).await {
+                c.close(0u32.into(), b"probe");
+                return;
+            }
+            debug!("UDP to the server still blocked");
+        }
+    };
+    tokio::select! {
+        r = writer => SessionEnd::Lost(r),
+        r = reader => SessionEnd::Lost(r),
+        _ = max_age => SessionEnd::Renew(format!(
+            "the WebSocket reached its maximum age ({:?}); renewing it",
+            inner.config.ws_max_age
+        )),
+        _ = udp_back => SessionEnd::Renew("UDP to the server answers again; moving signaling to QUIC".into()),
     }
 }
 

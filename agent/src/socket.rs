@@ -6,20 +6,21 @@
 //! name; everything else goes to quinn. Signaling, probes and peer
 //! connections thus share one NAT mapping.
 
+use bytes::Bytes;
 use punch_protocol::probe::{self, Probe};
 use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
 use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::sync::mpsc;
 
 /// A probe datagram delivered to a session.
@@ -80,13 +81,32 @@ impl ProbeRouter {
     }
 }
 
+/// How relay frames reach the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayVia {
+    /// Over UDP, to the server at this address.
+    Udp(SocketAddr),
+    /// Over the agent's WebSocket channel (TCP).
+    Tcp,
+}
+
+impl RelayVia {
+    /// `"udp"` or `"tcp"`.
+    pub fn transport(self) -> punch_protocol::signal::Transport {
+        match self {
+            RelayVia::Udp(_) => punch_protocol::signal::Transport::Udp,
+            RelayVia::Tcp => punch_protocol::signal::Transport::Tcp,
+        }
+    }
+}
+
 /// How a peer is reached right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivePath {
     /// Straight to the peer's address.
     Direct(SocketAddr),
-    /// Through the server's relay at this address.
-    Relay(SocketAddr),
+    /// Through the server's relay.
+    Relay(RelayVia),
     /// Nothing yet: packets are dropped (QUIC retransmits).
     None,
 }
@@ -107,7 +127,7 @@ struct PeerPath {
 /// A relay binding: the server and the session it is bound on.
 #[derive(Clone, Copy, Debug)]
 struct RelayBinding {
-    server: SocketAddr,
+    via: RelayVia,
     session: SessionId,
     secret: [u8; 32],
     role: punch_protocol::signal::Role,
@@ -117,7 +137,7 @@ impl PeerPath {
     fn active(&self) -> ActivePath {
         match (self.direct, self.relay) {
             (Some(d), _) => ActivePath::Direct(d),
-            (None, Some(r)) => ActivePath::Relay(r.server),
+            (None, Some(r)) => ActivePath::Relay(r.via),
             (None, None) => ActivePath::None,
         }
     }
@@ -255,18 +275,18 @@ impl PathTable {
         }
     }
 
-    /// Uses the relay at `server`, bound on this session, for the peer.
+    /// Uses the relay reached `via`, bound on this session, for the peer.
     pub fn set_relay(
         &mut self,
         v: SocketAddr,
-        server: SocketAddr,
+        via: RelayVia,
         session: SessionId,
         secret: [u8; 32],
         role: punch_protocol::signal::Role,
     ) {
         if let Some(p) = self.peers.get_mut(&v) {
             p.relay = Some(RelayBinding {
-                server,
+                via,
                 session,
                 secret,
                 role,
@@ -285,7 +305,7 @@ impl PathTable {
     /// Gives up the direct path of `v` for its relay binding (when it has
     /// one); returns a fresh bind request to send, since the NAT mapping
     /// the relay knows may be the one that just died.
-    pub fn fall_back(&mut self, v: SocketAddr) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn fall_back(&mut self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
         let p = self.peers.get_mut(&v)?;
         p.relay?;
         // The dead address keeps mapping to `v`: late packets from it must
@@ -312,12 +332,29 @@ impl PathTable {
     /// A fresh bind request for the peer's relay binding, if it has one:
     /// the server drops idle bindings, and a direct path carries no relay
     /// traffic, so live connections refresh theirs.
-    pub fn relay_refresh(&self, v: SocketAddr) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn relay_refresh(&self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
         let r = self.peers.get(&v)?.relay?;
         Some((
-            r.server,
+            r.via,
             relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
         ))
+    }
+
+    /// Moves every relay binding to `via` (the agent's channel to the
+    /// server changed: a new WebSocket, or UDP instead of TCP) and returns
+    /// the bind requests that tell the server.
+    pub fn move_relays(&mut self, via: RelayVia) -> Vec<(RelayVia, Vec<u8>)> {
+        let mut out = Vec::new();
+        for p in self.peers.values_mut() {
+            if let Some(r) = &mut p.relay {
+                r.via = via;
+                out.push((
+                    via,
+                    relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
+                ));
+            }
+        }
+        out
     }
 
     /// The session of a virtual address.
@@ -338,7 +375,17 @@ pub struct PunchSocket {
     bind_waiters: Mutex<HashMap<SessionId, mpsc::Sender<Vec<u8>>>>,
     /// STUN transactions waiting for their response, by transaction id.
     stun_waiters: Mutex<HashMap<[u8; 16], tokio::sync::oneshot::Sender<Vec<u8>>>>,
+    /// Relay frames out over the WebSocket channel, while there is one.
+    tcp_out: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Relayed datagrams that arrived over the WebSocket, for quinn:
+    /// (virtual source, payload).
+    inbox: Mutex<VecDeque<(SocketAddr, Bytes)>>,
+    /// quinn's receive task, woken when the inbox fills.
+    inbox_waker: Mutex<Option<Waker>>,
 }
+
+/// Relayed datagrams held for quinn before more are dropped.
+const INBOX: usize = 4096;
 
 impl fmt::Debug for PunchSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -362,7 +409,74 @@ impl PunchSocket {
             paths: Mutex::new(PathTable::default()),
             bind_waiters: Mutex::new(HashMap::new()),
             stun_waiters: Mutex::new(HashMap::new()),
+            tcp_out: Mutex::new(None),
+            inbox: Mutex::new(VecDeque::new()),
+            inbox_waker: Mutex::new(None),
         }))
+    }
+
+    /// Sets (or clears) the WebSocket channel relay frames leave through.
+    pub fn set_tcp_out(&self, tx: Option<mpsc::Sender<Bytes>>) {
+        *self.tcp_out.lock().expect("not poisoned") = tx;
+    }
+
+    /// Sends a relay frame over the WebSocket channel; dropped when there
+    /// is none or it is full (QUIC backs off, as on a full UDP buffer).
+    fn send_tcp(&self, frame: Bytes) {
+        if let Some(tx) = &*self.tcp_out.lock().expect("not poisoned") {
+            let _ = tx.try_send(frame);
+        }
+    }
+
+    /// Sends a relay control frame (bind) the way the binding goes.
+    pub fn send_relay_control(&self, via: RelayVia, frame: &[u8]) {
+        match via {
+            RelayVia::Udp(server) => {
+                let _ = self.send_raw(server, frame);
+            }
+            RelayVia::Tcp => self.send_tcp(Bytes::copy_from_slice(frame)),
+        }
+    }
+
+    /// Takes a relay frame that arrived over the WebSocket channel: data
+    /// goes to quinn as if it came from the peer's virtual address.
+    pub fn tcp_in(&self, frame: Bytes) {
+        let Some((v, header)) = self.relay_in(&frame) else {
+            return;
+        };
+        {
+            let mut inbox = self.inbox.lock().expect("not poisoned");
+            if inbox.len() >= INBOX {
+                return;
+            }
+            inbox.push_back((v, frame.slice(header..)));
+        }
+        if let Some(w) = self.inbox_waker.lock().expect("not poisoned").take() {
+            w.wake();
+        }
+    }
+
+    /// Moves relayed datagrams from the inbox into quinn's buffers.
+    fn drain_inbox(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut inbox = self.inbox.lock().expect("not poisoned");
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some((v, d)) = inbox.pop_front() else {
+                break;
+            };
+            if d.len() > bufs[n].len() {
+                continue;
+            }
+            bufs[n][..d.len()].copy_from_slice(&d);
+            meta[n] = RecvMeta {
+                addr: self.quinn_addr(v),
+                len: d.len(),
+                stride: d.len(),
+                ..RecvMeta::default()
+            };
+            n += 1;
+        }
+        n
     }
 
     /// The virtual address in the form quinn uses on this socket.
@@ -448,9 +562,24 @@ impl PunchSocket {
 
     /// Sends quinn's datagrams to the relay, each behind a data header. A
     /// GSO batch stays one batch (one syscall): every segment grows by the
-    /// header, and only the last may be shorter, as GSO requires.
-    fn send_relayed(&self, server: SocketAddr, session: SessionId, t: &Transmit) -> io::Result<()> {
+    /// header, and only the last may be shorter, as GSO requires. Over the
+    /// WebSocket each datagram is one message.
+    fn send_relayed(&self, via: RelayVia, session: SessionId, t: &Transmit) -> io::Result<()> {
         let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
+        let server = match via {
+            RelayVia::Udp(s) => s,
+            RelayVia::Tcp => {
+                let mut header = [0u8; relay::DATA_HEADER];
+                relay::write_data_header(&mut header, session);
+                for chunk in t.contents.chunks(seg) {
+                    let mut f = Vec::with_capacity(relay::DATA_HEADER + chunk.len());
+                    f.extend_from_slice(&header);
+                    f.extend_from_slice(chunk);
+                    self.send_tcp(Bytes::from(f));
+                }
+                return Ok(());
+            }
+        };
         let n = t.contents.len().div_ceil(seg);
         let mut frames = Vec::with_capacity(t.contents.len() + n * relay::DATA_HEADER);
         let mut header = [0u8; relay::DATA_HEADER];
@@ -538,8 +667,8 @@ impl AsyncUdpSocket for PunchSocket {
                 segment_size: transmit.segment_size,
                 src_ip: transmit.src_ip,
             }),
-            (Some(ActivePath::Relay(server)), Some(session)) => {
-                self.send_relayed(server, session, transmit)
+            (Some(ActivePath::Relay(via)), Some(session)) => {
+                self.send_relayed(via, session, transmit)
             }
             // No path yet (or a forgotten peer): drop, QUIC retransmits.
             _ => Ok(()),
@@ -552,6 +681,16 @@ impl AsyncUdpSocket for PunchSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        {
+            let mut w = self.inbox_waker.lock().expect("not poisoned");
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        let n = self.drain_inbox(bufs, meta);
+        if n > 0 {
+            return Poll::Ready(Ok(n));
+        }
         punch_net::poll_recv_filtered(&*self.inner, cx, bufs, meta, |buf, m| {
             if probe::is_probe(&buf[..m.len]) {
                 self.router.route(m.addr, &buf[..m.len]);

@@ -21,7 +21,7 @@
 //! ```text
 //! server → ServerHello { version, nonce_s }
 //! agent  → ClientAuth { nonce_c, sig_agent("punch ws client" ‖ nonce_s ‖ nonce_c) }, Hello
-//! server → ServerAuth { sig_server("punch ws server" ‖ nonce_c ‖ nonce_s) }, Welcome
+//! server → ServerAuth { key, sig_server("punch ws server" ‖ nonce_c ‖ nonce_s) }, Welcome
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -44,8 +44,8 @@ pub enum WsAuth {
     ServerHello { version: u16, nonce: [u8; 32] },
     /// The agent's proof of its key (64-byte Ed25519 signature).
     ClientAuth { nonce: [u8; 32], signature: Vec<u8> },
-    /// The server's proof of its key.
-    ServerAuth { signature: Vec<u8> },
+    /// The server's key and its proof of it.
+    ServerAuth { key: [u8; 32], signature: Vec<u8> },
 }
 
 /// A received message, split by kind.

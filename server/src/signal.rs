@@ -55,7 +55,7 @@ pub(crate) enum Link<'a> {
 impl Link<'_> {
     async fn send(&mut self, m: &ServerMsg) -> Result<(), String> {
         match self {
-            Link::Quic { send, .. } => write_frame(*send, m).await.map_err(|e| e.to_string()),
+            Link::Quic { send, .. } => write_frame(send, m).await.map_err(|e| e.to_string()),
             Link::Tcp(l) => l.send(punch_protocol::ws::encode_signal(m)).await,
         }
     }

@@ -432,16 +432,26 @@ impl Rate {
     }
 }
 
+/// The next message: a binary one, or `None` for a ping or pong (which
+/// still counts as life).
+async fn next_message(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Result<Option<Bytes>, String> {
+    match stream.next().await {
+        Some(Ok(Message::Binary(b))) => Ok(Some(b)),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
+        Some(Ok(Message::Text(_))) => Err("text message on the agent channel".into()),
+        Some(Ok(Message::Close(_))) | None => Err("closed by the client".into()),
+        Some(Err(e)) => Err(e.to_string()),
+    }
+}
+
 async fn next_binary(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> Result<Bytes, String> {
     loop {
-        match stream.next().await {
-            Some(Ok(Message::Binary(b))) => return Ok(b),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(_))) => return Err("text message on the agent channel".into()),
-            Some(Ok(Message::Close(_))) | None => return Err("closed by the client".into()),
-            Some(Err(e)) => return Err(e.to_string()),
+        if let Some(b) = next_message(stream).await? {
+            return Ok(b);
         }
     }
 }
@@ -543,7 +553,10 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         }
     };
     if link
-        .send(ws::encode_auth(&WsAuth::ServerAuth { signature: proof }))
+        .send(ws::encode_auth(&WsAuth::ServerAuth {
+            key: shared.identity.public_key(),
+            signature: proof,
+        }))
         .await
         .is_err()
     {
@@ -598,8 +611,9 @@ async fn read_loop(
     let mut rate = Rate::new(shared.config.tcp_rate);
     let idle = shared.config.idle_timeout;
     loop {
-        let msg = match tokio::time::timeout(idle, next_binary(stream)).await {
-            Ok(Ok(m)) => m,
+        let msg = match tokio::time::timeout(idle, next_message(stream)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => continue,
             Ok(Err(e)) => return ReadEnd::Closed(e),
             Err(_) => return ReadEnd::Closed(format!("silent for {idle:?}")),
         };
