@@ -448,18 +448,6 @@ async fn dial(
     // on the relay at once (punching still runs, in case).
     let hopeless = offer.peer_tcp_only || inner.tcp_only();
     info!(candidates = ?offer.peer_candidates, relay = relay_ok, hopeless, "offer received");
-    if hopeless && mode == RelayMode::Never {
-        inner.router.unregister(offer.session);
-        report(inner, offer, PathKind::Failed, start, None);
-        let who = if inner.tcp_only() {
-            "this agent"
-        } else {
-            target
-        };
-        return Err(AgentError::PeerConnect(format!(
-            "no direct path is possible: {who} has no UDP (it reaches the server only over TCP), and --no-relay forbids the relay"
-        )));
-    }
     if mode == RelayMode::Force {
         inner.router.unregister(offer.session);
         bind_relay(inner, offer, v).await?;
@@ -488,6 +476,17 @@ async fn dial(
         if direct.is_none() {
             let Some(b) = bound.take() else {
                 report(inner, offer, PathKind::Failed, start, None);
+                if hopeless {
+                    // Same-LAN candidates were worth a try; nothing else is.
+                    let who = if inner.tcp_only() {
+                        "this agent"
+                    } else {
+                        target
+                    };
+                    return Err(AgentError::PeerConnect(format!(
+                        "no direct path: {who} has no UDP (it reaches the server only over TCP), and the relay is off (--no-relay or the server does not relay)"
+                    )));
+                }
                 return Err(AgentError::PunchTimeout {
                     target: target.to_string(),
                     secs: inner.config.punch_timeout.as_secs_f64(),

@@ -334,7 +334,13 @@ async fn ws_channel(inner: &Arc<Inner>, url: &crate::tcp::WsUrl) -> Result<Chann
         .server_connect_timeout
         .max(Duration::from_secs(5));
     let r = tokio::time::timeout(limit, async {
-        let mut ws = crate::tcp::open(inner, url).await.map_err(unreachable)?;
+        let mut ws = crate::tcp::open(inner, url).await.map_err(|e| {
+            if e.starts_with(crate::tcp::PROXY_AUTH) {
+                AgentError::Config(e)
+            } else {
+                unreachable(e)
+            }
+        })?;
         let server_nonce = crate::tcp::server_hello(&mut ws).await?;
         let mut client_nonce = [0u8; 32];
         rand::thread_rng().fill(&mut client_nonce);

@@ -253,6 +253,10 @@ pub fn proxy_for(
     Proxy::parse(&p).map(Some)
 }
 
+/// Starts the error of a proxy that refused our credentials (a setting to
+/// fix, not a network fault to retry).
+pub(crate) const PROXY_AUTH: &str = "proxy authentication failed";
+
 /// Opens a tunnel to `target` (`host:port`) through an HTTP proxy with
 /// CONNECT.
 async fn connect_via_proxy(proxy: &Proxy, target: &str) -> Result<Box<dyn Io>, String> {
@@ -283,6 +287,16 @@ async fn connect_via_proxy(proxy: &Proxy, target: &str) -> Result<Box<dyn Io>, S
         .send_request(req)
         .await
         .map_err(|e| format!("CONNECT through the proxy failed: {e}"))?;
+    if resp.status() == hyper::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || resp.status() == hyper::StatusCode::UNAUTHORIZED
+    {
+        return Err(format!(
+            "{PROXY_AUTH}: the proxy at {}:{} refused our credentials for CONNECT {target} ({}); check the user and password in --proxy or HTTPS_PROXY",
+            proxy.host,
+            proxy.port,
+            resp.status()
+        ));
+    }
     if !resp.status().is_success() {
         return Err(format!(
             "the proxy refused CONNECT {target}: {}",

@@ -44,6 +44,8 @@ struct Health {
     metrics: crate::metrics::MetricsSnapshot,
     relay: Option<RelayJson>,
     stun: StunJson,
+    /// The TCP (WebSocket) channel's counters and open channels.
+    tcp: std::collections::BTreeMap<&'static str, u64>,
     /// Connect outcomes by `requester/target` NAT class.
     outcomes_by_nat_pair: std::collections::BTreeMap<String, crate::metrics::PairCounts>,
 }
@@ -85,6 +87,14 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
         metrics: s.metrics.snapshot(),
         outcomes_by_nat_pair: s.metrics.nat_pairs.lock().expect("not poisoned").counts(),
         relay,
+        tcp: s
+            .tcp
+            .stats
+            .list()
+            .into_iter()
+            .map(|(k, _, v)| (k, v))
+            .chain([("clients", s.tcp.count() as u64)])
+            .collect(),
         stun: StunJson {
             requests: s.stun.requests.load(std::sync::atomic::Ordering::Relaxed),
             errors_sent: s

@@ -138,6 +138,28 @@ pub fn prometheus(s: &crate::Shared) -> String {
     for (name, help, v) in counters {
         reg.register(name, help, ConstCounter::new(v));
     }
+    for (name, help, v) in [
+        (
+            "registrations_udp",
+            "Registrations over QUIC (UDP)",
+            m.registrations_udp,
+        ),
+        (
+            "registrations_tcp",
+            "Registrations over WebSocket (TCP)",
+            m.registrations_tcp,
+        ),
+    ] {
+        reg.register(name, help, ConstCounter::new(v));
+    }
+    reg.register(
+        "tcp_clients",
+        "Open WebSocket channels",
+        ConstGauge::new(s.tcp.count() as i64),
+    );
+    for (name, help, v) in s.tcp.stats.list() {
+        reg.register(format!("tcp_{name}"), help, ConstCounter::new(v));
+    }
     reg.register(
         "waits_in_progress",
         "Long-polls and barrier waits running",
@@ -326,6 +348,8 @@ pub struct MetricsSnapshot {
     pub outcome_failed: u64,
     pub address_changes: u64,
     pub dropped_messages: u64,
+    pub registrations_udp: u64,
+    pub registrations_tcp: u64,
 }
 
 /// Adds one to a counter.
@@ -352,6 +376,8 @@ impl Metrics {
             outcome_failed: g(&self.outcome_failed),
             address_changes: g(&self.address_changes),
             dropped_messages: g(&self.dropped_messages),
+            registrations_udp: g(&self.registrations_udp),
+            registrations_tcp: g(&self.registrations_tcp),
         }
     }
 }

@@ -37,6 +37,12 @@ pub fn page(s: &Shared) -> String {
         .iter()
         .filter(|w| w.state.as_str() == "online")
         .count();
+    let online_tcp = workers
+        .iter()
+        .filter(|w| {
+            w.state.as_str() == "online" && w.transport == punch_protocol::signal::Transport::Tcp
+        })
+        .count();
     let mut h = String::new();
     let _ = write!(
         h,
@@ -47,13 +53,15 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 th{{background:#f3f3f3}}.stale{{color:#999}}.direct{{color:#070}}.relayed{{color:#a60}}.failed{{color:#b00}}
 code{{font-size:12px}}</style></head><body>
 <h1>punch-server</h1>
-<p>fingerprint <code>{fp}</code> · <b id="online">{online}</b> online, {stale} stale ·
+<p>fingerprint <code>{fp}</code> · <b id="online">{online}</b> online
+(<span id="by-transport">{on_udp} over UDP, {online_tcp} over TCP</span>), {stale} stale ·
 {total} connects: <span class="direct">{d} direct</span>, <span class="relayed">{r} relayed</span>,
 <span class="failed">{f} failed</span> (success {ok}, direct {dr})</p>
 <h2>Workers</h2><table id="workers"><tr><th>worker</th><th>type</th><th>tags</th><th>state</th>
-<th>address</th><th>NAT</th><th>since</th><th>metadata</th></tr>"#,
+<th>address</th><th>transport</th><th>NAT</th><th>since</th><th>metadata</th></tr>"#,
         fp = esc(&s.fingerprint),
         stale = workers.len() - online,
+        on_udp = online - online_tcp,
         d = m.outcome_direct,
         r = m.outcome_relayed,
         f = m.outcome_failed,
@@ -71,12 +79,13 @@ code{{font-size:12px}}</style></head><body>
             .collect();
         let _ = write!(
             h,
-            r#"<tr class="{state}"><td class="worker">{id}</td><td>{kind}</td><td>{tags}</td><td>{state}</td><td>{addr}</td><td>{nat}</td><td>{since}</td><td>{meta}</td></tr>"#,
+            r#"<tr class="{state}"><td class="worker">{id}</td><td>{kind}</td><td>{tags}</td><td>{state}</td><td>{addr}</td><td>{tr}</td><td>{nat}</td><td>{since}</td><td>{meta}</td></tr>"#,
             state = w.state.as_str(),
             id = esc(&w.id),
             kind = esc(w.kind.as_deref().unwrap_or("")),
             tags = esc(&w.tags.join(", ")),
             addr = w.observed,
+            tr = w.transport.as_str(),
             nat = w.nat.map(|n| n.label()).unwrap_or_else(|| "–".into()),
             meta = meta.join(" "),
         );

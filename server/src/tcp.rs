@@ -47,10 +47,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Relay frames queued for one client before new ones are dropped (UDP
 /// semantics: QUIC backs off).
 const RELAY_QUEUE: usize = 1024;
+/// Why reading stopped when the client simply went away.
+const CLIENT_CLOSED: &str = "closed by the client";
 /// Signaling messages queued for one client.
 const SIGNAL_QUEUE: usize = 64;
 
-/// Counters of the TCP channel.
+/// Counters of the TCP channel (names as in `/healthz` and, prefixed
+/// `punch_tcp_`, in `/metrics`).
 #[derive(Debug, Default)]
 pub struct TcpStats {
     /// TCP connections accepted on the TLS port.
@@ -83,6 +86,60 @@ pub struct TcpClients {
     conns: Arc<Semaphore>,
     /// Counters.
     pub stats: TcpStats,
+}
+
+impl TcpStats {
+    /// Every counter with its name and help text.
+    pub fn list(&self) -> [(&'static str, &'static str, u64); 9] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "accepted",
+                "TCP connections accepted on the TLS port",
+                g(&self.accepted),
+            ),
+            (
+                "tls_failures",
+                "Failed or timed-out TLS handshakes",
+                g(&self.tls_failures),
+            ),
+            (
+                "refused_full",
+                "Connections refused at the TCP client cap",
+                g(&self.refused_full),
+            ),
+            (
+                "channels",
+                "WebSocket channels that passed the key handshake",
+                g(&self.channels),
+            ),
+            (
+                "protocol_errors",
+                "WebSocket channels ended for bad messages or proofs",
+                g(&self.protocol_errors),
+            ),
+            (
+                "rate_limited",
+                "Relay frames dropped for the per-connection byte rate",
+                g(&self.rate_limited),
+            ),
+            (
+                "queue_drops",
+                "Relay frames to TCP clients dropped on a full queue",
+                g(&self.queue_drops),
+            ),
+            (
+                "relay_in",
+                "Relay frames received from TCP clients",
+                g(&self.relay_in),
+            ),
+            (
+                "relay_out",
+                "Relay frames sent to TCP clients",
+                g(&self.relay_out),
+            ),
+        ]
+    }
 }
 
 impl TcpClients {
@@ -441,7 +498,7 @@ async fn next_message(
         Some(Ok(Message::Binary(b))) => Ok(Some(b)),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
         Some(Ok(Message::Text(_))) => Err("text message on the agent channel".into()),
-        Some(Ok(Message::Close(_))) | None => Err("closed by the client".into()),
+        Some(Ok(Message::Close(_))) | None => Err(CLIENT_CLOSED.into()),
         Some(Err(e)) => Err(e.to_string()),
     }
 }
@@ -490,6 +547,9 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
     let (auth, hello_msg) = match first_two {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
+            if e != CLIENT_CLOSED {
+                inc(&stats.protocol_errors);
+            }
             debug!("channel ended before its hello: {e}");
             return;
         }

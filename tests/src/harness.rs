@@ -218,6 +218,18 @@ pub fn clear_agent_env(cmd: &mut Command) {
         "PUNCH_TOKEN",
         "PUNCH_ID",
         "PUNCH_KEY_FILE",
+        "PUNCH_SERVER_TCP",
+        "PUNCH_SERVER_CA",
+        "PUNCH_WS_MAX_AGE",
+        // A proxy in the runner's environment must not carry test traffic.
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
     ] {
         cmd.env_remove(v);
     }
@@ -228,6 +240,8 @@ pub struct ServerProc {
     pub proc: Proc,
     pub udp: SocketAddr,
     pub http: SocketAddr,
+    /// The TLS + WebSocket port, unless the server runs without one.
+    pub tcp: Option<SocketAddr>,
     pub fingerprint: String,
     pub data_dir: PathBuf,
 }
@@ -258,6 +272,7 @@ impl ServerProc {
             udp: field("udp=")?.parse()?,
             http: field("http=")?.parse()?,
             fingerprint: field("fingerprint=")?,
+            tcp: field("tcp=")?.parse().ok(),
             data_dir: dir.join("server"),
             proc,
         })
