@@ -1,6 +1,7 @@
 #!/bin/bash
 # Relayed throughput on loopback, inside a fresh network namespace:
-# punch (direct and --force-relay), iroh's relay (UDP between the two
+# punch (direct, --force-relay over UDP, and over the TLS/WebSocket
+# channel), iroh's relay (UDP between the two
 # probes blocked by nftables so only the relay path exists), coturn
 # (turnutils_uclient client-to-client through TURN).
 set -u
@@ -26,6 +27,13 @@ $X $T/punch-agent $A serve --id bench-b --key-file $W/b.key > $W/b.out 2>$W/b.lo
 for i in $(seq 50); do grep -q "serving as" $W/b.out && break; sleep 0.1; done
 $X $T/punch-agent $A bench bench-b --seconds $SECS --json
 $X $T/punch-agent $A --force-relay bench bench-b --seconds $SECS --json
+echo "== punch relayed over WebSocket (TLS on TCP; both agents TCP-only)"
+W_="--server wss://127.0.0.1:4478/ws --server-fingerprint $FP"
+$X $T/punch-agent $W_ serve --id bench-t --key-file $W/t.key > $W/t.out 2>$W/t.log &
+for i in $(seq 50); do grep -q "serving as" $W/t.out && break; sleep 0.1; done
+$X $T/punch-agent $W_ --force-relay bench bench-t --seconds $SECS --json
+echo "== punch relayed, UDP agent to a TCP-only agent"
+$X $T/punch-agent $A --force-relay bench bench-t --seconds $SECS --json
 fi
 
 echo "== iroh relay (UDP between the probes blocked)"

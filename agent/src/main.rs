@@ -841,6 +841,26 @@ async fn connect_timed(
     Ok((agent, pc))
 }
 
+/// The path a connection uses now: its kind, where packets go (the peer,
+/// the relay's UDP address, or the relay over the TCP channel), and the
+/// transport this side sends on.
+fn path_now(
+    pc: &PeerConnection,
+) -> (
+    punch_agent::PathKind,
+    String,
+    punch_protocol::signal::Transport,
+) {
+    let (kind, remote) = pc.path_now();
+    let transport = pc.transport_now();
+    let remote = match (remote, transport) {
+        (Some(r), _) => r.to_string(),
+        (None, punch_protocol::signal::Transport::Tcp) => "server relay over TCP".to_string(),
+        (None, _) => pc.path.remote_addr.to_string(),
+    };
+    (kind, remote, transport)
+}
+
 async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
     let (agent, pc) = connect_timed(c, target, timeout).await?;
     let mut pinger = pc
@@ -853,13 +873,7 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
         .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
     let connect_ms = pc.path.connect_time.as_secs_f64() * 1e3;
     let rtt_ms = rtt.as_secs_f64() * 1e3;
-    let (kind, remote) = pc.path_now();
-    let transport = pc.transport_now();
-    let remote = match (remote, transport) {
-        (Some(r), _) => r.to_string(),
-        (None, punch_protocol::signal::Transport::Tcp) => "server relay over TCP".to_string(),
-        (None, _) => pc.path.remote_addr.to_string(),
-    };
+    let (kind, remote, transport) = path_now(&pc);
     if json {
         println!(
             "{}",
@@ -904,12 +918,12 @@ async fn bench(
     let peer_err = |e: punch_agent::PeerError| AgentError::PeerConnect(e.to_string());
     let limit = per + Duration::from_secs(30);
     let late = || AgentError::Timeout(format!("{target} stopped answering during the bench"));
-    let (kind, remote) = pc.path_now();
+    let (kind, remote, transport) = path_now(&pc);
     if !json {
         println!(
-            "bench {target} via {} path {}, {seconds} s each way",
+            "bench {target} via {} path {remote} ({}), {seconds} s each way",
             kind.as_str(),
-            remote.unwrap_or(pc.path.remote_addr)
+            transport.as_str()
         );
     }
     let (up_bytes, up_time) = tokio::time::timeout(limit, pc.upload(per))
@@ -925,15 +939,15 @@ async fn bench(
         .map_err(|_| late())?
         .map_err(peer_err)?;
     let down = down_bytes as f64 / down_time.as_secs_f64() / 1e6;
-    let (kind, remote) = pc.path_now();
+    let (kind, remote, transport) = path_now(&pc);
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
                 "path": kind.as_str(),
-                "remote_addr": remote.unwrap_or(pc.path.remote_addr).to_string(),
-                "transport": "udp",
+                "remote_addr": remote,
+                "transport": transport.as_str(),
                 "seconds": seconds,
                 "upload_bytes": up_bytes,
                 "upload_mb_per_s": round3(up),
