@@ -1000,6 +1000,7 @@ async fn ping(
     }
     let mut rtts = Vec::with_capacity(count as usize);
     let mut paths = Vec::with_capacity(count as usize);
+    let mut transports = Vec::with_capacity(count as usize);
     for seq in 1..=count {
         let rtt = tokio::time::timeout(Duration::from_secs(5), pinger.ping())
             .await
@@ -1007,14 +1008,16 @@ async fn ping(
             .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
         let ms = rtt.as_secs_f64() * 1e3;
         let (kind, _) = pc.path_now();
+        let transport = pc.transport_now().as_str();
         if !json {
             println!(
-                "reply from {target}: seq={seq} time={ms:.3} ms path={}",
+                "reply from {target}: seq={seq} time={ms:.3} ms path={} transport={transport}",
                 kind.as_str()
             );
         }
         rtts.push(ms);
         paths.push(kind.as_str());
+        transports.push(transport);
         if seq < count {
             tokio::time::sleep(interval).await;
         }
@@ -1022,14 +1025,16 @@ async fn ping(
     let min = rtts.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = rtts.iter().cloned().fold(0.0, f64::max);
     let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
-    let (kind, remote) = pc.path_now();
+    let (kind, remote, transport) = path_now(&pc);
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
                 "path": kind.as_str(),
-                "remote_addr": remote.unwrap_or(pc.path.remote_addr).to_string(),
+                "remote_addr": remote,
+                "transport": transport.as_str(),
+                "transports": transports,
                 "count": count,
                 "rtts_ms": rtts.iter().map(|v| round3(*v)).collect::<Vec<_>>(),
                 "paths": paths,

@@ -30,6 +30,18 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut t = RelayTable::new(RelayLimits::default());
     let _ = t.insert(SessionId(1), [7; 32], now);
-    let from = "198.51.100.7:40000".parse().unwrap();
+    let from: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
     let _ = t.handle(from, data, now);
+    let _ = t.handle(relay::Endpoint::Tcp(3), data, now);
+    // WebSocket messages of the TCP channel.
+    match punch_protocol::ws::parse(data) {
+        Ok(punch_protocol::ws::WsFrame::Signal(b)) => {
+            let _ = punch_protocol::ws::decode::<punch_protocol::signal::ClientMsg>(b);
+            let _ = punch_protocol::ws::decode::<punch_protocol::signal::ServerMsg>(b);
+        }
+        Ok(punch_protocol::ws::WsFrame::Auth(b)) => {
+            let _ = punch_protocol::ws::decode::<punch_protocol::ws::WsAuth>(b);
+        }
+        _ => {}
+    }
 });

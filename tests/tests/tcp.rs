@@ -117,6 +117,36 @@ fn the_http_listener_takes_the_websocket_as_behind_a_front() {
     assert_eq!(j["transport"], "tcp", "{j}");
 }
 
+#[test]
+fn the_websocket_is_renewed_at_its_maximum_age_under_a_live_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let wss = format!("wss://{}/ws", s.tcp.unwrap());
+    let _b = serve(&s, dir.path(), &wss, "wb", &["--ws-max-age", "10"]);
+    // 30 round trips over 15 s on the relay over TCP: both sides renew
+    // their WebSocket under the connection at least once.
+    let mut c = agent(&s, &wss);
+    c.args(["--ws-max-age", "10", "--force-relay"])
+        .args(["ping", "wb", "-c", "30", "-i", "0.5", "--json"]);
+    let j = connect_json(c);
+    assert_eq!(j["rtts_ms"].as_array().unwrap().len(), 30, "{j}");
+    assert!(
+        j["transports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t == "tcp"),
+        "{j}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("wb.log")).unwrap();
+    assert!(
+        log.contains("maximum age"),
+        "the serving side never renewed: {log}"
+    );
+    let h = health(&s);
+    assert!(h["tcp"]["channels"].as_u64().unwrap() >= 4, "{h}");
+}
+
 /// tinyproxy on loopback with Basic auth; returns it and its port.
 fn tinyproxy(dir: &Path) -> (Proc, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
