@@ -48,6 +48,7 @@
 
 #![warn(missing_docs)]
 
+pub mod birthday;
 pub mod error;
 pub mod files;
 pub mod forward;

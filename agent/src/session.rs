@@ -64,6 +64,15 @@ fn spawn_puncher(
         Instant::now(),
         config,
     );
+    let ours = *inner.nat.lock().expect("not poisoned");
+    if crate::birthday::part(ours, offer.peer_nat) == Some(crate::birthday::Part::Easy) {
+        if let Some((ip, seen)) = crate::birthday::spray_target(offer) {
+            let ports = crate::birthday::spray_ports(&seen, &mut rand::thread_rng());
+            info!(%ip, ports = ports.len(), "birthday method: spraying the peer's ports");
+            // Give the peer's extra sockets a moment to open their mappings.
+            p.spray(ip, ports, Instant::now() + Duration::from_millis(150));
+        }
+    }
     let (tx, rx) = oneshot::channel();
     let inner = inner.clone();
     let session = offer.session;
@@ -124,6 +133,117 @@ fn spawn_puncher(
         .instrument(info_span!("punch", %session, role = ?offer.role, peer = %offer.peer_id)),
     );
     rx
+}
+
+/// Starts the birthday method's hard side when the pair needs it (see
+/// [`crate::birthday`]); a validated path becomes `v`'s direct path through
+/// the extra socket that found it, and is reported on the receiver.
+fn spawn_birthday(
+    inner: &Arc<Inner>,
+    offer: &Offer,
+    v: SocketAddr,
+) -> Option<oneshot::Receiver<Option<Punched>>> {
+    let ours = *inner.nat.lock().expect("not poisoned");
+    if crate::birthday::part(ours, offer.peer_nat) != Some(crate::birthday::Part::Hard) {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    let (inner, offer) = (inner.clone(), offer.clone());
+    let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);
+    tokio::spawn(
+        async move {
+            let limit = inner.config.punch_timeout;
+            match crate::birthday::hard_side(&inner, &offer, limit).await {
+                Some((sock, punched)) => {
+                    inner
+                        .socket
+                        .paths
+                        .lock()
+                        .expect("not poisoned")
+                        .set_direct_aux(v, punched.addr, sock.clone());
+                    tokio::spawn(
+                        aux_reader(inner.clone(), v, sock, punched.addr).in_current_span(),
+                    );
+                    let _ = tx.send(Some(punched));
+                }
+                None => {
+                    debug!("birthday method found no path");
+                    let _ = tx.send(None);
+                }
+            }
+        }
+        .instrument(span),
+    );
+    Some(rx)
+}
+
+/// Hands quinn what the peer sends to the extra socket of `v`'s direct
+/// path, while that socket is the path.
+async fn aux_reader(
+    inner: Arc<Inner>,
+    v: SocketAddr,
+    sock: Arc<tokio::net::UdpSocket>,
+    peer: SocketAddr,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await;
+        if !inner
+            .socket
+            .paths
+            .lock()
+            .expect("not poisoned")
+            .uses_aux(v, &sock)
+        {
+            break;
+        }
+        match r {
+            Ok(Ok((n, from)))
+                if punch_net::canonical(from) == peer
+                    && !punch_protocol::probe::is_probe(&buf[..n]) =>
+            {
+                inner
+                    .socket
+                    .paths
+                    .lock()
+                    .expect("not poisoned")
+                    .touch_direct(v);
+                inner
+                    .socket
+                    .deliver(v, bytes::Bytes::copy_from_slice(&buf[..n]));
+            }
+            Ok(Err(e)) => {
+                debug!("extra socket failed: {e}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    debug!("extra socket no longer the path");
+}
+
+/// The first direct path either punching or the birthday method finds.
+async fn first_direct(
+    mut punched: oneshot::Receiver<Option<Punched>>,
+    birthday: Option<oneshot::Receiver<Option<Punched>>>,
+) -> Option<Punched> {
+    let Some(mut birthday) = birthday else {
+        return punched.await.ok().flatten();
+    };
+    let (mut p_done, mut b_done) = (false, false);
+    while !(p_done && b_done) {
+        tokio::select! {
+            r = &mut punched, if !p_done => match r {
+                Ok(Some(x)) => return Some(x),
+                _ => p_done = true,
+            },
+            r = &mut birthday, if !b_done => match r {
+                Ok(Some(x)) => return Some(x),
+                _ => b_done = true,
+            },
+        }
+    }
+    None
 }
 
 /// Binds our side of the session on the server's relay; on success the
@@ -373,7 +493,8 @@ pub(crate) async fn controlled(
     if mode == RelayMode::Force && offer.relay {
         inner.router.unregister(offer.session);
     } else {
-        let _ = spawn_puncher(&inner, &offer, v, probes).await;
+        let birthday = spawn_birthday(&inner, &offer, v);
+        let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday).await;
     }
     tokio::time::sleep(window).await;
     release(&inner, v);
@@ -452,7 +573,9 @@ async fn dial(
         inner.router.unregister(offer.session);
         bind_relay(inner, offer, v).await?;
     } else {
-        let mut punched = spawn_puncher(inner, offer, v, probes);
+        let birthday = spawn_birthday(inner, offer, v);
+        let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday);
+        tokio::pin!(punched);
         // Bind the relay early (one packet) so falling back costs nothing.
         let mut bound = relay_ok.then(|| {
             let (inner, offer) = (inner.clone(), offer.clone());
@@ -467,7 +590,7 @@ async fn dial(
         });
         tokio::pin!(relay_at);
         let direct = tokio::select! {
-            r = &mut punched => r.ok().flatten(),
+            r = &mut punched => r,
             _ = &mut relay_at => {
                 info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
                 None

@@ -116,6 +116,9 @@ struct PeerPath {
     /// The latest session with this peer.
     session: SessionId,
     direct: Option<SocketAddr>,
+    /// The extra socket the direct path leaves from (birthday method), if
+    /// not the agent's own.
+    direct_aux: Option<Arc<tokio::net::UdpSocket>>,
     relay: Option<RelayBinding>,
     /// When the last datagram arrived on the direct path.
     direct_rx: Option<std::time::Instant>,
@@ -217,6 +220,7 @@ impl PathTable {
             PeerPath {
                 session,
                 direct: None,
+                direct_aux: None,
                 relay: None,
                 direct_rx: None,
                 users: 1,
@@ -268,10 +272,41 @@ impl PathTable {
     pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>) {
         if let Some(p) = self.peers.get_mut(&v) {
             p.direct = addr;
+            p.direct_aux = None;
             p.direct_rx = Some(std::time::Instant::now());
             if let Some(a) = addr {
                 self.by_direct.insert(a, v);
             }
+        }
+    }
+
+    /// Uses `addr`, reached from the extra socket `aux`, as the direct path
+    /// (the birthday method found it).
+    pub fn set_direct_aux(
+        &mut self,
+        v: SocketAddr,
+        addr: SocketAddr,
+        aux: Arc<tokio::net::UdpSocket>,
+    ) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct = Some(addr);
+            p.direct_aux = Some(aux);
+            p.direct_rx = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Is `aux` still the socket of `v`'s direct path?
+    pub fn uses_aux(&self, v: SocketAddr, aux: &Arc<tokio::net::UdpSocket>) -> bool {
+        self.peers
+            .get(&v)
+            .and_then(|p| p.direct_aux.as_ref())
+            .is_some_and(|a| Arc::ptr_eq(a, aux))
+    }
+
+    /// Notes traffic on `v`'s direct path.
+    pub fn touch_direct(&mut self, v: SocketAddr) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct_rx = Some(std::time::Instant::now());
         }
     }
 
@@ -311,6 +346,7 @@ impl PathTable {
         // The dead address keeps mapping to `v`: late packets from it must
         // not look like a new peer to quinn.
         p.direct.take()?;
+        p.direct_aux = None;
         self.relay_refresh(v)
     }
 
@@ -444,15 +480,30 @@ impl PunchSocket {
         let Some((v, header)) = self.relay_in(&frame) else {
             return;
         };
+        self.deliver(v, frame.slice(header..));
+    }
+
+    /// Hands quinn a datagram from `v` that arrived on another socket (an
+    /// extra socket of the birthday method).
+    pub fn deliver(&self, v: SocketAddr, d: Bytes) {
         {
             let mut inbox = self.inbox.lock().expect("not poisoned");
             if inbox.len() >= INBOX {
                 return;
             }
-            inbox.push_back((v, frame.slice(header..)));
+            inbox.push_back((v, d));
         }
         if let Some(w) = self.inbox_waker.lock().expect("not poisoned").take() {
             w.wake();
+        }
+    }
+
+    /// Our local IPv4 address for extra sockets (unspecified when the main
+    /// socket is).
+    pub fn local_ip_v4(&self) -> IpAddr {
+        match self.inner.local_addr().map(|a| a.ip().to_canonical()) {
+            Ok(IpAddr::V4(ip)) => IpAddr::V4(ip),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         }
     }
 
@@ -655,10 +706,22 @@ impl AsyncUdpSocket for PunchSocket {
         if !is_virtual(dst) {
             return self.inner.try_send(transmit);
         }
-        let (active, session) = {
+        let (active, session, aux) = {
             let paths = self.paths.lock().expect("not poisoned");
-            (paths.active(dst), paths.relay_session(dst))
+            let aux = paths.peers.get(&dst).and_then(|p| p.direct_aux.clone());
+            (paths.active(dst), paths.relay_session(dst), aux)
         };
+        if let (Some(ActivePath::Direct(addr)), Some(aux)) = (active, aux) {
+            let seg = transmit
+                .segment_size
+                .unwrap_or(transmit.contents.len())
+                .max(1);
+            for chunk in transmit.contents.chunks(seg) {
+                // Best effort, like any UDP send: QUIC recovers a drop.
+                let _ = aux.try_send_to(chunk, addr);
+            }
+            return Ok(());
+        }
         match (active, session) {
             (Some(ActivePath::Direct(addr)), _) => self.inner.try_send(&Transmit {
                 destination: punch_net::for_socket(addr, self.ipv6),

@@ -108,6 +108,8 @@ pub enum PunchState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PunchStats {
     pub pings_sent: u32,
+    /// Pings sprayed at random ports (birthday method).
+    pub sprayed: u32,
     pub pongs_sent: u32,
     pub pongs_received: u32,
     pub rejected: u32,
@@ -147,7 +149,31 @@ pub struct Puncher {
     state: PunchState,
     stats: PunchStats,
     scanning: bool,
+    spray: Option<SprayState>,
 }
+
+/// The easy side of the birthday method: pings to many ports of a peer
+/// behind an endpoint-dependent NAT, a few every tick. Ping `k` carries
+/// txid `txid_base + k`, so a pong names the port it answers without a
+/// table of sent pings.
+#[derive(Debug)]
+struct SprayState {
+    ip: std::net::IpAddr,
+    ports: Vec<u16>,
+    next: usize,
+    passes: u8,
+    txid_base: u64,
+    next_at: Instant,
+}
+
+/// Pings sprayed per tick, and the tick.
+const SPRAY_PER_TICK: usize = 16;
+const SPRAY_TICK: Duration = Duration::from_millis(10);
+/// Passes over the port list (a mapping the peer opens late is met on the
+/// second).
+const SPRAY_PASSES: u8 = 2;
+/// Most ports one spray covers.
+pub const MAX_SPRAY: usize = 4096;
 
 /// Most outstanding pings remembered for matching pongs.
 const MAX_SENT: usize = 512;
@@ -182,12 +208,69 @@ impl Puncher {
             state: PunchState::Probing,
             stats: PunchStats::default(),
             scanning: false,
+            spray: None,
             config,
         };
         for c in peer_candidates {
             p.add_candidate(c.addr, c.kind);
         }
         p
+    }
+
+    /// Also pings `ports` of `ip` (at most [`MAX_SPRAY`]), starting at
+    /// `at`: the easy side of the birthday method, for a peer whose NAT maps
+    /// every destination to a new port while it holds many sockets open
+    /// towards us. List the likeliest ports first (the peer's port block).
+    pub fn spray(&mut self, ip: std::net::IpAddr, mut ports: Vec<u16>, at: Instant) {
+        ports.truncate(MAX_SPRAY);
+        if ports.is_empty() {
+            return;
+        }
+        self.spray = Some(SprayState {
+            ip: ip.to_canonical(),
+            ports,
+            next: 0,
+            passes: 0,
+            txid_base: self.next_txid ^ (1 << 63),
+            next_at: at,
+        });
+    }
+
+    fn spray_tick(&mut self, now: Instant) {
+        let Some(s) = &mut self.spray else { return };
+        if now < s.next_at || s.passes >= SPRAY_PASSES {
+            return;
+        }
+        for _ in 0..SPRAY_PER_TICK {
+            if s.next >= s.ports.len() {
+                s.next = 0;
+                s.passes += 1;
+                if s.passes >= SPRAY_PASSES {
+                    break;
+                }
+            }
+            let dst = SocketAddr::new(s.ip, s.ports[s.next]);
+            let probe = Probe {
+                kind: ProbeKind::Ping,
+                role: self.role,
+                session: self.session,
+                txid: s.txid_base.wrapping_add(s.next as u64),
+            };
+            self.outbox.push_back(Transmit {
+                dst,
+                payload: probe.encode(&self.secret),
+            });
+            self.stats.sprayed += 1;
+            s.next += 1;
+        }
+        s.next_at = now + SPRAY_TICK;
+    }
+
+    /// The address a sprayed ping with this txid went to.
+    fn sprayed_to(&self, txid: u64) -> Option<SocketAddr> {
+        let s = self.spray.as_ref()?;
+        let k = txid.wrapping_sub(s.txid_base) as usize;
+        s.ports.get(k).map(|p| SocketAddr::new(s.ip, *p))
     }
 
     /// The session this puncher belongs to.
@@ -295,6 +378,7 @@ impl Puncher {
             self.events.push_back(PunchEvent::TimedOut);
             return;
         }
+        self.spray_tick(now);
         if now >= self.next_round {
             if !self.scanning
                 && self
@@ -362,11 +446,20 @@ impl Puncher {
             }
             ProbeKind::Pong { observed } => {
                 self.stats.pongs_received += 1;
-                let Some(pos) = self.sent.iter().position(|s| s.txid == probe.txid) else {
-                    self.stats.rejected += 1;
-                    return Err(ProbeError::BadField);
+                let sent = match self.sent.iter().position(|s| s.txid == probe.txid) {
+                    Some(pos) => self.sent[pos],
+                    None => match self.sprayed_to(probe.txid) {
+                        Some(dst) => Sent {
+                            txid: probe.txid,
+                            dst,
+                            at: now,
+                        },
+                        None => {
+                            self.stats.rejected += 1;
+                            return Err(ProbeError::BadField);
+                        }
+                    },
                 };
-                let sent = self.sent[pos];
                 if sent.dst != from {
                     // A pong must come back from where the ping went.
                     self.stats.rejected += 1;
@@ -408,7 +501,13 @@ impl Puncher {
         if !self.probing() {
             return None;
         }
-        Some(self.next_round.min(self.start + self.config.deadline))
+        let mut t = self.next_round.min(self.start + self.config.deadline);
+        if let Some(s) = &self.spray {
+            if s.passes < SPRAY_PASSES {
+                t = t.min(s.next_at);
+            }
+        }
+        Some(t)
     }
 }
 
@@ -644,6 +743,58 @@ mod tests {
             .is_err());
         assert_eq!(p.state(), PunchState::Probing);
         assert_eq!(p.stats().rejected, 3);
+    }
+
+    #[test]
+    fn a_spray_is_bounded_and_its_pongs_validate_only_from_their_port() {
+        let t0 = Instant::now();
+        let mut p = Puncher::new(
+            PunchParams {
+                session: SessionId(9),
+                secret: SECRET,
+                role: Role::Controlling,
+                peer_candidates: &[cand("203.0.113.2:2000", CandidateKind::ServerReflexive)],
+                start_in: Duration::ZERO,
+                txid_seed: 5,
+            },
+            t0,
+            PunchConfig::default(),
+        );
+        let ip: std::net::IpAddr = "203.0.113.2".parse().unwrap();
+        p.spray(ip, (1000..1100).collect(), t0);
+        let mut sprayed = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(1) {
+            p.handle_timeout(now);
+            while let Some(t) = p.poll_transmit() {
+                if (1000..1100).contains(&t.dst.port()) {
+                    sprayed.push(t);
+                }
+            }
+            now += Duration::from_millis(5);
+        }
+        // Two passes over the list, then nothing more.
+        assert_eq!(sprayed.len(), 200);
+        assert_eq!(p.stats().sprayed, 200);
+        let hit = sprayed.iter().find(|t| t.dst.port() == 1042).unwrap();
+        let ping = Probe::decode(&hit.payload, &SECRET).unwrap();
+        let pong = |txid| {
+            Probe {
+                kind: ProbeKind::Pong {
+                    observed: "198.51.100.1:1000".parse().unwrap(),
+                },
+                role: Role::Controlled,
+                session: SessionId(9),
+                txid,
+            }
+            .encode(&SECRET)
+        };
+        // The answer to port 1042's ping from another port proves nothing.
+        let wrong = SocketAddr::new(ip, 1043);
+        assert!(p.handle_probe(wrong, &pong(ping.txid), now).is_err());
+        let right = SocketAddr::new(ip, 1042);
+        p.handle_probe(right, &pong(ping.txid), now).unwrap();
+        assert_eq!(p.state(), PunchState::Validated(right));
     }
 
     #[test]
