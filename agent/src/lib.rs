@@ -257,6 +257,8 @@ pub(crate) struct Inner {
     /// Our NAT class, once classified (sent again on every registration).
     pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
+    /// True once our NAT's mapping is known or its classification ended.
+    pub(crate) nat_ready: watch::Sender<bool>,
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     pub(crate) share: Option<Arc<files::Share>>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
@@ -454,6 +456,7 @@ impl Agent {
             signal_stopped: watch::channel(false).0,
             nat: Mutex::new(None),
             nat_started: Default::default(),
+            nat_ready: watch::channel(false).0,
             allow_forward,
             share,
             status,

@@ -134,6 +134,18 @@ pub async fn check(
     bind: SocketAddr,
     test_hairpin: bool,
 ) -> std::io::Result<NatReport> {
+    check_with(server, bind, test_hairpin, |_| {}).await
+}
+
+/// [`check`], handing `on_mapping` a first report as soon as the mapping is
+/// known (filtering `unknown`): the mapping takes a few round trips, the
+/// filtering tests wait out timeouts on strict NATs.
+pub async fn check_with(
+    server: SocketAddr,
+    bind: SocketAddr,
+    test_hairpin: bool,
+    on_mapping: impl Fn(&NatReport),
+) -> std::io::Result<NatReport> {
     let s1 = UdpSocket::bind(bind).await?;
     let local = s1.local_addr()?;
     let Some(first) = ask(&s1, server, false, false).await else {
@@ -166,6 +178,16 @@ pub async fn check(
             _ => "unknown",
         };
     }
+    on_mapping(&NatReport {
+        udp: "ok",
+        local_addr: Some(local.to_string()),
+        public_addr: Some(m1.to_string()),
+        mapping,
+        filtering: "unknown",
+        port_preserved: Some(m1.port() == local.port()),
+        hairpin: None,
+        other_addr: first.other.map(|o| o.to_string()),
+    });
     // Filtering from a socket that has talked to the primary address only.
     let s2 = UdpSocket::bind(bind).await?;
     let filtering = if first.other.is_none() {

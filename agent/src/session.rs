@@ -293,6 +293,9 @@ fn release(inner: &Arc<Inner>, v: SocketAddr) {
     inner.socket.paths.lock().expect("not poisoned").unref(v);
 }
 
+/// Longest a connect waits for our NAT's mapping to be classified.
+const NAT_WAIT: Duration = Duration::from_millis(1500);
+
 /// A direct path silent this long is dead (peers keep-alive every second;
 /// NAT mappings expire or are flushed): the connection moves to the relay.
 const DIRECT_DEAD_AFTER: Duration = Duration::from_millis(2500);
@@ -508,6 +511,12 @@ pub(crate) async fn connect(
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
     let start = Instant::now();
+    // A fresh agent's NAT mapping is known a few round trips after it
+    // registers; the peer pair's punching method depends on it.
+    if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut ready = inner.nat_ready.subscribe();
+        let _ = tokio::time::timeout(NAT_WAIT, ready.wait_for(|r| *r)).await;
+    }
     let (offer, probes) = request_offer(inner, target).await?;
     let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);

@@ -423,7 +423,19 @@ fn classify_nat(inner: &Arc<Inner>) {
             } else {
                 SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
             };
-            match crate::natcheck::check(server, bind, false).await {
+            let early = |r: &crate::natcheck::NatReport| {
+                // The mapping is what the birthday method needs first.
+                if let Some(nat) = r.class() {
+                    if nat.mapping != punch_protocol::signal::NatBehaviour::Unknown {
+                        *inner.nat.lock().expect("not poisoned") = Some(nat);
+                        inner.notify(ClientMsg::Nat(nat));
+                        inner.nat_ready.send_replace(true);
+                    }
+                }
+            };
+            let result = crate::natcheck::check_with(server, bind, false, early).await;
+            inner.nat_ready.send_replace(true);
+            match result {
                 Ok(r) => match r.class() {
                     Some(nat) => {
                         info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), "NAT classified");
