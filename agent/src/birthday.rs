@@ -119,12 +119,14 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
 /// The hard side: opens [`AUX_SOCKETS`] sockets, sends a ping from each to
 /// the peer's public mapping, answers the pings of the peer's spray and
 /// pings back; the first socket with a pong from the peer is the path.
-/// Returns it, and the peer's address, within `limit`.
+/// Returns it, the peer's address, and every socket the spray met (the
+/// peer may have validated another one of them and answer there), within
+/// `limit`.
 pub(crate) async fn hard_side(
     inner: &Arc<Inner>,
     offer: &Offer,
     limit: Duration,
-) -> Option<(Arc<UdpSocket>, Punched)> {
+) -> Option<(Arc<UdpSocket>, Punched, Vec<Arc<UdpSocket>>)> {
     let targets: Vec<SocketAddr> = offer
         .peer_candidates
         .iter()
@@ -188,6 +190,7 @@ pub(crate) async fn hard_side(
         }
     }
     let deadline = tokio::time::Instant::now() + limit;
+    let mut hits: Vec<usize> = Vec::new();
     let found = loop {
         let Ok(Some((i, from, data))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
             break None;
@@ -212,6 +215,9 @@ pub(crate) async fn hard_side(
                 let _ = socks[i].try_send_to(&pong, from);
                 let _ = socks[i].try_send_to(&ping(txid_base + i as u64 + 2_000_000), from);
                 sent_at[i] = Instant::now();
+                if !hits.contains(&i) && hits.len() < 16 {
+                    hits.push(i);
+                }
                 debug!(socket = i, %from, "birthday: the spray met one of our mappings");
             }
             ProbeKind::Pong { observed } => {
@@ -233,8 +239,9 @@ pub(crate) async fn hard_side(
         r.abort();
     }
     let (sock, punched, observed) = found?;
-    info!(addr = %punched.addr, %observed, "birthday method: path validated through an extra socket");
-    Some((sock, punched))
+    info!(addr = %punched.addr, %observed, hits = hits.len(), "birthday method: path validated through an extra socket");
+    let met = hits.into_iter().map(|i| socks[i].clone()).collect();
+    Some((sock, punched, met))
 }
 
 #[cfg(test)]

@@ -154,16 +154,22 @@ fn spawn_birthday(
         async move {
             let limit = inner.config.punch_timeout;
             match crate::birthday::hard_side(&inner, &offer, limit).await {
-                Some((sock, punched)) => {
+                Some((sock, punched, met)) => {
                     inner
                         .socket
                         .paths
                         .lock()
                         .expect("not poisoned")
                         .set_direct_aux(v, punched.addr, sock.clone());
-                    tokio::spawn(
-                        aux_reader(inner.clone(), v, sock, punched.addr).in_current_span(),
-                    );
+                    // The peer answers on the socket it validated, which
+                    // may be another one the spray met: read them all while
+                    // ours is the path.
+                    for s in met.into_iter().filter(|s| !Arc::ptr_eq(s, &sock)) {
+                        let r = aux_reader(inner.clone(), v, s, sock.clone(), punched.addr.ip());
+                        tokio::spawn(r.in_current_span());
+                    }
+                    let r = aux_reader(inner.clone(), v, sock.clone(), sock, punched.addr.ip());
+                    tokio::spawn(r.in_current_span());
                     let _ = tx.send(Some(punched));
                 }
                 None => {
@@ -177,13 +183,14 @@ fn spawn_birthday(
     Some(rx)
 }
 
-/// Hands quinn what the peer sends to the extra socket of `v`'s direct
-/// path, while that socket is the path.
+/// Hands quinn what the peer sends to `sock`, while the extra socket
+/// `path` is `v`'s direct path.
 async fn aux_reader(
     inner: Arc<Inner>,
     v: SocketAddr,
     sock: Arc<tokio::net::UdpSocket>,
-    peer: SocketAddr,
+    path: Arc<tokio::net::UdpSocket>,
+    peer: std::net::IpAddr,
 ) {
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -193,13 +200,13 @@ async fn aux_reader(
             .paths
             .lock()
             .expect("not poisoned")
-            .uses_aux(v, &sock)
+            .uses_aux(v, &path)
         {
             break;
         }
         match r {
             Ok(Ok((n, from)))
-                if punch_net::canonical(from) == peer
+                if punch_net::canonical(from).ip() == peer
                     && !punch_protocol::probe::is_probe(&buf[..n]) =>
             {
                 inner
@@ -292,6 +299,10 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
 fn release(inner: &Arc<Inner>, v: SocketAddr) {
     inner.socket.paths.lock().expect("not poisoned").unref(v);
 }
+
+/// How long a handshake may try a validated direct path before it moves to
+/// the relay (when there is one).
+const HANDSHAKE_ON_DIRECT: Duration = Duration::from_millis(2500);
 
 /// Longest a connect waits for our NAT's mapping to be classified.
 const NAT_WAIT: Duration = Duration::from_millis(1500);
@@ -645,7 +656,30 @@ async fn dial(
         .endpoint
         .connect_with(cfg, inner.socket.quinn_addr(v), "punch-peer")
         .map_err(|e| AgentError::PeerConnect(e.to_string()))?;
-    let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+    // A direct path that validated but does not carry the handshake (the
+    // peer settled on another of our addresses, a mapping died) must not
+    // cost the connection: after a while the handshake moves to the relay.
+    let fallback = async {
+        tokio::time::sleep(HANDSHAKE_ON_DIRECT).await;
+        let rebind = inner
+            .socket
+            .paths
+            .lock()
+            .expect("not poisoned")
+            .fall_back(v);
+        if let Some((via, frame)) = rebind {
+            warn!("no handshake over the direct path yet; moving it to the relay");
+            inner.socket.send_relay_control(via, &frame);
+        }
+        std::future::pending::<()>().await
+    };
+    let handshake = async {
+        tokio::select! {
+            r = connecting => r,
+            _ = fallback => unreachable!("pending forever"),
+        }
+    };
+    let conn = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             report(inner, offer, PathKind::Failed, start, None);
