@@ -5,7 +5,7 @@
 # probes blocked by nftables so only the relay path exists), coturn
 # (turnutils_uclient client-to-client through TURN).
 set -u
-NS=plab-relaybench-$$
+NS=punchbench-relay-$$  # not plab-…: `punch-lab clean` removes those
 ip netns add $NS
 trap 'ip netns pids $NS | xargs -r kill 2>/dev/null; sleep 0.5; ip netns del $NS' EXIT
 X="ip netns exec $NS"
@@ -19,7 +19,7 @@ SECS=${SECS:-5}
 
 if [ "${SKIP_PUNCH:-0}" = 0 ]; then
 echo "== punch"
-$X $T/punch-server --listen 127.0.0.1:4478 --no-http --data-dir $W/d > $W/server.out 2>$W/server.log &
+$X $T/punch-server --listen 127.0.0.1:4478 --no-http --data-dir $W/d ${SERVER_ARGS:-} > $W/server.out 2>$W/server.log &
 for i in $(seq 50); do grep -q fingerprint= $W/server.out && break; sleep 0.1; done
 FP=$(grep -o 'fingerprint=[^ ]*' $W/server.out | cut -d= -f2)
 A="--server 127.0.0.1:4478 --server-fingerprint $FP"

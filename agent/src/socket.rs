@@ -477,6 +477,23 @@ impl PunchSocket {
     /// Takes a relay frame that arrived over the WebSocket channel: data
     /// goes to quinn as if it came from the peer's virtual address.
     pub fn tcp_in(&self, frame: Bytes) {
+        if let Ok(relay::Frame::Batch { session, body }) = relay::parse(&frame) {
+            let v = self
+                .paths
+                .lock()
+                .expect("not poisoned")
+                .by_session
+                .get(&session)
+                .copied();
+            let (Some(v), Some(items)) = (v, relay::batch_items(body)) else {
+                return;
+            };
+            for r in items {
+                let at = relay::DATA_HEADER + r.start..relay::DATA_HEADER + r.end;
+                self.deliver(v, frame.slice(at));
+            }
+            return;
+        }
         let Some((v, header)) = self.relay_in(&frame) else {
             return;
         };
@@ -620,14 +637,20 @@ impl PunchSocket {
         let server = match via {
             RelayVia::Udp(s) => s,
             RelayVia::Tcp => {
-                let mut header = [0u8; relay::DATA_HEADER];
-                relay::write_data_header(&mut header, session);
+                // One message for the whole GSO batch: per-message costs
+                // dominate on the TCP channel.
+                // Batches stay well below the WebSocket message limit.
+                const MAX_BATCH: usize = 60 * 1024;
+                let mut f = Vec::with_capacity(MAX_BATCH.min(t.contents.len() + 256));
+                relay::start_batch(&mut f, session);
                 for chunk in t.contents.chunks(seg) {
-                    let mut f = Vec::with_capacity(relay::DATA_HEADER + chunk.len());
-                    f.extend_from_slice(&header);
-                    f.extend_from_slice(chunk);
-                    self.send_tcp(Bytes::from(f));
+                    if f.len() + 2 + chunk.len() > MAX_BATCH && f.len() > relay::DATA_HEADER {
+                        self.send_tcp(Bytes::from(std::mem::take(&mut f)));
+                        relay::start_batch(&mut f, session);
+                    }
+                    relay::push_batch_item(&mut f, chunk);
                 }
+                self.send_tcp(Bytes::from(f));
                 return Ok(());
             }
         };

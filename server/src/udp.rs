@@ -44,6 +44,10 @@ pub struct StunStats {
 /// STUN answers of one receive batch: (client, our address it asked, bytes).
 type Answers = Vec<(SocketAddr, Option<std::net::IpAddr>, Vec<u8>)>;
 
+/// Largest batch frame built for a TCP client (below the WebSocket message
+/// limit).
+const MAX_TCP_BATCH: usize = 60 * 1024;
+
 /// SOFTWARE attribute of our STUN answers.
 pub const SOFTWARE: &str = concat!("punch-server ", env!("CARGO_PKG_VERSION"));
 
@@ -79,9 +83,40 @@ impl ServerSocket {
         }))
     }
 
-    /// Sends one relay frame that arrived over TCP to a UDP address.
+    /// Sends a relay frame that arrived over TCP to a UDP address: a data
+    /// frame as it is, a batch as one data frame per datagram (one GSO
+    /// send when the sizes allow).
     pub fn send_datagram(&self, to: SocketAddr, data: &[u8]) {
-        self.forward(to, data, data.len());
+        let Ok(relay::Frame::Batch { session, body }) = relay::parse(data) else {
+            self.forward(to, data, data.len());
+            return;
+        };
+        let Some(items) = relay::batch_items(body) else {
+            return;
+        };
+        let mut header = [0u8; relay::DATA_HEADER];
+        relay::write_data_header(&mut header, session);
+        let stride = items.first().map_or(0, |r| r.len()) + relay::DATA_HEADER;
+        // GSO wants equal segments, only the last may be shorter.
+        let uniform = items.iter().enumerate().all(|(k, r)| {
+            let len = r.len() + relay::DATA_HEADER;
+            len == stride || (k + 1 == items.len() && len <= stride)
+        });
+        if uniform && items.len() > 1 {
+            let mut buf = Vec::with_capacity(body.len() + items.len() * relay::DATA_HEADER);
+            for r in &items {
+                buf.extend_from_slice(&header);
+                buf.extend_from_slice(&body[r.clone()]);
+            }
+            self.forward(to, &buf, stride);
+        } else {
+            for r in items {
+                let mut d = Vec::with_capacity(relay::DATA_HEADER + r.len());
+                d.extend_from_slice(&header);
+                d.extend_from_slice(&body[r]);
+                self.forward(to, &d, d.len());
+            }
+        }
     }
 
     /// Answers a STUN Binding request: sends it from an alternate socket
@@ -166,6 +201,8 @@ impl ServerSocket {
         let mut kept = 0;
         // A pending run of relay segments for one destination: (to, start, end).
         let mut run: Option<(SocketAddr, usize, usize)> = None;
+        // Data frames for one TCP client, gathered into one batch frame.
+        let mut batch: Option<(u64, Vec<u8>)> = None;
         let mut table = None;
         let mut off = 0;
         while off < len {
@@ -179,7 +216,27 @@ impl ServerSocket {
                 let from = punch_net::canonical(meta.addr);
                 let t = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
                 match t.handle(from, seg, Instant::now()) {
-                    Ok(Action::Forward(Endpoint::Tcp(id))) => self.tcp.deliver(id, seg),
+                    Ok(Action::Forward(Endpoint::Tcp(id))) => match relay::parse(seg) {
+                        Ok(relay::Frame::Data { session, payload }) => {
+                            let same = batch.as_ref().is_some_and(|(b_id, b)| {
+                                *b_id == id
+                                    && b[5..relay::DATA_HEADER] == session.0.to_be_bytes()
+                                    && b.len() + payload.len() + 2 <= MAX_TCP_BATCH
+                            });
+                            if !same {
+                                if let Some((b_id, b)) = batch.take() {
+                                    self.tcp.deliver(b_id, &b);
+                                }
+                                let mut b = Vec::with_capacity(MAX_TCP_BATCH.min(len + 64));
+                                relay::start_batch(&mut b, session);
+                                batch = Some((id, b));
+                            }
+                            if let Some((_, b)) = &mut batch {
+                                relay::push_batch_item(b, payload);
+                            }
+                        }
+                        _ => self.tcp.deliver(id, seg),
+                    },
                     Ok(Action::Forward(Endpoint::Udp(to))) => match &mut run {
                         Some((r_to, _, r_end)) if *r_to == to && *r_end == off => *r_end = end,
                         _ => {
@@ -218,6 +275,9 @@ impl ServerSocket {
         }
         if let Some((to, s, e)) = run.take() {
             self.forward(to, &buf[s..e], stride);
+        }
+        if let Some((id, b)) = batch.take() {
+            self.tcp.deliver(id, &b);
         }
         kept
     }
