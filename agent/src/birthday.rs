@@ -55,13 +55,11 @@ pub fn part(ours: Option<NatClass>, peer: Option<NatClass>) -> Option<Part> {
         return None;
     }
     // With address-dependent (or no) filtering on the easy side, ordinary
-    // punching already meets the hard side's new mapping.
-    let strict = |f: NatBehaviour| {
-        matches!(
-            f,
-            NatBehaviour::AddressAndPortDependent | NatBehaviour::Unknown
-        )
-    };
+    // punching already meets the hard side's new mapping. Unknown filtering
+    // (an agent that connects before its filtering tests end) does not
+    // count: a looser filter would let the extra sockets' pings through
+    // and the two sides could settle on different sockets.
+    let strict = |f: NatBehaviour| f == NatBehaviour::AddressAndPortDependent;
     let eim = |c: NatClass| c.mapping == NatBehaviour::EndpointIndependent;
     if dependent(o.mapping) && eim(p) && strict(p.filtering) {
         Some(Part::Hard)
@@ -119,14 +117,15 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
 /// The hard side: opens [`AUX_SOCKETS`] sockets, sends a ping from each to
 /// the peer's public mapping, answers the pings of the peer's spray and
 /// pings back; the first socket with a pong from the peer is the path.
-/// Returns it, the peer's address, and every socket the spray met (the
-/// peer may have validated another one of them and answer there), within
-/// `limit`.
+/// Returns it and the peer's address (when found within `limit`), and
+/// every socket the peer pinged: the peer may have validated another one of
+/// them (its ordinary punching meets them too when its filter is looser
+/// than its class said) and will send there.
 pub(crate) async fn hard_side(
     inner: &Arc<Inner>,
     offer: &Offer,
     limit: Duration,
-) -> Option<(Arc<UdpSocket>, Punched, Vec<Arc<UdpSocket>>)> {
+) -> (Option<(Arc<UdpSocket>, Punched)>, Vec<Arc<UdpSocket>>) {
     let targets: Vec<SocketAddr> = offer
         .peer_candidates
         .iter()
@@ -135,7 +134,7 @@ pub(crate) async fn hard_side(
         .filter(|a| a.is_ipv4())
         .collect();
     if targets.is_empty() {
-        return None;
+        return (None, Vec::new());
     }
     let local = inner.socket.local_ip_v4();
     let mut socks = Vec::with_capacity(AUX_SOCKETS);
@@ -215,7 +214,7 @@ pub(crate) async fn hard_side(
                 let _ = socks[i].try_send_to(&pong, from);
                 let _ = socks[i].try_send_to(&ping(txid_base + i as u64 + 2_000_000), from);
                 sent_at[i] = Instant::now();
-                if !hits.contains(&i) && hits.len() < 16 {
+                if !hits.contains(&i) {
                     hits.push(i);
                 }
                 debug!(socket = i, %from, "birthday: the spray met one of our mappings");
@@ -238,10 +237,12 @@ pub(crate) async fn hard_side(
     for r in readers {
         r.abort();
     }
-    let (sock, punched, observed) = found?;
-    info!(addr = %punched.addr, %observed, hits = hits.len(), "birthday method: path validated through an extra socket");
     let met = hits.into_iter().map(|i| socks[i].clone()).collect();
-    Some((sock, punched, met))
+    let Some((sock, punched, observed)) = found else {
+        return (None, met);
+    };
+    info!(addr = %punched.addr, %observed, "birthday method: path validated through an extra socket");
+    (Some((sock, punched)), met)
 }
 
 #[cfg(test)]
@@ -270,6 +271,10 @@ mod tests {
         assert_eq!(part(pr, pr), None);
         assert_eq!(part(sym, sym), None);
         assert_eq!(part(None, pr), None);
+        // Not yet known: no birthday.
+        let early = class(EndpointIndependent, Unknown);
+        assert_eq!(part(early, sym), None);
+        assert_eq!(part(sym, early), None);
     }
 
     #[test]

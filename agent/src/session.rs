@@ -153,55 +153,60 @@ fn spawn_birthday(
     tokio::spawn(
         async move {
             let limit = inner.config.punch_timeout;
-            match crate::birthday::hard_side(&inner, &offer, limit).await {
-                Some((sock, punched, met)) => {
-                    inner
-                        .socket
-                        .paths
-                        .lock()
-                        .expect("not poisoned")
-                        .set_direct_aux(v, punched.addr, sock.clone());
-                    // The peer answers on the socket it validated, which
-                    // may be another one the spray met: read them all while
-                    // ours is the path.
-                    for s in met.into_iter().filter(|s| !Arc::ptr_eq(s, &sock)) {
-                        let r = aux_reader(inner.clone(), v, s, sock.clone(), punched.addr.ip());
-                        tokio::spawn(r.in_current_span());
+            let (found, met) = crate::birthday::hard_side(&inner, &offer, limit).await;
+            let peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
+            // The peer sends to whichever of our addresses it validated,
+            // possibly one of these sockets: hand what arrives there to
+            // quinn, whatever our own path is.
+            let mut readers: Vec<_> = met;
+            let result = match found {
+                Some((sock, punched)) => {
+                    let mut paths = inner.socket.paths.lock().expect("not poisoned");
+                    // Ordinary punching found a path first: keep it.
+                    if !matches!(paths.active(v), Some(ActivePath::Direct(_))) {
+                        paths.set_direct_aux(v, punched.addr, sock.clone());
                     }
-                    let r = aux_reader(inner.clone(), v, sock.clone(), sock, punched.addr.ip());
-                    tokio::spawn(r.in_current_span());
-                    let _ = tx.send(Some(punched));
+                    drop(paths);
+                    if !readers.iter().any(|s| Arc::ptr_eq(s, &sock)) {
+                        readers.push(sock);
+                    }
+                    Some(punched)
                 }
                 None => {
                     debug!("birthday method found no path");
-                    let _ = tx.send(None);
+                    None
+                }
+            };
+            if let Some(ip) = peer_ip {
+                for s in readers {
+                    tokio::spawn(aux_reader(inner.clone(), v, s, ip).in_current_span());
                 }
             }
+            let _ = tx.send(result);
         }
         .instrument(span),
     );
     Some(rx)
 }
 
-/// Hands quinn what the peer sends to `sock`, while the extra socket
-/// `path` is `v`'s direct path.
+/// Hands quinn what the peer (at `peer`) sends to the extra socket
+/// `sock`: while the peer is known, and while the socket is `v`'s path or
+/// has carried something in the last [`AUX_IDLE`].
 async fn aux_reader(
     inner: Arc<Inner>,
     v: SocketAddr,
     sock: Arc<tokio::net::UdpSocket>,
-    path: Arc<tokio::net::UdpSocket>,
     peer: std::net::IpAddr,
 ) {
     let mut buf = vec![0u8; 65_536];
+    let mut last = Instant::now();
     loop {
         let r = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await;
-        if !inner
-            .socket
-            .paths
-            .lock()
-            .expect("not poisoned")
-            .uses_aux(v, &path)
-        {
+        let (known, ours) = {
+            let p = inner.socket.paths.lock().expect("not poisoned");
+            (p.active(v).is_some(), p.uses_aux(v, &sock))
+        };
+        if !known || (!ours && last.elapsed() > AUX_IDLE) {
             break;
         }
         match r {
@@ -215,6 +220,7 @@ async fn aux_reader(
                     .lock()
                     .expect("not poisoned")
                     .touch_direct(v);
+                last = Instant::now();
                 inner
                     .socket
                     .deliver(v, bytes::Bytes::copy_from_slice(&buf[..n]));
@@ -228,6 +234,10 @@ async fn aux_reader(
     }
     debug!("extra socket no longer the path");
 }
+
+/// An extra socket that is not the path stops being read after this long
+/// without traffic.
+const AUX_IDLE: Duration = Duration::from_secs(30);
 
 /// The first direct path either punching or the birthday method finds.
 async fn first_direct(
