@@ -481,7 +481,11 @@ async fn dial(
         let direct = tokio::select! {
             r = &mut punched => r.ok().flatten(),
             _ = &mut relay_at => {
-                info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                if hopeless {
+                    info!("no direct path is possible (a side has no UDP); starting on the relay at once, still punching");
+                } else {
+                    info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                }
                 None
             }
         };
