@@ -81,7 +81,10 @@ pub fn start_server(lab: &mut Lab) -> Result<String> {
         .arg(format!("{}:3479", super::SERVER_IP2))
         .args(["--http", "127.0.0.1:8080", "--data-dir"])
         .arg(lab.path("server-data"));
-    cmd.env("PUNCH_LOG", "info");
+    // PUNCH_LAB_SERVER_LOG overrides the server's filter (e.g.
+    // `info,punch_server=trace` shows dropped relay frames).
+    let filter = std::env::var("PUNCH_LAB_SERVER_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("PUNCH_LOG", filter);
     let log = lab.path("server.log");
     let mut p = Proc::spawn("punch-server", cmd, Some(&log))?;
     let line = p.wait_line("punch-server udp=", Duration::from_secs(20))?;
