@@ -622,7 +622,11 @@ async fn dial(
         let direct = tokio::select! {
             r = &mut punched => r,
             _ = &mut relay_at => {
-                info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                if hopeless {
+                    info!("no direct path is possible (a side has no UDP); starting on the relay at once, still punching");
+                } else {
+                    info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                }
                 None
             }
         };
@@ -637,7 +641,7 @@ async fn dial(
                         target
                     };
                     return Err(AgentError::PeerConnect(format!(
-                        "no direct path: {who} has no UDP (it reaches the server only over TCP), and the relay is off (--no-relay or the server does not relay)"
+                        "no direct path is possible: {who} has no UDP (it reaches the server only over TCP), and the relay is off (--no-relay or the server does not relay)"
                     )));
                 }
                 return Err(AgentError::PunchTimeout {

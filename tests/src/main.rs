@@ -52,14 +52,29 @@ enum Cmd {
         #[command(flatten)]
         impair: ImpairArgs,
     },
-    /// Median and p95 time to connect over N loopback connects.
+    /// Median and p95 time to connect over N loopback connects (one agent,
+    /// in process); with --nat A,B in the lab (root): N fresh
+    /// `punch-agent connect` processes on A's site, timed from process
+    /// start to the first round trip (registration included), and with
+    /// --iroh DIR the same for the iroh comparison peer.
     BenchConnect {
         /// Number of connects.
         #[arg(long, default_value_t = 100)]
         count: usize,
-        /// Loopback address family: 127.0.0.1 or ::1.
+        /// Loopback address family: 127.0.0.1 or ::1 (without --nat).
         #[arg(long, default_value = "127.0.0.1")]
         ip: String,
+        /// Two NAT types, A (connects) and B (serves), e.g.
+        /// `udp-blocked,full-cone`: measure in the lab.
+        #[arg(long)]
+        nat: Option<String>,
+        #[command(flatten)]
+        impair: ImpairArgs,
+        /// Directory with the iroh comparison peer's `relay` and `probe`
+        /// binaries: measure iroh in the same lab (its relay over plain
+        /// HTTP on the server host, port 3340).
+        #[arg(long, requires = "nat")]
+        iroh: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -101,7 +116,8 @@ enum Cmd {
         #[arg(long)]
         svg: Option<PathBuf>,
         /// Exit non-zero when a pair that theory says goes direct does not,
-        /// or a pair does not connect at all.
+        /// a pair does not connect at all, or an agent on a UDP-less site
+        /// connects other than over TCP.
         #[arg(long)]
         strict: bool,
         /// Pass --no-relay to the agents (measure punching alone).
@@ -122,6 +138,34 @@ enum Cmd {
         /// Pings, 100 ms apart.
         #[arg(long, default_value_t = 120)]
         pings: u32,
+        #[command(flatten)]
+        impair: ImpairArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A pings B over one connection relayed over A's WebSocket (A's site
+    /// is udp-blocked); the lab lifts the UDP block on A's NAT and checks
+    /// that the connection moves to UDP and a direct path without a new
+    /// connection and without losing an echo.
+    TcpUpgrade {
+        /// B's NAT type: one that punches with a port-restricted NAT
+        /// (none, full-cone, restricted, port-restricted, cgnat,
+        /// cloudnat-eim).
+        #[arg(long, default_value = "full-cone")]
+        b: String,
+        /// Seconds between echoes.
+        #[arg(long, default_value_t = 0.05)]
+        interval: f64,
+        /// Echoes answered over the relay before the block is lifted.
+        #[arg(long, default_value_t = 20)]
+        before: usize,
+        /// Echoes answered directly before the lab stops.
+        #[arg(long, default_value_t = 30)]
+        after: usize,
+        /// Longest wait for the direct path after the lift (s).
+        #[arg(long, default_value_t = 60)]
+        limit: u64,
         #[command(flatten)]
         impair: ImpairArgs,
         /// Print JSON.
@@ -255,6 +299,8 @@ fn main() -> Result<()> {
             | Cmd::Matrix { .. }
             | Cmd::Failover { .. }
             | Cmd::Throughput { .. }
+            | Cmd::TcpUpgrade { .. }
+            | Cmd::BenchConnect { nat: Some(_), .. }
             | Cmd::Demo { nat: Some(_), .. }
     );
     if uses_lab {
@@ -283,9 +329,79 @@ fn main() -> Result<()> {
             };
             lab::demo::nat_demo(a, b, impair.impair()?)
         }
-        Cmd::BenchConnect { count, ip, json } => {
+        Cmd::BenchConnect {
+            count,
+            nat: Some(pair),
+            impair,
+            iroh,
+            json,
+            ..
+        } => {
+            if !(1..=1000).contains(&count) {
+                bail!("--count must be between 1 and 1000 in the lab");
+            }
+            let types = nat::parse_types(&pair).map_err(anyhow::Error::msg)?;
+            let (a, b) = match types[..] {
+                [a, b] => (a, b),
+                [a] => (a, a),
+                _ => bail!("--nat takes two types, A (connects) and B (serves), e.g. udp-blocked,full-cone (got {pair:?})"),
+            };
+            let r = lab::bench::bench(a, b, impair.impair()?, count, iroh.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let line = |name: &str, f: &lab::bench::Figures| {
+                    let o =
+                        |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{name:<6} {}/{} ok; start to first round trip: median {} ms, p95 {} ms; connect: median {} ms, p95 {} ms{}; paths {:?}{}",
+                        f.ok,
+                        f.runs,
+                        o(f.total_median_ms),
+                        o(f.total_p95_ms),
+                        o(f.connect_median_ms),
+                        o(f.connect_p95_ms),
+                        f.setup_median_ms
+                            .map(|s| format!(" (after a {s:.0} ms setup)"))
+                            .unwrap_or_default(),
+                        f.paths,
+                        if f.errors.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; errors {:?}", f.errors)
+                        }
+                    );
+                };
+                println!(
+                    "{} -> {} ({} ms per site link), {} runs:",
+                    r.a, r.b, r.impair.delay_ms, r.count
+                );
+                line("punch", &r.punch);
+                if let Some(f) = &r.iroh {
+                    line("iroh", f);
+                }
+            }
+            if r.punch.ok < r.count {
+                bail!(
+                    "{} of {} punch connects failed",
+                    r.count - r.punch.ok,
+                    r.count
+                );
+            }
+            Ok(())
+        }
+        Cmd::BenchConnect {
+            count,
+            ip,
+            json,
+            impair,
+            ..
+        } => {
             if !(1..=100_000).contains(&count) {
                 bail!("--count must be between 1 and 100000");
+            }
+            if impair.impair()? != Impair::default() {
+                bail!("--delay, --jitter and --loss need --nat (the lab)");
             }
             if ip != "127.0.0.1" && ip != "::1" {
                 bail!("--ip must be 127.0.0.1 or ::1 (loopback only)");
@@ -370,12 +486,12 @@ fn main() -> Result<()> {
             }
             let worse: Vec<String> = results
                 .iter()
-                .filter(|r| r.verdict == "worse-than-theory")
+                .filter(|r| r.verdict == "worse-than-theory" || r.verdict == "wrong-transport")
                 .map(|r| format!("{} -> {}", r.a, r.b))
                 .collect();
             if strict && !worse.is_empty() {
                 bail!(
-                    "{} pair(s) that theory says go direct did not: {}",
+                    "{} pair(s) that theory says go direct did not, or that connected from a UDP-less site but not over TCP: {}",
                     worse.len(),
                     worse.join(", ")
                 );
@@ -421,6 +537,60 @@ fn main() -> Result<()> {
                     lab::failover::compress(&r.paths).join(" → "),
                     r.to_relay_ms.unwrap_or_default(),
                     r.to_direct_ms.unwrap_or_default(),
+                    r.max_rtt_ms
+                );
+            }
+            Ok(())
+        }
+        Cmd::TcpUpgrade {
+            b,
+            interval,
+            before,
+            after,
+            limit,
+            impair,
+            json,
+        } => {
+            let b = nat::parse_types(&b).map_err(anyhow::Error::msg)?;
+            let [b] = b[..] else {
+                bail!("--b takes one NAT type");
+            };
+            if !b.has_udp() {
+                bail!("--b {b}: B needs UDP for a direct path");
+            }
+            if !(0.01..=1.0).contains(&interval) {
+                bail!("--interval must be between 0.01 and 1 s");
+            }
+            if !(1..=10_000).contains(&before) || !(1..=10_000).contains(&after) {
+                bail!("--before and --after must be between 1 and 10000");
+            }
+            if !(5..=600).contains(&limit) {
+                bail!("--limit must be between 5 and 600 s");
+            }
+            let r = lab::upgrade::tcp_upgrade(&lab::upgrade::UpgradeOpts {
+                b,
+                impair: impair.impair()?,
+                interval,
+                before,
+                after,
+                limit: std::time::Duration::from_secs(limit),
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let ms = |v: Option<f64>| {
+                    v.map(|x| format!("{x:.0} ms"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{} -> {}: {} echoes on one connection, all answered in order; paths {}; after the UDP block was lifted: signaling on UDP after {}, direct after {}; B accepted {} connection(s); slowest round trip {:.0} ms",
+                    r.a,
+                    r.b,
+                    r.answered,
+                    r.summary.join(" → "),
+                    ms(r.to_udp_signaling_ms),
+                    ms(r.to_direct_ms),
+                    r.b_connections,
                     r.max_rtt_ms
                 );
             }

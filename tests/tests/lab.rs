@@ -1,7 +1,10 @@
 //! The NAT lab in CI: every lab NAT type behaves as named (plain UDP
 //! probes), and a reduced matrix (every ordered pair once, 10 ms delay per
-//! site link) goes direct wherever theory says it can. The UDP-less site
-//! types block what they promise and let TCP out as they promise.
+//! site link) goes direct wherever theory says it can; pairs with a
+//! UDP-less site (`udp-blocked`, `proxy-only`) connect relayed over TCP.
+//! The UDP-less site types block what they promise and let TCP out as they
+//! promise, and a connection relayed over TCP moves to a direct path when
+//! UDP opens.
 
 use punch_lab::harness::{bin, run};
 use std::process::Command;
@@ -53,12 +56,21 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     assert_eq!(r.code, Some(0), "demo --nat failed: {r:?}");
     assert!(r.stdout.contains("demo ok"), "{r:?}");
 
-    // 3. Reduced matrix, strict: a pair theory calls direct must go direct.
+    // 3. Reduced matrix, strict: a pair theory calls direct must go direct;
+    //    every pair connects, those with a UDP-less side relayed over TCP.
     let json = dir.path().join("matrix.json");
     let svg = dir.path().join("matrix.svg");
     let mut cmd = Command::new(&lab);
     cmd.args([
-        "matrix", "--runs", "1", "--delay", "10", "--strict", "--json",
+        "matrix",
+        "--types",
+        "all,tcp-only",
+        "--runs",
+        "1",
+        "--delay",
+        "10",
+        "--strict",
+        "--json",
     ])
     .arg(&json)
     .arg("--svg")
@@ -83,7 +95,8 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
         (39.0..55.0).contains(&median),
         "lab RTT {median} ms, asked for 40 ms"
     );
-    assert_eq!(pairs.len(), 8 * 8 + 1, "every ordered pair plus same-nat");
+    assert_eq!(pairs.len(), 10 * 10 + 1, "every ordered pair plus same-nat");
+    let udp_less = |t: &serde_json::Value| t == "udp-blocked" || t == "proxy-only";
     for p in pairs {
         assert_eq!(
             p["success_rate"].as_f64(),
@@ -95,19 +108,29 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
         }
         // Hard pairs connect too (asserted above): relayed, or direct when a
         // random port allocation happens to line up.
+        if udp_less(&p["a"]) || udp_less(&p["b"]) {
+            assert_eq!(p["expect"], "relay-over-tcp", "{p}");
+            assert_eq!(p["relayed"].as_u64(), Some(1), "{p}");
+            // The UDP-less side's packets go over its WebSocket.
+            if udp_less(&p["a"]) {
+                assert_eq!(p["tcp"].as_u64(), Some(1), "{p}");
+            }
+        }
     }
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("cloudnat-eim"));
 
-    // 4. --no-relay: easy pairs go direct; symmetric ↔ port-restricted goes
-    //    direct by the birthday method; symmetric ↔ symmetric cannot and
-    //    fails with a punch timeout.
+    // 4. --no-relay: easy pairs go direct; symmetric → port-restricted goes
+    //    direct by the birthday method (the dialer's filtering is not yet
+    //    known when it connects, so the other direction does not try);
+    //    other hard pairs fail with a punch timeout; pairs with a UDP-less
+    //    side fail saying why.
     let json = dir.path().join("norelay.json");
     let mut cmd = Command::new(&lab);
     cmd.args([
         "matrix",
         "--types",
-        "port-restricted,symmetric",
+        "port-restricted,symmetric,tcp-only",
         "--runs",
         "1",
         "--no-relay",
@@ -119,9 +142,20 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for p in m["pairs"].as_array().unwrap() {
-        if p["expect"] == "direct" || p["a"] != p["b"] {
+    let pairs = m["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 4 * 4, "{m}");
+    for p in pairs {
+        let birthday = p["a"] == "symmetric" && p["b"] == "port-restricted";
+        if p["expect"] == "direct" || birthday {
             assert_eq!(p["direct"].as_u64(), Some(1), "{p}");
+        } else if p["expect"] == "relay-over-tcp" {
+            assert_eq!(p["connected"].as_u64(), Some(0), "{p}");
+            assert_eq!(p["errors"][0], "peer_connect", "{p}");
+            let msg = p["error_messages"][0].as_str().unwrap();
+            assert!(
+                msg.contains("no direct path is possible") && msg.contains("has no UDP"),
+                "{p}"
+            );
         } else {
             assert_eq!(p["connected"].as_u64(), Some(0), "{p}");
             assert_eq!(p["errors"][0], "punch_timeout", "{p}");
@@ -260,6 +294,50 @@ fn udp_blocked_and_proxy_only_sites_block_udp_and_let_tcp_out() {
             other => panic!("unexpected type {other}"),
         }
     }
+}
+
+#[test]
+fn connection_relayed_over_tcp_moves_to_a_direct_path_when_udp_opens() {
+    if !is_root() {
+        eprintln!("skipping the TCP-to-UDP upgrade: the NAT lab needs root (CI runs it as root)");
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let lab = bin("punch-lab").unwrap();
+    let mut cmd = Command::new(&lab);
+    cmd.args([
+        "tcp-upgrade",
+        "--b",
+        "full-cone",
+        "--delay",
+        "10",
+        "--before",
+        "20",
+        "--after",
+        "20",
+        "--limit",
+        "60",
+        "--json",
+    ]);
+    // The lift comes after the first punch session (3 s); the agent's
+    // first UDP check is 5 s after it registered, the limit 60 s.
+    let r = run(cmd, Duration::from_secs(150)).unwrap();
+    assert_eq!(r.code, Some(0), "tcp-upgrade: {}", r.stderr);
+    let u = r.json().unwrap();
+    let paths: Vec<&str> = u["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len() as u64, u["answered"].as_u64().unwrap(), "{u}");
+    assert!(paths[..20].iter().all(|p| *p == "relayed"), "{u}");
+    assert!(paths.ends_with(&["direct"; 20]), "{u}");
+    assert_eq!(u["started_on_tcp"], true, "{u}");
+    assert_eq!(u["b_connections"], 1, "one connection throughout: {u}");
+    let to_udp = u["to_udp_signaling_ms"].as_f64().unwrap();
+    let to_direct = u["to_direct_ms"].as_f64().unwrap();
+    assert!(to_udp <= to_direct && to_direct < 60_000.0, "{u}");
 }
 
 #[test]

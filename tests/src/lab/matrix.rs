@@ -36,6 +36,10 @@ pub struct PairResult {
     /// Runs that started on the relay and moved to a direct path.
     pub upgraded: usize,
     pub relayed: usize,
+    /// Connected runs whose A side carried the connection over TCP (the
+    /// relay over its WebSocket channel: `connect --json` says
+    /// `transport: tcp`).
+    pub tcp: usize,
     pub success_rate: f64,
     pub direct_rate: f64,
     pub median_ms: Option<f64>,
@@ -49,7 +53,8 @@ pub struct PairResult {
     pub errors: Vec<String>,
     /// Their one-line reasons.
     pub error_messages: Vec<String>,
-    /// `agrees`, `worse-than-theory` or `better-than-theory`.
+    /// `agrees`, `worse-than-theory`, `better-than-theory`, or
+    /// `wrong-transport` (an A without UDP connected, but not over TCP).
     pub verdict: &'static str,
 }
 
@@ -76,7 +81,10 @@ pub fn start_server(lab: &mut Lab) -> Result<String> {
         .arg(format!("{}:3479", super::SERVER_IP2))
         .args(["--http", "127.0.0.1:8080", "--data-dir"])
         .arg(lab.path("server-data"));
-    cmd.env("PUNCH_LOG", "info");
+    // PUNCH_LAB_SERVER_LOG overrides the server's filter (e.g.
+    // `info,punch_server=trace` shows dropped relay frames).
+    let filter = std::env::var("PUNCH_LAB_SERVER_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("PUNCH_LOG", filter);
     let log = lab.path("server.log");
     let mut p = Proc::spawn("punch-server", cmd, Some(&log))?;
     let line = p.wait_line("punch-server udp=", Duration::from_secs(20))?;
@@ -193,7 +201,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         serve(&mut lab, &ns, "b-same-nat", &fp, opts.punch_timeout)?;
     }
     // (A name, B name, A host namespace, target id, theory, reason, A site
-    // to reset between runs)
+    // to reset between runs, does A have UDP)
     type Pair = (
         String,
         String,
@@ -202,6 +210,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         Expect,
         &'static str,
         Option<usize>,
+        bool,
     );
     let mut pairs: Vec<Pair> = Vec::new();
     for (i, a) in opts.types.iter().enumerate() {
@@ -215,6 +224,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                 e,
                 why,
                 Some(a_site[i]),
+                a.has_udp(),
             ));
         }
     }
@@ -227,6 +237,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             Expect::Direct,
             "both hosts share one NAT without hairpinning: their LAN candidates reach each other",
             None,
+            true,
         ));
     }
     let bar = if opts.progress {
@@ -243,13 +254,13 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     };
     let limit = Duration::from_secs_f64(opts.punch_timeout + 20.0);
     let mut results = Vec::new();
-    for (a, b, ns, target, expect, reason, reset) in pairs {
+    for (a, b, ns, target, expect, reason, reset, a_udp) in pairs {
         bar.set_message(format!("{a} -> {b}"));
         let (mut times, mut rtts, mut rtt_ms) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut connected, mut direct, mut upgraded, mut relayed) = (0, 0, 0, 0);
+        let (mut connected, mut direct, mut upgraded, mut relayed, mut tcp) = (0, 0, 0, 0, 0);
         let mut errors = Vec::new();
         let mut error_messages = Vec::new();
-        for _ in 0..opts.runs {
+        for run_no in 0..opts.runs {
             // Each run's agent is new: forget the NAT mappings that earlier
             // runs' agents left (a 64-port block would otherwise fill up and
             // collide, which measures the lab, not punching).
@@ -262,6 +273,12 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                 .args(&opts.agent_args)
                 .args(lab.agent_args_for(&ns));
             let r = run(cmd, limit)?;
+            if std::env::var_os("PUNCH_LAB_KEEP").is_some() {
+                let _ = std::fs::write(
+                    lab.path(&format!("connect-{a}-{b}-{run_no}.log")),
+                    format!("{}\n--- stdout:\n{}", r.stderr, r.stdout),
+                );
+            }
             let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
             if r.code == Some(0) {
                 connected += 1;
@@ -272,6 +289,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                     }
                 } else if j["path"] == "relayed" {
                     relayed += 1;
+                }
+                if j["transport"] == "tcp" {
+                    tcp += 1;
                 }
                 let ms = j["connect_ms"].as_f64().unwrap_or(0.0);
                 let rtt = j["rtt_ms"].as_f64().unwrap_or(0.0);
@@ -295,11 +315,17 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         }
         let runs = opts.runs;
         let direct_rate = direct as f64 / runs as f64;
+        // An A without UDP can only carry the connection over TCP. (An A
+        // with UDP normally relays over UDP, but may legitimately land on
+        // TCP when its QUIC handshake to the server loses a packet and the
+        // WebSocket wins the race: not judged.)
+        let wrong_transport = !a_udp && tcp < connected;
         let verdict = match expect {
             Expect::Direct if direct < runs => "worse-than-theory",
             Expect::NeedsPredictionOrRelay | Expect::RelayOverTcp if direct > 0 => {
                 "better-than-theory"
             }
+            _ if wrong_transport => "wrong-transport",
             _ => "agrees",
         };
         results.push(PairResult {
@@ -312,6 +338,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             direct,
             upgraded,
             relayed,
+            tcp,
             success_rate: connected as f64 / runs as f64,
             direct_rate,
             median_ms: quantile(&mut times, 0.5),
@@ -336,13 +363,15 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 /// The readable table.
 pub fn table(results: &[PairResult]) -> String {
     let mut s = format!(
-        "{:<16} {:<16} {:<9} {:>5} {:>8} {:>7} {:>9} {:>9} {:>7} {:>7}  {}\n",
+        "{:<16} {:<16} {:<9} {:>5} {:>8} {:>7} {:>8} {:>5} {:>9} {:>9} {:>7} {:>7}  {}\n",
         "A",
         "B",
         "theory",
         "runs",
         "success",
         "direct",
+        "relayed",
+        "tcp",
         "med ms",
         "p95 ms",
         "med rt",
@@ -351,7 +380,7 @@ pub fn table(results: &[PairResult]) -> String {
     );
     for r in results {
         s.push_str(&format!(
-            "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>7.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
+            "{:<16} {:<16} {:<9} {:>5} {:>7.0}% {:>6.0}% {:>7.0}% {:>4.0}% {:>9} {:>9} {:>7} {:>7}  {}\n",
             r.a,
             r.b,
             r.expect.label(),
@@ -359,6 +388,7 @@ pub fn table(results: &[PairResult]) -> String {
             r.success_rate * 100.0,
             r.direct_rate * 100.0,
             r.relayed as f64 * 100.0 / r.runs as f64,
+            r.tcp as f64 * 100.0 / r.runs as f64,
             opt(r.median_ms, 1),
             opt(r.p95_ms, 1),
             opt(r.median_rtts, 1),
@@ -387,7 +417,7 @@ pub fn svg(results: &[PairResult]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"20\" font-size=\"14\">punch-lab matrix: direct connections (A connects to B)</text>\n\
-         <text x=\"10\" y=\"38\">green: direct, red: no direct path; ! marks a pair worse than theory, * better</text>\n"
+         <text x=\"10\" y=\"38\">green: direct, red: no direct path, grey: relay over TCP only (\"tcp N%\": connected); ! marks a pair worse than theory, * better</text>\n"
     );
     for (j, b) in names.iter().enumerate() {
         let x = left + j * cell + cell / 2;
@@ -408,20 +438,34 @@ pub fn svg(results: &[PairResult]) -> String {
                 continue;
             };
             let x = left + j * cell;
-            let red = (255.0 * (1.0 - r.direct_rate)) as u8;
-            let green = (180.0 * r.direct_rate + 40.0) as u8;
+            // Pairs only a relay over TCP can connect are grey (no direct
+            // path exists): their cell says how many connected.
+            let (red, green, blue) = if r.expect == Expect::RelayOverTcp && r.direct == 0 {
+                (120, 120, 130)
+            } else {
+                (
+                    (255.0 * (1.0 - r.direct_rate)) as u8,
+                    (180.0 * r.direct_rate + 40.0) as u8,
+                    60,
+                )
+            };
+            let (value, label) = if r.expect == Expect::RelayOverTcp && r.direct == 0 {
+                (r.success_rate, "tcp ")
+            } else {
+                (r.direct_rate, "")
+            };
             let mark = match r.verdict {
-                "worse-than-theory" => "!",
+                "worse-than-theory" | "wrong-transport" => "!",
                 "better-than-theory" => "*",
                 _ => "",
             };
             s.push_str(&format!(
-                "<rect x=\"{x}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({red},{green},60)\" stroke=\"white\"/>\n\
-                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\">{:.0}%{mark}</text>\n\
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({red},{green},{blue})\" stroke=\"white\"/>\n\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\">{label}{:.0}%{mark}</text>\n\
                  <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\" font-size=\"9\">{}</text>\n",
                 x + cell / 2,
                 y + cell / 2,
-                r.direct_rate * 100.0,
+                value * 100.0,
                 x + cell / 2,
                 y + cell / 2 + 14,
                 r.median_ms.map(|m| format!("{m:.0} ms")).unwrap_or_default()

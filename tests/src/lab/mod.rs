@@ -7,6 +7,7 @@
 //! what it built when dropped, also on Ctrl-C (the binary turns SIGINT into
 //! an orderly exit).
 
+pub mod bench;
 pub mod delay;
 pub mod demo;
 pub mod failover;
@@ -15,6 +16,7 @@ pub mod nat;
 pub mod probe;
 pub mod reach;
 pub mod throughput;
+pub mod upgrade;
 pub mod verify;
 
 use crate::harness::{bin, Proc};
@@ -264,6 +266,14 @@ impl Lab {
             sites: Vec::new(),
             dir: tempfile::tempdir()?,
         };
+        if std::env::var_os("PUNCH_LAB_KEEP").is_some() {
+            // Logs (agents, server, proxy) stay for a look afterwards.
+            lab.dir.disable_cleanup(true);
+            eprintln!(
+                "punch-lab: PUNCH_LAB_KEEP set; logs stay in {}",
+                lab.dir.path().display()
+            );
+        }
         if list_lab_namespaces()?
             .iter()
             .any(|n| n.starts_with(&format!("{}-", lab.prefix)))
@@ -687,6 +697,37 @@ impl Lab {
     pub fn flush_conntrack(&self, site: usize) -> Result<()> {
         for ns in &self.sites[site].nat_ns {
             let _ = sh(in_ns(ns, "conntrack").args(["-F"]));
+        }
+        Ok(())
+    }
+
+    /// Lets UDP through a `udp-blocked` site's NAT from now on: deletes
+    /// the two rules that drop forwarded UDP (its `track` chain), so the
+    /// NAT behaves as `port-restricted` for UDP too. Connections keep
+    /// running; what happens next is up to the agents. Fails for other
+    /// site types and when the rules are not there (lifted already).
+    pub fn lift_udp_block(&mut self, site: usize) -> Result<()> {
+        let s = &self.sites[site];
+        if s.nat != NatType::UdpBlocked {
+            bail!("site {site} is {}, not udp-blocked", s.nat);
+        }
+        let ns = s.edge_ns.clone();
+        let listing =
+            sh(in_ns(&ns, "nft").args(["-a", "list", "chain", "ip", "punchnat", "track"]))?;
+        let handles = nat::udp_block_handles(&listing);
+        if handles.len() != 2 {
+            bail!("expected the two UDP drop rules in {ns}, found {handles:?} in:\n{listing}");
+        }
+        for h in handles {
+            sh(in_ns(&ns, "nft").args([
+                "delete",
+                "rule",
+                "ip",
+                "punchnat",
+                "track",
+                "handle",
+                &h.to_string(),
+            ]))?;
         }
         Ok(())
     }

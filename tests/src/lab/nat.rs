@@ -401,6 +401,17 @@ table ip punchnat {{
     )
 }
 
+/// The nftables handles of a `udp-blocked` NAT's UDP drop rules, read from
+/// `nft -a list chain ip punchnat track` (lines like
+/// `oifname "wan0" meta l4proto udp counter packets 3 bytes 90 drop # handle 7`).
+pub fn udp_block_handles(listing: &str) -> Vec<u64> {
+    listing
+        .lines()
+        .filter(|l| l.contains("meta l4proto udp") && l.contains(" drop"))
+        .filter_map(|l| l.rsplit_once("# handle ")?.1.trim().parse().ok())
+        .collect()
+}
+
 /// A `proxy-only` gateway: nothing is forwarded between LAN and WAN; from
 /// the LAN only the proxy port on the gateway itself is open; from the WAN
 /// only answers to the gateway's own (the proxy's) connections come in.
@@ -503,6 +514,16 @@ mod tests {
         assert!(p.contains("hook forward priority 0; policy drop;"), "{p}");
         assert!(p.contains(&format!("tcp dport {PROXY_PORT} accept")), "{p}");
         assert!(!p.contains("snat") && !p.contains("masquerade"), "{p}");
+    }
+
+    #[test]
+    fn udp_block_rules_are_found_by_handle() {
+        let listing = "table ip punchnat {\n\tchain track { # handle 4\n\t\t\
+            type filter hook forward priority filter; policy accept;\n\t\t\
+            oifname \"wan0\" meta l4proto udp counter packets 3 bytes 90 drop # handle 7\n\t\t\
+            iifname \"wan0\" meta l4proto udp counter packets 0 bytes 0 drop # handle 8\n\t}\n}\n";
+        assert_eq!(udp_block_handles(listing), vec![7, 8]);
+        assert!(udp_block_handles("chain track { # handle 4\n}").is_empty());
     }
 
     #[test]
