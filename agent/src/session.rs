@@ -534,7 +534,7 @@ pub(crate) async fn connect(
     let start = Instant::now();
     // A fresh agent's NAT mapping is known a few round trips after it
     // registers; the peer pair's punching method depends on it.
-    if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) {
+    if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) && !inner.tcp_only() {
         let mut ready = inner.nat_ready.subscribe();
         let _ = tokio::time::timeout(NAT_WAIT, ready.wait_for(|r| *r)).await;
     }

@@ -490,13 +490,12 @@ async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, 
         .as_ref()
         .map(|t| punch_tls::token_proof(t, &binding));
     let mut candidates = inner.local_candidates();
-    // Over TCP the server sees no UDP mapping of ours: ask its STUN port
-    // (and the configured STUN servers) so peers can still punch to us.
-    let extra = match chan {
-        Channel::Ws(_) => *inner.server_addr.lock().expect("not poisoned"),
-        Channel::Quic { .. } => None,
+    // Over TCP, STUN runs after registration (`ws_session`): UDP is likely
+    // blocked, and its timeout must not hold registration up.
+    let stun = match chan {
+        Channel::Quic { .. } => stun_candidates(inner, None).await,
+        Channel::Ws(_) => Vec::new(),
     };
-    let stun = stun_candidates(inner, extra).await;
     let has_stun = !stun.is_empty();
     candidates.extend(stun);
     candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
@@ -675,6 +674,29 @@ async fn ws_session(inner: &Arc<Inner>, chan: WsChannel, observed: SocketAddr) -
     *inner.control.lock().expect("not poisoned") = Some(tx);
     inner.socket.set_tcp_out(Some(relay_tx));
     on_registered(inner, Transport::Tcp, observed);
+    // The server sees no UDP mapping of ours over TCP: ask its STUN port and
+    // the configured STUN servers, and offer what answers to peers.
+    {
+        let inner = inner.clone();
+        tokio::spawn(
+            async move {
+                let server = *inner.server_addr.lock().expect("not poisoned");
+                let stun = stun_candidates(&inner, server).await;
+                if stun.is_empty() {
+                    return;
+                }
+                let mut local = inner.local_candidates();
+                local.extend(stun);
+                local.truncate(punch_protocol::signal::MAX_CANDIDATES);
+                inner
+                    .tcp_only
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                info!("UDP works although signaling runs over TCP: peers may punch to us");
+                inner.notify(ClientMsg::Candidates { local });
+            }
+            .in_current_span(),
+        );
+    }
     let keep_alive = inner.config.keep_alive;
     let writer = async {
         let mut ping = tokio::time::interval(keep_alive);
