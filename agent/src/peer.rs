@@ -309,6 +309,11 @@ pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
     // Peers keep-alive at least every second: a silent direct path is how
     // the agent notices a dead NAT mapping and moves to the relay.
     t.keep_alive_interval(Some(keep_alive.min(Duration::from_secs(1))));
+    // A first packet lost early (on a relay-first connection the peer may
+    // not have bound yet) is resent after about three initial RTTs: 100 ms
+    // instead of RFC 9002's 333 ms keeps that near 0.3 s rather than 1 s.
+    // A longer real RTT costs one duplicate Initial.
+    t.initial_rtt(Duration::from_millis(100));
     // Relayed packets carry a 13-byte header: keep QUIC packets small
     // enough that a relayed one still fits a 1500-byte link over IPv6.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
