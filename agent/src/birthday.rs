@@ -164,15 +164,7 @@ pub(crate) async fn hard_side(
         }));
     }
     drop(tx);
-    let ping = |txid: u64| {
-        Probe {
-            kind: ProbeKind::Ping,
-            role: offer.role,
-            session: offer.session,
-            txid,
-        }
-        .encode(&offer.secret)
-    };
+    let ping = |txid: u64| Probe::ping(offer.role, offer.session, txid).encode(&offer.secret);
     let txid_base: u64 = rand::random::<u64>() >> 1;
     let mut sent_at = vec![Instant::now(); socks.len()];
     // Twice: a first ping lost on the way still leaves the mapping, and a
@@ -204,13 +196,7 @@ pub(crate) async fn hard_side(
             ProbeKind::Ping => {
                 // The spray found socket i: answer, and ping back so our
                 // side validates too.
-                let pong = Probe {
-                    kind: ProbeKind::Pong { observed: from },
-                    role: offer.role,
-                    session: offer.session,
-                    txid: p.txid,
-                }
-                .encode(&offer.secret);
+                let pong = p.pong_to(offer.role, from).encode(&offer.secret);
                 let _ = socks[i].try_send_to(&pong, from);
                 let _ = socks[i].try_send_to(&ping(txid_base + i as u64 + 2_000_000), from);
                 sent_at[i] = Instant::now();

@@ -72,6 +72,26 @@ fn mac(secret: &[u8; 32], data: &[u8]) -> [u8; MAC_LEN] {
 }
 
 impl Probe {
+    /// A ping from `role` in `session`.
+    pub fn ping(role: Role, session: SessionId, txid: u64) -> Probe {
+        Probe {
+            kind: ProbeKind::Ping,
+            role,
+            session,
+            txid,
+        }
+    }
+
+    /// The answer `role` gives to this ping, which arrived from `from`.
+    pub fn pong_to(&self, role: Role, from: SocketAddr) -> Probe {
+        Probe {
+            kind: ProbeKind::Pong { observed: from },
+            role,
+            session: self.session,
+            txid: self.txid,
+        }
+    }
+
     /// Encodes and signs the probe.
     pub fn encode(&self, secret: &[u8; 32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(MAX_PROBE);

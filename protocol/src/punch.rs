@@ -250,12 +250,11 @@ impl Puncher {
                 }
             }
             let dst = SocketAddr::new(s.ip, s.ports[s.next]);
-            let probe = Probe {
-                kind: ProbeKind::Ping,
-                role: self.role,
-                session: self.session,
-                txid: s.txid_base.wrapping_add(s.next as u64),
-            };
+            let probe = Probe::ping(
+                self.role,
+                self.session,
+                s.txid_base.wrapping_add(s.next as u64),
+            );
             self.outbox.push_back(Transmit {
                 dst,
                 payload: probe.encode(&self.secret),
@@ -343,12 +342,7 @@ impl Puncher {
         self.next_txid = self.next_txid.wrapping_add(1);
         let cand = &mut self.candidates[idx];
         cand.pings += 1;
-        let probe = Probe {
-            kind: ProbeKind::Ping,
-            role: self.role,
-            session: self.session,
-            txid,
-        };
+        let probe = Probe::ping(self.role, self.session, txid);
         if self.sent.len() >= MAX_SENT {
             self.sent.pop_front();
         }
@@ -425,12 +419,7 @@ impl Puncher {
         };
         match probe.kind {
             ProbeKind::Ping => {
-                let pong = Probe {
-                    kind: ProbeKind::Pong { observed: from },
-                    role: self.role,
-                    session: self.session,
-                    txid: probe.txid,
-                };
+                let pong = probe.pong_to(self.role, from);
                 self.outbox.push_back(Transmit {
                     dst: from,
                     payload: pong.encode(&self.secret),
