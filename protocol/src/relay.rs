@@ -378,6 +378,23 @@ impl RelayTable {
         Ok(())
     }
 
+    /// Like [`insert`](Self::insert), with `side` bound at once to `peer`:
+    /// in a cluster, the other server that relays for that side.
+    pub fn insert_with_peer(
+        &mut self,
+        session: SessionId,
+        secret: [u8; 32],
+        side: Role,
+        peer: Endpoint,
+        now: Instant,
+    ) -> Result<(), RelayError> {
+        self.insert(session, secret, now)?;
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.bound[side_byte(side) as usize] = Some(peer);
+        }
+        Ok(())
+    }
+
     /// Drops idle and expired sessions.
     pub fn expire(&mut self, now: Instant) {
         let l = &self.limits;

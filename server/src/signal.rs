@@ -25,6 +25,14 @@ pub struct AgentHandle {
     closer: Closer,
 }
 
+impl AgentHandle {
+    /// Queues a message for the agent; false when its queue is full or it
+    /// has gone.
+    pub fn send(&self, m: ServerMsg) -> bool {
+        self.tx.try_send(m).is_ok()
+    }
+}
+
 /// Ends an agent's connection (when a newer one replaces it).
 #[derive(Clone, Debug)]
 pub enum Closer {
@@ -381,6 +389,21 @@ pub(crate) async fn serve_registered(
             closer,
             ..
         } = arrival;
+        if let (Some(cluster), false) = (&shared.cluster, hello.ephemeral) {
+            match cluster.bind_key(&id, &key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    inc(&shared.metrics.registration_refused);
+                    let msg =
+                        format!("worker id {id:?} is registered with another key (cluster-wide)");
+                    link.refuse(ErrorCode::IdTaken, msg).await;
+                    return;
+                }
+                // Redis down: this server's own binding still holds;
+                // refusing everyone would turn an outage into a fleet-wide one.
+                Err(e) => warn!("cluster key binding not checked: {e}"),
+            }
+        }
         let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
         let online = Online {
             conn_id,
@@ -507,6 +530,33 @@ async fn session_loop(
                             },
                         };
                         let _ = tx.send(answer).await;
+                    }.in_current_span());
+                }
+                Some(Ok(ClientMsg::Connect { req, target }))
+                    if shared.cluster.is_some()
+                        && target != id
+                        && !shared.registry.lock().expect("not poisoned").is_online(&target) =>
+                {
+                    // Perhaps held by another server: asked through Redis,
+                    // answered through the queue.
+                    inc(&shared.metrics.connect_requests);
+                    tokio::spawn(
+                        crate::cluster::connect_remote(shared.clone(), id.to_string(), req, target)
+                            .in_current_span(),
+                    );
+                }
+                Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
+                    if shared.cluster.is_some()
+                        && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
+                {
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let w = if validate_name("worker id", &wid).is_ok() {
+                            crate::cluster::get_remote(&shared, &wid).await
+                        } else {
+                            None
+                        };
+                        let _ = tx.send(ServerMsg::Workers { req, workers: w.into_iter().collect() }).await;
                     }.in_current_span());
                 }
                 Some(Ok(m)) => {
