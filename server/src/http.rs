@@ -77,6 +77,8 @@ struct RelayJson {
     forwarded_bytes: u64,
     dropped: u64,
     expired: u64,
+    /// Frames held until the peer bound, then forwarded.
+    held: u64,
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
@@ -90,6 +92,7 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
             forwarded_bytes: t.stats.forwarded_bytes,
             dropped: t.stats.dropped,
             expired: t.stats.expired,
+            held: t.stats.held,
         }
     });
     Json(Health {

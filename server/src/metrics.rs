@@ -229,6 +229,11 @@ pub fn prometheus(s: &crate::Shared) -> String {
             ConstCounter::new(t.stats.forwarded_packets),
         );
         reg.register(
+            "relay_held",
+            "Relay frames held until the peer bound, then forwarded",
+            ConstCounter::new(t.stats.held),
+        );
+        reg.register(
             "relay_dropped",
             "Relay frames dropped (bad MAC, unknown session, quota)",
             ConstCounter::new(t.stats.dropped),

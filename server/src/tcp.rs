@@ -708,18 +708,26 @@ async fn read_loop(
 /// Passes a relay frame from TCP client `conn_id` through the relay table.
 fn relay_frame(conn_id: u64, frame: &[u8], own: &mpsc::Sender<Bytes>, shared: &Arc<Shared>) {
     let Some(table) = &shared.relay else { return };
-    let action =
-        table
-            .lock()
-            .expect("not poisoned")
-            .handle(Endpoint::Tcp(conn_id), frame, Instant::now());
+    let (action, released) = {
+        let mut t = table.lock().expect("not poisoned");
+        let a = t.handle(Endpoint::Tcp(conn_id), frame, Instant::now());
+        (a, t.take_released())
+    };
     match action {
         Ok(Action::Forward(Endpoint::Udp(to))) => shared.udp.send_datagram(to, frame),
         Ok(Action::Forward(Endpoint::Tcp(id))) => shared.tcp.deliver(id, frame),
         Ok(Action::Reply(answer)) => {
             let _ = own.try_send(Bytes::from(answer));
         }
+        Ok(Action::Held) => {}
         Err(e) => tracing::trace!("relay frame from TCP client dropped: {e}"),
+    }
+    // After the bind-ok: what the peer sent before this client bound.
+    for (to, f) in released {
+        match to {
+            Endpoint::Udp(to) => shared.udp.send_datagram(to, &f),
+            Endpoint::Tcp(id) => shared.tcp.deliver(id, &f),
+        }
     }
 }
 
