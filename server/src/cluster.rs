@@ -30,7 +30,7 @@ use crate::hub::EventRecord;
 use crate::Shared;
 use punch_protocol::signal::{
     validate_worker_id, Candidate, ErrorCode, NatClass, Offer, PublicKey, Role, ServerMsg,
-    SessionId, WorkerInfo, WorkerState, MAX_CANDIDATES,
+    SessionId, WorkerInfo, WorkerState, MAX_CANDIDATES, MAX_LIST,
 };
 use rand::RngCore;
 use redis::aio::ConnectionManager;
@@ -53,6 +53,33 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const REFRESH_CHUNK: usize = 500;
 const EVENTS: &str = "punch:events";
 const KEYS: &str = "punch:keys";
+/// Index sets for `list` and `discover`: every worker id, and by type and
+/// tag. Members whose worker key has gone are removed when a listing finds
+/// them.
+const ALL: &str = "punch:workers";
+/// Most ids a listing reads from Redis.
+const LIST_READ: usize = 2 * MAX_LIST;
+/// Workers of a type sampled for `discover`.
+const DISCOVER_SAMPLE: usize = 16;
+
+fn kind_set(k: &str) -> String {
+    format!("punch:type:{k}")
+}
+
+fn tag_set(t: &str) -> String {
+    format!("punch:tag:{t}")
+}
+
+/// Adds a worker to the index sets.
+fn index(p: &mut redis::Pipeline, info: &WorkerInfo) {
+    p.cmd("SADD").arg(ALL).arg(&info.id).ignore();
+    if let Some(k) = &info.kind {
+        p.cmd("SADD").arg(kind_set(k)).arg(&info.id).ignore();
+    }
+    for t in &info.tags {
+        p.cmd("SADD").arg(tag_set(t)).arg(&info.id).ignore();
+    }
+}
 
 /// `SET` the key unless another server holds it: a refresh must not take
 /// back a worker that moved, but must rewrite keys Redis lost.
@@ -471,16 +498,84 @@ impl Cluster {
         let mut c = self.conn.clone();
         let value = worker_value(&self.server_id, info);
         let ttl = self.config.ttl.as_millis() as u64;
-        self.run(async {
-            redis::cmd("SET")
-                .arg(worker_key(&info.id))
-                .arg(value)
-                .arg("PX")
-                .arg(ttl)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let mut p = redis::pipe();
+        p.cmd("SET")
+            .arg(worker_key(&info.id))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl)
+            .ignore();
+        index(&mut p, info);
+        self.run(async { p.query_async::<()>(&mut c).await }).await
+    }
+
+    /// Workers held by other servers from an index set: at most
+    /// [`LIST_READ`] ids, the lowest first (listings are sorted by id), or
+    /// a random `sample` of them.
+    async fn remote_from(
+        &self,
+        shared: &Shared,
+        set: &str,
+        sample: Option<usize>,
+    ) -> Result<Vec<WorkerInfo>, ClusterError> {
+        let mut c = self.conn.clone();
+        let mut ids: Vec<String> = match sample {
+            Some(n) => {
+                self.run(async {
+                    redis::cmd("SRANDMEMBER")
+                        .arg(set)
+                        .arg(n)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?
+            }
+            None => {
+                self.run(async { redis::cmd("SMEMBERS").arg(set).query_async(&mut c).await })
+                    .await?
+            }
+        };
+        ids.retain(|id| validate_worker_id(id).is_ok());
+        ids.sort();
+        {
+            let r = shared.registry.lock().expect("not poisoned");
+            ids.retain(|id| r.get(id).is_none());
+        }
+        ids.truncate(LIST_READ);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| worker_key(id)).collect();
+        let values: Vec<Option<Vec<u8>>> = self
+            .run(async { redis::cmd("MGET").arg(&keys).query_async(&mut c).await })
+            .await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, v) in ids.iter().zip(values) {
+            match v.map(|v| parse_worker_value(&v)) {
+                None => gone.push(id.clone()),
+                Some(Ok((server, info))) if server != self.server_id && info.id == *id => {
+                    out.push(info)
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    self.stats.bad_messages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            // Index entries of workers whose key expired.
+            let _ = self
+                .run(async {
+                    redis::cmd("SREM")
+                        .arg(set)
+                        .arg(&gone)
+                        .query_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+        }
+        Ok(out)
     }
 
     async fn drop_worker(&self, id: &str) -> Result<(), ClusterError> {
@@ -555,6 +650,7 @@ impl Cluster {
                     .arg(&self.server_id)
                     .arg(worker_value(&self.server_id, info))
                     .arg(ttl);
+                index(&mut p, info);
             }
             let done: Vec<i64> = self.run(async { p.query_async(&mut c).await }).await?;
             written += done.iter().filter(|d| **d == 1).count();
@@ -1006,6 +1102,72 @@ async fn connect_remote_inner(
         peer_nat: intro.target.nat,
         peer_tcp_only: intro.target.tcp_only,
     })
+}
+
+/// Online and stale workers of a type and with a tag (when given), sorted
+/// by id, at most `limit`: this server's own, and in cluster mode those of
+/// the others (when Redis answers).
+pub async fn list(
+    shared: &Shared,
+    kind: Option<&str>,
+    tag: Option<&str>,
+    limit: usize,
+) -> Vec<WorkerInfo> {
+    let mut v = shared
+        .registry
+        .lock()
+        .expect("not poisoned")
+        .list(kind, tag, limit);
+    let Some(cluster) = &shared.cluster else {
+        return v;
+    };
+    let set = match (kind, tag) {
+        (Some(k), _) => kind_set(k),
+        (None, Some(t)) => tag_set(t),
+        (None, None) => ALL.to_string(),
+    };
+    match cluster.remote_from(shared, &set, None).await {
+        Ok(remote) => v.extend(remote.into_iter().filter(|w| {
+            kind.is_none_or(|k| w.kind.as_deref() == Some(k))
+                && tag.is_none_or(|t| w.tags.iter().any(|x| x == t))
+        })),
+        Err(e) => debug!("cluster listing: {e}"),
+    }
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v.dedup_by(|a, b| a.id == b.id);
+    v.truncate(limit);
+    v
+}
+
+/// A random online worker of a type, here or (in cluster mode) at another
+/// server.
+pub async fn discover(shared: &Shared, kind: &str) -> Option<WorkerInfo> {
+    let mut online: Vec<WorkerInfo> = shared
+        .registry
+        .lock()
+        .expect("not poisoned")
+        .list(Some(kind), None, usize::MAX)
+        .into_iter()
+        .filter(|w| w.state == WorkerState::Online)
+        .collect();
+    if let Some(cluster) = &shared.cluster {
+        match cluster
+            .remote_from(shared, &kind_set(kind), Some(DISCOVER_SAMPLE))
+            .await
+        {
+            Ok(remote) => online.extend(
+                remote
+                    .into_iter()
+                    .filter(|w| w.state == WorkerState::Online && w.kind.as_deref() == Some(kind)),
+            ),
+            Err(e) => debug!("cluster discovery: {e}"),
+        }
+    }
+    if online.is_empty() {
+        return None;
+    }
+    let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..online.len());
+    Some(online.swap_remove(i))
 }
 
 /// A worker held by another server, for `Get` queries.

@@ -243,11 +243,7 @@ async fn workers(
     if let Some(t) = &p.tag {
         validate_name("tag", t).map_err(ApiError::bad)?;
     }
-    let list = s.registry.lock().expect("not poisoned").list(
-        p.kind.as_deref(),
-        p.tag.as_deref(),
-        MAX_LIST,
-    );
+    let list = crate::cluster::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
     Ok(Json(list.into_iter().map(WorkerView::from).collect()))
 }
 
@@ -260,7 +256,11 @@ async fn worker(
     Path(id): Path<String>,
 ) -> Result<Json<WorkerView>, ApiError> {
     check_id(&id)?;
-    let w = s.registry.lock().expect("not poisoned").get(&id);
+    let local = s.registry.lock().expect("not poisoned").get(&id);
+    let w = match local {
+        Some(w) => Some(w),
+        None => crate::cluster::get_remote(&s, &id).await,
+    };
     w.map(|w| Json(w.into())).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -275,13 +275,7 @@ async fn discover(
     Path(kind): Path<String>,
 ) -> Result<Json<WorkerView>, ApiError> {
     validate_name("type", &kind).map_err(ApiError::bad)?;
-    let w = s
-        .registry
-        .lock()
-        .expect("not poisoned")
-        .discover(&kind, |n| {
-            rand::Rng::gen_range(&mut rand::thread_rng(), 0..n)
-        });
+    let w = crate::cluster::discover(&s, &kind).await;
     w.map(|w| Json(w.into())).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

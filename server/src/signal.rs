@@ -554,6 +554,17 @@ async fn session_loop(
                             .in_current_span(),
                     );
                 }
+                Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) }))
+                    if shared.cluster.is_some() =>
+                {
+                    // Other servers' workers come from Redis: answered
+                    // through the queue.
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let answer = cluster_query(&shared, req, q).await;
+                        let _ = tx.send(Box::new(answer)).await;
+                    }.in_current_span());
+                }
                 Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
                     if shared.cluster.is_some()
                         && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
@@ -669,6 +680,38 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
         // Handled by the session loop.
         ClientMsg::Bye => None,
     }
+}
+
+/// `List` and `Discover` across a cluster.
+async fn cluster_query(shared: &Shared, req: u32, query: Query) -> ServerMsg {
+    let bad = |message: String| ServerMsg::Error {
+        req: Some(req),
+        code: ErrorCode::BadRequest,
+        message,
+    };
+    let workers = match query {
+        Query::List { kind, tag } => {
+            for (what, v) in [("type", &kind), ("tag", &tag)] {
+                if let Some(v) = v {
+                    if let Err(e) = validate_name(what, v) {
+                        return bad(e);
+                    }
+                }
+            }
+            crate::cluster::list(shared, kind.as_deref(), tag.as_deref(), MAX_LIST).await
+        }
+        Query::Discover { kind } => {
+            if let Err(e) = validate_name("type", &kind) {
+                return bad(e);
+            }
+            crate::cluster::discover(shared, &kind)
+                .await
+                .into_iter()
+                .collect()
+        }
+        _ => return bad("not a listing".into()),
+    };
+    ServerMsg::Workers { req, workers }
 }
 
 /// Answers the registry queries that need no waiting.

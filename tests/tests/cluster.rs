@@ -32,6 +32,8 @@ async fn agent(server: String, fp: &str, id: &str, dir: &Path, relay: RelayMode)
     cfg.bind = "127.0.0.1:0".parse().unwrap();
     cfg.nat_check = false;
     cfg.relay = relay;
+    cfg.kind = Some("svc".into());
+    cfg.tags = vec![format!("tag-{id}")];
     let a = Agent::start(cfg).await.unwrap();
     a.registered(Duration::from_secs(10)).await.unwrap();
     a
@@ -96,6 +98,27 @@ async fn requester_on_one_server_reaches_worker_on_another() {
     // Found through the other server's registry, waited for and connected.
     let info = r.wait_for("gpu-1", Duration::from_secs(5)).await.unwrap();
     assert_eq!(info.id, "gpu-1");
+    // Listed and discovered across the cluster, by type and by tag.
+    let ids = |v: Vec<punch_protocol::signal::WorkerInfo>| {
+        v.into_iter().map(|w| w.id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(r.list(None, None).await.unwrap()), ["gpu-1", "req"]);
+    assert_eq!(
+        ids(r.list(None, Some("tag-gpu-1")).await.unwrap()),
+        ["gpu-1"]
+    );
+    assert_eq!(
+        ids(w.list(Some("svc"), None).await.unwrap()),
+        ["gpu-1", "req"]
+    );
+    let found = r.discover("svc").await.unwrap().unwrap();
+    assert!(["gpu-1", "req"].contains(&found.id.as_str()), "{found:?}");
+    let http = a.http_get("/api/v1/workers?type=svc").unwrap();
+    assert!(http.contains("gpu-1") && http.contains("req"), "{http}");
+    assert!(a
+        .http_get("/api/v1/workers/gpu-1")
+        .unwrap()
+        .contains("gpu-1"));
     let pc = r.connect("gpu-1").await.unwrap();
     assert_eq!(pc.path.kind, PathKind::Direct, "{:?}", pc.path);
     assert_eq!(pc.peer_id, "gpu-1");
