@@ -23,8 +23,11 @@ const ANSWER_GRACE: Duration = Duration::from_secs(3);
 /// drops bindings idle for 60 s by default).
 const RELAY_REFRESH: Duration = Duration::from_secs(20);
 
-/// Longest a connect waits for the first port mapping attempt.
+/// Longest a connect waits for the first port mapping attempt's PCP and
+/// NAT-PMP answers.
 const PORTMAP_WAIT: Duration = Duration::from_secs(1);
+/// ... and then for UPnP discovery.
+const PORTMAP_UPNP_GRACE: Duration = Duration::from_millis(200);
 
 /// What punching found.
 #[derive(Debug, Clone, Copy)]
@@ -557,7 +560,10 @@ pub(crate) async fn connect(
     };
     // Likewise the gateway's port mapping (at once when the gateway
     // answered or refused; a silent one costs at most PORTMAP_WAIT).
-    tokio::join!(nat_wait, crate::portmap::settle(inner, PORTMAP_WAIT));
+    tokio::join!(
+        nat_wait,
+        crate::portmap::settle(inner, PORTMAP_WAIT, PORTMAP_UPNP_GRACE)
+    );
     let (offer, probes) = request_offer(inner, target).await?;
     let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);

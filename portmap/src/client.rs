@@ -372,6 +372,15 @@ impl Client {
     /// Tries the configured protocols in order within [`Config::budget`]:
     /// the first mapping, and what each protocol tried said.
     pub async fn map(&mut self) -> (Option<Mapping>, Vec<(Protocol, Error)>) {
+        self.map_progress(|_| {}).await
+    }
+
+    /// [`Client::map`], calling `step` with each protocol as it finishes
+    /// without a mapping.
+    pub async fn map_progress(
+        &mut self,
+        mut step: impl FnMut(Protocol),
+    ) -> (Option<Mapping>, Vec<(Protocol, Error)>) {
         let deadline = tokio::time::Instant::now() + self.cfg.budget;
         let mut failures = Vec::new();
         let protos = self.cfg.protocols.clone();
@@ -392,6 +401,7 @@ impl Client {
                 Err(e) => {
                     debug!(protocol = p.label(), "no mapping: {e}");
                     failures.push((*p, e));
+                    step(*p);
                 }
             }
         }
@@ -487,6 +497,20 @@ pub struct State {
     pub last_error: Option<String>,
     /// True once the first attempt has finished (with or without mapping).
     pub first_attempt_done: bool,
+    /// The protocols the first attempt tried without a mapping, so far.
+    pub failed_first: Vec<Protocol>,
+}
+
+impl State {
+    /// The first attempt is over, or only UPnP (discovery by SSDP, whose
+    /// silence proves nothing until a timeout) is left.
+    pub fn first_quick_done(&self, protocols: &[Protocol]) -> bool {
+        self.first_attempt_done
+            || protocols
+                .iter()
+                .filter(|p| **p != Protocol::Upnp)
+                .all(|p| self.failed_first.contains(p))
+    }
 }
 
 /// A running port-mapping task.
@@ -575,7 +599,9 @@ async fn run(cfg: Config, state: watch::Sender<State>, mut stop: watch::Receiver
         let mut mapping = None;
         if let Some(c) = client.as_mut() {
             let (m, failures) = tokio::select! {
-                r = c.map() => r,
+                r = c.map_progress(|p| {
+                    state.send_modify(|s| s.failed_first.push(p));
+                }) => r,
                 _ = stopped(&mut stop) => return,
             };
             for (p, e) in &failures {
