@@ -95,7 +95,10 @@ pub(crate) fn client_config(
     if s.protocols.is_empty() {
         return Err("no protocols");
     }
+    // A gateway on loopback (tests' fake gateways) is asked from loopback.
+    let test_gateway = s.gateway.is_some_and(|g| g.ip().is_loopback());
     let local_ip = match local.ip() {
+        _ if test_gateway => Some(Ipv4Addr::LOCALHOST),
         IpAddr::V4(v4) if v4.is_loopback() => return Err("bound to loopback"),
         IpAddr::V4(v4) if v4.is_unspecified() => None,
         IpAddr::V4(v4) => Some(v4),
