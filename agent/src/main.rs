@@ -540,7 +540,9 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
         return Ok(());
     }
     match &pm {
-        None => println!("port mapping:   not asked (--port-mapping off, or a loopback socket or server)"),
+        None => println!(
+            "port mapping:   not asked (--port-mapping off, or a loopback socket or server)"
+        ),
         Some(p) => {
             let said = |name: &str, r: &Option<String>| match r {
                 None => format!("{name} mapped"),
@@ -549,11 +551,15 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
             println!(
                 "port mapping:   gateway {}: {}",
                 p.gateway.as_deref().unwrap_or("none"),
-                [("PCP", &p.errors.pcp, p.pcp), ("NAT-PMP", &p.errors.nat_pmp, p.nat_pmp), ("UPnP", &p.errors.upnp, p.upnp)]
-                    .iter()
-                    .map(|(n, e, ok)| if *ok { said(n, &None) } else { said(n, e) })
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                [
+                    ("PCP", &p.errors.pcp, p.pcp),
+                    ("NAT-PMP", &p.errors.nat_pmp, p.nat_pmp),
+                    ("UPnP", &p.errors.upnp, p.upnp)
+                ]
+                .iter()
+                .map(|(n, e, ok)| if *ok { said(n, &None) } else { said(n, e) })
+                .collect::<Vec<_>>()
+                .join("; ")
             );
             if let Some(m) = &p.mapped_addr {
                 println!("mapped address: {m} (via {})", p.protocol.unwrap_or("?"));

@@ -249,7 +249,11 @@ pub struct NatCheckErrors {
 /// Asks the gateway with each protocol for a mapping of a fresh socket
 /// (deleted again at once): `None` when port mapping is off or pointless
 /// (a loopback socket or server).
-pub async fn nat_check(s: &PortMapSettings, bind: SocketAddr, server: &str) -> Option<NatCheckView> {
+pub async fn nat_check(
+    s: &PortMapSettings,
+    bind: SocketAddr,
+    server: &str,
+) -> Option<NatCheckView> {
     let sock = std::net::UdpSocket::bind(SocketAddr::new(bind.ip(), 0)).ok()?;
     let local = sock.local_addr().ok()?;
     let cfg = client_config(s, local, server).ok()?;
@@ -300,8 +304,12 @@ impl MappingView {
         MappingView {
             protocol: s.mapping.map(|m| m.protocol.as_str()),
             external: s.mapping.map(|m| m.external.to_string()),
-            renews_in_s: s.renews_at.map(|t| t.saturating_duration_since(now).as_secs()),
-            expires_in_s: s.expires_at.map(|t| t.saturating_duration_since(now).as_secs()),
+            renews_in_s: s
+                .renews_at
+                .map(|t| t.saturating_duration_since(now).as_secs()),
+            expires_in_s: s
+                .expires_at
+                .map(|t| t.saturating_duration_since(now).as_secs()),
             gateway_errors: s.gateway_errors,
             last_error: s.last_error.clone(),
         }

@@ -227,7 +227,8 @@ impl Client {
 
     /// Asks by PCP (`lifetime` 0 deletes).
     async fn pcp(&mut self, lifetime: u32, budget: Duration) -> Result<Mapping, Error> {
-        let mut req = pcp::MapRequest::udp(self.nonce, self.local, self.cfg.internal_port, lifetime);
+        let mut req =
+            pcp::MapRequest::udp(self.nonce, self.local, self.cfg.internal_port, lifetime);
         if lifetime == 0 {
             req.suggested_port = 0;
         }
@@ -252,14 +253,20 @@ impl Client {
             Ipv4Addr::UNSPECIFIED
         } else {
             let r = self
-                .exchange(&natpmp::external_request(), budget / 2, natpmp::parse_external)
+                .exchange(
+                    &natpmp::external_request(),
+                    budget / 2,
+                    natpmp::parse_external,
+                )
                 .await?;
             self.check_epoch(r.epoch, Protocol::NatPmp);
             r.ip
         };
         let port = self.cfg.internal_port;
         let suggested = if lifetime == 0 { 0 } else { port };
-        let left = budget.saturating_sub(start.elapsed()).max(Duration::from_millis(100));
+        let left = budget
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(100));
         let r = self
             .exchange(&natpmp::map_request(port, suggested, lifetime), left, |b| {
                 natpmp::parse_map(b, port, lifetime == 0)
@@ -317,26 +324,27 @@ impl Client {
             return Err(Error::Upnp(format!("unusable external address {ip}")));
         }
         let want = self.cfg.internal_port;
-        let port = match tokio::time::timeout(
-            left(),
-            gw.add_port(UDP, want, internal, lifetime, "punch"),
-        )
-        .await
-        {
-            Err(_) => return Err(timed_out()),
-            Ok(Ok(())) => want,
-            Ok(Err(e)) => {
-                debug!("UPnP AddPortMapping on port {want}: {e}; asking for any port");
-                match tokio::time::timeout(left(), gw.add_any_port(UDP, internal, lifetime, "punch"))
+        let port =
+            match tokio::time::timeout(left(), gw.add_port(UDP, want, internal, lifetime, "punch"))
+                .await
+            {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(())) => want,
+                Ok(Err(e)) => {
+                    debug!("UPnP AddPortMapping on port {want}: {e}; asking for any port");
+                    match tokio::time::timeout(
+                        left(),
+                        gw.add_any_port(UDP, internal, lifetime, "punch"),
+                    )
                     .await
-                {
-                    Err(_) => return Err(timed_out()),
-                    Ok(Err(e)) => return Err(Error::Upnp(format!("AddAnyPortMapping: {e}"))),
-                    Ok(Ok(0)) => return Err(Error::Upnp("gateway gave port 0".into())),
-                    Ok(Ok(p)) => p,
+                    {
+                        Err(_) => return Err(timed_out()),
+                        Ok(Err(e)) => return Err(Error::Upnp(format!("AddAnyPortMapping: {e}"))),
+                        Ok(Ok(0)) => return Err(Error::Upnp("gateway gave port 0".into())),
+                        Ok(Ok(p)) => p,
+                    }
                 }
-            }
-        };
+            };
         Ok(Mapping {
             protocol: Protocol::Upnp,
             external: SocketAddr::new(ip, port),
@@ -469,7 +477,11 @@ pub async fn probe(cfg: Config) -> Probe {
     };
     out.gateway = Some(c.gateway());
     for p in protos {
-        let share = if p == Protocol::Upnp { budget / 2 } else { budget / 4 };
+        let share = if p == Protocol::Upnp {
+            budget / 2
+        } else {
+            budget / 4
+        };
         let r = c.map_with(p, share).await;
         if let Ok(m) = &r {
             if out.mapping.is_none() {

@@ -61,7 +61,10 @@ mod tests {
     #[test]
     fn renews_at_half() {
         let t = Instant::now();
-        assert_eq!(renew_at(t, Duration::from_secs(120)), t + Duration::from_secs(60));
+        assert_eq!(
+            renew_at(t, Duration::from_secs(120)),
+            t + Duration::from_secs(60)
+        );
         assert_eq!(renew_at(t, Duration::from_secs(1)), t + MIN_RENEW);
         let exp = t + Duration::from_secs(10);
         assert_eq!(retry_at(t, exp), Some(t + Duration::from_secs(5)));

@@ -293,7 +293,10 @@ mod tests {
         assert_eq!(b[0], 2);
         assert_eq!(b[1], 1);
         assert_eq!(&b[4..8], &7200u32.to_be_bytes());
-        assert_eq!(&b[8..24], &Ipv4Addr::new(10, 1, 0, 10).to_ipv6_mapped().octets());
+        assert_eq!(
+            &b[8..24],
+            &Ipv4Addr::new(10, 1, 0, 10).to_ipv6_mapped().octets()
+        );
         assert_eq!(&b[24..36], &[7; 12]);
         assert_eq!(b[36], 17);
         assert_eq!(&b[40..42], &40000u16.to_be_bytes());
@@ -318,7 +321,10 @@ mod tests {
         let good = answer(&r, ext, 0);
         assert_eq!(r.parse_response(&good[..56]), Err(PcpError::TooShort(56)));
         assert_eq!(r.parse_response(&good[..57]), Err(PcpError::BadLength(57)));
-        assert_eq!(r.parse_response(&[0u8; 1104]), Err(PcpError::BadLength(1104)));
+        assert_eq!(
+            r.parse_response(&[0u8; 1104]),
+            Err(PcpError::BadLength(1104))
+        );
         let mut b = good.clone();
         b[0] = 0;
         assert_eq!(r.parse_response(&b), Err(PcpError::Version(0)));
@@ -333,10 +339,16 @@ mod tests {
         assert_eq!(r.parse_response(&b), Err(PcpError::Nonce));
         let mut b = good.clone();
         b[41] ^= 1;
-        assert!(matches!(r.parse_response(&b), Err(PcpError::NotOurMapping { .. })));
+        assert!(matches!(
+            r.parse_response(&b),
+            Err(PcpError::NotOurMapping { .. })
+        ));
         let mut b = good.clone();
         b[36] = 6;
-        assert!(matches!(r.parse_response(&b), Err(PcpError::NotOurMapping { .. })));
+        assert!(matches!(
+            r.parse_response(&b),
+            Err(PcpError::NotOurMapping { .. })
+        ));
         assert_eq!(
             r.parse_response(&answer(&r, ext, 8)[..24]),
             Err(PcpError::Result(ResultCode::NoResources))

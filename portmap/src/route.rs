@@ -51,11 +51,15 @@ mod tests {
 
     #[test]
     fn parses_the_default_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth0\t00000000\t0100010A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
                  eth0\t0000010A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                  wlan0\t00000000\t0101A8C0\t0003\t0\t0\t50\t00000000\t0\t0\t0\n";
-        assert_eq!(parse_default_gateway(t), Some(Ipv4Addr::new(192, 168, 1, 1)));
+        assert_eq!(
+            parse_default_gateway(t),
+            Some(Ipv4Addr::new(192, 168, 1, 1))
+        );
         let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
                  eth0\t00000000\t0100010A\t0003\t0\t0\t100\t00000000\n";
         assert_eq!(parse_default_gateway(t), Some(Ipv4Addr::new(10, 1, 0, 1)));
