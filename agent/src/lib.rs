@@ -273,6 +273,8 @@ pub(crate) struct Inner {
     /// The STUN candidates of the last registration (sent again with the
     /// mapped candidate when it changes).
     pub(crate) stun_seen: Mutex<Vec<Candidate>>,
+    /// When the agent started.
+    pub(crate) started: Instant,
     /// (signaling channel count, mapped address) last told the server.
     pub(crate) portmap_sent: Mutex<Option<(u64, Option<SocketAddr>)>>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
@@ -487,6 +489,7 @@ impl Agent {
             portmap_state,
             stun_seen: Mutex::new(Vec::new()),
             portmap_sent: Mutex::new(None),
+            started: Instant::now(),
             status,
             allowed,
             incoming_tx,

@@ -198,19 +198,22 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut state: tokio::sync::watch::R
 
 /// Before a connect: waits for the first mapping attempt, so that a fresh
 /// agent's offer carries its mapping, and makes sure the server has it.
-/// PCP and NAT-PMP answer (or fail: port unreachable) in a LAN round trip:
-/// for them it waits up to `limit`; UPnP discovery only proves absence by
-/// a timeout: for it at most `upnp_grace` more. A mapping that comes later
-/// still reaches peers in later offers (re-punching, new connects).
-pub(crate) async fn settle(inner: &Inner, limit: Duration, upnp_grace: Duration) {
+/// PCP and NAT-PMP answer (or fail: port unreachable) in a LAN round trip;
+/// UPnP discovery proves absence only by a timeout, so it gets at most
+/// `upnp_grace` after them. Never past `until` (a silent gateway costs a
+/// connect at most that). A mapping that comes later still reaches peers
+/// in later offers (re-punching, new connects).
+pub(crate) async fn settle(inner: &Inner, until: Instant, upnp_grace: Duration) {
     let Some(state) = &inner.portmap_state else {
         return;
     };
     let protocols = &inner.config.port_mapping.protocols;
     let mut rx = state.clone();
-    let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.first_quick_done(protocols))).await;
+    let until = tokio::time::Instant::from_std(until);
+    let _ = tokio::time::timeout_at(until, rx.wait_for(|s| s.first_quick_done(protocols))).await;
     if !rx.borrow().first_attempt_done {
-        let _ = tokio::time::timeout(upnp_grace, rx.wait_for(|s| s.first_attempt_done)).await;
+        let grace = until.min(tokio::time::Instant::now() + upnp_grace);
+        let _ = tokio::time::timeout_at(grace, rx.wait_for(|s| s.first_attempt_done)).await;
     }
     sync(inner);
 }

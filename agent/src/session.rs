@@ -23,10 +23,10 @@ const ANSWER_GRACE: Duration = Duration::from_secs(3);
 /// drops bindings idle for 60 s by default).
 const RELAY_REFRESH: Duration = Duration::from_secs(20);
 
-/// Longest a connect waits for the first port mapping attempt's PCP and
-/// NAT-PMP answers.
-const PORTMAP_WAIT: Duration = Duration::from_secs(1);
-/// ... and then for UPnP discovery.
+/// A connect waits for the first port mapping attempt at most until this
+/// long after the agent started ...
+const PORTMAP_WAIT: Duration = Duration::from_millis(500);
+/// ... and for UPnP discovery at most this long after PCP and NAT-PMP.
 const PORTMAP_UPNP_GRACE: Duration = Duration::from_millis(200);
 
 /// What punching found.
@@ -562,7 +562,7 @@ pub(crate) async fn connect(
     // answered or refused; a silent one costs at most PORTMAP_WAIT).
     tokio::join!(
         nat_wait,
-        crate::portmap::settle(inner, PORTMAP_WAIT, PORTMAP_UPNP_GRACE)
+        crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE)
     );
     let (offer, probes) = request_offer(inner, target).await?;
     let v = register(inner, &offer)?;
