@@ -625,6 +625,14 @@ async fn run(cfg: Config, state: watch::Sender<State>, mut stop: watch::Receiver
             mapping = m;
             state.send_modify(|s| {
                 s.gateway_errors += errors;
+                // The mapping with the "done" flag, in one change: a
+                // watcher that sees the attempt done sees its result.
+                if let Some(m) = mapping {
+                    let now = Instant::now();
+                    s.mapping = Some(m);
+                    s.renews_at = Some(lease::renew_at(now, m.lifetime));
+                    s.expires_at = Some(now + m.lifetime);
+                }
                 s.first_attempt_done = true;
                 if mapping.is_none() {
                     s.mapping = None;
