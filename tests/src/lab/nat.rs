@@ -695,6 +695,68 @@ mod tests {
     }
 
     #[test]
+    fn sites_with_a_port_mapping_daemon() {
+        let s = parse_sites("symmetric+upnp,symmetric,port-restricted+pcp").unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].to_string(), "symmetric+upnp");
+        assert_eq!(s[0].port_mapping, Some(PortMapDaemon::ALL));
+        assert_eq!(s[1].port_mapping, None);
+        assert_eq!(s[2].to_string(), "port-restricted+pcp");
+        assert_eq!(parse_sites("all").unwrap().len(), NatType::ALL.len());
+        for bad in [
+            "none+upnp",
+            "cgnat+upnp",
+            "restricted+upnp",
+            "udp-blocked+upnp",
+            "symmetric+x",
+        ] {
+            assert!(bad.parse::<SiteType>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            site_theory(s[0], NatType::Symmetric.into()).0,
+            Expect::Direct
+        );
+        assert_eq!(
+            site_theory(NatType::Symmetric.into(), NatType::Cloudnat.into()).0,
+            Expect::NeedsPredictionOrRelay
+        );
+        let a = NatAddrs {
+            lan: "10.1.0.0/24".into(),
+            wan_ip: "203.0.113.10".into(),
+            block_base: 0,
+        };
+        let plain = ruleset(NatType::Symmetric, &a);
+        let with = ruleset_with(
+            NatType::Symmetric,
+            &a,
+            Some(PortMapDaemon {
+                pcp: true,
+                nat_pmp: false,
+                upnp: true,
+            }),
+        );
+        assert!(plain.starts_with("flush ruleset") && !plain.contains("miniupnpd"));
+        for chain in [
+            "chain miniupnpd",
+            "chain prerouting_miniupnpd",
+            "chain postrouting_miniupnpd",
+        ] {
+            assert!(with.contains(chain), "{with}");
+        }
+        // New inbound is dropped after the daemon's DNAT, not before it.
+        assert!(
+            with.contains("ct state new ct status dnat accept"),
+            "{with}"
+        );
+        assert!(
+            !with.contains("priority -150; policy accept;\n    iifname \"wan0\" ct state new drop")
+        );
+        // NAT-PMP (version 0) off, PCP (version 2) on.
+        assert!(with.contains("@th,64,8 0 counter drop"), "{with}");
+        assert!(!with.contains("@th,64,8 2 counter drop"), "{with}");
+    }
+
+    #[test]
     fn every_is_all_then_tcp_only() {
         let joined: Vec<NatType> = NatType::ALL
             .iter()
