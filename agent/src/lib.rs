@@ -194,11 +194,28 @@ impl AgentConfig {
 }
 
 impl AgentConfig {
-    /// Does `server` name the TCP channel only (`wss://…`)?
+    /// Does `server` name the TCP channel only (`wss://…`)? With several
+    /// servers: does any?
     pub fn server_tcp_only(&self) -> bool {
-        let s = self.server.trim();
-        s.starts_with("wss://") || s.starts_with("ws://")
+        self.servers().iter().any(|s| is_ws_url(s))
     }
+
+    /// The servers `server` names: a comma-separated list names servers of
+    /// one cluster; the agent uses one at a time and moves to the next when
+    /// it fails.
+    pub fn servers(&self) -> Vec<String> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// Is `s` a WebSocket URL (the TCP channel only)?
+pub(crate) fn is_ws_url(s: &str) -> bool {
+    s.starts_with("wss://") || s.starts_with("ws://")
 }
 
 /// Where the agent's signaling stands.
@@ -243,6 +260,8 @@ pub(crate) struct Inner {
     pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
     /// The server's UDP address as last resolved (also the relay).
     pub(crate) server_addr: Mutex<Option<SocketAddr>>,
+    /// Which of the configured servers (a cluster) is in use.
+    pub(crate) server_idx: std::sync::atomic::AtomicUsize,
     /// The channel signaling runs on now, if registered.
     pub(crate) transport: Mutex<Option<punch_protocol::signal::Transport>>,
     /// Registered over TCP with no UDP mapping known: nobody can punch to
@@ -472,6 +491,7 @@ impl Agent {
             fingerprint,
             control: Mutex::new(None),
             server_addr: Mutex::new(None),
+            server_idx: std::sync::atomic::AtomicUsize::new(0),
             transport: Mutex::new(None),
             tcp_only: Default::default(),
             channel_changes: watch::channel(0).0,
@@ -589,9 +609,14 @@ impl Agent {
             .ok_or_else(|| AgentError::Io("empty answer to wait".into()))
     }
 
-    /// The rendezvous server as configured (`HOST:PORT`).
+    /// The rendezvous server as configured (`HOST:PORT`, or a list).
     pub fn server(&self) -> &str {
         &self.inner.config.server
+    }
+
+    /// The server in use now (one of a list).
+    pub fn current_server(&self) -> String {
+        signal::current_server(&self.inner)
     }
 
     /// Our worker id (an `anon-…` id when none was configured).

@@ -30,7 +30,10 @@ struct Common {
     /// Rendezvous server. HOST:PORT: QUIC over UDP there, and the TCP
     /// channel (TLS + WebSocket) at the same host and port, tried when UDP
     /// has not answered within 300 ms. wss://HOST[:PORT]/ws: the TCP
-    /// channel only (a server behind an HTTPS-only front).
+    /// channel only (a server behind an HTTPS-only front). A comma-separated
+    /// list names servers of one cluster (`punch-server --registry
+    /// redis://…`): the agent uses the first that answers and moves to the
+    /// next when its server fails.
     #[arg(long, global = true, env = "PUNCH_SERVER")]
     server: Option<String>,
     /// The TCP channel when it is not at --server's host and port, e.g. an

@@ -274,9 +274,46 @@ async fn first_direct(
     None
 }
 
+/// Binds the relay and returns as soon as the first bind request is out
+/// (the relay is then the peer's path): the server handles our frames in
+/// order and holds what reaches it before the peer binds, so the handshake
+/// need not wait a round trip for the bind-ok. The binding is confirmed
+/// in the background; an error comes back only when it fails before the
+/// first request is out.
+async fn bind_relay_early(
+    inner: &Arc<Inner>,
+    offer: &Offer,
+    v: SocketAddr,
+) -> Result<(), AgentError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (inner2, offer2) = (inner.clone(), offer.clone());
+    let task = tokio::spawn(async move {
+        let r = bind_relay(&inner2, &offer2, v, Some(tx)).await;
+        if let Err(e) = &r {
+            warn!(session = %offer2.session, "{e}");
+        }
+        r
+    });
+    match rx.await {
+        Ok(()) => Ok(()),
+        // Dropped unsent: the bind failed before its first request.
+        Err(_) => match task.await {
+            Ok(r) => r,
+            Err(e) => Err(AgentError::Io(e.to_string())),
+        },
+    }
+}
+
 /// Binds our side of the session on the server's relay; on success the
-/// relay becomes the peer's path until a direct one is validated.
-async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<(), AgentError> {
+/// relay becomes the peer's path until a direct one is validated. With
+/// `early`, the relay becomes the path as soon as the first request is
+/// out, and `early` says so.
+async fn bind_relay(
+    inner: &Arc<Inner>,
+    offer: &Offer,
+    v: SocketAddr,
+    mut early: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), AgentError> {
     let via = inner
         .relay_via()
         .ok_or_else(|| AgentError::PeerConnect("no channel to the server's relay".into()))?;
@@ -286,6 +323,16 @@ async fn bind_relay(inner: &Arc<Inner>, offer: &Offer, v: SocketAddr) -> Result<
             let nonce: u64 = rand::random();
             let frame = relay::encode_bind_request(&offer.secret, offer.session, offer.role, nonce);
             inner.socket.send_relay_control(via, &frame);
+            if let Some(tx) = early.take() {
+                inner.socket.paths.lock().expect("not poisoned").set_relay(
+                    v,
+                    via,
+                    offer.session,
+                    offer.secret,
+                    offer.role,
+                );
+                let _ = tx.send(());
+            }
             let wait = Duration::from_millis(250 * attempt as u64);
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -470,7 +517,7 @@ async fn repunch(inner: &Arc<Inner>, target: &str, v: SocketAddr) -> Result<bool
             // NAT mapping).
             let (inner, offer) = (inner.clone(), offer.clone());
             tokio::spawn(async move {
-                if let Err(e) = bind_relay(&inner, &offer, v).await {
+                if let Err(e) = bind_relay(&inner, &offer, v, None).await {
                     debug!("re-binding the relay: {e}");
                 }
             });
@@ -527,7 +574,11 @@ pub(crate) async fn controlled(
     if offer.relay && mode != RelayMode::Never {
         let (inner2, offer2) = (inner.clone(), offer.clone());
         tokio::spawn(async move {
-            if let Err(e) = bind_relay(&inner2, &offer2, v).await {
+            // The relay is our path from the first request on: the
+            // dialer's Initial, held by the server until we bind, comes
+            // right behind our bind-ok and must be answerable.
+            let early = tokio::sync::oneshot::channel().0;
+            if let Err(e) = bind_relay(&inner2, &offer2, v, Some(early)).await {
                 warn!(session = %offer2.session, "{e}");
             }
         });
@@ -628,7 +679,7 @@ async fn dial(
     let mut via_mapped = false;
     if mode == RelayMode::Force {
         inner.router.unregister(offer.session);
-        bind_relay(inner, offer, v).await?;
+        bind_relay_early(inner, offer, v).await?;
     } else {
         let birthday = spawn_birthday(inner, offer, v);
         let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday);
@@ -636,7 +687,7 @@ async fn dial(
         // Bind the relay early (one packet) so falling back costs nothing.
         let mut bound = relay_ok.then(|| {
             let (inner, offer) = (inner.clone(), offer.clone());
-            tokio::spawn(async move { bind_relay(&inner, &offer, v).await })
+            tokio::spawn(async move { bind_relay_early(&inner, &offer, v).await })
         });
         let relay_at = tokio::time::sleep(if relay_ok && hopeless {
             Duration::ZERO

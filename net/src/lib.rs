@@ -239,6 +239,12 @@ pub fn signal_transport(keep_alive: Option<Duration>, idle: Duration) -> quinn::
     t.stream_receive_window((256u32 * 1024).into());
     t.receive_window((512u32 * 1024).into());
     t.send_window(512 * 1024);
+    // Small messages need no batching, unreliable datagrams or path MTU
+    // probes, and each costs memory per connection on a server holding
+    // tens of thousands.
+    t.enable_segmentation_offload(false);
+    t.datagram_receive_buffer_size(None);
+    t.mtu_discovery_config(None);
     t
 }
 

@@ -291,7 +291,17 @@ struct Session {
     created: Instant,
     last: Instant,
     bytes: u64,
+    /// Frames from the bound side held until the other side binds (the
+    /// dialer's first QUIC Initial usually arrives before its peer has
+    /// bound; dropping it cost a retransmission, ~300 ms and up).
+    held: Vec<Vec<u8>>,
 }
+
+/// Frames held per session until the peer binds.
+pub const HOLD_FRAMES: usize = 4;
+/// Bytes held per session until the peer binds (a few QUIC Initials; the
+/// table's size cap bounds the total).
+pub const HOLD_BYTES: usize = 5 * 1024;
 
 /// What the server must do with a relay frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -300,6 +310,9 @@ pub enum Action {
     Reply(Vec<u8>),
     /// Forward the datagram unchanged to this endpoint.
     Forward(Endpoint),
+    /// Kept until the peer binds; [`RelayTable::take_released`] hands it
+    /// out then.
+    Held,
 }
 
 /// Counters of the relay.
@@ -310,6 +323,8 @@ pub struct RelayStats {
     pub forwarded_bytes: u64,
     pub dropped: u64,
     pub expired: u64,
+    /// Frames held until the peer bound, then forwarded.
+    pub held: u64,
 }
 
 /// The server's sessions and bindings (sans-IO).
@@ -321,6 +336,8 @@ pub struct RelayTable {
     /// is swept at most once a second, not on every insert (a sweep is
     /// linear in the table).
     last_full_sweep: Option<Instant>,
+    /// Frames released by the last bind, for the caller to forward.
+    released: Vec<(Endpoint, Vec<u8>)>,
     /// Counters.
     pub stats: RelayStats,
 }
@@ -332,6 +349,7 @@ impl RelayTable {
             limits,
             sessions: HashMap::new(),
             last_full_sweep: None,
+            released: Vec::new(),
             stats: RelayStats::default(),
         }
     }
@@ -373,9 +391,34 @@ impl RelayTable {
                 created: now,
                 last: now,
                 bytes: 0,
+                held: Vec::new(),
             },
         );
         Ok(())
+    }
+
+    /// Like [`insert`](Self::insert), with `side` bound at once to `peer`:
+    /// in a cluster, the other server that relays for that side.
+    pub fn insert_with_peer(
+        &mut self,
+        session: SessionId,
+        secret: [u8; 32],
+        side: Role,
+        peer: Endpoint,
+        now: Instant,
+    ) -> Result<(), RelayError> {
+        self.insert(session, secret, now)?;
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.bound[side_byte(side) as usize] = Some(peer);
+        }
+        Ok(())
+    }
+
+    /// Frames released by the last bind (held while the peer had not
+    /// bound), each with where to forward it: the caller sends them after
+    /// the bind-ok.
+    pub fn take_released(&mut self) -> Vec<(Endpoint, Vec<u8>)> {
+        std::mem::take(&mut self.released)
     }
 
     /// Drops idle and expired sessions.
@@ -427,6 +470,16 @@ impl RelayTable {
                 s.bound[side_byte(side) as usize] = Some(from);
                 s.last = now;
                 self.stats.binds += 1;
+                // Frames the other side sent before this one bound.
+                if !s.held.is_empty() && s.bound[0].is_some() && s.bound[1].is_some() {
+                    for f in s.held.drain(..) {
+                        s.bytes += f.len() as u64;
+                        self.stats.held += 1;
+                        self.stats.forwarded_packets += 1;
+                        self.stats.forwarded_bytes += f.len() as u64;
+                        self.released.push((from, f));
+                    }
+                }
                 Ok(Action::Reply(encode_bind_ok(
                     &s.secret, session, side, nonce,
                 )))
@@ -445,7 +498,15 @@ impl RelayTable {
                 } else {
                     return Err(RelayError::NotBound);
                 };
-                let to = to.ok_or(RelayError::PeerNotBound)?;
+                let Some(to) = to else {
+                    let held: usize = s.held.iter().map(Vec::len).sum();
+                    if s.held.len() < HOLD_FRAMES && held + frame.len() <= HOLD_BYTES {
+                        s.held.push(frame.to_vec());
+                        s.last = now;
+                        return Ok(Action::Held);
+                    }
+                    return Err(RelayError::PeerNotBound);
+                };
                 let len = frame.len() as u64;
                 if s.bytes + len > l.session_bytes
                     || now.saturating_duration_since(s.created) >= l.session_time
@@ -488,13 +549,42 @@ mod tests {
             panic!()
         };
         assert!(verify_bind(&parse(&ok).unwrap(), &K));
+        // Sent before the peer bound: held, a few and a few KB at most.
+        for _ in 0..HOLD_FRAMES {
+            assert_eq!(t.handle(a(1), &data, now), Ok(Action::Held));
+        }
         assert_eq!(t.handle(a(1), &data, now), Err(RelayError::PeerNotBound));
+        assert!(t.take_released().is_empty());
         t.handle(a(2), &encode_bind_request(&K, S, Role::Controlled, 2), now)
             .unwrap();
+        // The bind releases them to the side that just bound, in order.
+        let released = t.take_released();
+        assert_eq!(released.len(), HOLD_FRAMES);
+        assert!(released
+            .iter()
+            .all(|(to, f)| *to == a(2).into() && *f == data));
+        assert!(t.take_released().is_empty());
         assert_eq!(t.handle(a(1), &data, now), Ok(Action::Forward(a(2).into())));
         assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(1).into())));
         assert_eq!(t.handle(a(3), &data, now), Err(RelayError::NotBound));
-        assert_eq!(t.stats.forwarded_packets, 2);
+        assert_eq!(t.stats.forwarded_packets, 2 + HOLD_FRAMES as u64);
+        assert_eq!(t.stats.held, HOLD_FRAMES as u64);
+    }
+
+    #[test]
+    fn large_frames_are_not_held() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits::default());
+        t.insert(S, K, now).unwrap();
+        t.handle(a(1), &encode_bind_request(&K, S, Role::Controlling, 1), now)
+            .unwrap();
+        let mut big = vec![0u8; HOLD_BYTES + 1];
+        write_data_header(&mut big, S);
+        assert_eq!(t.handle(a(1), &big, now), Err(RelayError::PeerNotBound));
+        let mut data = vec![0u8; HOLD_BYTES - 100];
+        write_data_header(&mut data, S);
+        assert_eq!(t.handle(a(1), &data, now), Ok(Action::Held));
+        assert_eq!(t.handle(a(1), &data, now), Err(RelayError::PeerNotBound));
     }
 
     #[test]

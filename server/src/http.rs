@@ -48,6 +48,18 @@ struct Health {
     tcp: std::collections::BTreeMap<&'static str, u64>,
     /// Connect outcomes by `requester/target` NAT class.
     outcomes_by_nat_pair: std::collections::BTreeMap<String, crate::metrics::PairCounts>,
+    /// Cluster mode: this server's id, whether Redis answers, and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterJson {
+    server_id: String,
+    redis_up: bool,
+    relay_addr: String,
+    #[serde(flatten)]
+    counters: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +77,8 @@ struct RelayJson {
     forwarded_bytes: u64,
     dropped: u64,
     expired: u64,
+    /// Frames held until the peer bound, then forwarded.
+    held: u64,
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
@@ -78,6 +92,7 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
             forwarded_bytes: t.stats.forwarded_bytes,
             dropped: t.stats.dropped,
             expired: t.stats.expired,
+            held: t.stats.held,
         }
     });
     Json(Health {
@@ -103,6 +118,12 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
                 .load(std::sync::atomic::Ordering::Relaxed),
             dropped: s.stun.dropped.load(std::sync::atomic::Ordering::Relaxed),
         },
+        cluster: s.cluster.as_ref().map(|c| ClusterJson {
+            server_id: c.server_id.clone(),
+            redis_up: c.stats.up.load(std::sync::atomic::Ordering::Relaxed),
+            relay_addr: c.config.advertise.to_string(),
+            counters: c.stats.list().into_iter().map(|(k, _, v)| (k, v)).collect(),
+        }),
     })
 }
 

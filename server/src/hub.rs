@@ -33,6 +33,10 @@ pub struct EventRecord {
     pub observed_addr: Option<String>,
     /// RFC 3339, UTC.
     pub at: String,
+    /// In cluster mode, the id of the server that holds the worker when it
+    /// is another server; absent for this server's own workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// Why a wait did not succeed.
@@ -79,12 +83,29 @@ impl Hub {
 
     /// Publishes a registry event.
     pub fn publish(&self, ev: Event) {
+        self.publish_record(
+            ev.kind.as_str(),
+            ev.worker,
+            ev.observed.map(|a| a.to_string()),
+            None,
+        );
+    }
+
+    /// Publishes an event, possibly of another server (`server`).
+    pub fn publish_record(
+        &self,
+        event: &'static str,
+        worker: String,
+        observed_addr: Option<String>,
+        server: Option<String>,
+    ) {
         let rec = EventRecord {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            event: ev.kind.as_str(),
-            worker: ev.worker,
-            observed_addr: ev.observed.map(|a| a.to_string()),
+            event,
+            worker,
+            observed_addr,
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            server,
         };
         tracing::debug!(event = rec.event, worker = %rec.worker, seq = rec.seq, "registry event");
         let _ = self.events.send(Arc::new(rec));
@@ -120,11 +141,29 @@ impl Hub {
         if let Some(w) = online(shared) {
             return Ok(w);
         }
+        // In a cluster, it may be online at another server.
+        let remote = || async {
+            crate::cluster::get_remote(shared, id)
+                .await
+                .filter(|w| w.state == punch_protocol::signal::WorkerState::Online)
+        };
+        if shared.cluster.is_some() {
+            if let Some(w) = remote().await {
+                return Ok(w);
+            }
+        }
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => return Err(WaitError::Timeout),
                 Ok(Ok(ev)) if ev.worker != id => {}
+                Ok(Ok(ev)) if ev.server.is_some() => {
+                    if ev.event == "registered" {
+                        if let Some(w) = remote().await {
+                            return Ok(w);
+                        }
+                    }
+                }
                 // Our worker's event, or we lagged: look again.
                 Ok(_) => {
                     if let Some(w) = online(shared) {

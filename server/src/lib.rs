@@ -6,6 +6,7 @@
 //! shows health and who is online.
 
 pub mod alt;
+pub mod cluster;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     /// default: probes and scrapers rarely carry tokens; they show counts,
     /// not workers).
     pub metrics_open: bool,
+    /// Cluster mode: the registry shared in Redis; `None` keeps it in
+    /// memory (one server).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -82,6 +86,7 @@ impl ServerConfig {
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,
             tcp_rate: 256 << 20,
+            cluster: None,
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum ServerError {
     Endpoint(std::io::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// State shared by the server's tasks.
@@ -143,6 +150,8 @@ pub struct Shared {
     pub tcp: Arc<tcp::TcpClients>,
     /// The UDP socket (relay frames from TCP clients leave through it).
     pub udp: Arc<udp::ServerSocket>,
+    /// Cluster mode, when on.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A running server.
@@ -203,6 +212,21 @@ impl Server {
         let bindings = store.load()?;
         tracing::info!(bindings = bindings.len(), "loaded worker-id bindings");
         registry.load_bindings(bindings);
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let mut c = c.clone();
+                if c.advertise.port() == 0 {
+                    c.advertise.set_port(udp_addr.port());
+                }
+                if c.advertise.ip().is_unspecified() {
+                    let ip = cluster::first_host_addr(c.advertise.is_ipv4())
+                        .ok_or(cluster::ClusterError::NoAddress)?;
+                    c.advertise.set_ip(ip);
+                }
+                Some(Arc::new(cluster::Cluster::new(c)?))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             registry: Mutex::new(registry),
             store,
@@ -215,11 +239,13 @@ impl Server {
             identity: identity.clone(),
             tcp,
             udp: socket,
+            cluster,
         });
         let mut tasks = vec![tokio::spawn(signal::accept_loop(
             endpoint.clone(),
             shared.clone(),
         ))];
+        tasks.extend(cluster::spawn(shared.clone()));
         if let Some(alt) = alt {
             tasks.push(tokio::spawn(alt.serve(shared.stun.clone())));
         }

@@ -116,6 +116,22 @@ struct RunArgs {
     /// default, for probes and scrapers).
     #[arg(long)]
     metrics_auth: bool,
+    /// Where the registry lives: `memory` (this server alone) or
+    /// `redis://HOST:PORT[/DB]` to share it with other servers (cluster
+    /// mode: a requester on one server reaches a worker on another; servers
+    /// of one cluster share one key, i.e. the same server.key).
+    #[arg(long, env = "PUNCH_REGISTRY", default_value = "memory")]
+    registry: String,
+    /// Cluster mode: the UDP address other servers relay to, i.e. this
+    /// server's --listen as they reach it. Default: --listen when it names
+    /// an address, else this host's first non-loopback address with the
+    /// UDP port.
+    #[arg(long, env = "PUNCH_CLUSTER_ADDR")]
+    cluster_addr: Option<SocketAddr>,
+    /// Cluster mode: seconds a worker's entry in Redis lives without a
+    /// refresh (refreshed every third of it while the worker is online).
+    #[arg(long, env = "PUNCH_CLUSTER_TTL", default_value_t = 15)]
+    cluster_ttl: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -200,6 +216,25 @@ async fn main() -> anyhow::Result<()> {
         session_time: std::time::Duration::from_secs(a.relay_session_secs),
         idle: std::time::Duration::from_secs(a.relay_idle_secs),
     });
+    cfg.cluster = match a.registry.trim() {
+        "" | "memory" => None,
+        url if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://") =>
+        {
+            if !(3..=3600).contains(&a.cluster_ttl) {
+                anyhow::bail!("--cluster-ttl must be between 3 and 3600 seconds");
+            }
+            Some(punch_server::cluster::ClusterConfig {
+                url: url.to_string(),
+                advertise: a
+                    .cluster_addr
+                    .unwrap_or_else(|| SocketAddr::new(a.listen.ip(), 0)),
+                ttl: std::time::Duration::from_secs(a.cluster_ttl),
+            })
+        }
+        other => anyhow::bail!("--registry {other:?}: expected memory or redis://HOST:PORT"),
+    };
     let server = Server::start(cfg).await.context("starting punch-server")?;
     // A machine-readable line for scripts and tests that start us on port 0.
     let or_off = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());

@@ -167,6 +167,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
     for (name, help, v) in s.tcp.stats.list() {
         reg.register(format!("tcp_{name}"), help, ConstCounter::new(v));
     }
+    if let Some(c) = &s.cluster {
+        reg.register(
+            "cluster_redis_up",
+            "Redis answered the last cluster command (1) or not (0)",
+            ConstGauge::new(c.stats.up.load(Ordering::Relaxed) as i64),
+        );
+        for (name, help, v) in c.stats.list() {
+            reg.register(format!("cluster_{name}"), help, ConstCounter::new(v));
+        }
+    }
     reg.register(
         "waits_in_progress",
         "Long-polls and barrier waits running",
@@ -224,6 +234,11 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "relay_forwarded_packets",
             "Datagrams relayed",
             ConstCounter::new(t.stats.forwarded_packets),
+        );
+        reg.register(
+            "relay_held",
+            "Relay frames held until the peer bound, then forwarded",
+            ConstCounter::new(t.stats.held),
         );
         reg.register(
             "relay_dropped",

@@ -397,6 +397,12 @@ impl<H> Registry<H> {
         Some(online.swap_remove(i))
     }
 
+    /// An online worker's connection and key.
+    pub fn online_with_key(&self, id: &str) -> Option<(&Online<H>, PublicKey)> {
+        let w = self.workers.get(id)?;
+        Some((w.online.as_ref()?, w.key))
+    }
+
     /// Is the worker online now?
     pub fn is_online(&self, id: &str) -> bool {
         self.workers.get(id).is_some_and(|w| w.online.is_some())

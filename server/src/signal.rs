@@ -21,8 +21,16 @@ use tracing::{debug, info, info_span, warn, Instrument};
 /// How the registry reaches an online agent's connection task.
 #[derive(Clone, Debug)]
 pub struct AgentHandle {
-    tx: mpsc::Sender<ServerMsg>,
+    tx: OutQueue,
     closer: Closer,
+}
+
+impl AgentHandle {
+    /// Queues a message for the agent; false when its queue is full or it
+    /// has gone.
+    pub fn send(&self, m: ServerMsg) -> bool {
+        self.tx.try_send(Box::new(m)).is_ok()
+    }
 }
 
 /// Ends an agent's connection (when a newer one replaces it).
@@ -97,6 +105,15 @@ impl Link<'_> {
 
 /// A message from the agent's reader, or why reading ended.
 pub(crate) type Incoming = Result<ClientMsg, ReadEnd>;
+
+/// What an agent's reader hands its session. Boxed: a tokio channel
+/// allocates its first block of 32 slots up front, and 32 unboxed messages
+/// (~200 bytes each) per agent were a fifth of the server's memory per
+/// agent.
+pub(crate) type InQueue = mpsc::Receiver<Box<Incoming>>;
+
+/// Messages queued for an agent, boxed for the same reason.
+pub(crate) type OutQueue = mpsc::Sender<Box<ServerMsg>>;
 
 /// Why the reader of an agent's channel stopped.
 #[derive(Debug)]
@@ -260,7 +277,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
         .export_keying_material(&mut exporter, TOKEN_PROOF_LABEL, b"")
         .ok()
         .map(|_| exporter);
-    let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    let (in_tx, in_rx) = mpsc::channel::<Box<Incoming>>(16);
     // The reader runs as its own task so a slow peer write cannot stall it.
     let reader = tokio::spawn(async move {
         loop {
@@ -271,7 +288,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                     e => ReadEnd::Closed(e.to_string()),
                 });
             let stop = r.is_err();
-            if in_tx.send(r).await.is_err() || stop {
+            if in_tx.send(Box::new(r)).await.is_err() || stop {
                 break;
             }
         }
@@ -327,7 +344,7 @@ pub(crate) async fn serve_registered(
     mut link: Link<'_>,
     arrival: Arrival,
     hello: Hello,
-    in_rx: mpsc::Receiver<Incoming>,
+    in_rx: InQueue,
     shared: Arc<Shared>,
 ) {
     let id = hello.worker_id.clone();
@@ -381,6 +398,21 @@ pub(crate) async fn serve_registered(
             closer,
             ..
         } = arrival;
+        if let (Some(cluster), false) = (&shared.cluster, hello.ephemeral) {
+            match cluster.bind_key(&id, &key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    inc(&shared.metrics.registration_refused);
+                    let msg =
+                        format!("worker id {id:?} is registered with another key (cluster-wide)");
+                    link.refuse(ErrorCode::IdTaken, msg).await;
+                    return;
+                }
+                // Redis down: this server's own binding still holds;
+                // refusing everyone would turn an outage into a fleet-wide one.
+                Err(e) => warn!("cluster key binding not checked: {e}"),
+            }
+        }
         let (tx, mut rx) = mpsc::channel(AGENT_QUEUE);
         let online = Online {
             conn_id,
@@ -472,9 +504,9 @@ async fn session_loop(
     conn_id: u64,
     id: &str,
     shared: &Arc<Shared>,
-    mut in_rx: mpsc::Receiver<Incoming>,
-    rx: &mut mpsc::Receiver<ServerMsg>,
-    tx: mpsc::Sender<ServerMsg>,
+    mut in_rx: InQueue,
+    rx: &mut mpsc::Receiver<Box<ServerMsg>>,
+    tx: OutQueue,
     observed: std::net::SocketAddr,
 ) -> Result<bool, String> {
     link.send(&ServerMsg::Welcome {
@@ -488,7 +520,7 @@ async fn session_loop(
             // Messages first: a Bye that arrived just before the connection
             // closed must count as a clean shutdown.
             biased;
-            msg = in_rx.recv() => match msg {
+            msg = in_rx.recv() => match msg.map(|m| *m) {
                 Some(Ok(ClientMsg::Bye)) => return Ok(true),
                 Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
                     // Answered later, from its own task, through the queue.
@@ -506,7 +538,34 @@ async fn session_loop(
                                 message: format!("waiting for {target:?}: {e}"),
                             },
                         };
-                        let _ = tx.send(answer).await;
+                        let _ = tx.send(Box::new(answer)).await;
+                    }.in_current_span());
+                }
+                Some(Ok(ClientMsg::Connect { req, target }))
+                    if shared.cluster.is_some()
+                        && target != id
+                        && !shared.registry.lock().expect("not poisoned").is_online(&target) =>
+                {
+                    // Perhaps held by another server: asked through Redis,
+                    // answered through the queue.
+                    inc(&shared.metrics.connect_requests);
+                    tokio::spawn(
+                        crate::cluster::connect_remote(shared.clone(), id.to_string(), req, target)
+                            .in_current_span(),
+                    );
+                }
+                Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
+                    if shared.cluster.is_some()
+                        && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
+                {
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let w = if validate_name("worker id", &wid).is_ok() {
+                            crate::cluster::get_remote(&shared, &wid).await
+                        } else {
+                            None
+                        };
+                        let _ = tx.send(Box::new(ServerMsg::Workers { req, workers: w.into_iter().collect() })).await;
                     }.in_current_span());
                 }
                 Some(Ok(m)) => {
@@ -708,7 +767,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         .target
         .handle
         .tx
-        .try_send(ServerMsg::Offer(to_target))
+        .try_send(Box::new(ServerMsg::Offer(to_target)))
         .is_err()
     {
         inc(&shared.metrics.dropped_messages);

@@ -629,13 +629,13 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         .lock()
         .expect("not poisoned")
         .insert(conn_id, relay_tx.clone());
-    let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    let (in_tx, in_rx) = mpsc::channel::<Box<Incoming>>(16);
     let reader = {
         let shared = shared.clone();
         tokio::spawn(
             async move {
                 let end = read_loop(&mut stream, conn_id, &in_tx, &relay_tx, &shared).await;
-                let _ = in_tx.send(Err(end)).await;
+                let _ = in_tx.send(Box::new(Err(end))).await;
             }
             .in_current_span(),
         )
@@ -663,7 +663,7 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
 async fn read_loop(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     conn_id: u64,
-    in_tx: &mpsc::Sender<Incoming>,
+    in_tx: &mpsc::Sender<Box<Incoming>>,
     relay_tx: &mpsc::Sender<Bytes>,
     shared: &Arc<Shared>,
 ) -> ReadEnd {
@@ -681,7 +681,7 @@ async fn read_loop(
             Ok(WsFrame::Signal(b)) => {
                 let m = ws::decode::<ClientMsg>(b).map_err(|e| ReadEnd::Malformed(e.to_string()));
                 let stop = m.is_err();
-                if in_tx.send(m).await.is_err() || stop {
+                if in_tx.send(Box::new(m)).await.is_err() || stop {
                     return ReadEnd::Closed("session over".into());
                 }
             }
@@ -708,18 +708,26 @@ async fn read_loop(
 /// Passes a relay frame from TCP client `conn_id` through the relay table.
 fn relay_frame(conn_id: u64, frame: &[u8], own: &mpsc::Sender<Bytes>, shared: &Arc<Shared>) {
     let Some(table) = &shared.relay else { return };
-    let action =
-        table
-            .lock()
-            .expect("not poisoned")
-            .handle(Endpoint::Tcp(conn_id), frame, Instant::now());
+    let (action, released) = {
+        let mut t = table.lock().expect("not poisoned");
+        let a = t.handle(Endpoint::Tcp(conn_id), frame, Instant::now());
+        (a, t.take_released())
+    };
     match action {
         Ok(Action::Forward(Endpoint::Udp(to))) => shared.udp.send_datagram(to, frame),
         Ok(Action::Forward(Endpoint::Tcp(id))) => shared.tcp.deliver(id, frame),
         Ok(Action::Reply(answer)) => {
             let _ = own.try_send(Bytes::from(answer));
         }
+        Ok(Action::Held) => {}
         Err(e) => tracing::trace!("relay frame from TCP client dropped: {e}"),
+    }
+    // After the bind-ok: what the peer sent before this client bound.
+    for (to, f) in released {
+        match to {
+            Endpoint::Udp(to) => shared.udp.send_datagram(to, &f),
+            Endpoint::Tcp(id) => shared.tcp.deliver(id, &f),
+        }
     }
 }
 

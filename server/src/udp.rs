@@ -251,7 +251,14 @@ impl ServerSocket {
                             self.forward(to, &buf[s..e], stride);
                         }
                         self.forward(from, &frame, frame.len());
+                        for (to, f) in t.take_released() {
+                            match to {
+                                Endpoint::Udp(to) => self.send_datagram(to, &f),
+                                Endpoint::Tcp(id) => self.tcp.deliver(id, &f),
+                            }
+                        }
                     }
+                    Ok(Action::Held) => {}
                     Err(e) => tracing::trace!(%from, "relay frame dropped: {e}"),
                 }
                 off = end;

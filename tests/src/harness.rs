@@ -378,3 +378,46 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Run> {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
 }
+
+/// A `redis-server` on loopback for cluster tests: no persistence, so a
+/// restart comes back empty (what the servers must survive).
+pub struct RedisProc {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl RedisProc {
+    /// Is `redis-server` installed?
+    pub fn available() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts it on `port` (0: a free one) and waits until it accepts.
+    pub fn start(dir: &Path, port: u16) -> Result<RedisProc> {
+        let port = if port == 0 {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        } else {
+            port
+        };
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir);
+        let mut proc = Proc::spawn_tee("redis-server", cmd, &dir.join("redis.log"))?;
+        proc.wait_line("Ready to accept connections", Duration::from_secs(10))?;
+        Ok(RedisProc { proc, port })
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
