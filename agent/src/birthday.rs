@@ -213,6 +213,7 @@ pub(crate) async fn hard_side(
                         Punched {
                             addr: from,
                             rtt: sent_at[i].elapsed(),
+                            via_mapped: false,
                         },
                         observed,
                     ));

@@ -54,6 +54,7 @@ pub mod files;
 pub mod forward;
 pub mod natcheck;
 pub mod peer;
+pub mod portmap;
 pub mod session;
 pub mod signal;
 pub mod socket;
@@ -153,6 +154,9 @@ pub struct AgentConfig {
     pub allow_forward: Vec<SocketAddr>,
     /// A directory to share read-only with peers (`files`, `get`).
     pub share: Option<PathBuf>,
+    /// Ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and
+    /// offer it to peers (`--port-mapping`).
+    pub port_mapping: portmap::PortMapSettings,
 }
 
 impl AgentConfig {
@@ -184,6 +188,7 @@ impl AgentConfig {
             metadata: Vec::new(),
             allow_forward: Vec::new(),
             share: None,
+            port_mapping: portmap::PortMapSettings::default(),
         }
     }
 }
@@ -280,6 +285,17 @@ pub(crate) struct Inner {
     pub(crate) nat_ready: watch::Sender<bool>,
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     pub(crate) share: Option<Arc<files::Share>>,
+    /// The gateway port mapping task, if port mapping runs.
+    portmap: tokio::sync::Mutex<Option<punch_portmap::client::Handle>>,
+    /// What it knows (the live mapping), if it runs.
+    pub(crate) portmap_state: Option<watch::Receiver<punch_portmap::client::State>>,
+    /// The STUN candidates of the last registration (sent again with the
+    /// mapped candidate when it changes).
+    pub(crate) stun_seen: Mutex<Vec<Candidate>>,
+    /// When the agent started.
+    pub(crate) started: Instant,
+    /// (signaling channel count, mapped address) last told the server.
+    pub(crate) portmap_sent: Mutex<Option<(u64, Option<SocketAddr>)>>,
     allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
     incoming_tx: mpsc::Sender<PeerConnection>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
@@ -388,6 +404,11 @@ impl AgentBuilder {
         self.config.share = Some(dir.into());
         self
     }
+    /// Ask the gateway for a port mapping, or not (`--port-mapping`).
+    pub fn port_mapping(mut self, mode: portmap::PortMapping) -> Self {
+        self.config.port_mapping.mode = mode;
+        self
+    }
     /// The settings built so far.
     pub fn config(self) -> AgentConfig {
         self.config
@@ -454,6 +475,11 @@ impl Agent {
             })?)),
             None => None,
         };
+        let portmap = match endpoint.local_addr() {
+            Ok(local) => portmap::start(&config.port_mapping, local, &config.server),
+            Err(_) => None,
+        };
+        let portmap_state = portmap.as_ref().map(|h| h.state());
         let inner = Arc::new(Inner {
             config,
             identity,
@@ -479,19 +505,41 @@ impl Agent {
             nat_ready: watch::channel(false).0,
             allow_forward,
             share,
+            portmap: tokio::sync::Mutex::new(portmap),
+            portmap_state,
+            stun_seen: Mutex::new(Vec::new()),
+            portmap_sent: Mutex::new(None),
+            started: Instant::now(),
             status,
             allowed,
             incoming_tx,
             incoming_rx: tokio::sync::Mutex::new(incoming_rx),
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
             tokio::spawn(peer::accept_loop(inner.clone())),
         ];
+        if let Some(state) = inner.portmap_state.clone() {
+            tasks.push(tokio::spawn(portmap::announce(inner.clone(), state)));
+        }
         Ok(Agent {
             inner,
             _tasks: Arc::new(TaskGuard(tasks)),
         })
+    }
+
+    /// The gateway port mapping now (`None` when port mapping does not
+    /// run: `--port-mapping off`, a loopback socket or server).
+    pub fn port_mapping(&self) -> Option<portmap::MappingView> {
+        self.inner
+            .portmap_state
+            .as_ref()
+            .map(|s| portmap::MappingView::of(&s.borrow()))
+    }
+
+    /// Watches the port mapping task's state (`None` when it does not run).
+    pub fn watch_port_mapping(&self) -> Option<watch::Receiver<punch_portmap::client::State>> {
+        self.inner.portmap_state.clone()
     }
 
     /// The channel signaling runs on now (`None` while not registered).
@@ -650,6 +698,11 @@ impl Agent {
             let _ =
                 tokio::time::timeout(Duration::from_millis(1500), stopped.wait_for(|s| *s)).await;
         }
+        // Give the gateway's port back (bounded: a silent gateway costs
+        // at most a second).
+        if let Some(mut h) = self.inner.portmap.lock().await.take() {
+            h.shutdown(Duration::from_millis(1500)).await;
+        }
         self.inner
             .endpoint
             .close(0u32.into(), b"agent shutting down");
@@ -671,6 +724,13 @@ impl Inner {
             .lock()
             .expect("not poisoned")
             .map(socket::RelayVia::Udp)
+    }
+
+    /// Our public address by the gateway's port mapping, if one is live.
+    pub(crate) fn mapped_external(&self) -> Option<SocketAddr> {
+        self.portmap_state
+            .as_ref()
+            .and_then(|s| s.borrow().mapping.map(|m| m.external))
     }
 
     /// Registered over TCP with no UDP mapping of our own.
@@ -766,13 +826,22 @@ impl Inner {
 
     /// Our candidates besides the server-observed address.
     pub(crate) fn local_candidates(&self) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        // The gateway's mapping first: it is what peers behind hard NATs
+        // reach.
+        if let Some(c) = self
+            .portmap_state
+            .as_ref()
+            .and_then(|s| portmap::candidate(&s.borrow()))
+        {
+            out.push(c);
+        }
         if !self.config.local_candidates {
-            return vec![];
+            return out;
         }
         let Ok(local) = self.endpoint.local_addr() else {
-            return vec![];
+            return out;
         };
-        let mut out = Vec::new();
         if !local.ip().is_unspecified() {
             if !local.ip().is_loopback() {
                 out.push(Candidate {

@@ -1,6 +1,7 @@
 //! The `punch-agent` command.
 
 use clap::{Args, Parser, Subcommand};
+use punch_agent::portmap::{PortMapSettings, PortMapping};
 use punch_agent::{Agent, AgentConfig, AgentError, PeerConnection, RelayMode, Status};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -105,6 +106,29 @@ struct Common {
     /// class, which offers and the server's metrics carry).
     #[arg(long, global = true)]
     no_nat_check: bool,
+    /// Ask the gateway for a port mapping (PCP, then NAT-PMP, then UPnP
+    /// IGD) forwarded to our UDP socket, in the background, and offer the
+    /// public address to peers: auto or off. Off sends nothing to the
+    /// gateway. Skipped for a loopback socket or server.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_PORT_MAPPING",
+        default_value = "auto",
+        value_parser = ["auto", "off"]
+    )]
+    port_mapping: String,
+    /// Testing: the port mapping protocols to try, in order (pcp,
+    /// nat-pmp, upnp).
+    #[arg(long, global = true, hide = true, value_delimiter = ',')]
+    port_mapping_protocols: Vec<String>,
+    /// Testing: the mapping lifetime to ask for, seconds.
+    #[arg(long, global = true, hide = true)]
+    port_mapping_lifetime: Option<u32>,
+    /// Testing: the gateway's PCP/NAT-PMP address instead of the default
+    /// route's gateway on port 5351.
+    #[arg(long, global = true, hide = true)]
+    port_mapping_gateway: Option<SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,6 +338,7 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
             "--ws-max-age must be at least 10 seconds".into(),
         ));
     }
+    cfg.port_mapping = port_mapping_settings(c)?;
     cfg.udp_only = c.no_tcp;
     if cfg.udp_only && cfg.server_tcp_only() {
         return Err(AgentError::Config(
@@ -328,6 +353,31 @@ fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
         RelayMode::Auto
     };
     Ok(cfg)
+}
+
+fn port_mapping_settings(c: &Common) -> Result<PortMapSettings, AgentError> {
+    let mut s = PortMapSettings {
+        mode: c.port_mapping.parse().map_err(AgentError::Config)?,
+        ..PortMapSettings::default()
+    };
+    if !c.port_mapping_protocols.is_empty() {
+        s.protocols = c
+            .port_mapping_protocols
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map_err(AgentError::Config)?;
+    }
+    if let Some(l) = c.port_mapping_lifetime {
+        if l == 0 {
+            return Err(AgentError::Config(
+                "--port-mapping-lifetime must be at least 1".into(),
+            ));
+        }
+        s.lifetime = Duration::from_secs(l as u64);
+    }
+    s.gateway = c.port_mapping_gateway;
+    Ok(s)
 }
 
 #[tokio::main]
@@ -480,13 +530,46 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
     } else {
         c.bind
     };
-    let r = punch_agent::natcheck::check(addr, bind, true).await?;
+    let settings = port_mapping_settings(c)?;
+    let (r, pm) = tokio::join!(
+        punch_agent::natcheck::check(addr, bind, true),
+        punch_agent::portmap::nat_check(&settings, bind, target)
+    );
+    let r = r?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| AgentError::Io(e.to_string()))?
-        );
-    } else if r.udp == "blocked" {
+        let mut v = serde_json::to_value(&r).map_err(|e| AgentError::Io(e.to_string()))?;
+        v["port_mapping"] = json!(pm);
+        println!("{v}");
+        return Ok(());
+    }
+    match &pm {
+        None => println!(
+            "port mapping:   not asked (--port-mapping off, or a loopback socket or server)"
+        ),
+        Some(p) => {
+            let said = |name: &str, r: &Option<String>| match r {
+                None => format!("{name} mapped"),
+                Some(e) => format!("{name}: {e}"),
+            };
+            println!(
+                "port mapping:   gateway {}: {}",
+                p.gateway.as_deref().unwrap_or("none"),
+                [
+                    ("PCP", &p.errors.pcp, p.pcp),
+                    ("NAT-PMP", &p.errors.nat_pmp, p.nat_pmp),
+                    ("UPnP", &p.errors.upnp, p.upnp)
+                ]
+                .iter()
+                .map(|(n, e, ok)| if *ok { said(n, &None) } else { said(n, e) })
+                .collect::<Vec<_>>()
+                .join("; ")
+            );
+            if let Some(m) = &p.mapped_addr {
+                println!("mapped address: {m} (via {})", p.protocol.unwrap_or("?"));
+            }
+        }
+    }
+    if r.udp == "blocked" {
         println!("UDP: blocked (no STUN answer from {addr})");
     } else {
         println!("UDP:            ok");
@@ -529,6 +612,8 @@ fn worker_json(w: &punch_protocol::signal::WorkerInfo) -> serde_json::Value {
 async fn query_agent(c: &Common) -> Result<Agent, AgentError> {
     let mut cfg = config(c, false)?;
     cfg.nat_check = false;
+    // A one-off query has no use for a port of its own.
+    cfg.port_mapping.mode = PortMapping::Off;
     let agent = Agent::start(cfg).await?;
     agent.registered(Duration::from_secs(15)).await?;
     Ok(agent)
@@ -890,6 +975,8 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
                 "rtt_ms": round3(rtt_ms),
                 "worker_id": agent.worker_id(),
                 "session": pc.path.session.to_string(),
+                "via_mapped": pc.path.via_mapped,
+                "port_mapping": agent.port_mapping(),
             })
         );
     } else {

@@ -23,6 +23,9 @@ pub struct PathInfo {
     pub connect_time: Duration,
     /// The punch session that introduced the peers.
     pub session: SessionId,
+    /// The direct path runs through a gateway port mapping (ours or the
+    /// peer's; known on the dialing side only).
+    pub via_mapped: bool,
 }
 
 /// An authenticated connection to another agent.
@@ -367,6 +370,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                     remote_addr: remote.unwrap_or(v),
                     connect_time: Duration::ZERO,
                     session,
+                    via_mapped: false,
                 },
                 virtual_addr: v,
                 socket: inner.socket.clone(),

@@ -23,6 +23,12 @@ const ANSWER_GRACE: Duration = Duration::from_secs(3);
 /// drops bindings idle for 60 s by default).
 const RELAY_REFRESH: Duration = Duration::from_secs(20);
 
+/// A connect waits for the first port mapping attempt at most until this
+/// long after the agent started ...
+const PORTMAP_WAIT: Duration = Duration::from_millis(500);
+/// ... and for UPnP discovery at most this long after PCP and NAT-PMP.
+const PORTMAP_UPNP_GRACE: Duration = Duration::from_millis(200);
+
 /// What punching found.
 #[derive(Debug, Clone, Copy)]
 pub struct Punched {
@@ -30,6 +36,9 @@ pub struct Punched {
     pub addr: SocketAddr,
     /// The round trip of the validating probe.
     pub rtt: Duration,
+    /// The path runs through a gateway port mapping: the peer's mapped
+    /// candidate, or the peer saw us at our mapped address.
+    pub via_mapped: bool,
 }
 
 /// Runs a puncher in its own task. The first result goes to the returned
@@ -89,10 +98,12 @@ fn spawn_puncher(
                 while let Some(ev) = p.poll_event() {
                     match ev {
                         PunchEvent::Validated { addr, kind, rtt, observed } => {
-                            info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, "path validated; using it");
+                            let via_mapped = kind == punch_protocol::signal::CandidateKind::Mapped
+                                || inner.mapped_external() == Some(observed);
+                            info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, via_mapped, "path validated; using it");
                             inner.socket.paths.lock().expect("not poisoned").set_direct(v, Some(addr));
                             if let Some(tx) = tx.take() {
-                                let _ = tx.send(Some(Punched { addr, rtt }));
+                                let _ = tx.send(Some(Punched { addr, rtt, via_mapped }));
                             }
                             stop_at = Some(Instant::now() + ANSWER_GRACE);
                         }
@@ -517,7 +528,14 @@ async fn repunch(inner: &Arc<Inner>, target: &str, v: SocketAddr) -> Result<bool
         } else {
             PathKind::Relayed
         };
-        report(inner, &offer, kind, start, punched.map(|p| p.addr));
+        report(
+            inner,
+            &offer,
+            kind,
+            start,
+            punched.map(|p| p.addr),
+            punched.is_some_and(|p| p.via_mapped),
+        );
         Ok(punched.is_some())
     }
     .await;
@@ -585,10 +603,18 @@ pub(crate) async fn connect(
     let start = Instant::now();
     // A fresh agent's NAT mapping is known a few round trips after it
     // registers; the peer pair's punching method depends on it.
-    if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) && !inner.tcp_only() {
-        let mut ready = inner.nat_ready.subscribe();
-        let _ = tokio::time::timeout(NAT_WAIT, ready.wait_for(|r| *r)).await;
-    }
+    let nat_wait = async {
+        if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) && !inner.tcp_only() {
+            let mut ready = inner.nat_ready.subscribe();
+            let _ = tokio::time::timeout(NAT_WAIT, ready.wait_for(|r| *r)).await;
+        }
+    };
+    // Likewise the gateway's port mapping (at once when the gateway
+    // answered or refused; a silent one costs at most PORTMAP_WAIT).
+    tokio::join!(
+        nat_wait,
+        crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE)
+    );
     let (offer, probes) = request_offer(inner, target).await?;
     let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);
@@ -650,6 +676,7 @@ async fn dial(
     // on the relay at once (punching still runs, in case).
     let hopeless = offer.peer_tcp_only || inner.tcp_only();
     info!(candidates = ?offer.peer_candidates, relay = relay_ok, hopeless, "offer received");
+    let mut via_mapped = false;
     if mode == RelayMode::Force {
         inner.router.unregister(offer.session);
         bind_relay_early(inner, offer, v).await?;
@@ -681,9 +708,10 @@ async fn dial(
                 None
             }
         };
+        via_mapped = direct.is_some_and(|p| p.via_mapped);
         if direct.is_none() {
             let Some(b) = bound.take() else {
-                report(inner, offer, PathKind::Failed, start, None);
+                report(inner, offer, PathKind::Failed, start, None, false);
                 if hopeless {
                     // Same-LAN candidates were worth a try; nothing else is.
                     let who = if inner.tcp_only() {
@@ -703,7 +731,7 @@ async fn dial(
             match b.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    report(inner, offer, PathKind::Failed, start, None);
+                    report(inner, offer, PathKind::Failed, start, None, false);
                     return Err(e);
                 }
                 Err(e) => return Err(AgentError::Io(e.to_string())),
@@ -747,11 +775,11 @@ async fn dial(
     let conn = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            report(inner, offer, PathKind::Failed, start, None);
+            report(inner, offer, PathKind::Failed, start, None, false);
             return Err(AgentError::PeerConnect(e.to_string()));
         }
         Err(_) => {
-            report(inner, offer, PathKind::Failed, start, None);
+            report(inner, offer, PathKind::Failed, start, None, false);
             return Err(AgentError::PeerConnect(
                 "QUIC handshake with the peer timed out".into(),
             ));
@@ -759,7 +787,14 @@ async fn dial(
     };
     let connect_time = start.elapsed();
     let (kind, remote) = crate::peer::current_path(&inner.socket, v);
-    report(inner, offer, kind, start, remote);
+    // A path that went direct after starting on the relay: through the
+    // peer's mapping if that is where it goes.
+    let via_mapped = kind == PathKind::Direct
+        && (via_mapped
+            || offer.peer_candidates.iter().any(|c| {
+                c.kind == punch_protocol::signal::CandidateKind::Mapped && Some(c.addr) == remote
+            }));
+    report(inner, offer, kind, start, remote, via_mapped);
     info!(
         ?remote,
         path = kind.as_str(),
@@ -774,6 +809,7 @@ async fn dial(
             remote_addr: start_remote.or(remote).unwrap_or(v),
             connect_time,
             session: offer.session,
+            via_mapped,
         },
         virtual_addr: v,
         socket: inner.socket.clone(),
@@ -788,6 +824,7 @@ fn report(
     path: PathKind,
     start: Instant,
     remote: Option<SocketAddr>,
+    via_mapped: bool,
 ) {
     if path == PathKind::Failed {
         warn!(session = %offer.session, "connect failed");
@@ -797,5 +834,6 @@ fn report(
         path,
         connect_ms: start.elapsed().as_millis().min(u32::MAX as u128) as u32,
         remote,
+        via_mapped,
     }));
 }

@@ -533,6 +533,7 @@ async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, 
         Channel::Ws(_) => Vec::new(),
     };
     let has_stun = !stun.is_empty();
+    *inner.stun_seen.lock().expect("not poisoned") = stun.clone();
     candidates.extend(stun);
     candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
     let hello = ClientMsg::Hello(Hello {
@@ -748,6 +749,7 @@ async fn ws_session(inner: &Arc<Inner>, chan: WsChannel, observed: SocketAddr) -
                 if stun.is_empty() {
                     return;
                 }
+                *inner.stun_seen.lock().expect("not poisoned") = stun.clone();
                 let mut local = inner.local_candidates();
                 local.extend(stun);
                 local.truncate(punch_protocol::signal::MAX_CANDIDATES);

@@ -27,6 +27,7 @@ fn state(agent: &Agent) -> (bool, serde_json::Value) {
             "server_state": server_state,
             "public_addr": observed,
             "nat": nat,
+            "port_mapping": agent.port_mapping(),
             "error": error,
         }),
     )
@@ -50,12 +51,22 @@ async fn index(State(agent): State<Agent>) -> Html<String> {
         other => esc(&other.to_string()),
     };
     let nat = v["nat"]["label"].as_str().unwrap_or("not classified yet");
+    let pm = &v["port_mapping"];
+    let mapping = match (pm["protocol"].as_str(), pm["external"].as_str()) {
+        (Some(p), Some(e)) => format!(
+            "{e} via {p}, renews in {} s",
+            pm["renews_in_s"].as_u64().unwrap_or(0)
+        ),
+        _ if pm.is_null() => "off".to_string(),
+        _ => "none".to_string(),
+    };
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>punch-agent {id}</title><style>body{{font:14px system-ui,sans-serif;margin:2em}}td{{padding:2px 12px 2px 0}}</style></head>
 <body><h1>punch-agent <span id="worker">{id}</span></h1><table>
 <tr><td>server</td><td>{server}</td></tr><tr><td>state</td><td id="state">{state}</td></tr>
 <tr><td>public address</td><td>{public}</td></tr><tr><td>NAT</td><td>{nat}</td></tr>
+<tr><td>port mapping</td><td id="port-mapping">{mapping}</td></tr>
 <tr><td>last error</td><td>{error}</td></tr></table></body></html>
 "#,
         id = field("worker_id"),
@@ -63,6 +74,7 @@ async fn index(State(agent): State<Agent>) -> Html<String> {
         state = field("server_state"),
         public = field("public_addr"),
         nat = esc(nat),
+        mapping = esc(&mapping),
         error = field("error"),
     ))
 }

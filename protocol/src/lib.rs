@@ -20,7 +20,7 @@ pub mod view;
 pub mod ws;
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN of the agent-to-server signaling connection.
 pub const ALPN_SIGNAL: &[u8] = b"punch-signal/1";
 /// ALPN of agent-to-agent peer connections.

@@ -374,6 +374,10 @@ pub struct Outcome {
     pub path: PathKind,
     pub connect_ms: u32,
     pub remote: Option<SocketAddr>,
+    /// A direct path through a port the gateway mapped on request (PCP,
+    /// NAT-PMP, UPnP): the peer's mapped candidate, or the peer reached us
+    /// at ours. Since protocol version 4.
+    pub via_mapped: bool,
 }
 
 /// Why a worker id is not acceptable.

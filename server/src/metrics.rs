@@ -30,6 +30,8 @@ pub struct Metrics {
     pub outcome_direct: AtomicU64,
     pub outcome_relayed: AtomicU64,
     pub outcome_failed: AtomicU64,
+    /// Direct outcomes whose path runs through a gateway port mapping.
+    pub direct_via_mapped: AtomicU64,
     pub address_changes: AtomicU64,
     pub dropped_messages: AtomicU64,
     /// Outcomes by the NAT classes of requester and target.
@@ -148,6 +150,11 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "registrations_tcp",
             "Registrations over WebSocket (TCP)",
             m.registrations_tcp,
+        ),
+        (
+            "direct_via_mapped",
+            "Direct connections through a port the gateway mapped on request (PCP, NAT-PMP, UPnP)",
+            m.direct_via_mapped,
         ),
     ] {
         reg.register(name, help, ConstCounter::new(v));
@@ -361,6 +368,7 @@ pub struct MetricsSnapshot {
     pub outcome_direct: u64,
     pub outcome_relayed: u64,
     pub outcome_failed: u64,
+    pub direct_via_mapped: u64,
     pub address_changes: u64,
     pub dropped_messages: u64,
     pub registrations_udp: u64,
@@ -389,6 +397,7 @@ impl Metrics {
             outcome_direct: g(&self.outcome_direct),
             outcome_relayed: g(&self.outcome_relayed),
             outcome_failed: g(&self.outcome_failed),
+            direct_via_mapped: g(&self.direct_via_mapped),
             address_changes: g(&self.address_changes),
             dropped_messages: g(&self.dropped_messages),
             registrations_udp: g(&self.registrations_udp),

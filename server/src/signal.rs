@@ -642,6 +642,9 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
                 PathKind::Relayed => &m.outcome_relayed,
                 PathKind::Failed => &m.outcome_failed,
             });
+            if o.path == PathKind::Direct && o.via_mapped {
+                inc(&m.direct_via_mapped);
+            }
             let pair = m
                 .nat_pairs
                 .lock()
@@ -660,7 +663,7 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
                     nat_pair: pair.clone(),
                 });
             }
-            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, nat_pair = pair.as_ref().map(|p| p.0.as_str()).unwrap_or("-"), "outcome");
+            info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, via_mapped = o.via_mapped, nat_pair = pair.as_ref().map(|p| p.0.as_str()).unwrap_or("-"), "outcome");
             None
         }
         ClientMsg::Nat(nat) => {

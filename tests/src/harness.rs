@@ -221,6 +221,7 @@ pub fn clear_agent_env(cmd: &mut Command) {
         "PUNCH_SERVER_TCP",
         "PUNCH_SERVER_CA",
         "PUNCH_WS_MAX_AGE",
+        "PUNCH_PORT_MAPPING",
         // A proxy in the runner's environment must not carry test traffic.
         "HTTPS_PROXY",
         "https_proxy",

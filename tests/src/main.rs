@@ -95,7 +95,9 @@ enum Cmd {
     /// path and time to connect, against what theory predicts.
     Matrix {
         /// Comma-separated NAT types; `all` (the UDP types), `tcp-only`
-        /// (udp-blocked, proxy-only).
+        /// (udp-blocked, proxy-only); `TYPE+upnp` runs a port-mapping
+        /// daemon (miniupnpd: PCP, NAT-PMP, UPnP IGD) on the site's gateway
+        /// (`+pcp`, `+nat-pmp`, `+igd`: one protocol).
         #[arg(long, default_value = "all")]
         types: String,
         /// Connects per pair.
@@ -126,6 +128,11 @@ enum Cmd {
         /// Pass --relay-after SECS to the agents.
         #[arg(long)]
         relay_after: Option<f64>,
+        /// Only the ordered pairs with this site type on either side, e.g.
+        /// `--types symmetric+upnp,symmetric,port-restricted,cloudnat
+        /// --with symmetric+upnp`.
+        #[arg(long)]
+        with: Option<String>,
     },
     /// Kill a live connection's direct path (flush conntrack in both NATs
     /// while pings run) and check it carries on over the relay, then goes
@@ -323,9 +330,9 @@ fn main() -> Result<()> {
             nat: Some(pair),
             impair,
         } => {
-            let types = nat::parse_types(&pair).map_err(anyhow::Error::msg)?;
+            let types = nat::parse_sites(&pair).map_err(anyhow::Error::msg)?;
             let [a, b] = types[..] else {
-                bail!("--nat takes exactly two different types, e.g. port-restricted,symmetric (got {pair:?})");
+                bail!("--nat takes exactly two different types, e.g. port-restricted,symmetric or symmetric+upnp,symmetric (got {pair:?})");
             };
             lab::demo::nat_demo(a, b, impair.impair()?)
         }
@@ -441,8 +448,19 @@ fn main() -> Result<()> {
             strict,
             no_relay,
             relay_after,
+            with,
         } => {
-            let types = nat::parse_types(&types).map_err(anyhow::Error::msg)?;
+            let types = nat::parse_sites(&types).map_err(anyhow::Error::msg)?;
+            let with = match with {
+                Some(w) => {
+                    let w: nat::SiteType = w.parse().map_err(anyhow::Error::msg)?;
+                    if !types.contains(&w) {
+                        bail!("--with {w} is not among --types");
+                    }
+                    Some(w)
+                }
+                None => None,
+            };
             if !(1..=1000).contains(&runs) {
                 bail!("--runs must be between 1 and 1000");
             }
@@ -451,6 +469,7 @@ fn main() -> Result<()> {
             }
             let opts = matrix::MatrixOpts {
                 types,
+                with,
                 runs,
                 impair: impair.impair()?,
                 punch_timeout,

@@ -1,14 +1,15 @@
 //! `punch-lab demo --nat A,B`: the core demo behind two simulated NATs.
 
 use super::matrix::{agent_cmd, pair_lab, PairLab};
-use super::nat::{theory, NatType};
+use super::nat::{site_theory, SiteType};
 use super::{Impair, SERVER_IP};
 use crate::harness::run;
 use anyhow::{bail, Result};
 use std::time::Duration;
 
 /// Builds two sites, a server, and connects A to B; prints each step.
-pub fn nat_demo(a: NatType, b: NatType, impair: Impair) -> Result<()> {
+pub fn nat_demo(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) -> Result<()> {
+    let (a, b) = (a.into(), b.into());
     println!("punch demo behind NATs: A behind {a}, B behind {b}\n");
     let PairLab {
         lab,
@@ -27,7 +28,7 @@ pub fn nat_demo(a: NatType, b: NatType, impair: Impair) -> Result<()> {
     }
     println!("2. punch-server on the fake internet at {SERVER_IP}:3478");
     println!("3. worker-b registered from behind its {b} NAT");
-    let (expect, why) = theory(a, b);
+    let (expect, why) = site_theory(a, b);
     println!("4. theory for {a} -> {b}: {expect:?} ({why})");
     let mut cmd = agent_cmd(&ns_a, &fp, 3.0)?;
     cmd.args(["ping", "worker-b", "-c", "3", "-i", "0.2"]);

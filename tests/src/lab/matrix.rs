@@ -1,7 +1,7 @@
 //! `punch-lab matrix`: every ordered pair of NAT types, N connects each,
 //! with real punch-server and punch-agent processes in the lab.
 
-use super::nat::{theory, Expect, NatType};
+use super::nat::{site_theory, Expect, NatType, SiteType};
 use super::{in_ns, Impair, Lab, SiteSpec, SERVER_IP};
 use crate::harness::{bin, run, Proc};
 use anyhow::{Context, Result};
@@ -10,7 +10,10 @@ use std::time::Duration;
 /// Matrix settings.
 #[derive(Clone, Debug)]
 pub struct MatrixOpts {
-    pub types: Vec<NatType>,
+    /// Site types (NAT types, maybe with a port-mapping daemon).
+    pub types: Vec<SiteType>,
+    /// Only the ordered pairs with this site on either side, when set.
+    pub with: Option<SiteType>,
     pub runs: usize,
     pub impair: Impair,
     /// Punch deadline given to the agents, seconds.
@@ -36,6 +39,9 @@ pub struct PairResult {
     /// Runs that started on the relay and moved to a direct path.
     pub upgraded: usize,
     pub relayed: usize,
+    /// Direct runs whose path runs through a gateway port mapping (`connect
+    /// --json` says `via_mapped`).
+    pub via_mapped: usize,
     /// Connected runs whose A side carried the connection over TCP (the
     /// relay over its WebSocket channel: `connect --json` says
     /// `transport: tcp`).
@@ -94,6 +100,8 @@ pub fn start_server(lab: &mut Lab) -> Result<String> {
         .context("fingerprint in the server's line")?
         .to_string();
     lab.keep(p);
+    // Port-mapping daemons learn their address from the server's STUN.
+    lab.start_port_mapping()?;
     Ok(fp)
 }
 
@@ -145,12 +153,14 @@ pub struct PairLab {
 }
 
 /// Builds a [`PairLab`].
-pub fn pair_lab(a: NatType, b: NatType, impair: Impair) -> Result<PairLab> {
+pub fn pair_lab(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) -> Result<PairLab> {
+    let (a, b) = (a.into(), b.into());
     let mut lab = Lab::new()?;
-    let site = |nat| SiteSpec {
-        nat,
+    let site = |s: SiteType| SiteSpec {
+        nat: s.nat,
         hosts: 1,
         impair,
+        port_mapping: s.port_mapping,
     };
     let sa = lab.add_site(&site(a))?;
     let sb = lab.add_site(&site(b))?;
@@ -175,9 +185,10 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let mut b_site = Vec::new();
     for t in &opts.types {
         let spec = SiteSpec {
-            nat: *t,
+            nat: t.nat,
             hosts: 1,
             impair: opts.impair,
+            port_mapping: t.port_mapping,
         };
         a_site.push(lab.add_site(&spec)?);
         b_site.push(lab.add_site(&spec)?);
@@ -187,6 +198,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             nat: NatType::PortRestricted,
             hosts: 2,
             impair: opts.impair,
+            port_mapping: None,
         })?)
     } else {
         None
@@ -194,7 +206,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let fp = start_server(&mut lab)?;
     for (i, t) in opts.types.iter().enumerate() {
         let ns = lab.sites[b_site[i]].hosts[0].clone();
-        serve(&mut lab, &ns, &format!("b-{t}"), &fp, opts.punch_timeout)?;
+        serve(&mut lab, &ns, &b_id(t), &fp, opts.punch_timeout)?;
     }
     if let Some(s) = same {
         let ns = lab.sites[s].hosts[1].clone();
@@ -215,16 +227,19 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let mut pairs: Vec<Pair> = Vec::new();
     for (i, a) in opts.types.iter().enumerate() {
         for b in opts.types.iter() {
-            let (e, why) = theory(*a, *b);
+            if opts.with.is_some_and(|w| w != *a && w != *b) {
+                continue;
+            }
+            let (e, why) = site_theory(*a, *b);
             pairs.push((
                 a.to_string(),
                 b.to_string(),
                 lab.sites[a_site[i]].hosts[0].clone(),
-                format!("b-{b}"),
+                b_id(b),
                 e,
                 why,
                 Some(a_site[i]),
-                a.has_udp(),
+                a.nat.has_udp(),
             ));
         }
     }
@@ -258,6 +273,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         bar.set_message(format!("{a} -> {b}"));
         let (mut times, mut rtts, mut rtt_ms) = (Vec::new(), Vec::new(), Vec::new());
         let (mut connected, mut direct, mut upgraded, mut relayed, mut tcp) = (0, 0, 0, 0, 0);
+        let mut via_mapped = 0;
         let mut errors = Vec::new();
         let mut error_messages = Vec::new();
         for run_no in 0..opts.runs {
@@ -284,6 +300,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                 connected += 1;
                 if j["path"] == "direct" {
                     direct += 1;
+                    if j["via_mapped"] == true {
+                        via_mapped += 1;
+                    }
                     if j["initial_path"] == "relayed" {
                         upgraded += 1;
                     }
@@ -338,6 +357,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             direct,
             upgraded,
             relayed,
+            via_mapped,
             tcp,
             success_rate: connected as f64 / runs as f64,
             direct_rate,
@@ -393,7 +413,11 @@ pub fn table(results: &[PairResult]) -> String {
             opt(r.p95_ms, 1),
             opt(r.median_rtts, 1),
             opt(r.p95_rtts, 1),
-            r.verdict
+            if r.via_mapped > 0 {
+                format!("{} ({} direct via a port mapping)", r.verdict, r.via_mapped)
+            } else {
+                r.verdict.to_string()
+            }
         ));
     }
     s
@@ -481,4 +505,10 @@ pub fn svg(results: &[PairResult]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The worker id of the matrix's B agent for a site type (`+` is not
+/// allowed in ids: `b-symmetric.upnp`).
+fn b_id(t: &SiteType) -> String {
+    format!("b-{}", t.to_string().replace('+', "."))
 }

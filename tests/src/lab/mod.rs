@@ -21,7 +21,7 @@ pub mod verify;
 
 use crate::harness::{bin, Proc};
 use anyhow::{bail, Context, Result};
-use nat::{NatAddrs, NatType};
+use nat::{NatAddrs, NatType, PortMapDaemon};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,6 +72,10 @@ pub struct SiteSpec {
     pub nat: NatType,
     pub hosts: usize,
     pub impair: Impair,
+    /// Run a port-mapping daemon (miniupnpd) on the gateway, answering
+    /// these protocols; it starts with [`Lab::start_port_mapping`], once
+    /// the server's STUN port answers.
+    pub port_mapping: Option<PortMapDaemon>,
 }
 
 /// A built site.
@@ -92,6 +96,12 @@ pub struct Site {
     /// The HTTP CONNECT proxy the hosts must use (`http://10.x.0.1:8888`),
     /// set for `proxy-only` sites only.
     pub proxy: Option<String>,
+    /// The port-mapping daemon on the gateway, if any.
+    pub port_mapping: Option<PortMapDaemon>,
+    /// Its lease file (where miniupnpd records live mappings).
+    pub lease_file: Option<PathBuf>,
+    /// Its log.
+    pub daemon_log: Option<PathBuf>,
 }
 
 impl Site {
@@ -424,6 +434,9 @@ impl Lab {
         if i >= 200 {
             bail!("too many sites");
         }
+        if spec.port_mapping.is_some() && !spec.nat.takes_port_mapping() {
+            bail!("{} cannot run a port-mapping daemon", spec.nat);
+        }
         let tag = format!("s{i}");
         let public_ip = Ipv4Addr::new(203, 0, 113, 10 + i as u8);
         let mut hosts = Vec::new();
@@ -452,6 +465,9 @@ impl Lab {
                 nat_ns: vec![],
                 public_ip,
                 proxy: None,
+                port_mapping: None,
+                lease_file: None,
+                daemon_log: None,
             });
             return Ok(i);
         }
@@ -565,13 +581,14 @@ impl Lab {
         };
         nft(
             &nat_inner,
-            &nat::ruleset(
+            &nat::ruleset_with(
                 kind,
                 &NatAddrs {
                     lan: format!("{lan_net}.0/24"),
                     wan_ip: inner_wan_ip,
                     block_base: 20480 + 64 * i as u16,
                 },
+                spec.port_mapping,
             ),
         )?;
         if spec.nat == NatType::Cloudnat || spec.nat == NatType::CloudnatEim {
@@ -632,6 +649,9 @@ impl Lab {
             nat_ns,
             public_ip,
             proxy,
+            port_mapping: spec.port_mapping,
+            lease_file: None,
+            daemon_log: None,
         });
         Ok(i)
     }
@@ -675,6 +695,128 @@ impl Lab {
             .with_context(|| format!("tinyproxy in {ns}; log {}", log.display()))?;
         self.procs.push(p);
         Ok(format!("http://{gw}:{port}"))
+    }
+
+    /// Starts miniupnpd on every site's gateway that asks for one and has
+    /// none yet. It learns its public address by STUN from the lab server
+    /// (so the server must run): with a documentation-range address on
+    /// `wan0` it would refuse to forward otherwise.
+    pub fn start_port_mapping(&mut self) -> Result<()> {
+        for i in 0..self.sites.len() {
+            if self.sites[i].port_mapping.is_some() && self.sites[i].lease_file.is_none() {
+                self.start_miniupnpd(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_miniupnpd(&mut self, site: usize) -> Result<()> {
+        if !have("miniupnpd") {
+            bail!("port-mapping sites run miniupnpd: apt-get install -y miniupnpd-nftables");
+        }
+        let s = &self.sites[site];
+        let d = s.port_mapping.context("no daemon asked for")?;
+        let ns = s.edge_ns.clone();
+        let tag = format!("s{site}");
+        let lan = format!("10.{}.0.0/24", site + 1);
+        let lease = self.path(&format!("{tag}-upnp.leases"));
+        let pid = self.path(&format!("{tag}-miniupnpd.pid"));
+        let conf = format!(
+            "# punch-lab: the port-mapping daemon of site {tag}\n\
+             ext_ifname=wan0\n\
+             ext_perform_stun=yes\n\
+             ext_stun_host={SERVER_IP}\n\
+             ext_stun_port=3478\n\
+             listening_ip=lan0\n\
+             ipv6_disable=yes\n\
+             http_port=0\n\
+             enable_natpmp={natpmp}\n\
+             enable_upnp={upnp}\n\
+             secure_mode=yes\n\
+             min_lifetime=2\n\
+             lease_file={lease}\n\
+             uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d{site:03x}\n\
+             allow 1024-65535 {lan} 1024-65535\n\
+             deny 0-65535 0.0.0.0/0 0-65535\n",
+            natpmp = if d.pcp || d.nat_pmp { "yes" } else { "no" },
+            upnp = if d.upnp { "yes" } else { "no" },
+            lease = lease.display(),
+        );
+        let conf_path = self.path(&format!("{tag}-miniupnpd.conf"));
+        std::fs::write(&conf_path, conf)?;
+        // It logs to stderr in the foreground (-d): read it as stdout.
+        let mut cmd = in_ns(&ns, "sh");
+        cmd.arg("-c").arg(format!(
+            "exec miniupnpd -f '{}' -P '{}' -d 2>&1",
+            conf_path.display(),
+            pid.display()
+        ));
+        let log = self.path(&format!("{tag}-miniupnpd.log"));
+        let mut p = Proc::spawn_tee(&format!("{tag}-miniupnpd"), cmd, &log)?;
+        // Ready once STUN told it its address and its listeners are up.
+        let ready = if d.pcp || d.nat_pmp {
+            "Listening for NAT-PMP/PCP traffic"
+        } else {
+            "HTTP listening on port"
+        };
+        p.wait_line(ready, Duration::from_secs(20))
+            .with_context(|| format!("miniupnpd in {ns}; log {}", log.display()))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("impossible") || text.contains("does not support port forwarding") {
+            bail!("miniupnpd in {ns} will not forward:\n{text}");
+        }
+        self.procs.push(p);
+        let s = &mut self.sites[site];
+        s.lease_file = Some(lease);
+        s.daemon_log = Some(log);
+        Ok(())
+    }
+
+    /// The mappings a site's daemon holds now: its lease file's lines
+    /// (`UDP:40000:10.1.0.10:40000:…`).
+    pub fn port_mapping_leases(&self, site: usize) -> Vec<String> {
+        self.sites[site]
+            .lease_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The DNAT rules the daemon put in its gateway's nftables.
+    pub fn port_mapping_rules(&self, site: usize) -> Result<Vec<String>> {
+        let out = sh(in_ns(&self.sites[site].edge_ns, "nft").args([
+            "list",
+            "chain",
+            "inet",
+            "filter",
+            "prerouting_miniupnpd",
+        ]))?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("dnat"))
+            .map(|l| l.trim().to_string())
+            .collect())
+    }
+
+    /// Packets the site's LAN sent the daemon: (PCP/NAT-PMP to port 5351,
+    /// SSDP to port 1900), from nftables counters on the gateway.
+    pub fn port_mapping_requests(&self, site: usize) -> Result<(u64, u64)> {
+        let ns = &self.sites[site].edge_ns;
+        let get = |name: &str| -> Result<u64> {
+            let out = sh(in_ns(ns, "nft").args(["list", "counter", "inet", "filter", name]))?;
+            let n = out
+                .split_whitespace()
+                .skip_while(|w| *w != "packets")
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no packet count in {out:?}"))?;
+            Ok(n)
+        };
+        Ok((get("pmp_requests")?, get("ssdp_requests")?))
     }
 
     /// Extra `punch-agent` arguments for an agent in host namespace `ns`

@@ -35,6 +35,157 @@ pub enum NatType {
     ProxyOnly,
 }
 
+/// A real port-mapping daemon (miniupnpd) on a site's gateway, and the
+/// protocols it answers. miniupnpd 2.3.1 has one switch for PCP and
+/// NAT-PMP together (`enable_natpmp`): to offer one of them alone, the
+/// gateway's firewall drops the other's requests (PCP is version 2 in the
+/// first byte of the payload to port 5351, NAT-PMP version 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct PortMapDaemon {
+    /// PCP (RFC 6887).
+    pub pcp: bool,
+    /// NAT-PMP (RFC 6886).
+    pub nat_pmp: bool,
+    /// UPnP IGD (SSDP and SOAP).
+    pub upnp: bool,
+}
+
+impl PortMapDaemon {
+    /// All three protocols (`+upnp`).
+    pub const ALL: PortMapDaemon = PortMapDaemon {
+        pcp: true,
+        nat_pmp: true,
+        upnp: true,
+    };
+
+    /// The suffix on the command line.
+    pub fn suffix(self) -> &'static str {
+        match (self.pcp, self.nat_pmp, self.upnp) {
+            (true, true, true) => "+upnp",
+            (true, false, false) => "+pcp",
+            (false, true, false) => "+nat-pmp",
+            (false, false, true) => "+igd",
+            _ => "+portmap",
+        }
+    }
+}
+
+/// A site as named on the command line: a NAT type, and with a suffix a
+/// port-mapping daemon on its gateway: `symmetric+upnp` (PCP, NAT-PMP
+/// and UPnP IGD), `+pcp`, `+nat-pmp` or `+igd` (one protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct SiteType {
+    /// The NAT.
+    pub nat: NatType,
+    /// The daemon, if any.
+    pub port_mapping: Option<PortMapDaemon>,
+}
+
+impl From<NatType> for SiteType {
+    fn from(nat: NatType) -> Self {
+        SiteType {
+            nat,
+            port_mapping: None,
+        }
+    }
+}
+
+impl fmt::Display for SiteType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.nat.name())?;
+        if let Some(d) = self.port_mapping {
+            f.write_str(d.suffix())?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for SiteType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (nat, suffix) = match s.split_once('+') {
+            Some((n, x)) => (n, Some(x)),
+            None => (s, None),
+        };
+        let nat: NatType = nat.parse()?;
+        let port_mapping = match suffix {
+            None => None,
+            Some("upnp") => Some(PortMapDaemon::ALL),
+            Some("pcp") => Some(PortMapDaemon {
+                pcp: true,
+                nat_pmp: false,
+                upnp: false,
+            }),
+            Some("nat-pmp") => Some(PortMapDaemon {
+                pcp: false,
+                nat_pmp: true,
+                upnp: false,
+            }),
+            Some("igd") => Some(PortMapDaemon {
+                pcp: false,
+                nat_pmp: false,
+                upnp: true,
+            }),
+            Some(x) => {
+                return Err(format!(
+                    "unknown site option +{x}: +upnp (PCP, NAT-PMP and UPnP IGD), +pcp, +nat-pmp or +igd"
+                ))
+            }
+        };
+        if port_mapping.is_some() && !nat.takes_port_mapping() {
+            return Err(format!(
+                "{nat} cannot run a port-mapping daemon (only one-layer NATs with UDP can)"
+            ));
+        }
+        Ok(SiteType { nat, port_mapping })
+    }
+}
+
+/// Parses a comma-separated list of sites: [`parse_types`]' names and
+/// groups, each name maybe with a port-mapping suffix
+/// (`symmetric+upnp,symmetric,port-restricted`).
+pub fn parse_sites(list: &str) -> Result<Vec<SiteType>, String> {
+    let mut v: Vec<SiteType> = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let group: Vec<SiteType> = if s.contains('+') {
+            vec![s.parse()?]
+        } else {
+            parse_types(s)?.into_iter().map(SiteType::from).collect()
+        };
+        for t in group {
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+    }
+    if v.is_empty() {
+        return Err("no NAT types given".into());
+    }
+    Ok(v)
+}
+
+/// What theory predicts for two sites: a side with a port-mapping daemon
+/// has a public, endpoint-independent and unfiltered port (the mapping),
+/// so it counts as `full-cone`.
+pub fn site_theory(a: SiteType, b: SiteType) -> (Expect, &'static str) {
+    let eff = |s: SiteType| {
+        if s.port_mapping.is_some() {
+            NatType::FullCone
+        } else {
+            s.nat
+        }
+    };
+    let (e, why) = theory(eff(a), eff(b));
+    if (a.port_mapping.is_some() || b.port_mapping.is_some()) && e == Expect::Direct {
+        return (
+            e,
+            "a side's gateway maps a public port on request (PCP, NAT-PMP or UPnP): the peer's \
+             probes reach it whatever the NATs' mapping and filtering",
+        );
+    }
+    (e, why)
+}
+
 /// The HTTP CONNECT proxy's port on a `proxy-only` site's gateway.
 pub const PROXY_PORT: u16 = 8888;
 
@@ -100,6 +251,14 @@ impl NatType {
         NatType::UdpBlocked,
         NatType::ProxyOnly,
     ];
+
+    /// Can a port-mapping daemon run on this type's gateway (one NAT layer
+    /// that passes UDP, not `restricted`)?
+    pub fn takes_port_mapping(self) -> bool {
+        // Restricted filters in prerouting on the external port, before
+        // the daemon's DNAT: not modelled with a daemon.
+        self.has_udp() && !matches!(self, NatType::None | NatType::Cgnat | NatType::Restricted)
+    }
 
     /// False for the types that pass no UDP at all.
     pub fn has_udp(self) -> bool {
@@ -297,6 +456,73 @@ pub struct NatAddrs {
 /// The nftables ruleset (one `nft -f` script) for a NAT namespace whose
 /// outside interface is `wan0` and inside interface `lan0`.
 pub fn ruleset(t: NatType, a: &NatAddrs) -> String {
+    ruleset_with(t, a, None)
+}
+
+/// [`ruleset`], and with a port-mapping daemon the tables and chains
+/// miniupnpd's nftables backend fills (`table inet filter`: chains
+/// `miniupnpd`, `prerouting_miniupnpd`, `postrouting_miniupnpd`), plus
+/// drops for the protocols switched off and counters of every request the
+/// LAN sends the daemon. New inbound packets are then dropped in the
+/// forward hook unless the daemon's DNAT took them (still before conntrack
+/// confirms them).
+pub fn ruleset_with(t: NatType, a: &NatAddrs, daemon: Option<PortMapDaemon>) -> String {
+    let base = ruleset_base(t, a);
+    let Some(d) = daemon else {
+        return base;
+    };
+    let base = base.replace(
+        "    iifname \"wan0\" ct state new drop\n  }\n  chain nat_pre",
+        "  }\n  chain nat_pre",
+    );
+    let base = base.replace(
+        "type filter hook forward priority 0; policy accept;\n",
+        "type filter hook forward priority 0; policy accept;\n    iifname \"wan0\" ct state new ct status dnat accept\n    iifname \"wan0\" ct state new drop\n",
+    );
+    // The daemon checks by STUN (with CHANGE-REQUEST, answered from the
+    // server's other address and port) that unsolicited packets reach the
+    // gateway; only the gateway's own sockets are concerned, not the NAT.
+    let base = base.replace("    iifname \"wan0\" meta l4proto udp drop\n", "");
+    let mut off = String::new();
+    if !d.pcp {
+        off.push_str("    iifname \"lan0\" udp dport 5351 @th,64,8 2 counter drop\n");
+    }
+    if !d.nat_pmp {
+        off.push_str("    iifname \"lan0\" udp dport 5351 @th,64,8 0 counter drop\n");
+    }
+    format!(
+        r#"{base}table inet filter {{
+  counter pmp_requests {{ }}
+  counter ssdp_requests {{ }}
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    iifname "lan0" udp dport 5351 counter name pmp_requests
+    iifname "lan0" udp dport 1900 counter name ssdp_requests
+{off}  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    jump miniupnpd
+  }}
+  chain miniupnpd {{
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    jump prerouting_miniupnpd
+  }}
+  chain prerouting_miniupnpd {{
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    jump postrouting_miniupnpd
+  }}
+  chain postrouting_miniupnpd {{
+  }}
+}}
+"#
+    )
+}
+
+fn ruleset_base(t: NatType, a: &NatAddrs) -> String {
     let lan = &a.lan;
     let wan = &a.wan_ip;
     let lo = a.block_base;
@@ -466,6 +692,68 @@ mod tests {
             parse_types("all,tcp-only").unwrap(),
             NatType::EVERY.to_vec()
         );
+    }
+
+    #[test]
+    fn sites_with_a_port_mapping_daemon() {
+        let s = parse_sites("symmetric+upnp,symmetric,port-restricted+pcp").unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].to_string(), "symmetric+upnp");
+        assert_eq!(s[0].port_mapping, Some(PortMapDaemon::ALL));
+        assert_eq!(s[1].port_mapping, None);
+        assert_eq!(s[2].to_string(), "port-restricted+pcp");
+        assert_eq!(parse_sites("all").unwrap().len(), NatType::ALL.len());
+        for bad in [
+            "none+upnp",
+            "cgnat+upnp",
+            "restricted+upnp",
+            "udp-blocked+upnp",
+            "symmetric+x",
+        ] {
+            assert!(bad.parse::<SiteType>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            site_theory(s[0], NatType::Symmetric.into()).0,
+            Expect::Direct
+        );
+        assert_eq!(
+            site_theory(NatType::Symmetric.into(), NatType::Cloudnat.into()).0,
+            Expect::NeedsPredictionOrRelay
+        );
+        let a = NatAddrs {
+            lan: "10.1.0.0/24".into(),
+            wan_ip: "203.0.113.10".into(),
+            block_base: 0,
+        };
+        let plain = ruleset(NatType::Symmetric, &a);
+        let with = ruleset_with(
+            NatType::Symmetric,
+            &a,
+            Some(PortMapDaemon {
+                pcp: true,
+                nat_pmp: false,
+                upnp: true,
+            }),
+        );
+        assert!(plain.starts_with("flush ruleset") && !plain.contains("miniupnpd"));
+        for chain in [
+            "chain miniupnpd",
+            "chain prerouting_miniupnpd",
+            "chain postrouting_miniupnpd",
+        ] {
+            assert!(with.contains(chain), "{with}");
+        }
+        // New inbound is dropped after the daemon's DNAT, not before it.
+        assert!(
+            with.contains("ct state new ct status dnat accept"),
+            "{with}"
+        );
+        assert!(
+            !with.contains("priority -150; policy accept;\n    iifname \"wan0\" ct state new drop")
+        );
+        // NAT-PMP (version 0) off, PCP (version 2) on.
+        assert!(with.contains("@th,64,8 0 counter drop"), "{with}");
+        assert!(!with.contains("@th,64,8 2 counter drop"), "{with}");
     }
 
     #[test]

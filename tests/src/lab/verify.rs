@@ -88,6 +88,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             nat: *t,
             hosts: 1,
             impair: Impair::default(),
+            port_mapping: None,
         })?);
     }
     let mut cmd = in_ns(&lab.server_ns, bin_self()?);
