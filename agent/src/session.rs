@@ -7,7 +7,7 @@ use crate::socket::{ActivePath, ProbeDatagram};
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
 use punch_protocol::relay;
-use punch_protocol::signal::{ClientMsg, Offer, Outcome, PathKind, Role, ServerMsg};
+use punch_protocol::signal::{ClientMsg, NatBehaviour, Offer, Outcome, PathKind, Role, ServerMsg};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -610,11 +610,19 @@ pub(crate) async fn connect(
         }
     };
     // Likewise the gateway's port mapping (at once when the gateway
-    // answered or refused; a silent one costs at most PORTMAP_WAIT).
-    tokio::join!(
-        nat_wait,
-        crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE)
-    );
+    // answered or refused; a silent one costs at most PORTMAP_WAIT), but
+    // only behind a NAT whose mapping depends on the destination: an easy
+    // NAT's own mapping serves every peer as well as a granted one, and a
+    // fresh connect should not pay for a gateway that never answers.
+    nat_wait.await;
+    let easy = inner
+        .nat
+        .lock()
+        .expect("not poisoned")
+        .is_some_and(|c| c.public || c.mapping == NatBehaviour::EndpointIndependent);
+    if !easy {
+        crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE).await;
+    }
     let (offer, probes) = request_offer(inner, target).await?;
     let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);
