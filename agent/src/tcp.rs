@@ -343,6 +343,7 @@ pub(crate) async fn open(inner: &Arc<Inner>, url: &WsUrl) -> Result<Ws, String> 
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(ws::MAX_MESSAGE);
     cfg.max_frame_size = Some(ws::MAX_MESSAGE);
+    cfg.read_buffer_size = ws::READ_BUFFER;
     let (ws, _resp) =
         tokio_tungstenite::client_async_with_config(url.to_string(), stream, Some(cfg))
             .await

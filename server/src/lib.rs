@@ -85,7 +85,7 @@ impl ServerConfig {
             metrics_open: true,
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,
-            tcp_rate: 256 << 20,
+            tcp_rate: 1024 << 20,
             cluster: None,
         }
     }

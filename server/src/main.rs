@@ -56,7 +56,7 @@ struct RunArgs {
     max_tcp_clients: usize,
     /// MiB per second one TCP client may send through the relay (excess
     /// frames are dropped and counted); 0 is unlimited.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     tcp_rate_mib: u64,
     /// HTTP address for GET /healthz and GET /peers; it also takes the
     /// agents' WebSocket at /ws, for a TLS-terminating front (Cloud Run,

@@ -351,6 +351,7 @@ pub async fn upgrade(
         .map(|ip| SocketAddr::new(ip, 0))
         .unwrap_or(remote);
     up.max_message_size(ws::MAX_MESSAGE)
+        .read_buffer_size(ws::READ_BUFFER)
         .max_frame_size(ws::MAX_MESSAGE)
         .on_failed_upgrade(|e| debug!("WebSocket upgrade failed: {e}"))
         .on_upgrade(move |socket| async move {
