@@ -1,6 +1,7 @@
 //! The TCP channel on loopback: agents that reach the server only over
-//! TLS + WebSocket (its TCP port, the HTTP listener a front forwards to, or
-//! a real HTTP CONNECT proxy, tinyproxy) register, connect and relay; bad
+//! TLS + WebSocket (its TCP port, the HTTP listener a front forwards to, a
+//! real TLS-terminating front (nginx) with its own certificate, or a real
+//! HTTP CONNECT proxy, tinyproxy) register, connect and relay; bad
 //! input on the TCP side is dropped and counted while other agents carry
 //! on.
 
@@ -415,4 +416,135 @@ fn bad_input_on_the_tcp_side_is_dropped_and_counted() {
     c.args(["list", "--json"]);
     let r = run(c, T).unwrap();
     assert_eq!(r.code, Some(0), "{r:?}");
+}
+
+/// A certificate authority and a certificate for 127.0.0.1 it signed, as
+/// PEM files in `dir`: (ca, cert, key).
+fn front_certs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "punch test front CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("front.pem"),
+        dir.join("front.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A real TLS-terminating front, nginx, that forwards `/ws` (with the
+/// standard upgrade headers) to the server's HTTP listener, as a load
+/// balancer or ingress does. None when nginx is not installed.
+fn nginx_front(dir: &Path, http: SocketAddr) -> Option<(Proc, u16, std::path::PathBuf)> {
+    if Command::new("nginx").arg("-v").output().is_err() {
+        eprintln!("nginx not installed (apt-get install nginx-light); skipping");
+        return None;
+    }
+    let (ca, cert, key) = front_certs(dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log info;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/nginx-body;
+  proxy_temp_path {d}/nginx-proxy;
+  fastcgi_temp_path {d}/nginx-fcgi;
+  uwsgi_temp_path {d}/nginx-uwsgi;
+  scgi_temp_path {d}/nginx-scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location /ws {{
+      proxy_pass http://{http};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_read_timeout 3600s;
+    }}
+  }}
+}}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(&path);
+    let p = Proc::spawn("nginx", cmd, Some(&dir.join("nginx.log"))).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not listen on {port}: {}",
+            std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((p, port, ca))
+}
+
+#[test]
+fn behind_a_real_tls_terminating_front_with_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--no-tcp"]).unwrap();
+    let Some((_nginx, port, ca)) = nginx_front(dir.path(), s.http) else {
+        return;
+    };
+    let front = format!("wss://127.0.0.1:{port}/ws");
+    let ca = ca.to_str().unwrap();
+    // The front's certificate is checked against --server-ca; the server
+    // itself is still authenticated by its pinned key through the front.
+    let _b = serve(&s, dir.path(), &front, "wb", &["--server-ca", ca]);
+    let mut c = agent(&s, &front);
+    c.args([
+        "--server-ca",
+        ca,
+        "connect",
+        "wb",
+        "--json",
+        "--force-relay",
+    ]);
+    let j = connect_json(c);
+    assert_eq!(j["transport"], "tcp", "{j}");
+    assert_eq!(j["path"], "relayed", "{j}");
+    let h = health(&s);
+    assert!(
+        h["metrics"]["registrations_tcp"].as_u64().unwrap() >= 2,
+        "{h}"
+    );
+    // Without the CA the front's certificate is refused, clearly.
+    let mut c = agent(&s, &front);
+    c.args(["connect", "wb", "--json"]);
+    let r = run(c, T).unwrap();
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("certificate"), "{r:?}");
 }
