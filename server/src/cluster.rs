@@ -101,7 +101,7 @@ return 0";
 /// Cluster settings.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
-    /// `redis://HOST:PORT[/DB]` (or `rediss://`, `redis+unix://`).
+    /// `redis://HOST:PORT[/DB]` (or `redis+unix://`).
     pub url: String,
     /// The UDP address other servers send relayed datagrams to (this
     /// server's own port, as they reach it).

@@ -218,9 +218,10 @@ async fn main() -> anyhow::Result<()> {
     });
     cfg.cluster = match a.registry.trim() {
         "" | "memory" => None,
-        url if url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("redis+unix://") =>
+        url if url.starts_with("rediss://") => anyhow::bail!(
+            "--registry {url:?}: TLS to Redis is not built in; reach Redis over a private network (redis://) or a TLS tunnel"
+        ),
+        url if url.starts_with("redis://") || url.starts_with("redis+unix://") =>
         {
             if !(3..=3600).contains(&a.cluster_ttl) {
                 anyhow::bail!("--cluster-ttl must be between 3 and 3600 seconds");
