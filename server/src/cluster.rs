@@ -998,7 +998,13 @@ fn introduce_remote(
 /// Answers the requester through its queue.
 pub async fn connect_remote(shared: Arc<Shared>, requester: String, req: u32, target: String) {
     let cluster = shared.cluster.clone().expect("cluster mode");
+    let t0 = Instant::now();
     let reply = connect_remote_inner(&shared, &cluster, &requester, req, &target).await;
+    debug!(
+        route_ms = t0.elapsed().as_secs_f64() * 1e3,
+        ok = reply.is_ok(),
+        "routed connect"
+    );
     let msg = match reply {
         Ok(offer) => ServerMsg::Offer(offer),
         Err(r) => {

@@ -59,22 +59,18 @@ fn proc_stats(pid: u32) -> (f64, u64) {
 }
 
 struct SimAgent {
+    /// The agent's number: its id is `load-{i}`, its requests are keyed
+    /// by it (agents that failed to register leave gaps).
+    i: usize,
     tx: mpsc::Sender<ClientMsg>,
     _conn: quinn::Connection,
 }
 
 type Pending = Arc<Mutex<HashMap<(usize, u32), Instant>>>;
 
-/// Runs the load: `agents` agents, then connects at `rate` per second for
-/// `seconds`.
-pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
-    if !(2..=100_000).contains(&agents) {
-        bail!("--agents must be between 2 and 100000");
-    }
-    if rate > 50_000 || seconds == 0 || seconds > 600 {
-        bail!("--connects-per-sec at most 50000, --seconds 1 to 600");
-    }
-    let dir = tempfile::tempdir()?;
+/// Starts a `punch-server` for the load with its data in `data`.
+fn start_server(data: &std::path::Path, extra: &[&str]) -> Result<(Proc, SocketAddr, String)> {
+    std::fs::create_dir_all(data)?;
     let mut cmd = std::process::Command::new(bin("punch-server")?);
     cmd.args([
         "--listen",
@@ -84,10 +80,11 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
         "60",
     ])
     .args(["--max-workers", "200000", "--data-dir"])
-    .arg(dir.path())
+    .arg(data)
+    .args(extra)
     .env("PUNCH_LOG", "warn");
     crate::harness::clear_agent_env(&mut cmd);
-    let mut server = Proc::spawn("punch-server", cmd, Some(&dir.path().join("server.log")))?;
+    let mut server = Proc::spawn("punch-server", cmd, Some(&data.join("server.log")))?;
     let line = server.wait_line("punch-server udp=", Duration::from_secs(20))?;
     let field = |k: &str| {
         line.split_whitespace()
@@ -97,8 +94,50 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
     };
     let udp: SocketAddr = field("udp=")?.parse()?;
     let fp = field("fingerprint=")?;
-    let pid = server.pid();
-    let (rss_idle, _) = proc_stats(pid);
+    Ok((server, udp, fp))
+}
+
+/// Summed resident memory (MiB) and CPU ticks of several processes.
+fn procs_stats(pids: &[u32]) -> (f64, u64) {
+    pids.iter()
+        .map(|p| proc_stats(*p))
+        .fold((0.0, 0), |(r, t), (r2, t2)| (r + r2, t + t2))
+}
+
+/// Runs the load: `agents` agents, then connects at `rate` per second for
+/// `seconds`. With `cluster`, two servers share a `redis-server` started
+/// for the run, agents alternate between them, and about half the
+/// connects cross servers; memory and CPU are the two servers' sums.
+pub async fn run(agents: usize, rate: u32, seconds: u64, cluster: bool) -> Result<LoadReport> {
+    if !(2..=100_000).contains(&agents) {
+        bail!("--agents must be between 2 and 100000");
+    }
+    if rate > 50_000 || seconds == 0 || seconds > 600 {
+        bail!("--connects-per-sec at most 50000, --seconds 1 to 600");
+    }
+    let dir = tempfile::tempdir()?;
+    let mut servers = Vec::new();
+    let mut _redis = None;
+    if cluster {
+        if !crate::harness::RedisProc::available() {
+            bail!("--cluster needs redis-server (apt-get install redis-server)");
+        }
+        let redis = crate::harness::RedisProc::start(dir.path(), 0)?;
+        let url = redis.url();
+        _redis = Some(redis);
+        let extra = ["--registry", url.as_str()];
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        servers.push(start_server(&a, &extra)?);
+        std::fs::create_dir_all(&b)?;
+        std::fs::copy(a.join("server.key"), b.join("server.key"))?;
+        servers.push(start_server(&b, &extra)?);
+    } else {
+        servers.push(start_server(dir.path(), &[])?);
+    }
+    let fp = servers[0].2.clone();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.1).collect();
+    let pids: Vec<u32> = servers.iter().map(|s| s.0.pid()).collect();
+    let (rss_idle, _) = procs_stats(&pids);
 
     // A socket per 256 agents (as many NAT mappings as a busy host has).
     let per_socket = 256;
@@ -117,6 +156,7 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
     for i in 0..agents {
         let ep = endpoints[i / per_socket].clone();
         let fp = fp.clone();
+        let udp = addrs[i % addrs.len()];
         let (pending, offers, errors, latencies) = (
             pending.clone(),
             offers.clone(),
@@ -144,7 +184,7 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
     }
     // Let the server settle, then measure memory while holding them.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_held, ticks0) = proc_stats(pid);
+    let (rss_held, ticks0) = procs_stats(&pids);
 
     let mut sent = 0u64;
     let t0 = Instant::now();
@@ -168,10 +208,10 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
             pending
                 .lock()
                 .expect("not poisoned")
-                .insert((a, req), Instant::now());
+                .insert((sims[a].i, req), Instant::now());
             let msg = ClientMsg::Connect {
                 req,
-                target: format!("load-{b}"),
+                target: format!("load-{}", sims[b].i),
             };
             if sims[a].tx.try_send(msg).is_err() {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -182,7 +222,7 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
     // Answers still in flight get a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let elapsed = t0.elapsed().as_secs_f64();
-    let (_, ticks1) = proc_stats(pid);
+    let (_, ticks1) = procs_stats(&pids);
     let hz = 100.0; // USER_HZ on Linux
     let cpu = (ticks1 - ticks0) as f64 / hz / elapsed * 100.0;
     let mut l = latencies.lock().expect("not poisoned").clone();
@@ -193,7 +233,9 @@ pub async fn run(agents: usize, rate: u32, seconds: u64) -> Result<LoadReport> {
     for ep in &endpoints {
         ep.close(0u32.into(), b"load done");
     }
-    server.kill();
+    for s in &mut servers {
+        s.0.kill();
+    }
     Ok(LoadReport {
         agents_requested: agents,
         agents_held: held,
@@ -291,5 +333,5 @@ async fn register(
             }
         }
     });
-    Ok(SimAgent { tx, _conn: conn })
+    Ok(SimAgent { i, tx, _conn: conn })
 }

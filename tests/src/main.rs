@@ -207,6 +207,11 @@ enum Cmd {
         connects_per_sec: u32,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Two servers sharing a redis-server started for the run (cluster
+        /// mode); agents alternate between them, so about half the
+        /// connects cross servers.
+        #[arg(long)]
+        cluster: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -655,9 +660,15 @@ fn main() -> Result<()> {
             agents,
             connects_per_sec,
             seconds,
+            cluster,
             json,
         } => {
-            let r = runtime()?.block_on(punch_lab::load::run(agents, connects_per_sec, seconds))?;
+            let r = runtime()?.block_on(punch_lab::load::run(
+                agents,
+                connects_per_sec,
+                seconds,
+                cluster,
+            ))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
