@@ -11,7 +11,7 @@ use punch_protocol::signal::{
 };
 use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -554,11 +554,9 @@ async fn session_loop(
                             .in_current_span(),
                     );
                 }
-                Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) }))
-                    if shared.cluster.is_some() =>
-                {
-                    // Other servers' workers come from Redis: answered
-                    // through the queue.
+                Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) })) => {
+                    // In a cluster other servers' workers come from Redis:
+                    // answered from a task, through the queue.
                     let (shared, tx) = (shared.clone(), tx.clone());
                     tokio::spawn(async move {
                         let answer = cluster_query(&shared, req, q).await;
@@ -685,7 +683,8 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
     }
 }
 
-/// `List` and `Discover` across a cluster.
+/// `List` and `Discover`: this server's workers, and in cluster mode the
+/// other servers' too.
 async fn cluster_query(shared: &Shared, req: u32, query: Query) -> ServerMsg {
     let bad = |message: String| ServerMsg::Error {
         req: Some(req),
@@ -726,26 +725,10 @@ fn query_answer(req: u32, query: Query, shared: &Arc<Shared>) -> ServerMsg {
     };
     let reg = shared.registry.lock().expect("not poisoned");
     let workers = match query {
-        Query::List { kind, tag } => {
-            for (what, v) in [("type", &kind), ("tag", &tag)] {
-                if let Some(v) = v {
-                    if let Err(e) = validate_name(what, v) {
-                        return bad(e);
-                    }
-                }
-            }
-            reg.list(kind.as_deref(), tag.as_deref(), MAX_LIST)
-        }
         Query::Get { id } => reg.get(&id).into_iter().collect(),
-        Query::Discover { kind } => {
-            if let Err(e) = validate_name("type", &kind) {
-                return bad(e);
-            }
-            reg.discover(&kind, |n| rand::thread_rng().gen_range(0..n))
-                .into_iter()
-                .collect()
+        Query::List { .. } | Query::Discover { .. } | Query::Wait { .. } => {
+            return bad("answered by the session".into())
         }
-        Query::Wait { .. } => return bad("wait is answered by the session".into()),
     };
     ServerMsg::Workers { req, workers }
 }
