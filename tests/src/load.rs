@@ -175,7 +175,12 @@ pub async fn run(agents: usize, rate: u32, seconds: u64, cluster: bool) -> Resul
     for j in joins {
         match j.await? {
             Ok(s) => sims.push(s),
-            Err(_) => failed += 1,
+            Err(e) => {
+                if failed == 0 {
+                    eprintln!("first failed registration: {e:#}");
+                }
+                failed += 1
+            }
         }
     }
     let registration_secs = start.elapsed().as_secs_f64();
