@@ -523,6 +523,20 @@ impl State {
                 .filter(|p| **p != Protocol::Upnp)
                 .all(|p| self.failed_first.contains(p))
     }
+
+    /// A mapping is live: it renews at `renew` and expires at `expires`.
+    fn set_mapping(&mut self, m: Mapping, renew: Instant, expires: Instant) {
+        self.mapping = Some(m);
+        self.renews_at = Some(renew);
+        self.expires_at = Some(expires);
+    }
+
+    /// No mapping is live.
+    fn clear_mapping(&mut self) {
+        self.mapping = None;
+        self.renews_at = None;
+        self.expires_at = None;
+    }
 }
 
 /// A running port-mapping task.
@@ -601,7 +615,7 @@ async fn run(cfg: Config, state: watch::Sender<State>, mut stop: watch::Receiver
             Err(e) => {
                 debug!("port mapping: {e}");
                 state.send_modify(|s| {
-                    s.mapping = None;
+                    s.clear_mapping();
                     s.last_error = Some(e.to_string());
                     s.first_attempt_done = true;
                 });
@@ -629,15 +643,11 @@ async fn run(cfg: Config, state: watch::Sender<State>, mut stop: watch::Receiver
                 // watcher that sees the attempt done sees its result.
                 if let Some(m) = mapping {
                     let now = Instant::now();
-                    s.mapping = Some(m);
-                    s.renews_at = Some(lease::renew_at(now, m.lifetime));
-                    s.expires_at = Some(now + m.lifetime);
+                    s.set_mapping(m, lease::renew_at(now, m.lifetime), now + m.lifetime);
                 }
                 s.first_attempt_done = true;
                 if mapping.is_none() {
-                    s.mapping = None;
-                    s.renews_at = None;
-                    s.expires_at = None;
+                    s.clear_mapping();
                     s.last_error = failures
                         .iter()
                         .map(|(p, e)| format!("{}: {e}", p.label()))
@@ -688,11 +698,7 @@ async fn keep(
     let mut granted = Instant::now();
     let mut renew = lease::renew_at(granted, m.lifetime);
     let publish = |m: &Mapping, renew: Instant, expires: Instant| {
-        state.send_modify(|s| {
-            s.mapping = Some(*m);
-            s.renews_at = Some(renew);
-            s.expires_at = Some(expires);
-        });
+        state.send_modify(|s| s.set_mapping(*m, renew, expires));
     };
     info!(
         "port mapping via {}: {}, renews in {} s",
@@ -711,22 +717,14 @@ async fn keep(
                     Ok(()) => info!("port mapping via {} deleted: {}", m.protocol.label(), m.external),
                     Err(e) => warn!("deleting the port mapping via {}: {e}", m.protocol.label()),
                 }
-                state.send_modify(|s| {
-                    s.mapping = None;
-                    s.renews_at = None;
-                    s.expires_at = None;
-                });
+                state.send_modify(State::clear_mapping);
                 return true;
             }
         }
         if network_now(cfg) != net {
             info!("network changed: mapping again");
             let _ = c.delete(&m, Duration::from_millis(500)).await;
-            state.send_modify(|s| {
-                s.mapping = None;
-                s.renews_at = None;
-                s.expires_at = None;
-            });
+            state.send_modify(State::clear_mapping);
             return false;
         }
         let now = Instant::now();
@@ -770,11 +768,7 @@ async fn keep(
                     }
                     None => {
                         info!("port mapping {} expired", m.external);
-                        state.send_modify(|s| {
-                            s.mapping = None;
-                            s.renews_at = None;
-                            s.expires_at = None;
-                        });
+                        state.send_modify(State::clear_mapping);
                         return false;
                     }
                 }
