@@ -608,9 +608,9 @@ impl Cluster {
     async fn refresh(&self, shared: &Shared) -> Result<usize, ClusterError> {
         let infos: Vec<WorkerInfo> = {
             let r = shared.registry.lock().expect("not poisoned");
-            r.online()
-                .iter()
-                .filter_map(|p| r.get(&p.worker_id))
+            r.list(None, None, usize::MAX)
+                .into_iter()
+                .filter(|w| w.state == WorkerState::Online)
                 .collect()
         };
         let ttl = self.config.ttl.as_millis() as u64;
@@ -1148,6 +1148,14 @@ pub async fn list(
 /// A random online worker of a type, here or (in cluster mode) at another
 /// server.
 pub async fn discover(shared: &Shared, kind: &str) -> Option<WorkerInfo> {
+    let pick = |n: usize| rand::Rng::gen_range(&mut rand::thread_rng(), 0..n);
+    let Some(cluster) = &shared.cluster else {
+        return shared
+            .registry
+            .lock()
+            .expect("not poisoned")
+            .discover(kind, pick);
+    };
     let mut online: Vec<WorkerInfo> = shared
         .registry
         .lock()
@@ -1156,23 +1164,21 @@ pub async fn discover(shared: &Shared, kind: &str) -> Option<WorkerInfo> {
         .into_iter()
         .filter(|w| w.state == WorkerState::Online)
         .collect();
-    if let Some(cluster) = &shared.cluster {
-        match cluster
-            .remote_from(shared, &kind_set(kind), Some(DISCOVER_SAMPLE))
-            .await
-        {
-            Ok(remote) => online.extend(
-                remote
-                    .into_iter()
-                    .filter(|w| w.state == WorkerState::Online && w.kind.as_deref() == Some(kind)),
-            ),
-            Err(e) => debug!("cluster discovery: {e}"),
-        }
+    match cluster
+        .remote_from(shared, &kind_set(kind), Some(DISCOVER_SAMPLE))
+        .await
+    {
+        Ok(remote) => online.extend(
+            remote
+                .into_iter()
+                .filter(|w| w.state == WorkerState::Online && w.kind.as_deref() == Some(kind)),
+        ),
+        Err(e) => debug!("cluster discovery: {e}"),
     }
     if online.is_empty() {
         return None;
     }
-    let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..online.len());
+    let i = pick(online.len());
     Some(online.swap_remove(i))
 }
 

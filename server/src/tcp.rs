@@ -715,8 +715,7 @@ fn relay_frame(conn_id: u64, frame: &[u8], own: &mpsc::Sender<Bytes>, shared: &A
         (a, t.take_released())
     };
     match action {
-        Ok(Action::Forward(Endpoint::Udp(to))) => shared.udp.send_datagram(to, frame),
-        Ok(Action::Forward(Endpoint::Tcp(id))) => shared.tcp.deliver(id, frame),
+        Ok(Action::Forward(to)) => shared.udp.send_to_endpoint(to, frame),
         Ok(Action::Reply(answer)) => {
             let _ = own.try_send(Bytes::from(answer));
         }
@@ -725,10 +724,7 @@ fn relay_frame(conn_id: u64, frame: &[u8], own: &mpsc::Sender<Bytes>, shared: &A
     }
     // After the bind-ok: what the peer sent before this client bound.
     for (to, f) in released {
-        match to {
-            Endpoint::Udp(to) => shared.udp.send_datagram(to, &f),
-            Endpoint::Tcp(id) => shared.tcp.deliver(id, &f),
-        }
+        shared.udp.send_to_endpoint(to, &f);
     }
 }
 

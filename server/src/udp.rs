@@ -83,6 +83,15 @@ impl ServerSocket {
         }))
     }
 
+    /// Sends a relay frame to a bound side of a session: a UDP address or
+    /// a client of the TCP channel.
+    pub fn send_to_endpoint(&self, to: Endpoint, frame: &[u8]) {
+        match to {
+            Endpoint::Udp(to) => self.send_datagram(to, frame),
+            Endpoint::Tcp(id) => self.tcp.deliver(id, frame),
+        }
+    }
+
     /// Sends a relay frame that arrived over TCP to a UDP address: a data
     /// frame as it is, a batch as one data frame per datagram (one GSO
     /// send when the sizes allow).
@@ -252,10 +261,7 @@ impl ServerSocket {
                         }
                         self.forward(from, &frame, frame.len());
                         for (to, f) in t.take_released() {
-                            match to {
-                                Endpoint::Udp(to) => self.send_datagram(to, &f),
-                                Endpoint::Tcp(id) => self.tcp.deliver(id, &f),
-                            }
+                            self.send_to_endpoint(to, &f);
                         }
                     }
                     Ok(Action::Held) => {}
