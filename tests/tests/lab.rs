@@ -7,6 +7,7 @@
 //! UDP opens.
 
 use punch_lab::harness::{bin, run};
+use punch_lab::lab::is_root;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,15 +18,6 @@ static LAB: Mutex<()> = Mutex::new(());
 
 fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 #[test]

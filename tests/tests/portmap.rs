@@ -8,7 +8,7 @@
 use punch_lab::harness::{bin, run, Proc, ServerProc};
 use punch_lab::lab::matrix::{agent_cmd, start_server};
 use punch_lab::lab::nat::{NatType, PortMapDaemon};
-use punch_lab::lab::{in_ns, sh, Impair, Lab, SiteSpec, SERVER_IP};
+use punch_lab::lab::{in_ns, is_root, sh, Impair, Lab, SiteSpec, SERVER_IP};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
@@ -20,15 +20,6 @@ static LAB: Mutex<()> = Mutex::new(());
 
 fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 fn lab_ready() -> bool {

@@ -134,17 +134,19 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Does this process run as root (real uid 0)?
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Checks that the lab can run here: root, `ip` and `nft`.
 pub fn preflight() -> Result<()> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !is_root() {
         bail!("the NAT lab needs root (network namespaces and nftables); run it with sudo, or use `punch-lab demo` without --nat");
     }
     for tool in ["ip", "nft"] {

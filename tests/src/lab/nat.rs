@@ -145,14 +145,24 @@ impl FromStr for SiteType {
 /// groups, each name maybe with a port-mapping suffix
 /// (`symmetric+upnp,symmetric,port-restricted`).
 pub fn parse_sites(list: &str) -> Result<Vec<SiteType>, String> {
-    let mut v: Vec<SiteType> = Vec::new();
-    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let group: Vec<SiteType> = if s.contains('+') {
+    parse_list(list, |s| {
+        Ok(if s.contains('+') {
             vec![s.parse()?]
         } else {
             parse_types(s)?.into_iter().map(SiteType::from).collect()
-        };
-        for t in group {
+        })
+    })
+}
+
+/// The items of a comma-separated list, each name expanded by `group`,
+/// in order, without repeats; an empty list is an error.
+fn parse_list<T: PartialEq>(
+    list: &str,
+    group: impl Fn(&str) -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, String> {
+    let mut v = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for t in group(s)? {
             if !v.contains(&t) {
                 v.push(t);
             }
@@ -343,23 +353,13 @@ impl FromStr for NatType {
 /// UDP types ([`NatType::ALL`]) and `tcp-only` for the UDP-less ones
 /// ([`NatType::TCP_ONLY`]), e.g. `all,tcp-only` for every type.
 pub fn parse_types(list: &str) -> Result<Vec<NatType>, String> {
-    let mut v = Vec::new();
-    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let group: Vec<NatType> = match s {
+    parse_list(list, |s| {
+        Ok(match s {
             "all" => NatType::ALL.to_vec(),
             "tcp-only" => NatType::TCP_ONLY.to_vec(),
             _ => vec![s.parse()?],
-        };
-        for t in group {
-            if !v.contains(&t) {
-                v.push(t);
-            }
-        }
-    }
-    if v.is_empty() {
-        return Err("no NAT types given".into());
-    }
-    Ok(v)
+        })
+    })
 }
 
 /// What theory says a pair gets with plain simultaneous probing.
