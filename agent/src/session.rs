@@ -399,6 +399,8 @@ pub(crate) fn hold(
     if !inner.socket.paths.lock().expect("not poisoned").add_ref(v) {
         return;
     }
+    // --force-relay means the relay and nothing else, also later on.
+    let target = target.filter(|_| inner.config.relay != RelayMode::Force);
     let inner = inner.clone();
     let conn = conn.clone();
     let span = info_span!("path", peer = target.as_deref().unwrap_or("incoming"), %v);

@@ -435,9 +435,7 @@ impl PunchSocket {
     /// Wraps a bound socket.
     pub fn new(sock: std::net::UdpSocket, router: Arc<ProbeRouter>) -> io::Result<Arc<Self>> {
         let ipv6 = sock.local_addr()?.is_ipv6();
-        let clone = sock.try_clone()?;
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
-        punch_net::disable_gro(&clone);
         Ok(Arc::new(PunchSocket {
             inner,
             router,
@@ -695,6 +693,99 @@ impl PunchSocket {
         }
     }
 
+    /// Sorts one received buffer of `stride`-sized segments (GRO: a run of
+    /// equal datagrams from one address, the last maybe shorter): probes,
+    /// STUN and relay control are consumed; QUIC and relayed payloads (their
+    /// relay header cut off) stay for quinn. The kept run is packed at the
+    /// front under one meta; a segment that does not fit it (another peer's
+    /// relayed data, a different size) goes to the inbox.
+    fn sort_segments(&self, buf: &mut [u8], m: &RecvMeta) -> Option<RecvMeta> {
+        let len = m.len.min(buf.len());
+        let stride = if m.stride == 0 {
+            len
+        } else {
+            m.stride.min(len)
+        };
+        let from = punch_net::canonical(m.addr);
+        // Where a QUIC datagram from `from` goes (looked up once a batch).
+        let mut direct_to: Option<SocketAddr> = None;
+        // The kept run: (quinn address, segment size, bytes so far, closed).
+        let mut run: Option<(SocketAddr, usize, usize, bool)> = None;
+        let mut off = 0;
+        while off < len {
+            let end = (off + stride).min(len);
+            let seg = &buf[off..end];
+            let (to, start) = if probe::is_probe(seg) {
+                self.router.route(m.addr, seg);
+                off = end;
+                continue;
+            } else if stun::looks_like_stun(seg) {
+                self.stun_in(seg);
+                off = end;
+                continue;
+            } else if relay::is_relay(seg) {
+                let Some((v, header)) = self.relay_in(seg) else {
+                    off = end;
+                    continue;
+                };
+                (self.quinn_addr(v), header)
+            } else {
+                let to = *direct_to.get_or_insert_with(|| self.direct_source(from, m.addr));
+                (to, 0)
+            };
+            let size = end - off - start;
+            match &mut run {
+                None => {
+                    buf.copy_within(off + start..end, 0);
+                    run = Some((to, size, size, false));
+                }
+                Some((r_to, r_size, r_len, closed))
+                    if *r_to == to && !*closed && size <= *r_size =>
+                {
+                    buf.copy_within(off + start..end, *r_len);
+                    *r_len += size;
+                    *closed = size < *r_size;
+                }
+                Some(_) => {
+                    let d = Bytes::copy_from_slice(&buf[off + start..end]);
+                    let mut inbox = self.inbox.lock().expect("not poisoned");
+                    if inbox.len() < INBOX {
+                        inbox.push_back((to, d));
+                    }
+                }
+            }
+            off = end;
+        }
+        let (addr, size, len, _) = run?;
+        Some(RecvMeta {
+            addr,
+            len,
+            stride: size,
+            ..*m
+        })
+    }
+
+    /// The address quinn sees for QUIC from `from`: the peer's stable
+    /// address when `from` is its direct path (or a probed candidate while
+    /// it has no path yet), else `raw` itself.
+    fn direct_source(&self, from: SocketAddr, raw: SocketAddr) -> SocketAddr {
+        let mut paths = self.paths.lock().expect("not poisoned");
+        let Some(v) = paths.by_direct.get(&from).copied() else {
+            return raw;
+        };
+        // QUIC from a probed address while we have no path yet: answer
+        // the way it came.
+        if paths.active(v) == Some(ActivePath::None) {
+            paths.set_direct(v, Some(from));
+        }
+        if let Some(p) = paths.peers.get_mut(&v) {
+            if p.direct == Some(from) {
+                p.direct_rx = Some(std::time::Instant::now());
+            }
+        }
+        self.quinn_addr(v)
+    }
+
     /// Sends one probe datagram; best effort (probes are repeated anyway).
     pub fn send_probe(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
         if dst.is_ipv6() && !self.ipv6 {
@@ -773,46 +864,37 @@ impl AsyncUdpSocket for PunchSocket {
                 *w = Some(cx.waker().clone());
             }
         }
-        let n = self.drain_inbox(bufs, meta);
-        if n > 0 {
-            return Poll::Ready(Ok(n));
-        }
-        punch_net::poll_recv_filtered(&*self.inner, cx, bufs, meta, |buf, m| {
-            if probe::is_probe(&buf[..m.len]) {
-                self.router.route(m.addr, &buf[..m.len]);
-                return false;
+        loop {
+            let n = self.drain_inbox(bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
             }
-            if stun::looks_like_stun(&buf[..m.len]) {
-                self.stun_in(&buf[..m.len]);
-                return false;
-            }
-            if relay::is_relay(&buf[..m.len]) {
-                let Some((v, header)) = self.relay_in(&buf[..m.len]) else {
-                    return false;
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let mut kept = 0;
+            for i in 0..n {
+                let Some(m) = self.sort_segments(&mut bufs[i], &meta[i]) else {
+                    continue;
                 };
-                buf.copy_within(header..m.len, 0);
-                m.len -= header;
-                m.stride = m.len;
-                m.addr = self.quinn_addr(v);
-                return true;
-            }
-            let from = punch_net::canonical(m.addr);
-            let mut paths = self.paths.lock().expect("not poisoned");
-            if let Some(v) = paths.by_direct.get(&from).copied() {
-                // QUIC from a probed address while we have no path yet:
-                // answer the way it came.
-                if paths.active(v) == Some(ActivePath::None) {
-                    paths.set_direct(v, Some(from));
+                if kept != i {
+                    let (head, tail) = bufs.split_at_mut(i);
+                    head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
                 }
-                if let Some(p) = paths.peers.get_mut(&v) {
-                    if p.direct == Some(from) {
-                        p.direct_rx = Some(std::time::Instant::now());
-                    }
-                }
-                m.addr = self.quinn_addr(v);
+                meta[kept] = m;
+                kept += 1;
             }
-            true
-        })
+            if kept > 0 {
+                if !self.inbox.lock().expect("not poisoned").is_empty() {
+                    // Segments that did not fit the batch wait in the inbox.
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Ready(Ok(kept));
+            }
+            // Nothing for quinn (probes, STUN, relay control): poll again
+            // so its waker stays armed.
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -824,7 +906,7 @@ impl AsyncUdpSocket for PunchSocket {
     }
 
     fn max_receive_segments(&self) -> usize {
-        1
+        self.inner.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {

@@ -248,29 +248,6 @@ pub fn signal_transport(keep_alive: Option<Duration>, idle: Duration) -> quinn::
     t
 }
 
-/// Turns off UDP GRO on a socket (quinn turns it on), so every received
-/// datagram arrives on its own. Our sockets demultiplex QUIC, probes and
-/// relay frames per datagram; a GRO batch could mix them.
-#[cfg(target_os = "linux")]
-pub fn disable_gro(sock: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let off: libc::c_int = 0;
-    // SAFETY: valid fd, option pointer and length.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            &off as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-/// No GRO outside Linux.
-#[cfg(not(target_os = "linux"))]
-pub fn disable_gro(_sock: &UdpSocket) {}
-
 /// The address to hand to a socket: IPv4 destinations become IPv4-mapped
 /// IPv6 on an IPv6 (dual-stack) socket.
 pub fn for_socket(addr: SocketAddr, ipv6_socket: bool) -> SocketAddr {
@@ -300,41 +277,4 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Receives from `inner` and lets `keep` decide, per datagram, whether quinn
-/// sees it: `keep` may consume it (probe, relay control, STUN) by returning
-/// false, or rewrite its bytes and metadata in place. Kept datagrams are
-/// moved to the front; when none is kept it polls again, so quinn's waker
-/// stays armed. GRO must be off (one datagram per entry).
-pub fn poll_recv_filtered(
-    inner: &dyn quinn::AsyncUdpSocket,
-    cx: &mut std::task::Context,
-    bufs: &mut [std::io::IoSliceMut<'_>],
-    meta: &mut [quinn::udp::RecvMeta],
-    mut keep: impl FnMut(&mut [u8], &mut quinn::udp::RecvMeta) -> bool,
-) -> std::task::Poll<std::io::Result<usize>> {
-    use std::task::Poll;
-    loop {
-        let n = match inner.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => n,
-            other => return other,
-        };
-        let mut kept = 0;
-        for i in 0..n {
-            let mut m = meta[i];
-            if !keep(&mut bufs[i], &mut m) {
-                continue;
-            }
-            if kept != i {
-                let (head, tail) = bufs.split_at_mut(i);
-                head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
-            }
-            meta[kept] = m;
-            kept += 1;
-        }
-        if kept > 0 {
-            return Poll::Ready(Ok(kept));
-        }
-    }
 }

@@ -213,6 +213,8 @@ impl ServerSocket {
         // Data frames for one TCP client, gathered into one batch frame.
         let mut batch: Option<(u64, Vec<u8>)> = None;
         let mut table = None;
+        // One clock read a batch: quotas and idle times need no finer grain.
+        let mut now = None;
         let mut off = 0;
         while off < len {
             let end = (off + stride).min(len);
@@ -224,7 +226,7 @@ impl ServerSocket {
                 };
                 let from = punch_net::canonical(meta.addr);
                 let t = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
-                match t.handle(from, seg, Instant::now()) {
+                match t.handle(from, seg, *now.get_or_insert_with(Instant::now)) {
                     Ok(Action::Forward(Endpoint::Tcp(id))) => match relay::parse(seg) {
                         Ok(relay::Frame::Data { session, payload }) => {
                             let same = batch.as_ref().is_some_and(|(b_id, b)| {
