@@ -283,6 +283,8 @@ pub(crate) struct Inner {
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     /// True once our NAT's mapping is known or its classification ended.
     pub(crate) nat_ready: watch::Sender<bool>,
+    /// True once our NAT's classification ended (filtering known or not).
+    pub(crate) nat_done: watch::Sender<bool>,
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     pub(crate) share: Option<Arc<files::Share>>,
     /// The gateway port mapping task, if port mapping runs.
@@ -503,6 +505,7 @@ impl Agent {
             nat: Mutex::new(None),
             nat_started: Default::default(),
             nat_ready: watch::channel(false).0,
+            nat_done: watch::channel(false).0,
             allow_forward,
             share,
             portmap: tokio::sync::Mutex::new(portmap),

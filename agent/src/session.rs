@@ -7,7 +7,9 @@ use crate::socket::{ActivePath, ProbeDatagram};
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
 use punch_protocol::relay;
-use punch_protocol::signal::{ClientMsg, NatBehaviour, Offer, Outcome, PathKind, Role, ServerMsg};
+use punch_protocol::signal::{
+    ClientMsg, NatBehaviour, Offer, Outcome, PathKind, Role, ServerMsg, SessionId,
+};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -385,6 +387,9 @@ const PATH_CHECK: Duration = Duration::from_millis(250);
 const REPUNCH_AFTER_DEATH: Duration = Duration::from_secs(1);
 const REPUNCH_AFTER_RELAY_START: Duration = Duration::from_secs(30);
 const REPUNCH_MAX: Duration = Duration::from_secs(300);
+/// A relay session the server ended is renewed at once; a failed renewal
+/// is retried after this, doubling.
+const RENEW_FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Keeps `v` while `conn` lives and looks after its path: refreshes the
 /// relay binding, moves to the relay when the direct path goes silent,
@@ -399,8 +404,9 @@ pub(crate) fn hold(
     if !inner.socket.paths.lock().expect("not poisoned").add_ref(v) {
         return;
     }
-    // --force-relay means the relay and nothing else, also later on.
-    let target = target.filter(|_| inner.config.relay != RelayMode::Force);
+    // --force-relay means the relay and nothing else, also later on: no
+    // punching again, only a new relay session when the server ends one.
+    let may_punch = inner.config.relay != RelayMode::Force;
     let inner = inner.clone();
     let conn = conn.clone();
     let span = info_span!("path", peer = target.as_deref().unwrap_or("incoming"), %v);
@@ -412,10 +418,18 @@ pub(crate) fn hold(
             let mut repunch_at: Option<tokio::time::Instant> = None;
             let mut backoff = REPUNCH_AFTER_RELAY_START;
             let mut repunching: Option<tokio::task::JoinHandle<bool>> = None;
+            // The ended session last renewed, and when to try it again.
+            let mut renewed: Option<(SessionId, tokio::time::Instant)> = None;
+            let mut renew_wait = RENEW_FIRST_RETRY;
             let mut channel = inner.channel_changes.subscribe();
             loop {
+                let ended = inner.socket.relay_ended.notified();
                 tokio::select! {
                     _ = conn.closed() => break,
+                    _ = ended => {
+                        // Seen (and acted on) by the next check.
+                        check.reset_immediately();
+                    }
                     Ok(()) = channel.changed() => {
                         // A new channel to the server (UDP back after TCP,
                         // say): a relayed connection tries for a direct
@@ -434,6 +448,9 @@ pub(crate) fn hold(
                     }
                     done = async { repunching.as_mut().expect("guarded").await }, if repunching.is_some() => {
                         repunching = None;
+                        // An ack-eliciting packet on the (maybe new) path:
+                        // quinn resends what the old one lost now.
+                        let _ = conn.send_datagram(bytes::Bytes::from_static(&[0]));
                         if done.unwrap_or(false) {
                             info!("direct path found again");
                             backoff = REPUNCH_AFTER_RELAY_START;
@@ -445,10 +462,32 @@ pub(crate) fn hold(
                         }
                     }
                     _ = check.tick() => {
-                        let (silence, on_relay) = {
+                        let (silence, on_relay, ended) = {
                             let p = inner.socket.paths.lock().expect("not poisoned");
-                            (p.direct_silence(v), matches!(p.active(v), Some(ActivePath::Relay(_))))
+                            (p.direct_silence(v), matches!(p.active(v), Some(ActivePath::Relay(_))), p.relay_ended_session(v))
                         };
+                        // The server stopped relaying our session (quota
+                        // spent): a new introduction brings a new one.
+                        let now = tokio::time::Instant::now();
+                        if let Some(session) = ended {
+                            // A session renewed before and still ended: that
+                            // renewal failed; try again after a while.
+                            if renewed.is_some_and(|(s, _)| s != session) {
+                                (renewed, renew_wait) = (None, RENEW_FIRST_RETRY);
+                            }
+                            let due = renewed.is_none_or(|(_, at)| now >= at);
+                            if on_relay && repunching.is_none() && due {
+                                match target.as_ref() {
+                                    Some(target) => {
+                                        info!(%session, "the server ended the relay session; asking for a new one");
+                                        renewed = Some((session, now + renew_wait));
+                                        renew_wait = (renew_wait * 2).min(REPUNCH_MAX);
+                                        repunching = Some(spawn_repunch(&inner, target, v, may_punch));
+                                    }
+                                    None => debug!("the server ended the relay session; the dialing side asks for a new one"),
+                                }
+                            }
+                        }
                         let dead = silence.is_some_and(|s| s >= DIRECT_DEAD_AFTER);
                         // Without a relay, a dead direct path can only be punched again.
                         let needs_direct = on_relay || dead;
@@ -474,18 +513,9 @@ pub(crate) fn hold(
                             repunch_at = Some(tokio::time::Instant::now() + backoff);
                         }
                         if let (Some(t), Some(target)) = (repunch_at, target.as_ref()) {
-                            if needs_direct && repunching.is_none() && tokio::time::Instant::now() >= t {
+                            if may_punch && needs_direct && repunching.is_none() && tokio::time::Instant::now() >= t {
                                 repunch_at = None;
-                                let (inner, target) = (inner.clone(), target.clone());
-                                repunching = Some(tokio::spawn(async move {
-                                    match repunch(&inner, &target, v).await {
-                                        Ok(direct) => direct,
-                                        Err(e) => {
-                                            debug!("re-punch failed: {e}");
-                                            false
-                                        }
-                                    }
-                                }.in_current_span()));
+                                repunching = Some(spawn_repunch(&inner, target, v, true));
                             }
                         }
                     }
@@ -500,10 +530,37 @@ pub(crate) fn hold(
     );
 }
 
-/// Asks the server to introduce us to `target` again and punches, while a
+fn spawn_repunch(
+    inner: &Arc<Inner>,
+    target: &str,
+    v: SocketAddr,
+    punch: bool,
+) -> tokio::task::JoinHandle<bool> {
+    let (inner, target) = (inner.clone(), target.to_string());
+    tokio::spawn(
+        async move {
+            match repunch(&inner, &target, v, punch).await {
+                Ok(direct) => direct,
+                Err(e) => {
+                    debug!("re-punch failed: {e}");
+                    false
+                }
+            }
+        }
+        .in_current_span(),
+    )
+}
+
+/// Asks the server to introduce us to `target` again, moves the relay
+/// binding to the new session and (when `punch`) punches, while a
 /// connection to it runs on the relay; a validated path becomes the
 /// connection's direct path. True when one was found.
-async fn repunch(inner: &Arc<Inner>, target: &str, v: SocketAddr) -> Result<bool, AgentError> {
+async fn repunch(
+    inner: &Arc<Inner>,
+    target: &str,
+    v: SocketAddr,
+    punch: bool,
+) -> Result<bool, AgentError> {
     let start = Instant::now();
     let (offer, probes) = request_offer(inner, target).await?;
     let v2 = register(inner, &offer)?;
@@ -512,6 +569,18 @@ async fn repunch(inner: &Arc<Inner>, target: &str, v: SocketAddr) -> Result<bool
             return Err(AgentError::PeerConnect(format!(
                 "{target} answered with another key"
             )));
+        }
+        if !punch {
+            inner.router.unregister(offer.session);
+            if !offer.relay {
+                return Err(AgentError::PeerConnect(
+                    "the server no longer relays".into(),
+                ));
+            }
+            bind_relay(inner, &offer, v, None).await?;
+            info!(session = %offer.session, "relay bound on a new session");
+            report(inner, &offer, PathKind::Relayed, start, None, false);
+            return Ok(false);
         }
         info!(session = %offer.session, "punching again for a direct path");
         if offer.relay && inner.config.relay != RelayMode::Never {
@@ -625,7 +694,27 @@ pub(crate) async fn connect(
     if !easy {
         crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE).await;
     }
-    let (offer, probes) = request_offer(inner, target).await?;
+    let (mut offer, mut probes) = request_offer(inner, target).await?;
+    if filtering_matters(inner, &offer) {
+        // The peer's NAT maps per destination and ours does not: if ours
+        // filters by port, only the birthday method goes direct, and the
+        // peer starts its part only when our offer says so. A fresh agent
+        // may still be testing its filter: wait for that, and if it is
+        // strict, ask again so the peer's offer carries it.
+        let mut done = inner.nat_done.subscribe();
+        let deadline = start + NAT_WAIT;
+        let _ = tokio::time::timeout_at(deadline.into(), done.wait_for(|d| *d)).await;
+        let strict = inner
+            .nat
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|c| c.filtering == NatBehaviour::AddressAndPortDependent);
+        if strict {
+            info!(peer = %target, waited_ms = start.elapsed().as_millis() as u64, "our NAT filters by port and the peer's maps per destination: asking again so the peer runs the birthday method");
+            inner.router.unregister(offer.session);
+            (offer, probes) = request_offer(inner, target).await?;
+        }
+    }
     let v = register(inner, &offer)?;
     let span = info_span!("connect", session = %offer.session, peer = %target);
     let r = dial(inner, target, &offer, v, probes, start)
@@ -636,6 +725,21 @@ pub(crate) async fn connect(
     }
     release(inner, v);
     r
+}
+
+/// Is our offer to a peer whose NAT maps per destination missing our
+/// filtering, which decides whether the birthday method runs?
+fn filtering_matters(inner: &Arc<Inner>, offer: &Offer) -> bool {
+    let ours = *inner.nat.lock().expect("not poisoned");
+    let peer_hard = offer
+        .peer_nat
+        .is_some_and(|p| !p.public && p.endpoint_dependent());
+    let ours_unsure = ours.is_some_and(|c| {
+        !c.public
+            && c.mapping == NatBehaviour::EndpointIndependent
+            && c.filtering == NatBehaviour::Unknown
+    });
+    peer_hard && ours_unsure && !*inner.nat_done.borrow() && inner.config.relay != RelayMode::Force
 }
 
 /// Asks the server for an introduction to `target`.

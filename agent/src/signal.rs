@@ -482,6 +482,7 @@ fn classify_nat(inner: &Arc<Inner>) {
                 },
                 Err(e) => debug!("NAT check failed: {e}"),
             }
+            inner.nat_done.send_replace(true);
         }
         .in_current_span(),
     );

@@ -120,6 +120,9 @@ struct PeerPath {
     /// not the agent's own.
     direct_aux: Option<Arc<tokio::net::UdpSocket>>,
     relay: Option<RelayBinding>,
+    /// The server said it stopped relaying the bound session (its quota
+    /// is spent): a new session is needed.
+    relay_ended: bool,
     /// When the last datagram arrived on the direct path.
     direct_rx: Option<std::time::Instant>,
     /// Sessions and connections using this address; it is forgotten when
@@ -222,6 +225,7 @@ impl PathTable {
                 direct: None,
                 direct_aux: None,
                 relay: None,
+                relay_ended: false,
                 direct_rx: None,
                 users: 1,
             },
@@ -326,7 +330,31 @@ impl PathTable {
                 secret,
                 role,
             });
+            p.relay_ended = false;
         }
+    }
+
+    /// Notes the server's "ended" notice for the session `v`'s relay is
+    /// bound on (its MAC checked with that session's secret); returns `v`
+    /// the first time.
+    pub fn relay_ended(&mut self, frame: &relay::Frame<'_>) -> Option<SocketAddr> {
+        let relay::Frame::Ended { session, .. } = frame else {
+            return None;
+        };
+        let v = *self.by_session.get(session)?;
+        let p = self.peers.get_mut(&v)?;
+        let r = p.relay?;
+        if p.relay_ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
+            return None;
+        }
+        p.relay_ended = true;
+        Some(v)
+    }
+
+    /// The session of `v`'s relay binding, if the server ended it.
+    pub fn relay_ended_session(&self, v: SocketAddr) -> Option<SessionId> {
+        let p = self.peers.get(&v)?;
+        p.relay.filter(|_| p.relay_ended).map(|r| r.session)
     }
 
     /// How long the direct path of `v` has been silent, when it is the
@@ -418,6 +446,9 @@ pub struct PunchSocket {
     inbox: Mutex<VecDeque<(SocketAddr, Bytes)>>,
     /// quinn's receive task, woken when the inbox fills.
     inbox_waker: Mutex<Option<Waker>>,
+    /// Woken when the server ends a relay session (see
+    /// [`PathTable::relay_ended`]).
+    pub relay_ended: tokio::sync::Notify,
 }
 
 /// Relayed datagrams held for quinn before more are dropped.
@@ -446,6 +477,7 @@ impl PunchSocket {
             tcp_out: Mutex::new(None),
             inbox: Mutex::new(VecDeque::new()),
             inbox_waker: Mutex::new(None),
+            relay_ended: tokio::sync::Notify::new(),
         }))
     }
 
@@ -677,6 +709,14 @@ impl PunchSocket {
                 let paths = self.paths.lock().expect("not poisoned");
                 let v = *paths.by_session.get(&session)?;
                 Some((v, data.len() - payload.len()))
+            }
+            Ok(f @ relay::Frame::Ended { reason, .. }) => {
+                let v = self.paths.lock().expect("not poisoned").relay_ended(&f);
+                if let Some(v) = v {
+                    tracing::warn!(peer = %v, reason = reason.as_str(), "the server ended our relay session");
+                    self.relay_ended.notify_waiters();
+                }
+                None
             }
             Ok(relay::Frame::BindOk { session, .. }) => {
                 if let Some(tx) = self

@@ -13,7 +13,12 @@
 //! bind-ok:  magic[4] 2 session[8] side[1] nonce[8] mac[16]
 //! data:     magic[4] 3 session[8] payload…
 //! batch:    magic[4] 4 session[8] (len[2] payload)…
+//! ended:    magic[4] 5 session[8] reason[1] nonce[8] mac[16]
 //! ```
+//!
+//! The server sends *ended* to both bound sides when a session's quota is
+//! spent (at most once a second while frames keep coming), so the agents
+//! can ask for a new session instead of waiting out a silent path.
 //!
 //! A batch carries several datagrams of one session in one message of the
 //! TCP channel, where per-message costs dominate (a WebSocket frame, a
@@ -60,6 +65,39 @@ pub enum Frame<'a> {
     },
     /// Several datagrams: see [`batch_items`].
     Batch { session: SessionId, body: &'a [u8] },
+    /// The server stopped relaying the session.
+    Ended {
+        session: SessionId,
+        reason: EndReason,
+        nonce: u64,
+        mac: &'a [u8],
+    },
+}
+
+/// Why the server stopped relaying a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// The session carried its byte quota.
+    Bytes,
+    /// The session reached its longest life.
+    Time,
+}
+
+impl EndReason {
+    fn byte(self) -> u8 {
+        match self {
+            EndReason::Bytes => 0,
+            EndReason::Time => 1,
+        }
+    }
+
+    /// `byte quota` or `time quota`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Bytes => "byte quota",
+            EndReason::Time => "time quota",
+        }
+    }
 }
 
 /// Starts a batch frame for `session` in `out` (cleared first).
@@ -122,23 +160,23 @@ fn side_byte(r: Role) -> u8 {
     }
 }
 
-fn bind_mac(secret: &[u8; 32], kind: u8, session: SessionId, side: Role, nonce: u64) -> [u8; 16] {
+fn bind_mac(secret: &[u8; 32], kind: u8, session: SessionId, side: u8, nonce: u64) -> [u8; 16] {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("any key length");
     m.update(b"punch relay");
     m.update(&[kind]);
     m.update(&session.0.to_be_bytes());
-    m.update(&[side_byte(side)]);
+    m.update(&[side]);
     m.update(&nonce.to_be_bytes());
     let full = m.finalize().into_bytes();
     full[..16].try_into().expect("16 bytes")
 }
 
-fn encode_bind(kind: u8, secret: &[u8; 32], session: SessionId, side: Role, nonce: u64) -> Vec<u8> {
+fn encode_bind(kind: u8, secret: &[u8; 32], session: SessionId, side: u8, nonce: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(BIND_LEN);
     v.extend_from_slice(&MAGIC);
     v.push(kind);
     v.extend_from_slice(&session.0.to_be_bytes());
-    v.push(side_byte(side));
+    v.push(side);
     v.extend_from_slice(&nonce.to_be_bytes());
     v.extend_from_slice(&bind_mac(secret, kind, session, side, nonce));
     v
@@ -151,12 +189,22 @@ pub fn encode_bind_request(
     side: Role,
     nonce: u64,
 ) -> Vec<u8> {
-    encode_bind(1, secret, session, side, nonce)
+    encode_bind(1, secret, session, side_byte(side), nonce)
 }
 
 /// The server's answer to a bind.
 pub fn encode_bind_ok(secret: &[u8; 32], session: SessionId, side: Role, nonce: u64) -> Vec<u8> {
-    encode_bind(2, secret, session, side, nonce)
+    encode_bind(2, secret, session, side_byte(side), nonce)
+}
+
+/// The server's notice that it stopped relaying `session`.
+pub fn encode_ended(
+    secret: &[u8; 32],
+    session: SessionId,
+    reason: EndReason,
+    nonce: u64,
+) -> Vec<u8> {
+    encode_bind(5, secret, session, reason.byte(), nonce)
 }
 
 /// Writes a data frame header for `session` into `out[..DATA_HEADER]`.
@@ -166,7 +214,7 @@ pub fn write_data_header(out: &mut [u8], session: SessionId) {
     out[5..13].copy_from_slice(&session.0.to_be_bytes());
 }
 
-/// Verifies the MAC of a bind or bind-ok frame.
+/// Verifies the MAC of a bind, bind-ok or ended frame.
 pub fn verify_bind(frame: &Frame<'_>, secret: &[u8; 32]) -> bool {
     let (kind, session, side, nonce, mac) = match frame {
         Frame::Bind {
@@ -174,13 +222,19 @@ pub fn verify_bind(frame: &Frame<'_>, secret: &[u8; 32]) -> bool {
             side,
             nonce,
             mac,
-        } => (1, *session, *side, *nonce, *mac),
+        } => (1, *session, side_byte(*side), *nonce, *mac),
         Frame::BindOk {
             session,
             side,
             nonce,
             mac,
-        } => (2, *session, *side, *nonce, *mac),
+        } => (2, *session, side_byte(*side), *nonce, *mac),
+        Frame::Ended {
+            session,
+            reason,
+            nonce,
+            mac,
+        } => (5, *session, reason.byte(), *nonce, *mac),
         Frame::Data { .. } | Frame::Batch { .. } => return false,
     };
     let expected = bind_mac(secret, kind, session, side, nonce);
@@ -212,6 +266,22 @@ pub fn parse(d: &[u8]) -> Result<Frame<'_>, RelayError> {
                 return Err(RelayError::Malformed);
             }
             Ok(Frame::Batch { session, body })
+        }
+        5 => {
+            if d.len() != BIND_LEN {
+                return Err(RelayError::Malformed);
+            }
+            let reason = match d[13] {
+                0 => EndReason::Bytes,
+                1 => EndReason::Time,
+                _ => return Err(RelayError::Malformed),
+            };
+            Ok(Frame::Ended {
+                session,
+                reason,
+                nonce: u64::from_be_bytes(d[14..22].try_into().expect("8 bytes")),
+                mac: &d[22..38],
+            })
         }
         k @ (1 | 2) => {
             if d.len() != BIND_LEN {
@@ -295,7 +365,12 @@ struct Session {
     /// dialer's first QUIC Initial usually arrives before its peer has
     /// bound; dropping it cost a retransmission, ~300 ms and up).
     held: Vec<Vec<u8>>,
+    /// When the sides were last told the session's quota is spent.
+    ended_sent: Option<Instant>,
 }
+
+/// How often the sides of a spent session are told so while they send.
+pub const ENDED_EVERY: Duration = Duration::from_secs(1);
 
 /// Frames held per session until the peer binds.
 pub const HOLD_FRAMES: usize = 4;
@@ -325,6 +400,10 @@ pub struct RelayStats {
     pub expired: u64,
     /// Frames held until the peer bound, then forwarded.
     pub held: u64,
+    /// Frames dropped because their session's quota was spent.
+    pub quota_dropped: u64,
+    /// "Ended" notices sent for spent sessions.
+    pub ended_notices: u64,
 }
 
 /// The server's sessions and bindings (sans-IO).
@@ -336,7 +415,7 @@ pub struct RelayTable {
     /// is swept at most once a second, not on every insert (a sweep is
     /// linear in the table).
     last_full_sweep: Option<Instant>,
-    /// Frames released by the last bind, for the caller to forward.
+    /// Frames for the caller to send: see [`take_released`](Self::take_released).
     released: Vec<(Endpoint, Vec<u8>)>,
     /// Counters.
     pub stats: RelayStats,
@@ -392,6 +471,7 @@ impl RelayTable {
                 last: now,
                 bytes: 0,
                 held: Vec::new(),
+                ended_sent: None,
             },
         );
         Ok(())
@@ -414,9 +494,10 @@ impl RelayTable {
         Ok(())
     }
 
-    /// Frames released by the last bind (held while the peer had not
-    /// bound), each with where to forward it: the caller sends them after
-    /// the bind-ok.
+    /// Frames for the caller to send after the last
+    /// [`handle`](Self::handle), each with where to: those a bind released
+    /// (held while the peer had not bound; sent after the bind-ok), and
+    /// the "ended" notices of a session whose quota is spent.
     pub fn take_released(&mut self) -> Vec<(Endpoint, Vec<u8>)> {
         std::mem::take(&mut self.released)
     }
@@ -484,7 +565,7 @@ impl RelayTable {
                     &s.secret, session, side, nonce,
                 )))
             }
-            Frame::BindOk { .. } => Err(RelayError::Malformed),
+            Frame::BindOk { .. } | Frame::Ended { .. } => Err(RelayError::Malformed),
             Frame::Data { session, .. } | Frame::Batch { session, .. } => {
                 let l = &self.limits;
                 let s = self
@@ -508,9 +589,26 @@ impl RelayTable {
                     return Err(RelayError::PeerNotBound);
                 };
                 let len = frame.len() as u64;
-                if s.bytes + len > l.session_bytes
-                    || now.saturating_duration_since(s.created) >= l.session_time
-                {
+                let spent = if s.bytes + len > l.session_bytes {
+                    Some(EndReason::Bytes)
+                } else if now.saturating_duration_since(s.created) >= l.session_time {
+                    Some(EndReason::Time)
+                } else {
+                    None
+                };
+                if let Some(reason) = spent {
+                    self.stats.quota_dropped += 1;
+                    let due = s
+                        .ended_sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= ENDED_EVERY);
+                    if due {
+                        s.ended_sent = Some(now);
+                        for side in s.bound.iter().flatten() {
+                            let f = encode_ended(&s.secret, session, reason, rand::random());
+                            self.released.push((*side, f));
+                            self.stats.ended_notices += 1;
+                        }
+                    }
                     return Err(RelayError::Quota);
                 }
                 s.bytes += len;
@@ -667,6 +765,34 @@ mod tests {
         write_data_header(&mut data, S);
         assert!(t.handle(a(1), &data, now).is_ok());
         assert_eq!(t.handle(a(1), &data, now), Err(RelayError::Quota));
+        // Both sides are told, with the session's MAC, once a second.
+        let notices = t.take_released();
+        assert_eq!(
+            notices.iter().map(|(to, _)| *to).collect::<Vec<_>>(),
+            vec![Endpoint::Udp(a(1)), Endpoint::Udp(a(2))]
+        );
+        for (_, f) in &notices {
+            let parsed = parse(f).unwrap();
+            assert!(matches!(
+                parsed,
+                Frame::Ended {
+                    session: S,
+                    reason: EndReason::Bytes,
+                    ..
+                }
+            ));
+            assert!(verify_bind(&parsed, &K));
+            assert!(!verify_bind(&parsed, &[6; 32]));
+        }
+        assert_eq!(t.handle(a(2), &data, now), Err(RelayError::Quota));
+        assert!(t.take_released().is_empty());
+        let later = now + ENDED_EVERY;
+        assert_eq!(t.handle(a(2), &data, later), Err(RelayError::Quota));
+        assert_eq!(t.take_released().len(), 2);
+        assert_eq!((t.stats.quota_dropped, t.stats.ended_notices), (3, 4));
+        // An agent cannot forge one into the table.
+        let forged = encode_ended(&K, S, EndReason::Bytes, 1);
+        assert_eq!(t.handle(a(1), &forged, later), Err(RelayError::Malformed));
         t.expire(now + Duration::from_secs(11));
         assert!(t.is_empty());
         assert_eq!(t.stats.expired, 1);

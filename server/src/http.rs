@@ -79,6 +79,10 @@ struct RelayJson {
     expired: u64,
     /// Frames held until the peer bound, then forwarded.
     held: u64,
+    /// Frames dropped for a spent session quota.
+    quota_dropped: u64,
+    /// Notices sent for spent sessions.
+    ended_notices: u64,
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
@@ -93,6 +97,8 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
             dropped: t.stats.dropped,
             expired: t.stats.expired,
             held: t.stats.held,
+            quota_dropped: t.stats.quota_dropped,
+            ended_notices: t.stats.ended_notices,
         }
     });
     Json(Health {

@@ -245,6 +245,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "Relay frames dropped (bad MAC, unknown session, quota)",
             ConstCounter::new(t.stats.dropped),
         );
+        reg.register(
+            "relay_quota_dropped",
+            "Relay frames dropped because their session's byte or time quota was spent",
+            ConstCounter::new(t.stats.quota_dropped),
+        );
+        reg.register(
+            "relay_ended_notices",
+            "Notices sent to agents that their relay session's quota is spent",
+            ConstCounter::new(t.stats.ended_notices),
+        );
     }
     let mut out = String::new();
     // Writing to a String cannot fail.

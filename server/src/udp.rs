@@ -267,7 +267,13 @@ impl ServerSocket {
                         }
                     }
                     Ok(Action::Held) => {}
-                    Err(e) => tracing::trace!(%from, "relay frame dropped: {e}"),
+                    Err(e) => {
+                        tracing::trace!(%from, "relay frame dropped: {e}");
+                        // A spent quota's "ended" notices.
+                        for (to, f) in t.take_released() {
+                            self.send_to_endpoint(to, &f);
+                        }
+                    }
                 }
                 off = end;
                 continue;

@@ -276,6 +276,44 @@ fn bad_cli_input_is_a_usage_error() {
 }
 
 #[test]
+fn a_spent_relay_session_is_renewed_under_a_live_connection() {
+    // 2 MiB a session: a 1 s bench each way spends several, and the
+    // connection carries on over the next one each time.
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--relay-session-mib", "2"]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "bench",
+        "worker-b",
+        "--seconds",
+        "1",
+        "--force-relay",
+        "--json",
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json().unwrap();
+    assert_eq!(j["path"], "relayed", "{j}");
+    let up = j["upload_bytes"].as_u64().unwrap();
+    let down = j["download_bytes"].as_u64().unwrap();
+    assert!(
+        up > 6 << 20 && down > 6 << 20,
+        "more than three sessions' worth each way: {j}"
+    );
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    let relay = &health["relay"];
+    assert!(relay["quota_dropped"].as_u64().unwrap() >= 1, "{health}");
+    assert!(relay["ended_notices"].as_u64().unwrap() >= 2, "{health}");
+    // Every session the connection used was one introduction.
+    let sessions = (up + down) / (2 << 20);
+    assert!(
+        health["metrics"]["outcome_relayed"].as_u64().unwrap() >= sessions.saturating_sub(1),
+        "{sessions} sessions' worth relayed: {health}"
+    );
+}
+
+#[test]
 fn forced_relay_carries_the_connection_and_is_counted() {
     let dir = tmp();
     let s = ServerProc::start(dir.path(), &[]).unwrap();

@@ -198,9 +198,23 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
         "80",
         "--json",
     ]);
-    let r = run(cmd, Duration::from_secs(180)).unwrap();
-    assert_eq!(r.code, Some(0), "failover: {}", r.stderr);
-    let f = r.json().unwrap();
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into()).collect();
+    let mut f = serde_json::Value::Null;
+    for attempt in 0..2 {
+        let mut cmd = Command::new(&lab);
+        cmd.args(&args);
+        let r = run(cmd, Duration::from_secs(180)).unwrap();
+        assert_eq!(r.code, Some(0), "failover: {}", r.stderr);
+        f = r.json().unwrap();
+        // The lab's Cloud NAT draws the new mapping from the same 64-port
+        // block: 1 time in 64 it is the old port and the path lives on.
+        // That is no failover to test; once more then.
+        let survived = f["paths"].as_array().unwrap().iter().all(|p| p == "direct");
+        if !survived {
+            break;
+        }
+        eprintln!("failover attempt {attempt}: the NAT re-picked the old port; the direct path survived the flush");
+    }
     let paths: Vec<&str> = f["paths"]
         .as_array()
         .unwrap()
