@@ -470,8 +470,9 @@ pub(crate) fn hold(
                         // spent): a new introduction brings a new one.
                         let now = tokio::time::Instant::now();
                         if let Some(session) = ended {
-                            // A session renewed before and still ended: that
-                            // renewal failed; try again after a while.
+                            // Another session than the one renewed last: that
+                            // renewal worked, so this one goes at once; the
+                            // same one still ended waits (its renewal failed).
                             if renewed.is_some_and(|(s, _)| s != session) {
                                 (renewed, renew_wait) = (None, RENEW_FIRST_RETRY);
                             }

@@ -953,3 +953,130 @@ impl AsyncUdpSocket for PunchSocket {
         self.inner.may_fragment()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use punch_protocol::signal::Role;
+    use std::time::Duration;
+
+    fn data_frame(session: SessionId, fill: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![fill; relay::DATA_HEADER + payload];
+        relay::write_data_header(&mut f, session);
+        f
+    }
+
+    async fn read(
+        sock: &PunchSocket,
+        bufs: &mut [Vec<u8>],
+        metas: &mut [RecvMeta],
+    ) -> Vec<(SocketAddr, usize, Vec<u8>)> {
+        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| sock.poll_recv(cx, &mut slices, metas)),
+        )
+        .await
+        .expect("a datagram within 5 s")
+        .expect("receive");
+        (0..n)
+            .map(|i| {
+                (
+                    metas[i].addr,
+                    metas[i].stride,
+                    slices[i][..metas[i].len].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    /// A GSO batch of relay frames for two peers (and the server's notice
+    /// that one session ended) arrives as one GRO buffer: each peer's
+    /// payloads reach quinn without their headers, under its own address,
+    /// and the notice is taken out and checked.
+    #[tokio::test]
+    async fn a_gro_batch_is_sorted_per_peer() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let at = rx.local_addr().unwrap();
+        let sock = PunchSocket::new(rx, Arc::new(ProbeRouter::default())).unwrap();
+        if sock.max_receive_segments() < 2 {
+            eprintln!("skipped: no UDP GRO on this kernel");
+            return;
+        }
+        let (s1, s2) = (SessionId(1), SessionId(2));
+        let secret = [9u8; 32];
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = tx.local_addr().unwrap();
+        let (v1, v2) = {
+            let mut p = sock.paths.lock().unwrap();
+            let v1 = p.register(s1, [1; 32]).unwrap();
+            let v2 = p.register(s2, [2; 32]).unwrap();
+            p.set_relay(v1, RelayVia::Udp(server), s1, secret, Role::Controlling);
+            (v1, v2)
+        };
+        let mut batch = Vec::new();
+        for f in [
+            data_frame(s1, b'a', 100),
+            data_frame(s1, b'b', 100),
+            data_frame(s2, b'c', 100),
+            data_frame(s1, b'd', 100),
+        ] {
+            batch.extend_from_slice(&f);
+        }
+        batch.extend_from_slice(&relay::encode_ended(
+            &secret,
+            s1,
+            relay::EndReason::Bytes,
+            7,
+        ));
+        let state = quinn::udp::UdpSocketState::new((&tx).into()).unwrap();
+        state
+            .send(
+                (&tx).into(),
+                &Transmit {
+                    destination: at,
+                    ecn: None,
+                    contents: &batch,
+                    segment_size: Some(relay::DATA_HEADER + 100),
+                    src_ip: None,
+                },
+            )
+            .unwrap();
+        let mut bufs = vec![vec![0u8; 65536]; 4];
+        let mut metas = [RecvMeta::default(); 4];
+        let first = read(&sock, &mut bufs, &mut metas).await;
+        let (q1, q2) = (sock.quinn_addr(v1), sock.quinn_addr(v2));
+        let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        let split = |got: &mut Vec<_>, reads: Vec<(SocketAddr, usize, Vec<u8>)>| {
+            for (addr, stride, data) in reads {
+                for seg in data.chunks(stride.max(1)) {
+                    got.push((addr, seg.to_vec()));
+                }
+            }
+        };
+        let batched = first.len() == 1 && first[0].2.len() > 100;
+        split(&mut got, first);
+        while got.len() < 4 {
+            split(&mut got, read(&sock, &mut bufs, &mut metas).await);
+        }
+        assert_eq!(
+            got,
+            vec![
+                (q1, vec![b'a'; 100]),
+                (q1, vec![b'b'; 100]),
+                (q1, vec![b'd'; 100]),
+                (q2, vec![b'c'; 100]),
+            ],
+            "one run per peer, headers cut off"
+        );
+        assert!(batched, "the kernel delivered the batch as one GRO buffer");
+        let p = sock.paths.lock().unwrap();
+        assert_eq!(
+            p.relay_ended_session(v1),
+            Some(s1),
+            "the notice was checked and noted"
+        );
+        assert_eq!(p.relay_ended_session(v2), None);
+    }
+}

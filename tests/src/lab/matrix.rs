@@ -288,6 +288,9 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
                 .arg((opts.punch_timeout + 15.0).to_string())
                 .args(&opts.agent_args)
                 .args(lab.agent_args_for(&ns));
+            if std::env::var_os("PUNCH_LAB_KEEP").is_some() {
+                cmd.env("PUNCH_LOG", "info");
+            }
             let r = run(cmd, limit)?;
             if std::env::var_os("PUNCH_LAB_KEEP").is_some() {
                 let _ = std::fs::write(
