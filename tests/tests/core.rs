@@ -275,13 +275,9 @@ fn bad_cli_input_is_a_usage_error() {
     assert!(r.stderr.contains("fingerprint"), "{r:?}");
 }
 
-#[test]
-fn a_spent_relay_session_is_renewed_under_a_live_connection() {
-    // 2 MiB a session: a 1 s bench each way spends several, and the
-    // connection carries on over the next one each time.
-    let dir = tmp();
-    let s = ServerProc::start(dir.path(), &["--relay-session-mib", "2"]).unwrap();
-    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+/// `bench worker-b --seconds 1 --force-relay`: its JSON and the bytes
+/// up and down.
+fn relayed_bench(s: &ServerProc) -> (serde_json::Value, u64, u64) {
     let mut cmd = s.agent().unwrap();
     cmd.args([
         "bench",
@@ -297,6 +293,17 @@ fn a_spent_relay_session_is_renewed_under_a_live_connection() {
     assert_eq!(j["path"], "relayed", "{j}");
     let up = j["upload_bytes"].as_u64().unwrap();
     let down = j["download_bytes"].as_u64().unwrap();
+    (j, up, down)
+}
+
+#[test]
+fn a_spent_relay_session_is_renewed_under_a_live_connection() {
+    // 2 MiB a session: a 1 s bench each way spends several, and the
+    // connection carries on over the next one each time.
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--relay-session-mib", "2"]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let (j, up, down) = relayed_bench(&s);
     assert!(
         up > 6 << 20 && down > 6 << 20,
         "more than three sessions' worth each way: {j}"
@@ -353,21 +360,7 @@ fn forced_relay_carries_the_connection_and_is_counted() {
 
     // Bulk data both ways through the relay (GRO/GSO batches on the
     // server): the peer counts every byte sent, and the relay carried them.
-    let mut cmd = s.agent().unwrap();
-    cmd.args([
-        "bench",
-        "worker-b",
-        "--seconds",
-        "1",
-        "--force-relay",
-        "--json",
-    ]);
-    let r = run(cmd, T).unwrap();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let j = r.json().unwrap();
-    assert_eq!(j["path"], "relayed", "{j}");
-    let up = j["upload_bytes"].as_u64().unwrap();
-    let down = j["download_bytes"].as_u64().unwrap();
+    let (j, up, down) = relayed_bench(&s);
     assert!(up > 1_000_000 && down > 1_000_000, "{j}");
     assert!(j["upload_mb_per_s"].as_f64().unwrap() > 0.0, "{j}");
     let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
