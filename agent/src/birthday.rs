@@ -29,6 +29,9 @@ use tracing::{debug, info};
 
 /// Sockets the hard side opens.
 pub const AUX_SOCKETS: usize = 256;
+/// Extra sockets each side opens when both NATs map per destination
+/// (see [`Part::Both`]).
+pub const BLOCK_SOCKETS: usize = 3;
 /// Ports the easy side sprays (block first, then random ones).
 pub const SPRAY_PORTS: usize = 2048;
 
@@ -46,6 +49,15 @@ pub enum Part {
     Hard,
     /// Our NAT keeps one mapping and filters by port: spray the peer.
     Easy,
+    /// Both NATs map per destination. When they draw ports from small
+    /// blocks (Cloud NAT: 64 a host), each side scans the other's block:
+    /// a side's flow to the peer's port p gets some port q of its own
+    /// block, and it meets the peer when the peer's flow to q got p. One
+    /// scan from one socket a side meets with 1 − (63/64)^64 ≈ 63 %;
+    /// with k sockets a side the expected meetings are k², so the main
+    /// socket's scan plus [`BLOCK_SOCKETS`] more (k = 4) all but never
+    /// miss, for 192 pings a side per round.
+    Both,
 }
 
 /// Decides from both NAT classes (ours measured, the peer's from the offer).
@@ -65,6 +77,8 @@ pub fn part(ours: Option<NatClass>, peer: Option<NatClass>) -> Option<Part> {
         Some(Part::Hard)
     } else if eim(o) && strict(o.filtering) && dependent(p.mapping) {
         Some(Part::Easy)
+    } else if dependent(o.mapping) && dependent(p.mapping) {
+        Some(Part::Both)
     } else {
         None
     }
@@ -98,6 +112,36 @@ pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
     out
 }
 
+/// Where the extra sockets send for our `part`: the peer's public
+/// mapping (hard side), or every port of the aligned 64-port block around
+/// each port we saw it use (both sides hard). IPv4 only.
+pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
+    match part {
+        Part::Hard => offer
+            .peer_candidates
+            .iter()
+            .filter(|c| matches!(c.kind, CandidateKind::ServerReflexive | CandidateKind::Stun))
+            .map(|c| c.addr)
+            .filter(|a| a.is_ipv4())
+            .collect(),
+        Part::Both => {
+            let Some((ip, seen)) = spray_target(offer).filter(|(ip, _)| ip.is_ipv4()) else {
+                return Vec::new();
+            };
+            let mut blocks: Vec<u16> = seen.iter().map(|p| p & !63).collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            blocks
+                .iter()
+                .flat_map(|b| (0..64u16).map(move |k| b.wrapping_add(k)))
+                .filter(|p| *p >= 1024)
+                .map(|p| SocketAddr::new(ip, p))
+                .collect()
+        }
+        Part::Easy => Vec::new(),
+    }
+}
+
 /// The hard peer's public address and the ports we saw it use.
 pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
     let public: Vec<_> = offer
@@ -114,9 +158,10 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
     Some((ip, ports))
 }
 
-/// The hard side: opens [`AUX_SOCKETS`] sockets, sends a ping from each to
-/// the peer's public mapping, answers the pings of the peer's spray and
-/// pings back; the first socket with a pong from the peer is the path.
+/// The hard side: opens `sockets` sockets, sends a ping from each to
+/// every target (the peer's public mapping, or its port block), answers
+/// the pings of the peer's spray and pings back; the first socket with a
+/// pong from the peer is the path.
 /// Returns it and the peer's address (when found within `limit`), and
 /// every socket the peer pinged: the peer may have validated another one of
 /// them (its ordinary punching meets them too when its filter is looser
@@ -124,21 +169,16 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
 pub(crate) async fn hard_side(
     inner: &Arc<Inner>,
     offer: &Offer,
+    sockets: usize,
+    targets: Vec<SocketAddr>,
     limit: Duration,
 ) -> (Option<(Arc<UdpSocket>, Punched)>, Vec<Arc<UdpSocket>>) {
-    let targets: Vec<SocketAddr> = offer
-        .peer_candidates
-        .iter()
-        .filter(|c| matches!(c.kind, CandidateKind::ServerReflexive | CandidateKind::Stun))
-        .map(|c| c.addr)
-        .filter(|a| a.is_ipv4())
-        .collect();
     if targets.is_empty() {
         return (None, Vec::new());
     }
     let local = inner.socket.local_ip_v4();
-    let mut socks = Vec::with_capacity(AUX_SOCKETS);
-    for _ in 0..AUX_SOCKETS {
+    let mut socks = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
         match UdpSocket::bind(SocketAddr::new(local, 0)).await {
             Ok(s) => socks.push(Arc::new(s)),
             Err(e) => {
@@ -147,7 +187,7 @@ pub(crate) async fn hard_side(
             }
         }
     }
-    info!(sockets = socks.len(), targets = ?targets, "birthday method: hard side opens its sockets");
+    info!(sockets = socks.len(), targets = targets.len(), first = %targets[0], "birthday method: hard side opens its sockets");
     let (tx, mut rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
     let mut readers = Vec::with_capacity(socks.len());
     for (i, s) in socks.iter().enumerate() {
@@ -253,10 +293,11 @@ mod tests {
         let restricted = class(EndpointIndependent, AddressDependent);
         assert_eq!(part(sym, pr), Some(Part::Hard));
         assert_eq!(part(pr, sym), Some(Part::Easy));
+        // Both hard: both scan each other's port block.
+        assert_eq!(part(sym, sym), Some(Part::Both));
         // Ordinary punching handles these.
         assert_eq!(part(sym, restricted), None);
         assert_eq!(part(pr, pr), None);
-        assert_eq!(part(sym, sym), None);
         assert_eq!(part(None, pr), None);
         // Not yet known: no birthday.
         let early = class(EndpointIndependent, Unknown);

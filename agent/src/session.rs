@@ -156,8 +156,15 @@ fn spawn_birthday(
     offer: &Offer,
     v: SocketAddr,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
+    use crate::birthday::{self, Part};
     let ours = *inner.nat.lock().expect("not poisoned");
-    if crate::birthday::part(ours, offer.peer_nat) != Some(crate::birthday::Part::Hard) {
+    let (sockets, part) = match birthday::part(ours, offer.peer_nat) {
+        Some(Part::Hard) => (birthday::AUX_SOCKETS, Part::Hard),
+        Some(Part::Both) => (birthday::BLOCK_SOCKETS, Part::Both),
+        _ => return None,
+    };
+    let targets = birthday::targets(offer, part);
+    if targets.is_empty() {
         return None;
     }
     let (tx, rx) = oneshot::channel();
@@ -166,7 +173,7 @@ fn spawn_birthday(
     tokio::spawn(
         async move {
             let limit = inner.config.punch_timeout;
-            let (found, met) = crate::birthday::hard_side(&inner, &offer, limit).await;
+            let (found, met) = birthday::hard_side(&inner, &offer, sockets, targets, limit).await;
             let peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
             // The peer sends to whichever of our addresses it validated,
             // possibly one of these sockets: hand what arrives there to
