@@ -15,6 +15,10 @@
 //! certainty when the NAT draws from a known 64-port block (Cloud NAT's
 //! default). The first ping that lands is answered from its socket, which
 //! becomes the peer's direct path. Tailscale describes the same method.
+//!
+//! When both NATs map per destination the same machinery runs on both
+//! sides with a few sockets and the peer's port block as targets
+//! ([`Part::Both`]): Cloud NAT behind Cloud NAT.
 
 use crate::session::Punched;
 use crate::Inner;
