@@ -110,30 +110,60 @@ async fn ask_with(
     change_port: bool,
     waits: &[Duration],
 ) -> Option<Answer> {
-    let txid = stun::new_txid();
-    let req = request(&txid, change_ip, change_port);
+    let [a] = ask_all(sock, [(to, change_ip, change_port)], waits).await;
+    a
+}
+
+/// Several requests from one socket at once (`(to, change_ip,
+/// change_port)` each), answers matched by transaction id: the mapping
+/// tests ask two addresses in one round trip, not two.
+async fn ask_all<const N: usize>(
+    sock: &UdpSocket,
+    asks: [(SocketAddr, bool, bool); N],
+    waits: &[Duration],
+) -> [Option<Answer>; N] {
+    let txids: [[u8; 16]; N] = std::array::from_fn(|_| stun::new_txid());
+    let reqs: [Vec<u8>; N] = std::array::from_fn(|i| request(&txids[i], asks[i].1, asks[i].2));
+    let mut answers: [Option<Answer>; N] = std::array::from_fn(|_| None);
     let mut buf = [0u8; 1500];
     for wait in waits {
-        sock.send_to(&req, to).await.ok()?;
+        for i in 0..N {
+            if answers[i].is_none() && sock.send_to(&reqs[i], asks[i].0).await.is_err() {
+                return answers;
+            }
+        }
         let until = tokio::time::Instant::now() + *wait;
-        while let Ok(Ok((n, _))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+        while answers.iter().any(Option::is_none) {
+            let Ok(Ok((n, _))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await
+            else {
+                break;
+            };
             let Ok(m) = stun::parse(&buf[..n]) else {
                 continue;
             };
-            if m.txid != txid || m.msg_type != stun::BINDING_SUCCESS {
+            let Some(i) = txids.iter().position(|t| *t == m.txid) else {
+                continue;
+            };
+            if m.msg_type != stun::BINDING_SUCCESS || answers[i].is_some() {
                 continue;
             }
+            let Some(mapped) = m.mapped_address() else {
+                continue;
+            };
             let other = m
                 .get(stun::attr::OTHER_ADDRESS)
                 .or_else(|| m.get(stun::attr::CHANGED_ADDRESS))
                 .and_then(|v| stun::decode_address(v, None));
-            return Some(Answer {
-                mapped: punch_net::canonical(m.mapped_address()?),
+            answers[i] = Some(Answer {
+                mapped: punch_net::canonical(mapped),
                 other,
             });
         }
+        if answers.iter().all(Option::is_some) {
+            break;
+        }
     }
-    None
+    answers
 }
 
 async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {
@@ -213,14 +243,15 @@ pub async fn check_with(
         let Some(other) = first.other else {
             return "unknown";
         };
-        let m2 = ask(
+        let [m2, m3] = ask_all(
             &s1,
-            SocketAddr::new(other.ip(), server.port()),
-            false,
-            false,
+            [
+                (SocketAddr::new(other.ip(), server.port()), false, false),
+                (other, false, false),
+            ],
+            &FIRST_WAITS,
         )
         .await;
-        let m3 = ask(&s1, other, false, false).await;
         match (m2, m3) {
             (Some(a), _) if a.mapped == m1 => "endpoint-independent",
             (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
