@@ -121,13 +121,7 @@ pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
 /// each port we saw it use (both sides hard). IPv4 only.
 pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
     match part {
-        Part::Hard => offer
-            .peer_candidates
-            .iter()
-            .filter(|c| matches!(c.kind, CandidateKind::ServerReflexive | CandidateKind::Stun))
-            .map(|c| c.addr)
-            .filter(|a| a.is_ipv4())
-            .collect(),
+        Part::Hard => public_candidates(offer).filter(|a| a.is_ipv4()).collect(),
         Part::Both => {
             let Some((ip, seen)) = spray_target(offer).filter(|(ip, _)| ip.is_ipv4()) else {
                 return Vec::new();
@@ -146,18 +140,21 @@ pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
     }
 }
 
-/// The hard peer's public address and the ports we saw it use.
-pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
-    let public: Vec<_> = offer
+/// The peer's addresses as servers saw them (its NAT's public side).
+fn public_candidates(offer: &Offer) -> impl Iterator<Item = SocketAddr> + '_ {
+    offer
         .peer_candidates
         .iter()
         .filter(|c| matches!(c.kind, CandidateKind::ServerReflexive | CandidateKind::Stun))
-        .collect();
-    let ip = public.first()?.addr.ip();
-    let ports = public
-        .iter()
-        .filter(|c| c.addr.ip() == ip)
-        .map(|c| c.addr.port())
+        .map(|c| c.addr)
+}
+
+/// The hard peer's public address and the ports we saw it use.
+pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
+    let ip = public_candidates(offer).next()?.ip();
+    let ports = public_candidates(offer)
+        .filter(|a| a.ip() == ip)
+        .map(|a| a.port())
         .collect();
     Some((ip, ports))
 }

@@ -94,15 +94,6 @@ fn filter_waits(rtt: Duration) -> [Duration; 3] {
     [w; 3]
 }
 
-async fn ask(
-    sock: &UdpSocket,
-    to: SocketAddr,
-    change_ip: bool,
-    change_port: bool,
-) -> Option<Answer> {
-    ask_with(sock, to, change_ip, change_port, &FIRST_WAITS).await
-}
-
 async fn ask_with(
     sock: &UdpSocket,
     to: SocketAddr,
@@ -207,7 +198,7 @@ pub async fn check_with(
     let s1 = UdpSocket::bind(bind).await?;
     let local = s1.local_addr()?;
     let asked = std::time::Instant::now();
-    let Some(first) = ask(&s1, server, false, false).await else {
+    let Some(first) = ask_with(&s1, server, false, false, &FIRST_WAITS).await else {
         return Ok(NatReport {
             udp: "blocked",
             local_addr: Some(local.to_string()),
@@ -240,27 +231,26 @@ pub async fn check_with(
         }
     };
     let mapping = async {
-        let Some(other) = first.other else {
-            return "unknown";
+        let mapping = match first.other {
+            None => "unknown",
+            Some(other) => {
+                let [m2, m3] = ask_all(
+                    &s1,
+                    [
+                        (SocketAddr::new(other.ip(), server.port()), false, false),
+                        (other, false, false),
+                    ],
+                    &FIRST_WAITS,
+                )
+                .await;
+                match (m2, m3) {
+                    (Some(a), _) if a.mapped == m1 => "endpoint-independent",
+                    (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
+                    (Some(_), Some(_)) => "address-and-port-dependent",
+                    _ => "unknown",
+                }
+            }
         };
-        let [m2, m3] = ask_all(
-            &s1,
-            [
-                (SocketAddr::new(other.ip(), server.port()), false, false),
-                (other, false, false),
-            ],
-            &FIRST_WAITS,
-        )
-        .await;
-        match (m2, m3) {
-            (Some(a), _) if a.mapped == m1 => "endpoint-independent",
-            (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
-            (Some(_), Some(_)) => "address-and-port-dependent",
-            _ => "unknown",
-        }
-    };
-    let mapping = async {
-        let mapping = mapping.await;
         on_mapping(&NatReport {
             udp: "ok",
             local_addr: Some(local.to_string()),

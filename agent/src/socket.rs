@@ -120,9 +120,6 @@ struct PeerPath {
     /// not the agent's own.
     direct_aux: Option<Arc<tokio::net::UdpSocket>>,
     relay: Option<RelayBinding>,
-    /// The server said it stopped relaying the bound session (its quota
-    /// is spent): a new session is needed.
-    relay_ended: bool,
     /// When the last datagram arrived on the direct path.
     direct_rx: Option<std::time::Instant>,
     /// Sessions and connections using this address; it is forgotten when
@@ -137,6 +134,9 @@ struct RelayBinding {
     session: SessionId,
     secret: [u8; 32],
     role: punch_protocol::signal::Role,
+    /// The server said it stopped relaying this session (its quota is
+    /// spent): a new session is needed.
+    ended: bool,
 }
 
 impl PeerPath {
@@ -225,7 +225,6 @@ impl PathTable {
                 direct: None,
                 direct_aux: None,
                 relay: None,
-                relay_ended: false,
                 direct_rx: None,
                 users: 1,
             },
@@ -329,8 +328,8 @@ impl PathTable {
                 session,
                 secret,
                 role,
+                ended: false,
             });
-            p.relay_ended = false;
         }
     }
 
@@ -342,19 +341,18 @@ impl PathTable {
             return None;
         };
         let v = *self.by_session.get(session)?;
-        let p = self.peers.get_mut(&v)?;
-        let r = p.relay?;
-        if p.relay_ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
+        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
+        if r.ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
             return None;
         }
-        p.relay_ended = true;
+        r.ended = true;
         Some(v)
     }
 
     /// The session of `v`'s relay binding, if the server ended it.
     pub fn relay_ended_session(&self, v: SocketAddr) -> Option<SessionId> {
-        let p = self.peers.get(&v)?;
-        p.relay.filter(|_| p.relay_ended).map(|r| r.session)
+        let r = self.peers.get(&v)?.relay?;
+        r.ended.then_some(r.session)
     }
 
     /// How long the direct path of `v` has been silent, when it is the

@@ -267,33 +267,31 @@ pub fn parse(d: &[u8]) -> Result<Frame<'_>, RelayError> {
             }
             Ok(Frame::Batch { session, body })
         }
-        5 => {
+        k @ (1 | 2 | 5) => {
+            // bind, bind-ok and ended share one layout.
             if d.len() != BIND_LEN {
                 return Err(RelayError::Malformed);
             }
-            let reason = match d[13] {
-                0 => EndReason::Bytes,
-                1 => EndReason::Time,
-                _ => return Err(RelayError::Malformed),
-            };
-            Ok(Frame::Ended {
-                session,
-                reason,
-                nonce: u64::from_be_bytes(d[14..22].try_into().expect("8 bytes")),
-                mac: &d[22..38],
-            })
-        }
-        k @ (1 | 2) => {
-            if d.len() != BIND_LEN {
-                return Err(RelayError::Malformed);
+            let nonce = u64::from_be_bytes(d[14..22].try_into().expect("8 bytes"));
+            let mac = &d[22..38];
+            if k == 5 {
+                let reason = match d[13] {
+                    0 => EndReason::Bytes,
+                    1 => EndReason::Time,
+                    _ => return Err(RelayError::Malformed),
+                };
+                return Ok(Frame::Ended {
+                    session,
+                    reason,
+                    nonce,
+                    mac,
+                });
             }
             let side = match d[13] {
                 0 => Role::Controlling,
                 1 => Role::Controlled,
                 _ => return Err(RelayError::Malformed),
             };
-            let nonce = u64::from_be_bytes(d[14..22].try_into().expect("8 bytes"));
-            let mac = &d[22..38];
             Ok(if k == 1 {
                 Frame::Bind {
                     session,

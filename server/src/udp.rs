@@ -262,18 +262,14 @@ impl ServerSocket {
                             self.forward(to, &buf[s..e], stride);
                         }
                         self.forward(from, &frame, frame.len());
-                        for (to, f) in t.take_released() {
-                            self.send_to_endpoint(to, &f);
-                        }
                     }
                     Ok(Action::Held) => {}
-                    Err(e) => {
-                        tracing::trace!(%from, "relay frame dropped: {e}");
-                        // A spent quota's "ended" notices.
-                        for (to, f) in t.take_released() {
-                            self.send_to_endpoint(to, &f);
-                        }
-                    }
+                    Err(e) => tracing::trace!(%from, "relay frame dropped: {e}"),
+                }
+                // What a bind released (after its bind-ok, above) or a
+                // spent quota's "ended" notices.
+                for (to, f) in t.take_released() {
+                    self.send_to_endpoint(to, &f);
                 }
                 off = end;
                 continue;
