@@ -302,3 +302,89 @@ async fn repeated_and_concurrent_connects_to_one_peer() {
     .expect("the remaining connection still carries data");
     assert!(rtt < Duration::from_secs(1));
 }
+
+/// An agent with `id`'s key (kept in `dir`), as a restarted process would
+/// be, using the relay as `relay` says.
+async fn agent_mode(
+    s: &ServerProc,
+    id: &str,
+    dir: &std::path::Path,
+    relay: punch_agent::RelayMode,
+) -> Agent {
+    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
+    cfg.worker_id = Some(id.into());
+    cfg.key_file = Some(dir.join(format!("{id}.key")));
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.relay = relay;
+    let a = Agent::start(cfg).await.unwrap();
+    a.registered(Duration::from_secs(10)).await.unwrap();
+    a
+}
+
+/// A peer that comes back (same id and key, a new process) on another path
+/// than its earlier connection took is answered on the path its new
+/// handshake arrives on, not on the stale one: direct→relay, relay→direct
+/// and direct→direct, 0, 1 and 5 s after the first process went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_answered_on_the_path_its_handshake_takes() {
+    use punch_agent::RelayMode::{Auto, Force};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let kind = |m| {
+        if m == Force {
+            PathKind::Relayed
+        } else {
+            PathKind::Direct
+        }
+    };
+    let mut failures = Vec::new();
+    for (first, second) in [(Auto, Force), (Force, Auto), (Auto, Auto)] {
+        for delay in [0u64, 1, 5] {
+            let case = format!("{first:?} -> {second:?} after {delay} s");
+            let a1 = agent_mode(&s, "worker-a", dir.path(), first).await;
+            let pc = a1
+                .connect("worker-b")
+                .await
+                .unwrap_or_else(|e| panic!("{case}: first connection: {e}; before: {failures:#?}"));
+            assert_eq!(pc.path.kind, kind(first), "{case}: first connection");
+            pc.pinger().await.unwrap().ping().await.unwrap();
+            a1.close().await;
+            drop((pc, a1));
+            // The scenario's pause, not a synchronisation.
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            let a2 = agent_mode(&s, "worker-a", dir.path(), second).await;
+            let started = Instant::now();
+            // A relayed connect on loopback takes milliseconds; a handshake
+            // answered on a stale path needed quinn's retransmits (~6 s) or
+            // timed out.
+            let r = tokio::time::timeout(Duration::from_secs(3), async {
+                let pc = a2.connect("worker-b").await.map_err(|e| e.to_string())?;
+                pc.pinger()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ping()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(pc.path.kind)
+            })
+            .await;
+            match r {
+                Ok(Ok(k)) if k == kind(second) => {
+                    eprintln!("{case}: {k:?} in {:?}", started.elapsed())
+                }
+                Ok(Ok(k)) => failures.push(format!("{case}: {k:?}")),
+                Ok(Err(e)) => failures.push(format!("{case}: {e}")),
+                Err(_) => failures.push(format!("{case}: no round trip within 3 s")),
+            }
+            a2.close().await;
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
