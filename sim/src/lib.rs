@@ -36,9 +36,11 @@
 //!   mappings 30 s.
 //! - Jitter and reordering.
 //!
+//! [`Offer`]: punch_protocol::signal::Offer
+//!
 //! # Where it disagrees with the lab
 //!
-//! See [`matrix`] for the table and the cells that differ from the netns
+//! See [`mod@matrix`] for the table and the cells that differ from the netns
 //! lab, and why.
 
 pub mod agent;
