@@ -71,13 +71,10 @@ fn spawn_puncher(
         config,
     );
     let ours = *inner.nat.lock().expect("not poisoned");
-    if crate::birthday::part(ours, offer.peer_nat) == Some(crate::birthday::Part::Easy) {
-        if let Some((ip, seen)) = crate::birthday::spray_target(offer) {
-            let ports = crate::birthday::spray_ports(&seen, &mut rand::thread_rng());
-            info!(%ip, ports = ports.len(), "birthday method: spraying the peer's ports");
-            // Give the peer's extra sockets a moment to open their mappings.
-            p.spray(ip, ports, Instant::now() + Duration::from_millis(150));
-        }
+    if let Some(s) = crate::birthday::spray_plan(ours, offer, &mut rand::thread_rng()) {
+        info!(ip = %s.ip, ports = s.ports.len(), "birthday method: spraying the peer's ports");
+        // Give the peer's extra sockets a moment to open their mappings.
+        p.spray(s.ip, s.ports, Instant::now() + s.delay);
     }
     let (tx, rx) = oneshot::channel();
     let inner = inner.clone();
@@ -151,17 +148,11 @@ fn spawn_birthday(
     offer: &Offer,
     v: SocketAddr,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
-    use crate::birthday::{self, Part};
+    use crate::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
-    let (sockets, part) = match birthday::part(ours, offer.peer_nat) {
-        Some(Part::Hard) => (birthday::AUX_SOCKETS, Part::Hard),
-        Some(Part::Both) => (birthday::BLOCK_SOCKETS, Part::Both),
-        _ => return None,
-    };
-    let targets = birthday::targets(offer, part);
-    if targets.is_empty() {
-        return None;
-    }
+    let birthday::HardPlan {
+        sockets, targets, ..
+    } = birthday::hard_plan(ours, offer)?;
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);
