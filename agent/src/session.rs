@@ -184,8 +184,16 @@ fn spawn_birthday(
                 }
             };
             if let Some(ip) = peer_ip {
+                let params = birthday::HardParams {
+                    session: offer.session,
+                    secret: offer.secret,
+                    role: offer.role,
+                    txid_base: 0,
+                };
+                let until = Instant::now() + birthday::HARD_ANSWER_GRACE;
                 for s in readers {
-                    tokio::spawn(aux_reader(inner.clone(), v, s, ip).in_current_span());
+                    let answer = (params, until);
+                    tokio::spawn(aux_reader(inner.clone(), v, s, ip, answer).in_current_span());
                 }
             }
             let _ = tx.send(result);
@@ -197,12 +205,15 @@ fn spawn_birthday(
 
 /// Hands quinn what the peer (at `peer`) sends to the extra socket
 /// `sock`: while the peer is known, and while the socket is `v`'s path or
-/// has carried something in the last [`AUX_IDLE`].
+/// has carried something in the last [`AUX_IDLE`]. Until `answer`'s
+/// deadline it also answers the peer's pings, as the hard side did: the
+/// peer validates only on a pong.
 async fn aux_reader(
     inner: Arc<Inner>,
     v: SocketAddr,
     sock: Arc<tokio::net::UdpSocket>,
     peer: std::net::IpAddr,
+    answer: (crate::birthday::HardParams, Instant),
 ) {
     let mut buf = vec![0u8; 65_536];
     let mut last = Instant::now();
@@ -216,10 +227,16 @@ async fn aux_reader(
             break;
         }
         match r {
-            Ok(Ok((n, from)))
-                if punch_net::canonical(from).ip() == peer
-                    && !punch_protocol::probe::is_probe(&buf[..n]) =>
-            {
+            Ok(Ok((n, from))) if punch_protocol::probe::is_probe(&buf[..n]) => {
+                let from = punch_net::canonical(from);
+                let pong = (Instant::now() < answer.1)
+                    .then(|| crate::birthday::answer_ping(&answer.0, peer, from, &buf[..n]).ok())
+                    .flatten();
+                if let Some(pong) = pong {
+                    let _ = sock.try_send_to(&pong, from);
+                }
+            }
+            Ok(Ok((n, from))) if punch_net::canonical(from).ip() == peer => {
                 inner
                     .socket
                     .paths

@@ -48,6 +48,11 @@ pub const HARD_ROUND_GAP: Duration = Duration::from_millis(300);
 /// Most extra sockets one [`HardSide`] tracks (bounds its memory whatever
 /// the caller asks for).
 pub const MAX_HARD_SOCKETS: usize = 4096;
+/// After the hard side validates, its sockets that met the peer keep
+/// answering the peer's pings this long: the spray ping that opened the way
+/// may have been lost, and the peer validates only on a pong (the puncher
+/// keeps answering the same way).
+pub const HARD_ANSWER_GRACE: Duration = Duration::from_secs(3);
 
 fn dependent(b: NatBehaviour) -> bool {
     matches!(
@@ -274,8 +279,9 @@ const TXID_ROUND: u64 = 1_000_000;
 /// [`HARD_ROUND_GAP`] apart (a first ping lost on the way still leaves the
 /// mapping, and the second keeps it fresh while the spray arrives),
 /// answers the peer's pings with a pong and a ping back, and the first
-/// socket whose own ping is answered is the path. After that, or the
-/// limit, it is done and ignores everything.
+/// socket whose own ping is answered is the path. After that it only
+/// answers pings on the sockets that met the peer, for
+/// [`HARD_ANSWER_GRACE`]; after the limit it ignores everything.
 #[derive(Debug)]
 pub struct HardSide {
     params: HardParams,
@@ -289,6 +295,8 @@ pub struct HardSide {
     outbox: VecDeque<(usize, Transmit)>,
     events: VecDeque<HardEvent>,
     done: bool,
+    /// Validated: answer pings on met sockets until then.
+    answer_until: Option<Instant>,
     pings_sent: u32,
 }
 
@@ -314,6 +322,7 @@ impl HardSide {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             done: false,
+            answer_until: None,
             pings_sent: 0,
         };
         if h.targets.is_empty() || sockets == 0 {
@@ -335,6 +344,9 @@ impl HardSide {
 
     /// Sends the rounds that are due, or gives up at the limit.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.answer_until.is_some_and(|t| now >= t) {
+            self.answer_until = None;
+        }
         if self.done {
             return;
         }
@@ -369,8 +381,23 @@ impl HardSide {
         data: &[u8],
         now: Instant,
     ) -> Result<(), ProbeError> {
-        if self.done || sock >= self.sent_at.len() {
+        if sock >= self.sent_at.len() {
             return Err(ProbeError::BadField);
+        }
+        if self.done {
+            let answering = self.answer_until.is_some_and(|t| now < t);
+            if !answering || !self.hits.contains(&sock) {
+                return Err(ProbeError::BadField);
+            }
+            let pong = answer_ping(&self.params, self.targets[0].ip(), from, data)?;
+            self.outbox.push_back((
+                sock,
+                Transmit {
+                    dst: from,
+                    payload: pong,
+                },
+            ));
+            return Ok(());
         }
         let p = Probe::decode(data, &self.params.secret)?;
         let peer_ip = self.targets[0].ip().to_canonical();
@@ -414,6 +441,10 @@ impl HardSide {
                     return Err(ProbeError::BadField);
                 }
                 let rtt = now.saturating_duration_since(self.sent_at[sock]);
+                if !self.hits.contains(&sock) {
+                    self.hits.push(sock);
+                }
+                self.answer_until = Some(now + HARD_ANSWER_GRACE);
                 self.finish(HardEvent::Validated {
                     socket: sock,
                     addr: from,
@@ -439,7 +470,7 @@ impl HardSide {
     /// done.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.done {
-            None
+            self.answer_until
         } else if self.rounds < 2 {
             Some(self.next_round)
         } else {
@@ -463,6 +494,26 @@ impl HardSide {
     pub fn is_done(&self) -> bool {
         self.done
     }
+}
+
+/// The pong to a ping of the peer's (at `peer_ip`) for this session, or
+/// why there is none: what the hard side's sockets answer after it
+/// validated.
+pub fn answer_ping(
+    params: &HardParams,
+    peer_ip: IpAddr,
+    from: SocketAddr,
+    data: &[u8],
+) -> Result<Vec<u8>, ProbeError> {
+    let p = Probe::decode(data, &params.secret)?;
+    if p.session != params.session
+        || p.role == params.role
+        || from.ip().to_canonical() != peer_ip.to_canonical()
+        || p.kind != ProbeKind::Ping
+    {
+        return Err(ProbeError::BadField);
+    }
+    Ok(p.pong_to(params.role, from).encode(&params.secret))
 }
 
 #[cfg(test)]

@@ -202,10 +202,30 @@ fn hard_side_answers_the_spray_and_validates_on_its_own_pong() {
             observed: "203.0.113.9:5555".parse().unwrap(),
         })
     );
-    // Done: everything else is ignored.
+    // Validated, it still answers the peer's pings on the sockets that met
+    // it (the spray ping that opened the way may have been lost, and the
+    // peer validates only on a pong), with a pong and nothing else.
     assert!(h.is_done());
-    assert!(h.handle_probe(2, from, &ping, later).is_err());
+    let answering_until = later + HARD_ANSWER_GRACE;
+    assert_eq!(h.poll_timeout(), Some(answering_until));
+    h.handle_probe(2, from, &ping, later).unwrap();
+    let out = drain(&mut h);
+    assert_eq!(out.len(), 1);
+    let answer = Probe::decode(&out[0].1.payload, &SECRET).unwrap();
+    assert_eq!(
+        (out[0].0, out[0].1.dst, answer.kind),
+        (2, from, ProbeKind::Pong { observed: from })
+    );
+    // Not on a socket that never met the peer, not a pong, not a stranger.
+    assert!(h.handle_probe(1, from, &ping, later).is_err());
+    assert!(h.handle_probe(2, from, &p, later).is_err());
+    assert!(h.handle_probe(2, stranger, &ping, later).is_err());
+    assert!(drain(&mut h).is_empty());
+    // After the grace, everything is ignored.
+    h.handle_timeout(answering_until);
     assert_eq!(h.poll_timeout(), None);
+    assert!(h.handle_probe(2, from, &ping, answering_until).is_err());
+    assert!(drain(&mut h).is_empty());
 }
 
 #[test]

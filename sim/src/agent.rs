@@ -177,9 +177,9 @@ impl SimAgent {
                     net.send(self.host, sock, t.dst, t.payload, now, false);
                 }
             }
-            let mut done = false;
+            let mut finished = false;
             while let Some(ev) = h.poll_event() {
-                done = true;
+                finished = true;
                 if let HardEvent::Validated { socket, addr, .. } = ev {
                     let Some(&sock) = self.aux.get(socket) else {
                         continue;
@@ -192,9 +192,12 @@ impl SimAgent {
                     self.first_direct.get_or_insert(now);
                 }
             }
-            if done {
+            if finished {
                 self.readers
                     .extend(h.met().iter().filter_map(|i| self.aux.get(*i)));
+            }
+            // Validated: it still answers pings on met sockets a while.
+            if h.is_done() && h.poll_timeout().is_none() {
                 self.pings += h.pings_sent();
                 self.hard = None;
             }

@@ -23,13 +23,14 @@
 //! classification takes from the block, and the sample of five. A lab
 //! trace of the ports conntrack hands out would settle it.
 //!
-//! Found by the sim: after the hard side validates (a pong to one of its
-//! extra sockets' pings) it stops answering, as the agent's `hard_side`
-//! does (it returns at the first pong; the socket's reader then passes on
-//! data only). When the peer's spray ping that opened the way was lost,
-//! the controlled side holds a path and the dialing side never gets a
-//! pong: cloudnat-eim → seq-4 loses seed 14 so. Answering pings for a
-//! grace after validating, as the puncher does, would close it.
+//! Found by the sim: after the hard side validated (a pong to one of its
+//! extra sockets' pings) it stopped answering, in the agent too (its
+//! `hard_side` returned at the first pong and the socket's reader then
+//! passed on data only). When the peer's spray ping that opened the way
+//! was lost, the controlled side held a path and the dialing side never
+//! got a pong: cloudnat-eim → seq-4 lost seed 14 so. Now the sockets that
+//! met the peer answer its pings for `HARD_ANSWER_GRACE` after validating
+//! (machine and agent alike), and the cell is 20/20.
 
 use crate::nat::{Allocation, Filtering, Mapping, NatModel};
 use crate::{run, Scenario};
