@@ -365,7 +365,14 @@ pub(crate) fn maintain(
                 let ended = inner.socket.relay_ended.notified();
                 tokio::select! {
                     _ = conn.closed() => break,
-                    _ = ended => m.handle_relay_ended(Instant::now()),
+                    _ = ended => {
+                        // The server may have restarted ("unknown"): a
+                        // signaling ping makes a dead channel known now
+                        // (the new server resets it) rather than after
+                        // the keep-alive's silence.
+                        inner.notify(ClientMsg::Ping { req: 0 });
+                        m.handle_relay_ended(Instant::now());
+                    }
                     Ok(()) = channel.changed() => {
                         let now = Instant::now();
                         m.handle_channel_change(now, &view(now));

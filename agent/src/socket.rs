@@ -382,6 +382,18 @@ impl PunchSocket {
                 }
                 None
             }
+            Ok(relay::Frame::Unknown { session }) => {
+                let v = self
+                    .paths
+                    .lock()
+                    .expect("not poisoned")
+                    .relay_unknown(session);
+                if let Some(v) = v {
+                    tracing::warn!(peer = %v, %session, "the server does not know our relay session (it restarted?); asking for a new one");
+                    self.relay_ended.notify_waiters();
+                }
+                None
+            }
             Ok(relay::Frame::BindOk { session, .. }) => {
                 if let Some(tx) = self
                     .bind_waiters

@@ -215,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
         session_bytes: a.relay_session_mib.saturating_mul(1 << 20),
         session_time: std::time::Duration::from_secs(a.relay_session_secs),
         idle: std::time::Duration::from_secs(a.relay_idle_secs),
+        ..Default::default()
     });
     cfg.cluster = match a.registry.trim() {
         "" | "memory" => None,

@@ -388,3 +388,83 @@ async fn a_restarted_peer_is_answered_on_the_path_its_handshake_takes() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Restarts the server (stopped 2 s) under a relayed connection that
+/// carries a ping stream, and returns how long after the server was back
+/// the pings went through again, on the same connection. `ws`: the dialer
+/// reaches the server only over the WebSocket (its relay rides there).
+async fn relayed_pings_across_a_restart(ws: bool) -> Result<Duration, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ServerProc::start(dir.path(), &[]).unwrap();
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let server = match (ws, s.tcp) {
+        (true, Some(tcp)) => format!("wss://{tcp}/ws"),
+        (true, None) => return Err("the server has no TCP listener".into()),
+        (false, _) => s.udp.to_string(),
+    };
+    let mut cfg = AgentConfig::new(server, s.fingerprint.clone());
+    cfg.worker_id = Some("worker-a".into());
+    cfg.key_file = Some(dir.path().join("worker-a.key"));
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.relay = punch_agent::RelayMode::Force;
+    let a = Agent::start(cfg).await.unwrap();
+    a.registered(Duration::from_secs(10)).await.unwrap();
+    let pc = a.connect("worker-b").await.map_err(|e| e.to_string())?;
+    assert_eq!(pc.path.kind, PathKind::Relayed);
+    let mut pinger = pc.pinger().await.map_err(|e| e.to_string())?;
+    for _ in 0..3 {
+        pinger.ping().await.map_err(|e| e.to_string())?;
+    }
+    let listen = format!("127.0.0.1:{}", s.udp.port());
+    s.proc.kill();
+    // The outage itself, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _s2 = ServerProc::start(dir.path(), &["--listen", &listen]).unwrap();
+    let back = Instant::now();
+    // One ping waits (its stream retransmits) until the path carries again.
+    tokio::time::timeout(Duration::from_secs(10), pinger.ping())
+        .await
+        .map_err(|_| "no echo within 10 s of the server being back".to_string())?
+        .map_err(|e| e.to_string())?;
+    let took = back.elapsed();
+    if let Some(reason) = pc.conn.close_reason() {
+        return Err(format!("the connection closed: {reason}"));
+    }
+    // And it keeps carrying.
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(2), pinger.ping())
+            .await
+            .map_err(|_| "a later ping got no echo".to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    a.close().await;
+    b.close().await;
+    Ok(took)
+}
+
+/// A relayed connection outlives a server restart: the new server does
+/// not know the relay session, says so ("unknown"), and the agents renew
+/// it under the same connection (UDP relay and relay over WebSocket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_connections_outlive_a_server_restart() {
+    let mut failures = Vec::new();
+    for ws in [false, true] {
+        let name = if ws { "WebSocket" } else { "UDP" };
+        match relayed_pings_across_a_restart(ws).await {
+            Ok(took) => {
+                eprintln!("{name} relay: pings resumed {took:?} after the server was back");
+                if took > Duration::from_secs(2) {
+                    failures.push(format!("{name}: pings resumed only after {took:?}"));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

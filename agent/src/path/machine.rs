@@ -150,6 +150,13 @@ impl PathMachine {
     /// connection tries for a direct path soon rather than after its
     /// back-off.
     pub fn handle_channel_change(&mut self, now: Instant, view: &PathView) {
+        if view.relay_ended.is_some() {
+            // A renewal that failed while the channel was down (the server
+            // restarted) goes again at once on the new one.
+            self.renewed = None;
+            self.renew_wait = self.config.renew_first_retry;
+            self.next_check = now;
+        }
         if view.on_relay && !self.repunching {
             self.backoff = self.config.repunch_after_death;
             self.repunch_at = Some(now + self.config.after_channel_change);

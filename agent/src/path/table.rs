@@ -288,6 +288,20 @@ impl PathTable {
         Some(v)
     }
 
+    /// Notes the server's "unknown" answer to a bind of ours: it does not
+    /// know the session (it restarted). Not authenticated: it only leads
+    /// to a new introduction, as an ended session does. Returns `v` the
+    /// first time.
+    pub fn relay_unknown(&mut self, session: SessionId) -> Option<SocketAddr> {
+        let v = *self.by_session.get(&session)?;
+        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
+        if r.ended || r.session != session {
+            return None;
+        }
+        r.ended = true;
+        Some(v)
+    }
+
     /// The session of `v`'s relay binding, if the server ended it.
     pub fn relay_ended_session(&self, v: SocketAddr) -> Option<SessionId> {
         let r = self.peers.get(&v)?.relay?;

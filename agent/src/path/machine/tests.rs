@@ -348,3 +348,23 @@ fn a_finished_repunch_nudges_quinn() {
     d.repunch_done(false);
     assert_eq!(d.log.last().map(|(_, a)| *a), Some(PathAction::Nudge));
 }
+
+#[test]
+fn a_renewal_that_failed_while_the_channel_was_down_goes_again_on_the_new_one() {
+    let mut d = Drive::relayed(dialer());
+    d.run_to(1_000);
+    d.ended = Some(SessionId(9));
+    d.m.handle_relay_ended(d.now);
+    d.run_to(1_000);
+    assert_eq!(d.repunches().len(), 1);
+    // The server is down: the renewal fails; the same session is still
+    // ended, so the next try would wait 1 s ...
+    d.repunch_done(false);
+    d.run_to(1_100);
+    // ... but the channel came back (re-registered): at once.
+    let v = d.view();
+    d.m.handle_channel_change(d.now, &v);
+    d.run_to(1_100);
+    assert_eq!(d.repunches().len(), 2);
+    assert_eq!(d.repunches()[1], (ms(1_100), true, Some(SessionId(9))));
+}
