@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub http_open: bool,
     /// Most waits (long-polls, barrier waits, agents' `Wait`) at once.
     pub max_waits: usize,
+    /// How long a released barrier is remembered.
+    pub barrier_ttl: Duration,
     /// Where the TLS + WebSocket channel listens.
     pub tcp_listen: TcpListen,
     /// Most WebSocket clients at once (and TLS connections on the TCP
@@ -82,6 +84,7 @@ impl ServerConfig {
             stale_grace: Duration::from_secs(30),
             http_open: false,
             max_waits: hub::MAX_WAITS,
+            barrier_ttl: hub::BARRIER_TTL,
             metrics_open: true,
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,
@@ -230,7 +233,7 @@ impl Server {
         let shared = Arc::new(Shared {
             registry: Mutex::new(registry),
             store,
-            hub: hub::Hub::new(config.max_waits),
+            hub: hub::Hub::new(config.max_waits).with_barrier_ttl(config.barrier_ttl),
             metrics: Metrics::default(),
             config: config.clone(),
             fingerprint: fingerprint.clone(),
@@ -265,6 +268,7 @@ impl Server {
                         tracing::info!(worker = %ev.worker, "expired");
                         shared.hub.publish(ev);
                     }
+                    shared.hub.sweep_barriers();
                 }
             }));
         }

@@ -109,6 +109,10 @@ struct RunArgs {
     /// once; more are refused (HTTP 429) and counted.
     #[arg(long, default_value_t = 10_000)]
     max_waits: usize,
+    /// Seconds a released barrier is remembered (later waits on it return
+    /// at once); then it is forgotten and its key may be used again.
+    #[arg(long, env = "PUNCH_BARRIER_TTL_SECS", default_value_t = 600)]
+    barrier_ttl_secs: u64,
     /// Serve the HTTP API and status page without the bearer token.
     #[arg(long, env = "PUNCH_HTTP_OPEN")]
     http_open: bool,
@@ -193,6 +197,10 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--max-waits must be between 1 and 1000000");
     }
     cfg.max_waits = a.max_waits;
+    if !(1..=30 * 86_400).contains(&a.barrier_ttl_secs) {
+        anyhow::bail!("--barrier-ttl-secs must be between 1 and 2592000");
+    }
+    cfg.barrier_ttl = std::time::Duration::from_secs(a.barrier_ttl_secs);
     cfg.metrics_open = !a.metrics_auth;
     cfg.tcp_listen = if a.no_tcp {
         punch_server::TcpListen::Off

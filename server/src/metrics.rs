@@ -182,6 +182,11 @@ pub fn prometheus(s: &crate::Shared) -> String {
         "Long-polls and barrier waits running",
         ConstGauge::new(s.hub.waits_in_progress() as i64),
     );
+    reg.register(
+        "barriers_held",
+        "Barriers held now: released within the TTL, or with waiters",
+        ConstGauge::new(s.hub.barriers_held() as i64),
+    );
     let outcomes = Family::<Vec<(String, String)>, Counter>::default();
     for (path, v) in [
         ("direct", m.outcome_direct),

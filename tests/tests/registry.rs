@@ -314,6 +314,82 @@ fn registry_api_end_to_end() {
     }
 }
 
+/// Waits (at most 20 s) until the server holds `n` barriers.
+fn barriers_held(s: &ServerProc, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = format!("punch_barriers_held {n}\n");
+    loop {
+        let m = s.http_get("/metrics").unwrap();
+        if m.contains(&line) {
+            return;
+        }
+        let held = m.lines().find(|l| l.starts_with("punch_barriers_held "));
+        assert!(Instant::now() < deadline, "{what}: {held:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Barriers are forgotten over HTTP: unreleased ones when their waiter
+/// leaves (time-out or disconnect), released ones after
+/// `--barrier-ttl-secs`, so more distinct barriers than the cap (10,000)
+/// all work. (The hub's own tests run 50,000 of each kind; a request here
+/// costs about a millisecond.)
+#[test]
+fn barriers_are_forgotten() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &["--token", TOKEN, "--barrier-ttl-secs", "1"]).unwrap();
+    // One keep-alive connection for the whole loop.
+    let http = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let status = |method: &str, path: &str| -> u16 {
+        let url = format!("http://{}{path}", s.http);
+        match http
+            .request(method, &url)
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, _)) => c,
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    let started = Instant::now();
+    // More waits than the cap, each on a barrier of its own, all time out.
+    for i in 0..10_500 {
+        let code = status("GET", &format!("/api/v1/barriers/wait-{i}?timeout=0"));
+        assert_eq!(code, 408, "waiting on new barrier {i}");
+    }
+    barriers_held(&s, 0, "timed-out waits left barriers behind");
+    // Released barriers go after their TTL (1 s here).
+    for round in 0..2 {
+        for i in 0..1_000 {
+            let code = status("PUT", &format!("/api/v1/barriers/put-{round}-{i}"));
+            assert_eq!(code, 200, "releasing new barrier {round}-{i}");
+        }
+        barriers_held(&s, 0, "released barriers outlived their TTL");
+    }
+    // A waiter whose client goes away forgets its barrier too.
+    {
+        use std::io::Write;
+        let mut sock = std::net::TcpStream::connect(s.http).unwrap();
+        write!(
+            sock,
+            "GET /api/v1/barriers/left?timeout=600 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n",
+            s.http
+        )
+        .unwrap();
+        waits_in_progress(&s, 1, "the wait never started");
+        barriers_held(&s, 1, "the waiter's barrier should be held");
+    }
+    barriers_held(&s, 0, "a disconnected waiter left its barrier behind");
+    waits_in_progress(&s, 0, "the disconnected wait still runs");
+    eprintln!("12,501 barriers in {:?}", started.elapsed());
+    // One more: released, then waited on.
+    assert_eq!(status("PUT", "/api/v1/barriers/last"), 200);
+    assert_eq!(status("GET", "/api/v1/barriers/last?timeout=0"), 200);
+}
+
 /// The DOM of `url` as headless Chromium renders it; `None` (skip) when
 /// Chromium is missing outside CI.
 fn chromium_dom(url: &str, dir: &std::path::Path) -> Option<String> {
