@@ -10,8 +10,10 @@
 //! - [`peer`]: the small request header spoken on peer-to-peer streams.
 //! - [`relay`]: relay frames and the server's relay table.
 //! - [`ws`]: signaling and relay frames over WebSocket (the TCP channel).
+//! - [`cluster`]: messages between the servers of a cluster.
 
 pub mod birthday;
+pub mod cluster;
 pub mod codec;
 pub mod peer;
 pub mod probe;
