@@ -5,7 +5,8 @@
 //! fuzzer reaches forwarding, holding, batches, quotas and "ended" notices.
 //! Checks: a frame goes only to the other bound side of its session (as the
 //! binds answered so far say), never back to its sender, and whatever the
-//! table answers or releases is a well-formed frame.
+//! table answers or releases is a well-formed frame, no larger than what
+//! came in when it answers a stranger's frame ("unknown").
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         session_bytes: 64 * 1024,
         session_time: Duration::from_secs(600),
         idle: Duration::from_secs(30),
+        ..RelayLimits::default()
     });
     let a: SocketAddr = "127.0.0.1:4001".parse().unwrap();
     let b = Endpoint::Tcp(2);
@@ -80,7 +82,13 @@ fuzz_target!(|data: &[u8]| {
                 Ok(relay::Frame::BindOk { session, side, .. }) => {
                     bound.insert((session.0, side == Role::Controlled), from);
                 }
-                other => panic!("a reply that is not a bind-ok: {other:?}"),
+                // A session the table does not know: told so, in fewer
+                // bytes than were sent (no amplification).
+                Ok(relay::Frame::Unknown { session }) => {
+                    assert!(session.0 != 1 && session.0 != 2 || t.len() < 2);
+                    assert!(f.len() <= seg.len(), "unknown answer larger than the frame");
+                }
+                other => panic!("a reply that is not a bind-ok or unknown: {other:?}"),
             },
             Ok(Action::Held) | Err(_) => {}
         }
