@@ -61,7 +61,7 @@ if [ -z "$bin_dir" ]; then
     fi
   done
 fi
-[ -n "$bin_dir" ] || fail "no punch-server and punch-agent built (cargo build -p punch-server -p punch-agent, or set PUNCH_BIN_DIR)"
+[ -n "$bin_dir" ] || fail "no punch-server and punch-agent built (cargo build -p punch-server -p punch-agent-cli, or set PUNCH_BIN_DIR)"
 echo "binaries: $bin_dir"
 # The checker itself names no deployment setting; everything else does.
 mapfile -t files < <(find deploy -type f ! -name check.sh ! -name check_names.py | sort)

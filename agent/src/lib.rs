@@ -60,7 +60,6 @@ mod relay;
 pub mod session;
 pub mod signal;
 pub mod socket;
-pub mod status;
 pub mod tcp;
 
 pub use error::AgentError;

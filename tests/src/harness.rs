@@ -40,7 +40,7 @@ fn build_bins() -> Result<PathBuf> {
         "-p",
         "punch-server",
         "-p",
-        "punch-agent",
+        "punch-agent-cli",
         "--manifest-path",
     ])
     .arg(&manifest);
