@@ -549,16 +549,37 @@ proptest! {
         let resp = stun::answer(&m, from, info, "punch-server 0.1.0").unwrap();
         let r = stun::parse(&resp).unwrap();
         let fp = if classic { 0 } else { 8 };
+        let a = |x: SocketAddr| 4 + if x.ip().to_canonical().is_ipv4() { 8 } else { 20 };
         let least = if r.msg_type == stun::BINDING_ERROR {
             let k = m.unknown_required().len().min(8);
             20 + 4 + 24 + 4 + (2 * k).div_ceil(4) * 4 + fp
         } else {
-            let a = if from.is_ipv4() || from.ip().to_canonical().is_ipv4() { 8 } else { 20 };
-            20 + 4 + a + fp
+            let rfc5780 = info.other.map_or(0, |o| a(o) + a(info.local.unwrap()));
+            20 + a(from) + rfc5780 + fp
         };
         prop_assert!(
             resp.len() <= req.len().max(least),
             "answer of {} bytes to a request of {} (least answer {})", resp.len(), req.len(), least
         );
+        if r.msg_type != stun::BINDING_SUCCESS {
+            return Ok(());
+        }
+        // RFC 5780: with an alternate address, every answer names it and
+        // the address it came from, whatever the request's size.
+        let (other_t, origin_t) = if classic {
+            (attr::CHANGED_ADDRESS, attr::SOURCE_ADDRESS)
+        } else {
+            (attr::OTHER_ADDRESS, attr::RESPONSE_ORIGIN)
+        };
+        if let Some(o) = info.other {
+            prop_assert_eq!(r.get(other_t).and_then(|v| stun::decode_address(v, None)), Some(o));
+            prop_assert_eq!(r.get(origin_t).and_then(|v| stun::decode_address(v, None)), info.local);
+        }
+        // A padded request gets an answer padded to its size (to the 4-byte
+        // grain), once the request is larger than the least answer.
+        if padding.is_some() && req.len() >= least + 8 {
+            prop_assert!(r.get(attr::PADDING).is_some());
+            prop_assert!(resp.len() + 8 > req.len(), "{} bytes to a request of {}", resp.len(), req.len());
+        }
     }
 }
