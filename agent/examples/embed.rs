@@ -1,10 +1,12 @@
 //! Embedding the agent: `cargo run -p punch-agent --example embed -- \
 //!   --server HOST:PORT --fingerprint FP --id worker-a [--target worker-b]`.
-//! Without `--target` it serves (accepts peers and answers their streams);
-//! with it, it connects by id, reports the path and a round trip, and sends
-//! a message on a stream of its own.
+//! Both sides serve an application protocol of their own, `hello/1`, beside
+//! the built-in ones. Without `--target` it serves (accepts peers and
+//! answers their streams: ping, bench, and `hello/1`); with it, it connects
+//! by id, reports the path and a round trip (built-in echo), then says
+//! hello over `hello/1` on the same connection and prints the answer.
 
-use punch_agent::Agent;
+use punch_agent::{Agent, ProtocolStream};
 use std::time::Duration;
 
 fn arg(name: &str) -> Option<String> {
@@ -14,6 +16,23 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The application's own protocol: read the message (up to 1 KiB, until
+/// the peer finishes its side), answer with a greeting.
+async fn hello(mut s: ProtocolStream) {
+    let Ok(msg) = s.recv.read_to_end(1024).await else {
+        return;
+    };
+    let answer = format!(
+        "hello {}, you said {:?}",
+        s.peer_id,
+        String::from_utf8_lossy(&msg)
+    );
+    let _ = s.send.write_all(answer.as_bytes()).await;
+    let _ = s.send.finish();
+    // Keep the stream until the peer has read the answer.
+    let _ = s.send.stopped().await;
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (Some(server), Some(fp), Some(id)) = (arg("--server"), arg("--fingerprint"), arg("--id"))
@@ -21,7 +40,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: embed --server HOST:PORT --fingerprint FP --id NAME [--target NAME]");
         std::process::exit(2);
     };
-    let agent = Agent::builder(server, fp).worker_id(id).start().await?;
+    let agent = Agent::builder(server, fp)
+        .worker_id(id)
+        .protocol("hello/1", hello)
+        .start()
+        .await?;
     let seen = agent.registered(Duration::from_secs(10)).await?;
     println!("registered as {} (server sees {seen})", agent.worker_id());
     match arg("--target") {
@@ -43,10 +66,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             let mut pinger = peer.pinger().await?;
             println!("round trip {:?}", pinger.ping().await?);
-            // Your own protocol: any quinn stream on `peer.conn`.
-            let (mut send, _recv) = peer.conn.open_uni().await.map(|s| (s, ()))?;
-            send.write_all(b"hello from an embedded agent").await?;
+            // Our own protocol, on the same connection.
+            let (mut send, mut recv) = peer.open_protocol("hello/1").await?;
+            send.write_all(b"hi from an embedded agent").await?;
             send.finish()?;
+            let answer = recv.read_to_end(4096).await?;
+            println!("hello/1 answered: {}", String::from_utf8_lossy(&answer));
             peer.conn.close(0u32.into(), b"bye");
             agent.close().await;
         }

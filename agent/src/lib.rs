@@ -56,6 +56,7 @@ pub mod natcheck;
 pub mod path;
 pub mod peer;
 pub mod portmap;
+pub mod protocols;
 mod relay;
 pub mod session;
 pub mod signal;
@@ -64,6 +65,7 @@ pub mod tcp;
 
 pub use error::AgentError;
 pub use peer::{PathInfo, PeerConnection, PeerError};
+pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
 
@@ -288,6 +290,8 @@ pub(crate) struct Inner {
     pub(crate) nat_done: watch::Sender<bool>,
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     pub(crate) share: Option<Arc<files::Share>>,
+    /// Application protocols registered by the embedder.
+    pub(crate) protocols: protocols::Protocols,
     /// The gateway port mapping task, if port mapping runs.
     portmap: tokio::sync::Mutex<Option<punch_portmap::client::Handle>>,
     /// What it knows (the live mapping), if it runs.
@@ -333,6 +337,7 @@ fn anon_id() -> String {
 #[derive(Clone, Debug)]
 pub struct AgentBuilder {
     config: AgentConfig,
+    protocols: std::collections::HashMap<String, Arc<dyn protocols::ProtocolHandler>>,
 }
 
 impl AgentBuilder {
@@ -416,9 +421,27 @@ impl AgentBuilder {
     pub fn config(self) -> AgentConfig {
         self.config
     }
+    /// Serves application protocol `name` with `handler`, beside the
+    /// built-in ones: a peer's [`PeerConnection::open_protocol`] stream
+    /// for it is handed to `handler` by [`PeerConnection::serve`]. Names
+    /// are 1 to 64 bytes of `[A-Za-z0-9._/-]` (e.g. `myapp/1`).
+    pub fn protocol(
+        mut self,
+        name: impl Into<String>,
+        handler: impl protocols::ProtocolHandler,
+    ) -> Self {
+        self.protocols.insert(name.into(), Arc::new(handler));
+        self
+    }
     /// Starts the agent ([`Agent::start`]).
     pub async fn start(self) -> Result<Agent, AgentError> {
-        Agent::start(self.config).await
+        if let Some(bad) = self.protocols.keys().find(|n| !protocols::valid_name(n)) {
+            return Err(AgentError::Config(format!(
+                "protocol name {bad:?}: 1 to {} bytes of [A-Za-z0-9._/-]",
+                protocols::MAX_PROTOCOL_NAME
+            )));
+        }
+        Agent::start_with(self.config, Arc::new(self.protocols)).await
     }
 }
 
@@ -428,12 +451,20 @@ impl Agent {
     pub fn builder(server: impl Into<String>, fingerprint: impl Into<String>) -> AgentBuilder {
         AgentBuilder {
             config: AgentConfig::new(server, fingerprint),
+            protocols: std::collections::HashMap::new(),
         }
     }
 
     /// Binds the socket and starts registering with the server in the
     /// background. Use [`Agent::registered`] to wait for registration.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        Agent::start_with(config, Arc::default()).await
+    }
+
+    async fn start_with(
+        config: AgentConfig,
+        protocols: protocols::Protocols,
+    ) -> Result<Agent, AgentError> {
         let fingerprint = punch_tls::parse_fingerprint(&config.server_fingerprint)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let (worker_id, ephemeral) = match &config.worker_id {
@@ -509,6 +540,7 @@ impl Agent {
             nat_done: watch::channel(false).0,
             allow_forward,
             share,
+            protocols,
             portmap: tokio::sync::Mutex::new(portmap),
             portmap_state,
             stun_seen: Mutex::new(Vec::new()),

@@ -44,6 +44,8 @@ pub struct PeerConnection {
     pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
     /// The directory this side shares, if any.
     pub(crate) share: Option<Arc<crate::files::Share>>,
+    /// The application protocols this side serves.
+    pub(crate) protocols: crate::protocols::Protocols,
 }
 
 /// The path packets to virtual address `v` take now, and the address they
@@ -123,6 +125,9 @@ pub enum PeerError {
     #[error("echo mismatch")]
     /// The echo differed from what was sent.
     Mismatch,
+    #[error("the peer refused: {0}")]
+    /// The peer refused the request (e.g. it has no such protocol).
+    Refused(String),
 }
 
 /// An open echo stream for repeated round-trip measurements.
@@ -182,6 +187,31 @@ impl PeerConnection {
         Ok(Pinger { send, recv, seq: 0 })
     }
 
+    /// Opens a stream of application protocol `name` (registered on the
+    /// peer with [`crate::AgentBuilder::protocol`]): once the peer accepts,
+    /// the stream's bytes are the protocol's. [`PeerError::Refused`] when
+    /// the peer does not serve it.
+    pub async fn open_protocol(
+        &self,
+        name: &str,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+        if !crate::protocols::valid_name(name) {
+            return Err(PeerError::Refused(format!(
+                "{name:?} is not a protocol name"
+            )));
+        }
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let req = PeerRequest::Open {
+            protocol: name.to_string(),
+        };
+        write_frame(&mut send, &req).await?;
+        let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER).await?;
+        if !reply.ok {
+            return Err(PeerError::Refused(reply.message));
+        }
+        Ok((send, recv))
+    }
+
     /// Sends bytes for `duration` on one stream and returns what the peer
     /// counted and the time until its count came back.
     pub async fn upload(&self, duration: Duration) -> Result<(u64, Duration), PeerError> {
@@ -229,9 +259,13 @@ impl PeerConnection {
                         return;
                     }
                 };
-                let allow = self.allow_forward.clone();
-                let share = self.share.clone();
-                tokio::spawn(serve_stream(send, recv, allow, share).in_current_span());
+                let services = Services {
+                    peer_id: self.peer_id.clone(),
+                    allow_forward: self.allow_forward.clone(),
+                    share: self.share.clone(),
+                    protocols: self.protocols.clone(),
+                };
+                tokio::spawn(serve_stream(send, recv, services).in_current_span());
             }
         }
         .instrument(info_span!("peer", peer = %peer))
@@ -239,12 +273,25 @@ impl PeerConnection {
     }
 }
 
+/// What this side serves on a peer's streams.
+struct Services {
+    peer_id: String,
+    allow_forward: Arc<Vec<SocketAddr>>,
+    share: Option<Arc<crate::files::Share>>,
+    protocols: crate::protocols::Protocols,
+}
+
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    allow_forward: Arc<Vec<SocketAddr>>,
-    share: Option<Arc<crate::files::Share>>,
+    services: Services,
 ) {
+    let Services {
+        peer_id,
+        allow_forward,
+        share,
+        protocols,
+    } = services;
     let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_HEADER).await {
         Ok(r) => r,
         Err(e) => {
@@ -258,6 +305,33 @@ async fn serve_stream(
             crate::forward::serve(send, recv, target, check_only, &allow_forward).await;
         }
         PeerRequest::ListFiles => crate::files::serve_list(send, share).await,
+        PeerRequest::Open { protocol } => {
+            let Some(handler) = protocols.get(&protocol).cloned() else {
+                debug!(%protocol, "stream for a protocol we do not serve");
+                let reply = PeerReply {
+                    ok: false,
+                    message: format!("no protocol {protocol:?} here"),
+                };
+                let _ = write_frame(&mut send, &reply).await;
+                let _ = send.finish();
+                return;
+            };
+            let reply = PeerReply {
+                ok: true,
+                message: String::new(),
+            };
+            if write_frame(&mut send, &reply).await.is_err() {
+                return;
+            }
+            handler
+                .handle(crate::protocols::ProtocolStream {
+                    peer_id,
+                    protocol,
+                    send,
+                    recv,
+                })
+                .await;
+        }
         PeerRequest::GetFile { name, offset } => {
             crate::files::serve_get(send, share, name, offset).await
         }
@@ -382,6 +456,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 socket: inner.socket.clone(),
                 allow_forward: inner.allow_forward.clone(),
                 share: inner.share.clone(),
+                protocols: inner.protocols.clone(),
                 conn,
             });
         });

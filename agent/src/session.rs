@@ -808,6 +808,7 @@ async fn dial(
         socket: inner.socket.clone(),
         allow_forward: inner.allow_forward.clone(),
         share: inner.share.clone(),
+        protocols: inner.protocols.clone(),
     })
 }
 

@@ -30,7 +30,15 @@ pub enum PeerRequest {
     /// Send shared file `name` from byte `offset`: a [`PeerReply`], a
     /// [`FileHeader`] frame, then the bytes until the stream finishes.
     GetFile { name: String, offset: u64 },
+    /// Hand the stream to the application protocol `protocol` (at most
+    /// [`MAX_PROTOCOL_NAME`] bytes) registered on the peer; the peer answers
+    /// with a [`PeerReply`] first, refused when it has no such protocol.
+    /// Agents older than this variant refuse the stream.
+    Open { protocol: String },
 }
+
+/// Longest application protocol name in [`PeerRequest::Open`].
+pub const MAX_PROTOCOL_NAME: usize = 64;
 
 /// Most entries in a [`FileList`].
 pub const MAX_FILES: usize = 10_000;

@@ -255,6 +255,7 @@ fn peer_request() -> impl Strategy<Value = PeerRequest> {
             .prop_map(|(target, check_only)| PeerRequest::Forward { target, check_only }),
         Just(PeerRequest::ListFiles),
         (text(), any::<u64>()).prop_map(|(name, offset)| PeerRequest::GetFile { name, offset }),
+        text().prop_map(|protocol| PeerRequest::Open { protocol }),
     ]
 }
 

@@ -89,6 +89,29 @@ fn build_bins() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Path of one of the agent library's examples, built (in the profile of
+/// the running test) on first use.
+pub fn example(name: &str) -> Result<PathBuf> {
+    let dir = bin_dir()?;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "punch-agent", "--example", name])
+        .arg("--manifest-path")
+        .arg(&manifest);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if !cmd.status().context("running cargo build")?.success() {
+        bail!("cargo build of example {name} failed");
+    }
+    let p = dir.join("examples").join(name);
+    if !p.exists() {
+        bail!("{} not found after building it", p.display());
+    }
+    Ok(p)
+}
+
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> Result<PathBuf> {
     let p = bin_dir()?.join(name);

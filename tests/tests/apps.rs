@@ -241,3 +241,132 @@ fn file_sharing_lists_downloads_resumes_and_refuses_escapes() {
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("shares no directory"), "{r:?}");
 }
+
+/// An embedder's own protocol (registered by name on the agent) runs beside
+/// the built-in ones (echo, bench) on one peer connection, at the same
+/// time; a protocol the peer does not serve is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
+    use punch_agent::{Agent, PeerError, ProtocolStream};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let start = |id: &str| {
+        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+            .worker_id(id)
+            .key_file(dir.path().join(format!("{id}.key")))
+            .bind("127.0.0.1:0".parse().unwrap())
+    };
+    // upper/1: answers what it read, upper-cased, and who asked.
+    let b = start("worker-b")
+        .protocol("upper/1", |mut st: ProtocolStream| async move {
+            let Ok(msg) = st.recv.read_to_end(1 << 16).await else {
+                return;
+            };
+            let answer = format!(
+                "{}:{}",
+                st.peer_id,
+                String::from_utf8_lossy(&msg).to_uppercase()
+            );
+            let _ = st.send.write_all(answer.as_bytes()).await;
+            let _ = st.send.finish();
+            let _ = st.send.stopped().await;
+        })
+        .start()
+        .await
+        .unwrap();
+    b.registered(T).await.unwrap();
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let a = start("worker-a").start().await.unwrap();
+    a.registered(T).await.unwrap();
+    let pc = a.connect("worker-b").await.unwrap();
+    let upper = |text: &'static str| {
+        let pc = &pc;
+        async move {
+            let (mut send, mut recv) = pc.open_protocol("upper/1").await.unwrap();
+            send.write_all(text.as_bytes()).await.unwrap();
+            send.finish().unwrap();
+            String::from_utf8(recv.read_to_end(1 << 16).await.unwrap()).unwrap()
+        }
+    };
+    // The built-ins and ours, at once, on the one connection.
+    let mut pinger = pc.pinger().await.unwrap();
+    let (one, two, rtt, up) = tokio::time::timeout(T, async {
+        tokio::join!(
+            upper("hello"),
+            upper("again"),
+            pinger.ping(),
+            pc.upload(Duration::from_millis(300))
+        )
+    })
+    .await
+    .expect("all four finish");
+    assert_eq!(one, "worker-a:HELLO");
+    assert_eq!(two, "worker-a:AGAIN");
+    assert!(rtt.unwrap() < Duration::from_secs(1));
+    assert!(up.unwrap().0 > 0, "the bench stream carried bytes");
+    // Not served there: refused, and the connection still works.
+    match pc.open_protocol("nope/1").await {
+        Err(PeerError::Refused(why)) => assert!(why.contains("nope/1"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        pc.open_protocol("not a name!").await,
+        Err(PeerError::Refused(_))
+    ));
+    pinger.ping().await.unwrap();
+    // A bad name is refused when the agent starts.
+    let bad = start("worker-c")
+        .protocol("", |_: ProtocolStream| async {})
+        .start()
+        .await;
+    assert!(bad.is_err());
+    a.close().await;
+    b.close().await;
+}
+
+/// examples/embed.rs end to end: two processes of the example, one serving
+/// and one connecting; the connecting one pings (built-in echo) and talks
+/// `hello/1`, the example's own protocol, on the same connection.
+#[test]
+fn the_embed_example_runs_its_own_protocol_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let example = punch_lab::harness::example("embed").unwrap();
+    let server = s.udp.to_string();
+    let mut serve = Command::new(&example);
+    serve.args([
+        "--server",
+        &server,
+        "--fingerprint",
+        &s.fingerprint,
+        "--id",
+        "worker-b",
+    ]);
+    let mut serving = Proc::spawn("embed-serve", serve, None).unwrap();
+    serving.wait_line("registered as worker-b", T).unwrap();
+    let mut connect = Command::new(&example);
+    connect.args([
+        "--server",
+        &server,
+        "--fingerprint",
+        &s.fingerprint,
+        "--id",
+        "worker-a",
+        "--target",
+        "worker-b",
+    ]);
+    let r = run(connect, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("round trip"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("hello/1 answered: hello worker-a, you said \"hi from an embedded agent\""),
+        "{}",
+        r.stdout
+    );
+}

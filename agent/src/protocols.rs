@@ -1,0 +1,69 @@
+//! Application protocols beside the built-in ones, on the same peer
+//! connection.
+//!
+//! An embedder registers a handler under a protocol name
+//! ([`crate::AgentBuilder::protocol`]); a peer opens a stream for it with
+//! [`crate::PeerConnection::open_protocol`]. The stream starts with one
+//! request frame naming the protocol and one reply (refused when this
+//! agent has no such protocol); from then on its bytes are the
+//! protocol's. So a connection carries ping, bench, files, forward and any
+//! number of the application's own protocols at once, as iroh's router
+//! does by ALPN.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Longest protocol name.
+pub const MAX_PROTOCOL_NAME: usize = punch_protocol::peer::MAX_PROTOCOL_NAME;
+
+/// One stream of an application protocol, as its handler gets it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ProtocolStream {
+    /// The peer's worker id (vouched for by the server, key pinned).
+    pub peer_id: String,
+    /// The protocol the peer asked for.
+    pub protocol: String,
+    /// Our side of the stream.
+    pub send: quinn::SendStream,
+    /// The peer's side of the stream.
+    pub recv: quinn::RecvStream,
+}
+
+/// Runs the streams of one application protocol. Any
+/// `Fn(ProtocolStream) -> impl Future<Output = ()>` is one.
+pub trait ProtocolHandler: Send + Sync + 'static {
+    /// Serves one stream; it owns the stream until it returns.
+    fn handle(&self, stream: ProtocolStream) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+impl<F, Fut> ProtocolHandler for F
+where
+    F: Fn(ProtocolStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn handle(&self, stream: ProtocolStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self(stream))
+    }
+}
+
+/// The registered protocols, by name.
+pub(crate) type Protocols = Arc<HashMap<String, Arc<dyn ProtocolHandler>>>;
+
+/// Is `name` usable as a protocol name (1 to [`MAX_PROTOCOL_NAME`] bytes of
+/// `[A-Za-z0-9._/-]`)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PROTOCOL_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+}
+
+impl std::fmt::Debug for dyn ProtocolHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProtocolHandler")
+    }
+}
