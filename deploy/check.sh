@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lints deploy/ without a container engine or a cloud (run by .ci/run):
-#   1. shellcheck on every *.sh under deploy/ and on .ci/run;
+#   1. shellcheck on every *.sh under deploy/, on .ci/run and fuzz/run;
 #   2. every *.yaml / *.yml under deploy/ parses (all documents);
 #   3. every PUNCH_* variable and --flag named in deploy/ exists in the
 #      binaries' --help (check_names.py);
@@ -19,8 +19,8 @@ fail() {
 echo "-- shellcheck"
 command -v shellcheck >/dev/null || fail "shellcheck not installed (apt-get install shellcheck)"
 mapfile -t scripts < <(find deploy -name '*.sh' | sort)
-shellcheck -x "${scripts[@]}" .ci/run
-echo "shellcheck: ${#scripts[@]} scripts under deploy/ and .ci/run clean"
+shellcheck -x "${scripts[@]}" .ci/run fuzz/run
+echo "shellcheck: ${#scripts[@]} scripts under deploy/, .ci/run and fuzz/run clean"
 
 echo "-- YAML"
 # apt's python3-yaml lands in the system python, which may not be the
@@ -61,7 +61,7 @@ if [ -z "$bin_dir" ]; then
     fi
   done
 fi
-[ -n "$bin_dir" ] || fail "no punch-server and punch-agent built (cargo build -p punch-server -p punch-agent, or set PUNCH_BIN_DIR)"
+[ -n "$bin_dir" ] || fail "no punch-server and punch-agent built (cargo build -p punch-server -p punch-agent-cli, or set PUNCH_BIN_DIR)"
 echo "binaries: $bin_dir"
 # The checker itself names no deployment setting; everything else does.
 mapfile -t files < <(find deploy -type f ! -name check.sh ! -name check_names.py | sort)

@@ -151,7 +151,7 @@ def main():
         flags[b], e = help_of(bin_dir / b)
         envs |= e
     for name, needle in OUTSIDE_HELP.items():
-        if any(needle in (root / p).read_text() for p in ("server/src/main.rs", "agent/src/main.rs")):
+        if any(needle in (root / p).read_text() for p in ("server/src/main.rs", "cli/src/main.rs")):
             envs.add(name)
     either = flags["punch-server"] | flags["punch-agent"]
 

@@ -53,12 +53,13 @@ pub mod error;
 pub mod files;
 pub mod forward;
 pub mod natcheck;
+pub mod path;
 pub mod peer;
 pub mod portmap;
+mod relay;
 pub mod session;
 pub mod signal;
 pub mod socket;
-pub mod status;
 pub mod tcp;
 
 pub use error::AgentError;

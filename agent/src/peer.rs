@@ -366,7 +366,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 .expect("not poisoned")
                 .session(v)
                 .unwrap_or(SessionId(0));
-            crate::session::hold(&inner, v, &conn, None);
+            crate::session::maintain(&inner, v, &conn, None);
             let (kind, remote) = current_path(&inner.socket, v);
             info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
             inner.deliver_incoming(PeerConnection {

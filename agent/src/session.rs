@@ -2,14 +2,13 @@
 //! bind the relay when punching is slow or impossible, and open the peer
 //! connection to the peer's virtual address, whose path can change under it.
 
+use crate::path::machine::PathRole;
+use crate::path::{PathAction, PathConfig, PathMachine, PathView};
 use crate::peer::{PathInfo, PeerConnection};
 use crate::socket::{ActivePath, ProbeDatagram};
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
-use punch_protocol::relay;
-use punch_protocol::signal::{
-    ClientMsg, NatBehaviour, Offer, Outcome, PathKind, Role, ServerMsg, SessionId,
-};
+use punch_protocol::signal::{ClientMsg, NatBehaviour, Offer, Outcome, PathKind, Role, ServerMsg};
 use punch_tls::{Expect, KeyVerifier};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,10 +19,6 @@ use tracing::{debug, info, info_span, warn, Instrument};
 /// After a path is validated, keep answering the peer's probes this long so
 /// its side validates too.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
-
-/// How often a live connection refreshes its relay binding (the server
-/// drops bindings idle for 60 s by default).
-const RELAY_REFRESH: Duration = Duration::from_secs(20);
 
 /// A connect waits for the first port mapping attempt at most until this
 /// long after the agent started ...
@@ -76,13 +71,10 @@ fn spawn_puncher(
         config,
     );
     let ours = *inner.nat.lock().expect("not poisoned");
-    if crate::birthday::part(ours, offer.peer_nat) == Some(crate::birthday::Part::Easy) {
-        if let Some((ip, seen)) = crate::birthday::spray_target(offer) {
-            let ports = crate::birthday::spray_ports(&seen, &mut rand::thread_rng());
-            info!(%ip, ports = ports.len(), "birthday method: spraying the peer's ports");
-            // Give the peer's extra sockets a moment to open their mappings.
-            p.spray(ip, ports, Instant::now() + Duration::from_millis(150));
-        }
+    if let Some(s) = crate::birthday::spray_plan(ours, offer, &mut rand::thread_rng()) {
+        info!(ip = %s.ip, ports = s.ports.len(), "birthday method: spraying the peer's ports");
+        // Give the peer's extra sockets a moment to open their mappings.
+        p.spray(s.ip, s.ports, Instant::now() + s.delay);
     }
     let (tx, rx) = oneshot::channel();
     let inner = inner.clone();
@@ -103,7 +95,7 @@ fn spawn_puncher(
                             let via_mapped = kind == punch_protocol::signal::CandidateKind::Mapped
                                 || inner.mapped_external() == Some(observed);
                             info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, via_mapped, "path validated; using it");
-                            inner.socket.paths.lock().expect("not poisoned").set_direct(v, Some(addr));
+                            inner.socket.paths.lock().expect("not poisoned").set_direct(v, Some(addr), Instant::now());
                             if let Some(tx) = tx.take() {
                                 let _ = tx.send(Some(Punched { addr, rtt, via_mapped }));
                             }
@@ -156,17 +148,11 @@ fn spawn_birthday(
     offer: &Offer,
     v: SocketAddr,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
-    use crate::birthday::{self, Part};
+    use crate::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
-    let (sockets, part) = match birthday::part(ours, offer.peer_nat) {
-        Some(Part::Hard) => (birthday::AUX_SOCKETS, Part::Hard),
-        Some(Part::Both) => (birthday::BLOCK_SOCKETS, Part::Both),
-        _ => return None,
-    };
-    let targets = birthday::targets(offer, part);
-    if targets.is_empty() {
-        return None;
-    }
+    let birthday::HardPlan {
+        sockets, targets, ..
+    } = birthday::hard_plan(ours, offer)?;
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);
@@ -184,7 +170,7 @@ fn spawn_birthday(
                     let mut paths = inner.socket.paths.lock().expect("not poisoned");
                     // Ordinary punching found a path first: keep it.
                     if !matches!(paths.active(v), Some(ActivePath::Direct(_))) {
-                        paths.set_direct_aux(v, punched.addr, sock.clone());
+                        paths.set_direct_aux(v, punched.addr, sock.clone(), Instant::now());
                     }
                     drop(paths);
                     if !readers.iter().any(|s| Arc::ptr_eq(s, &sock)) {
@@ -198,8 +184,16 @@ fn spawn_birthday(
                 }
             };
             if let Some(ip) = peer_ip {
+                let params = birthday::HardParams {
+                    session: offer.session,
+                    secret: offer.secret,
+                    role: offer.role,
+                    txid_base: 0,
+                };
+                let until = Instant::now() + birthday::HARD_ANSWER_GRACE;
                 for s in readers {
-                    tokio::spawn(aux_reader(inner.clone(), v, s, ip).in_current_span());
+                    let answer = (params, until);
+                    tokio::spawn(aux_reader(inner.clone(), v, s, ip, answer).in_current_span());
                 }
             }
             let _ = tx.send(result);
@@ -211,12 +205,15 @@ fn spawn_birthday(
 
 /// Hands quinn what the peer (at `peer`) sends to the extra socket
 /// `sock`: while the peer is known, and while the socket is `v`'s path or
-/// has carried something in the last [`AUX_IDLE`].
+/// has carried something in the last [`AUX_IDLE`]. Until `answer`'s
+/// deadline it also answers the peer's pings, as the hard side did: the
+/// peer validates only on a pong.
 async fn aux_reader(
     inner: Arc<Inner>,
     v: SocketAddr,
     sock: Arc<tokio::net::UdpSocket>,
     peer: std::net::IpAddr,
+    answer: (crate::birthday::HardParams, Instant),
 ) {
     let mut buf = vec![0u8; 65_536];
     let mut last = Instant::now();
@@ -230,16 +227,22 @@ async fn aux_reader(
             break;
         }
         match r {
-            Ok(Ok((n, from)))
-                if punch_net::canonical(from).ip() == peer
-                    && !punch_protocol::probe::is_probe(&buf[..n]) =>
-            {
+            Ok(Ok((n, from))) if punch_protocol::probe::is_probe(&buf[..n]) => {
+                let from = punch_net::canonical(from);
+                let pong = (Instant::now() < answer.1)
+                    .then(|| crate::birthday::answer_ping(&answer.0, peer, from, &buf[..n]).ok())
+                    .flatten();
+                if let Some(pong) = pong {
+                    let _ = sock.try_send_to(&pong, from);
+                }
+            }
+            Ok(Ok((n, from))) if punch_net::canonical(from).ip() == peer => {
                 inner
                     .socket
                     .paths
                     .lock()
                     .expect("not poisoned")
-                    .touch_direct(v);
+                    .touch_direct(v, Instant::now());
                 last = Instant::now();
                 inner
                     .socket
@@ -283,95 +286,6 @@ async fn first_direct(
     None
 }
 
-/// Binds the relay and returns as soon as the first bind request is out
-/// (the relay is then the peer's path): the server handles our frames in
-/// order and holds what reaches it before the peer binds, so the handshake
-/// need not wait a round trip for the bind-ok. The binding is confirmed
-/// in the background; an error comes back only when it fails before the
-/// first request is out.
-async fn bind_relay_early(
-    inner: &Arc<Inner>,
-    offer: &Offer,
-    v: SocketAddr,
-) -> Result<(), AgentError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (inner2, offer2) = (inner.clone(), offer.clone());
-    let task = tokio::spawn(async move {
-        let r = bind_relay(&inner2, &offer2, v, Some(tx)).await;
-        if let Err(e) = &r {
-            warn!(session = %offer2.session, "{e}");
-        }
-        r
-    });
-    match rx.await {
-        Ok(()) => Ok(()),
-        // Dropped unsent: the bind failed before its first request.
-        Err(_) => match task.await {
-            Ok(r) => r,
-            Err(e) => Err(AgentError::Io(e.to_string())),
-        },
-    }
-}
-
-/// Binds our side of the session on the server's relay; on success the
-/// relay becomes the peer's path until a direct one is validated. With
-/// `early`, the relay becomes the path as soon as the first request is
-/// out, and `early` says so.
-async fn bind_relay(
-    inner: &Arc<Inner>,
-    offer: &Offer,
-    v: SocketAddr,
-    mut early: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<(), AgentError> {
-    let via = inner
-        .relay_via()
-        .ok_or_else(|| AgentError::PeerConnect("no channel to the server's relay".into()))?;
-    let mut rx = inner.socket.watch_binds(offer.session);
-    let result = async {
-        for attempt in 1..=5u32 {
-            let nonce: u64 = rand::random();
-            let frame = relay::encode_bind_request(&offer.secret, offer.session, offer.role, nonce);
-            inner.socket.send_relay_control(via, &frame);
-            if let Some(tx) = early.take() {
-                inner.socket.paths.lock().expect("not poisoned").set_relay(
-                    v,
-                    via,
-                    offer.session,
-                    offer.secret,
-                    offer.role,
-                );
-                let _ = tx.send(());
-            }
-            let wait = Duration::from_millis(250 * attempt as u64);
-            let deadline = tokio::time::Instant::now() + wait;
-            while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                let Ok(parsed) = relay::parse(&answer) else {
-                    continue;
-                };
-                let ours = matches!(parsed, relay::Frame::BindOk { session, side, nonce: n, .. }
-                    if session == offer.session && side == offer.role && n == nonce);
-                if ours && relay::verify_bind(&parsed, &offer.secret) {
-                    inner.socket.paths.lock().expect("not poisoned").set_relay(
-                        v,
-                        via,
-                        offer.session,
-                        offer.secret,
-                        offer.role,
-                    );
-                    debug!(?via, "relay bound");
-                    return Ok(());
-                }
-            }
-        }
-        Err(AgentError::PeerConnect(format!(
-            "the relay ({via:?}) did not confirm the binding"
-        )))
-    }
-    .await;
-    inner.socket.unwatch_binds(offer.session);
-    result
-}
-
 /// The session using `v` is over; the last user forgets the peer.
 fn release(inner: &Arc<Inner>, v: SocketAddr) {
     inner.socket.paths.lock().expect("not poisoned").unref(v);
@@ -384,25 +298,10 @@ const HANDSHAKE_ON_DIRECT: Duration = Duration::from_millis(2500);
 /// Longest a connect waits for our NAT's mapping to be classified.
 const NAT_WAIT: Duration = Duration::from_millis(1500);
 
-/// A direct path silent this long is dead (peers keep-alive every second;
-/// NAT mappings expire or are flushed): the connection moves to the relay.
-const DIRECT_DEAD_AFTER: Duration = Duration::from_millis(2500);
-/// How often a live connection checks its path.
-const PATH_CHECK: Duration = Duration::from_millis(250);
-/// First re-punch after a direct path died, and after a connection started
-/// (and stayed) on the relay; doubled after each failure up to the cap.
-const REPUNCH_AFTER_DEATH: Duration = Duration::from_secs(1);
-const REPUNCH_AFTER_RELAY_START: Duration = Duration::from_secs(30);
-const REPUNCH_MAX: Duration = Duration::from_secs(300);
-/// A relay session the server ended is renewed at once; a failed renewal
-/// is retried after this, doubling.
-const RENEW_FIRST_RETRY: Duration = Duration::from_secs(1);
-
-/// Keeps `v` while `conn` lives and looks after its path: refreshes the
-/// relay binding, moves to the relay when the direct path goes silent,
-/// and (on the dialing side, which knows `target`) punches again while the
-/// connection runs on the relay, so it moves back to a direct path.
-pub(crate) fn hold(
+/// Keeps `v` while `conn` lives and looks after its path: the policy is a
+/// [`PathMachine`] (docs/paths.md); this only drives it. The dialing side
+/// passes `target`, so it can ask the server for the peer again.
+pub(crate) fn maintain(
     inner: &Arc<Inner>,
     v: SocketAddr,
     conn: &quinn::Connection,
@@ -411,121 +310,80 @@ pub(crate) fn hold(
     if !inner.socket.paths.lock().expect("not poisoned").add_ref(v) {
         return;
     }
-    // --force-relay means the relay and nothing else, also later on: no
-    // punching again, only a new relay session when the server ends one.
-    let may_punch = inner.config.relay != RelayMode::Force;
+    let role = PathRole {
+        dialer: target.is_some(),
+        // --force-relay means the relay and nothing else, also later on: no
+        // punching again, only a new relay session when the server ends one.
+        may_punch: inner.config.relay != RelayMode::Force,
+    };
     let inner = inner.clone();
     let conn = conn.clone();
     let span = info_span!("path", peer = target.as_deref().unwrap_or("incoming"), %v);
     tokio::spawn(
         async move {
-            let mut refresh = tokio::time::interval(RELAY_REFRESH);
-            refresh.tick().await;
-            let mut check = tokio::time::interval(PATH_CHECK);
-            let mut repunch_at: Option<tokio::time::Instant> = None;
-            let mut backoff = REPUNCH_AFTER_RELAY_START;
+            let mut m = PathMachine::new(Instant::now(), role, PathConfig::default());
             let mut repunching: Option<tokio::task::JoinHandle<bool>> = None;
-            // The ended session last renewed, and when to try it again.
-            let mut renewed: Option<(SessionId, tokio::time::Instant)> = None;
-            let mut renew_wait = RENEW_FIRST_RETRY;
             let mut channel = inner.channel_changes.subscribe();
+            let view = |now: Instant| {
+                let p = inner.socket.paths.lock().expect("not poisoned");
+                PathView {
+                    on_relay: matches!(p.active(v), Some(ActivePath::Relay(_))),
+                    has_relay: p.has_relay(v),
+                    direct_silence: p.direct_silence(v, now),
+                    relay_ended: p.relay_ended_session(v),
+                }
+            };
             loop {
-                let ended = inner.socket.relay_ended.notified();
-                tokio::select! {
-                    _ = conn.closed() => break,
-                    _ = ended => {
-                        // Seen (and acted on) by the next check.
-                        check.reset_immediately();
-                    }
-                    Ok(()) = channel.changed() => {
-                        // A new channel to the server (UDP back after TCP,
-                        // say): a relayed connection tries for a direct
-                        // path soon rather than after its backoff.
-                        let on_relay = matches!(inner.socket.paths.lock().expect("not poisoned").active(v), Some(ActivePath::Relay(_)));
-                        if on_relay && repunching.is_none() {
-                            backoff = REPUNCH_AFTER_DEATH;
-                            repunch_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
-                        }
-                    }
-                    _ = refresh.tick() => {
-                        let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
-                        if let Some((via, frame)) = r {
-                            inner.socket.send_relay_control(via, &frame);
-                        }
-                    }
-                    done = async { repunching.as_mut().expect("guarded").await }, if repunching.is_some() => {
-                        repunching = None;
-                        // An ack-eliciting packet on the (maybe new) path:
-                        // quinn resends what the old one lost now.
-                        let _ = conn.send_datagram(bytes::Bytes::from_static(&[0]));
-                        if done.unwrap_or(false) {
-                            info!("direct path found again");
-                            backoff = REPUNCH_AFTER_RELAY_START;
-                            repunch_at = None;
-                        } else {
-                            backoff = (backoff * 2).min(REPUNCH_MAX);
-                            repunch_at = Some(tokio::time::Instant::now() + backoff);
-                            debug!(next_in = ?backoff, "re-punch found no direct path");
-                        }
-                    }
-                    _ = check.tick() => {
-                        let (silence, on_relay, ended) = {
-                            let p = inner.socket.paths.lock().expect("not poisoned");
-                            (p.direct_silence(v), matches!(p.active(v), Some(ActivePath::Relay(_))), p.relay_ended_session(v))
-                        };
-                        // The server stopped relaying our session (quota
-                        // spent): a new introduction brings a new one.
-                        let now = tokio::time::Instant::now();
-                        if let Some(session) = ended {
-                            // Another session than the one renewed last: that
-                            // renewal worked, so this one goes at once; the
-                            // same one still ended waits (its renewal failed).
-                            if renewed.is_some_and(|(s, _)| s != session) {
-                                (renewed, renew_wait) = (None, RENEW_FIRST_RETRY);
-                            }
-                            let due = renewed.is_none_or(|(_, at)| now >= at);
-                            if on_relay && repunching.is_none() && due {
-                                match target.as_ref() {
-                                    Some(target) => {
-                                        info!(%session, "the server ended the relay session; asking for a new one");
-                                        renewed = Some((session, now + renew_wait));
-                                        renew_wait = (renew_wait * 2).min(REPUNCH_MAX);
-                                        repunching = Some(spawn_repunch(&inner, target, v, may_punch));
-                                    }
-                                    None => debug!("the server ended the relay session; the dialing side asks for a new one"),
-                                }
+                while let Some(action) = m.poll_action() {
+                    match action {
+                        PathAction::RefreshRelay => {
+                            let r = inner.socket.paths.lock().expect("not poisoned").relay_refresh(v);
+                            if let Some((via, frame)) = r {
+                                inner.socket.send_relay_control(via, &frame);
                             }
                         }
-                        let dead = silence.is_some_and(|s| s >= DIRECT_DEAD_AFTER);
-                        // Without a relay, a dead direct path can only be punched again.
-                        let needs_direct = on_relay || dead;
-                        if dead {
+                        PathAction::FallBack { silent } => {
                             let rebind = inner.socket.paths.lock().expect("not poisoned").fall_back(v);
                             if let Some((via, frame)) = rebind {
-                                warn!(silent_ms = silence.unwrap_or_default().as_millis() as u64, "direct path went silent; the connection moves to the relay");
+                                warn!(silent_ms = silent.as_millis() as u64, "direct path went silent; the connection moves to the relay");
                                 inner.socket.send_relay_control(via, &frame);
                                 // Our NAT mapping may have changed: let the
                                 // server see the new one before we punch again.
                                 inner.notify(ClientMsg::Ping { req: 0 });
-                                // An ack-eliciting packet on the new path makes
-                                // quinn resend what the dead path lost now rather
-                                // than at its next (backed-off) probe timeout.
-                                let _ = conn.send_datagram(bytes::Bytes::from_static(&[0]));
-                                backoff = REPUNCH_AFTER_DEATH;
-                                repunch_at = Some(tokio::time::Instant::now() + backoff);
-                            } else if repunch_at.is_none() && repunching.is_none() {
-                                backoff = REPUNCH_AFTER_DEATH;
-                                repunch_at = Some(tokio::time::Instant::now() + backoff);
-                            }
-                        } else if on_relay && repunch_at.is_none() && repunching.is_none() {
-                            repunch_at = Some(tokio::time::Instant::now() + backoff);
-                        }
-                        if let (Some(t), Some(target)) = (repunch_at, target.as_ref()) {
-                            if may_punch && needs_direct && repunching.is_none() && tokio::time::Instant::now() >= t {
-                                repunch_at = None;
-                                repunching = Some(spawn_repunch(&inner, target, v, true));
+                                nudge(&conn);
                             }
                         }
+                        PathAction::Repunch { punch, .. } => {
+                            if let Some(target) = target.as_ref() {
+                                repunching = Some(spawn_repunch(&inner, target, v, punch));
+                            }
+                        }
+                        PathAction::Nudge => nudge(&conn),
+                    }
+                }
+                let wake = tokio::time::Instant::from_std(m.poll_timeout());
+                let ended = inner.socket.relay_ended.notified();
+                tokio::select! {
+                    _ = conn.closed() => break,
+                    _ = ended => {
+                        // The server may have restarted ("unknown"): a
+                        // signaling ping makes a dead channel known now
+                        // (the new server resets it) rather than after
+                        // the keep-alive's silence.
+                        inner.notify(ClientMsg::Ping { req: 0 });
+                        m.handle_relay_ended(Instant::now());
+                    }
+                    Ok(()) = channel.changed() => {
+                        let now = Instant::now();
+                        m.handle_channel_change(now, &view(now));
+                    }
+                    done = async { repunching.as_mut().expect("guarded").await }, if repunching.is_some() => {
+                        repunching = None;
+                        m.handle_repunch_done(Instant::now(), done.unwrap_or(false));
+                    }
+                    _ = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        m.handle_timeout(now, &view(now));
                     }
                 }
             }
@@ -536,6 +394,12 @@ pub(crate) fn hold(
         }
         .instrument(span),
     );
+}
+
+/// An ack-eliciting packet on the (maybe new) path: quinn declares what the
+/// old path lost now, instead of at its next, backed-off probe timeout.
+fn nudge(conn: &quinn::Connection) {
+    let _ = conn.send_datagram(bytes::Bytes::from_static(&[0]));
 }
 
 fn spawn_repunch(
@@ -585,7 +449,7 @@ async fn repunch(
                     "the server no longer relays".into(),
                 ));
             }
-            bind_relay(inner, &offer, v, None).await?;
+            crate::relay::bind(&inner.socket, inner.relay_via(), &offer, v, None).await?;
             info!(session = %offer.session, "relay bound on a new session");
             report(inner, &offer, PathKind::Relayed, start, None, false);
             return Ok(false);
@@ -596,7 +460,9 @@ async fn repunch(
             // NAT mapping).
             let (inner, offer) = (inner.clone(), offer.clone());
             tokio::spawn(async move {
-                if let Err(e) = bind_relay(&inner, &offer, v, None).await {
+                if let Err(e) =
+                    crate::relay::bind(&inner.socket, inner.relay_via(), &offer, v, None).await
+                {
                     debug!("re-binding the relay: {e}");
                 }
             });
@@ -657,7 +523,10 @@ pub(crate) async fn controlled(
             // dialer's Initial, held by the server until we bind, comes
             // right behind our bind-ok and must be answerable.
             let early = tokio::sync::oneshot::channel().0;
-            if let Err(e) = bind_relay(&inner2, &offer2, v, Some(early)).await {
+            if let Err(e) =
+                crate::relay::bind(&inner2.socket, inner2.relay_via(), &offer2, v, Some(early))
+                    .await
+            {
                 warn!(session = %offer2.session, "{e}");
             }
         });
@@ -729,7 +598,7 @@ pub(crate) async fn connect(
         .instrument(span)
         .await;
     if let Ok(pc) = &r {
-        hold(inner, v, &pc.conn, Some(target.to_string()));
+        maintain(inner, v, &pc.conn, Some(target.to_string()));
     }
     release(inner, v);
     r
@@ -801,7 +670,7 @@ async fn dial(
     let mut via_mapped = false;
     if mode == RelayMode::Force {
         inner.router.unregister(offer.session);
-        bind_relay_early(inner, offer, v).await?;
+        crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
         let birthday = spawn_birthday(inner, offer, v);
         let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday);
@@ -809,7 +678,9 @@ async fn dial(
         // Bind the relay early (one packet) so falling back costs nothing.
         let mut bound = relay_ok.then(|| {
             let (inner, offer) = (inner.clone(), offer.clone());
-            tokio::spawn(async move { bind_relay_early(&inner, &offer, v).await })
+            tokio::spawn(async move {
+                crate::relay::bind_early(&inner.socket, inner.relay_via(), &offer, v).await
+            })
         });
         let relay_at = tokio::time::sleep(if relay_ok && hopeless {
             Duration::ZERO

@@ -634,22 +634,7 @@ fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr)
     *inner.transport.lock().expect("not poisoned") = Some(transport);
     inner.status.send_replace(Status::Registered { observed });
     if let Some(via) = inner.relay_via() {
-        let binds = inner
-            .socket
-            .paths
-            .lock()
-            .expect("not poisoned")
-            .move_relays(via);
-        if !binds.is_empty() {
-            info!(
-                bindings = binds.len(),
-                ?via,
-                "relay bindings move to the new channel"
-            );
-        }
-        for (via, frame) in binds {
-            inner.socket.send_relay_control(via, &frame);
-        }
+        crate::relay::move_bindings(&inner.socket, via);
     }
     inner.channel_changes.send_modify(|n| *n += 1);
     classify_nat(inner);

@@ -6,8 +6,9 @@
 //! name; everything else goes to quinn. Signaling, probes and peer
 //! connections thus share one NAT mapping.
 
+use crate::path::demux::{classify, is_quic_initial, Datagram};
 use bytes::Bytes;
-use punch_protocol::probe::{self, Probe};
+use punch_protocol::probe::Probe;
 use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
 use punch_protocol::stun;
@@ -81,349 +82,7 @@ impl ProbeRouter {
     }
 }
 
-/// How relay frames reach the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayVia {
-    /// Over UDP, to the server at this address.
-    Udp(SocketAddr),
-    /// Over the agent's WebSocket channel (TCP).
-    Tcp,
-}
-
-impl RelayVia {
-    /// `"udp"` or `"tcp"`.
-    pub fn transport(self) -> punch_protocol::signal::Transport {
-        match self {
-            RelayVia::Udp(_) => punch_protocol::signal::Transport::Udp,
-            RelayVia::Tcp => punch_protocol::signal::Transport::Tcp,
-        }
-    }
-}
-
-/// How a peer is reached right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActivePath {
-    /// Straight to the peer's address.
-    Direct(SocketAddr),
-    /// Through the server's relay.
-    Relay(RelayVia),
-    /// Nothing yet: packets are dropped (QUIC retransmits).
-    None,
-}
-
-#[derive(Clone, Debug)]
-struct PeerPath {
-    /// The latest session with this peer.
-    session: SessionId,
-    direct: Option<SocketAddr>,
-    /// The extra socket the direct path leaves from (birthday method), if
-    /// not the agent's own.
-    direct_aux: Option<Arc<tokio::net::UdpSocket>>,
-    relay: Option<RelayBinding>,
-    /// When the last datagram arrived on the direct path.
-    direct_rx: Option<std::time::Instant>,
-    /// Sessions and connections using this address; it is forgotten when
-    /// the last one lets go.
-    users: usize,
-}
-
-/// A relay binding: the server and the session it is bound on.
-#[derive(Clone, Copy, Debug)]
-struct RelayBinding {
-    via: RelayVia,
-    session: SessionId,
-    secret: [u8; 32],
-    role: punch_protocol::signal::Role,
-    /// The server said it stopped relaying this session (its quota is
-    /// spent): a new session is needed.
-    ended: bool,
-}
-
-impl PeerPath {
-    fn active(&self) -> ActivePath {
-        match (self.direct, self.relay) {
-            (Some(d), _) => ActivePath::Direct(d),
-            (None, Some(r)) => ActivePath::Relay(r.via),
-            (None, None) => ActivePath::None,
-        }
-    }
-}
-
-/// Per-peer virtual addresses and the live path under each.
-///
-/// quinn talks to a peer at a *virtual* address from 240.0.0.0/4 (reserved,
-/// never routed) that stays the same for the connection's life; the socket
-/// sends each datagram for it on the peer's best path (direct when
-/// validated, else the relay) and labels what arrives on either path with
-/// the virtual address. Switching paths therefore never changes the
-/// connection quinn sees. iroh does the same with its per-peer mapped
-/// addresses.
-///
-/// The virtual address belongs to the peer (its key), not to one session:
-/// a second connection to the same peer shares it, so the same source
-/// address never has to mean two things.
-#[derive(Debug, Default)]
-pub struct PathTable {
-    peers: HashMap<SocketAddr, PeerPath>,
-    by_direct: HashMap<SocketAddr, SocketAddr>,
-    by_session: HashMap<SessionId, SocketAddr>,
-    by_key: HashMap<punch_protocol::signal::PublicKey, SocketAddr>,
-    next: u32,
-}
-
-/// Most peers with a virtual address at once.
-pub const MAX_PEERS: usize = 4096;
-
-/// Is this one of our virtual addresses' range?
-pub fn is_virtual(addr: SocketAddr) -> bool {
-    match addr.ip().to_canonical() {
-        IpAddr::V4(v4) => v4.octets()[0] >= 240 && !v4.is_broadcast(),
-        IpAddr::V6(_) => false,
-    }
-}
-
-impl PathTable {
-    /// The virtual address of a session's peer (allocated when the peer
-    /// has none), with one more user: call [`PathTable::unref`] when the
-    /// session is over.
-    pub fn register(
-        &mut self,
-        session: SessionId,
-        peer_key: punch_protocol::signal::PublicKey,
-    ) -> Option<SocketAddr> {
-        let known = self
-            .by_session
-            .get(&session)
-            .or_else(|| self.by_key.get(&peer_key))
-            .copied();
-        if let Some(v) = known {
-            if let Some(p) = self.peers.get_mut(&v) {
-                p.session = session;
-                p.users += 1;
-                self.by_session.insert(session, v);
-                return Some(v);
-            }
-        }
-        if self.peers.len() >= MAX_PEERS {
-            return None;
-        }
-        self.next = self.next.wrapping_add(1) & 0x0fff_ffff;
-        let n = self.next;
-        let v = SocketAddr::from((
-            Ipv4Addr::new(
-                240 | (n >> 24) as u8,
-                (n >> 16) as u8,
-                (n >> 8) as u8,
-                n as u8,
-            ),
-            1,
-        ));
-        self.peers.insert(
-            v,
-            PeerPath {
-                session,
-                direct: None,
-                direct_aux: None,
-                relay: None,
-                direct_rx: None,
-                users: 1,
-            },
-        );
-        self.by_session.insert(session, v);
-        self.by_key.insert(peer_key, v);
-        Some(v)
-    }
-
-    /// One more user of `v` (a connection); false when `v` is unknown.
-    pub fn add_ref(&mut self, v: SocketAddr) -> bool {
-        self.peers.get_mut(&v).map(|p| p.users += 1).is_some()
-    }
-
-    /// One user of `v` is done; the last one forgets the peer.
-    pub fn unref(&mut self, v: SocketAddr) {
-        if let Some(p) = self.peers.get_mut(&v) {
-            p.users = p.users.saturating_sub(1);
-            if p.users == 0 {
-                self.remove(v);
-            }
-        }
-    }
-
-    /// Forgets a peer.
-    fn remove(&mut self, v: SocketAddr) {
-        if self.peers.remove(&v).is_some() {
-            self.by_session.retain(|_, x| *x != v);
-            self.by_key.retain(|_, x| *x != v);
-            self.by_direct.retain(|_, x| *x != v);
-        }
-    }
-
-    /// Labels datagrams from `addr` (which sent an authenticated probe of
-    /// the peer's session) as coming from `v`, so QUIC packets that arrive
-    /// before our own side validated the path reach the right connection.
-    pub fn learn(&mut self, v: SocketAddr, addr: SocketAddr) {
-        // The latest peer to probe from an address owns it: NATs reuse
-        // ports, and a stale owner would misroute a new peer's packets.
-        if self.peers.contains_key(&v)
-            && (self.by_direct.len() < 4 * MAX_PEERS || self.by_direct.contains_key(&addr))
-        {
-            self.by_direct.insert(addr, v);
-        }
-    }
-
-    /// Uses `addr` as the direct path (validated by probes).
-    pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>) {
-        if let Some(p) = self.peers.get_mut(&v) {
-            p.direct = addr;
-            p.direct_aux = None;
-            p.direct_rx = Some(std::time::Instant::now());
-            if let Some(a) = addr {
-                self.by_direct.insert(a, v);
-            }
-        }
-    }
-
-    /// Uses `addr`, reached from the extra socket `aux`, as the direct path
-    /// (the birthday method found it).
-    pub fn set_direct_aux(
-        &mut self,
-        v: SocketAddr,
-        addr: SocketAddr,
-        aux: Arc<tokio::net::UdpSocket>,
-    ) {
-        if let Some(p) = self.peers.get_mut(&v) {
-            p.direct = Some(addr);
-            p.direct_aux = Some(aux);
-            p.direct_rx = Some(std::time::Instant::now());
-        }
-    }
-
-    /// Is `aux` still the socket of `v`'s direct path?
-    pub fn uses_aux(&self, v: SocketAddr, aux: &Arc<tokio::net::UdpSocket>) -> bool {
-        self.peers
-            .get(&v)
-            .and_then(|p| p.direct_aux.as_ref())
-            .is_some_and(|a| Arc::ptr_eq(a, aux))
-    }
-
-    /// Notes traffic on `v`'s direct path.
-    pub fn touch_direct(&mut self, v: SocketAddr) {
-        if let Some(p) = self.peers.get_mut(&v) {
-            p.direct_rx = Some(std::time::Instant::now());
-        }
-    }
-
-    /// Uses the relay reached `via`, bound on this session, for the peer.
-    pub fn set_relay(
-        &mut self,
-        v: SocketAddr,
-        via: RelayVia,
-        session: SessionId,
-        secret: [u8; 32],
-        role: punch_protocol::signal::Role,
-    ) {
-        if let Some(p) = self.peers.get_mut(&v) {
-            p.relay = Some(RelayBinding {
-                via,
-                session,
-                secret,
-                role,
-                ended: false,
-            });
-        }
-    }
-
-    /// Notes the server's "ended" notice for the session `v`'s relay is
-    /// bound on (its MAC checked with that session's secret); returns `v`
-    /// the first time.
-    pub fn relay_ended(&mut self, frame: &relay::Frame<'_>) -> Option<SocketAddr> {
-        let relay::Frame::Ended { session, .. } = frame else {
-            return None;
-        };
-        let v = *self.by_session.get(session)?;
-        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
-        if r.ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
-            return None;
-        }
-        r.ended = true;
-        Some(v)
-    }
-
-    /// The session of `v`'s relay binding, if the server ended it.
-    pub fn relay_ended_session(&self, v: SocketAddr) -> Option<SessionId> {
-        let r = self.peers.get(&v)?.relay?;
-        r.ended.then_some(r.session)
-    }
-
-    /// How long the direct path of `v` has been silent, when it is the
-    /// path in use.
-    pub fn direct_silence(&self, v: SocketAddr) -> Option<std::time::Duration> {
-        let p = self.peers.get(&v)?;
-        p.direct?;
-        Some(p.direct_rx?.elapsed())
-    }
-
-    /// Gives up the direct path of `v` for its relay binding (when it has
-    /// one); returns a fresh bind request to send, since the NAT mapping
-    /// the relay knows may be the one that just died.
-    pub fn fall_back(&mut self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
-        let p = self.peers.get_mut(&v)?;
-        p.relay?;
-        // The dead address keeps mapping to `v`: late packets from it must
-        // not look like a new peer to quinn.
-        p.direct.take()?;
-        p.direct_aux = None;
-        self.relay_refresh(v)
-    }
-
-    /// Does the peer have a relay binding?
-    pub fn has_relay(&self, v: SocketAddr) -> bool {
-        self.peers.get(&v).is_some_and(|p| p.relay.is_some())
-    }
-
-    /// The session the peer's relay binding uses.
-    pub fn relay_session(&self, v: SocketAddr) -> Option<SessionId> {
-        self.peers.get(&v)?.relay.map(|r| r.session)
-    }
-
-    /// The path packets to `v` take now.
-    pub fn active(&self, v: SocketAddr) -> Option<ActivePath> {
-        self.peers.get(&v).map(PeerPath::active)
-    }
-
-    /// A fresh bind request for the peer's relay binding, if it has one:
-    /// the server drops idle bindings, and a direct path carries no relay
-    /// traffic, so live connections refresh theirs.
-    pub fn relay_refresh(&self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
-        let r = self.peers.get(&v)?.relay?;
-        Some((
-            r.via,
-            relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
-        ))
-    }
-
-    /// Moves every relay binding to `via` (the agent's channel to the
-    /// server changed: a new WebSocket, or UDP instead of TCP) and returns
-    /// the bind requests that tell the server.
-    pub fn move_relays(&mut self, via: RelayVia) -> Vec<(RelayVia, Vec<u8>)> {
-        let mut out = Vec::new();
-        for p in self.peers.values_mut() {
-            if let Some(r) = &mut p.relay {
-                r.via = via;
-                out.push((
-                    via,
-                    relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
-                ));
-            }
-        }
-        out
-    }
-
-    /// The session of a virtual address.
-    pub fn session(&self, v: SocketAddr) -> Option<SessionId> {
-        self.peers.get(&v).map(|p| p.session)
-    }
-}
+pub use crate::path::{is_virtual, ActivePath, PathTable, RelayVia, MAX_PEERS};
 
 /// quinn's socket with probes and relay frames handled, and peers behind
 /// virtual addresses.
@@ -510,14 +169,18 @@ impl PunchSocket {
                 .paths
                 .lock()
                 .expect("not poisoned")
-                .by_session
-                .get(&session)
-                .copied();
+                .peer_of_session(&session);
             let (Some(v), Some(items)) = (v, relay::batch_items(body)) else {
                 return;
             };
             for r in items {
                 let at = relay::DATA_HEADER + r.start..relay::DATA_HEADER + r.end;
+                if is_quic_initial(&frame[at.clone()]) {
+                    self.paths
+                        .lock()
+                        .expect("not poisoned")
+                        .initial_via_relay(v);
+                }
                 self.deliver(v, frame.slice(at));
             }
             return;
@@ -704,14 +367,29 @@ impl PunchSocket {
     fn relay_in(&self, data: &[u8]) -> Option<(SocketAddr, usize)> {
         match relay::parse(data) {
             Ok(relay::Frame::Data { session, payload }) => {
-                let paths = self.paths.lock().expect("not poisoned");
-                let v = *paths.by_session.get(&session)?;
+                let mut paths = self.paths.lock().expect("not poisoned");
+                let v = paths.peer_of_session(&session)?;
+                if is_quic_initial(payload) {
+                    paths.initial_via_relay(v);
+                }
                 Some((v, data.len() - payload.len()))
             }
             Ok(f @ relay::Frame::Ended { reason, .. }) => {
                 let v = self.paths.lock().expect("not poisoned").relay_ended(&f);
                 if let Some(v) = v {
                     tracing::warn!(peer = %v, reason = reason.as_str(), "the server ended our relay session");
+                    self.relay_ended.notify_waiters();
+                }
+                None
+            }
+            Ok(relay::Frame::Unknown { session }) => {
+                let v = self
+                    .paths
+                    .lock()
+                    .expect("not poisoned")
+                    .relay_unknown(session);
+                if let Some(v) = v {
+                    tracing::warn!(peer = %v, %session, "the server does not know our relay session (it restarted?); asking for a new one");
                     self.relay_ended.notify_waiters();
                 }
                 None
@@ -753,23 +431,32 @@ impl PunchSocket {
         while off < len {
             let end = (off + stride).min(len);
             let seg = &buf[off..end];
-            let (to, start) = if probe::is_probe(seg) {
-                self.router.route(m.addr, seg);
-                off = end;
-                continue;
-            } else if stun::looks_like_stun(seg) {
-                self.stun_in(seg);
-                off = end;
-                continue;
-            } else if relay::is_relay(seg) {
-                let Some((v, header)) = self.relay_in(seg) else {
+            let (to, start) = match classify(seg) {
+                Datagram::Probe => {
+                    self.router.route(m.addr, seg);
                     off = end;
                     continue;
-                };
-                (self.quinn_addr(v), header)
-            } else {
-                let to = *direct_to.get_or_insert_with(|| self.direct_source(from, m.addr));
-                (to, 0)
+                }
+                Datagram::Stun => {
+                    self.stun_in(seg);
+                    off = end;
+                    continue;
+                }
+                Datagram::Relay => {
+                    let Some((v, header)) = self.relay_in(seg) else {
+                        off = end;
+                        continue;
+                    };
+                    (self.quinn_addr(v), header)
+                }
+                Datagram::Quic => {
+                    let initial = is_quic_initial(seg);
+                    let to = match direct_to {
+                        Some(to) if !initial => to,
+                        _ => *direct_to.insert(self.direct_source(from, m.addr, initial)),
+                    };
+                    (to, 0)
+                }
             };
             let size = end - off - start;
             match &mut run {
@@ -806,22 +493,13 @@ impl PunchSocket {
     /// The address quinn sees for QUIC from `from`: the peer's stable
     /// address when `from` is its direct path (or a probed candidate while
     /// it has no path yet), else `raw` itself.
-    fn direct_source(&self, from: SocketAddr, raw: SocketAddr) -> SocketAddr {
-        let mut paths = self.paths.lock().expect("not poisoned");
-        let Some(v) = paths.by_direct.get(&from).copied() else {
-            return raw;
-        };
-        // QUIC from a probed address while we have no path yet: answer
-        // the way it came.
-        if paths.active(v) == Some(ActivePath::None) {
-            paths.set_direct(v, Some(from));
-        }
-        if let Some(p) = paths.peers.get_mut(&v) {
-            if p.direct == Some(from) {
-                p.direct_rx = Some(std::time::Instant::now());
-            }
-        }
-        self.quinn_addr(v)
+    fn direct_source(&self, from: SocketAddr, raw: SocketAddr, initial: bool) -> SocketAddr {
+        let v = self.paths.lock().expect("not poisoned").direct_arrival(
+            from,
+            initial,
+            std::time::Instant::now(),
+        );
+        v.map_or(raw, |v| self.quinn_addr(v))
     }
 
     /// Sends one probe datagram; best effort (probes are repeated anyway).
@@ -858,10 +536,10 @@ impl AsyncUdpSocket for PunchSocket {
         if !is_virtual(dst) {
             return self.inner.try_send(transmit);
         }
-        let (active, session, aux) = {
-            let paths = self.paths.lock().expect("not poisoned");
-            let aux = paths.peers.get(&dst).and_then(|p| p.direct_aux.clone());
-            (paths.active(dst), paths.relay_session(dst), aux)
+        let route = self.paths.lock().expect("not poisoned").send_route(dst);
+        let (active, session, aux) = match route {
+            Some((a, s, x)) => (Some(a), s, x),
+            None => (None, None, None),
         };
         if let (Some(ActivePath::Direct(addr)), Some(aux)) = (active, aux) {
             let seg = transmit

@@ -16,7 +16,7 @@ COPY . .
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p punch-agent \
+    cargo build --release --locked -p punch-agent-cli \
  && install -D target/release/punch-agent /out/punch-agent
 
 FROM debian:${DEBIAN}-slim

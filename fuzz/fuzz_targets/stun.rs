@@ -27,5 +27,14 @@ fuzz_target!(|data: &[u8]| {
     if let Some(resp) = stun::answer(&m, from, info, "punch-fuzz") {
         let r = stun::parse(&resp).expect("our own answer parses");
         assert_eq!(r.txid, m.txid);
+        // No larger than the request, but for what an answer must carry
+        // (at most 100 bytes: IPv6 mapped, other and origin addresses and
+        // FINGERPRINT; a 420 with its list is smaller).
+        assert!(
+            resp.len() <= m.len.max(100),
+            "{} bytes to {}",
+            resp.len(),
+            m.len
+        );
     }
 });

@@ -9,10 +9,11 @@
 //!   tries PCP, then NAT-PMP, then UPnP IGD (SSDP discovery,
 //!   AddPortMapping through the `igd-next` crate) with bounded retries, and
 //!   [`client::spawn`], which keeps a mapping alive in the background and
-//!   deletes it on shutdown.
+//!   deletes it on shutdown (feature `client`, on by default).
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod lease;
 pub mod natpmp;

@@ -5,10 +5,15 @@
 //! - [`probe`]: the authenticated UDP probe packets used to punch holes.
 //! - [`punch`]: the punching schedule and path choice as a state machine
 //!   that takes events and time and returns datagrams to send.
+//! - [`birthday`]: the birthday method for hard NATs: who plays which part,
+//!   and the hard side's many-socket machine.
 //! - [`peer`]: the small request header spoken on peer-to-peer streams.
 //! - [`relay`]: relay frames and the server's relay table.
 //! - [`ws`]: signaling and relay frames over WebSocket (the TCP channel).
+//! - [`cluster`]: messages between the servers of a cluster.
 
+pub mod birthday;
+pub mod cluster;
 pub mod codec;
 pub mod peer;
 pub mod probe;

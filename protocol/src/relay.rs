@@ -17,11 +17,21 @@
 //! data:     magic[4] 3 session[8] payload…
 //! batch:    magic[4] 4 session[8] (len[2] payload)…
 //! ended:    magic[4] 5 session[8] reason[1] nonce[8] mac[16]
+//! unknown:  magic[4] 6 session[8]
 //! ```
 //!
 //! The server sends *ended* to both bound sides when a session's quota is
 //! spent (at most once a second while frames keep coming), so the agents
-//! can ask for a new session instead of waiting out a silent path.
+//! can ask for a new session instead of waiting out a silent path. It
+//! answers a bind or data for a session it does not know (it restarted)
+//! with *unknown*, within a budget per second: the agents then ask for a new session under the same
+//! connection, as for an ended one. *unknown* carries no MAC (the server
+//! has no secret for the session); a forged one costs its receiver one new
+//! introduction, and agents older than it ignore it.
+//!
+//! A bind's nonce is remembered per side ([`BIND_NONCES`] of them): the
+//! same bind again from its own address is answered as before (a
+//! duplicate), from another address it is refused as a replay.
 //!
 //! A batch carries several datagrams of one session in one message of the
 //! TCP channel, where per-message costs dominate (a WebSocket frame, a
@@ -76,6 +86,8 @@ pub enum Frame<'a> {
         nonce: u64,
         mac: &'a [u8],
     },
+    /// The server does not know the session (not authenticated).
+    Unknown { session: SessionId },
 }
 
 /// Why the server stopped relaying a session.
@@ -158,6 +170,8 @@ pub enum RelayError {
     Full,
     #[error("the requester's share of the relay table is in use")]
     ShareFull,
+    #[error("relay bind replayed from another address")]
+    Replayed,
 }
 
 /// Takes `id` off `owner`'s list (and the list off the map once empty).
@@ -224,6 +238,15 @@ pub fn encode_ended(
     encode_bind(5, secret, session, reason.byte(), nonce)
 }
 
+/// The answer to a bind for a session the server does not know.
+pub fn encode_unknown(session: SessionId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(DATA_HEADER);
+    v.extend_from_slice(&MAGIC);
+    v.push(6);
+    v.extend_from_slice(&session.0.to_be_bytes());
+    v
+}
+
 /// Writes a data frame header for `session` into `out[..DATA_HEADER]`.
 pub fn write_data_header(out: &mut [u8], session: SessionId) {
     out[..4].copy_from_slice(&MAGIC);
@@ -252,7 +275,7 @@ pub fn verify_bind(frame: &Frame<'_>, secret: &[u8; 32]) -> bool {
             nonce,
             mac,
         } => (5, *session, reason.byte(), *nonce, *mac),
-        Frame::Data { .. } | Frame::Batch { .. } => return false,
+        Frame::Data { .. } | Frame::Batch { .. } | Frame::Unknown { .. } => return false,
     };
     let expected = bind_mac(secret, kind, session, side, nonce);
     mac.len() == 16
@@ -284,6 +307,7 @@ pub fn parse(d: &[u8]) -> Result<Frame<'_>, RelayError> {
             }
             Ok(Frame::Batch { session, body })
         }
+        6 if d.len() == DATA_HEADER => Ok(Frame::Unknown { session }),
         k @ (1 | 2 | 5) => {
             // bind, bind-ok and ended share one layout.
             if d.len() != BIND_LEN {
@@ -343,6 +367,9 @@ pub struct RelayLimits {
     /// Sessions one requester may hold (see
     /// [`RelayTable::insert_owned`]); 0 leaves only `max_sessions`.
     pub per_owner: usize,
+    /// Binds for unknown sessions answered per second (the rest are
+    /// dropped): bounds what a flood of made-up binds gets back.
+    pub unknown_replies_per_sec: u32,
 }
 
 impl Default for RelayLimits {
@@ -353,6 +380,7 @@ impl Default for RelayLimits {
             session_time: Duration::from_secs(24 * 3600),
             idle: Duration::from_secs(60),
             per_owner: 64,
+            unknown_replies_per_sec: 2000,
         }
     }
 }
@@ -388,6 +416,8 @@ struct Session {
     ended_sent: Option<Instant>,
     /// The requester it was made for, when it counts against a share.
     owner: Option<Arc<str>>,
+    /// The last binds' nonces per side, newest last, and who sent them.
+    nonces: [Vec<(u64, Endpoint)>; 2],
 }
 
 impl Session {
@@ -397,6 +427,10 @@ impl Session {
         self.bound == [None, None] && self.held.is_empty() && self.bytes == 0
     }
 }
+
+/// Bind nonces remembered per side of a session (agents send a fresh one
+/// with every bind: a refresh every 20 s, a few retries).
+pub const BIND_NONCES: usize = 16;
 
 /// How often the sides of a spent session are told so while they send.
 pub const ENDED_EVERY: Duration = Duration::from_secs(1);
@@ -437,6 +471,10 @@ pub struct RelayStats {
     pub share_evicted: u64,
     /// Sessions refused because the requester's share was all in use.
     pub share_refused: u64,
+    /// Binds for sessions the table does not know, answered "unknown".
+    pub unknown_replies: u64,
+    /// Binds refused as replays (a known nonce from another address).
+    pub replayed_binds: u64,
 }
 
 /// The server's sessions and bindings (sans-IO).
@@ -453,6 +491,8 @@ pub struct RelayTable {
     last_full_sweep: Option<Instant>,
     /// Frames for the caller to send: see [`take_released`](Self::take_released).
     released: Vec<(Endpoint, Vec<u8>)>,
+    /// "unknown" answers left in the current second, and when it began.
+    unknown_budget: (u32, Option<Instant>),
     /// Counters.
     pub stats: RelayStats,
 }
@@ -466,6 +506,7 @@ impl RelayTable {
             owners: HashMap::new(),
             last_full_sweep: None,
             released: Vec::new(),
+            unknown_budget: (0, None),
             stats: RelayStats::default(),
         }
     }
@@ -510,6 +551,7 @@ impl RelayTable {
                 held: Vec::new(),
                 ended_sent: None,
                 owner: None,
+                nonces: [Vec::new(), Vec::new()],
             },
         );
         Ok(())
@@ -653,6 +695,21 @@ impl RelayTable {
         }
     }
 
+    /// A bind for a session we do not know: say so, within the budget.
+    fn answer_unknown(&mut self, session: SessionId, now: Instant) -> Result<Action, RelayError> {
+        let (left, since) = &mut self.unknown_budget;
+        if since.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            *since = Some(now);
+            *left = self.limits.unknown_replies_per_sec;
+        }
+        if *left == 0 {
+            return Err(RelayError::UnknownSession);
+        }
+        *left -= 1;
+        self.stats.unknown_replies += 1;
+        Ok(Action::Reply(encode_unknown(session)))
+    }
+
     /// Handles a relay frame of `len` bytes from `from`.
     pub fn handle(
         &mut self,
@@ -681,13 +738,27 @@ impl RelayTable {
                 nonce,
                 ..
             } => {
-                let s = self
-                    .sessions
-                    .get_mut(&session)
-                    .ok_or(RelayError::UnknownSession)?;
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return self.answer_unknown(session, now);
+                };
                 if !verify_bind(&parsed, &s.secret) {
                     return Err(RelayError::BadMac);
                 }
+                let seen = &mut s.nonces[side_byte(side) as usize];
+                if let Some((_, by)) = seen.iter().find(|(n, _)| *n == nonce) {
+                    if *by != from {
+                        self.stats.replayed_binds += 1;
+                        return Err(RelayError::Replayed);
+                    }
+                    // A duplicate of a bind already taken: answer again.
+                    return Ok(Action::Reply(encode_bind_ok(
+                        &s.secret, session, side, nonce,
+                    )));
+                }
+                if seen.len() >= BIND_NONCES {
+                    seen.remove(0);
+                }
+                seen.push((nonce, from));
                 s.bound[side_byte(side) as usize] = Some(from);
                 s.last = now;
                 self.stats.binds += 1;
@@ -705,8 +776,17 @@ impl RelayTable {
                     &s.secret, session, side, nonce,
                 )))
             }
-            Frame::BindOk { .. } | Frame::Ended { .. } => Err(RelayError::Malformed),
+            Frame::BindOk { .. } | Frame::Ended { .. } | Frame::Unknown { .. } => {
+                Err(RelayError::Malformed)
+            }
             Frame::Data { session, .. } | Frame::Batch { session, .. } => {
+                if !self.sessions.contains_key(&session) {
+                    // The sender's relay went through a server that
+                    // restarted: tell it at once (within the budget), as
+                    // for a bind, so it renews instead of waiting for its
+                    // next refresh.
+                    return self.answer_unknown(session, now);
+                }
                 let l = &self.limits;
                 let s = self
                     .sessions
@@ -856,6 +936,74 @@ mod tests {
     }
 
     #[test]
+    fn a_bind_for_an_unknown_session_is_answered_unknown_within_a_budget() {
+        let now = Instant::now();
+        let limits = RelayLimits {
+            unknown_replies_per_sec: 3,
+            ..RelayLimits::default()
+        };
+        let mut t = RelayTable::new(limits);
+        let bind = encode_bind_request(&K, S, Role::Controlling, 1);
+        let want = Ok(Action::Reply(encode_unknown(S)));
+        for _ in 0..3 {
+            assert_eq!(t.handle(a(1), &bind, now), want);
+        }
+        // Over the budget: dropped until the next second.
+        assert_eq!(t.handle(a(1), &bind, now), Err(RelayError::UnknownSession));
+        let later = now + Duration::from_secs(1);
+        assert_eq!(t.handle(a(1), &bind, later), want);
+        assert_eq!(t.stats.unknown_replies, 4);
+        // The answer parses, is never larger than the bind, and no agent
+        // can make the table take it as input.
+        let answer = encode_unknown(S);
+        assert!(answer.len() < bind.len());
+        assert_eq!(parse(&answer), Ok(Frame::Unknown { session: S }));
+        assert_eq!(t.handle(a(1), &answer, later), Err(RelayError::Malformed));
+        // Data for an unknown session is told the same (it would otherwise
+        // wait for its next bind refresh), from the same budget.
+        let mut data = vec![0u8; DATA_HEADER + 5];
+        write_data_header(&mut data, S);
+        assert_eq!(t.handle(a(1), &data, later), want);
+        assert_eq!(t.handle(a(1), &data, later), want);
+        assert_eq!(
+            t.handle(a(1), &data, later),
+            Err(RelayError::UnknownSession)
+        );
+    }
+
+    #[test]
+    fn a_bind_replayed_from_another_address_is_refused() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits::default());
+        t.insert(S, K, now).unwrap();
+        let bind_a = encode_bind_request(&K, S, Role::Controlling, 41);
+        let bind_b = encode_bind_request(&K, S, Role::Controlled, 42);
+        assert!(matches!(t.handle(a(1), &bind_a, now), Ok(Action::Reply(_))));
+        assert!(matches!(t.handle(a(2), &bind_b, now), Ok(Action::Reply(_))));
+        // A captured bind sent again from elsewhere does not move side A.
+        assert_eq!(t.handle(a(9), &bind_a, now), Err(RelayError::Replayed));
+        assert_eq!(t.stats.replayed_binds, 1);
+        let mut data = vec![0u8; DATA_HEADER + 5];
+        write_data_header(&mut data, S);
+        assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(1).into())));
+        // The same bind again from its own address is a duplicate: answered.
+        assert_eq!(
+            t.handle(a(1), &bind_a, now),
+            Ok(Action::Reply(encode_bind_ok(&K, S, Role::Controlling, 41)))
+        );
+        // A fresh bind (a new nonce) moves the side, as a NAT rebinding does.
+        let fresh = encode_bind_request(&K, S, Role::Controlling, 43);
+        assert!(matches!(t.handle(a(9), &fresh, now), Ok(Action::Reply(_))));
+        assert_eq!(t.handle(a(2), &data, now), Ok(Action::Forward(a(9).into())));
+        // The window is bounded: old nonces fall out of it.
+        for n in 100..100 + BIND_NONCES as u64 {
+            let f = encode_bind_request(&K, S, Role::Controlling, n);
+            assert!(matches!(t.handle(a(9), &f, now), Ok(Action::Reply(_))));
+        }
+        assert!(t.sessions[&S].nonces[0].len() <= BIND_NONCES);
+    }
+
+    #[test]
     fn batches_roundtrip_and_truncated_ones_are_malformed() {
         let mut b = Vec::new();
         start_batch(&mut b, S);
@@ -881,9 +1029,15 @@ mod tests {
         t.insert(S, K, now).unwrap();
         let forged = encode_bind_request(&[6; 32], S, Role::Controlling, 1);
         assert_eq!(t.handle(a(1), &forged, now), Err(RelayError::BadMac));
+        // A bind for a session the table does not know binds nothing; it
+        // is told "unknown" (see the test of that budget).
         let other = encode_bind_request(&K, SessionId(78), Role::Controlling, 1);
-        assert_eq!(t.handle(a(1), &other, now), Err(RelayError::UnknownSession));
-        assert_eq!(t.stats.dropped, 2);
+        assert_eq!(
+            t.handle(a(1), &other, now),
+            Ok(Action::Reply(encode_unknown(SessionId(78))))
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats.dropped, 1);
     }
 
     #[test]
@@ -999,7 +1153,8 @@ mod tests {
                 &encode_bind_request(&K, id(1), Role::Controlling, 1),
                 now
             ),
-            Err(RelayError::UnknownSession)
+            Ok(Action::Reply(encode_unknown(id(1)))),
+            "the evicted session is gone"
         );
         // Expiry frees the share (idle sessions of the owner go first).
         let later = now + RelayLimits::default().idle;

@@ -6,10 +6,17 @@
 //! from QUIC as RFC 7983 does). Classic RFC 3489 requests (no cookie) get a
 //! MAPPED-ADDRESS answer, so old clients work too.
 //!
-//! Amplification: a response carries XOR-MAPPED-ADDRESS (what the client
-//! asked for) and adds optional attributes (SOFTWARE, FINGERPRINT, the RFC
-//! 5780 ones) only while it stays no larger than the request, so a spoofed
-//! request can never draw much more traffic than it cost.
+//! RFC 5780: with an alternate address configured, every answer carries
+//! OTHER-ADDRESS and RESPONSE-ORIGIN (CHANGED-ADDRESS and SOURCE-ADDRESS for
+//! RFC 3489 clients), and a request with PADDING gets an answer padded up
+//! to the request's size, so a client can test fragmented paths.
+//!
+//! Amplification: an answer carries what it must (the mapped address, with
+//! an alternate address the two RFC 5780 addresses, FINGERPRINT for RFC
+//! 8489 clients) and adds the optional rest (SOFTWARE, PADDING, a
+//! RESPONSE-ORIGIN nobody needs) only while it stays no larger than the
+//! request: at most 64 bytes (IPv4; 100 for IPv6) to a 20-byte request,
+//! never more than the request beyond that.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -21,8 +28,9 @@ pub const BINDING_REQUEST: u16 = 0x0001;
 pub const BINDING_SUCCESS: u16 = 0x0101;
 /// Binding error response.
 pub const BINDING_ERROR: u16 = 0x0111;
-/// Largest STUN message we parse.
-pub const MAX_MESSAGE: usize = 1500;
+/// Largest STUN message we parse: room for a request padded (RFC 5780
+/// PADDING) to a jumbo-frame MTU.
+pub const MAX_MESSAGE: usize = 9216;
 
 /// Attribute types.
 pub mod attr {
@@ -372,6 +380,19 @@ pub fn answer(
     } else {
         b.attr(attr::MAPPED_ADDRESS, &encode_address(from, None));
     }
+    let (other_t, origin_t) = if req.has_cookie {
+        (attr::OTHER_ADDRESS, attr::RESPONSE_ORIGIN)
+    } else {
+        (attr::CHANGED_ADDRESS, attr::SOURCE_ADDRESS)
+    };
+    // An RFC 5780 server always says where its other address is and which
+    // address answered: a client cannot test anything without them.
+    if let Some(o) = info.other {
+        b.attr(other_t, &encode_address(o, None));
+        if let Some(l) = info.local {
+            b.attr(origin_t, &encode_address(l, None));
+        }
+    }
     // Optional attributes, only while the answer stays within the request's
     // size (FINGERPRINT's 8 bytes reserved for cookie clients).
     let reserve = if req.has_cookie { 8 } else { 0 };
@@ -381,27 +402,24 @@ pub fn answer(
             b.attr(t, v);
         }
     };
-    if let Some(o) = info.other {
-        let t = if req.has_cookie {
-            attr::OTHER_ADDRESS
-        } else {
-            attr::CHANGED_ADDRESS
-        };
-        add(&mut b, t, &encode_address(o, None));
-    }
-    if let Some(l) = info.local {
-        let t = if req.has_cookie {
-            attr::RESPONSE_ORIGIN
-        } else {
-            attr::SOURCE_ADDRESS
-        };
-        add(&mut b, t, &encode_address(l, None));
+    if let (None, Some(l)) = (info.other, info.local) {
+        add(&mut b, origin_t, &encode_address(l, None));
     }
     if req.has_cookie {
         add(&mut b, attr::SOFTWARE, software.as_bytes());
-        return Some(b.finish_with_fingerprint());
     }
-    Some(b.finish())
+    // A padded request (RFC 5780 §7.6) gets an answer padded to its size.
+    if req.get(attr::PADDING).is_some() {
+        let room = budget.saturating_sub(b.len() + reserve + 4) & !3;
+        if room > 0 {
+            b.attr(attr::PADDING, &vec![0; room]);
+        }
+    }
+    Some(if req.has_cookie {
+        b.finish_with_fingerprint()
+    } else {
+        b.finish()
+    })
 }
 
 #[cfg(test)]
@@ -435,25 +453,36 @@ mod tests {
     }
 
     #[test]
-    fn answers_never_amplify_beyond_the_mapped_address() {
+    fn answers_carry_rfc5780_addresses_and_stay_within_the_request() {
         let from: SocketAddr = "198.51.100.7:40000".parse().unwrap();
         let info = ResponderInfo {
             local: Some("203.0.113.1:3478".parse().unwrap()),
             other: Some("203.0.113.2:3479".parse().unwrap()),
         };
-        // A bare 28-byte request (header + fingerprint) gets the mapped
-        // address and little else.
-        let req = binding_request(&new_txid(), false, false);
+        // A bare 20-byte request gets the mapped address, the two RFC 5780
+        // addresses and FINGERPRINT: 64 bytes, no SOFTWARE.
+        let req = Builder::new(BINDING_REQUEST, &new_txid()).finish();
         let resp = answer(&parse(&req).unwrap(), from, info, "punch").unwrap();
-        assert!(resp.len() <= 20 + 12 + 8, "{}", resp.len());
-        // A padded request may get the RFC 5780 attributes.
-        let mut b = Builder::new(BINDING_REQUEST, &new_txid());
-        b.attr(attr::PADDING, &[0; 64]);
-        let req = b.finish_with_fingerprint();
-        let resp = answer(&parse(&req).unwrap(), from, info, "punch").unwrap();
-        assert!(resp.len() <= req.len());
+        assert_eq!(resp.len(), 20 + 12 + 12 + 12 + 8);
         let r = parse(&resp).unwrap();
         assert!(r.get(attr::OTHER_ADDRESS).is_some() && r.get(attr::RESPONSE_ORIGIN).is_some());
+        assert!(r.get(attr::SOFTWARE).is_none());
+        // Without an alternate address: the mapped address and FINGERPRINT.
+        let plain = ResponderInfo {
+            other: None,
+            ..info
+        };
+        let resp = answer(&parse(&req).unwrap(), from, plain, "punch").unwrap();
+        assert_eq!(resp.len(), 20 + 12 + 8);
+        // A padded request gets SOFTWARE and an answer padded to its size.
+        let mut b = Builder::new(BINDING_REQUEST, &new_txid());
+        b.attr(attr::PADDING, &[0; 1500]);
+        let req = b.finish();
+        assert_eq!(req.len(), 1524);
+        let resp = answer(&parse(&req).unwrap(), from, info, "punch").unwrap();
+        assert_eq!(resp.len(), req.len());
+        let r = parse(&resp).unwrap();
+        assert!(r.get(attr::SOFTWARE).is_some() && r.get(attr::PADDING).is_some());
     }
 
     #[test]

@@ -17,14 +17,18 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct AltSockets {
     primary: SocketAddr,
+    /// A handle on the main socket, for requests that arrive at an
+    /// alternate socket and ask to be answered from IP1:P1.
+    primary_sock: UdpSocket,
     /// IP2:P2, announced as OTHER-ADDRESS.
     pub other: SocketAddr,
     socks: Vec<UdpSocket>,
 }
 
 impl AltSockets {
-    /// Binds IP2:P2, IP1:P2 and IP2:P1 for a server on `primary` (IP1:P1).
-    pub fn bind(primary: SocketAddr, alt: SocketAddr) -> std::io::Result<Arc<Self>> {
+    /// Binds IP2:P2, IP1:P2 and IP2:P1 for a server on `main` (IP1:P1).
+    pub fn bind(main: &UdpSocket, alt: SocketAddr) -> std::io::Result<Arc<Self>> {
+        let primary = main.local_addr()?;
         if primary.ip().is_unspecified() || alt.ip().is_unspecified() {
             return Err(std::io::Error::other(
                 "--alt-listen needs --listen and --alt-listen on specific addresses (RFC 5780 answers from a known other address)",
@@ -53,6 +57,7 @@ impl AltSockets {
         }
         Ok(Arc::new(AltSockets {
             primary,
+            primary_sock: main.try_clone()?,
             other: alt,
             socks,
         }))
@@ -96,7 +101,7 @@ impl AltSockets {
                     return;
                 };
                 let Ok(at) = sock.local_addr() else { return };
-                let mut buf = vec![0u8; 2048];
+                let mut buf = vec![0u8; stun::MAX_MESSAGE + 1];
                 loop {
                     let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                         continue;
@@ -110,10 +115,7 @@ impl AltSockets {
                         continue;
                     };
                     let (ci, cp) = msg.change_request();
-                    let Some(out) = me.respond_from(at, ci, cp) else {
-                        // The primary would answer: that is the main socket's job.
-                        continue;
-                    };
+                    let out = me.respond_from(at, ci, cp).unwrap_or(&me.primary_sock);
                     let info = stun::ResponderInfo {
                         local: out.local_addr().ok(),
                         other: Some(me.other),

@@ -83,6 +83,10 @@ struct RelayJson {
     quota_dropped: u64,
     /// Notices sent for spent sessions.
     ended_notices: u64,
+    /// Binds for sessions the server does not know, answered "unknown".
+    unknown_replies: u64,
+    /// Binds refused as replays from another address.
+    replayed_binds: u64,
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
@@ -99,6 +103,8 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
             held: t.stats.held,
             quota_dropped: t.stats.quota_dropped,
             ended_notices: t.stats.ended_notices,
+            unknown_replies: t.stats.unknown_replies,
+            replayed_binds: t.stats.replayed_binds,
         }
     });
     Json(Health {

@@ -204,7 +204,7 @@ impl Server {
             .map(|l| Arc::new(Mutex::new(punch_protocol::relay::RelayTable::new(l))));
         let alt = match config.alt_listen {
             Some(a) => Some(
-                alt::AltSockets::bind(socket.local_addr().map_err(ServerError::Endpoint)?, a)
+                alt::AltSockets::bind(&socket, a)
                     .map_err(|source| ServerError::BindUdp { addr: a, source })?,
             ),
             None => None,

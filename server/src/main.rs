@@ -242,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
         session_time: std::time::Duration::from_secs(a.relay_session_secs),
         idle: std::time::Duration::from_secs(a.relay_idle_secs),
         per_owner: a.relay_sessions_per_agent,
+        ..Default::default()
     });
     if a.connect_rate > 0 && a.connect_burst == 0 {
         anyhow::bail!("--connect-burst must be at least 1 (or --connect-rate 0 for no limit)");

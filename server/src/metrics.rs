@@ -284,6 +284,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "Offers sent without a relay because the requester's share was all in use",
             ConstCounter::new(t.stats.share_refused),
         );
+        reg.register(
+            "relay_unknown_replies",
+            "Binds for relay sessions this server does not know (it restarted), answered so the agents renew",
+            ConstCounter::new(t.stats.unknown_replies),
+        );
+        reg.register(
+            "relay_replayed_binds",
+            "Relay binds refused as replays (a nonce already seen, from another address)",
+            ConstCounter::new(t.stats.replayed_binds),
+        );
     }
     let mut out = String::new();
     // Writing to a String cannot fail.

@@ -11,6 +11,39 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// Whether a test that needs something of the machine can run: true when
+/// nothing is `missing`. Outside CI it prints one line naming what is
+/// missing and returns false, so the test skips; under CI (`CI` set) a
+/// missing tool or privilege fails the test loudly instead, since `.ci/run`
+/// installs every package the tests use.
+pub fn ready(what: &str, missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let list = missing.join(", ");
+    if std::env::var_os("CI").is_some() {
+        panic!("{what}: missing {list} under CI (.ci/run installs the packages and runs as root)");
+    }
+    eprintln!("skipping {what}: missing {list}");
+    false
+}
+
+/// Is `tool` on the PATH? A `(tool, package)` pair missing becomes the line
+/// [`ready`] prints.
+pub fn missing_tools(tools: &[(&str, &str)]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(tool, package)| format!("`{tool}` (apt-get install {package})"))
+        .collect()
+}
+
 /// The directory holding the workspace binaries, built on first use so that
 /// `cargo test` alone is enough.
 pub fn bin_dir() -> Result<PathBuf> {
@@ -40,7 +73,7 @@ fn build_bins() -> Result<PathBuf> {
         "-p",
         "punch-server",
         "-p",
-        "punch-agent",
+        "punch-agent-cli",
         "--manifest-path",
     ])
     .arg(&manifest);

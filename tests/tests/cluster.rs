@@ -74,11 +74,12 @@ async fn connect_within(
 }
 
 fn skip() -> bool {
-    if RedisProc::available() {
-        return false;
-    }
-    eprintln!("redis-server not installed (apt-get install redis-server); skipping");
-    true
+    let missing = if RedisProc::available() {
+        Vec::new()
+    } else {
+        vec!["`redis-server` (apt-get install redis-server)".to_string()]
+    };
+    !punch_lab::harness::ready("the cluster tests", &missing)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 //! UDP opens.
 
 use punch_lab::harness::{bin, run};
-use punch_lab::lab::is_root;
+use punch_lab::lab::{is_root, lab_ready};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,8 +22,7 @@ fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
-    if !is_root() {
-        eprintln!("skipping the NAT lab: it needs root (CI runs it as root)");
+    if !lab_ready("the NAT lab", &[]) {
         return;
     }
     let _one = one_lab_at_a_time();
@@ -238,8 +237,7 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
 
 #[test]
 fn udp_blocked_and_proxy_only_sites_block_udp_and_let_tcp_out() {
-    if !is_root() {
-        eprintln!("skipping the UDP-less sites: the NAT lab needs root (CI runs it as root)");
+    if !lab_ready("the UDP-less sites", &[]) {
         return;
     }
     let _one = one_lab_at_a_time();
@@ -307,8 +305,7 @@ fn udp_blocked_and_proxy_only_sites_block_udp_and_let_tcp_out() {
 
 #[test]
 fn connection_relayed_over_tcp_moves_to_a_direct_path_when_udp_opens() {
-    if !is_root() {
-        eprintln!("skipping the TCP-to-UDP upgrade: the NAT lab needs root (CI runs it as root)");
+    if !lab_ready("the TCP-to-UDP upgrade", &[]) {
         return;
     }
     let _one = one_lab_at_a_time();

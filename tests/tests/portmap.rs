@@ -8,7 +8,7 @@
 use punch_lab::harness::{bin, run, Proc, ServerProc};
 use punch_lab::lab::matrix::{agent_cmd, start_server};
 use punch_lab::lab::nat::{NatType, PortMapDaemon};
-use punch_lab::lab::{in_ns, is_root, sh, Impair, Lab, SiteSpec, SERVER_IP};
+use punch_lab::lab::{in_ns, sh, Impair, Lab, SiteSpec, SERVER_IP};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
@@ -23,19 +23,10 @@ fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn lab_ready() -> bool {
-    if !is_root() {
-        eprintln!("skipping the port-mapping lab: it needs root (CI runs it as root)");
-        return false;
-    }
-    if Command::new("sh")
-        .args(["-c", "command -v miniupnpd"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        panic!("miniupnpd is missing: apt-get install -y miniupnpd-nftables (.ci/run does)");
-    }
-    true
+    punch_lab::lab::lab_ready(
+        "the port-mapping lab",
+        &[("miniupnpd", "miniupnpd-nftables")],
+    )
 }
 
 /// Waits until `path` has a line containing `needle`; returns the line.

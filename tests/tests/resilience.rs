@@ -499,3 +499,169 @@ async fn a_bad_hello_is_a_config_error_at_start() {
     assert!(matches!(e, AgentError::Config(_)), "{e:?}");
     assert_eq!(e.exit_code(), 2);
 }
+
+/// An agent with `id`'s key (kept in `dir`), as a restarted process would
+/// be, using the relay as `relay` says.
+async fn agent_mode(
+    s: &ServerProc,
+    id: &str,
+    dir: &std::path::Path,
+    relay: punch_agent::RelayMode,
+) -> Agent {
+    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
+    cfg.worker_id = Some(id.into());
+    cfg.key_file = Some(dir.join(format!("{id}.key")));
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.relay = relay;
+    let a = Agent::start(cfg).await.unwrap();
+    a.registered(Duration::from_secs(10)).await.unwrap();
+    a
+}
+
+/// A peer that comes back (same id and key, a new process) on another path
+/// than its earlier connection took is answered on the path its new
+/// handshake arrives on, not on the stale one: direct→relay, relay→direct
+/// and direct→direct, 0, 1 and 5 s after the first process went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_answered_on_the_path_its_handshake_takes() {
+    use punch_agent::RelayMode::{Auto, Force};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let kind = |m| {
+        if m == Force {
+            PathKind::Relayed
+        } else {
+            PathKind::Direct
+        }
+    };
+    let mut failures = Vec::new();
+    for (first, second) in [(Auto, Force), (Force, Auto), (Auto, Auto)] {
+        for delay in [0u64, 1, 5] {
+            let case = format!("{first:?} -> {second:?} after {delay} s");
+            let a1 = agent_mode(&s, "worker-a", dir.path(), first).await;
+            let pc = a1
+                .connect("worker-b")
+                .await
+                .unwrap_or_else(|e| panic!("{case}: first connection: {e}; before: {failures:#?}"));
+            assert_eq!(pc.path.kind, kind(first), "{case}: first connection");
+            pc.pinger().await.unwrap().ping().await.unwrap();
+            a1.close().await;
+            drop((pc, a1));
+            // The scenario's pause, not a synchronisation.
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            let a2 = agent_mode(&s, "worker-a", dir.path(), second).await;
+            let started = Instant::now();
+            // A relayed connect on loopback takes milliseconds; a handshake
+            // answered on a stale path needed quinn's retransmits (~6 s) or
+            // timed out.
+            let r = tokio::time::timeout(Duration::from_secs(3), async {
+                let pc = a2.connect("worker-b").await.map_err(|e| e.to_string())?;
+                pc.pinger()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ping()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(pc.path.kind)
+            })
+            .await;
+            match r {
+                Ok(Ok(k)) if k == kind(second) => {
+                    eprintln!("{case}: {k:?} in {:?}", started.elapsed())
+                }
+                Ok(Ok(k)) => failures.push(format!("{case}: {k:?}")),
+                Ok(Err(e)) => failures.push(format!("{case}: {e}")),
+                Err(_) => failures.push(format!("{case}: no round trip within 3 s")),
+            }
+            a2.close().await;
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Restarts the server (stopped 2 s) under a relayed connection that
+/// carries a ping stream, and returns how long after the server was back
+/// the pings went through again, on the same connection. `ws`: the dialer
+/// reaches the server only over the WebSocket (its relay rides there).
+async fn relayed_pings_across_a_restart(ws: bool) -> Result<Duration, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ServerProc::start(dir.path(), &[]).unwrap();
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let server = match (ws, s.tcp) {
+        (true, Some(tcp)) => format!("wss://{tcp}/ws"),
+        (true, None) => return Err("the server has no TCP listener".into()),
+        (false, _) => s.udp.to_string(),
+    };
+    let mut cfg = AgentConfig::new(server, s.fingerprint.clone());
+    cfg.worker_id = Some("worker-a".into());
+    cfg.key_file = Some(dir.path().join("worker-a.key"));
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.relay = punch_agent::RelayMode::Force;
+    let a = Agent::start(cfg).await.unwrap();
+    a.registered(Duration::from_secs(10)).await.unwrap();
+    let pc = a.connect("worker-b").await.map_err(|e| e.to_string())?;
+    assert_eq!(pc.path.kind, PathKind::Relayed);
+    let mut pinger = pc.pinger().await.map_err(|e| e.to_string())?;
+    for _ in 0..3 {
+        pinger.ping().await.map_err(|e| e.to_string())?;
+    }
+    let listen = format!("127.0.0.1:{}", s.udp.port());
+    s.proc.kill();
+    // The outage itself, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _s2 = ServerProc::start(dir.path(), &["--listen", &listen]).unwrap();
+    let back = Instant::now();
+    // One ping waits (its stream retransmits) until the path carries again.
+    tokio::time::timeout(Duration::from_secs(10), pinger.ping())
+        .await
+        .map_err(|_| "no echo within 10 s of the server being back".to_string())?
+        .map_err(|e| e.to_string())?;
+    let took = back.elapsed();
+    if let Some(reason) = pc.conn.close_reason() {
+        return Err(format!("the connection closed: {reason}"));
+    }
+    // And it keeps carrying.
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(2), pinger.ping())
+            .await
+            .map_err(|_| "a later ping got no echo".to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    a.close().await;
+    b.close().await;
+    Ok(took)
+}
+
+/// A relayed connection outlives a server restart: the new server does
+/// not know the relay session, says so ("unknown"), and the agents renew
+/// it under the same connection (UDP relay and relay over WebSocket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_connections_outlive_a_server_restart() {
+    let mut failures = Vec::new();
+    for ws in [false, true] {
+        let name = if ws { "WebSocket" } else { "UDP" };
+        match relayed_pings_across_a_restart(ws).await {
+            Ok(took) => {
+                eprintln!("{name} relay: pings resumed {took:?} after the server was back");
+                if took > Duration::from_secs(2) {
+                    failures.push(format!("{name}: pings resumed only after {took:?}"));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

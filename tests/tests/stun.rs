@@ -1,7 +1,9 @@
 //! STUN interop with real third-party software: Debian's `stun` client
-//! (stund) asks punch-server for its mapping, and a real coturn serves as
-//! the STUN server for `punch-agent --stun` and, with two addresses, as the
-//! RFC 5780 server for `punch-agent nat-check --stun`.
+//! (stund) asks punch-server for its mapping, coturn's RFC 5780 client
+//! (`turnutils_natdiscovery`) classifies loopback against punch-server
+//! `--alt-listen`, plain and padded, and a real coturn serves as the STUN
+//! server for `punch-agent --stun` and, with two addresses, as the RFC 5780
+//! server for `punch-agent nat-check --stun`.
 
 use punch_lab::harness::{run, Proc, ServerProc};
 use punch_protocol::stun;
@@ -159,6 +161,126 @@ fn nat_check_works_against_coturn_as_rfc5780_server() {
     assert_eq!(j["mapping"], "endpoint-independent", "{j}");
     assert_eq!(j["filtering"], "endpoint-independent", "{j}");
     assert_eq!(j["port_preserved"], true, "{j}");
+}
+
+/// coturn's RFC 5780 NAT behaviour discovery client against punch-server
+/// on 127.0.0.1 with `--alt-listen 127.0.0.2`: it must find OTHER-ADDRESS
+/// and RESPONSE-ORIGIN in the answers, get the CHANGE-REQUEST answers from
+/// the other address and port, and so classify loopback as endpoint-
+/// independent mapping and filtering, with plain requests and with
+/// 1500-byte PADDING (the answers then padded to the request's size).
+#[test]
+fn rfc5780_client_classifies_loopback_against_punch_server() {
+    let Some(()) = tool("turnutils_natdiscovery", "coturn") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = port_pair();
+    let listen = format!("127.0.0.1:{port}");
+    let alt = format!("127.0.0.2:{}", port + 1);
+    let s = ServerProc::start(dir.path(), &["--listen", &listen, "--alt-listen", &alt]).unwrap();
+    for padded in [false, true] {
+        let mut cmd = Command::new("turnutils_natdiscovery");
+        cmd.args(["-m", "-f"]);
+        if padded {
+            cmd.arg("-P");
+        }
+        cmd.args(["-p", &port.to_string(), "127.0.0.1"]);
+        let r = run(cmd, Duration::from_secs(60)).unwrap();
+        let out = format!("{}{}", r.stdout, r.stderr);
+        let what = if padded { "padded" } else { "plain" };
+        assert!(!out.contains("STUN receive timeout"), "{what}: {out}");
+        assert!(
+            out.contains(&format!("Other addr: : {alt}")),
+            "{what}: {out}"
+        );
+        // The first answer comes from the main address; the filtering
+        // test's (change IP and port) from the alternate one.
+        for origin in [&listen, &alt] {
+            assert!(
+                out.contains(&format!("Response origin: : {origin}")),
+                "{what}: no answer from {origin}: {out}"
+            );
+        }
+        assert!(
+            out.contains("NAT with Endpoint Independent Mapping!"),
+            "{what}: {out}"
+        );
+        assert!(
+            out.contains("NAT with Endpoint Independent Filtering!"),
+            "{what}: {out}"
+        );
+    }
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert!(
+        health["stun"]["requests"].as_u64().unwrap() >= 4,
+        "{health}"
+    );
+}
+
+/// Every CHANGE-REQUEST at every one of the server's four RFC 5780
+/// addresses is answered from the address it asks for (the other IP and/or
+/// port than the one the request arrived at), naming that address in
+/// RESPONSE-ORIGIN and the alternate one in OTHER-ADDRESS; requests to an
+/// alternate socket asking for the main address included.
+#[test]
+fn change_request_is_answered_from_the_address_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = port_pair();
+    let (ip1, ip2) = ("127.0.0.1", "127.0.0.2");
+    let at = |ip: &str, p: u16| -> std::net::SocketAddr { format!("{ip}:{p}").parse().unwrap() };
+    let alt = at(ip2, port + 1);
+    let _s = ServerProc::start(
+        dir.path(),
+        &[
+            "--listen",
+            &at(ip1, port).to_string(),
+            "--alt-listen",
+            &alt.to_string(),
+        ],
+    )
+    .unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    for to_ip in [ip1, ip2] {
+        for to_port in [port, port + 1] {
+            for (ci, cp) in [(false, false), (true, false), (false, true), (true, true)] {
+                let to = at(to_ip, to_port);
+                let want_ip = if ci == (to_ip == ip1) { ip2 } else { ip1 };
+                let want_port = if cp == (to_port == port) {
+                    port + 1
+                } else {
+                    port
+                };
+                let want = at(want_ip, want_port);
+                let txid = stun::new_txid();
+                let req = stun::binding_request(&txid, ci, cp);
+                // Loopback loses nothing; a few tries bound a busy machine.
+                let got = (0..10).find_map(|_| {
+                    sock.send_to(&req, to).unwrap();
+                    let (n, from) = sock.recv_from(&mut buf).ok()?;
+                    let m = stun::parse(&buf[..n]).ok()?;
+                    (m.txid == txid).then(|| {
+                        let origin = m
+                            .get(stun::attr::RESPONSE_ORIGIN)
+                            .and_then(|v| stun::decode_address(v, None));
+                        let other = m
+                            .get(stun::attr::OTHER_ADDRESS)
+                            .and_then(|v| stun::decode_address(v, None));
+                        (from, origin, other)
+                    })
+                });
+                let case = format!("to {to}, change ip {ci}, port {cp}");
+                let (from, origin, other) =
+                    got.unwrap_or_else(|| panic!("{case}: no answer within 5 s"));
+                assert_eq!(from, want, "{case}: answered from");
+                assert_eq!(origin, Some(want), "{case}: RESPONSE-ORIGIN");
+                assert_eq!(other, Some(alt), "{case}: OTHER-ADDRESS");
+            }
+        }
+    }
 }
 
 /// Starts coturn as a plain STUN server on `ips` at `port` (and `alt` as its

@@ -447,8 +447,8 @@ fn front_certs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path
 /// standard upgrade headers) to the server's HTTP listener, as a load
 /// balancer or ingress does. None when nginx is not installed.
 fn nginx_front(dir: &Path, http: SocketAddr) -> Option<(Proc, u16, std::path::PathBuf)> {
-    if Command::new("nginx").arg("-v").output().is_err() {
-        eprintln!("nginx not installed (apt-get install nginx-light); skipping");
+    let missing = punch_lab::harness::missing_tools(&[("nginx", "nginx-light")]);
+    if !punch_lab::harness::ready("the nginx front test", &missing) {
         return None;
     }
     let (ca, cert, key) = front_certs(dir);

@@ -126,7 +126,8 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
-fn have(tool: &str) -> bool {
+/// Is `tool` on the PATH?
+pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
@@ -142,6 +143,31 @@ pub fn is_root() -> bool {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// Tools every lab test uses, with their Debian packages.
+pub const LAB_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("conntrack", "conntrack"),
+    ("ethtool", "ethtool"),
+];
+
+/// Can a lab test run here (root and the [`LAB_TOOLS`], plus `extra`)? When
+/// not, outside CI it prints one line saying what is missing and returns
+/// false (the test skips); under CI (`CI` set) it panics, since `.ci/run`
+/// installs everything and runs as root.
+pub fn lab_ready(what: &str, extra: &[(&str, &str)]) -> bool {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root (network namespaces and nftables)".to_string());
+    }
+    for (tool, package) in LAB_TOOLS.iter().chain(extra) {
+        if !have(tool) {
+            missing.push(format!("`{tool}` (apt-get install {package})"));
+        }
+    }
+    crate::harness::ready(what, &missing)
 }
 
 /// Checks that the lab can run here: root, `ip` and `nft`.

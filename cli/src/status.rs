@@ -3,12 +3,12 @@
 //! and so people can see what it is doing. `GET /healthz` is 200 while
 //! registered and 503 otherwise; `GET /` is a small HTML page.
 
-use crate::{Agent, Status};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use punch_agent::{Agent, Status};
 use punch_protocol::view::html_escape as esc;
 
 fn state(agent: &Agent) -> (bool, serde_json::Value) {

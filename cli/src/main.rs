@@ -1,5 +1,7 @@
 //! The `punch-agent` command.
 
+mod status;
+
 use clap::{Args, Parser, Subcommand};
 use punch_agent::portmap::{PortMapSettings, PortMapping};
 use punch_agent::{Agent, AgentConfig, AgentError, PeerConnection, RelayMode, Status};
@@ -873,7 +875,7 @@ async fn serve(
             .await
             .map_err(|e| AgentError::Config(format!("--http {addr}: {e}")))?;
         tracing::info!(%addr, "status on HTTP");
-        tokio::spawn(punch_agent::status::serve(listener, agent.clone()));
+        tokio::spawn(status::serve(listener, agent.clone()));
     }
     let mut status = agent.watch_status();
     let accept = {

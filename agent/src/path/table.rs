@@ -1,0 +1,442 @@
+//! The path table: every peer's virtual address and the live path under it.
+//!
+//! Pure bookkeeping: no sockets are read or written here and every method
+//! that needs the time takes `now`, so the table (and the
+//! [`super::machine::PathMachine`] that decides on it) is tested without
+//! I/O. The socket consults it for every datagram.
+
+use punch_protocol::relay;
+use punch_protocol::signal::SessionId;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How relay frames reach the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayVia {
+    /// Over UDP, to the server at this address.
+    Udp(SocketAddr),
+    /// Over the agent's WebSocket channel (TCP).
+    Tcp,
+}
+
+impl RelayVia {
+    /// `"udp"` or `"tcp"`.
+    pub fn transport(self) -> punch_protocol::signal::Transport {
+        match self {
+            RelayVia::Udp(_) => punch_protocol::signal::Transport::Udp,
+            RelayVia::Tcp => punch_protocol::signal::Transport::Tcp,
+        }
+    }
+}
+
+/// How a peer is reached right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivePath {
+    /// Straight to the peer's address.
+    Direct(SocketAddr),
+    /// Through the server's relay.
+    Relay(RelayVia),
+    /// Nothing yet: packets are dropped (QUIC retransmits).
+    None,
+}
+
+#[derive(Clone, Debug)]
+struct PeerPath {
+    /// The latest session with this peer.
+    session: SessionId,
+    direct: Option<SocketAddr>,
+    /// The extra socket the direct path leaves from (birthday method), if
+    /// not the agent's own.
+    direct_aux: Option<Arc<tokio::net::UdpSocket>>,
+    relay: Option<RelayBinding>,
+    /// When the last datagram arrived on the direct path.
+    direct_rx: Option<std::time::Instant>,
+    /// The session under which the direct path was found. A newer session
+    /// may come from a new process of the peer (same key, restarted), for
+    /// which that path is stale: its handshake says where it is now.
+    direct_session: Option<SessionId>,
+    /// Sessions and connections using this address; it is forgotten when
+    /// the last one lets go.
+    users: usize,
+}
+
+/// A relay binding: the server and the session it is bound on.
+#[derive(Clone, Copy, Debug)]
+struct RelayBinding {
+    via: RelayVia,
+    session: SessionId,
+    secret: [u8; 32],
+    role: punch_protocol::signal::Role,
+    /// The server said it stopped relaying this session (its quota is
+    /// spent): a new session is needed.
+    ended: bool,
+}
+
+impl PeerPath {
+    fn active(&self) -> ActivePath {
+        match (self.direct, self.relay) {
+            (Some(d), _) => ActivePath::Direct(d),
+            (None, Some(r)) => ActivePath::Relay(r.via),
+            (None, None) => ActivePath::None,
+        }
+    }
+}
+
+/// Per-peer virtual addresses and the live path under each.
+///
+/// quinn talks to a peer at a *virtual* address from 240.0.0.0/4 (reserved,
+/// never routed) that stays the same for the connection's life; the socket
+/// sends each datagram for it on the peer's best path (direct when
+/// validated, else the relay) and labels what arrives on either path with
+/// the virtual address. Switching paths therefore never changes the
+/// connection quinn sees. iroh does the same with its per-peer mapped
+/// addresses.
+///
+/// The virtual address belongs to the peer (its key), not to one session:
+/// a second connection to the same peer shares it, so the same source
+/// address never has to mean two things.
+#[derive(Debug, Default)]
+pub struct PathTable {
+    peers: HashMap<SocketAddr, PeerPath>,
+    by_direct: HashMap<SocketAddr, SocketAddr>,
+    by_session: HashMap<SessionId, SocketAddr>,
+    by_key: HashMap<punch_protocol::signal::PublicKey, SocketAddr>,
+    next: u32,
+}
+
+/// Most peers with a virtual address at once.
+pub const MAX_PEERS: usize = 4096;
+
+/// Is this one of our virtual addresses' range?
+pub fn is_virtual(addr: SocketAddr) -> bool {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => v4.octets()[0] >= 240 && !v4.is_broadcast(),
+        IpAddr::V6(_) => false,
+    }
+}
+
+impl PathTable {
+    /// The virtual address of a session's peer (allocated when the peer
+    /// has none), with one more user: call [`PathTable::unref`] when the
+    /// session is over.
+    pub fn register(
+        &mut self,
+        session: SessionId,
+        peer_key: punch_protocol::signal::PublicKey,
+    ) -> Option<SocketAddr> {
+        let known = self
+            .by_session
+            .get(&session)
+            .or_else(|| self.by_key.get(&peer_key))
+            .copied();
+        if let Some(v) = known {
+            if let Some(p) = self.peers.get_mut(&v) {
+                p.session = session;
+                p.users += 1;
+                self.by_session.insert(session, v);
+                return Some(v);
+            }
+        }
+        if self.peers.len() >= MAX_PEERS {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1) & 0x0fff_ffff;
+        let n = self.next;
+        let v = SocketAddr::from((
+            Ipv4Addr::new(
+                240 | (n >> 24) as u8,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ),
+            1,
+        ));
+        self.peers.insert(
+            v,
+            PeerPath {
+                session,
+                direct: None,
+                direct_aux: None,
+                relay: None,
+                direct_rx: None,
+                direct_session: None,
+                users: 1,
+            },
+        );
+        self.by_session.insert(session, v);
+        self.by_key.insert(peer_key, v);
+        Some(v)
+    }
+
+    /// One more user of `v` (a connection); false when `v` is unknown.
+    pub fn add_ref(&mut self, v: SocketAddr) -> bool {
+        self.peers.get_mut(&v).map(|p| p.users += 1).is_some()
+    }
+
+    /// One user of `v` is done; the last one forgets the peer.
+    pub fn unref(&mut self, v: SocketAddr) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.users = p.users.saturating_sub(1);
+            if p.users == 0 {
+                self.remove(v);
+            }
+        }
+    }
+
+    /// Forgets a peer.
+    fn remove(&mut self, v: SocketAddr) {
+        if self.peers.remove(&v).is_some() {
+            self.by_session.retain(|_, x| *x != v);
+            self.by_key.retain(|_, x| *x != v);
+            self.by_direct.retain(|_, x| *x != v);
+        }
+    }
+
+    /// Labels datagrams from `addr` (which sent an authenticated probe of
+    /// the peer's session) as coming from `v`, so QUIC packets that arrive
+    /// before our own side validated the path reach the right connection.
+    pub fn learn(&mut self, v: SocketAddr, addr: SocketAddr) {
+        // The latest peer to probe from an address owns it: NATs reuse
+        // ports, and a stale owner would misroute a new peer's packets.
+        if self.peers.contains_key(&v)
+            && (self.by_direct.len() < 4 * MAX_PEERS || self.by_direct.contains_key(&addr))
+        {
+            self.by_direct.insert(addr, v);
+        }
+    }
+
+    /// Uses `addr` as the direct path (validated by probes).
+    pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct = addr;
+            p.direct_aux = None;
+            p.direct_rx = Some(now);
+            p.direct_session = Some(p.session);
+            if let Some(a) = addr {
+                self.by_direct.insert(a, v);
+            }
+        }
+    }
+
+    /// Uses `addr`, reached from the extra socket `aux`, as the direct path
+    /// (the birthday method found it).
+    pub fn set_direct_aux(
+        &mut self,
+        v: SocketAddr,
+        addr: SocketAddr,
+        aux: Arc<tokio::net::UdpSocket>,
+        now: Instant,
+    ) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct = Some(addr);
+            p.direct_aux = Some(aux);
+            p.direct_rx = Some(now);
+            p.direct_session = Some(p.session);
+        }
+    }
+
+    /// Is `aux` still the socket of `v`'s direct path?
+    pub fn uses_aux(&self, v: SocketAddr, aux: &Arc<tokio::net::UdpSocket>) -> bool {
+        self.peers
+            .get(&v)
+            .and_then(|p| p.direct_aux.as_ref())
+            .is_some_and(|a| Arc::ptr_eq(a, aux))
+    }
+
+    /// Notes traffic on `v`'s direct path.
+    pub fn touch_direct(&mut self, v: SocketAddr, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.direct_rx = Some(now);
+        }
+    }
+
+    /// Uses the relay reached `via`, bound on this session, for the peer.
+    pub fn set_relay(
+        &mut self,
+        v: SocketAddr,
+        via: RelayVia,
+        session: SessionId,
+        secret: [u8; 32],
+        role: punch_protocol::signal::Role,
+    ) {
+        if let Some(p) = self.peers.get_mut(&v) {
+            p.relay = Some(RelayBinding {
+                via,
+                session,
+                secret,
+                role,
+                ended: false,
+            });
+        }
+    }
+
+    /// Notes the server's "ended" notice for the session `v`'s relay is
+    /// bound on (its MAC checked with that session's secret); returns `v`
+    /// the first time.
+    pub fn relay_ended(&mut self, frame: &relay::Frame<'_>) -> Option<SocketAddr> {
+        let relay::Frame::Ended { session, .. } = frame else {
+            return None;
+        };
+        let v = *self.by_session.get(session)?;
+        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
+        if r.ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
+            return None;
+        }
+        r.ended = true;
+        Some(v)
+    }
+
+    /// Notes the server's "unknown" answer to a bind of ours: it does not
+    /// know the session (it restarted). Not authenticated: it only leads
+    /// to a new introduction, as an ended session does. Returns `v` the
+    /// first time.
+    pub fn relay_unknown(&mut self, session: SessionId) -> Option<SocketAddr> {
+        let v = *self.by_session.get(&session)?;
+        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
+        if r.ended || r.session != session {
+            return None;
+        }
+        r.ended = true;
+        Some(v)
+    }
+
+    /// The session of `v`'s relay binding, if the server ended it.
+    pub fn relay_ended_session(&self, v: SocketAddr) -> Option<SessionId> {
+        let r = self.peers.get(&v)?.relay?;
+        r.ended.then_some(r.session)
+    }
+
+    /// How long the direct path of `v` has been silent, when it is the
+    /// path in use.
+    pub fn direct_silence(&self, v: SocketAddr, now: Instant) -> Option<Duration> {
+        let p = self.peers.get(&v)?;
+        p.direct?;
+        Some(now.saturating_duration_since(p.direct_rx?))
+    }
+
+    /// Gives up the direct path of `v` for its relay binding (when it has
+    /// one); returns a fresh bind request to send, since the NAT mapping
+    /// the relay knows may be the one that just died.
+    pub fn fall_back(&mut self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
+        let p = self.peers.get_mut(&v)?;
+        p.relay?;
+        // The dead address keeps mapping to `v`: late packets from it must
+        // not look like a new peer to quinn.
+        p.direct.take()?;
+        p.direct_aux = None;
+        self.relay_refresh(v)
+    }
+
+    /// Does the peer have a relay binding?
+    pub fn has_relay(&self, v: SocketAddr) -> bool {
+        self.peers.get(&v).is_some_and(|p| p.relay.is_some())
+    }
+
+    /// The session the peer's relay binding uses.
+    pub fn relay_session(&self, v: SocketAddr) -> Option<SessionId> {
+        self.peers.get(&v)?.relay.map(|r| r.session)
+    }
+
+    /// The path packets to `v` take now.
+    pub fn active(&self, v: SocketAddr) -> Option<ActivePath> {
+        self.peers.get(&v).map(PeerPath::active)
+    }
+
+    /// A fresh bind request for the peer's relay binding, if it has one:
+    /// the server drops idle bindings, and a direct path carries no relay
+    /// traffic, so live connections refresh theirs.
+    pub fn relay_refresh(&self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
+        let r = self.peers.get(&v)?.relay?;
+        Some((
+            r.via,
+            relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
+        ))
+    }
+
+    /// Moves every relay binding to `via` (the agent's channel to the
+    /// server changed: a new WebSocket, or UDP instead of TCP) and returns
+    /// the bind requests that tell the server.
+    pub fn move_relays(&mut self, via: RelayVia) -> Vec<(RelayVia, Vec<u8>)> {
+        let mut out = Vec::new();
+        for p in self.peers.values_mut() {
+            if let Some(r) = &mut p.relay {
+                r.via = via;
+                out.push((
+                    via,
+                    relay::encode_bind_request(&r.secret, r.session, r.role, rand::random()),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The peer whose session this is.
+    pub fn peer_of_session(&self, session: &SessionId) -> Option<SocketAddr> {
+        self.by_session.get(session).copied()
+    }
+
+    /// The virtual address of the peer whose direct path (or probed
+    /// candidate) `from` is, noting the arrival. QUIC from a probed address
+    /// makes it the path while the peer has no path yet (answer the way it
+    /// came), and so does a new handshake (`initial`) when the path in use
+    /// was found for an older session: the peer may be a new process that
+    /// no longer listens there.
+    pub fn direct_arrival(
+        &mut self,
+        from: SocketAddr,
+        initial: bool,
+        now: Instant,
+    ) -> Option<SocketAddr> {
+        let v = self.by_direct.get(&from).copied()?;
+        let p = self.peers.get_mut(&v)?;
+        let stale = initial && p.direct != Some(from) && p.direct_session != Some(p.session);
+        if p.active() == ActivePath::None || stale {
+            if stale {
+                tracing::info!(peer = %v, %from, old = ?p.direct, "a new handshake arrives on another direct path; answering there");
+            }
+            p.direct = Some(from);
+            p.direct_aux = None;
+            p.direct_session = Some(p.session);
+        }
+        if p.direct == Some(from) {
+            p.direct_rx = Some(now);
+        }
+        Some(v)
+    }
+
+    /// A new handshake from `v` arrived through the relay: when the direct
+    /// path in use was found for an older session (the peer may have
+    /// restarted on a network where only the relay works), the relay
+    /// carries our answers from now on.
+    pub fn initial_via_relay(&mut self, v: SocketAddr) {
+        let Some(p) = self.peers.get_mut(&v) else {
+            return;
+        };
+        if p.direct.is_some() && p.relay.is_some() && p.direct_session != Some(p.session) {
+            tracing::info!(peer = %v, old = ?p.direct, "a new handshake arrives through the relay; answering there");
+            p.direct = None;
+            p.direct_aux = None;
+        }
+    }
+
+    /// How to send to `v` now: the active path, the relay session, and the
+    /// extra socket a direct path leaves from (birthday method).
+    pub fn send_route(
+        &self,
+        v: SocketAddr,
+    ) -> Option<(
+        ActivePath,
+        Option<SessionId>,
+        Option<Arc<tokio::net::UdpSocket>>,
+    )> {
+        let p = self.peers.get(&v)?;
+        Some((p.active(), p.relay.map(|r| r.session), p.direct_aux.clone()))
+    }
+
+    /// The session of a virtual address.
+    pub fn session(&self, v: SocketAddr) -> Option<SessionId> {
+        self.peers.get(&v).map(|p| p.session)
+    }
+}

@@ -1,0 +1,521 @@
+//! The birthday method's decisions, sans-IO: who plays which part, where
+//! the easy side sprays, where the hard side's extra sockets send, and the
+//! hard side itself as a state machine ([`HardSide`]).
+//!
+//! The method is for a peer pair where one NAT maps every destination to a
+//! new, unpredictable port (endpoint-dependent mapping: "symmetric") and
+//! the other keeps one mapping for all destinations but filters by address
+//! and port (a port-restricted home NAT, Cloud NAT with EIM).
+//!
+//! Ordinary punching cannot work there: the easy side would have to send to
+//! the exact port the hard side's NAT picked for it, which nobody can see.
+//! So the hard side opens [`AUX_SOCKETS`] sockets and sends from each to the
+//! easy side's (stable) mapping, creating that many mappings in its NAT; the
+//! easy side sprays pings at many ports of the hard side's public address
+//! (its port block first, then random ports). With n mappings among the
+//! 64,512 ports and k sprayed pings, some ping meets a mapping with
+//! probability 1 − e^(−nk/64512): about 98 % for n = 256, k = 1024, and
+//! certainty when the NAT draws from a known 64-port block (Cloud NAT's
+//! default). The first ping that lands is answered from its socket, which
+//! becomes the peer's direct path. Tailscale describes the same method.
+//!
+//! When both NATs map per destination the same machinery runs on both
+//! sides with a few sockets and the peer's port block as targets
+//! ([`Part::Both`]): Cloud NAT behind Cloud NAT.
+//!
+//! The agent drives these with real sockets; the simulator (`sim/`) drives
+//! the very same functions and machine on a virtual clock.
+
+use crate::probe::{Probe, ProbeError, ProbeKind};
+use crate::punch::Transmit;
+use crate::signal::{CandidateKind, NatBehaviour, NatClass, Offer, Role, SessionId};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Sockets the hard side opens.
+pub const AUX_SOCKETS: usize = 256;
+/// Extra sockets each side opens when both NATs map per destination
+/// (see [`Part::Both`]).
+pub const BLOCK_SOCKETS: usize = 3;
+/// Ports the easy side sprays (block first, then random ones).
+pub const SPRAY_PORTS: usize = 2048;
+/// The easy side starts spraying this long after the offer: the peer's
+/// extra sockets need a moment to open their mappings.
+pub const SPRAY_DELAY: Duration = Duration::from_millis(150);
+/// The hard side's second round of pings follows the first after this.
+pub const HARD_ROUND_GAP: Duration = Duration::from_millis(300);
+/// Most extra sockets one [`HardSide`] tracks (bounds its memory whatever
+/// the caller asks for).
+pub const MAX_HARD_SOCKETS: usize = 4096;
+/// After the hard side validates, its sockets that met the peer keep
+/// answering the peer's pings this long: the spray ping that opened the way
+/// may have been lost, and the peer validates only on a pong (the puncher
+/// keeps answering the same way).
+pub const HARD_ANSWER_GRACE: Duration = Duration::from_secs(3);
+
+fn dependent(b: NatBehaviour) -> bool {
+    matches!(
+        b,
+        NatBehaviour::AddressDependent | NatBehaviour::AddressAndPortDependent
+    )
+}
+
+/// Our part in the birthday method, if the pair needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Our NAT maps per destination: open many sockets.
+    Hard,
+    /// Our NAT keeps one mapping and filters by port: spray the peer.
+    Easy,
+    /// Both NATs map per destination. When they draw ports from small
+    /// blocks (Cloud NAT: 64 a host), each side scans the other's block:
+    /// a side's flow to the peer's port p gets some port q of its own
+    /// block, and it meets the peer when the peer's flow to q got p. One
+    /// scan from one socket a side meets with 1 − (63/64)^64 ≈ 63 %;
+    /// with k sockets a side the expected meetings are k², so the main
+    /// socket's scan plus [`BLOCK_SOCKETS`] more (k = 4) all but never
+    /// miss, for 192 pings a side per round.
+    Both,
+}
+
+/// Decides from both NAT classes (ours measured, the peer's from the offer).
+pub fn part(ours: Option<NatClass>, peer: Option<NatClass>) -> Option<Part> {
+    let (o, p) = (ours?, peer?);
+    if o.public || p.public {
+        return None;
+    }
+    // With address-dependent (or no) filtering on the easy side, ordinary
+    // punching already meets the hard side's new mapping. Unknown filtering
+    // (an agent that connects before its filtering tests end) does not
+    // count: a looser filter would let the extra sockets' pings through
+    // and the two sides could settle on different sockets.
+    let strict = |f: NatBehaviour| f == NatBehaviour::AddressAndPortDependent;
+    let eim = |c: NatClass| c.mapping == NatBehaviour::EndpointIndependent;
+    if dependent(o.mapping) && eim(p) && strict(p.filtering) {
+        Some(Part::Hard)
+    } else if eim(o) && strict(o.filtering) && dependent(p.mapping) {
+        Some(Part::Easy)
+    } else if dependent(o.mapping) && dependent(p.mapping) {
+        Some(Part::Both)
+    } else {
+        None
+    }
+}
+
+/// The ports to spray at a hard peer: the aligned 64-port block around each
+/// port we saw it use (Cloud NAT and carrier NATs draw from such blocks),
+/// then random ports, [`SPRAY_PORTS`] in all, no duplicates.
+pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
+    let mut out = Vec::with_capacity(SPRAY_PORTS);
+    let mut taken = vec![false; 65536];
+    for &p in seen {
+        let base = p & !63;
+        for k in 0..64u16 {
+            let port = base.wrapping_add(k);
+            if port >= 1024 && !taken[port as usize] {
+                taken[port as usize] = true;
+                out.push(port);
+            }
+        }
+    }
+    let mut tries = 0;
+    while out.len() < SPRAY_PORTS && tries < 20 * SPRAY_PORTS {
+        tries += 1;
+        let port: u16 = rng.gen_range(1024..=65535);
+        if !taken[port as usize] {
+            taken[port as usize] = true;
+            out.push(port);
+        }
+    }
+    out
+}
+
+/// Where the extra sockets send for our `part`: the peer's public
+/// mapping (hard side), or every port of the aligned 64-port block around
+/// each port we saw it use (both sides hard). IPv4 only.
+pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
+    match part {
+        Part::Hard => public_candidates(offer).filter(|a| a.is_ipv4()).collect(),
+        Part::Both => {
+            let Some((ip, seen)) = spray_target(offer).filter(|(ip, _)| ip.is_ipv4()) else {
+                return Vec::new();
+            };
+            let mut blocks: Vec<u16> = seen.iter().map(|p| p & !63).collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            blocks
+                .iter()
+                .flat_map(|b| (0..64u16).map(move |k| b.wrapping_add(k)))
+                .filter(|p| *p >= 1024)
+                .map(|p| SocketAddr::new(ip, p))
+                .collect()
+        }
+        Part::Easy => Vec::new(),
+    }
+}
+
+/// The peer's addresses as servers saw them (its NAT's public side).
+fn public_candidates(offer: &Offer) -> impl Iterator<Item = SocketAddr> + '_ {
+    offer
+        .peer_candidates
+        .iter()
+        .filter(|c| matches!(c.kind, CandidateKind::ServerReflexive | CandidateKind::Stun))
+        .map(|c| c.addr)
+}
+
+/// The hard peer's public address and the ports we saw it use.
+pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
+    let ip = public_candidates(offer).next()?.ip();
+    let ports = public_candidates(offer)
+        .filter(|a| a.ip() == ip)
+        .map(|a| a.port())
+        .collect();
+    Some((ip, ports))
+}
+
+/// The easy side's spray: pass to [`crate::punch::Puncher::spray`] at
+/// `now + delay`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SprayPlan {
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    pub delay: Duration,
+}
+
+/// The hard side's extra sockets: how many, and where each sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HardPlan {
+    pub part: Part,
+    pub sockets: usize,
+    pub targets: Vec<SocketAddr>,
+}
+
+/// Everything the birthday method adds to ordinary punching for one offer;
+/// both parts are `None` for pairs that ordinary punching handles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub spray: Option<SprayPlan>,
+    pub hard: Option<HardPlan>,
+}
+
+/// The spray our side adds to its puncher for `offer`, if we are the easy
+/// side.
+pub fn spray_plan(
+    ours: Option<NatClass>,
+    offer: &Offer,
+    rng: &mut impl rand::Rng,
+) -> Option<SprayPlan> {
+    if part(ours, offer.peer_nat) != Some(Part::Easy) {
+        return None;
+    }
+    let (ip, seen) = spray_target(offer)?;
+    Some(SprayPlan {
+        ip,
+        ports: spray_ports(&seen, rng),
+        delay: SPRAY_DELAY,
+    })
+}
+
+/// The extra sockets our side opens for `offer`, if our NAT maps per
+/// destination and the pair needs them.
+pub fn hard_plan(ours: Option<NatClass>, offer: &Offer) -> Option<HardPlan> {
+    let (part, sockets) = match part(ours, offer.peer_nat)? {
+        Part::Hard => (Part::Hard, AUX_SOCKETS),
+        Part::Both => (Part::Both, BLOCK_SOCKETS),
+        Part::Easy => return None,
+    };
+    let targets = targets(offer, part);
+    (!targets.is_empty()).then_some(HardPlan {
+        part,
+        sockets,
+        targets,
+    })
+}
+
+/// [`spray_plan`] and [`hard_plan`] together: one function decides for the
+/// agent and the simulator alike.
+pub fn plan(ours: Option<NatClass>, offer: &Offer, rng: &mut impl rand::Rng) -> Plan {
+    Plan {
+        spray: spray_plan(ours, offer, rng),
+        hard: hard_plan(ours, offer),
+    }
+}
+
+/// What a [`HardSide`] needs from the offer.
+#[derive(Clone, Copy, Debug)]
+pub struct HardParams {
+    pub session: SessionId,
+    pub secret: [u8; 32],
+    pub role: Role,
+    /// First transaction id (random in production; below 2^63 so the
+    /// round offsets never wrap into the puncher's spray range).
+    pub txid_base: u64,
+}
+
+/// Something the hard side's driver must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardEvent {
+    /// A pong to extra socket `socket`'s ping proved that `addr` reaches
+    /// the peer from that socket.
+    Validated {
+        socket: usize,
+        addr: SocketAddr,
+        rtt: Duration,
+        /// Our address (that socket's mapping) as the peer saw it.
+        observed: SocketAddr,
+    },
+    /// The time limit passed with no pong.
+    TimedOut,
+}
+
+/// Transaction id offsets: socket `i`'s pings carry `txid_base + i +
+/// round * TXID_ROUND` (round 2: pings back to the spray), so a pong names
+/// its socket without a table.
+const TXID_ROUND: u64 = 1_000_000;
+
+/// The hard side of the birthday method on `sockets` extra sockets
+/// (indices `0..sockets`): each pings every target twice,
+/// [`HARD_ROUND_GAP`] apart (a first ping lost on the way still leaves the
+/// mapping, and the second keeps it fresh while the spray arrives),
+/// answers the peer's pings with a pong and a ping back, and the first
+/// socket whose own ping is answered is the path. After that it only
+/// answers pings on the sockets that met the peer, for
+/// [`HARD_ANSWER_GRACE`]; after the limit it ignores everything.
+#[derive(Debug)]
+pub struct HardSide {
+    params: HardParams,
+    targets: Vec<SocketAddr>,
+    sent_at: Vec<Instant>,
+    /// Rounds sent so far (0, 1 or 2).
+    rounds: u8,
+    next_round: Instant,
+    deadline: Instant,
+    hits: Vec<usize>,
+    outbox: VecDeque<(usize, Transmit)>,
+    events: VecDeque<HardEvent>,
+    done: bool,
+    /// Validated: answer pings on met sockets until then.
+    answer_until: Option<Instant>,
+    pings_sent: u32,
+}
+
+impl HardSide {
+    /// Starts at `now` (the first round goes out at once); gives up
+    /// `limit` after the second round.
+    pub fn new(
+        params: HardParams,
+        sockets: usize,
+        targets: Vec<SocketAddr>,
+        now: Instant,
+        limit: Duration,
+    ) -> Self {
+        let sockets = sockets.min(MAX_HARD_SOCKETS);
+        let mut h = HardSide {
+            params,
+            targets,
+            sent_at: vec![now; sockets],
+            rounds: 0,
+            next_round: now,
+            deadline: now + HARD_ROUND_GAP + limit,
+            hits: Vec::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            done: false,
+            answer_until: None,
+            pings_sent: 0,
+        };
+        if h.targets.is_empty() || sockets == 0 {
+            h.finish(HardEvent::TimedOut);
+        } else {
+            h.handle_timeout(now);
+        }
+        h
+    }
+
+    fn finish(&mut self, ev: HardEvent) {
+        self.done = true;
+        self.events.push_back(ev);
+    }
+
+    fn ping(&self, txid: u64) -> Vec<u8> {
+        Probe::ping(self.params.role, self.params.session, txid).encode(&self.params.secret)
+    }
+
+    /// Sends the rounds that are due, or gives up at the limit.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.answer_until.is_some_and(|t| now >= t) {
+            self.answer_until = None;
+        }
+        if self.done {
+            return;
+        }
+        if self.rounds < 2 && now >= self.next_round {
+            let round = self.rounds as u64;
+            for i in 0..self.sent_at.len() {
+                let payload = self.ping(self.params.txid_base + i as u64 + round * TXID_ROUND);
+                for t in &self.targets {
+                    self.outbox.push_back((
+                        i,
+                        Transmit {
+                            dst: *t,
+                            payload: payload.clone(),
+                        },
+                    ));
+                    self.pings_sent += 1;
+                }
+                self.sent_at[i] = now;
+            }
+            self.rounds += 1;
+            self.next_round = now + HARD_ROUND_GAP;
+        } else if self.rounds >= 2 && now >= self.deadline {
+            self.finish(HardEvent::TimedOut);
+        }
+    }
+
+    /// Handles a probe that arrived on extra socket `sock` from `from`.
+    pub fn handle_probe(
+        &mut self,
+        sock: usize,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Result<(), ProbeError> {
+        if sock >= self.sent_at.len() {
+            return Err(ProbeError::BadField);
+        }
+        if self.done {
+            let answering = self.answer_until.is_some_and(|t| now < t);
+            if !answering || !self.hits.contains(&sock) {
+                return Err(ProbeError::BadField);
+            }
+            let pong = answer_ping(&self.params, self.targets[0].ip(), from, data)?;
+            self.outbox.push_back((
+                sock,
+                Transmit {
+                    dst: from,
+                    payload: pong,
+                },
+            ));
+            return Ok(());
+        }
+        let p = Probe::decode(data, &self.params.secret)?;
+        let peer_ip = self.targets[0].ip().to_canonical();
+        if p.session != self.params.session
+            || p.role == self.params.role
+            || from.ip().to_canonical() != peer_ip
+        {
+            return Err(ProbeError::BadField);
+        }
+        match p.kind {
+            ProbeKind::Ping => {
+                // The spray found this socket: answer, and ping back so our
+                // side validates too.
+                let pong = p
+                    .pong_to(self.params.role, from)
+                    .encode(&self.params.secret);
+                let back = self.ping(self.params.txid_base + sock as u64 + 2 * TXID_ROUND);
+                self.outbox.push_back((
+                    sock,
+                    Transmit {
+                        dst: from,
+                        payload: pong,
+                    },
+                ));
+                self.outbox.push_back((
+                    sock,
+                    Transmit {
+                        dst: from,
+                        payload: back,
+                    },
+                ));
+                self.pings_sent += 1;
+                self.sent_at[sock] = now;
+                if !self.hits.contains(&sock) {
+                    self.hits.push(sock);
+                }
+            }
+            ProbeKind::Pong { observed } => {
+                let k = p.txid.wrapping_sub(self.params.txid_base) % TXID_ROUND;
+                if k != sock as u64 {
+                    return Err(ProbeError::BadField);
+                }
+                let rtt = now.saturating_duration_since(self.sent_at[sock]);
+                if !self.hits.contains(&sock) {
+                    self.hits.push(sock);
+                }
+                self.answer_until = Some(now + HARD_ANSWER_GRACE);
+                self.finish(HardEvent::Validated {
+                    socket: sock,
+                    addr: from,
+                    rtt,
+                    observed,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Next datagram to send, and the index of the socket to send it from.
+    pub fn poll_transmit(&mut self) -> Option<(usize, Transmit)> {
+        self.outbox.pop_front()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<HardEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`HardSide::handle_timeout`] must be called next; `None` once
+    /// done.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.done {
+            self.answer_until
+        } else if self.rounds < 2 {
+            Some(self.next_round)
+        } else {
+            Some(self.deadline)
+        }
+    }
+
+    /// The sockets the peer's pings reached, in order: the peer may have
+    /// validated one of them (its ordinary punching meets them too when its
+    /// filter is looser than its class said) and will send there.
+    pub fn met(&self) -> &[usize] {
+        &self.hits
+    }
+
+    /// Pings sent so far (both rounds and the pings back).
+    pub fn pings_sent(&self) -> u32 {
+        self.pings_sent
+    }
+
+    /// Done: validated or timed out.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// The pong to a ping of the peer's (at `peer_ip`) for this session, or
+/// why there is none: what the hard side's sockets answer after it
+/// validated.
+pub fn answer_ping(
+    params: &HardParams,
+    peer_ip: IpAddr,
+    from: SocketAddr,
+    data: &[u8],
+) -> Result<Vec<u8>, ProbeError> {
+    let p = Probe::decode(data, &params.secret)?;
+    if p.session != params.session
+        || p.role == params.role
+        || from.ip().to_canonical() != peer_ip.to_canonical()
+        || p.kind != ProbeKind::Ping
+    {
+        return Err(ProbeError::BadField);
+    }
+    Ok(p.pong_to(params.role, from).encode(&params.secret))
+}
+
+#[cfg(test)]
+#[path = "birthday_tests.rs"]
+mod tests;
