@@ -89,7 +89,12 @@ impl AgentError {
         }
     }
 
-    /// Errors that retrying cannot fix: the agent stops reconnecting.
+    /// Errors that retrying cannot fix: the agent stops reconnecting. Of
+    /// the server's refusals only these four are: a wrong token, a server
+    /// key other than the pinned one, an id bound to another key and
+    /// another protocol version. Everything else (time-outs, a busy or
+    /// failing server, even a bad-request answer, which may be a server
+    /// bug or a rolling upgrade) is retried with back-off.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -99,6 +104,24 @@ impl AgentError {
                 | AgentError::BadVersion(_)
                 | AgentError::Config(_)
         )
+    }
+
+    /// Maps the server's refusal of our registration: the four refusals
+    /// that retrying cannot fix keep their own errors (and exit codes);
+    /// every other code, `bad_request` and `malformed` included, is a
+    /// [`AgentError::Server`] error, which the agent retries: our own
+    /// hello was checked at start ([`crate::Agent::start`]), so a refusal
+    /// of it says more about the server than about us.
+    pub fn from_registration(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::BadToken => AgentError::BadToken(message),
+            ErrorCode::IdTaken => AgentError::IdTaken(message),
+            ErrorCode::BadVersion => AgentError::BadVersion(message),
+            other => AgentError::Server {
+                code: other.as_str(),
+                message,
+            },
+        }
     }
 
     /// Maps a server error code for a request about `target`.
@@ -128,5 +151,47 @@ impl From<std::io::Error> for AgentError {
 impl From<punch_tls::TlsError> for AgentError {
     fn from(e: punch_tls::TlsError) -> Self {
         AgentError::Config(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_four_registration_refusals_are_fatal() {
+        let all = [
+            ErrorCode::BadVersion,
+            ErrorCode::BadToken,
+            ErrorCode::IdTaken,
+            ErrorCode::BadRequest,
+            ErrorCode::UnknownWorker,
+            ErrorCode::WorkerOffline,
+            ErrorCode::SelfConnect,
+            ErrorCode::Malformed,
+            ErrorCode::RateLimited,
+            ErrorCode::Internal,
+            ErrorCode::Timeout,
+        ];
+        for code in all {
+            let e = AgentError::from_registration(code, "m".into());
+            let fatal = matches!(
+                code,
+                ErrorCode::BadVersion | ErrorCode::BadToken | ErrorCode::IdTaken
+            );
+            assert_eq!(e.is_fatal(), fatal, "{code:?} -> {e:?}");
+        }
+        // The exit codes of the stopping kinds stay what scripts know.
+        let code = |c| AgentError::from_registration(c, String::new()).exit_code();
+        assert_eq!(
+            [
+                ErrorCode::BadToken,
+                ErrorCode::IdTaken,
+                ErrorCode::BadVersion
+            ]
+            .map(code),
+            [6, 9, 10]
+        );
+        assert_eq!(code(ErrorCode::BadRequest), 13);
     }
 }

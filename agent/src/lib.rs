@@ -475,6 +475,22 @@ impl Agent {
             }
             None => (anon_id(), true),
         };
+        // What the server checks of our hello, checked here: a bad tag is
+        // our mistake and stops us now, so that a refusal the server sends
+        // later can be taken for a passing one and retried.
+        punch_protocol::signal::Hello {
+            version: punch_protocol::PROTOCOL_VERSION,
+            worker_id: worker_id.clone(),
+            public_key: [0; 32],
+            token_proof: None,
+            ephemeral,
+            local_candidates: Vec::new(),
+            metadata: config.metadata.clone(),
+            kind: config.kind.clone(),
+            tags: config.tags.clone(),
+        }
+        .validate()
+        .map_err(AgentError::Config)?;
         let identity = match &config.key_file {
             Some(p) => Identity::load_or_create(p)?,
             None => Identity::generate()?,

@@ -4,7 +4,7 @@ use crate::{AgentError, Inner, Reply, Status};
 use futures_util::{SinkExt, StreamExt};
 use punch_net::{read_frame, write_frame, FrameError};
 use punch_protocol::codec::MAX_FRAME;
-use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, ServerMsg, Transport};
+use punch_protocol::signal::{ClientMsg, Hello, ServerMsg, Transport};
 use punch_protocol::ws::WsFrame;
 use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, KeyVerifier, TOKEN_PROOF_LABEL};
@@ -623,16 +623,7 @@ async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, 
                 .store(tcp && !has_stun, std::sync::atomic::Ordering::SeqCst);
             Ok(punch_net::canonical(observed))
         }
-        ServerMsg::Error { code, message, .. } => Err(match code {
-            ErrorCode::BadToken => AgentError::BadToken(message),
-            ErrorCode::IdTaken => AgentError::IdTaken(message),
-            ErrorCode::BadVersion => AgentError::BadVersion(message),
-            ErrorCode::BadRequest | ErrorCode::Malformed => AgentError::Config(message),
-            other => AgentError::Server {
-                code: other.as_str(),
-                message,
-            },
-        }),
+        ServerMsg::Error { code, message, .. } => Err(AgentError::from_registration(code, message)),
         other => Err(unreachable(format!("unexpected first message {other:?}"))),
     }
 }

@@ -6,7 +6,10 @@
 //! address to the session with a frame MAC'd with the session secret; from
 //! then on the server forwards data frames between the two bound addresses
 //! and nothing else (as TURN does with channel bindings). Every session has
-//! byte, time and idle quotas, and the table has a size cap.
+//! byte, time and idle quotas, and the table has a size cap. A requester
+//! holds at most a share of the table ([`RelayLimits::per_owner`]), so one
+//! agent introducing itself in a loop cannot leave everyone else's offers
+//! without a relay.
 //!
 //! ```text
 //! bind:     magic[4] 1 session[8] side[1] nonce[8] mac[16]
@@ -38,8 +41,9 @@
 use crate::signal::{Role, SessionId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// First four bytes of every relay frame (first byte outside the QUIC and
@@ -144,8 +148,9 @@ pub fn batch_items(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     Some(out)
 }
 
-/// Why a relay frame was refused.
+/// Why a relay frame (or a new session) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RelayError {
     #[error("not a relay frame")]
     BadMagic,
@@ -163,8 +168,20 @@ pub enum RelayError {
     Quota,
     #[error("relay table full")]
     Full,
+    #[error("the requester's share of the relay table is in use")]
+    ShareFull,
     #[error("relay bind replayed from another address")]
     Replayed,
+}
+
+/// Takes `id` off `owner`'s list (and the list off the map once empty).
+fn disown(owners: &mut HashMap<Arc<str>, VecDeque<SessionId>>, owner: &str, id: SessionId) {
+    if let Some(q) = owners.get_mut(owner) {
+        q.retain(|x| *x != id);
+        if q.is_empty() {
+            owners.remove(owner);
+        }
+    }
 }
 
 fn side_byte(r: Role) -> u8 {
@@ -347,6 +364,9 @@ pub struct RelayLimits {
     pub session_time: Duration,
     /// A session with no traffic this long is dropped.
     pub idle: Duration,
+    /// Sessions one requester may hold (see
+    /// [`RelayTable::insert_owned`]); 0 leaves only `max_sessions`.
+    pub per_owner: usize,
     /// Binds for unknown sessions answered per second (the rest are
     /// dropped): bounds what a flood of made-up binds gets back.
     pub unknown_replies_per_sec: u32,
@@ -359,6 +379,7 @@ impl Default for RelayLimits {
             session_bytes: 4 << 30,
             session_time: Duration::from_secs(24 * 3600),
             idle: Duration::from_secs(60),
+            per_owner: 64,
             unknown_replies_per_sec: 2000,
         }
     }
@@ -393,8 +414,18 @@ struct Session {
     held: Vec<Vec<u8>>,
     /// When the sides were last told the session's quota is spent.
     ended_sent: Option<Instant>,
+    /// The requester it was made for, when it counts against a share.
+    owner: Option<Arc<str>>,
     /// The last binds' nonces per side, newest last, and who sent them.
     nonces: [Vec<(u64, Endpoint)>; 2],
+}
+
+impl Session {
+    /// Never bound nor used: its pair went direct (or is still punching),
+    /// so dropping it costs nobody a live path.
+    fn unused(&self) -> bool {
+        self.bound == [None, None] && self.held.is_empty() && self.bytes == 0
+    }
 }
 
 /// Bind nonces remembered per side of a session (agents send a fresh one
@@ -436,6 +467,10 @@ pub struct RelayStats {
     pub quota_dropped: u64,
     /// "Ended" notices sent for spent sessions.
     pub ended_notices: u64,
+    /// Unused sessions dropped to make room in their requester's share.
+    pub share_evicted: u64,
+    /// Sessions refused because the requester's share was all in use.
+    pub share_refused: u64,
     /// Binds for sessions the table does not know, answered "unknown".
     pub unknown_replies: u64,
     /// Binds refused as replays (a known nonce from another address).
@@ -447,6 +482,9 @@ pub struct RelayStats {
 pub struct RelayTable {
     limits: RelayLimits,
     sessions: HashMap<SessionId, Session>,
+    /// Each requester's sessions, oldest first (bounded by the table: one
+    /// entry per owned session).
+    owners: HashMap<Arc<str>, VecDeque<SessionId>>,
     /// When a full table was last swept for expired sessions: a full table
     /// is swept at most once a second, not on every insert (a sweep is
     /// linear in the table).
@@ -465,6 +503,7 @@ impl RelayTable {
         RelayTable {
             limits,
             sessions: HashMap::new(),
+            owners: HashMap::new(),
             last_full_sweep: None,
             released: Vec::new(),
             unknown_budget: (0, None),
@@ -511,23 +550,117 @@ impl RelayTable {
                 bytes: 0,
                 held: Vec::new(),
                 ended_sent: None,
+                owner: None,
                 nonces: [Vec::new(), Vec::new()],
             },
         );
         Ok(())
     }
 
-    /// Like [`insert`](Self::insert), with `side` bound at once to `peer`:
-    /// in a cluster, the other server that relays for that side.
+    /// Like [`insert`](Self::insert), counted against `owner`'s share
+    /// ([`RelayLimits::per_owner`]). When the share is full, the owner's
+    /// oldest unused session (never bound: its pair went direct) makes
+    /// room and is returned; when every one of them is in use the session
+    /// is refused with [`RelayError::ShareFull`] and the offer goes out
+    /// without a relay. Either way only that requester pays.
+    pub fn insert_owned(
+        &mut self,
+        session: SessionId,
+        secret: [u8; 32],
+        owner: &str,
+        now: Instant,
+    ) -> Result<Option<SessionId>, RelayError> {
+        let share = self.limits.per_owner;
+        let mut evicted = None;
+        if share > 0 && self.owners.get(owner).is_some_and(|q| q.len() >= share) {
+            self.expire_owner(owner, now);
+            let victim = self.owners.get(owner).and_then(|q| {
+                q.iter()
+                    .copied()
+                    .find(|id| self.sessions.get(id).is_some_and(Session::unused))
+            });
+            if self.owners.get(owner).is_some_and(|q| q.len() >= share) {
+                let Some(id) = victim else {
+                    self.stats.share_refused += 1;
+                    return Err(RelayError::ShareFull);
+                };
+                self.remove(id);
+                self.stats.share_evicted += 1;
+                evicted = Some(id);
+            }
+        }
+        self.insert(session, secret, now)?;
+        let key = match self.owners.get_key_value(owner) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(owner),
+        };
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.owner = Some(key.clone());
+        }
+        self.owners.entry(key).or_default().push_back(session);
+        Ok(evicted)
+    }
+
+    /// Sessions held for `owner` now.
+    pub fn owned_by(&self, owner: &str) -> usize {
+        self.owners.get(owner).map_or(0, VecDeque::len)
+    }
+
+    /// Drops a session and its place in its owner's list.
+    fn remove(&mut self, id: SessionId) {
+        if let Some(Session {
+            owner: Some(owner), ..
+        }) = self.sessions.remove(&id)
+        {
+            disown(&mut self.owners, &owner, id);
+        }
+    }
+
+    /// Drops `owner`'s idle and expired sessions (its list is short: a
+    /// share, not the table).
+    fn expire_owner(&mut self, owner: &str, now: Instant) {
+        let Some(q) = self.owners.get(owner) else {
+            return;
+        };
+        let l = &self.limits;
+        let dead: Vec<SessionId> = q
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.sessions
+                    .get(id)
+                    .is_none_or(|s| !Self::alive(l, s, now))
+            })
+            .collect();
+        for id in dead {
+            if self.sessions.contains_key(&id) {
+                self.stats.expired += 1;
+            }
+            self.remove(id);
+        }
+    }
+
+    fn alive(l: &RelayLimits, s: &Session, now: Instant) -> bool {
+        now.saturating_duration_since(s.last) < l.idle
+            && now.saturating_duration_since(s.created) < l.session_time
+    }
+
+    /// Like [`insert`](Self::insert) (or [`insert_owned`](Self::insert_owned)
+    /// with an `owner`), with `side` bound at once to `peer`: in a
+    /// cluster, the other server that relays for that side.
     pub fn insert_with_peer(
         &mut self,
         session: SessionId,
         secret: [u8; 32],
         side: Role,
         peer: Endpoint,
+        owner: Option<&str>,
         now: Instant,
     ) -> Result<(), RelayError> {
-        self.insert(session, secret, now)?;
+        match owner {
+            Some(o) => self.insert_owned(session, secret, o, now).map(drop)?,
+            None => self.insert(session, secret, now)?,
+        }
         if let Some(s) = self.sessions.get_mut(&session) {
             s.bound[side_byte(side) as usize] = Some(peer);
         }
@@ -546,11 +679,20 @@ impl RelayTable {
     pub fn expire(&mut self, now: Instant) {
         let l = &self.limits;
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| {
-            now.saturating_duration_since(s.last) < l.idle
-                && now.saturating_duration_since(s.created) < l.session_time
+        let mut gone = Vec::new();
+        self.sessions.retain(|id, s| {
+            let keep = Self::alive(l, s, now);
+            if !keep {
+                if let Some(owner) = s.owner.take() {
+                    gone.push((*id, owner));
+                }
+            }
+            keep
         });
         self.stats.expired += (before - self.sessions.len()) as u64;
+        for (id, owner) in gone {
+            disown(&mut self.owners, &owner, id);
+        }
     }
 
     /// A bind for a session we do not know: say so, within the budget.
@@ -974,6 +1116,54 @@ mod tests {
         t.insert(SessionId(3), K, t2).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t.stats.expired, 2);
+    }
+
+    #[test]
+    fn a_requester_holds_at_most_its_share() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(RelayLimits {
+            per_owner: 2,
+            ..RelayLimits::default()
+        });
+        let id = SessionId;
+        assert_eq!(t.insert_owned(id(1), K, "a", now), Ok(None));
+        assert_eq!(t.insert_owned(id(2), K, "a", now), Ok(None));
+        // Full share: the oldest unused session makes room.
+        assert_eq!(t.insert_owned(id(3), K, "a", now), Ok(Some(id(1))));
+        assert_eq!((t.owned_by("a"), t.len()), (2, 2));
+        // Others are not touched by a's share.
+        assert_eq!(t.insert_owned(id(10), K, "b", now), Ok(None));
+        // Bound sessions are in use: never dropped for a new one.
+        for s in [2, 3] {
+            t.handle(
+                a(1),
+                &encode_bind_request(&K, id(s), Role::Controlling, 1),
+                now,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            t.insert_owned(id(4), K, "a", now),
+            Err(RelayError::ShareFull)
+        );
+        assert_eq!((t.stats.share_evicted, t.stats.share_refused), (1, 1));
+        assert_eq!(
+            t.handle(
+                a(1),
+                &encode_bind_request(&K, id(1), Role::Controlling, 1),
+                now
+            ),
+            Ok(Action::Reply(encode_unknown(id(1)))),
+            "the evicted session is gone"
+        );
+        // Expiry frees the share (idle sessions of the owner go first).
+        let later = now + RelayLimits::default().idle;
+        assert_eq!(t.insert_owned(id(5), K, "a", later), Ok(None));
+        assert_eq!(t.owned_by("a"), 1);
+        t.expire(later + RelayLimits::default().idle);
+        assert!(t.is_empty());
+        assert_eq!((t.owned_by("a"), t.owned_by("b")), (0, 0));
+        assert!(t.owners.is_empty());
     }
 
     proptest! {

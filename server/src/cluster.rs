@@ -776,6 +776,7 @@ fn introduce_remote(
                 secret,
                 Role::Controlling,
                 far.into(),
+                Some(&requester.id),
                 Instant::now(),
             )
             .is_ok(),
@@ -914,6 +915,7 @@ async fn connect_remote_inner(
                 intro.secret,
                 Role::Controlled,
                 far.into(),
+                Some(requester),
                 Instant::now(),
             )
             .is_ok(),

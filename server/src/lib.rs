@@ -53,6 +53,14 @@ pub struct ServerConfig {
     pub max_waits: usize,
     /// How long a released barrier is remembered.
     pub barrier_ttl: Duration,
+    /// Connect requests one agent connection may make per second (a token
+    /// bucket refilled at this rate); 0 is unlimited.
+    pub connect_rate: u32,
+    /// The bucket's size: connects an idle agent may make at once.
+    pub connect_burst: u32,
+    /// Queries answered from tasks of their own (waits, listings) one
+    /// agent connection may have in flight; more are refused at once.
+    pub max_queries: usize,
     /// Where the TLS + WebSocket channel listens.
     pub tcp_listen: TcpListen,
     /// Most WebSocket clients at once (and TLS connections on the TCP
@@ -85,6 +93,9 @@ impl ServerConfig {
             http_open: false,
             max_waits: hub::MAX_WAITS,
             barrier_ttl: hub::BARRIER_TTL,
+            connect_rate: 20,
+            connect_burst: 50,
+            max_queries: 32,
             metrics_open: true,
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,

@@ -97,6 +97,24 @@ struct RunArgs {
     /// A relay session idle this long (seconds) is dropped.
     #[arg(long, default_value_t = 60)]
     relay_idle_secs: u64,
+    /// Relay sessions one requesting agent may hold. Beyond it its oldest
+    /// unused session (its pair went direct) makes room, or, when all are
+    /// in use, its offer goes out without a relay; 0: only
+    /// --relay-max-sessions bounds it.
+    #[arg(long, env = "PUNCH_RELAY_SESSIONS_PER_AGENT", default_value_t = 64)]
+    relay_sessions_per_agent: usize,
+    /// Connect requests per second one agent may make (a token bucket);
+    /// beyond it they are refused (rate_limited) and counted. 0 is
+    /// unlimited.
+    #[arg(long, env = "PUNCH_CONNECT_RATE", default_value_t = 20)]
+    connect_rate: u32,
+    /// Connect requests an idle agent may make at once (the bucket's size).
+    #[arg(long, env = "PUNCH_CONNECT_BURST", default_value_t = 50)]
+    connect_burst: u32,
+    /// Queries (waits, listings) one agent may have in flight; more are
+    /// refused at once (rate_limited) and counted.
+    #[arg(long, env = "PUNCH_MAX_QUERIES_PER_AGENT", default_value_t = 32)]
+    max_queries_per_agent: usize,
     /// Seconds without any packet after which an agent's signaling
     /// connection is dropped (agents keep alive every 5 s).
     #[arg(long, default_value_t = 20)]
@@ -223,8 +241,18 @@ async fn main() -> anyhow::Result<()> {
         session_bytes: a.relay_session_mib.saturating_mul(1 << 20),
         session_time: std::time::Duration::from_secs(a.relay_session_secs),
         idle: std::time::Duration::from_secs(a.relay_idle_secs),
+        per_owner: a.relay_sessions_per_agent,
         ..Default::default()
     });
+    if a.connect_rate > 0 && a.connect_burst == 0 {
+        anyhow::bail!("--connect-burst must be at least 1 (or --connect-rate 0 for no limit)");
+    }
+    cfg.connect_rate = a.connect_rate;
+    cfg.connect_burst = a.connect_burst;
+    if !(1..=100_000).contains(&a.max_queries_per_agent) {
+        anyhow::bail!("--max-queries-per-agent must be between 1 and 100000");
+    }
+    cfg.max_queries = a.max_queries_per_agent;
     cfg.cluster = match a.registry.trim() {
         "" | "memory" => None,
         url if url.starts_with("rediss://") => anyhow::bail!(

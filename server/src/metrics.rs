@@ -34,6 +34,10 @@ pub struct Metrics {
     pub direct_via_mapped: AtomicU64,
     pub address_changes: AtomicU64,
     pub dropped_messages: AtomicU64,
+    /// Connect requests refused by the requester's rate (token bucket).
+    pub connect_rate_limited: AtomicU64,
+    /// Queries refused because their connection had its share in flight.
+    pub queries_refused: AtomicU64,
     /// Outcomes by the NAT classes of requester and target.
     pub nat_pairs: Mutex<NatPairs>,
     /// Time to connect as the agents report it.
@@ -141,6 +145,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
         reg.register(name, help, ConstCounter::new(v));
     }
     for (name, help, v) in [
+        (
+            "connect_rate_limited",
+            "Connect requests refused because the agent exceeded --connect-rate",
+            m.connect_rate_limited,
+        ),
+        (
+            "queries_refused",
+            "Queries refused because the agent had --max-queries-per-agent in flight",
+            m.queries_refused,
+        ),
         (
             "registrations_udp",
             "Registrations over QUIC (UDP)",
@@ -259,6 +273,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "relay_ended_notices",
             "Notices sent to agents that their relay session's quota is spent",
             ConstCounter::new(t.stats.ended_notices),
+        );
+        reg.register(
+            "relay_share_evicted",
+            "Unused relay sessions dropped to make room in their requester's share",
+            ConstCounter::new(t.stats.share_evicted),
+        );
+        reg.register(
+            "relay_share_refused",
+            "Offers sent without a relay because the requester's share was all in use",
+            ConstCounter::new(t.stats.share_refused),
         );
         reg.register(
             "relay_unknown_replies",
@@ -398,6 +422,8 @@ pub struct MetricsSnapshot {
     pub dropped_messages: u64,
     pub registrations_udp: u64,
     pub registrations_tcp: u64,
+    pub connect_rate_limited: u64,
+    pub queries_refused: u64,
 }
 
 /// Adds one to a counter.
@@ -427,6 +453,8 @@ impl Metrics {
             dropped_messages: g(&self.dropped_messages),
             registrations_udp: g(&self.registrations_udp),
             registrations_tcp: g(&self.registrations_tcp),
+            connect_rate_limited: g(&self.connect_rate_limited),
+            queries_refused: g(&self.queries_refused),
         }
     }
 }

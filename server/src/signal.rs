@@ -15,7 +15,7 @@ use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// How the registry reaches an online agent's connection task.
@@ -143,6 +143,65 @@ const AGENT_QUEUE: usize = 64;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the server looks for NAT rebinding of its agents.
 const ADDRESS_CHECK: Duration = Duration::from_secs(1);
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. It
+/// bounds one agent's introductions, each of which costs the target a
+/// punch (and probes) and the server a relay session.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    /// A full bucket; `rate` 0 never runs dry.
+    pub fn new(rate: u32, burst: u32, now: std::time::Instant) -> Self {
+        Bucket {
+            rate: rate as f64,
+            burst: burst.max(1) as f64,
+            tokens: burst.max(1) as f64,
+            last: now,
+        }
+    }
+
+    /// Takes one token; false when none is left.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// A slot for a query answered from a task of its own, or `None` (counted)
+/// when the connection has its share in flight: waits and listings run
+/// apart from the session, and unbounded they were a way to make the
+/// server hold any number of tasks for one agent.
+fn query_slot(slots: &Arc<Semaphore>, shared: &Shared) -> Option<OwnedSemaphorePermit> {
+    let p = slots.clone().try_acquire_owned().ok();
+    if p.is_none() {
+        inc(&shared.metrics.queries_refused);
+    }
+    p
+}
+
+/// The answer to a query beyond the connection's share.
+fn busy(req: u32, limit: usize) -> ServerMsg {
+    ServerMsg::Error {
+        req: Some(req),
+        code: ErrorCode::RateLimited,
+        message: format!("busy: {limit} queries already in flight on this connection"),
+    }
+}
 
 /// Builds the QUIC endpoint on `socket`.
 pub fn endpoint(
@@ -515,81 +574,131 @@ async fn session_loop(
     })
     .await?;
     let mut check = tokio::time::interval(ADDRESS_CHECK);
+    let cfg = &shared.config;
+    let mut connects = Bucket::new(
+        cfg.connect_rate,
+        cfg.connect_burst,
+        std::time::Instant::now(),
+    );
+    let slots = Arc::new(Semaphore::new(cfg.max_queries));
     loop {
         tokio::select! {
             // Messages first: a Bye that arrived just before the connection
             // closed must count as a clean shutdown.
             biased;
-            msg = in_rx.recv() => match msg.map(|m| *m) {
-                Some(Ok(ClientMsg::Bye)) => return Ok(true),
-                Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
-                    // Answered later, from its own task, through the queue.
-                    let (shared, tx) = (shared.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let limit = Duration::from_millis(timeout_ms.min(MAX_WAIT_MS) as u64);
-                        let answer = match shared.hub.wait_online(&shared, &target, limit).await {
-                            Ok(w) => ServerMsg::Workers { req, workers: vec![w] },
-                            Err(e) => ServerMsg::Error {
-                                req: Some(req),
-                                code: match e {
-                                    crate::hub::WaitError::Timeout => ErrorCode::Timeout,
-                                    _ => ErrorCode::RateLimited,
-                                },
-                                message: format!("waiting for {target:?}: {e}"),
-                            },
-                        };
-                        let _ = tx.send(Box::new(answer)).await;
-                    }.in_current_span());
-                }
-                Some(Ok(ClientMsg::Connect { req, target }))
-                    if shared.cluster.is_some()
-                        && target != id
-                        && !shared.registry.lock().expect("not poisoned").is_online(&target) =>
-                {
-                    // Perhaps held by another server: asked through Redis,
-                    // answered through the queue.
-                    inc(&shared.metrics.connect_requests);
-                    tokio::spawn(
-                        crate::cluster::connect_remote(shared.clone(), id.to_string(), req, target)
-                            .in_current_span(),
-                    );
-                }
-                Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) })) => {
-                    // In a cluster other servers' workers come from Redis:
-                    // answered from a task, through the queue.
-                    let (shared, tx) = (shared.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let answer = cluster_query(&shared, req, q).await;
-                        let _ = tx.send(Box::new(answer)).await;
-                    }.in_current_span());
-                }
-                Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
-                    if shared.cluster.is_some()
-                        && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
-                {
-                    let (shared, tx) = (shared.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let w = if validate_name("worker id", &wid).is_ok() {
-                            crate::cluster::get_remote(&shared, &wid).await
-                        } else {
-                            None
-                        };
-                        let _ = tx.send(Box::new(ServerMsg::Workers { req, workers: w.into_iter().collect() })).await;
-                    }.in_current_span());
-                }
-                Some(Ok(m)) => {
-                    if let Some(answer) = handle(m, id, conn_id, shared) {
-                        link.send(&answer).await?;
+            msg = in_rx.recv() => {
+                let msg = msg.map(|m| *m);
+                if let Some(Ok(ClientMsg::Connect { req, .. })) = &msg {
+                    if !connects.take(std::time::Instant::now()) {
+                        inc(&shared.metrics.connect_requests);
+                        inc(&shared.metrics.connect_rate_limited);
+                        debug!("connect refused: over the rate");
+                        link.send(&ServerMsg::Error {
+                            req: Some(*req),
+                            code: ErrorCode::RateLimited,
+                            message: format!(
+                                "more than {} connect requests a second (burst {})",
+                                cfg.connect_rate, cfg.connect_burst
+                            ),
+                        })
+                        .await?;
+                        continue;
                     }
                 }
-                Some(Err(ReadEnd::Malformed(e))) => {
-                    inc(&shared.metrics.decode_errors);
-                    warn!("malformed frame: {e}");
-                    link.refuse(ErrorCode::Malformed, format!("malformed frame: {e}")).await;
-                    return Err(format!("malformed frame: {e}"));
+                match msg {
+                    Some(Ok(ClientMsg::Bye)) => return Ok(true),
+                    Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
+                        let Some(slot) = query_slot(&slots, shared) else {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                            continue;
+                        };
+                        // Answered later, from its own task, through the queue.
+                        let (shared, tx) = (shared.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let limit = Duration::from_millis(timeout_ms.min(MAX_WAIT_MS) as u64);
+                            let answer = match shared.hub.wait_online(&shared, &target, limit).await {
+                                Ok(w) => ServerMsg::Workers { req, workers: vec![w] },
+                                Err(e) => ServerMsg::Error {
+                                    req: Some(req),
+                                    code: match e {
+                                        crate::hub::WaitError::Timeout => ErrorCode::Timeout,
+                                        _ => ErrorCode::RateLimited,
+                                    },
+                                    message: format!("waiting for {target:?}: {e}"),
+                                },
+                            };
+                            let _ = tx.send(Box::new(answer)).await;
+                        }.in_current_span());
+                    }
+                    Some(Ok(ClientMsg::Connect { req, target }))
+                        if shared.cluster.is_some()
+                            && target != id
+                            && !shared.registry.lock().expect("not poisoned").is_online(&target) =>
+                    {
+                        // Perhaps held by another server: asked through Redis,
+                        // answered through the queue.
+                        inc(&shared.metrics.connect_requests);
+                        let Some(slot) = query_slot(&slots, shared) else {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                            continue;
+                        };
+                        let ask = crate::cluster::connect_remote(shared.clone(), id.to_string(), req, target);
+                        tokio::spawn(
+                            async move {
+                                let _slot = slot;
+                                ask.await
+                            }
+                            .in_current_span(),
+                        );
+                    }
+                    Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) })) => {
+                        // In a cluster other servers' workers come from Redis:
+                        // answered from a task, through the queue.
+                        let Some(slot) = query_slot(&slots, shared) else {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                            continue;
+                        };
+                        let (shared, tx) = (shared.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let answer = cluster_query(&shared, req, q).await;
+                            let _ = tx.send(Box::new(answer)).await;
+                        }.in_current_span());
+                    }
+                    Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
+                        if shared.cluster.is_some()
+                            && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
+                    {
+                        let Some(slot) = query_slot(&slots, shared) else {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                            continue;
+                        };
+                        let (shared, tx) = (shared.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let w = if validate_name("worker id", &wid).is_ok() {
+                                crate::cluster::get_remote(&shared, &wid).await
+                            } else {
+                                None
+                            };
+                            let _ = tx.send(Box::new(ServerMsg::Workers { req, workers: w.into_iter().collect() })).await;
+                        }.in_current_span());
+                    }
+                    Some(Ok(m)) => {
+                        if let Some(answer) = handle(m, id, conn_id, shared) {
+                            link.send(&answer).await?;
+                        }
+                    }
+                    Some(Err(ReadEnd::Malformed(e))) => {
+                        inc(&shared.metrics.decode_errors);
+                        warn!("malformed frame: {e}");
+                        link.refuse(ErrorCode::Malformed, format!("malformed frame: {e}")).await;
+                        return Err(format!("malformed frame: {e}"));
+                    }
+                    Some(Err(ReadEnd::Closed(e))) => return Err(e),
+                    None => return Ok(false),
                 }
-                Some(Err(ReadEnd::Closed(e))) => return Err(e),
-                None => return Ok(false),
             },
             out = rx.recv() => match out {
                 Some(m) => link.send(&m).await?,
@@ -756,11 +865,26 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let session = SessionId(rand::random());
+    // Counted against the requester's share of the table: one agent
+    // connecting in a loop cannot leave others' offers without a relay.
     let relay = shared.relay.as_ref().is_some_and(|t| {
-        t.lock()
-            .expect("not poisoned")
-            .insert(session, secret, std::time::Instant::now())
-            .is_ok()
+        match t.lock().expect("not poisoned").insert_owned(
+            session,
+            secret,
+            id,
+            std::time::Instant::now(),
+        ) {
+            Ok(evicted) => {
+                if let Some(old) = evicted {
+                    debug!(%old, "relay share full: dropped the oldest unused session");
+                }
+                true
+            }
+            Err(e) => {
+                info!(%target, "offer without a relay: {e}");
+                false
+            }
+        }
     });
     let to_target = Offer {
         req: None,
@@ -813,4 +937,29 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         .expect("not poisoned")
         .introduced(session, pair, target.to_string());
     Some(ServerMsg::Offer(to_requester))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(2, 3, t0);
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        // Half a second at 2/s: one more.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(b.take(t1));
+        assert!(!b.take(t1));
+        // A long pause saves up no more than the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!((0..3).all(|_| b.take(t2)));
+        assert!(!b.take(t2));
+        // Rate 0: no limit.
+        let mut open = Bucket::new(0, 0, t0);
+        assert!((0..1000).all(|_| open.take(t0)));
+    }
 }

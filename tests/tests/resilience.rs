@@ -1,6 +1,6 @@
 //! Server restarts and hostile clients.
 
-use punch_agent::{Agent, AgentConfig, PathKind, Status};
+use punch_agent::{Agent, AgentConfig, AgentError, PathKind, Status};
 use punch_lab::harness::ServerProc;
 use punch_net::{read_frame, write_frame};
 use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, ServerMsg};
@@ -301,6 +301,203 @@ async fn repeated_and_concurrent_connects_to_one_peer() {
     .await
     .expect("the remaining connection still carries data");
     assert!(rtt < Duration::from_secs(1));
+}
+
+/// What a scripted server answers one registration.
+#[derive(Clone, Debug)]
+enum Answer {
+    /// A refusal, as punch-server sends one (then it closes).
+    Refuse(ErrorCode),
+    /// Closes without an answer (a server that fails mid-registration).
+    Drop,
+    /// A welcome speaking this protocol version; the connection stays up.
+    Welcome(u16),
+}
+
+/// A signaling server that answers the n-th registration with the n-th
+/// answer (the last one repeats): refusals on demand, without a hook in the
+/// real server. Returns its address and fingerprint.
+async fn scripted_server(answers: Vec<Answer>) -> (std::net::SocketAddr, String) {
+    let id = Identity::generate().unwrap();
+    let fingerprint = id.fingerprint();
+    let cfg =
+        punch_tls::server_config(&id, KeyVerifier::new(Expect::AnyKey), &[ALPN_SIGNAL]).unwrap();
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut n = 0;
+        while let Some(incoming) = ep.accept().await {
+            let answer = answers[n.min(answers.len() - 1)].clone();
+            n += 1;
+            let Ok(conn) = incoming.await else { continue };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            let hello: Result<ClientMsg, _> = read_frame(&mut recv, 1 << 16).await;
+            assert!(matches!(hello, Ok(ClientMsg::Hello(_))), "{hello:?}");
+            match answer {
+                Answer::Refuse(code) => {
+                    let m = ServerMsg::Error {
+                        req: None,
+                        code,
+                        message: format!("scripted {}", code.as_str()),
+                    };
+                    write_frame(&mut send, &m).await.unwrap();
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                    conn.close(punch_server::signal::error_close_code(code), b"scripted");
+                }
+                Answer::Drop => conn.close(0u32.into(), b""),
+                Answer::Welcome(version) => {
+                    let m = ServerMsg::Welcome {
+                        version,
+                        observed: conn.remote_address(),
+                    };
+                    write_frame(&mut send, &m).await.unwrap();
+                    held.push((conn, send, recv));
+                }
+            }
+        }
+    });
+    (addr, fingerprint)
+}
+
+fn quiet_agent(server: String, fingerprint: String) -> AgentConfig {
+    let mut cfg = AgentConfig::new(server, fingerprint);
+    cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.udp_only = true;
+    cfg.nat_check = false;
+    cfg.local_candidates = false;
+    cfg
+}
+
+/// Follows an agent's status until it registers or gives up (at most
+/// `limit`): the errors it went through, and how it ended.
+async fn outcome(a: &Agent, limit: Duration) -> (Vec<String>, Result<(), AgentError>) {
+    let mut rx = a.watch_status();
+    let mut seen = Vec::new();
+    let end = tokio::time::timeout(limit, async {
+        loop {
+            match &*rx.borrow_and_update() {
+                Status::Registered { .. } => return Ok(()),
+                Status::Failed(e) => return Err(e.clone()),
+                Status::Connecting(Some(e)) => {
+                    let k = e.to_string();
+                    if seen.last() != Some(&k) {
+                        seen.push(k);
+                    }
+                }
+                Status::Connecting(None) => {}
+            }
+            rx.changed().await.expect("agent runs");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("neither registered nor failed within {limit:?}: {seen:?}"));
+    (seen, end)
+}
+
+/// Refusals that can pass are retried with back-off until the server
+/// accepts: bad request and malformed (a server bug or a rolling upgrade),
+/// busy, and a server that drops the connection mid-registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_refusals_are_retried_until_registration() {
+    let (addr, fp) = scripted_server(vec![
+        Answer::Refuse(ErrorCode::BadRequest),
+        Answer::Refuse(ErrorCode::Malformed),
+        Answer::Refuse(ErrorCode::RateLimited),
+        Answer::Drop,
+        Answer::Welcome(PROTOCOL_VERSION),
+    ])
+    .await;
+    let a = Agent::start(quiet_agent(addr.to_string(), fp))
+        .await
+        .unwrap();
+    let (seen, end) = outcome(&a, Duration::from_secs(30)).await;
+    assert!(end.is_ok(), "{end:?} after {seen:?}");
+    for code in ["bad_request", "malformed", "rate_limited"] {
+        assert!(
+            seen.iter().any(|e| e.contains(&format!("scripted {code}"))),
+            "{code} not seen (and retried): {seen:?}"
+        );
+    }
+}
+
+/// The refusals retrying cannot fix stop the agent at once, each with its
+/// own error (and so its own exit code): a wrong or missing token, an id
+/// bound to another key, a server key other than the pinned one, another
+/// protocol version (refused by the server, or spoken in its welcome).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lasting_refusals_stop_the_agent() {
+    let limit = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--token", "right"]).unwrap();
+    let with = |token: Option<&str>, id: Option<&str>, key: &str| {
+        let mut cfg = quiet_agent(s.udp.to_string(), s.fingerprint.clone());
+        cfg.token = token.map(str::to_string);
+        cfg.worker_id = id.map(str::to_string);
+        cfg.key_file = Some(dir.path().join(key));
+        cfg
+    };
+    let stopped = |r: (Vec<String>, Result<(), AgentError>)| match r.1 {
+        Err(e) => e,
+        Ok(()) => panic!("registered, expected a stop (after {:?})", r.0),
+    };
+
+    for token in [Some("wrong"), None] {
+        let a = Agent::start(with(token, None, "t.key")).await.unwrap();
+        let e = stopped(outcome(&a, limit).await);
+        assert!(matches!(e, AgentError::BadToken(_)), "{e:?}");
+        assert_eq!(e.exit_code(), 6);
+    }
+
+    let owner = Agent::start(with(Some("right"), Some("taken"), "one.key"))
+        .await
+        .unwrap();
+    owner.registered(limit).await.unwrap();
+    owner.close().await;
+    let thief = Agent::start(with(Some("right"), Some("taken"), "two.key"))
+        .await
+        .unwrap();
+    let e = stopped(outcome(&thief, limit).await);
+    assert!(matches!(e, AgentError::IdTaken(_)), "{e:?}");
+    assert_eq!(e.exit_code(), 9);
+
+    let other = Identity::generate().unwrap().fingerprint();
+    let mut cfg = with(Some("right"), None, "p.key");
+    cfg.server_fingerprint = other;
+    let a = Agent::start(cfg).await.unwrap();
+    let e = stopped(outcome(&a, limit).await);
+    assert!(matches!(e, AgentError::FingerprintMismatch { .. }), "{e:?}");
+    assert_eq!(e.exit_code(), 7);
+
+    for answer in [
+        Answer::Refuse(ErrorCode::BadVersion),
+        Answer::Welcome(PROTOCOL_VERSION + 1),
+    ] {
+        let (addr, fp) = scripted_server(vec![answer.clone()]).await;
+        let a = Agent::start(quiet_agent(addr.to_string(), fp))
+            .await
+            .unwrap();
+        let e = stopped(outcome(&a, limit).await);
+        assert!(matches!(e, AgentError::BadVersion(_)), "{answer:?}: {e:?}");
+        assert_eq!(e.exit_code(), 10);
+    }
+}
+
+/// Our own hello is checked at start: a bad tag is a configuration error
+/// there, not a refusal to retry for ever.
+#[tokio::test]
+async fn a_bad_hello_is_a_config_error_at_start() {
+    let mut cfg = quiet_agent(
+        "127.0.0.1:9".into(),
+        Identity::generate().unwrap().fingerprint(),
+    );
+    cfg.tags = vec!["no spaces".into()];
+    let e = Agent::start(cfg).await.err().expect("refused at start");
+    assert!(matches!(e, AgentError::Config(_)), "{e:?}");
+    assert_eq!(e.exit_code(), 2);
 }
 
 /// An agent with `id`'s key (kept in `dir`), as a restarted process would

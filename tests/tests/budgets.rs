@@ -1,0 +1,312 @@
+//! Per-requester budgets on a real server over loopback QUIC: the connect
+//! rate (token bucket), each agent's share of the relay table, and the
+//! bound on queries in flight per connection. Raw signaling clients, so
+//! the test sees every answer (and every offer's relay flag) itself.
+
+use punch_lab::harness::ServerProc;
+use punch_net::{read_frame, write_frame};
+use punch_protocol::relay;
+use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, Offer, Query, Role, ServerMsg};
+use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
+use punch_tls::{Expect, Identity, KeyVerifier};
+use std::time::Duration;
+
+/// Every wait on the server is bounded by this.
+const T: Duration = Duration::from_secs(10);
+
+/// A registered raw signaling client.
+struct Raw {
+    _ep: quinn::Endpoint,
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Raw {
+    async fn register(s: &ServerProc, name: &str) -> Raw {
+        let id = Identity::generate().unwrap();
+        let cfg = punch_tls::client_config(
+            &id,
+            KeyVerifier::new(Expect::Fingerprint(s.fingerprint.clone())),
+            ALPN_SIGNAL,
+        )
+        .unwrap();
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = ep.connect_with(cfg, s.udp, "punch").unwrap().await.unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut raw = Raw {
+            _ep: ep,
+            _conn: conn,
+            send,
+            recv,
+        };
+        raw.send(ClientMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            worker_id: name.into(),
+            public_key: id.public_key(),
+            token_proof: None,
+            ephemeral: true,
+            local_candidates: vec![],
+            metadata: vec![],
+            kind: None,
+            tags: vec![],
+        }))
+        .await;
+        match raw.next().await {
+            ServerMsg::Welcome { .. } => raw,
+            m => panic!("{name}: expected a welcome, got {m:?}"),
+        }
+    }
+
+    async fn send(&mut self, m: ClientMsg) {
+        write_frame(&mut self.send, &m).await.unwrap();
+    }
+
+    async fn next(&mut self) -> ServerMsg {
+        tokio::time::timeout(T, read_frame(&mut self.recv, 1 << 16))
+            .await
+            .expect("the server answers within 10 s")
+            .expect("a valid frame")
+    }
+
+    async fn connect(&mut self, req: u32, target: &str) -> ServerMsg {
+        self.send(ClientMsg::Connect {
+            req,
+            target: target.into(),
+        })
+        .await;
+        self.next().await
+    }
+
+    async fn offer(&mut self) -> Offer {
+        match self.next().await {
+            ServerMsg::Offer(o) => o,
+            m => panic!("expected an offer, got {m:?}"),
+        }
+    }
+}
+
+/// A counter or gauge from the server's /metrics.
+fn metric(s: &ServerProc, name: &str) -> u64 {
+    let m = s.http_get("/metrics").unwrap();
+    let prefix = format!("{name} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn code(m: &ServerMsg) -> ErrorCode {
+    match m {
+        ServerMsg::Error { code, .. } => *code,
+        m => panic!("expected an error, got {m:?}"),
+    }
+}
+
+/// Connects beyond the bucket (burst 3, 1 a second) are refused with
+/// `rate_limited` and counted; another agent's bucket is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_requests_are_rate_limited_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s =
+        ServerProc::start(dir.path(), &["--connect-rate", "1", "--connect-burst", "3"]).unwrap();
+    let mut a = Raw::register(&s, "rate-a").await;
+    let mut b = Raw::register(&s, "rate-b").await;
+    // All sent at once, then all read: well under the refill second.
+    for req in 1..=10 {
+        a.send(ClientMsg::Connect {
+            req,
+            target: "nobody".into(),
+        })
+        .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 1..=10 {
+        codes.push(code(&a.next().await));
+    }
+    assert_eq!(codes[..3], [ErrorCode::UnknownWorker; 3], "{codes:?}");
+    let limited = codes
+        .iter()
+        .filter(|c| **c == ErrorCode::RateLimited)
+        .count();
+    // One token may have come back while the frames crossed.
+    assert!(limited >= 6, "{codes:?}");
+    assert_eq!(
+        metric(&s, "punch_connect_rate_limited_total"),
+        limited as u64
+    );
+    // B was not touched by A's loop.
+    assert_eq!(
+        code(&b.connect(1, "nobody").await),
+        ErrorCode::UnknownWorker
+    );
+    // The bucket refills: within its second and a bit A may connect again.
+    let deadline = tokio::time::Instant::now() + T;
+    let mut req = 100;
+    loop {
+        req += 1;
+        if code(&a.connect(req, "nobody").await) == ErrorCode::UnknownWorker {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no refill in {T:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Binds `side` of the offer's relay session from a UDP socket of its own,
+/// as an agent that fell back to the relay does.
+async fn bind_relay(s: &ServerProc, o: &Offer, side: Role) -> tokio::net::UdpSocket {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bind = relay::encode_bind_request(&o.secret, o.session, side, 1);
+    sock.send_to(&bind, s.udp).await.unwrap();
+    let mut buf = [0u8; 256];
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+        .await
+        .expect("a bind-ok within 10 s")
+        .unwrap();
+    let f = relay::parse(&buf[..n]).unwrap();
+    assert!(matches!(f, relay::Frame::BindOk { .. }), "{f:?}");
+    sock
+}
+
+/// One agent holds at most `--relay-sessions-per-agent` relay sessions:
+/// beyond it its oldest unused one makes room; when all are in use its
+/// offers go out without a relay. Another agent's offers keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_holds_a_share_of_the_relay_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--relay-sessions-per-agent", "2"]).unwrap();
+    let mut a = Raw::register(&s, "share-a").await;
+    let mut t = Raw::register(&s, "share-t").await;
+    let mut c = Raw::register(&s, "share-c").await;
+    let mut offers = Vec::new();
+    for req in 1..=3 {
+        let ServerMsg::Offer(o) = a.connect(req, "share-t").await else {
+            panic!("expected an offer");
+        };
+        assert!(
+            o.relay,
+            "offer {req} has a relay: unused sessions make room"
+        );
+        assert_eq!(t.offer().await.session, o.session);
+        offers.push(o);
+    }
+    assert_eq!(metric(&s, "punch_relay_sessions"), 2);
+    assert_eq!(metric(&s, "punch_relay_share_evicted_total"), 1);
+    // The first made room: its bind finds no session.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bind =
+        relay::encode_bind_request(&offers[0].secret, offers[0].session, Role::Controlling, 1);
+    sock.send_to(&bind, s.udp).await.unwrap();
+    // The other two are bound (in use): A's next offer has no relay.
+    let _bound = bind_all(&s, &offers[1..]).await;
+    let ServerMsg::Offer(o) = a.connect(4, "share-t").await else {
+        panic!("expected an offer");
+    };
+    assert!(
+        !o.relay,
+        "A's share is in use: no relay for its fourth offer"
+    );
+    assert!(!t.offer().await.relay);
+    assert_eq!(metric(&s, "punch_relay_share_refused_total"), 1);
+    // C is not held back by A.
+    let ServerMsg::Offer(o) = c.connect(1, "share-t").await else {
+        panic!("expected an offer");
+    };
+    assert!(o.relay, "another agent's offer keeps its relay");
+    assert_eq!(metric(&s, "punch_relay_sessions"), 3);
+    // And the session A's first offer lost is unknown to the server.
+    let mut buf = [0u8; 256];
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+        .await
+        .expect("an answer to the bind within 10 s")
+        .unwrap();
+    assert_eq!(
+        relay::parse(&buf[..n]),
+        Ok(relay::Frame::Unknown {
+            session: offers[0].session
+        }),
+        "an evicted session answered a bind"
+    );
+}
+
+/// Binds the requester's side of each offer's relay session.
+async fn bind_all(s: &ServerProc, offers: &[Offer]) -> Vec<tokio::net::UdpSocket> {
+    let mut out = Vec::new();
+    for o in offers {
+        out.push(bind_relay(s, o, Role::Controlling).await);
+    }
+    out
+}
+
+/// Queries answered from tasks of their own (waits, listings) are bounded
+/// per connection: beyond `--max-queries-per-agent` they are answered
+/// `rate_limited` at once and counted, while the others keep waiting and
+/// other connections are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_in_flight_are_bounded_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--max-queries-per-agent", "2"]).unwrap();
+    let mut a = Raw::register(&s, "query-a").await;
+    let wait = |req| ClientMsg::Query {
+        req,
+        query: Query::Wait {
+            id: "never".into(),
+            timeout_ms: 60_000,
+        },
+    };
+    for req in 1..=3 {
+        a.send(wait(req)).await;
+    }
+    a.send(ClientMsg::Query {
+        req: 4,
+        query: Query::List {
+            kind: None,
+            tag: None,
+        },
+    })
+    .await;
+    // Answered without a task, so not bounded: a Get.
+    a.send(ClientMsg::Query {
+        req: 5,
+        query: Query::Get {
+            id: "query-a".into(),
+        },
+    })
+    .await;
+    let mut answered = Vec::new();
+    while answered.len() < 3 {
+        match a.next().await {
+            ServerMsg::Error {
+                req: Some(r),
+                code: ErrorCode::RateLimited,
+                message,
+            } => {
+                assert!(message.contains("busy"), "{message}");
+                answered.push(r);
+            }
+            ServerMsg::Workers { req: 5, workers } => {
+                assert_eq!(workers.len(), 1);
+                answered.push(5);
+            }
+            m => panic!("unexpected answer {m:?}"),
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, [3, 4, 5], "waits 1 and 2 are still in flight");
+    assert_eq!(metric(&s, "punch_queries_refused_total"), 2);
+    assert_eq!(metric(&s, "punch_waits_in_progress"), 2);
+    // Another connection has its own budget.
+    let mut b = Raw::register(&s, "query-b").await;
+    b.send(ClientMsg::Query {
+        req: 1,
+        query: Query::Wait {
+            id: "query-a".into(),
+            timeout_ms: 10_000,
+        },
+    })
+    .await;
+    assert!(matches!(b.next().await, ServerMsg::Workers { req: 1, .. }));
+}
