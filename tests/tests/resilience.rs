@@ -656,7 +656,10 @@ async fn relayed_connections_outlive_a_server_restart() {
         match relayed_pings_across_a_restart(ws).await {
             Ok(took) => {
                 eprintln!("{name} relay: pings resumed {took:?} after the server was back");
-                if took > Duration::from_secs(2) {
+                // The goal is 2 s (measured: ~1.1 s UDP, ~0.3 s WebSocket on
+                // a quiet machine); the bound leaves room for a loaded CI
+                // machine running the other tests of this file beside it.
+                if took > Duration::from_secs(3) {
                     failures.push(format!("{name}: pings resumed only after {took:?}"));
                 }
             }
