@@ -230,7 +230,7 @@ pub(crate) async fn serve_get(
             .await
             .is_err()
     {
-        let _ = send.reset(1u32.into());
+        let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
         return;
     }
     let mut buf = vec![0u8; 64 * 1024];
@@ -245,7 +245,7 @@ pub(crate) async fn serve_get(
                 sent += n as u64;
             }
             Err(_) => {
-                let _ = send.reset(1u32.into());
+                let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
                 return;
             }
         }

@@ -69,7 +69,7 @@ pub async fn pipe(
                     n += k as u64;
                 }
                 Err(_) => {
-                    let _ = send.reset(1u32.into());
+                    let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
                     break;
                 }
             }
@@ -83,7 +83,7 @@ pub async fn pipe(
             match recv.read(&mut buf).await {
                 Ok(Some(k)) => {
                     if tw.write_all(&buf[..k]).await.is_err() {
-                        let _ = recv.stop(1u32.into());
+                        let _ = recv.stop(punch_protocol::close::STREAM_ERROR.into());
                         break;
                     }
                     n += k as u64;

@@ -757,7 +757,7 @@ impl Agent {
         }
         self.inner
             .endpoint
-            .close(0u32.into(), b"agent shutting down");
+            .close(punch_protocol::close::DONE.into(), b"agent shutting down");
         let _ =
             tokio::time::timeout(Duration::from_millis(500), self.inner.endpoint.wait_idle()).await;
     }
@@ -872,7 +872,7 @@ impl Inner {
     pub(crate) fn deliver_incoming(&self, pc: PeerConnection) {
         if let Err(mpsc::error::TrySendError::Full(pc)) = self.incoming_tx.try_send(pc) {
             tracing::warn!(peer = %pc.peer_id, "incoming queue full; closing connection");
-            pc.conn.close(1u32.into(), b"busy");
+            pc.conn.close(punch_protocol::close::BUSY.into(), b"busy");
         }
     }
 

@@ -3,6 +3,7 @@
 use crate::socket::{ActivePath, PunchSocket};
 use crate::Inner;
 use punch_net::{read_frame, write_frame};
+use punch_protocol::close;
 use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER, MAX_SOURCE_MS};
 use punch_protocol::signal::{PathKind, SessionId};
 use std::net::SocketAddr;
@@ -296,7 +297,7 @@ async fn serve_stream(
         Ok(r) => r,
         Err(e) => {
             debug!("bad stream header: {e}");
-            let _ = send.reset(1u32.into());
+            let _ = send.reset(close::STREAM_ERROR.into());
             return;
         }
     };
@@ -429,7 +430,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
             };
             let Some(peer_id) = punch_tls::peer_key(&conn).and_then(|k| inner.allowed_peer_id(&k))
             else {
-                conn.close(2u32.into(), b"unknown peer");
+                conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
                 return;
             };
             let v = punch_net::canonical(conn.remote_address());

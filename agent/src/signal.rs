@@ -826,7 +826,7 @@ async fn ws_session(inner: &Arc<Inner>, chan: WsChannel, observed: SocketAddr) -
             tokio::time::sleep(crate::tcp::udp_retry(attempt)).await;
             attempt += 1;
             if let Ok(c) = quic_handshake(inner, addr, Duration::from_secs(2)).await {
-                c.close(0u32.into(), b"probe");
+                c.close(punch_protocol::close::DONE.into(), b"probe");
                 return;
             }
             debug!("UDP to the server still blocked");

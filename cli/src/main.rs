@@ -744,7 +744,10 @@ async fn forward(
             }
         });
     }
-    pc.lock().await.conn.close(0u32.into(), b"done");
+    pc.lock()
+        .await
+        .conn
+        .close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     Ok(())
 }
@@ -752,7 +755,7 @@ async fn forward(
 async fn files(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
     let (agent, pc) = connect_timed(c, target, timeout).await?;
     let r = punch_agent::files::list(&pc).await;
-    pc.conn.close(0u32.into(), b"done");
+    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     let list = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
     if json {
@@ -800,7 +803,7 @@ async fn get(
     };
     let r = punch_agent::files::get(&pc, name, &out, &progress).await;
     bar.finish_and_clear();
-    pc.conn.close(0u32.into(), b"done");
+    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     let (size, resumed, hash) = r.map_err(|e| match e {
         punch_agent::files::FileError::Io(m) => AgentError::Io(m),
@@ -988,7 +991,7 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
             transport.as_str(),
         );
     }
-    pc.conn.close(0u32.into(), b"done");
+    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     Ok(())
 }
@@ -1051,7 +1054,7 @@ async fn bench(
     } else {
         println!("download: {down:9.1} MB/s ({:.0} Mbit/s)", down * 8.0);
     }
-    pc.conn.close(0u32.into(), b"done");
+    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     Ok(())
 }
@@ -1138,7 +1141,7 @@ async fn ping(
     } else {
         println!("{count} round trips: min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms");
     }
-    pc.conn.close(0u32.into(), b"done");
+    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
     Ok(())
 }

@@ -11,8 +11,10 @@
 //! - [`relay`]: relay frames and the server's relay table.
 //! - [`ws`]: signaling and relay frames over WebSocket (the TCP channel).
 //! - [`cluster`]: messages between the servers of a cluster.
+//! - [`close`]: the QUIC close codes.
 
 pub mod birthday;
+pub mod close;
 pub mod cluster;
 pub mod codec;
 pub mod peer;
@@ -23,6 +25,12 @@ pub mod signal;
 pub mod stun;
 pub mod view;
 pub mod ws;
+
+/// Constant-time equality, for MACs, proofs and fingerprints: how long a
+/// compare takes says nothing of where two values differ.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 4;

@@ -144,12 +144,7 @@ impl Probe {
         let (body, tag) = data.split_at(data.len() - MAC_LEN);
         let expected = mac(secret, body);
         // Constant-time compare: the MAC is the probe's only authentication.
-        if tag
-            .iter()
-            .zip(expected.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            != 0
-        {
+        if !crate::ct_eq(tag, &expected) {
             return Err(ProbeError::BadMac);
         }
         let role = match body[5] {

@@ -278,12 +278,7 @@ pub fn verify_bind(frame: &Frame<'_>, secret: &[u8; 32]) -> bool {
         Frame::Data { .. } | Frame::Batch { .. } | Frame::Unknown { .. } => return false,
     };
     let expected = bind_mac(secret, kind, session, side, nonce);
-    mac.len() == 16
-        && mac
-            .iter()
-            .zip(expected.iter())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0
+    crate::ct_eq(mac, &expected)
 }
 
 /// Parses a relay frame.

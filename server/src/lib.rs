@@ -349,7 +349,8 @@ impl Server {
 
     /// Stops serving: closes every connection and the sockets.
     pub async fn shutdown(self) {
-        self.endpoint.close(0u32.into(), b"server shutting down");
+        self.endpoint
+            .close(punch_protocol::close::DONE.into(), b"server shutting down");
         for t in &self.tasks {
             t.abort();
         }

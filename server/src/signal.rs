@@ -45,7 +45,7 @@ pub enum Closer {
 impl Closer {
     fn close(&self, reason: &str) {
         match self {
-            Closer::Quic(c) => c.close(0u32.into(), reason.as_bytes()),
+            Closer::Quic(c) => c.close(punch_protocol::close::DONE.into(), reason.as_bytes()),
             Closer::Tcp(n) => n.notify_one(),
         }
     }

@@ -85,7 +85,8 @@ pub async fn demo() -> Result<()> {
             rtt.as_secs_f64() * 1e3
         );
     }
-    pc.conn.close(0u32.into(), b"demo done");
+    pc.conn
+        .close(punch_protocol::close::DONE.into(), b"demo done");
     let m = lb.server.shared.metrics.snapshot();
     println!(
         "7. server counted {} registrations, {} introductions, {} direct outcomes",
@@ -121,7 +122,7 @@ pub async fn bench_connect(count: usize, ip: &str) -> Result<ConnectBench> {
             .context("connect timed out")??;
         times.push(pc.path.connect_time.as_secs_f64() * 1e3);
         debug_assert!(t.elapsed() >= pc.path.connect_time);
-        pc.conn.close(0u32.into(), b"bench");
+        pc.conn.close(punch_protocol::close::DONE.into(), b"bench");
     }
     a.close().await;
     lb.server.shutdown().await;

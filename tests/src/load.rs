@@ -236,7 +236,7 @@ pub async fn run(agents: usize, rate: u32, seconds: u64, cluster: bool) -> Resul
     let held = sims.len();
     drop(sims);
     for ep in &endpoints {
-        ep.close(0u32.into(), b"load done");
+        ep.close(punch_protocol::close::DONE.into(), b"load done");
     }
     for s in &mut servers {
         s.0.kill();

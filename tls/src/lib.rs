@@ -218,10 +218,7 @@ pub fn token_proof(token: &str, exporter: &[u8; 32]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// Constant-time equality for proofs.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use punch_protocol::ct_eq;
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the key follows.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
