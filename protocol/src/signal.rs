@@ -418,6 +418,23 @@ pub fn validate_worker_id(id: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// May `addr`, offered by an agent the server sees at `observed`, be handed
+/// to peers as a candidate? Never an unspecified, multicast or broadcast
+/// address or port 0 (a peer would only send probes into the void, or to
+/// every host of a network), and a loopback address only when the agent
+/// itself reaches the server over loopback (the same host): from anywhere
+/// else it would point the peer's probes at the peer's own host.
+pub fn usable_candidate(addr: SocketAddr, observed: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    let loopback_elsewhere = ip.is_loopback() && !observed.ip().to_canonical().is_loopback();
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !broadcast
+        && !loopback_elsewhere
+}
+
 impl Hello {
     /// Checks the bounded fields of a hello.
     pub fn validate(&self) -> Result<(), String> {

@@ -42,7 +42,8 @@ impl<H> Online<H> {
     }
 
     /// Candidates offered to peers: the server-observed address first, then
-    /// the agent's own interface addresses.
+    /// the agent's own interface addresses that a peer may be sent to
+    /// ([`punch_protocol::signal::usable_candidate`]).
     pub fn candidates(&self) -> Vec<Candidate> {
         let mut v = Vec::new();
         if self.transport == Transport::Udp {
@@ -52,7 +53,8 @@ impl<H> Online<H> {
             });
         }
         for c in &self.local {
-            if !v.iter().any(|x| x.addr == c.addr) {
+            let usable = punch_protocol::signal::usable_candidate(c.addr, self.observed);
+            if usable && !v.iter().any(|x| x.addr == c.addr) {
                 v.push(*c);
             }
         }
@@ -465,6 +467,38 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             metadata: vec![],
         }
+    }
+
+    #[test]
+    fn offers_carry_no_unusable_candidates() {
+        let host = |a: &str| Candidate {
+            addr: a.parse().unwrap(),
+            kind: CandidateKind::Local,
+        };
+        let mut o = online(1, 4000);
+        o.local = vec![
+            host("10.0.0.5:4000"),
+            host("0.0.0.0:4000"),
+            host("224.0.0.1:4000"),
+            host("255.255.255.255:4000"),
+            host("10.0.0.6:0"),
+            host("127.0.0.1:4000"),
+            host("[::]:4000"),
+            host("[ff02::1]:4000"),
+            host("[::1]:4000"),
+            host("[2001:db8::5]:4000"),
+        ];
+        let addrs: Vec<String> = o.candidates().iter().map(|c| c.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["203.0.113.1:4000", "10.0.0.5:4000", "[2001:db8::5]:4000"]
+        );
+        // An agent on the server's own host keeps its loopback candidates.
+        o.observed = "127.0.0.1:5000".parse().unwrap();
+        assert!(o
+            .candidates()
+            .iter()
+            .any(|c| c.addr.to_string() == "127.0.0.1:4000"));
     }
 
     #[test]
