@@ -500,9 +500,15 @@ pub(crate) async fn serve_registered(
         match reg {
             Ok(r) => {
                 if r.new_binding {
-                    if let Err(e) = shared.store.put(&id, &key) {
+                    // A redb commit waits for fsync: off the runtime's
+                    // threads, so other agents' traffic is not held up.
+                    let (s2, id2) = (shared.clone(), id.clone());
+                    let put = tokio::task::spawn_blocking(move || s2.store.put(&id2, &key)).await;
+                    match put {
+                        Ok(Ok(())) => {}
                         // The binding still holds until a restart.
-                        warn!("could not persist the id binding: {e}");
+                        Ok(Err(e)) => warn!("could not persist the id binding: {e}"),
+                        Err(e) => warn!("could not persist the id binding: {e}"),
                     }
                 }
                 if let Some(old) = r.replaced {
