@@ -21,9 +21,17 @@ use tracing::{debug, info};
 /// Returns the socket with the path and the peer's address (when found
 /// within `limit`), and every socket the peer pinged: the peer may have
 /// validated another one of them and will send there.
+///
+/// QUIC from the peer on a socket its authenticated ping came from goes to
+/// quinn at once (as `v`'s): the peer dials as soon as our pong validates
+/// its side, often a moment before our own ping-back is answered, and
+/// that first Initial must not wait for a retransmission. With no direct
+/// path yet, that socket becomes `v`'s path, as QUIC from a probed address
+/// does on the main socket.
 pub(crate) async fn hard_side(
     inner: &Arc<Inner>,
     offer: &Offer,
+    v: SocketAddr,
     sockets: usize,
     targets: Vec<SocketAddr>,
     limit: Duration,
@@ -50,9 +58,7 @@ pub(crate) async fn hard_side(
         readers.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             while let Ok((n, from)) = s.recv_from(&mut buf).await {
-                if probe::is_probe(&buf[..n])
-                    && tx.send((i, from, buf[..n].to_vec())).await.is_err()
-                {
+                if tx.send((i, from, buf[..n].to_vec())).await.is_err() {
                     break;
                 }
             }
@@ -65,7 +71,10 @@ pub(crate) async fn hard_side(
         role: offer.role,
         txid_base: rand::random::<u64>() >> 1,
     };
+    let peer_ip = targets[0].ip().to_canonical();
     let mut h = HardSide::new(params, socks.len(), targets, Instant::now(), limit);
+    // Where each met socket's authenticated ping came from.
+    let mut met_from = std::collections::HashMap::new();
     let found = loop {
         while let Some((i, t)) = h.poll_transmit() {
             if let Some(s) = socks.get(i) {
@@ -85,11 +94,31 @@ pub(crate) async fn hard_side(
         let wake = h.poll_timeout().unwrap_or_else(Instant::now);
         tokio::select! {
             d = rx.recv() => match d {
+                Some((i, from, data)) if !probe::is_probe(&data) => {
+                    let from = punch_net::canonical(from);
+                    if from.ip() != peer_ip {
+                        continue;
+                    }
+                    if let Some(s) = socks.get(i) {
+                        let now = Instant::now();
+                        let mut paths = inner.socket.paths.lock().expect("not poisoned");
+                        let pinged_from = h.met().contains(&i) && met_from.get(&i) == Some(&from);
+                        if pinged_from && !matches!(paths.active(v), Some(crate::path::ActivePath::Direct(_))) {
+                            debug!(socket = i, %from, "birthday: QUIC from the peer on a met socket; answering there");
+                            paths.set_direct_aux(v, from, s.clone(), now);
+                        }
+                        if paths.uses_aux(v, s) {
+                            paths.touch_direct(v, now);
+                        }
+                    }
+                    inner.socket.deliver(v, bytes::Bytes::from(data));
+                }
                 Some((i, from, data)) => {
                     let before = h.met().len();
                     let _ = h.handle_probe(i, from, &data, Instant::now());
                     if h.met().len() > before {
                         debug!(socket = i, %from, "birthday: the spray met one of our mappings");
+                        met_from.insert(i, punch_net::canonical(from));
                     }
                 }
                 None => break None,

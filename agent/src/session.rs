@@ -159,7 +159,8 @@ fn spawn_birthday(
     tokio::spawn(
         async move {
             let limit = inner.config.punch_timeout;
-            let (found, met) = birthday::hard_side(&inner, &offer, sockets, targets, limit).await;
+            let (found, met) =
+                birthday::hard_side(&inner, &offer, v, sockets, targets, limit).await;
             let peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
             // The peer sends to whichever of our addresses it validated,
             // possibly one of these sockets: hand what arrives there to
