@@ -52,8 +52,22 @@ fn two_agents_connect_by_id_directly() {
     let r = run(cmd, T).unwrap();
     assert_eq!(r.code, Some(0), "{r:?}");
     let j = r.json().unwrap();
-    assert_eq!(j["rtts_ms"].as_array().unwrap().len(), 3);
-    assert!(j["min_ms"].as_f64().unwrap() <= j["max_ms"].as_f64().unwrap());
+    let rtts: Vec<f64> = j["rtts_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(rtts.len(), 3);
+    // The summary is the summary of the round trips it lists.
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-3;
+    let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rtts.iter().copied().fold(0.0, f64::max);
+    assert!(close(j["min_ms"].as_f64().unwrap(), min), "{j}");
+    assert!(close(j["max_ms"].as_f64().unwrap(), max), "{j}");
+    let mean = rtts.iter().sum::<f64>() / 3.0;
+    assert!((j["avg_ms"].as_f64().unwrap() - mean).abs() < 2e-3, "{j}");
+    assert!(rtts.iter().all(|r| *r > 0.0), "{j}");
 
     // /peers lists the serving worker with its observed address.
     let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
@@ -200,10 +214,12 @@ fn malformed_datagram_flood_does_not_stop_a_connect() {
                 for (i, b) in buf.iter_mut().enumerate() {
                     *b = (x >> (i % 8 * 8)) as u8 ^ i as u8;
                 }
-                // Some look like QUIC long headers, some like probes.
-                match x % 3 {
+                // Some look like QUIC long headers, some like probes, some
+                // like relay frames.
+                match x % 4 {
                     0 => buf[0] = 0xc0 | (buf[0] & 0x3f),
                     1 if len >= 4 => buf[..4].copy_from_slice(&punch_protocol::probe::MAGIC),
+                    2 if len >= 4 => buf[..4].copy_from_slice(&punch_protocol::relay::MAGIC),
                     _ => {}
                 }
                 let _ = sock.send_to(&buf, target);
@@ -224,6 +240,13 @@ fn malformed_datagram_flood_does_not_stop_a_connect() {
     assert!(sent > 100, "flood sent only {sent} datagrams");
     let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
     assert_eq!(health["status"], "ok");
+    // Seen from the server: the forged relay frames reached it and were
+    // refused (malformed, or a session it does not know), and it forwarded
+    // nothing (the three connects went direct).
+    let relay = &health["relay"];
+    let refused = relay["dropped"].as_u64().unwrap() + relay["unknown_replies"].as_u64().unwrap();
+    assert!(refused > 10, "{relay}");
+    assert_eq!(relay["forwarded_packets"], 0, "{relay}");
 }
 
 #[test]

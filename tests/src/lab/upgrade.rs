@@ -218,7 +218,7 @@ pub fn tcp_upgrade(o: &UpgradeOpts) -> Result<Upgrade> {
         answered: paths.len(),
         summary: compress(&paths),
         paths,
-        started_on_tcp: true,
+        started_on_tcp: regs.first().map(String::as_str) == Some("tcp"),
         to_udp_signaling_ms: to_udp,
         to_direct_ms: to_direct,
         b_connections,
