@@ -701,9 +701,11 @@ async fn forward(
         kind.as_str()
     );
     let pc = std::sync::Arc::new(tokio::sync::Mutex::new(pc));
+    let shutdown = punch_net::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         let (tcp, from) = tokio::select! {
-            _ = punch_net::shutdown_signal() => break,
+            _ = &mut shutdown => break,
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
@@ -847,6 +849,9 @@ async fn serve(
     allow_forward: Vec<SocketAddr>,
     share: Option<PathBuf>,
 ) -> Result<(), AgentError> {
+    // First of all, before registering: a SIGTERM from then on, also
+    // between two turns of the loop below, shuts down cleanly.
+    let shutdown = punch_net::shutdown_signal();
     if c.id.is_none() {
         return Err(AgentError::Config(
             "serve needs --id NAME (or PUNCH_ID): the id other agents connect to".into(),
@@ -891,9 +896,10 @@ async fn serve(
     };
     tokio::spawn(accept);
     let mut announced = false;
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = punch_net::shutdown_signal() => {
+            _ = &mut shutdown => {
                 tracing::info!("shutting down");
                 agent.close().await;
                 return Ok(());

@@ -260,21 +260,25 @@ pub fn for_socket(addr: SocketAddr, ipv6_socket: bool) -> SocketAddr {
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the binaries' clean-shutdown trigger.
-pub async fn shutdown_signal() {
+///
+/// The SIGTERM handler is installed when this is called, not when the
+/// future is first polled, and the future must be kept (created once, not
+/// once per loop turn): a signal that arrives while no listener exists is
+/// lost, and once tokio's handler is installed, SIGTERM no longer ends the
+/// process by default.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let interrupt = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
+        let _ = interrupt.await;
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
