@@ -193,18 +193,25 @@ pub(crate) async fn serve_get(
         )
         .await;
     };
-    let path = match share.resolve(&name) {
-        Ok(p) => p,
-        Err(e) => {
-            info!(%name, "file request refused: {e}");
+    // Resolving (canonicalize, stat) and hashing touch the disk: both off
+    // the runtime's threads.
+    let n2 = name.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let path = share.resolve(&n2).map_err(|e| (true, e))?;
+        let hashed = share
+            .hash(&path)
+            .map_err(|e| (false, format!("cannot read {n2:?}: {e}")))?;
+        Ok::<_, (bool, String)>((path, hashed))
+    })
+    .await;
+    let (path, (size, blake3)) = match found {
+        Ok(Ok(x)) => x,
+        Ok(Err((refused, e))) => {
+            if refused {
+                info!(%name, "file request refused: {e}");
+            }
             return refuse(&mut send, e).await;
         }
-    };
-    let p2 = path.clone();
-    let hashed = tokio::task::spawn_blocking(move || share.hash(&p2)).await;
-    let (size, blake3) = match hashed {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return refuse(&mut send, format!("cannot read {name:?}: {e}")).await,
         Err(e) => return refuse(&mut send, format!("cannot read {name:?}: {e}")).await,
     };
     if offset > size {
