@@ -33,13 +33,7 @@ pub fn ready(what: &str, missing: &[String]) -> bool {
 pub fn missing_tools(tools: &[(&str, &str)]) -> Vec<String> {
     tools
         .iter()
-        .filter(|(tool, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
+        .filter(|(tool, _)| !crate::lab::have(tool))
         .map(|(tool, package)| format!("`{tool}` (apt-get install {package})"))
         .collect()
 }
@@ -64,47 +58,37 @@ fn build_bins() -> Result<PathBuf> {
         dir.pop();
     }
     let release = dir.file_name().is_some_and(|n| n == "release");
+    cargo_build(&["-p", "punch-server", "-p", "punch-agent-cli"], release)
+        .context("cargo build of punch-server/punch-agent")?;
+    Ok(dir)
+}
+
+/// `cargo build --quiet ARGS` of this workspace, as the running test was
+/// built (`release` or not).
+fn cargo_build(args: &[&str], release: bool) -> Result<()> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "punch-server",
-        "-p",
-        "punch-agent-cli",
-        "--manifest-path",
-    ])
-    .arg(&manifest);
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .arg("--manifest-path")
+        .arg(&manifest);
     if release {
         cmd.arg("--release");
     }
-    let status = cmd
-        .status()
-        .context("running cargo build for the binaries")?;
-    if !status.success() {
-        bail!("cargo build of punch-server/punch-agent failed");
+    if !cmd.status().context("running cargo build")?.success() {
+        bail!("cargo build failed");
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Path of one of the agent library's examples, built (in the profile of
 /// the running test) on first use.
 pub fn example(name: &str) -> Result<PathBuf> {
     let dir = bin_dir()?;
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "punch-agent", "--example", name])
-        .arg("--manifest-path")
-        .arg(&manifest);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    if !cmd.status().context("running cargo build")?.success() {
-        bail!("cargo build of example {name} failed");
-    }
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    cargo_build(&["-p", "punch-agent", "--example", name], release)
+        .with_context(|| format!("cargo build of example {name}"))?;
     let p = dir.join("examples").join(name);
     if !p.exists() {
         bail!("{} not found after building it", p.display());

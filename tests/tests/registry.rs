@@ -393,16 +393,8 @@ fn barriers_are_forgotten() {
 /// The DOM of `url` as headless Chromium renders it; `None` (skip) when
 /// Chromium is missing outside CI.
 fn chromium_dom(url: &str, dir: &std::path::Path) -> Option<String> {
-    let found = Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").is_err(),
-            "chromium missing in CI: .ci/run installs it"
-        );
-        eprintln!("skipping the browser check: chromium not installed");
+    let missing = punch_lab::harness::missing_tools(&[("chromium", "chromium")]);
+    if !punch_lab::harness::ready("the browser check", &missing) {
         return None;
     }
     let mut cmd = Command::new("chromium");

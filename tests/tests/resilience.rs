@@ -9,10 +9,24 @@ use punch_tls::{Expect, Identity, KeyVerifier};
 use std::time::{Duration, Instant};
 
 async fn agent(s: &ServerProc, id: &str, dir: &std::path::Path) -> Agent {
-    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
+    agent_mode(s, id, dir, punch_agent::RelayMode::Auto).await
+}
+
+/// A registered agent of the server at `server` (as `AgentConfig::new`
+/// takes it) with `id`'s key, kept in `dir` (a restarted process with the
+/// same key is the same peer), using the relay as `relay` says.
+async fn agent_at(
+    server: String,
+    s: &ServerProc,
+    id: &str,
+    dir: &std::path::Path,
+    relay: punch_agent::RelayMode,
+) -> Agent {
+    let mut cfg = AgentConfig::new(server, s.fingerprint.clone());
     cfg.worker_id = Some(id.into());
     cfg.key_file = Some(dir.join(format!("{id}.key")));
     cfg.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.relay = relay;
     let a = Agent::start(cfg).await.unwrap();
     a.registered(Duration::from_secs(10)).await.unwrap();
     a
@@ -500,22 +514,14 @@ async fn a_bad_hello_is_a_config_error_at_start() {
     assert_eq!(e.exit_code(), 2);
 }
 
-/// An agent with `id`'s key (kept in `dir`), as a restarted process would
-/// be, using the relay as `relay` says.
+/// [`agent_at`] the server's UDP address.
 async fn agent_mode(
     s: &ServerProc,
     id: &str,
     dir: &std::path::Path,
     relay: punch_agent::RelayMode,
 ) -> Agent {
-    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
-    cfg.worker_id = Some(id.into());
-    cfg.key_file = Some(dir.join(format!("{id}.key")));
-    cfg.bind = "127.0.0.1:0".parse().unwrap();
-    cfg.relay = relay;
-    let a = Agent::start(cfg).await.unwrap();
-    a.registered(Duration::from_secs(10)).await.unwrap();
-    a
+    agent_at(s.udp.to_string(), s, id, dir, relay).await
 }
 
 /// A peer that comes back (same id and key, a new process) on another path
@@ -605,13 +611,14 @@ async fn relayed_pings_across_a_restart(ws: bool) -> Result<Duration, String> {
         (true, None) => return Err("the server has no TCP listener".into()),
         (false, _) => s.udp.to_string(),
     };
-    let mut cfg = AgentConfig::new(server, s.fingerprint.clone());
-    cfg.worker_id = Some("worker-a".into());
-    cfg.key_file = Some(dir.path().join("worker-a.key"));
-    cfg.bind = "127.0.0.1:0".parse().unwrap();
-    cfg.relay = punch_agent::RelayMode::Force;
-    let a = Agent::start(cfg).await.unwrap();
-    a.registered(Duration::from_secs(10)).await.unwrap();
+    let a = agent_at(
+        server,
+        &s,
+        "worker-a",
+        dir.path(),
+        punch_agent::RelayMode::Force,
+    )
+    .await;
     let pc = a.connect("worker-b").await.map_err(|e| e.to_string())?;
     assert_eq!(pc.path.kind, PathKind::Relayed);
     let mut pinger = pc.pinger().await.map_err(|e| e.to_string())?;

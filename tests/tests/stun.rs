@@ -12,18 +12,8 @@ use std::time::Duration;
 
 /// The tool, or `None` (skip) outside CI; in CI a missing tool fails.
 fn tool(name: &str, package: &str) -> Option<()> {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some(());
-    }
-    if std::env::var("CI").is_ok() {
-        panic!("`{name}` missing in CI: .ci/run installs the Debian package {package}");
-    }
-    eprintln!("skipping: `{name}` not installed (apt-get install {package})");
-    None
+    let missing = punch_lab::harness::missing_tools(&[(name, package)]);
+    punch_lab::harness::ready(&format!("a test that needs `{name}`"), &missing).then_some(())
 }
 
 #[test]

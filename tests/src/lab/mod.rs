@@ -158,14 +158,10 @@ pub const LAB_TOOLS: &[(&str, &str)] = &[
 /// false (the test skips); under CI (`CI` set) it panics, since `.ci/run`
 /// installs everything and runs as root.
 pub fn lab_ready(what: &str, extra: &[(&str, &str)]) -> bool {
-    let mut missing = Vec::new();
+    let tools: Vec<(&str, &str)> = LAB_TOOLS.iter().chain(extra).copied().collect();
+    let mut missing = crate::harness::missing_tools(&tools);
     if !is_root() {
-        missing.push("root (network namespaces and nftables)".to_string());
-    }
-    for (tool, package) in LAB_TOOLS.iter().chain(extra) {
-        if !have(tool) {
-            missing.push(format!("`{tool}` (apt-get install {package})"));
-        }
+        missing.insert(0, "root (network namespaces and nftables)".to_string());
     }
     crate::harness::ready(what, &missing)
 }
