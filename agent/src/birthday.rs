@@ -73,8 +73,6 @@ pub(crate) async fn hard_side(
     };
     let peer_ip = targets[0].ip().to_canonical();
     let mut h = HardSide::new(params, socks.len(), targets, Instant::now(), limit);
-    // Where each met socket's authenticated ping came from.
-    let mut met_from = std::collections::HashMap::new();
     let found = loop {
         while let Some((i, t)) = h.poll_transmit() {
             if let Some(s) = socks.get(i) {
@@ -102,7 +100,7 @@ pub(crate) async fn hard_side(
                     if let Some(s) = socks.get(i) {
                         let now = Instant::now();
                         let mut paths = inner.socket.paths.lock().expect("not poisoned");
-                        let pinged_from = h.met().contains(&i) && met_from.get(&i) == Some(&from);
+                        let pinged_from = h.met_from(i) == Some(from);
                         if pinged_from && !matches!(paths.active(v), Some(crate::path::ActivePath::Direct(_))) {
                             debug!(socket = i, %from, "birthday: QUIC from the peer on a met socket; answering there");
                             paths.set_direct_aux(v, from, s.clone(), now);
@@ -118,7 +116,6 @@ pub(crate) async fn hard_side(
                     let _ = h.handle_probe(i, from, &data, Instant::now());
                     if h.met().len() > before {
                         debug!(socket = i, %from, "birthday: the spray met one of our mappings");
-                        met_from.insert(i, punch_net::canonical(from));
                     }
                 }
                 None => break None,

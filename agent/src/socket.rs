@@ -374,22 +374,17 @@ impl PunchSocket {
                 }
                 Some((v, data.len() - payload.len()))
             }
-            Ok(f @ relay::Frame::Ended { reason, .. }) => {
+            Ok(f @ (relay::Frame::Ended { .. } | relay::Frame::Unknown { .. })) => {
                 let v = self.paths.lock().expect("not poisoned").relay_ended(&f);
                 if let Some(v) = v {
-                    tracing::warn!(peer = %v, reason = reason.as_str(), "the server ended our relay session");
-                    self.relay_ended.notify_waiters();
-                }
-                None
-            }
-            Ok(relay::Frame::Unknown { session }) => {
-                let v = self
-                    .paths
-                    .lock()
-                    .expect("not poisoned")
-                    .relay_unknown(session);
-                if let Some(v) = v {
-                    tracing::warn!(peer = %v, %session, "the server does not know our relay session (it restarted?); asking for a new one");
+                    match f {
+                        relay::Frame::Ended { reason, .. } => {
+                            tracing::warn!(peer = %v, reason = reason.as_str(), "the server ended our relay session")
+                        }
+                        _ => {
+                            tracing::warn!(peer = %v, "the server does not know our relay session (it restarted?); asking for a new one")
+                        }
+                    }
                     self.relay_ended.notify_waiters();
                 }
                 None

@@ -292,6 +292,9 @@ pub struct HardSide {
     next_round: Instant,
     deadline: Instant,
     hits: Vec<usize>,
+    /// Where the peer's first authenticated probe to each met socket
+    /// came from (in the order of `hits`).
+    hits_from: Vec<SocketAddr>,
     outbox: VecDeque<(usize, Transmit)>,
     events: VecDeque<HardEvent>,
     done: bool,
@@ -319,6 +322,7 @@ impl HardSide {
             next_round: now,
             deadline: now + HARD_ROUND_GAP + limit,
             hits: Vec::new(),
+            hits_from: Vec::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             done: false,
@@ -431,9 +435,7 @@ impl HardSide {
                 ));
                 self.pings_sent += 1;
                 self.sent_at[sock] = now;
-                if !self.hits.contains(&sock) {
-                    self.hits.push(sock);
-                }
+                self.met_at(sock, from);
             }
             ProbeKind::Pong { observed } => {
                 let k = p.txid.wrapping_sub(self.params.txid_base) % TXID_ROUND;
@@ -441,9 +443,7 @@ impl HardSide {
                     return Err(ProbeError::BadField);
                 }
                 let rtt = now.saturating_duration_since(self.sent_at[sock]);
-                if !self.hits.contains(&sock) {
-                    self.hits.push(sock);
-                }
+                self.met_at(sock, from);
                 self.answer_until = Some(now + HARD_ANSWER_GRACE);
                 self.finish(HardEvent::Validated {
                     socket: sock,
@@ -483,6 +483,21 @@ impl HardSide {
     /// filter is looser than its class said) and will send there.
     pub fn met(&self) -> &[usize] {
         &self.hits
+    }
+
+    /// Where the peer's first authenticated probe to met socket `sock` came
+    /// from: QUIC from there on that socket is the peer's.
+    pub fn met_from(&self, sock: usize) -> Option<SocketAddr> {
+        let i = self.hits.iter().position(|s| *s == sock)?;
+        self.hits_from.get(i).copied()
+    }
+
+    fn met_at(&mut self, sock: usize, from: SocketAddr) {
+        if !self.hits.contains(&sock) {
+            self.hits.push(sock);
+            self.hits_from
+                .push(SocketAddr::new(from.ip().to_canonical(), from.port()));
+        }
     }
 
     /// Pings sent so far (both rounds and the pings back).

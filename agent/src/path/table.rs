@@ -275,27 +275,21 @@ impl PathTable {
     /// Notes the server's "ended" notice for the session `v`'s relay is
     /// bound on (its MAC checked with that session's secret); returns `v`
     /// the first time.
+    ///
+    /// Also takes the server's "unknown" answer to a bind or data frame of
+    /// ours (it does not know the session: it restarted). That one carries
+    /// no MAC (the server has no secret for the session); it only leads to
+    /// a new introduction, as an ended session does.
     pub fn relay_ended(&mut self, frame: &relay::Frame<'_>) -> Option<SocketAddr> {
-        let relay::Frame::Ended { session, .. } = frame else {
-            return None;
+        let (session, authenticated) = match frame {
+            relay::Frame::Ended { session, .. } => (*session, true),
+            relay::Frame::Unknown { session } => (*session, false),
+            _ => return None,
         };
-        let v = *self.by_session.get(session)?;
-        let r = self.peers.get_mut(&v)?.relay.as_mut()?;
-        if r.ended || r.session != *session || !relay::verify_bind(frame, &r.secret) {
-            return None;
-        }
-        r.ended = true;
-        Some(v)
-    }
-
-    /// Notes the server's "unknown" answer to a bind of ours: it does not
-    /// know the session (it restarted). Not authenticated: it only leads
-    /// to a new introduction, as an ended session does. Returns `v` the
-    /// first time.
-    pub fn relay_unknown(&mut self, session: SessionId) -> Option<SocketAddr> {
         let v = *self.by_session.get(&session)?;
         let r = self.peers.get_mut(&v)?.relay.as_mut()?;
-        if r.ended || r.session != session {
+        let verified = !authenticated || relay::verify_bind(frame, &r.secret);
+        if r.ended || r.session != session || !verified {
             return None;
         }
         r.ended = true;
