@@ -288,6 +288,41 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
+    /// Kills the server (SIGKILL, reaped) and starts a new one with the same
+    /// data directory on the same UDP and TCP addresses, so agents that knew
+    /// the old one find the new one. A port freed by the kill can be taken
+    /// for a moment by another test's ephemeral socket, so a start that fails
+    /// is retried, at most 10 times within 5 s.
+    pub fn restart(&mut self, extra: &[&str]) -> Result<ServerProc> {
+        self.proc.kill();
+        let dir = self
+            .data_dir
+            .parent()
+            .context("data dir has no parent")?
+            .to_path_buf();
+        let listen = self.udp.to_string();
+        let tcp = self.tcp.map(|t| t.to_string());
+        let mut args: Vec<&str> = vec!["--listen", &listen];
+        match &tcp {
+            Some(t) => args.extend(["--tcp-listen", t.as_str()]),
+            None => args.push("--no-tcp"),
+        }
+        args.extend(extra);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match ServerProc::start(&dir, &args) {
+                Ok(s) => return Ok(s),
+                Err(e) if tries < 10 && Instant::now() < deadline => {
+                    eprintln!("restart on {listen} failed (try {tries}): {e:#}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e.context(format!("restart on {listen} after {tries} tries"))),
+            }
+        }
+    }
+
     /// Starts `punch-server` with `--data-dir dir`, `--http 127.0.0.1:0` and
     /// the extra arguments, and waits for its listening line.
     pub fn start(dir: &Path, extra: &[&str]) -> Result<ServerProc> {

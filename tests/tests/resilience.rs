@@ -70,10 +70,7 @@ async fn agents_reregister_after_server_restart() {
     );
 
     // Kill -9 and restart on the same port with the same data dir.
-    let port = s.udp.port().to_string();
-    s.proc.kill();
-    let listen = format!("127.0.0.1:{port}");
-    let s2 = ServerProc::start(dir.path(), &["--listen", &listen]).unwrap();
+    let s2 = s.restart(&[]).unwrap();
     let restarted = Instant::now();
     let (ra, rb) = tokio::join!(
         reregistered(&a, Duration::from_secs(10)),
@@ -625,11 +622,10 @@ async fn relayed_pings_across_a_restart(ws: bool) -> Result<Duration, String> {
     for _ in 0..3 {
         pinger.ping().await.map_err(|e| e.to_string())?;
     }
-    let listen = format!("127.0.0.1:{}", s.udp.port());
     s.proc.kill();
     // The outage itself, not a synchronisation.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _s2 = ServerProc::start(dir.path(), &["--listen", &listen]).unwrap();
+    let _s2 = s.restart(&[]).unwrap();
     let back = Instant::now();
     // One ping waits (its stream retransmits) until the path carries again.
     tokio::time::timeout(Duration::from_secs(10), pinger.ping())
