@@ -283,6 +283,9 @@ pub(crate) struct Inner {
     pub(crate) status: watch::Sender<Status>,
     /// Our NAT class, once classified (sent again on every registration).
     pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
+    /// How our NAT picks ports, from the same check: sizes the birthday
+    /// method's extra sockets to the NAT's port budget.
+    pub(crate) nat_alloc: Mutex<punch_protocol::allocator::Allocator>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     /// True once our NAT's mapping is known or its classification ended.
     pub(crate) nat_ready: watch::Sender<bool>,
@@ -551,6 +554,7 @@ impl Agent {
             closing: std::sync::atomic::AtomicBool::new(false),
             signal_stopped: watch::channel(false).0,
             nat: Mutex::new(None),
+            nat_alloc: Mutex::new(Default::default()),
             nat_started: Default::default(),
             nat_ready: watch::channel(false).0,
             nat_done: watch::channel(false).0,
@@ -603,6 +607,12 @@ impl Agent {
     /// it first registers, when [`AgentConfig::nat_check`] is on).
     pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
         *self.inner.nat.lock().expect("not poisoned")
+    }
+
+    /// How our NAT picks the external ports of new mappings, as the same
+    /// check read it (`Unknown` until then).
+    pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
+        *self.inner.nat_alloc.lock().expect("not poisoned")
     }
 
     async fn query(&self, query: Query, timeout: Duration) -> Result<Vec<WorkerInfo>, AgentError> {

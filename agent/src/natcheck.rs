@@ -2,6 +2,7 @@
 //! that answers STUN with OTHER-ADDRESS and CHANGE-REQUEST (punch-server with
 //! `--alt-listen`, or any RFC 5780 STUN server).
 
+use punch_protocol::allocator::{self, Allocator};
 use punch_protocol::signal::{NatBehaviour, NatClass};
 use punch_protocol::stun;
 use serde::Serialize;
@@ -29,6 +30,54 @@ pub struct NatReport {
     pub hairpin: Option<bool>,
     /// The server's alternate address, if it has one.
     pub other_addr: Option<String>,
+    /// How the NAT picks the external port of a new mapping, read from the
+    /// mapping tests' ports (see [`AllocatorView`]).
+    pub allocator: AllocatorView,
+}
+
+/// The allocator as `nat-check --json` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AllocatorView {
+    /// `preserving`, `sequential`, `block`, `random`, or `unknown` (too few
+    /// answers, or an endpoint-independent mapping, which shows one port).
+    pub kind: &'static str,
+    /// Sequential: the step between two new mappings' ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stride: Option<i16>,
+    /// Block: the first port and the size of the aligned block the ports
+    /// came from (Cloud NAT: 64 a VM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_base: Option<u16>,
+    /// Block: how many ports it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u16>,
+    /// The most mappings toward one remote a punch holds on this NAT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usize>,
+    /// The external ports of the mapping tests, in the order they were made.
+    pub ports: Vec<u16>,
+    /// The same, for the agent's own use.
+    #[serde(skip)]
+    pub value: Allocator,
+}
+
+impl AllocatorView {
+    fn new(value: Allocator, ports: Vec<u16>) -> AllocatorView {
+        let (stride, block_base, block_size) = match value {
+            Allocator::Sequential { stride } => (Some(stride), None, None),
+            Allocator::Block { base, size } => (None, Some(base), Some(size)),
+            _ => (None, None, None),
+        };
+        AllocatorView {
+            kind: value.kind(),
+            stride,
+            block_base,
+            block_size,
+            budget: value.budget(),
+            ports,
+            value,
+        }
+    }
 }
 
 impl NatReport {
@@ -208,6 +257,7 @@ pub async fn check_with(
             port_preserved: None,
             hairpin: None,
             other_addr: None,
+            allocator: AllocatorView::new(Allocator::Unknown, Vec::new()),
         });
     };
     let m1 = first.mapped;
@@ -231,24 +281,39 @@ pub async fn check_with(
         }
     };
     let mapping = async {
-        let mapping = match first.other {
-            None => "unknown",
+        let (mapping, alloc) = match first.other {
+            None => (
+                "unknown",
+                AllocatorView::new(Allocator::Unknown, vec![m1.port()]),
+            ),
             Some(other) => {
-                let [m2, m3] = ask_all(
+                // Three more destinations at once, in this order: their
+                // ports (with the first) tell the allocator; the fourth,
+                // the other port on the primary IP, is only for that.
+                let [m2, m3, m4] = ask_all(
                     &s1,
                     [
                         (SocketAddr::new(other.ip(), server.port()), false, false),
                         (other, false, false),
+                        (SocketAddr::new(server.ip(), other.port()), false, false),
                     ],
                     &FIRST_WAITS,
                 )
                 .await;
-                match (m2, m3) {
+                let mut ports = vec![m1.port()];
+                ports.extend(
+                    [&m2, &m3, &m4]
+                        .iter()
+                        .filter_map(|m| m.as_ref().map(|a| a.mapped.port())),
+                );
+                let alloc = AllocatorView::new(allocator::infer(local.port(), &ports), ports);
+                let mapping = match (m2, m3) {
                     (Some(a), _) if a.mapped == m1 => "endpoint-independent",
                     (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
                     (Some(_), Some(_)) => "address-and-port-dependent",
                     _ => "unknown",
-                }
+                };
+                (mapping, alloc)
             }
         };
         on_mapping(&NatReport {
@@ -260,10 +325,11 @@ pub async fn check_with(
             port_preserved: Some(m1.port() == local.port()),
             hairpin: None,
             other_addr: first.other.map(|o| o.to_string()),
+            allocator: alloc.clone(),
         });
-        mapping
+        (mapping, alloc)
     };
-    let (mapping, filtering) = tokio::join!(mapping, filtering);
+    let ((mapping, alloc), filtering) = tokio::join!(mapping, filtering);
     let hp = if test_hairpin {
         Some(hairpin(&s1, m1).await)
     } else {
@@ -278,5 +344,6 @@ pub async fn check_with(
         port_preserved: Some(m1.port() == local.port()),
         hairpin: hp,
         other_addr: first.other.map(|o| o.to_string()),
+        allocator: alloc,
     })
 }

@@ -150,9 +150,10 @@ fn spawn_birthday(
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
     use crate::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
+    let alloc = *inner.nat_alloc.lock().expect("not poisoned");
     let birthday::HardPlan {
         sockets, targets, ..
-    } = birthday::hard_plan(ours, offer)?;
+    } = birthday::hard_plan(ours, alloc, offer)?;
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);

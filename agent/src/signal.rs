@@ -463,6 +463,7 @@ fn classify_nat(inner: &Arc<Inner>) {
                 // The mapping is what the birthday method needs first.
                 if let Some(nat) = r.class() {
                     if nat.mapping != punch_protocol::signal::NatBehaviour::Unknown {
+                        *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
                         inner.nat_ready.send_replace(true);
@@ -474,7 +475,8 @@ fn classify_nat(inner: &Arc<Inner>) {
             match result {
                 Ok(r) => match r.class() {
                     Some(nat) => {
-                        info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), "NAT classified");
+                        info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), allocator = ?r.allocator.value, "NAT classified");
+                        *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
                     }

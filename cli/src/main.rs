@@ -583,6 +583,22 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
         println!("filtering:      {}", r.filtering);
         println!("port preserved: {}", r.port_preserved.unwrap_or(false));
         println!("hairpinning:    {}", r.hairpin.unwrap_or(false));
+        let a = &r.allocator;
+        let how = match (a.stride, a.block_base, a.block_size) {
+            (Some(s), _, _) => format!("sequential, stride {s}"),
+            (_, Some(b), Some(n)) => format!("from a {n}-port block at {b}"),
+            _ => a.kind.to_string(),
+        };
+        let ports = a
+            .ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("port allocator: {how} (ports {ports})");
+        if let Some(b) = a.budget {
+            println!("port budget:    {b} mappings toward one peer per punch");
+        }
         if r.other_addr.is_none() {
             println!("(the server has no alternate address: start punch-server with --alt-listen)");
         }

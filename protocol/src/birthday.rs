@@ -26,6 +26,7 @@
 //! The agent drives these with real sockets; the simulator (`sim/`) drives
 //! the very same functions and machine on a virtual clock.
 
+use crate::allocator::Allocator;
 use crate::probe::{Probe, ProbeError, ProbeKind};
 use crate::punch::Transmit;
 use crate::signal::{CandidateKind, NatBehaviour, NatClass, Offer, Role, SessionId};
@@ -33,8 +34,18 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// Sockets the hard side opens.
+/// Sockets the hard side opens behind a NAT that draws from the whole
+/// port range at random (or that we could not read).
 pub const AUX_SOCKETS: usize = 256;
+/// Sockets the hard side opens behind a NAT that counts ports up: the
+/// spray covers the ports just above the one the peer saw, where these
+/// land. A few mappings cannot tell a counter over the whole range from a
+/// 64-port block taken in order, so this is that block's budget (a
+/// quarter, the main socket's flow included).
+pub const SEQ_SOCKETS: usize = 15;
+/// Ports above each seen port the easy side sprays first: where a
+/// counting NAT's next mappings land (at a stride up to 16).
+pub const SPRAY_ABOVE: u16 = 256;
 /// Extra sockets each side opens when both NATs map per destination
 /// (see [`Part::Both`]).
 pub const BLOCK_SOCKETS: usize = 3;
@@ -105,7 +116,8 @@ pub fn part(ours: Option<NatClass>, peer: Option<NatClass>) -> Option<Part> {
 
 /// The ports to spray at a hard peer: the aligned 64-port block around each
 /// port we saw it use (Cloud NAT and carrier NATs draw from such blocks),
-/// then random ports, [`SPRAY_PORTS`] in all, no duplicates.
+/// the [`SPRAY_ABOVE`] ports above it (a counting NAT's next ports), then
+/// random ports, [`SPRAY_PORTS`] in all, no duplicates.
 pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
     let mut out = Vec::with_capacity(SPRAY_PORTS);
     let mut taken = vec![false; 65536];
@@ -113,6 +125,15 @@ pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
         let base = p & !63;
         for k in 0..64u16 {
             let port = base.wrapping_add(k);
+            if port >= 1024 && !taken[port as usize] {
+                taken[port as usize] = true;
+                out.push(port);
+            }
+        }
+    }
+    for &p in seen {
+        for k in 1..=SPRAY_ABOVE {
+            let port = p.saturating_add(k);
             if port >= 1024 && !taken[port as usize] {
                 taken[port as usize] = true;
                 out.push(port);
@@ -217,11 +238,28 @@ pub fn spray_plan(
     })
 }
 
+/// How many extra sockets the hard side opens behind our NAT's allocator:
+/// all of them send to the peer's one mapping, so each takes a port of its
+/// own, and behind a NAT that gives the host a known few ports (a 64-port
+/// Cloud NAT block) at most its budget ([`Allocator::budget`]: a quarter),
+/// so that the host's other flows and its next punch still find ports.
+/// The spray covers such a block whole, so the few meet it as surely.
+pub fn hard_sockets(alloc: Allocator) -> usize {
+    // The main socket's own flow to the peer is one of the budget's.
+    match alloc {
+        Allocator::Sequential { .. } => SEQ_SOCKETS,
+        a => a
+            .budget()
+            .map_or(AUX_SOCKETS, |b| b.saturating_sub(1).clamp(1, AUX_SOCKETS)),
+    }
+}
+
 /// The extra sockets our side opens for `offer`, if our NAT maps per
-/// destination and the pair needs them.
-pub fn hard_plan(ours: Option<NatClass>, offer: &Offer) -> Option<HardPlan> {
+/// destination and the pair needs them; `alloc` is how our NAT picks ports
+/// (see [`hard_sockets`]).
+pub fn hard_plan(ours: Option<NatClass>, alloc: Allocator, offer: &Offer) -> Option<HardPlan> {
     let (part, sockets) = match part(ours, offer.peer_nat)? {
-        Part::Hard => (Part::Hard, AUX_SOCKETS),
+        Part::Hard => (Part::Hard, hard_sockets(alloc)),
         Part::Both => (Part::Both, BLOCK_SOCKETS),
         Part::Easy => return None,
     };
@@ -235,10 +273,15 @@ pub fn hard_plan(ours: Option<NatClass>, offer: &Offer) -> Option<HardPlan> {
 
 /// [`spray_plan`] and [`hard_plan`] together: one function decides for the
 /// agent and the simulator alike.
-pub fn plan(ours: Option<NatClass>, offer: &Offer, rng: &mut impl rand::Rng) -> Plan {
+pub fn plan(
+    ours: Option<NatClass>,
+    alloc: Allocator,
+    offer: &Offer,
+    rng: &mut impl rand::Rng,
+) -> Plan {
     Plan {
         spray: spray_plan(ours, offer, rng),
-        hard: hard_plan(ours, offer),
+        hard: hard_plan(ours, alloc, offer),
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::allocator::Allocator;
 use crate::signal::Candidate;
 use rand::SeedableRng;
 
@@ -79,26 +80,34 @@ fn plans_follow_the_parts() {
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     // We are easy, the peer hard: spray its public IP, its block first.
-    let p = plan(pr, &offer(sym, &cands), &mut rng);
+    let p = plan(pr, Allocator::Unknown, &offer(sym, &cands), &mut rng);
     let spray = p.spray.expect("spray");
     assert_eq!(spray.ip, "198.51.100.7".parse::<IpAddr>().unwrap());
     assert_eq!(spray.ports[0], 40_000);
     assert_eq!(spray.delay, SPRAY_DELAY);
     assert!(p.hard.is_none());
     // We are hard, the peer easy: many sockets to its one mapping.
-    let p = plan(sym, &offer(pr, &cands), &mut rng);
+    let p = plan(sym, Allocator::Unknown, &offer(pr, &cands), &mut rng);
     assert!(p.spray.is_none());
     let hard = p.hard.expect("hard");
     assert_eq!((hard.part, hard.sockets), (Part::Hard, AUX_SOCKETS));
     assert_eq!(hard.targets, vec!["198.51.100.7:40010".parse().unwrap()]);
     // Both hard: a few sockets to the peer's whole block.
-    let hard = plan(sym, &offer(sym, &cands), &mut rng).hard.expect("both");
+    let hard = plan(sym, Allocator::Unknown, &offer(sym, &cands), &mut rng)
+        .hard
+        .expect("both");
     assert_eq!((hard.part, hard.sockets), (Part::Both, BLOCK_SOCKETS));
     assert_eq!(hard.targets.len(), 64);
     // Nothing to do for an easy pair, nor without a public candidate.
-    assert_eq!(plan(pr, &offer(pr, &cands), &mut rng), Plan::default());
+    assert_eq!(
+        plan(pr, Allocator::Unknown, &offer(pr, &cands), &mut rng),
+        Plan::default()
+    );
     let local_only = offer(pr, &cands[1..]);
-    assert_eq!(plan(sym, &local_only, &mut rng), Plan::default());
+    assert_eq!(
+        plan(sym, Allocator::Unknown, &local_only, &mut rng),
+        Plan::default()
+    );
 }
 
 const PEER: &str = "198.51.100.7:40010";

@@ -5,6 +5,8 @@
 //! - [`probe`]: the authenticated UDP probe packets used to punch holes.
 //! - [`punch`]: the punching schedule and path choice as a state machine
 //!   that takes events and time and returns datagrams to send.
+//! - [`allocator`]: how a NAT picks ports, learned from a few mappings,
+//!   and the port budget that follows.
 //! - [`birthday`]: the birthday method for hard NATs: who plays which part,
 //!   and the hard side's many-socket machine.
 //! - [`peer`]: the small request header spoken on peer-to-peer streams.
@@ -13,6 +15,7 @@
 //! - [`cluster`]: messages between the servers of a cluster.
 //! - [`close`]: the QUIC close codes.
 
+pub mod allocator;
 pub mod birthday;
 pub mod close;
 pub mod cluster;

@@ -6,6 +6,7 @@
 //! only when no direct path is set yet.
 
 use crate::net::{HostId, Net};
+use punch_protocol::allocator::Allocator;
 use punch_protocol::birthday::{self, HardEvent, HardParams, HardSide};
 use punch_protocol::probe;
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
@@ -26,6 +27,9 @@ pub(crate) struct SimAgent {
     pub host: HostId,
     /// Its true NAT class (the sim skips classification).
     pub class: Option<NatClass>,
+    /// Its NAT's allocator, as [`allocator::infer`] read it from the
+    /// check's mappings.
+    pub alloc: Allocator,
     puncher: Option<Puncher>,
     stop_at: Option<Instant>,
     hard: Option<HardSide>,
@@ -48,6 +52,7 @@ impl SimAgent {
         SimAgent {
             host,
             class,
+            alloc: Allocator::Unknown,
             puncher: None,
             stop_at: None,
             hard: None,
@@ -72,7 +77,7 @@ impl SimAgent {
         punch_timeout: Duration,
     ) {
         self.peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
-        if let Some(plan) = birthday::hard_plan(self.class, offer) {
+        if let Some(plan) = birthday::hard_plan(self.class, self.alloc, offer) {
             self.aux = (0..plan.sockets).map(|_| net.bind(self.host)).collect();
             let params = HardParams {
                 session: offer.session,

@@ -30,8 +30,11 @@
 //!
 //! - NAT classification: each agent is given its NAT's true
 //!   [`NatClass`] (the mapping and filtering of its model). In the field a
-//!   classification can be late or wrong; that is not modelled, nor are
-//!   the classification's own mappings (which cost ports of a small block).
+//!   classification can be late or wrong; that is not modelled. The
+//!   allocator is read as the agent reads it: a fresh socket makes four
+//!   mappings toward the server's addresses in the NAT check's order and
+//!   [`punch_protocol::allocator::infer`] reads their ports (the filtering
+//!   tests' two mappings are not made).
 //! - The relay, the QUIC handshake and keep-alives: runs last seconds,
 //!   mappings 30 s.
 //! - Jitter and reordering.
@@ -54,6 +57,7 @@ pub use nat::{Allocation, Filtering, Mapping, NatModel, NatStats};
 
 use agent::SimAgent;
 use net::{Delivery, Net};
+use punch_protocol::allocator;
 use punch_protocol::signal::{NatBehaviour, NatClass, SessionId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -62,6 +66,20 @@ use std::time::{Duration, Instant};
 
 /// The rendezvous server.
 pub const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 3478);
+/// The server's other address (RFC 5780 `--alt-listen`).
+pub const SERVER_ALT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2)), 3479);
+
+/// Where the NAT check's socket asks, in the agent's order
+/// (agent/src/natcheck.rs): the primary address, then the other IP, the
+/// other address and the other port at once.
+const CHECK_ASKS: [SocketAddr; 4] = [
+    SERVER,
+    SocketAddr::new(SERVER_ALT.ip(), SERVER.port()),
+    SERVER_ALT,
+    SocketAddr::new(SERVER.ip(), SERVER_ALT.port()),
+];
+/// First byte of a check datagram (the agent's index is added).
+const CHECK_TAG: u8 = 0x80;
 
 /// When the controlling agent asks for the introduction (both have
 /// registered by then).
@@ -121,6 +139,8 @@ pub struct Outcome {
     /// and the datagrams it dropped for want of a port.
     pub nat_a: NatStats,
     pub nat_b: NatStats,
+    /// The allocators the two NAT checks read.
+    pub alloc: [punch_protocol::allocator::Allocator; 2],
 }
 
 /// The class an agent would measure behind `m`.
@@ -147,7 +167,7 @@ pub fn class_of(m: &NatModel) -> NatClass {
 pub fn run(s: &Scenario) -> Outcome {
     let mut rng = StdRng::seed_from_u64(s.seed);
     let net_rng = StdRng::seed_from_u64(rng.gen());
-    let mut net = Net::new(vec![SERVER.ip()], net_rng);
+    let mut net = Net::new(vec![SERVER.ip(), SERVER_ALT.ip()], net_rng);
     let site_a = net.add_site(Some(s.a), Ipv4Addr::new(198, 51, 100, 10), s.delay, s.loss);
     let site_b = if s.same_nat {
         site_a
@@ -170,6 +190,16 @@ pub fn run(s: &Scenario) -> Outcome {
         net.send(*h, 0, SERVER, vec![i as u8], now, true);
     }
     let mut observed: [Option<SocketAddr>; 2] = [None, None];
+    // The NAT check from a fresh socket: its mappings tell the allocator.
+    let mut check_ports: [[Option<u16>; 4]; 2] = [[None; 4]; 2];
+    let mut check_socks = [0usize; 2];
+    for (i, h) in hosts.iter().enumerate() {
+        let sock = net.bind(*h);
+        check_socks[i] = sock;
+        for (k, to) in CHECK_ASKS.iter().enumerate() {
+            net.send(*h, sock, *to, vec![CHECK_TAG | i as u8, k as u8], now, true);
+        }
+    }
     // The introduction: requested at CONNECT_AT, both offers arrive one
     // link later than the server sent them.
     let offers_at = t0 + CONNECT_AT + 2 * s.delay;
@@ -204,6 +234,11 @@ pub fn run(s: &Scenario) -> Outcome {
                 local: net.local_addr(hosts[i], 0),
                 nat: classes[i],
             };
+            for (i, agent) in agents.iter_mut().enumerate() {
+                let seen: Vec<u16> = check_ports[i].iter().flatten().copied().collect();
+                let local = net.local_addr(hosts[i], check_socks[i]).port();
+                agent.alloc = allocator::infer(local, &seen);
+            }
             let offers = server::offers(&[reg(0), reg(1)], SessionId(rng.gen()), rng.gen());
             for (agent, offer) in agents.iter_mut().zip(&offers) {
                 agent.start(offer, now, &mut net, &mut rng, s.punch_timeout);
@@ -219,6 +254,15 @@ pub fn run(s: &Scenario) -> Outcome {
                 }) => {
                     if let Some(a) = agents.iter_mut().find(|a| a.host == host) {
                         a.handle(sock, from, &data, now);
+                    }
+                }
+                // The NAT check: the agent, then which ask.
+                Some(Delivery::Server { from, data, .. })
+                    if data.len() == 2 && data[0] & CHECK_TAG != 0 =>
+                {
+                    let (i, k) = ((data[0] & !CHECK_TAG) as usize, data[1] as usize);
+                    if let Some(slot) = check_ports.get_mut(i).and_then(|c| c.get_mut(k)) {
+                        *slot = Some(from.port());
                     }
                 }
                 // Registration: the first byte names the agent.
@@ -250,6 +294,7 @@ pub fn run(s: &Scenario) -> Outcome {
         } else {
             net.nat_stats(hosts[1], now)
         },
+        alloc: [agents[0].alloc, agents[1].alloc],
     }
 }
 

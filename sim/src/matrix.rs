@@ -150,6 +150,15 @@ pub struct Cell {
     pub pings: u32,
     /// Most mappings one run opened on either NAT.
     pub max_mappings: u32,
+    /// Most mappings one run made toward one remote, on the controlling
+    /// and on the controlled side's NAT.
+    pub max_per_remote: [u32; 2],
+    /// How many runs ended exhausted: a NAT dropped a datagram for want
+    /// of a free port.
+    pub exhausted_runs: u32,
+    /// The allocators the first run's NAT checks read (controlling,
+    /// controlled).
+    pub alloc: [punch_protocol::allocator::Allocator; 2],
 }
 
 /// Runs every ordered pair of `models` with `seeds` seeds each (seed `k`
@@ -183,7 +192,8 @@ pub fn matrix(models: &[Model], seeds: u32, delay: Duration, loss: f64) -> Vec<C
 /// Runs one cell.
 pub fn cell(a: &Model, b: &Model, seeds: u32, delay: Duration, loss: f64) -> Cell {
     let mut times = Vec::new();
-    let (mut direct, mut pings, mut maps) = (0, 0u64, 0);
+    let (mut direct, mut pings, mut maps, mut per_remote, mut exhausted) = (0, 0u64, 0, [0, 0], 0);
+    let mut alloc = Default::default();
     for seed in 0..seeds {
         let mut s = Scenario::new(a.nat, b.nat, seed as u64);
         s.delay = delay;
@@ -197,6 +207,14 @@ pub fn cell(a: &Model, b: &Model, seeds: u32, delay: Duration, loss: f64) -> Cel
         }
         pings += o.pings as u64;
         maps = maps.max(o.nat_a.created).max(o.nat_b.created);
+        per_remote = [
+            per_remote[0].max(o.nat_a.max_per_remote),
+            per_remote[1].max(o.nat_b.max_per_remote),
+        ];
+        exhausted += u32::from(o.nat_a.exhausted + o.nat_b.exhausted > 0);
+        if seed == 0 {
+            alloc = o.alloc;
+        }
     }
     times.sort_unstable();
     Cell {
@@ -207,6 +225,9 @@ pub fn cell(a: &Model, b: &Model, seeds: u32, delay: Duration, loss: f64) -> Cel
         median_ms: times.get(times.len() / 2).copied(),
         pings: (pings / seeds.max(1) as u64) as u32,
         max_mappings: maps,
+        max_per_remote: per_remote,
+        exhausted_runs: exhausted,
+        alloc,
     }
 }
 
@@ -245,8 +266,19 @@ pub fn details(cells: &[Cell]) -> String {
             .map_or_else(|| "-".to_string(), |m| format!("{m} ms"));
         let _ = writeln!(
             s,
-            "{:>16} -> {:<16} {:>3}/{:<3} median {:>7}  pings {:>5}  mappings <= {}",
-            c.a, c.b, c.direct, c.runs, median, c.pings, c.max_mappings
+            "{:>16} -> {:<16} {:>3}/{:<3} median {:>7}  pings {:>5}  mappings <= {:<4} to one remote <= {:>3},{:<3} exhausted {:>2}  {:?} / {:?}",
+            c.a,
+            c.b,
+            c.direct,
+            c.runs,
+            median,
+            c.pings,
+            c.max_mappings,
+            c.max_per_remote[0],
+            c.max_per_remote[1],
+            c.exhausted_runs,
+            c.alloc[0],
+            c.alloc[1]
         );
     }
     s

@@ -129,6 +129,11 @@ pub struct NatStats {
     pub exhausted: u32,
     /// Inbound datagrams the filter dropped.
     pub filtered: u32,
+    /// Most mappings made toward one remote address: what runs a small
+    /// block dry (an external port can serve many remotes at once, but
+    /// each mapping toward one remote needs a port of its own). A run is
+    /// shorter than the mapping timeout, so made is alive.
+    pub max_per_remote: u32,
 }
 
 /// A NAT's state: its mapping table.
@@ -147,6 +152,8 @@ pub struct Nat {
     /// count the mappings alive at once.
     expiries: BinaryHeap<Reverse<(Instant, usize)>>,
     alive: u32,
+    /// Mappings made toward each remote (see [`NatStats::max_per_remote`]).
+    per_remote: HashMap<SocketAddr, u32>,
     pub stats: NatStats,
 }
 
@@ -167,6 +174,7 @@ impl Nat {
             counter: rng.gen_range(1024..=65535),
             expiries: BinaryHeap::new(),
             alive: 0,
+            per_remote: HashMap::new(),
             stats: NatStats::default(),
         }
     }
@@ -199,6 +207,9 @@ impl Nat {
                     self.stats.exhausted += 1;
                     return None;
                 };
+                let n = self.per_remote.entry(dst).or_default();
+                *n += 1;
+                self.stats.max_per_remote = self.stats.max_per_remote.max(*n);
                 self.insert(Entry {
                     inside,
                     remote,

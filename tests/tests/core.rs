@@ -446,6 +446,13 @@ fn nat_check_against_rfc5780_server_and_blocked_udp() {
     let local: std::net::SocketAddr = j["local_addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(public.port(), local.port());
     assert_eq!(j["hairpin"], true, "loopback reaches itself");
+    // Four mappings, all on our own port: a preserving allocator.
+    assert_eq!(j["allocator"]["kind"], "preserving", "{j}");
+    assert_eq!(
+        j["allocator"]["ports"],
+        serde_json::json!(vec![local.port(); 4]),
+        "{j}"
+    );
 
     // Nothing listening: UDP reported blocked, exit 0 (it is a finding).
     let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

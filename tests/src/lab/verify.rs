@@ -27,6 +27,8 @@ pub struct Verdict {
     /// `punch-agent nat-check` against punch-server's RFC 5780 STUN.
     pub nat_check_mapping: String,
     pub nat_check_filtering: String,
+    /// nat-check's port allocator (`allocator.kind`).
+    pub nat_check_allocator: String,
     pub nat_check_ok: bool,
     pub ok: bool,
 }
@@ -59,7 +61,20 @@ fn probe_in(ns: &str) -> Result<NatReport> {
         .with_context(|| format!("nat-probe output {:?}", r.stdout))
 }
 
-fn nat_check_in(ns: &str) -> Result<(String, String)> {
+/// The allocator nat-check should read behind `t`, where the lab's rule
+/// makes it plain: Cloud NAT's `snat ... random` over 64 ports, the
+/// symmetric type's `masquerade fully-random`, the port-restricted type's
+/// plain `snat` (Linux keeps the source port).
+fn expected_allocator(t: NatType) -> Option<&'static str> {
+    match t {
+        NatType::Cloudnat => Some("block"),
+        NatType::Symmetric => Some("random"),
+        NatType::PortRestricted => Some("preserving"),
+        _ => None,
+    }
+}
+
+fn nat_check_in(ns: &str) -> Result<(String, String, String)> {
     let mut cmd = in_ns(ns, crate::harness::bin("punch-agent")?);
     cmd.args([
         "nat-check",
@@ -76,6 +91,10 @@ fn nat_check_in(ns: &str) -> Result<(String, String)> {
     Ok((
         v["mapping"].as_str().unwrap_or_default().to_string(),
         v["filtering"].as_str().unwrap_or_default().to_string(),
+        v["allocator"]["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     ))
 }
 
@@ -127,6 +146,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
                 blocking: Some(b),
                 nat_check_mapping: "skipped (no UDP)".into(),
                 nat_check_filtering: "skipped (no UDP)".into(),
+                nat_check_allocator: "skipped (no UDP)".into(),
                 nat_check_ok: true,
             });
             continue;
@@ -159,20 +179,22 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             measured = probe_in(&ns)?;
             (ok, block_ok) = check(&measured);
         }
-        let nat_check_ok = |m: &str, f: &str| {
+        let nat_check_ok = |(m, f, a): &(String, String, String)| {
             let mapping_ok = match t.mapping() {
                 Mapping::EndpointIndependent => m == "endpoint-independent",
                 Mapping::EndpointDependent => m == "address-and-port-dependent",
                 Mapping::NoUdp => unreachable!("UDP-less types are checked above"),
             };
-            mapping_ok && f == expected_filtering
+            let alloc_ok = expected_allocator(*t).is_none_or(|want| a == want);
+            mapping_ok && f == expected_filtering && alloc_ok
         };
         let mut nc = nat_check_in(&ns)?;
-        if !nat_check_ok(&nc.0, &nc.1) {
-            // Same chance repeat as above (1 in 64 for the Cloud NAT block).
+        if !nat_check_ok(&nc) {
+            // Same chance repeat as above (1 in 64 for the Cloud NAT block;
+            // random picks that happen to count up, for the allocator).
             nc = nat_check_in(&ns)?;
         }
-        let nc_ok = nat_check_ok(&nc.0, &nc.1);
+        let nc_ok = nat_check_ok(&nc);
         out.push(Verdict {
             nat: *t,
             expected_mapping,
@@ -182,6 +204,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             blocking: None,
             nat_check_mapping: nc.0,
             nat_check_filtering: nc.1,
+            nat_check_allocator: nc.2,
             nat_check_ok: nc_ok,
             ok: ok && nc_ok,
         });
@@ -193,7 +216,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
 /// classified, and below the table what each check saw.
 pub fn table(v: &[Verdict]) -> String {
     let mut s = format!(
-        "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
+        "{:<16} {:<28} {:<28} {:<22} {:<6} {:<20} {}\n",
         "NAT",
         "mapping (measured)",
         "filtering (measured)",
@@ -206,7 +229,7 @@ pub fn table(v: &[Verdict]) -> String {
     for x in v {
         if let Some(b) = &x.blocking {
             s.push_str(&format!(
-                "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
+                "{:<16} {:<28} {:<28} {:<22} {:<6} {:<20} {}\n",
                 x.nat.name(),
                 "no UDP: not classified",
                 "blocking checked instead",
@@ -224,16 +247,19 @@ pub fn table(v: &[Verdict]) -> String {
         }
         let Some(m) = &x.measured else { continue };
         s.push_str(&format!(
-            "{:<16} {:<28} {:<28} {:<22} {:<6} {:<10} {}\n",
+            "{:<16} {:<28} {:<28} {:<22} {:<6} {:<20} {}\n",
             x.nat.name(),
             m.mapping,
             m.filtering,
             m.mapped,
             if m.port_preserved { "yes" } else { "no" },
             if x.nat_check_ok {
-                "agrees".to_string()
+                format!("agrees ({})", x.nat_check_allocator)
             } else {
-                format!("{}/{}", x.nat_check_mapping, x.nat_check_filtering)
+                format!(
+                    "{}/{}/{}",
+                    x.nat_check_mapping, x.nat_check_filtering, x.nat_check_allocator
+                )
             },
             if x.ok {
                 "ok".to_string()
