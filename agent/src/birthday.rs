@@ -16,8 +16,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-/// The hard side: opens `sockets` sockets and runs a [`HardSide`] on
-/// them (see there).
+/// The hard side: opens a socket for each of `flows` (the targets that
+/// socket sends to) and runs a [`HardSide`] on them (see there).
 /// Returns the socket with the path and the peer's address (when found
 /// within `limit`), and every socket the peer pinged: the peer may have
 /// validated another one of them and will send there.
@@ -32,16 +32,15 @@ pub(crate) async fn hard_side(
     inner: &Arc<Inner>,
     offer: &Offer,
     v: SocketAddr,
-    sockets: usize,
-    targets: Vec<SocketAddr>,
+    mut flows: Vec<Vec<SocketAddr>>,
     limit: Duration,
 ) -> (Option<(Arc<UdpSocket>, Punched)>, Vec<Arc<UdpSocket>>) {
-    if targets.is_empty() {
+    let Some(&first) = flows.iter().flatten().next() else {
         return (None, Vec::new());
-    }
+    };
     let local = inner.socket.local_ip_v4();
-    let mut socks = Vec::with_capacity(sockets);
-    for _ in 0..sockets {
+    let mut socks = Vec::with_capacity(flows.len());
+    for _ in 0..flows.len() {
         match UdpSocket::bind(SocketAddr::new(local, 0)).await {
             Ok(s) => socks.push(Arc::new(s)),
             Err(e) => {
@@ -50,7 +49,9 @@ pub(crate) async fn hard_side(
             }
         }
     }
-    info!(sockets = socks.len(), targets = targets.len(), first = %targets[0], "birthday method: hard side opens its sockets");
+    flows.truncate(socks.len());
+    let targets: usize = flows.iter().map(Vec::len).sum();
+    info!(sockets = socks.len(), targets, %first, "birthday method: hard side opens its sockets");
     let (tx, mut rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
     let mut readers = Vec::with_capacity(socks.len());
     for (i, s) in socks.iter().enumerate() {
@@ -71,8 +72,8 @@ pub(crate) async fn hard_side(
         role: offer.role,
         txid_base: rand::random::<u64>() >> 1,
     };
-    let peer_ip = targets[0].ip().to_canonical();
-    let mut h = HardSide::new(params, socks.len(), targets, Instant::now(), limit);
+    let peer_ip = first.ip().to_canonical();
+    let mut h = HardSide::with_flows(params, flows, Instant::now(), limit);
     let found = loop {
         while let Some((i, t)) = h.poll_transmit() {
             if let Some(s) = socks.get(i) {
@@ -141,4 +142,40 @@ pub(crate) async fn hard_side(
         via_mapped: false,
     };
     (Some((sock, punched)), met)
+}
+
+/// Behind a NAT that counts ports up, makes one fresh mapping toward the
+/// server and offers where the counter now stands
+/// ([`punch_protocol::predict`]): after the NAT check, and after each
+/// birthday attempt (whose flows moved the counter). Does nothing behind
+/// other NATs.
+pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
+    let punch_protocol::allocator::Allocator::Sequential { stride } =
+        *inner.nat_alloc.lock().expect("not poisoned")
+    else {
+        return;
+    };
+    let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {
+        return;
+    };
+    if !server.is_ipv4() {
+        return;
+    }
+    let bind = SocketAddr::new(inner.socket.local_ip_v4(), 0);
+    let Some(m) = crate::natcheck::fresh_mapping(server, bind).await else {
+        debug!("counter: no answer to the fresh mapping");
+        return;
+    };
+    let counter = punch_protocol::predict::Counter::after(m.ip(), m.port(), stride);
+    debug!(
+        ?counter,
+        "counter: advertising where our NAT's port counter stands"
+    );
+    let changed = {
+        let mut c = inner.counter.lock().expect("not poisoned");
+        std::mem::replace(&mut *c, counter) != counter
+    };
+    if changed {
+        inner.announce_candidates();
+    }
 }

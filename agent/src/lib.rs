@@ -286,6 +286,9 @@ pub(crate) struct Inner {
     /// How our NAT picks ports, from the same check: sizes the birthday
     /// method's extra sockets to the NAT's port budget.
     pub(crate) nat_alloc: Mutex<punch_protocol::allocator::Allocator>,
+    /// Where our NAT's port counter stands, when it counts: offered to
+    /// peers as two predicted candidates ([`punch_protocol::predict`]).
+    pub(crate) counter: Mutex<Option<punch_protocol::predict::Counter>>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     /// True once our NAT's mapping is known or its classification ended.
     pub(crate) nat_ready: watch::Sender<bool>,
@@ -555,6 +558,7 @@ impl Agent {
             signal_stopped: watch::channel(false).0,
             nat: Mutex::new(None),
             nat_alloc: Mutex::new(Default::default()),
+            counter: Mutex::new(None),
             nat_started: Default::default(),
             nat_ready: watch::channel(false).0,
             nat_done: watch::channel(false).0,
@@ -607,6 +611,17 @@ impl Agent {
     /// it first registers, when [`AgentConfig::nat_check`] is on).
     pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
         *self.inner.nat.lock().expect("not poisoned")
+    }
+
+    /// Resolves once the background NAT check has ended (at once when it
+    /// is off): [`Agent::nat_class`] and [`Agent::nat_allocator`] then say
+    /// all they will.
+    pub async fn nat_checked(&self) {
+        if !self.inner.config.nat_check {
+            return;
+        }
+        let mut done = self.inner.nat_done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
     }
 
     /// How our NAT picks the external ports of new mappings, as the same
@@ -886,6 +901,18 @@ impl Inner {
         }
     }
 
+    /// Tells the server all our candidates (ours and what STUN saw) anew.
+    pub(crate) fn announce_candidates(&self) {
+        let mut local = self.local_candidates();
+        for c in self.stun_seen.lock().expect("not poisoned").iter() {
+            if !local.iter().any(|l| l.addr == c.addr) {
+                local.push(*c);
+            }
+        }
+        local.truncate(punch_protocol::signal::MAX_CANDIDATES);
+        self.notify(ClientMsg::Candidates { local });
+    }
+
     /// Our candidates besides the server-observed address.
     pub(crate) fn local_candidates(&self) -> Vec<Candidate> {
         let mut out = Vec::new();
@@ -897,6 +924,11 @@ impl Inner {
             .and_then(|s| portmap::candidate(&s.borrow()))
         {
             out.push(c);
+        }
+        // Our counter next: what a peer behind a per-destination NAT aims
+        // at (first, so that many interface addresses do not crowd it out).
+        if let Some(c) = *self.counter.lock().expect("not poisoned") {
+            out.extend(c.candidates());
         }
         if !self.config.local_candidates {
             return out;

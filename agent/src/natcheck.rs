@@ -206,6 +206,15 @@ async fn ask_all<const N: usize>(
     answers
 }
 
+/// The public address a fresh socket on `bind` gets toward `server` (one
+/// new mapping), or `None` without an answer.
+pub async fn fresh_mapping(server: SocketAddr, bind: SocketAddr) -> Option<SocketAddr> {
+    let s = UdpSocket::bind(bind).await.ok()?;
+    ask_with(&s, server, false, false, &FIRST_WAITS)
+        .await
+        .map(|a| a.mapped)
+}
+
 async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {
     let txid = stun::new_txid();
     let req = request(&txid, false, false);

@@ -11,7 +11,7 @@
 use crate::Inner;
 use punch_portmap::client::{Config, Handle, State};
 pub use punch_portmap::{Mapping, Protocol};
-use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg};
+use punch_protocol::signal::{Candidate, CandidateKind};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,15 +170,8 @@ pub(crate) fn sync(inner: &Inner) {
     if now.1.is_none() && before.is_none_or(|b| b.1.is_none()) {
         return;
     }
-    let mut local = inner.local_candidates();
-    for c in inner.stun_seen.lock().expect("not poisoned").iter() {
-        if !local.iter().any(|l| l.addr == c.addr) {
-            local.push(*c);
-        }
-    }
-    local.truncate(punch_protocol::signal::MAX_CANDIDATES);
     tracing::debug!(mapped = ?now.1, "candidates to the server");
-    inner.notify(ClientMsg::Candidates { local });
+    inner.announce_candidates();
 }
 
 /// Keeps the server's view of our mapped candidate current: on every

@@ -140,6 +140,11 @@ fn spawn_puncher(
     rx
 }
 
+/// How long after a birthday attempt starts its last new flows are made
+/// (after `PunchConfig::block_scan_after`, 400 ms): the counter is read
+/// anew after that.
+const COUNTER_SETTLE: Duration = Duration::from_millis(1000);
+
 /// Starts the birthday method's hard side when the pair needs it (see
 /// [`crate::birthday`]); a validated path becomes `v`'s direct path through
 /// the extra socket that found it, and is reported on the receiver.
@@ -151,17 +156,28 @@ fn spawn_birthday(
     use crate::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
     let alloc = *inner.nat_alloc.lock().expect("not poisoned");
-    let birthday::HardPlan {
-        sockets, targets, ..
-    } = birthday::hard_plan(ours, alloc, offer)?;
+    let birthday::HardPlan { flows, .. } = birthday::hard_plan(ours, alloc, offer)?;
+    let started = Instant::now();
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);
     tokio::spawn(
         async move {
             let limit = inner.config.punch_timeout;
-            let (found, met) =
-                birthday::hard_side(&inner, &offer, v, sockets, targets, limit).await;
+            let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit).await;
+            // Our flows moved our NAT's counter: say where it stands once
+            // this punch made its last new flows (the main socket's block
+            // scan starts PunchConfig::block_scan_after into it).
+            {
+                let inner = inner.clone();
+                tokio::spawn(
+                    async move {
+                        tokio::time::sleep_until((started + COUNTER_SETTLE).into()).await;
+                        birthday::advertise_counter(&inner).await
+                    }
+                    .in_current_span(),
+                );
+            }
             let peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
             // The peer sends to whichever of our addresses it validated,
             // possibly one of these sockets: hand what arrives there to

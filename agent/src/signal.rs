@@ -466,6 +466,23 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
+                        // A counting NAT: say where the counter stands from
+                        // the check's own last mapping now, before a connect
+                        // that waited for the mapping asks for its peer (a
+                        // fresh mapping refines it when the check ends).
+                        if let (
+                            punch_protocol::allocator::Allocator::Sequential { stride },
+                            Some(last),
+                            Some(public),
+                        ) = (
+                            r.allocator.value,
+                            r.allocator.ports.last(),
+                            r.public_addr.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()),
+                        ) {
+                            let c = punch_protocol::predict::Counter::after(public.ip(), *last, stride);
+                            *inner.counter.lock().expect("not poisoned") = c;
+                            inner.announce_candidates();
+                        }
                         inner.nat_ready.send_replace(true);
                     }
                 }
@@ -479,6 +496,7 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
+                        crate::birthday::advertise_counter(&inner).await;
                     }
                     None => debug!("NAT not classified: no STUN answer"),
                 },

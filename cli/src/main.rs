@@ -911,6 +911,28 @@ async fn serve(
         }
     };
     tokio::spawn(accept);
+    // What the background NAT check found, once (scripts and the lab wait
+    // for it: a worker's punching method depends on it).
+    if !c.no_nat_check {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent.nat_checked().await;
+            let class = agent
+                .nat_class()
+                .map_or("unknown".to_string(), |n| n.label());
+            let a = agent.nat_allocator();
+            let alloc = match a {
+                punch_protocol::allocator::Allocator::Sequential { stride } => {
+                    format!("sequential, stride {stride}")
+                }
+                punch_protocol::allocator::Allocator::Block { base, size } => {
+                    format!("block of {size} at {base}")
+                }
+                other => other.kind().to_string(),
+            };
+            println!("punch-agent NAT: {class} (port allocator: {alloc})");
+        });
+    }
     let mut announced = false;
     tokio::pin!(shutdown);
     loop {

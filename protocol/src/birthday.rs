@@ -27,6 +27,7 @@
 //! the very same functions and machine on a virtual clock.
 
 use crate::allocator::Allocator;
+use crate::predict;
 use crate::probe::{Probe, ProbeError, ProbeKind};
 use crate::punch::Transmit;
 use crate::signal::{CandidateKind, NatBehaviour, NatClass, Offer, Role, SessionId};
@@ -195,6 +196,16 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
     Some((ip, ports))
 }
 
+/// [`spray_target`], the port the peer's counter hands out next (when it
+/// advertised one) first: the spray covers the ports above it.
+fn spray_seen(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
+    let (ip, mut ports) = spray_target(offer)?;
+    if let Some(c) = predict::advertised(&offer.peer_candidates).filter(|c| c.ip == ip) {
+        ports.insert(0, c.next);
+    }
+    Some((ip, ports))
+}
+
 /// The easy side's spray: pass to [`crate::punch::Puncher::spray`] at
 /// `now + delay`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,12 +215,19 @@ pub struct SprayPlan {
     pub delay: Duration,
 }
 
-/// The hard side's extra sockets: how many, and where each sends.
+/// The hard side's extra sockets: where each sends, in the order the
+/// flows must be made (socket by socket).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HardPlan {
     pub part: Part,
-    pub sockets: usize,
-    pub targets: Vec<SocketAddr>,
+    pub flows: Vec<Vec<SocketAddr>>,
+}
+
+impl HardPlan {
+    /// How many extra sockets the plan needs.
+    pub fn sockets(&self) -> usize {
+        self.flows.len()
+    }
 }
 
 /// Everything the birthday method adds to ordinary punching for one offer;
@@ -230,7 +248,7 @@ pub fn spray_plan(
     if part(ours, offer.peer_nat) != Some(Part::Easy) {
         return None;
     }
-    let (ip, seen) = spray_target(offer)?;
+    let (ip, seen) = spray_seen(offer)?;
     Some(SprayPlan {
         ip,
         ports: spray_ports(&seen, rng),
@@ -258,17 +276,35 @@ pub fn hard_sockets(alloc: Allocator) -> usize {
 /// destination and the pair needs them; `alloc` is how our NAT picks ports
 /// (see [`hard_sockets`]).
 pub fn hard_plan(ours: Option<NatClass>, alloc: Allocator, offer: &Offer) -> Option<HardPlan> {
-    let (part, sockets) = match part(ours, offer.peer_nat)? {
-        Part::Hard => (Part::Hard, hard_sockets(alloc)),
-        Part::Both => (Part::Both, BLOCK_SOCKETS),
+    let part = part(ours, offer.peer_nat)?;
+    let flows = match part {
+        Part::Hard => {
+            let t = targets(offer, Part::Hard);
+            if t.is_empty() {
+                return None;
+            }
+            vec![t; hard_sockets(alloc)]
+        }
+        Part::Both => both_flows(alloc, offer),
         Part::Easy => return None,
     };
-    let targets = targets(offer, part);
-    (!targets.is_empty()).then_some(HardPlan {
-        part,
-        sockets,
-        targets,
-    })
+    let flows: Vec<Vec<SocketAddr>> = flows.into_iter().filter(|f| !f.is_empty()).collect();
+    (!flows.is_empty()).then_some(HardPlan { part, flows })
+}
+
+/// Both NATs map per destination: which schedule meets depends on whether
+/// each side counts ([`crate::predict`]); we count when our allocator is
+/// sequential (and then advertise it), the peer when it advertised.
+fn both_flows(alloc: Allocator, offer: &Offer) -> Vec<Vec<SocketAddr>> {
+    let we_count = matches!(alloc, Allocator::Sequential { .. });
+    let peer = predict::advertised(&offer.peer_candidates).filter(|c| c.ip.is_ipv4());
+    let block = targets(offer, Part::Both);
+    match (we_count, peer) {
+        (true, Some(p)) => predict::both_counting(offer.role == Role::Controlling, &p),
+        (true, None) => predict::counting_vs_block(&block),
+        (false, Some(p)) => predict::block_vs_counting(&p, predict::BLOCK as u32),
+        (false, None) => vec![block; BLOCK_SOCKETS],
+    }
 }
 
 /// [`spray_plan`] and [`hard_plan`] together: one function decides for the
@@ -328,7 +364,9 @@ const TXID_ROUND: u64 = 1_000_000;
 #[derive(Debug)]
 pub struct HardSide {
     params: HardParams,
-    targets: Vec<SocketAddr>,
+    /// Where each socket sends.
+    flows: Vec<Vec<SocketAddr>>,
+    peer_ip: IpAddr,
     sent_at: Vec<Instant>,
     /// Rounds sent so far (0, 1 or 2).
     rounds: u8,
@@ -357,9 +395,30 @@ impl HardSide {
         limit: Duration,
     ) -> Self {
         let sockets = sockets.min(MAX_HARD_SOCKETS);
+        Self::with_flows(params, vec![targets; sockets], now, limit)
+    }
+
+    /// [`HardSide::new`] with targets of its own for each socket
+    /// (`flows[i]` for socket `i`, sent in that order, socket by socket).
+    /// Every target must be on the peer's one IP.
+    pub fn with_flows(
+        params: HardParams,
+        mut flows: Vec<Vec<SocketAddr>>,
+        now: Instant,
+        limit: Duration,
+    ) -> Self {
+        flows.truncate(MAX_HARD_SOCKETS);
+        let peer_ip = flows
+            .iter()
+            .flatten()
+            .next()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
+        let sockets = flows.len();
+        let empty = flows.iter().all(Vec::is_empty);
         let mut h = HardSide {
             params,
-            targets,
+            flows,
+            peer_ip,
             sent_at: vec![now; sockets],
             rounds: 0,
             next_round: now,
@@ -372,7 +431,7 @@ impl HardSide {
             answer_until: None,
             pings_sent: 0,
         };
-        if h.targets.is_empty() || sockets == 0 {
+        if empty {
             h.finish(HardEvent::TimedOut);
         } else {
             h.handle_timeout(now);
@@ -401,7 +460,7 @@ impl HardSide {
             let round = self.rounds as u64;
             for i in 0..self.sent_at.len() {
                 let payload = self.ping(self.params.txid_base + i as u64 + round * TXID_ROUND);
-                for t in &self.targets {
+                for t in &self.flows[i] {
                     self.outbox.push_back((
                         i,
                         Transmit {
@@ -436,7 +495,7 @@ impl HardSide {
             if !answering || !self.hits.contains(&sock) {
                 return Err(ProbeError::BadField);
             }
-            let pong = answer_ping(&self.params, self.targets[0].ip(), from, data)?;
+            let pong = answer_ping(&self.params, self.peer_ip, from, data)?;
             self.outbox.push_back((
                 sock,
                 Transmit {
@@ -447,7 +506,7 @@ impl HardSide {
             return Ok(());
         }
         let p = Probe::decode(data, &self.params.secret)?;
-        let peer_ip = self.targets[0].ip().to_canonical();
+        let peer_ip = self.peer_ip;
         if p.session != self.params.session
             || p.role == self.params.role
             || from.ip().to_canonical() != peer_ip

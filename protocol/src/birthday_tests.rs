@@ -90,14 +90,23 @@ fn plans_follow_the_parts() {
     let p = plan(sym, Allocator::Unknown, &offer(pr, &cands), &mut rng);
     assert!(p.spray.is_none());
     let hard = p.hard.expect("hard");
-    assert_eq!((hard.part, hard.sockets), (Part::Hard, AUX_SOCKETS));
-    assert_eq!(hard.targets, vec!["198.51.100.7:40010".parse().unwrap()]);
+    assert_eq!((hard.part, hard.sockets()), (Part::Hard, AUX_SOCKETS));
+    assert_eq!(hard.flows[0], vec!["198.51.100.7:40010".parse().unwrap()]);
+    // Behind a 64-port block: a quarter of it, the main socket included.
+    let block = Allocator::Block {
+        base: 20480,
+        size: 64,
+    };
+    let hard = plan(sym, block, &offer(pr, &cands), &mut rng)
+        .hard
+        .expect("hard");
+    assert_eq!(hard.sockets(), 15);
     // Both hard: a few sockets to the peer's whole block.
     let hard = plan(sym, Allocator::Unknown, &offer(sym, &cands), &mut rng)
         .hard
         .expect("both");
-    assert_eq!((hard.part, hard.sockets), (Part::Both, BLOCK_SOCKETS));
-    assert_eq!(hard.targets.len(), 64);
+    assert_eq!((hard.part, hard.sockets()), (Part::Both, BLOCK_SOCKETS));
+    assert!(hard.flows.iter().all(|f| f.len() == 64));
     // Nothing to do for an easy pair, nor without a public candidate.
     assert_eq!(
         plan(pr, Allocator::Unknown, &offer(pr, &cands), &mut rng),

@@ -9,6 +9,7 @@
 //!   and the port budget that follows.
 //! - [`birthday`]: the birthday method for hard NATs: who plays which part,
 //!   and the hard side's many-socket machine.
+//! - [`predict`]: port prediction for NATs that count ports up.
 //! - [`peer`]: the small request header spoken on peer-to-peer streams.
 //! - [`relay`]: relay frames and the server's relay table.
 //! - [`ws`]: signaling and relay frames over WebSocket (the TCP channel).
@@ -21,6 +22,7 @@ pub mod close;
 pub mod cluster;
 pub mod codec;
 pub mod peer;
+pub mod predict;
 pub mod probe;
 pub mod punch;
 pub mod relay;

@@ -211,7 +211,13 @@ impl Puncher {
             spray: None,
             config,
         };
-        for c in peer_candidates {
+        // A peer's predicted ports are for the birthday method's own
+        // flows (crate::predict): pinging them from here would spend the
+        // very counter positions it predicts.
+        for c in peer_candidates
+            .iter()
+            .filter(|c| c.kind != CandidateKind::Predicted)
+        {
             p.add_candidate(c.addr, c.kind);
         }
         p

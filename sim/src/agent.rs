@@ -78,20 +78,14 @@ impl SimAgent {
     ) {
         self.peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
         if let Some(plan) = birthday::hard_plan(self.class, self.alloc, offer) {
-            self.aux = (0..plan.sockets).map(|_| net.bind(self.host)).collect();
+            self.aux = (0..plan.sockets()).map(|_| net.bind(self.host)).collect();
             let params = HardParams {
                 session: offer.session,
                 secret: offer.secret,
                 role: offer.role,
                 txid_base: rng.gen::<u64>() >> 1,
             };
-            self.hard = Some(HardSide::new(
-                params,
-                self.aux.len(),
-                plan.targets,
-                now,
-                punch_timeout,
-            ));
+            self.hard = Some(HardSide::with_flows(params, plan.flows, now, punch_timeout));
         }
         let config = PunchConfig {
             deadline: punch_timeout,

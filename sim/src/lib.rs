@@ -57,8 +57,8 @@ pub use nat::{Allocation, Filtering, Mapping, NatModel, NatStats};
 
 use agent::SimAgent;
 use net::{Delivery, Net};
-use punch_protocol::allocator;
 use punch_protocol::signal::{NatBehaviour, NatClass, SessionId};
+use punch_protocol::{allocator, predict};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -229,16 +229,27 @@ pub fn run(s: &Scenario) -> Outcome {
         now = now.max(next);
         if !offered && now >= offers_at {
             offered = true;
-            let reg = |i: usize| server::Registered {
-                observed: observed[i],
-                local: net.local_addr(hosts[i], 0),
-                nat: classes[i],
-            };
+            let mut extra = [Vec::new(), Vec::new()];
             for (i, agent) in agents.iter_mut().enumerate() {
                 let seen: Vec<u16> = check_ports[i].iter().flatten().copied().collect();
                 let local = net.local_addr(hosts[i], check_socks[i]).port();
                 agent.alloc = allocator::infer(local, &seen);
+                // A counting NAT: advertise where the counter stands (the
+                // agent does so after its NAT check).
+                if let (allocator::Allocator::Sequential { stride }, Some(last), Some(o)) =
+                    (agent.alloc, seen.last(), observed[i])
+                {
+                    if let Some(c) = predict::Counter::after(o.ip(), *last, stride) {
+                        extra[i] = c.candidates();
+                    }
+                }
             }
+            let reg = |i: usize| server::Registered {
+                observed: observed[i],
+                local: net.local_addr(hosts[i], 0),
+                nat: classes[i],
+                extra: extra[i].clone(),
+            };
             let offers = server::offers(&[reg(0), reg(1)], SessionId(rng.gen()), rng.gen());
             for (agent, offer) in agents.iter_mut().zip(&offers) {
                 agent.start(offer, now, &mut net, &mut rng, s.punch_timeout);

@@ -6,13 +6,16 @@ use punch_protocol::signal::{Candidate, CandidateKind, NatClass, Offer, Role, Se
 use std::net::SocketAddr;
 
 /// What the server knows of one agent.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Registered {
     /// The agent's main socket as the server saw it (its NAT mapping).
     pub observed: Option<SocketAddr>,
     /// The agent's own address (its `Local` candidate).
     pub local: SocketAddr,
     pub nat: NatClass,
+    /// Candidates the agent added itself (its advertised counter, as
+    /// `ClientMsg::Candidates` carries it).
+    pub extra: Vec<Candidate>,
 }
 
 /// Candidates offered to the peer: the server-observed address first,
@@ -30,6 +33,11 @@ fn candidates(r: &Registered) -> Vec<Candidate> {
             addr: r.local,
             kind: CandidateKind::Local,
         });
+    }
+    for c in &r.extra {
+        if !v.iter().any(|x| x.addr == c.addr) {
+            v.push(*c);
+        }
     }
     v
 }

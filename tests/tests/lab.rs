@@ -367,3 +367,54 @@ fn lab_refuses_bad_input_clearly() {
         assert!(r.stderr.contains("needs root"), "{}", r.stderr);
     }
 }
+
+/// Port prediction and block scans in the lab, both sides mapping per
+/// destination (issue 19): counter ↔ counter, counter ↔ Cloud NAT block
+/// (random picks), block ↔ block, 20 ms on every site link, fresh dialers.
+/// The pairs asserted went direct 10/10 in the lab runs of BENCHMARKS.md;
+/// the in-order block against a counter (6/10 and 4/10 there: predictions
+/// that cross the block's end) is measured, not asserted.
+#[test]
+fn hard_pairs_go_direct_by_prediction_and_block_scan() {
+    if !lab_ready("the NAT lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("hard.json");
+    let mut cmd = Command::new(bin("punch-lab").unwrap());
+    cmd.args([
+        "matrix",
+        "--types",
+        "cloudnat,cloudnat-inorder,seq",
+        "--runs",
+        "2",
+        "--delay",
+        "20",
+        "--punch-timeout",
+        "5",
+        "--no-same-nat",
+        "--json",
+    ])
+    .arg(&json);
+    let r = run(cmd, Duration::from_secs(600)).unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let pairs = m["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 9, "{m}");
+    let asserted = [
+        ("seq", "seq"),
+        ("seq", "cloudnat"),
+        ("cloudnat", "seq"),
+        ("cloudnat", "cloudnat"),
+        ("cloudnat-inorder", "cloudnat"),
+    ];
+    for p in pairs {
+        assert_eq!(p["connected"].as_u64(), Some(2), "{p}");
+        let pair = (p["a"].as_str().unwrap(), p["b"].as_str().unwrap());
+        if asserted.contains(&pair) {
+            assert!(p["direct"].as_u64() >= Some(1), "{pair:?} not direct: {p}");
+        }
+    }
+}

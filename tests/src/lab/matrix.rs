@@ -119,7 +119,14 @@ pub fn agent_cmd(ns: &str, fp: &str, punch_timeout: f64) -> Result<std::process:
 
 /// Starts `punch-agent serve --id ID` in `ns` (with the arguments its site
 /// needs, [`super::Site::agent_args`]) and waits for registration.
-pub fn serve(lab: &mut Lab, ns: &str, id: &str, fp: &str, punch_timeout: f64) -> Result<()> {
+pub fn serve(
+    lab: &mut Lab,
+    ns: &str,
+    id: &str,
+    fp: &str,
+    punch_timeout: f64,
+    udp: bool,
+) -> Result<()> {
     let mut cmd = agent_cmd(ns, fp, punch_timeout)?;
     cmd.args(["serve", "--id", id, "--key-file"])
         .arg(lab.path(&format!("{id}.key")))
@@ -133,6 +140,13 @@ pub fn serve(lab: &mut Lab, ns: &str, id: &str, fp: &str, punch_timeout: f64) ->
                 std::fs::read_to_string(&log).unwrap_or_default()
             )
         })?;
+    // A worker has classified its NAT long before anyone dials it; so does
+    // the lab's (a UDP-less site has nothing to classify).
+    if udp {
+        if let Err(e) = p.wait_line("punch-agent NAT:", Duration::from_secs(10)) {
+            eprintln!("agent {id} in {ns}: NAT check not done: {e:#}");
+        }
+    }
     lab.keep(p);
     Ok(())
 }
@@ -167,7 +181,7 @@ pub fn pair_lab(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) 
     let fp = start_server(&mut lab)?;
     let ns_a = lab.sites[sa].hosts[0].clone();
     let ns_b = lab.sites[sb].hosts[0].clone();
-    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0)?;
+    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0, b.nat.has_udp())?;
     Ok(PairLab {
         lab,
         fp,
@@ -206,11 +220,18 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let fp = start_server(&mut lab)?;
     for (i, t) in opts.types.iter().enumerate() {
         let ns = lab.sites[b_site[i]].hosts[0].clone();
-        serve(&mut lab, &ns, &b_id(t), &fp, opts.punch_timeout)?;
+        serve(
+            &mut lab,
+            &ns,
+            &b_id(t),
+            &fp,
+            opts.punch_timeout,
+            t.nat.has_udp(),
+        )?;
     }
     if let Some(s) = same {
         let ns = lab.sites[s].hosts[1].clone();
-        serve(&mut lab, &ns, "b-same-nat", &fp, opts.punch_timeout)?;
+        serve(&mut lab, &ns, "b-same-nat", &fp, opts.punch_timeout, true)?;
     }
     // (A name, B name, A host namespace, target id, theory, reason, A site
     // to reset between runs, does A have UDP)

@@ -615,7 +615,10 @@ impl Lab {
                 spec.port_mapping,
             ),
         )?;
-        if spec.nat == NatType::Cloudnat || spec.nat == NatType::CloudnatEim {
+        if matches!(
+            spec.nat,
+            NatType::Cloudnat | NatType::CloudnatEim | NatType::CloudnatInorder | NatType::Seq
+        ) {
             // Cloud NAT drops idle UDP mappings after 30 s (the module is
             // loaded by the ruleset above, so the knobs exist now).
             for k in [

@@ -33,6 +33,12 @@ pub enum NatType {
     /// A network with no route out for its hosts except a real HTTP CONNECT
     /// proxy (tinyproxy) on the gateway: the gateway forwards nothing.
     ProxyOnly,
+    /// Cloud NAT's default block of 64 ports a host, taken in order (a
+    /// counter through the block, `numgen inc`), APDF, 30 s UDP.
+    CloudnatInorder,
+    /// A sequential symmetric NAT: every new mapping takes the next port of
+    /// one counter over 30000-32047 (`numgen inc`), APDF.
+    Seq,
 }
 
 /// A real port-mapping daemon (miniupnpd) on a site's gateway, and the
@@ -247,9 +253,14 @@ impl NatType {
     /// can only go through a relay reached over TCP.
     pub const TCP_ONLY: [NatType; 2] = [NatType::UdpBlocked, NatType::ProxyOnly];
 
-    /// [`NatType::ALL`] then [`NatType::TCP_ONLY`]: every type the lab
-    /// builds (names, the theory table).
-    pub const EVERY: [NatType; 10] = [
+    /// NATs that map per destination and count ports (`allocators` on the
+    /// command line): for port prediction.
+    pub const ALLOCATORS: [NatType; 2] = [NatType::CloudnatInorder, NatType::Seq];
+
+    /// [`NatType::ALL`], [`NatType::TCP_ONLY`], then
+    /// [`NatType::ALLOCATORS`]: every type the lab builds (names, the
+    /// theory table).
+    pub const EVERY: [NatType; 12] = [
         NatType::None,
         NatType::FullCone,
         NatType::Restricted,
@@ -260,6 +271,8 @@ impl NatType {
         NatType::Cgnat,
         NatType::UdpBlocked,
         NatType::ProxyOnly,
+        NatType::CloudnatInorder,
+        NatType::Seq,
     ];
 
     /// Can a port-mapping daemon run on this type's gateway (one NAT layer
@@ -288,6 +301,8 @@ impl NatType {
             NatType::Cgnat => "cgnat",
             NatType::UdpBlocked => "udp-blocked",
             NatType::ProxyOnly => "proxy-only",
+            NatType::CloudnatInorder => "cloudnat-inorder",
+            NatType::Seq => "seq",
         }
     }
 
@@ -297,7 +312,9 @@ impl NatType {
     pub fn mapping(self) -> Mapping {
         match self {
             NatType::UdpBlocked | NatType::ProxyOnly => Mapping::NoUdp,
-            NatType::Symmetric | NatType::Cloudnat => Mapping::EndpointDependent,
+            NatType::Symmetric | NatType::Cloudnat | NatType::CloudnatInorder | NatType::Seq => {
+                Mapping::EndpointDependent
+            }
             _ => Mapping::EndpointIndependent,
         }
     }
@@ -342,7 +359,7 @@ impl FromStr for NatType {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown NAT type {s:?}; known: {} (or `all`, `tcp-only`)",
+                    "unknown NAT type {s:?}; known: {} (or `all`, `tcp-only`, `allocators`)",
                     NatType::EVERY.map(|t| t.name()).join(", ")
                 )
             })
@@ -357,6 +374,7 @@ pub fn parse_types(list: &str) -> Result<Vec<NatType>, String> {
         Ok(match s {
             "all" => NatType::ALL.to_vec(),
             "tcp-only" => NatType::TCP_ONLY.to_vec(),
+            "allocators" => NatType::ALLOCATORS.to_vec(),
             _ => vec![s.parse()?],
         })
     })
@@ -583,6 +601,31 @@ fn ruleset_base(t: NatType, a: &NatAddrs) -> String {
             String::new(),
             String::new(),
         ),
+        // numgen runs once a new flow (the nat chain sees only a flow's
+        // first packet): a counter. A port whose tuple is taken drops the
+        // flow's first packet, as a single-port SNAT does.
+        // (Through a map: numgen's value is in host byte order, a port in
+        // network order, and only a typed map converts.)
+        NatType::CloudnatInorder => (
+            format!(
+                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : numgen inc mod 64 map {{ {} }}\n    \
+                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}",
+                counter_map(64, lo)
+            ),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        NatType::Seq => (
+            format!(
+                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : numgen inc mod {SEQ_PORTS} map {{ {} }}\n    \
+                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}",
+                counter_map(SEQ_PORTS, SEQ_BASE)
+            ),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        ),
         NatType::CloudnatEim => (
             // A deterministic function of the inside port into the block:
             // the same external port whatever the destination.
@@ -625,6 +668,18 @@ table ip punchnat {{
 }}
 "#
     )
+}
+
+/// The `seq` type's counter runs over this many ports from [`SEQ_BASE`].
+const SEQ_PORTS: u16 = 2048;
+const SEQ_BASE: u16 = 30000;
+
+/// `0 : base, 1 : base + 1, …`: a counter's value to a port.
+fn counter_map(n: u16, base: u16) -> String {
+    (0..n)
+        .map(|k| format!("{k} : {}", base + k))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The nftables handles of a `udp-blocked` NAT's UDP drop rules, read from
@@ -689,7 +744,7 @@ mod tests {
             vec![NatType::UdpBlocked, NatType::ProxyOnly]
         );
         assert_eq!(
-            parse_types("all,tcp-only").unwrap(),
+            parse_types("all,tcp-only,allocators").unwrap(),
             NatType::EVERY.to_vec()
         );
     }
@@ -761,6 +816,7 @@ mod tests {
         let joined: Vec<NatType> = NatType::ALL
             .iter()
             .chain(NatType::TCP_ONLY.iter())
+            .chain(NatType::ALLOCATORS.iter())
             .copied()
             .collect();
         assert_eq!(joined, NatType::EVERY.to_vec());

@@ -68,6 +68,9 @@ fn probe_in(ns: &str) -> Result<NatReport> {
 fn expected_allocator(t: NatType) -> Option<&'static str> {
     match t {
         NatType::Cloudnat => Some("block"),
+        // In order through a block reads as a counter, as the sequential
+        // type does: four mappings cannot tell them apart.
+        NatType::CloudnatInorder | NatType::Seq => Some("sequential"),
         NatType::Symmetric => Some("random"),
         NatType::PortRestricted => Some("preserving"),
         _ => None,
@@ -158,7 +161,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
                 Mapping::NoUdp => unreachable!("UDP-less types are checked above"),
             };
             let block_ok = match t {
-                NatType::Cloudnat | NatType::CloudnatEim => {
+                NatType::Cloudnat | NatType::CloudnatEim | NatType::CloudnatInorder => {
                     let lo = 20480 + 64 * site as u16;
                     m.mapped
                         .parse::<std::net::SocketAddr>()
