@@ -144,11 +144,31 @@ pub(crate) async fn hard_side(
     (Some((sock, punched)), met)
 }
 
-/// Behind a NAT that counts ports up, makes one fresh mapping toward the
-/// server and offers where the counter now stands
-/// ([`punch_protocol::predict`]): after the NAT check, and after each
-/// birthday attempt (whose flows moved the counter). Does nothing behind
-/// other NATs.
+/// Where our NAT's counter stands, and the server's other address (the
+/// NAT check's), to spread fresh mappings over.
+#[derive(Debug, Default)]
+pub(crate) struct CounterState {
+    pub counter: Option<punch_protocol::predict::Counter>,
+    pub other: Option<SocketAddr>,
+}
+
+/// How far past the advertised port a peer's flows aim (the controlled
+/// side's twelve flows two strides apart, [`punch_protocol::predict`]).
+const COUNTER_SPAN: u16 = 24;
+/// Most fresh mappings toward one server address when moving the counter
+/// (within the per-remote budget of a 64-port block).
+const MOVE_PER_REMOTE: usize = 6;
+
+/// Behind a NAT that counts ports up, reads where the counter stands with
+/// a fresh mapping toward the server and offers it to peers
+/// ([`punch_protocol::predict`]): when the NAT check has read the mapping,
+/// and after each birthday attempt (whose flows moved the counter). When
+/// the ports a peer would aim at cross the end of an aligned 64-port
+/// block, it first moves the counter past that end with a few more fresh
+/// mappings (spread over the server's addresses): an in-order Cloud NAT
+/// block wraps there and a plain counter does not, and the peer cannot
+/// tell which; past the end both run on in a straight line. Does nothing
+/// behind other NATs.
 pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     let punch_protocol::allocator::Allocator::Sequential { stride } =
         *inner.nat_alloc.lock().expect("not poisoned")
@@ -161,11 +181,44 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     if !server.is_ipv4() {
         return;
     }
+    let other = inner.counter.lock().expect("not poisoned").other;
+    let mut servers = vec![server];
+    if let Some(o) = other.filter(|o| o.is_ipv4()) {
+        servers.extend([
+            SocketAddr::new(o.ip(), server.port()),
+            o,
+            SocketAddr::new(server.ip(), o.port()),
+        ]);
+    }
     let bind = SocketAddr::new(inner.socket.local_ip_v4(), 0);
-    let Some(m) = crate::natcheck::fresh_mapping(server, bind).await else {
+    let Some(mut m) = crate::natcheck::fresh_mapping(server, bind).await else {
         debug!("counter: no answer to the fresh mapping");
         return;
     };
+    let step = stride.unsigned_abs().max(1);
+    let in_block = if stride > 0 {
+        m.port() & 63
+    } else {
+        63 - (m.port() & 63)
+    };
+    let left = 64 - in_block; // steps to the block's end, this one included
+    if in_block + COUNTER_SPAN * step >= 64 {
+        let n = (left / step) as usize;
+        if n <= MOVE_PER_REMOTE * servers.len() {
+            let targets: Vec<SocketAddr> =
+                (0..n).map(|i| servers[(i + 1) % servers.len()]).collect();
+            let got = crate::natcheck::fresh_mappings(&targets, bind).await;
+            if let Some(last) = got.into_iter().flatten().last() {
+                debug!(
+                    from = m.port(),
+                    to = last.port(),
+                    mappings = n,
+                    "counter: moved past the block's end"
+                );
+                m = last;
+            }
+        }
+    }
     let counter = punch_protocol::predict::Counter::after(m.ip(), m.port(), stride);
     debug!(
         ?counter,
@@ -173,7 +226,7 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     );
     let changed = {
         let mut c = inner.counter.lock().expect("not poisoned");
-        std::mem::replace(&mut *c, counter) != counter
+        std::mem::replace(&mut c.counter, counter) != counter
     };
     if changed {
         inner.announce_candidates();

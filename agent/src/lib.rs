@@ -288,7 +288,7 @@ pub(crate) struct Inner {
     pub(crate) nat_alloc: Mutex<punch_protocol::allocator::Allocator>,
     /// Where our NAT's port counter stands, when it counts: offered to
     /// peers as two predicted candidates ([`punch_protocol::predict`]).
-    pub(crate) counter: Mutex<Option<punch_protocol::predict::Counter>>,
+    pub(crate) counter: Mutex<crate::birthday::CounterState>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     /// True once our NAT's mapping is known or its classification ended.
     pub(crate) nat_ready: watch::Sender<bool>,
@@ -558,7 +558,7 @@ impl Agent {
             signal_stopped: watch::channel(false).0,
             nat: Mutex::new(None),
             nat_alloc: Mutex::new(Default::default()),
-            counter: Mutex::new(None),
+            counter: Mutex::new(Default::default()),
             nat_started: Default::default(),
             nat_ready: watch::channel(false).0,
             nat_done: watch::channel(false).0,
@@ -927,7 +927,7 @@ impl Inner {
         }
         // Our counter next: what a peer behind a per-destination NAT aims
         // at (first, so that many interface addresses do not crowd it out).
-        if let Some(c) = *self.counter.lock().expect("not poisoned") {
+        if let Some(c) = self.counter.lock().expect("not poisoned").counter {
             out.extend(c.candidates());
         }
         if !self.config.local_candidates {

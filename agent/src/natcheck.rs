@@ -215,6 +215,29 @@ pub async fn fresh_mapping(server: SocketAddr, bind: SocketAddr) -> Option<Socke
         .map(|a| a.mapped)
 }
 
+/// Fresh mappings one after another, one socket each toward `targets[i]`:
+/// the first requests leave in this order, so a counting NAT hands out its
+/// ports in it. Each answer's public address, in the same order.
+pub async fn fresh_mappings(targets: &[SocketAddr], bind: SocketAddr) -> Vec<Option<SocketAddr>> {
+    let mut socks = Vec::with_capacity(targets.len());
+    for t in targets {
+        let Ok(s) = UdpSocket::bind(bind).await else {
+            break;
+        };
+        // Opens the mapping now; the ask below retransmits on it.
+        let _ = s
+            .send_to(&request(&stun::new_txid(), false, false), t)
+            .await;
+        socks.push(s);
+    }
+    futures_util::future::join_all(socks.iter().zip(targets).map(|(s, t)| async move {
+        ask_with(s, *t, false, false, &FIRST_WAITS)
+            .await
+            .map(|a| a.mapped)
+    }))
+    .await
+}
+
 async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {
     let txid = stun::new_txid();
     let req = request(&txid, false, false);

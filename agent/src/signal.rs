@@ -459,6 +459,9 @@ fn classify_nat(inner: &Arc<Inner>) {
             } else {
                 SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
             };
+            // Set when the mapping's early report handed nat_ready to the
+            // counter's advertisement.
+            let advertising = std::sync::atomic::AtomicBool::new(false);
             let early = |r: &crate::natcheck::NatReport| {
                 // The mapping is what the birthday method needs first.
                 if let Some(nat) = r.class() {
@@ -466,29 +469,33 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
-                        // A counting NAT: say where the counter stands from
-                        // the check's own last mapping now, before a connect
-                        // that waited for the mapping asks for its peer (a
-                        // fresh mapping refines it when the check ends).
-                        if let (
-                            punch_protocol::allocator::Allocator::Sequential { stride },
-                            Some(last),
-                            Some(public),
-                        ) = (
-                            r.allocator.value,
-                            r.allocator.ports.last(),
-                            r.public_addr.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()),
-                        ) {
-                            let c = punch_protocol::predict::Counter::after(public.ip(), *last, stride);
-                            *inner.counter.lock().expect("not poisoned") = c;
-                            inner.announce_candidates();
+                        // A counting NAT: say where the counter stands
+                        // before a connect that waits for the mapping asks
+                        // for its peer (nat_ready follows the advertisement).
+                        if let punch_protocol::allocator::Allocator::Sequential { .. } =
+                            r.allocator.value
+                        {
+                            inner.counter.lock().expect("not poisoned").other =
+                                r.other_addr.as_deref().and_then(|a| a.parse().ok());
+                            advertising.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let inner = inner.clone();
+                            tokio::spawn(
+                                async move {
+                                    crate::birthday::advertise_counter(&inner).await;
+                                    inner.nat_ready.send_replace(true);
+                                }
+                                .in_current_span(),
+                            );
+                            return;
                         }
                         inner.nat_ready.send_replace(true);
                     }
                 }
             };
             let result = crate::natcheck::check_with(server, bind, false, early).await;
-            inner.nat_ready.send_replace(true);
+            if !advertising.load(std::sync::atomic::Ordering::SeqCst) {
+                inner.nat_ready.send_replace(true);
+            }
             match result {
                 Ok(r) => match r.class() {
                     Some(nat) => {
@@ -496,7 +503,6 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.notify(ClientMsg::Nat(nat));
-                        crate::birthday::advertise_counter(&inner).await;
                     }
                     None => debug!("NAT not classified: no STUN answer"),
                 },

@@ -369,11 +369,11 @@ fn lab_refuses_bad_input_clearly() {
 }
 
 /// Port prediction and block scans in the lab, both sides mapping per
-/// destination (issue 19): counter ↔ counter, counter ↔ Cloud NAT block
-/// (random picks), block ↔ block, 20 ms on every site link, fresh dialers.
-/// The pairs asserted went direct 10/10 in the lab runs of BENCHMARKS.md;
-/// the in-order block against a counter (6/10 and 4/10 there: predictions
-/// that cross the block's end) is measured, not asserted.
+/// destination (issue 19): counter ↔ counter (`seq`, and Cloud NAT's block
+/// taken in order), counter ↔ Cloud NAT block (random picks), block ↔
+/// block, 20 ms on every site link, fresh dialers. Every pair went direct
+/// 10/10 in the lab runs of BENCHMARKS.md; here each must go direct at
+/// least once in two.
 #[test]
 fn hard_pairs_go_direct_by_prediction_and_block_scan() {
     if !lab_ready("the NAT lab", &[]) {
@@ -403,18 +403,8 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let pairs = m["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 9, "{m}");
-    let asserted = [
-        ("seq", "seq"),
-        ("seq", "cloudnat"),
-        ("cloudnat", "seq"),
-        ("cloudnat", "cloudnat"),
-        ("cloudnat-inorder", "cloudnat"),
-    ];
     for p in pairs {
         assert_eq!(p["connected"].as_u64(), Some(2), "{p}");
-        let pair = (p["a"].as_str().unwrap(), p["b"].as_str().unwrap());
-        if asserted.contains(&pair) {
-            assert!(p["direct"].as_u64() >= Some(1), "{pair:?} not direct: {p}");
-        }
+        assert!(p["direct"].as_u64() >= Some(1), "not direct: {p}");
     }
 }
