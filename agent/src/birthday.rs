@@ -34,6 +34,7 @@ pub(crate) async fn hard_side(
     v: SocketAddr,
     mut flows: Vec<Vec<SocketAddr>>,
     limit: Duration,
+    strategy: crate::peer::Strategy,
 ) -> (Option<(Arc<UdpSocket>, Punched)>, Vec<Arc<UdpSocket>>) {
     let Some(&first) = flows.iter().flatten().next() else {
         return (None, Vec::new());
@@ -140,6 +141,7 @@ pub(crate) async fn hard_side(
         addr,
         rtt,
         via_mapped: false,
+        strategy,
     };
     (Some((sock, punched)), met)
 }

@@ -64,7 +64,7 @@ pub mod socket;
 pub mod tcp;
 
 pub use error::AgentError;
-pub use peer::{PathInfo, PeerConnection, PeerError};
+pub use peer::{PathInfo, PeerConnection, PeerError, RelayReason, Strategy};
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;

@@ -27,6 +27,75 @@ pub struct PathInfo {
     /// The direct path runs through a gateway port mapping (ours or the
     /// peer's; known on the dialing side only).
     pub via_mapped: bool,
+    /// How the direct path was found (dialing side; `None` when relayed).
+    pub strategy: Option<Strategy>,
+    /// Why the connection started on the relay (dialing side; `None` when
+    /// it started direct).
+    pub relay_reason: Option<RelayReason>,
+}
+
+/// How a direct path was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// Ordinary simultaneous probes to the addresses the server saw.
+    Plain,
+    /// Probes to the other ports of the peer's port block (a Cloud NAT
+    /// block, from either side).
+    BlockScan,
+    /// The birthday method: many mappings on the hard side, a spray of
+    /// ports from the easy side.
+    Birthday,
+    /// Port prediction: flows aimed at the ports a counting NAT hands out
+    /// next.
+    Prediction,
+    /// Through a gateway port mapping (PCP, NAT-PMP, UPnP).
+    PortMapping,
+    /// Over IPv6 (no NAT in the way).
+    Ipv6,
+}
+
+impl Strategy {
+    /// `plain`, `block-scan`, `birthday`, `prediction`, `port-mapping`,
+    /// `ipv6`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Strategy::Plain => "plain",
+            Strategy::BlockScan => "block-scan",
+            Strategy::Birthday => "birthday",
+            Strategy::Prediction => "prediction",
+            Strategy::PortMapping => "port-mapping",
+            Strategy::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// Why a connection started on the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayReason {
+    /// `--force-relay`.
+    Forced,
+    /// A side has no UDP of its own (it reaches the server only over TCP).
+    UdpBlocked,
+    /// Both NATs map per destination and one draws from the whole port
+    /// range at random: nothing to scan or predict.
+    BothRandom,
+    /// No probe of ours was answered within the relay-after time (the
+    /// punch may still succeed and move the connection).
+    PeerNeverAnswered,
+}
+
+impl RelayReason {
+    /// `forced`, `udp-blocked`, `both-random`, `peer-never-answered`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayReason::Forced => "forced",
+            RelayReason::UdpBlocked => "udp-blocked",
+            RelayReason::BothRandom => "both-random",
+            RelayReason::PeerNeverAnswered => "peer-never-answered",
+        }
+    }
 }
 
 /// An authenticated connection to another agent.
@@ -452,6 +521,8 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                     connect_time: Duration::ZERO,
                     session,
                     via_mapped: false,
+                    strategy: None,
+                    relay_reason: None,
                 },
                 virtual_addr: v,
                 socket: inner.socket.clone(),

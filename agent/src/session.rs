@@ -5,6 +5,7 @@
 use crate::path::machine::PathRole;
 use crate::path::{PathAction, PathConfig, PathMachine, PathView};
 use crate::peer::{PathInfo, PeerConnection};
+use crate::peer::{RelayReason, Strategy};
 use crate::socket::{ActivePath, ProbeDatagram};
 use crate::{AgentError, Inner, RelayMode, Reply};
 use punch_protocol::punch::{PunchConfig, PunchEvent, PunchParams, Puncher};
@@ -36,6 +37,8 @@ pub struct Punched {
     /// The path runs through a gateway port mapping: the peer's mapped
     /// candidate, or the peer saw us at our mapped address.
     pub via_mapped: bool,
+    /// How it was found.
+    pub strategy: Strategy,
 }
 
 /// Runs a puncher in its own task. The first result goes to the returned
@@ -71,7 +74,9 @@ fn spawn_puncher(
         config,
     );
     let ours = *inner.nat.lock().expect("not poisoned");
-    if let Some(s) = crate::birthday::spray_plan(ours, offer, &mut rand::thread_rng()) {
+    let sprayed = crate::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
+    let spray_ip = sprayed.as_ref().map(|s| s.ip);
+    if let Some(s) = sprayed {
         info!(ip = %s.ip, ports = s.ports.len(), "birthday method: spraying the peer's ports");
         // Give the peer's extra sockets a moment to open their mappings.
         p.spray(s.ip, s.ports, Instant::now() + s.delay);
@@ -96,8 +101,20 @@ fn spawn_puncher(
                                 || inner.mapped_external() == Some(observed);
                             info!(%addr, ?kind, rtt_ms = rtt.as_secs_f64() * 1e3, %observed, via_mapped, "path validated; using it");
                             inner.socket.paths.lock().expect("not poisoned").set_direct(v, Some(addr), Instant::now());
+                            use punch_protocol::signal::CandidateKind as K;
+                            let strategy = if addr.is_ipv6() {
+                                Strategy::Ipv6
+                            } else if via_mapped {
+                                Strategy::PortMapping
+                            } else if kind == K::Predicted {
+                                Strategy::BlockScan
+                            } else if kind == K::PeerReflexive && spray_ip == Some(addr.ip()) {
+                                Strategy::Birthday
+                            } else {
+                                Strategy::Plain
+                            };
                             if let Some(tx) = tx.take() {
-                                let _ = tx.send(Some(Punched { addr, rtt, via_mapped }));
+                                let _ = tx.send(Some(Punched { addr, rtt, via_mapped, strategy }));
                             }
                             stop_at = Some(Instant::now() + ANSWER_GRACE);
                         }
@@ -156,7 +173,14 @@ fn spawn_birthday(
     use crate::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
     let alloc = *inner.nat_alloc.lock().expect("not poisoned");
-    let birthday::HardPlan { flows, .. } = birthday::hard_plan(ours, alloc, offer)?;
+    let birthday::HardPlan {
+        flows, strategy, ..
+    } = birthday::hard_plan(ours, alloc, offer)?;
+    let strategy = match strategy {
+        birthday::Schedule::Birthday => Strategy::Birthday,
+        birthday::Schedule::BlockScan => Strategy::BlockScan,
+        birthday::Schedule::Prediction => Strategy::Prediction,
+    };
     let started = Instant::now();
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
@@ -164,7 +188,7 @@ fn spawn_birthday(
     tokio::spawn(
         async move {
             let limit = inner.config.punch_timeout;
-            let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit).await;
+            let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit, strategy).await;
             // Our flows moved our NAT's counter: say where it stands once
             // this punch made its last new flows (the main socket's block
             // scan starts PunchConfig::block_scan_after into it).
@@ -686,7 +710,10 @@ async fn dial(
     let hopeless = offer.peer_tcp_only || inner.tcp_only();
     info!(candidates = ?offer.peer_candidates, relay = relay_ok, hopeless, "offer received");
     let mut via_mapped = false;
+    let mut strategy = None;
+    let mut relay_reason = None;
     if mode == RelayMode::Force {
+        relay_reason = Some(RelayReason::Forced);
         inner.router.unregister(offer.session);
         crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
@@ -711,6 +738,13 @@ async fn dial(
         let direct = tokio::select! {
             r = &mut punched => r,
             _ = &mut relay_at => {
+                relay_reason = Some(if hopeless {
+                    RelayReason::UdpBlocked
+                } else if both_random(inner, offer) {
+                    RelayReason::BothRandom
+                } else {
+                    RelayReason::PeerNeverAnswered
+                });
                 if hopeless {
                     info!("no direct path is possible (a side has no UDP); starting on the relay at once, still punching");
                 } else {
@@ -720,6 +754,7 @@ async fn dial(
             }
         };
         via_mapped = direct.is_some_and(|p| p.via_mapped);
+        strategy = direct.map(|p| p.strategy);
         if direct.is_none() {
             let Some(b) = bound.take() else {
                 report(inner, offer, PathKind::Failed, start, None, false);
@@ -821,6 +856,15 @@ async fn dial(
             connect_time,
             session: offer.session,
             via_mapped,
+            // A path found after the start on the relay: the punch's.
+            strategy: if kind == PathKind::Direct {
+                strategy.or(Some(Strategy::Plain))
+            } else {
+                None
+            },
+            relay_reason: (start_kind == PathKind::Relayed)
+                .then_some(relay_reason)
+                .flatten(),
         },
         virtual_addr: v,
         socket: inner.socket.clone(),
@@ -828,6 +872,17 @@ async fn dial(
         share: inner.share.clone(),
         protocols: inner.protocols.clone(),
     })
+}
+
+/// Do both NATs map per destination with nothing to scan or predict (one
+/// draws from the whole range at random)?
+fn both_random(inner: &Arc<Inner>, offer: &Offer) -> bool {
+    use punch_protocol::allocator::Allocator;
+    let ours = *inner.nat.lock().expect("not poisoned");
+    let both = crate::birthday::part(ours, offer.peer_nat) == Some(crate::birthday::Part::Both);
+    let our_alloc = *inner.nat_alloc.lock().expect("not poisoned");
+    let peer_counts = punch_protocol::predict::advertised(&offer.peer_candidates).is_some();
+    both && (our_alloc == Allocator::Random || (!peer_counts && our_alloc == Allocator::Unknown))
 }
 
 fn report(

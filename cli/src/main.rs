@@ -1025,6 +1025,8 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
                 "worker_id": agent.worker_id(),
                 "session": pc.path.session.to_string(),
                 "via_mapped": pc.path.via_mapped,
+                "strategy": pc.path.strategy.map(|s| s.as_str()),
+                "relay_reason": pc.path.relay_reason.map(|r| r.as_str()),
                 "port_mapping": agent.port_mapping(),
             })
         );

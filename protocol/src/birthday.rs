@@ -221,6 +221,19 @@ pub struct SprayPlan {
 pub struct HardPlan {
     pub part: Part,
     pub flows: Vec<Vec<SocketAddr>>,
+    /// Which method the flows follow.
+    pub strategy: Schedule,
+}
+
+/// The method a [`HardPlan`] follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Many mappings toward an easy peer's one ([`Part::Hard`]).
+    Birthday,
+    /// Both sides scan each other's port block.
+    BlockScan,
+    /// Flows aimed at a counter's next ports ([`crate::predict`]).
+    Prediction,
 }
 
 impl HardPlan {
@@ -277,34 +290,39 @@ pub fn hard_sockets(alloc: Allocator) -> usize {
 /// (see [`hard_sockets`]).
 pub fn hard_plan(ours: Option<NatClass>, alloc: Allocator, offer: &Offer) -> Option<HardPlan> {
     let part = part(ours, offer.peer_nat)?;
-    let flows = match part {
+    let (flows, strategy) = match part {
         Part::Hard => {
             let t = targets(offer, Part::Hard);
             if t.is_empty() {
                 return None;
             }
-            vec![t; hard_sockets(alloc)]
+            (vec![t; hard_sockets(alloc)], Schedule::Birthday)
         }
         Part::Both => both_flows(alloc, offer),
         Part::Easy => return None,
     };
     let flows: Vec<Vec<SocketAddr>> = flows.into_iter().filter(|f| !f.is_empty()).collect();
-    (!flows.is_empty()).then_some(HardPlan { part, flows })
+    (!flows.is_empty()).then_some(HardPlan {
+        part,
+        flows,
+        strategy,
+    })
 }
 
 /// Both NATs map per destination: which schedule meets depends on whether
 /// each side counts ([`crate::predict`]); we count when our allocator is
 /// sequential (and then advertise it), the peer when it advertised.
-fn both_flows(alloc: Allocator, offer: &Offer) -> Vec<Vec<SocketAddr>> {
+fn both_flows(alloc: Allocator, offer: &Offer) -> (Vec<Vec<SocketAddr>>, Schedule) {
     let we_count = matches!(alloc, Allocator::Sequential { .. });
     let peer = predict::advertised(&offer.peer_candidates).filter(|c| c.ip.is_ipv4());
     let block = targets(offer, Part::Both);
-    match (we_count, peer) {
+    let flows = match (we_count, peer) {
         (true, Some(p)) => predict::both_counting(offer.role == Role::Controlling, &p),
         (true, None) => predict::counting_vs_block(&block),
         (false, Some(p)) => predict::block_vs_counting(&p, predict::BLOCK as u32),
-        (false, None) => vec![block; BLOCK_SOCKETS],
-    }
+        (false, None) => return (vec![block; BLOCK_SOCKETS], Schedule::BlockScan),
+    };
+    (flows, Schedule::Prediction)
 }
 
 /// [`spray_plan`] and [`hard_plan`] together: one function decides for the

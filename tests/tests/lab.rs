@@ -406,5 +406,13 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
     for p in pairs {
         assert_eq!(p["connected"].as_u64(), Some(2), "{p}");
         assert!(p["direct"].as_u64() >= Some(1), "not direct: {p}");
+        // connect --json names how: a counting side's pairs by prediction,
+        // block <-> block by the block scan.
+        let want = if p["a"] == "cloudnat" && p["b"] == "cloudnat" {
+            "block-scan"
+        } else {
+            "prediction"
+        };
+        assert!(p["strategies"][want].as_u64() >= Some(1), "{want}: {p}");
     }
 }

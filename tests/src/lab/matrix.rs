@@ -55,6 +55,11 @@ pub struct PairResult {
     /// Median round trip A↔B measured over the peer connection (ms): with
     /// `--delay D` it should be about 4·D (each site's link, both ways).
     pub median_rtt_ms: Option<f64>,
+    /// How the direct runs found their path (`connect --json`'s
+    /// `strategy`), and why the relayed ones started on the relay
+    /// (`relay_reason`): counts by name.
+    pub strategies: std::collections::BTreeMap<String, usize>,
+    pub relay_reasons: std::collections::BTreeMap<String, usize>,
     /// Error kinds of failed runs.
     pub errors: Vec<String>,
     /// Their one-line reasons.
@@ -295,6 +300,8 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         let (mut times, mut rtts, mut rtt_ms) = (Vec::new(), Vec::new(), Vec::new());
         let (mut connected, mut direct, mut upgraded, mut relayed, mut tcp) = (0, 0, 0, 0, 0);
         let mut via_mapped = 0;
+        let mut strategies = std::collections::BTreeMap::new();
+        let mut relay_reasons = std::collections::BTreeMap::new();
         let mut errors = Vec::new();
         let mut error_messages = Vec::new();
         for run_no in 0..opts.runs {
@@ -322,6 +329,12 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
             if r.code == Some(0) {
                 connected += 1;
+                if let Some(st) = j["strategy"].as_str() {
+                    *strategies.entry(st.to_string()).or_insert(0) += 1;
+                }
+                if let Some(why) = j["relay_reason"].as_str() {
+                    *relay_reasons.entry(why.to_string()).or_insert(0) += 1;
+                }
                 if j["path"] == "direct" {
                     direct += 1;
                     if j["via_mapped"] == true {
@@ -382,6 +395,8 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             upgraded,
             relayed,
             via_mapped,
+            strategies,
+            relay_reasons,
             tcp,
             success_rate: connected as f64 / runs as f64,
             direct_rate,
@@ -437,10 +452,22 @@ pub fn table(results: &[PairResult]) -> String {
             opt(r.p95_ms, 1),
             opt(r.median_rtts, 1),
             opt(r.p95_rtts, 1),
-            if r.via_mapped > 0 {
-                format!("{} ({} direct via a port mapping)", r.verdict, r.via_mapped)
-            } else {
-                r.verdict.to_string()
+            {
+                let mut v = if r.via_mapped > 0 {
+                    format!("{} ({} direct via a port mapping)", r.verdict, r.via_mapped)
+                } else {
+                    r.verdict.to_string()
+                };
+                let how: Vec<String> = r
+                    .strategies
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .chain(r.relay_reasons.iter().map(|(k, n)| format!("relayed: {k} {n}")))
+                    .collect();
+                if !how.is_empty() {
+                    v.push_str(&format!("  [{}]", how.join(", ")));
+                }
+                v
             }
         ));
     }

@@ -508,14 +508,18 @@ pub fn ruleset_with(t: NatType, a: &NatAddrs, daemon: Option<PortMapDaemon>) -> 
     if !d.nat_pmp {
         off.push_str("    iifname \"lan0\" udp dport 5351 @th,64,8 0 counter drop\n");
     }
+    // Probes to the site's own public address (two agents behind this NAT
+    // scanning each other's port block, which may hold 1900 or 5351) are
+    // punching, not port-mapping requests: not counted.
+    let wan = &a.wan_ip;
     format!(
         r#"{base}table inet filter {{
   counter pmp_requests {{ }}
   counter ssdp_requests {{ }}
   chain input {{
     type filter hook input priority -10; policy accept;
-    iifname "lan0" udp dport 5351 counter name pmp_requests
-    iifname "lan0" udp dport 1900 counter name ssdp_requests
+    iifname "lan0" ip daddr != {wan} udp dport 5351 counter name pmp_requests
+    iifname "lan0" ip daddr != {wan} udp dport 1900 counter name ssdp_requests
 {off}  }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
