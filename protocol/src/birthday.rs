@@ -41,9 +41,9 @@ pub const AUX_SOCKETS: usize = 256;
 /// Sockets the hard side opens behind a NAT that counts ports up: the
 /// spray covers the ports just above the one the peer saw, where these
 /// land. A few mappings cannot tell a counter over the whole range from a
-/// 64-port block taken in order, so this is that block's budget (a
-/// quarter, the main socket's flow included).
-pub const SEQ_SOCKETS: usize = 15;
+/// 64-port block taken in order, so this is that block's budget (the main
+/// socket's flow included, [`crate::allocator::budget_of`]).
+pub const SEQ_SOCKETS: usize = 3;
 /// Ports above each seen port the easy side sprays first: where a
 /// counting NAT's next mappings land (at a stride up to 16).
 pub const SPRAY_ABOVE: u16 = 256;

@@ -40,8 +40,8 @@
 //! port the counter hands out over those flows (the window after `next`,
 //! [`WINDOW`] extra). Each of the block side's flows gets a random port of
 //! its block, and meets the counting side when that is the port the
-//! counting flow with the same position aimed at: one in 64 per flow, four
-//! sockets' worth of flows all but never miss.
+//! counting flow with the same position aimed at: one in 64 per flow, three
+//! sockets' worth of flows (and the main socket's scan) rarely miss.
 
 use crate::signal::{Candidate, CandidateKind};
 use std::net::{IpAddr, SocketAddr};
@@ -51,8 +51,10 @@ use std::net::{IpAddr, SocketAddr};
 pub const WINDOW: u32 = 8;
 /// The same for the controlled side (see the module docs).
 pub const PEER_WINDOW: u32 = 5;
-/// Sockets the block side scans a counter's window with.
-pub const SCAN_SOCKETS: usize = 4;
+/// Sockets the block side scans a counter's window with (with the main
+/// socket's flow, the budget of [`crate::allocator::budget_of`] toward
+/// each port).
+pub const SCAN_SOCKETS: usize = 3;
 /// Ports in a Cloud NAT block (what the counting side scans).
 pub const BLOCK: u16 = 64;
 

@@ -30,10 +30,22 @@ pub struct PeerJson {
     /// RFC 3339, UTC.
     pub connected_since: String,
     /// Candidates offered to peers, as `KIND ADDR` (`server`, `local`,
-    /// `stun`, `mapped`).
+    /// `stun`, `mapped`, `predicted`).
     pub candidates: Vec<String>,
     /// The NAT class the agent measured and reported, if it has.
     pub nat: Option<NatView>,
+    /// Where its NAT's port counter stands, when it counts and advertised
+    /// it (two `predicted` candidates, `punch_protocol::predict`).
+    pub counter: Option<CounterJson>,
+}
+
+/// An advertised port counter.
+#[derive(Debug, Serialize)]
+pub struct CounterJson {
+    /// The port its next mapping should get.
+    pub next: u16,
+    /// Between two new mappings' ports.
+    pub stride: i16,
 }
 
 #[derive(Debug, Serialize)]
@@ -164,6 +176,10 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                     })
                     .collect(),
                 nat: p.nat.map(NatView::from),
+                counter: punch_protocol::predict::advertised(&p.candidates).map(|c| CounterJson {
+                    next: c.next,
+                    stride: c.stride,
+                }),
             })
             .collect(),
     )

@@ -111,6 +111,11 @@ enum Cmd {
         /// Skip the two-hosts-behind-one-NAT pair.
         #[arg(long)]
         no_same_nat: bool,
+        /// Keep the NAT mappings earlier runs left on the dialing site (by
+        /// default its conntrack is flushed before each run): shows whether
+        /// punches in a row from one host fit in its port budget.
+        #[arg(long)]
+        keep_mappings: bool,
         /// Write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -448,6 +453,7 @@ fn main() -> Result<()> {
             impair,
             punch_timeout,
             no_same_nat,
+            keep_mappings,
             json,
             svg,
             strict,
@@ -479,6 +485,7 @@ fn main() -> Result<()> {
                 impair: impair.impair()?,
                 punch_timeout,
                 same_nat: !no_same_nat,
+                keep_mappings,
                 progress: true,
                 agent_args: {
                     let mut v = Vec::new();

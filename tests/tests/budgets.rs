@@ -3,88 +3,13 @@
 //! bound on queries in flight per connection. Raw signaling clients, so
 //! the test sees every answer (and every offer's relay flag) itself.
 
-use punch_lab::harness::ServerProc;
-use punch_net::{read_frame, write_frame};
+use punch_lab::harness::{RawClient as Raw, ServerProc};
 use punch_protocol::relay;
-use punch_protocol::signal::{ClientMsg, ErrorCode, Hello, Offer, Query, Role, ServerMsg};
-use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
-use punch_tls::{Expect, Identity, KeyVerifier};
+use punch_protocol::signal::{ClientMsg, ErrorCode, Offer, Query, Role, ServerMsg};
 use std::time::Duration;
 
 /// Every wait on the server is bounded by this.
 const T: Duration = Duration::from_secs(10);
-
-/// A registered raw signaling client.
-struct Raw {
-    _ep: quinn::Endpoint,
-    _conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl Raw {
-    async fn register(s: &ServerProc, name: &str) -> Raw {
-        let id = Identity::generate().unwrap();
-        let cfg = punch_tls::client_config(
-            &id,
-            KeyVerifier::new(Expect::Fingerprint(s.fingerprint.clone())),
-            ALPN_SIGNAL,
-        )
-        .unwrap();
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = ep.connect_with(cfg, s.udp, "punch").unwrap().await.unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        let mut raw = Raw {
-            _ep: ep,
-            _conn: conn,
-            send,
-            recv,
-        };
-        raw.send(ClientMsg::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            worker_id: name.into(),
-            public_key: id.public_key(),
-            token_proof: None,
-            ephemeral: true,
-            local_candidates: vec![],
-            metadata: vec![],
-            kind: None,
-            tags: vec![],
-        }))
-        .await;
-        match raw.next().await {
-            ServerMsg::Welcome { .. } => raw,
-            m => panic!("{name}: expected a welcome, got {m:?}"),
-        }
-    }
-
-    async fn send(&mut self, m: ClientMsg) {
-        write_frame(&mut self.send, &m).await.unwrap();
-    }
-
-    async fn next(&mut self) -> ServerMsg {
-        tokio::time::timeout(T, read_frame(&mut self.recv, 1 << 16))
-            .await
-            .expect("the server answers within 10 s")
-            .expect("a valid frame")
-    }
-
-    async fn connect(&mut self, req: u32, target: &str) -> ServerMsg {
-        self.send(ClientMsg::Connect {
-            req,
-            target: target.into(),
-        })
-        .await;
-        self.next().await
-    }
-
-    async fn offer(&mut self) -> Offer {
-        match self.next().await {
-            ServerMsg::Offer(o) => o,
-            m => panic!("expected an offer, got {m:?}"),
-        }
-    }
-}
 
 /// A counter or gauge from the server's /metrics.
 fn metric(s: &ServerProc, name: &str) -> u64 {

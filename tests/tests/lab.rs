@@ -416,3 +416,53 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
         assert!(p["strategies"][want].as_u64() >= Some(1), "{want}: {p}");
     }
 }
+
+/// The port budget (issue 19): ten fresh dialers in a row from one host
+/// behind a 64-port Cloud NAT block to a port-restricted worker, the
+/// mappings of every earlier run still on the NAT (no conntrack flush), all
+/// go direct (the birthday method, or plain probes to the mapping the
+/// peer's spray opened), and every one still reaches the server
+/// over UDP (a spent block would cut the host's new flows off and push it
+/// onto the WebSocket).
+#[test]
+fn ten_punches_in_a_row_fit_in_a_64_port_block() {
+    if !lab_ready("the NAT lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("budget.json");
+    let mut cmd = Command::new(bin("punch-lab").unwrap());
+    cmd.args([
+        "matrix",
+        "--types",
+        "cloudnat,port-restricted",
+        "--with",
+        "port-restricted",
+        "--runs",
+        "10",
+        "--delay",
+        "10",
+        "--punch-timeout",
+        "5",
+        "--keep-mappings",
+        "--no-same-nat",
+        "--json",
+    ])
+    .arg(&json);
+    let r = run(cmd, Duration::from_secs(600)).unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let p = m["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["a"] == "cloudnat" && p["b"] == "port-restricted")
+        .expect("the pair");
+    assert_eq!(p["direct"].as_u64(), Some(10), "{p}");
+    assert_eq!(p["tcp"].as_u64(), Some(0), "{p}");
+    // No dialer found the block spent toward the server (it would register
+    // over the WebSocket and start on the relay as if UDP were blocked).
+    assert!(p["relay_reasons"]["udp-blocked"].is_null(), "{p}");
+}

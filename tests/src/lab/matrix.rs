@@ -20,6 +20,8 @@ pub struct MatrixOpts {
     pub punch_timeout: f64,
     /// Also measure two hosts behind one NAT without hairpinning.
     pub same_nat: bool,
+    /// Do not flush the dialing site's conntrack between runs.
+    pub keep_mappings: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
     /// Extra arguments for every `punch-agent` (e.g. `--no-relay`).
@@ -308,7 +310,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             // Each run's agent is new: forget the NAT mappings that earlier
             // runs' agents left (a 64-port block would otherwise fill up and
             // collide, which measures the lab, not punching).
-            if let Some(site) = reset {
+            if let Some(site) = reset.filter(|_| !opts.keep_mappings) {
                 lab.flush_conntrack(site)?;
             }
             let mut cmd = agent_cmd(&ns, &fp, opts.punch_timeout)?;

@@ -1,0 +1,52 @@
+//! Port prediction through a real server over loopback QUIC: a counter an
+//! agent advertises (two `predicted` candidates) reaches the peer's offer
+//! in order, where `punch_protocol::predict::advertised` reads it back, and
+//! `GET /peers` shows it as the worker's `counter`.
+
+use punch_lab::harness::{RawClient, ServerProc};
+use punch_protocol::predict::{advertised, Counter};
+use punch_protocol::signal::{ClientMsg, ServerMsg};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advertised_counter_reaches_the_peer_and_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let counter = Counter::after("127.0.0.1".parse().unwrap(), 30000, 4).unwrap();
+    let mut a = RawClient::register(&s, "worker-a").await;
+    // As the agent does once its NAT check has read the counter.
+    a.send(ClientMsg::Candidates {
+        local: counter.candidates(),
+    })
+    .await;
+    let mut b = RawClient::register(&s, "worker-b").await;
+    // The server handles A's messages in order: a ping answered means the
+    // candidates are in.
+    a.send(ClientMsg::Ping { req: 7 }).await;
+    assert!(matches!(a.next().await, ServerMsg::Pong { req: 7 }));
+    let offer = match b.connect(1, "worker-a").await {
+        ServerMsg::Offer(o) => o,
+        m => panic!("expected an offer, got {m:?}"),
+    };
+    assert_eq!(
+        advertised(&offer.peer_candidates),
+        Some(counter),
+        "{:?}",
+        offer.peer_candidates
+    );
+    let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+    let wa = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["worker_id"] == "worker-a")
+        .expect("worker-a listed");
+    assert_eq!(wa["counter"]["next"], 30004, "{wa}");
+    assert_eq!(wa["counter"]["stride"], 4, "{wa}");
+    let wb = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["worker_id"] == "worker-b")
+        .expect("worker-b listed");
+    assert!(wb["counter"].is_null(), "{wb}");
+}
