@@ -78,7 +78,11 @@ pub(crate) async fn hard_side(
     let found = loop {
         while let Some((i, t)) = h.poll_transmit() {
             if let Some(s) = socks.get(i) {
-                let _ = s.try_send_to(&t.payload, t.dst);
+                // Not try_send_to: a socket bound a moment ago is not known
+                // writable until the reactor has polled it, and the whole
+                // first round would be dropped (found in the lab: every
+                // punch waited for the second round, 300 ms later).
+                let _ = s.send_to(&t.payload, t.dst).await;
             }
         }
         match h.poll_event() {

@@ -117,9 +117,12 @@ pub fn part(ours: Option<NatClass>, peer: Option<NatClass>) -> Option<Part> {
 
 /// The ports to spray at a hard peer: the aligned 64-port block around each
 /// port we saw it use (Cloud NAT and carrier NATs draw from such blocks),
-/// the [`SPRAY_ABOVE`] ports above it (a counting NAT's next ports), then
-/// random ports, [`SPRAY_PORTS`] in all, no duplicates.
-pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
+/// the [`SPRAY_ABOVE`] ports from `counter_next` on when the peer
+/// advertised a counter ([`crate::predict`]: where its next mappings land),
+/// then random ports, [`SPRAY_PORTS`] in all, no duplicates. (Without a
+/// counter the ports above are no likelier than any: a random-range NAT's
+/// mappings are found sooner by the random spray.)
+pub fn spray_ports(seen: &[u16], counter_next: Option<u16>, rng: &mut impl rand::Rng) -> Vec<u16> {
     let mut out = Vec::with_capacity(SPRAY_PORTS);
     let mut taken = vec![false; 65536];
     for &p in seen {
@@ -132,8 +135,8 @@ pub fn spray_ports(seen: &[u16], rng: &mut impl rand::Rng) -> Vec<u16> {
             }
         }
     }
-    for &p in seen {
-        for k in 1..=SPRAY_ABOVE {
+    if let Some(p) = counter_next {
+        for k in 0..SPRAY_ABOVE {
             let port = p.saturating_add(k);
             if port >= 1024 && !taken[port as usize] {
                 taken[port as usize] = true;
@@ -196,14 +199,17 @@ pub fn spray_target(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
     Some((ip, ports))
 }
 
-/// [`spray_target`], the port the peer's counter hands out next (when it
-/// advertised one) first: the spray covers the ports above it.
-fn spray_seen(offer: &Offer) -> Option<(IpAddr, Vec<u16>)> {
+/// [`spray_target`], and the port the peer's counter hands out next when
+/// it advertised one (its block first among the seen ports).
+fn spray_seen(offer: &Offer) -> Option<(IpAddr, Vec<u16>, Option<u16>)> {
     let (ip, mut ports) = spray_target(offer)?;
-    if let Some(c) = predict::advertised(&offer.peer_candidates).filter(|c| c.ip == ip) {
-        ports.insert(0, c.next);
+    let next = predict::advertised(&offer.peer_candidates)
+        .filter(|c| c.ip == ip)
+        .map(|c| c.next);
+    if let Some(n) = next {
+        ports.insert(0, n);
     }
-    Some((ip, ports))
+    Some((ip, ports, next))
 }
 
 /// The easy side's spray: pass to [`crate::punch::Puncher::spray`] at
@@ -261,10 +267,10 @@ pub fn spray_plan(
     if part(ours, offer.peer_nat) != Some(Part::Easy) {
         return None;
     }
-    let (ip, seen) = spray_seen(offer)?;
+    let (ip, seen, next) = spray_seen(offer)?;
     Some(SprayPlan {
         ip,
-        ports: spray_ports(&seen, rng),
+        ports: spray_ports(&seen, next, rng),
         delay: SPRAY_DELAY,
     })
 }

@@ -59,9 +59,15 @@ fn parts_follow_the_nat_classes() {
 #[test]
 fn spray_ports_cover_the_block_first_without_duplicates() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let ports = spray_ports(&[40_010, 40_020], &mut rng);
+    let ports = spray_ports(&[40_010, 40_020], None, &mut rng);
     assert_eq!(ports.len(), SPRAY_PORTS);
     assert_eq!(ports[..64], (40_000..40_064).collect::<Vec<u16>>()[..]);
+    // A counter's next ports follow the block.
+    let ports = spray_ports(&[40_010], Some(40_100), &mut rng);
+    assert_eq!(
+        ports[64..64 + 256],
+        (40_100..40_356).collect::<Vec<u16>>()[..]
+    );
     let mut sorted = ports.clone();
     sorted.sort_unstable();
     sorted.dedup();
