@@ -372,8 +372,8 @@ fn lab_refuses_bad_input_clearly() {
 /// destination (issue 19): counter ↔ counter (`seq`, and Cloud NAT's block
 /// taken in order), counter ↔ Cloud NAT block (random picks), block ↔
 /// block, 20 ms on every site link, fresh dialers. Every pair went direct
-/// 10/10 in the lab runs of BENCHMARKS.md; here each must go direct at
-/// least once in two.
+/// 8..10/10 in the lab runs of BENCHMARKS.md; here each must go direct at
+/// least once in three.
 #[test]
 fn hard_pairs_go_direct_by_prediction_and_block_scan() {
     if !lab_ready("the NAT lab", &[]) {
@@ -388,7 +388,7 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
         "--types",
         "cloudnat,cloudnat-inorder,seq",
         "--runs",
-        "2",
+        "3",
         "--delay",
         "20",
         "--punch-timeout",
@@ -404,15 +404,17 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
     let pairs = m["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 9, "{m}");
     for p in pairs {
-        assert_eq!(p["connected"].as_u64(), Some(2), "{p}");
+        assert_eq!(p["connected"].as_u64(), Some(3), "{p}");
         assert!(p["direct"].as_u64() >= Some(1), "not direct: {p}");
-        // connect --json names how every direct run found its path: block
-        // <-> block by the block scan; with a counting side by prediction
-        // or (the main socket's scan of the peer's block answering first)
-        // the block scan.
+        // connect --json names how every direct run found its path (mostly
+        // prediction with a counting side, the block scan between blocks;
+        // plain probes or the birthday method when a class or the first
+        // probes say so); no counter between two blocks.
         let by = |k: &str| p["strategies"][k].as_u64().unwrap_or(0);
-        let how = by("prediction") + by("block-scan");
-        assert_eq!(Some(how), p["direct"].as_u64(), "{p}");
+        let named: u64 = p["strategies"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+        assert_eq!(Some(named), p["direct"].as_u64(), "{p}");
         if p["a"] == "cloudnat" && p["b"] == "cloudnat" {
             assert_eq!(by("prediction"), 0, "{p}");
         }
