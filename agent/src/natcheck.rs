@@ -339,10 +339,20 @@ pub async fn check_with(
                         .filter_map(|m| m.as_ref().map(|a| a.mapped.port())),
                 );
                 let alloc = AllocatorView::new(allocator::infer(local.port(), &ports), ports);
-                let mapping = match (m2, m3) {
-                    (Some(a), _) if a.mapped == m1 => "endpoint-independent",
-                    (Some(a), Some(b)) if a.mapped == b.mapped => "address-dependent",
-                    (Some(_), Some(_)) => "address-and-port-dependent",
+                // Address-dependent: one mapping per IP, so the other IP's
+                // two ports share one and the primary IP's other port
+                // shares the first. (A NAT that picks at random from a
+                // small block and reuses a port across remotes gives the
+                // other IP's two flows one port 1 time in 64 by chance;
+                // the primary IP's other port then tells it apart.)
+                let mapping = match (&m2, &m3, &m4) {
+                    (Some(a), _, _) if a.mapped == m1 => "endpoint-independent",
+                    (Some(a), Some(b), d)
+                        if a.mapped == b.mapped && d.as_ref().is_none_or(|d| d.mapped == m1) =>
+                    {
+                        "address-dependent"
+                    }
+                    (Some(_), Some(_), _) => "address-and-port-dependent",
                     _ => "unknown",
                 };
                 (mapping, alloc)
