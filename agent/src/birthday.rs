@@ -188,14 +188,10 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
         return;
     }
     let other = inner.counter.lock().expect("not poisoned").other;
-    let mut servers = vec![server];
-    if let Some(o) = other.filter(|o| o.is_ipv4()) {
-        servers.extend([
-            SocketAddr::new(o.ip(), server.port()),
-            o,
-            SocketAddr::new(server.ip(), o.port()),
-        ]);
-    }
+    let servers = match other.filter(|o| o.is_ipv4()) {
+        Some(o) => crate::natcheck::server_addresses(server, o).to_vec(),
+        None => vec![server],
+    };
     let bind = SocketAddr::new(inner.socket.local_ip_v4(), 0);
     let Some(mut m) = crate::natcheck::fresh_mapping(server, bind).await else {
         debug!("counter: no answer to the fresh mapping");

@@ -125,6 +125,18 @@ struct Answer {
     other: Option<SocketAddr>,
 }
 
+/// An RFC 5780 server's four addresses, in the order the mapping tests
+/// ask them: the primary, the other IP on the primary port, the other
+/// address, the primary IP on the other port.
+pub fn server_addresses(server: SocketAddr, other: SocketAddr) -> [SocketAddr; 4] {
+    [
+        server,
+        SocketAddr::new(other.ip(), server.port()),
+        other,
+        SocketAddr::new(server.ip(), other.port()),
+    ]
+}
+
 /// Waits for an answer after each of three sends, for a server whose
 /// round-trip time is not known yet.
 const FIRST_WAITS: [Duration; 3] = [
@@ -322,13 +334,10 @@ pub async fn check_with(
                 // Three more destinations at once, in this order: their
                 // ports (with the first) tell the allocator; the fourth,
                 // the other port on the primary IP, is only for that.
+                let [_, a2, a3, a4] = server_addresses(server, other);
                 let [m2, m3, m4] = ask_all(
                     &s1,
-                    [
-                        (SocketAddr::new(other.ip(), server.port()), false, false),
-                        (other, false, false),
-                        (SocketAddr::new(server.ip(), other.port()), false, false),
-                    ],
+                    [(a2, false, false), (a3, false, false), (a4, false, false)],
                     &FIRST_WAITS,
                 )
                 .await;

@@ -44,8 +44,13 @@ pub const MAX_BLOCK: u16 = 1024;
 /// punches in a row toward one peer within the NAT's UDP timeout (30 s on
 /// Cloud NAT, where every one of them stays) still leave the host's other
 /// flows free ports.
-pub fn budget_of(ports: u16) -> usize {
-    (ports as usize / 16).max(1)
+pub const fn budget_of(ports: u16) -> usize {
+    let b = ports as usize / 16;
+    if b == 0 {
+        1
+    } else {
+        b
+    }
 }
 
 impl Allocator {

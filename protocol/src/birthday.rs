@@ -43,7 +43,7 @@ pub const AUX_SOCKETS: usize = 256;
 /// land. A few mappings cannot tell a counter over the whole range from a
 /// 64-port block taken in order, so this is that block's budget (the main
 /// socket's flow included, [`crate::allocator::budget_of`]).
-pub const SEQ_SOCKETS: usize = 3;
+pub const SEQ_SOCKETS: usize = crate::allocator::budget_of(crate::predict::BLOCK) - 1;
 /// Ports above each seen port the easy side sprays first: where a
 /// counting NAT's next mappings land (at a stride up to 16).
 pub const SPRAY_ABOVE: u16 = 256;

@@ -20,6 +20,18 @@ fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LAB.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `punch-lab matrix ARGS --json FILE` within `limit`, insists it
+/// exits 0, and returns the JSON it wrote.
+fn matrix_json(args: &[&str], limit: Duration) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("matrix.json");
+    let mut cmd = Command::new(bin("punch-lab").unwrap());
+    cmd.arg("matrix").args(args).arg("--json").arg(&json);
+    let r = run(cmd, limit).unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
 #[test]
 fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     if !lab_ready("the NAT lab", &[]) {
@@ -116,23 +128,17 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
     //    known when it connects, so the other direction does not try);
     //    other hard pairs fail with a punch timeout; pairs with a UDP-less
     //    side fail saying why.
-    let json = dir.path().join("norelay.json");
-    let mut cmd = Command::new(&lab);
-    cmd.args([
-        "matrix",
-        "--types",
-        "port-restricted,symmetric,tcp-only",
-        "--runs",
-        "1",
-        "--no-relay",
-        "--no-same-nat",
-        "--json",
-    ])
-    .arg(&json);
-    let r = run(cmd, Duration::from_secs(300)).unwrap();
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m = matrix_json(
+        &[
+            "--types",
+            "port-restricted,symmetric,tcp-only",
+            "--runs",
+            "1",
+            "--no-relay",
+            "--no-same-nat",
+        ],
+        Duration::from_secs(300),
+    );
     let pairs = m["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 4 * 4, "{m}");
     for p in pairs {
@@ -158,26 +164,20 @@ fn nat_lab_verifies_types_and_matrix_agrees_with_theory() {
 
     // 5. Start on the relay at once, move to the direct path when punching
     //    validates it: same connection, path changes under it.
-    let json = dir.path().join("upgrade.json");
-    let mut cmd = Command::new(&lab);
-    cmd.args([
-        "matrix",
-        "--types",
-        "port-restricted",
-        "--runs",
-        "2",
-        "--delay",
-        "20",
-        "--relay-after",
-        "0.001",
-        "--no-same-nat",
-        "--json",
-    ])
-    .arg(&json);
-    let r = run(cmd, Duration::from_secs(300)).unwrap();
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m = matrix_json(
+        &[
+            "--types",
+            "port-restricted",
+            "--runs",
+            "2",
+            "--delay",
+            "20",
+            "--relay-after",
+            "0.001",
+            "--no-same-nat",
+        ],
+        Duration::from_secs(300),
+    );
     let p = &m["pairs"][0];
     assert_eq!(p["direct"].as_u64(), Some(2), "{p}");
     assert_eq!(
@@ -380,27 +380,20 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
         return;
     }
     let _one = one_lab_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("hard.json");
-    let mut cmd = Command::new(bin("punch-lab").unwrap());
-    cmd.args([
-        "matrix",
-        "--types",
-        "cloudnat,cloudnat-inorder,seq",
-        "--runs",
-        "3",
-        "--delay",
-        "20",
-        "--punch-timeout",
-        "5",
-        "--no-same-nat",
-        "--json",
-    ])
-    .arg(&json);
-    let r = run(cmd, Duration::from_secs(600)).unwrap();
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m = matrix_json(
+        &[
+            "--types",
+            "cloudnat,cloudnat-inorder,seq",
+            "--runs",
+            "3",
+            "--delay",
+            "20",
+            "--punch-timeout",
+            "5",
+            "--no-same-nat",
+        ],
+        Duration::from_secs(600),
+    );
     let pairs = m["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 9, "{m}");
     for p in pairs {
@@ -434,30 +427,23 @@ fn ten_punches_in_a_row_fit_in_a_64_port_block() {
         return;
     }
     let _one = one_lab_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("budget.json");
-    let mut cmd = Command::new(bin("punch-lab").unwrap());
-    cmd.args([
-        "matrix",
-        "--types",
-        "cloudnat,port-restricted",
-        "--with",
-        "port-restricted",
-        "--runs",
-        "10",
-        "--delay",
-        "10",
-        "--punch-timeout",
-        "5",
-        "--keep-mappings",
-        "--no-same-nat",
-        "--json",
-    ])
-    .arg(&json);
-    let r = run(cmd, Duration::from_secs(600)).unwrap();
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m = matrix_json(
+        &[
+            "--types",
+            "cloudnat,port-restricted",
+            "--with",
+            "port-restricted",
+            "--runs",
+            "10",
+            "--delay",
+            "10",
+            "--punch-timeout",
+            "5",
+            "--keep-mappings",
+            "--no-same-nat",
+        ],
+        Duration::from_secs(600),
+    );
     let p = m["pairs"]
         .as_array()
         .unwrap()

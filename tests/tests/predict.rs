@@ -34,19 +34,18 @@ async fn an_advertised_counter_reaches_the_peer_and_the_api() {
         offer.peer_candidates
     );
     let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
-    let wa = peers
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["worker_id"] == "worker-a")
-        .expect("worker-a listed");
+    let listed = |id: &str| {
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["worker_id"] == id)
+            .unwrap_or_else(|| panic!("{id} not listed: {peers}"))
+            .clone()
+    };
+    let wa = listed("worker-a");
     assert_eq!(wa["counter"]["next"], 30004, "{wa}");
     assert_eq!(wa["counter"]["stride"], 4, "{wa}");
-    let wb = peers
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["worker_id"] == "worker-b")
-        .expect("worker-b listed");
+    let wb = listed("worker-b");
     assert!(wb["counter"].is_null(), "{wb}");
 }

@@ -556,6 +556,20 @@ fn ruleset_base(t: NatType, a: &NatAddrs) -> String {
     if t == NatType::ProxyOnly {
         return proxy_only_ruleset(a);
     }
+    // The Cloud NAT family: UDP gets its external port from `ports` (what
+    // follows `snat ip to WAN`), other protocols the plain SNAT; new inbound
+    // is dropped.
+    let udp_snat = |ports: String| {
+        (
+            format!(
+                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan}{ports}\n    \
+                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}"
+            ),
+            drop_new_inbound.to_string(),
+            String::new(),
+            String::new(),
+        )
+    };
     let (snat, filter_pre, dnat, track) = match t {
         NatType::None => unreachable!("no NAT namespace for public hosts"),
         NatType::FullCone => (
@@ -596,51 +610,23 @@ fn ruleset_base(t: NatType, a: &NatAddrs) -> String {
             String::new(),
             String::new(),
         ),
-        NatType::Cloudnat => (
-            format!(
-                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan}:{lo}-{hi} random\n    \
-                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}"
-            ),
-            drop_new_inbound.to_string(),
-            String::new(),
-            String::new(),
-        ),
+        NatType::Cloudnat => udp_snat(format!(":{lo}-{hi} random")),
         // numgen runs once a new flow (the nat chain sees only a flow's
         // first packet): a counter. A port whose tuple is taken drops the
         // flow's first packet, as a single-port SNAT does.
         // (Through a map: numgen's value is in host byte order, a port in
         // network order, and only a typed map converts.)
-        NatType::CloudnatInorder => (
-            format!(
-                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : numgen inc mod 64 map {{ {} }}\n    \
-                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}",
-                counter_map(64, lo)
-            ),
-            drop_new_inbound.to_string(),
-            String::new(),
-            String::new(),
-        ),
-        NatType::Seq => (
-            format!(
-                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : numgen inc mod {SEQ_PORTS} map {{ {} }}\n    \
-                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}",
-                counter_map(SEQ_PORTS, SEQ_BASE)
-            ),
-            drop_new_inbound.to_string(),
-            String::new(),
-            String::new(),
-        ),
-        NatType::CloudnatEim => (
-            // A deterministic function of the inside port into the block:
-            // the same external port whatever the destination.
-            format!(
-                "ip saddr {lan} oifname \"wan0\" meta l4proto udp snat ip to {wan} : udp sport & 0x3f | {lo}\n    \
-                 ip saddr {lan} oifname \"wan0\" snat ip to {wan}"
-            ),
-            drop_new_inbound.to_string(),
-            String::new(),
-            String::new(),
-        ),
+        NatType::CloudnatInorder => udp_snat(format!(
+            " : numgen inc mod 64 map {{ {} }}",
+            counter_map(64, lo)
+        )),
+        NatType::Seq => udp_snat(format!(
+            " : numgen inc mod {SEQ_PORTS} map {{ {} }}",
+            counter_map(SEQ_PORTS, SEQ_BASE)
+        )),
+        // A deterministic function of the inside port into the block: the
+        // same external port whatever the destination.
+        NatType::CloudnatEim => udp_snat(format!(" : udp sport & 0x3f | {lo}")),
     };
     format!(
         r#"flush ruleset
