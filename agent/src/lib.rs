@@ -270,6 +270,8 @@ pub(crate) struct Inner {
     /// Registered over TCP with no UDP mapping known: nobody can punch to
     /// us.
     pub(crate) tcp_only: std::sync::atomic::AtomicBool,
+    /// The protocol version the server welcomed us with.
+    pub(crate) server_version: std::sync::atomic::AtomicU16,
     /// Counts new channels to the server (connections re-punch on a change).
     pub(crate) channel_changes: watch::Sender<u64>,
     /// Trust anchors for a front, loaded on first use.
@@ -550,6 +552,7 @@ impl Agent {
             server_idx: std::sync::atomic::AtomicUsize::new(0),
             transport: Mutex::new(None),
             tcp_only: Default::default(),
+            server_version: Default::default(),
             channel_changes: watch::channel(0).0,
             roots: std::sync::OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
@@ -865,6 +868,23 @@ impl Inner {
     }
 
     /// Sends a message without waiting for an answer.
+    /// Does the server read messages of protocol version `v`?
+    pub(crate) fn server_speaks(&self, v: u16) -> bool {
+        self.server_version
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= v
+    }
+
+    /// Tells the server our NAT class and, if it reads it, our port
+    /// allocator.
+    pub(crate) fn report_nat(&self, nat: punch_protocol::signal::NatClass) {
+        self.notify(ClientMsg::Nat(nat));
+        let alloc = *self.nat_alloc.lock().expect("not poisoned");
+        if alloc != punch_protocol::allocator::Allocator::Unknown && self.server_speaks(5) {
+            self.notify(ClientMsg::Allocator(alloc));
+        }
+    }
+
     pub(crate) fn notify(&self, msg: ClientMsg) {
         if let Some(c) = self.control.lock().expect("not poisoned").as_ref() {
             let _ = c.try_send(msg);

@@ -41,6 +41,9 @@ pub struct Punched {
     pub strategy: Strategy,
 }
 
+/// Longest wait for an IPv6 path once an IPv4 one is proved.
+const PREFER_IPV6: Duration = Duration::from_millis(100);
+
 /// Runs a puncher in its own task. The first result goes to the returned
 /// receiver; a validated path becomes the direct path of `v` at once (also
 /// after the connection started on the relay); the task then keeps
@@ -51,8 +54,15 @@ fn spawn_puncher(
     v: SocketAddr,
     mut probes: mpsc::Receiver<ProbeDatagram>,
 ) -> oneshot::Receiver<Option<Punched>> {
+    // With an IPv6 address of our own, an IPv6 path to the peer is worth a
+    // short wait: no NAT mapping under it to change or expire.
+    let have_ipv6 = inner
+        .local_candidates()
+        .iter()
+        .any(|c| c.kind == punch_protocol::signal::CandidateKind::Local && c.addr.is_ipv6());
     let config = PunchConfig {
         deadline: inner.config.punch_timeout,
+        prefer_ipv6: have_ipv6.then_some(PREFER_IPV6),
         ..PunchConfig::default()
     };
     let candidates: Vec<_> = offer
@@ -841,6 +851,22 @@ async fn dial(
                 c.kind == punch_protocol::signal::CandidateKind::Mapped && Some(c.addr) == remote
             }));
     report(inner, offer, kind, start, remote, via_mapped);
+    // A path found after the start on the relay: the punch's.
+    let strategy = if kind == PathKind::Direct {
+        strategy.or(Some(Strategy::Plain))
+    } else {
+        None
+    };
+    let relay_reason = (start_kind == PathKind::Relayed)
+        .then_some(relay_reason)
+        .flatten();
+    if inner.server_speaks(5) && (strategy.is_some() || relay_reason.is_some()) {
+        inner.notify(ClientMsg::OutcomeDetail {
+            session: offer.session,
+            strategy: strategy.map(|s| s.as_str().to_string()),
+            relay_reason: relay_reason.map(|r| r.as_str().to_string()),
+        });
+    }
     info!(
         ?remote,
         path = kind.as_str(),
@@ -856,15 +882,8 @@ async fn dial(
             connect_time,
             session: offer.session,
             via_mapped,
-            // A path found after the start on the relay: the punch's.
-            strategy: if kind == PathKind::Direct {
-                strategy.or(Some(Strategy::Plain))
-            } else {
-                None
-            },
-            relay_reason: (start_kind == PathKind::Relayed)
-                .then_some(relay_reason)
-                .flatten(),
+            strategy,
+            relay_reason,
         },
         virtual_addr: v,
         socket: inner.socket.clone(),

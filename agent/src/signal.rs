@@ -438,7 +438,7 @@ async fn stun_candidates(
 /// this and every later registration.
 fn classify_nat(inner: &Arc<Inner>) {
     if let Some(nat) = *inner.nat.lock().expect("not poisoned") {
-        inner.notify(ClientMsg::Nat(nat));
+        inner.report_nat(nat);
         return;
     }
     if !inner.config.nat_check
@@ -468,7 +468,7 @@ fn classify_nat(inner: &Arc<Inner>) {
                     if nat.mapping != punch_protocol::signal::NatBehaviour::Unknown {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
-                        inner.notify(ClientMsg::Nat(nat));
+                        inner.report_nat(nat);
                         // A counting NAT: say where the counter stands
                         // before a connect that waits for the mapping asks
                         // for its peer (nat_ready follows the advertisement).
@@ -502,7 +502,7 @@ fn classify_nat(inner: &Arc<Inner>) {
                         info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), allocator = ?r.allocator.value, "NAT classified");
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
-                        inner.notify(ClientMsg::Nat(nat));
+                        inner.report_nat(nat);
                     }
                     None => debug!("NAT not classified: no STUN answer"),
                 },
@@ -639,11 +639,16 @@ async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, 
     let tcp = matches!(chan, Channel::Ws(_));
     match first {
         ServerMsg::Welcome { version, observed } => {
-            if version != PROTOCOL_VERSION {
+            // A server answers with our version, or (a server older than
+            // us that let us in all the same) its own.
+            if !(punch_protocol::MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 return Err(AgentError::BadVersion(format!(
                     "server speaks version {version}, we speak {PROTOCOL_VERSION}"
                 )));
             }
+            inner
+                .server_version
+                .store(version, std::sync::atomic::Ordering::SeqCst);
             inner
                 .tcp_only
                 .store(tcp && !has_stun, std::sync::atomic::Ordering::SeqCst);

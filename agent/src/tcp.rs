@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use punch_protocol::ws::{self, WsAuth, WsFrame};
-use punch_protocol::PROTOCOL_VERSION;
+use punch_protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -378,9 +378,11 @@ pub(crate) async fn server_hello(ws: &mut Ws) -> Result<[u8; 32], AgentError> {
     match ws::parse(&m) {
         Ok(WsFrame::Auth(b)) => match ws::decode::<WsAuth>(b) {
             Ok(WsAuth::ServerHello { version, nonce }) => {
-                if version != PROTOCOL_VERSION {
+                // The WebSocket's authentication is the same from the
+                // oldest version a server serves on.
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
                     return Err(AgentError::BadVersion(format!(
-                        "server speaks version {version}, we speak {PROTOCOL_VERSION}"
+                        "server speaks version {version}, we speak {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
                     )));
                 }
                 Ok(nonce)

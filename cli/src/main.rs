@@ -1011,12 +1011,19 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
     let connect_ms = pc.path.connect_time.as_secs_f64() * 1e3;
     let rtt_ms = rtt.as_secs_f64() * 1e3;
     let (kind, remote, transport) = path_now(&pc);
+    // The IP family of the packets' first hop (the peer on a direct path,
+    // the relay otherwise).
+    let family = match pc.path_now().1.unwrap_or(pc.path.remote_addr) {
+        a if punch_net::canonical(a).is_ipv6() => "ipv6",
+        _ => "ipv4",
+    };
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
                 "path": kind.as_str(),
+                "family": family,
                 "initial_path": pc.path.kind.as_str(),
                 "remote_addr": remote,
                 "transport": transport.as_str(),
@@ -1032,7 +1039,7 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
         );
     } else {
         println!(
-            "connected to {target} via {} path {remote} ({}) in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
+            "connected to {target} via {} path {remote} ({} over {family}) in {connect_ms:.1} ms, rtt {rtt_ms:.2} ms",
             kind.as_str(),
             transport.as_str(),
         );
@@ -1081,12 +1088,19 @@ async fn bench(
         .map_err(peer_err)?;
     let down = down_bytes as f64 / down_time.as_secs_f64() / 1e6;
     let (kind, remote, transport) = path_now(&pc);
+    // The IP family of the packets' first hop (the peer on a direct path,
+    // the relay otherwise).
+    let family = match pc.path_now().1.unwrap_or(pc.path.remote_addr) {
+        a if punch_net::canonical(a).is_ipv6() => "ipv6",
+        _ => "ipv4",
+    };
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
                 "path": kind.as_str(),
+                "family": family,
                 "remote_addr": remote,
                 "transport": transport.as_str(),
                 "seconds": seconds,
@@ -1167,12 +1181,19 @@ async fn ping(
     let max = rtts.iter().cloned().fold(0.0, f64::max);
     let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
     let (kind, remote, transport) = path_now(&pc);
+    // The IP family of the packets' first hop (the peer on a direct path,
+    // the relay otherwise).
+    let family = match pc.path_now().1.unwrap_or(pc.path.remote_addr) {
+        a if punch_net::canonical(a).is_ipv6() => "ipv6",
+        _ => "ipv4",
+    };
     if json {
         println!(
             "{}",
             json!({
                 "target": target,
                 "path": kind.as_str(),
+                "family": family,
                 "remote_addr": remote,
                 "transport": transport.as_str(),
                 "transports": transports,

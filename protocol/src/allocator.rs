@@ -73,6 +73,20 @@ impl Allocator {
         }
     }
 
+    /// Could [`infer`] have said this? (What a peer reports is checked
+    /// before it is stored or shown.)
+    pub fn plausible(&self) -> bool {
+        match *self {
+            Allocator::Sequential { stride } => stride != 0 && (stride as i32).abs() <= MAX_STRIDE,
+            Allocator::Block { base, size } => {
+                size.is_power_of_two()
+                    && (MIN_BLOCK..=MAX_BLOCK).contains(&size)
+                    && base % size == 0
+            }
+            _ => true,
+        }
+    }
+
     /// Most mappings to one remote a punch may open on this NAT
     /// ([`budget_of`] the host's ports), or `None` when the NAT gives the
     /// host the whole range.
@@ -224,10 +238,30 @@ mod tests {
         assert_eq!(budget_of(2), 1);
     }
 
+    #[test]
+    fn reports_are_checked() {
+        assert!(Allocator::Sequential { stride: -2 }.plausible());
+        assert!(!Allocator::Sequential { stride: 0 }.plausible());
+        assert!(!Allocator::Sequential { stride: 900 }.plausible());
+        assert!(Allocator::Block {
+            base: 20480,
+            size: 64
+        }
+        .plausible());
+        assert!(!Allocator::Block {
+            base: 20481,
+            size: 64
+        }
+        .plausible());
+        assert!(!Allocator::Block { base: 0, size: 48 }.plausible());
+        assert!(!Allocator::Block { base: 0, size: 0 }.plausible());
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(local: u16, mapped: Vec<u16>) {
-            let _ = infer(local, &mapped);
+            let a = infer(local, &mapped);
+            proptest::prop_assert!(a.plausible(), "{a:?}");
         }
 
         /// Any run of ports drawn without repeat from one aligned 64-port

@@ -41,6 +41,12 @@ pub struct PunchConfig {
     pub block_size: u16,
     /// Most pings one session sends.
     pub max_pings: u32,
+    /// When an IPv4 path is proved while IPv6 candidates are being pinged,
+    /// wait this long at most (and no longer than the IPv4 round trip)
+    /// for an IPv6 path before taking the IPv4 one. Set it only when this
+    /// side has a global IPv6 address: an IPv6 path has no NAT whose
+    /// mapping can change or expire under it. `None`: first proof wins.
+    pub prefer_ipv6: Option<Duration>,
 }
 
 impl Default for PunchConfig {
@@ -56,6 +62,7 @@ impl Default for PunchConfig {
             block_scan_after: Some(Duration::from_millis(400)),
             block_size: 64,
             max_pings: 1500,
+            prefer_ipv6: None,
         }
     }
 }
@@ -150,6 +157,8 @@ pub struct Puncher {
     stats: PunchStats,
     scanning: bool,
     spray: Option<SprayState>,
+    /// An IPv4 proof held back for [`PunchConfig::prefer_ipv6`], and until when.
+    held: Option<(PunchEvent, Instant)>,
 }
 
 /// The easy side of the birthday method: pings to many ports of a peer
@@ -209,6 +218,7 @@ impl Puncher {
             stats: PunchStats::default(),
             scanning: false,
             spray: None,
+            held: None,
             config,
         };
         // A peer's predicted ports are for the birthday method's own
@@ -373,6 +383,13 @@ impl Puncher {
         if !self.probing() {
             return;
         }
+        if let Some((ev, until)) = self.held {
+            if now >= until || now >= self.start + self.config.deadline {
+                self.held = None;
+                self.validate(ev);
+                return;
+            }
+        }
         if now >= self.start + self.config.deadline {
             self.state = PunchState::TimedOut;
             self.events.push_back(PunchEvent::TimedOut);
@@ -467,17 +484,46 @@ impl Puncher {
                         .find(|c| c.addr == from)
                         .map(|c| c.kind)
                         .unwrap_or(CandidateKind::PeerReflexive);
-                    self.state = PunchState::Validated(from);
-                    self.events.push_back(PunchEvent::Validated {
+                    let rtt = now.saturating_duration_since(sent.at);
+                    let ev = PunchEvent::Validated {
                         addr: from,
                         kind,
-                        rtt: now.saturating_duration_since(sent.at),
+                        rtt,
                         observed,
-                    });
+                    };
+                    match self.config.prefer_ipv6 {
+                        Some(most) if from.is_ipv4() && self.pinging_ipv6() => {
+                            if self.held.is_none() {
+                                let wait = rtt.clamp(
+                                    Duration::from_millis(10),
+                                    most.max(Duration::from_millis(10)),
+                                );
+                                self.held = Some((ev, now + wait));
+                            }
+                        }
+                        _ => {
+                            self.held = None;
+                            self.validate(ev);
+                        }
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    fn validate(&mut self, ev: PunchEvent) {
+        if let PunchEvent::Validated { addr, .. } = ev {
+            self.state = PunchState::Validated(addr);
+            self.events.push_back(ev);
+        }
+    }
+
+    /// Is an IPv6 candidate of the peer being pinged?
+    fn pinging_ipv6(&self) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| c.addr.is_ipv6() && c.pings > 0)
     }
 
     /// Next datagram to send.
@@ -497,6 +543,9 @@ impl Puncher {
             return None;
         }
         let mut t = self.next_round.min(self.start + self.config.deadline);
+        if let Some((_, until)) = self.held {
+            t = t.min(until);
+        }
         if let Some(s) = &self.spray {
             if s.passes < SPRAY_PASSES {
                 t = t.min(s.next_at);
@@ -636,6 +685,85 @@ mod tests {
             ok
         });
         assert!(matches!(ea.as_slice(), [PunchEvent::Validated { .. }]));
+    }
+
+    /// A dual-stack pair: each side at an IPv4 and an IPv6 address; a
+    /// datagram to one of the peer's addresses comes from the sender's
+    /// address of the same family. `v6_ok` says whether IPv6 gets through.
+    /// Returns A's first event.
+    fn dual_stack(prefer: Option<Duration>, v6_ok: bool) -> PunchEvent {
+        let (a4, a6): (SocketAddr, SocketAddr) = (
+            "198.51.100.1:1000".parse().unwrap(),
+            "[2001:db8:1::10]:1000".parse().unwrap(),
+        );
+        let (b4, b6): (SocketAddr, SocketAddr) = (
+            "203.0.113.2:2000".parse().unwrap(),
+            "[2001:db8:2::10]:2000".parse().unwrap(),
+        );
+        let cfg = PunchConfig {
+            prefer_ipv6: prefer,
+            ..PunchConfig::default()
+        };
+        let now = Instant::now();
+        let peer = |cands: &[SocketAddr], role, seed| {
+            let cands: Vec<Candidate> = cands
+                .iter()
+                .map(|a| Candidate {
+                    addr: *a,
+                    kind: CandidateKind::Local,
+                })
+                .collect();
+            Puncher::new(
+                PunchParams {
+                    session: SessionId(1),
+                    secret: SECRET,
+                    role,
+                    peer_candidates: &cands,
+                    start_in: Duration::ZERO,
+                    txid_seed: seed,
+                },
+                now,
+                cfg.clone(),
+            )
+        };
+        // IPv4 listed first: without a preference it is proved first.
+        let mut a = peer(&[b4, b6], Role::Controlling, 100);
+        let mut b = peer(&[a4, a6], Role::Controlled, 200);
+        let mut t = now;
+        for _ in 0..200 {
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            while let Some(x) = a.poll_transmit() {
+                let from = if x.dst.is_ipv6() { a6 } else { a4 };
+                if x.dst.is_ipv4() || v6_ok {
+                    let _ = b.handle_probe(from, &x.payload, t);
+                }
+            }
+            while let Some(x) = b.poll_transmit() {
+                let from = if x.dst.is_ipv6() { b6 } else { b4 };
+                if x.dst.is_ipv4() || v6_ok {
+                    let _ = a.handle_probe(from, &x.payload, t);
+                }
+            }
+            if let Some(ev) = a.poll_event() {
+                return ev;
+            }
+            t += Duration::from_millis(1);
+        }
+        panic!("no event in 200 ms");
+    }
+
+    #[test]
+    fn ipv6_path_is_preferred_when_asked_for() {
+        let addr = |ev| match ev {
+            PunchEvent::Validated { addr, .. } => addr,
+            e => panic!("{e:?}"),
+        };
+        let most = Some(Duration::from_millis(100));
+        assert!(addr(dual_stack(None, true)).is_ipv4(), "first proof wins");
+        assert!(addr(dual_stack(most, true)).is_ipv6(), "IPv6 preferred");
+        // IPv6 blocked: IPv4 is taken after the grace, not at the deadline.
+        assert!(addr(dual_stack(most, false)).is_ipv4());
     }
 
     #[test]

@@ -506,7 +506,12 @@ impl RelayTable {
         }
     }
 
-    /// Number of sessions held.
+    /// Bytes relayed so far for a session it still holds.
+    pub fn session_bytes(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).map(|s| s.bytes)
+    }
+
+    /// Sessions held.
     pub fn len(&self) -> usize {
         self.sessions.len()
     }

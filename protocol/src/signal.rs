@@ -57,6 +57,40 @@ pub enum ClientMsg {
     /// The agent is shutting down cleanly: deregister now rather than go
     /// stale.
     Bye,
+    /// How the agent's NAT picks the ports of new mappings, sent with `Nat`
+    /// once the NAT check knows. Since protocol version 5.
+    Allocator(crate::allocator::Allocator),
+    /// How a session's direct path was found (`strategy`: `plain`,
+    /// `block-scan`, `birthday`, `prediction`, `port-mapping`, `ipv6`) or
+    /// why it started on the relay (`relay_reason`), right after its
+    /// `Outcome`. Names of at most [`MAX_DETAIL`] bytes, checked with
+    /// [`validate_detail`]. Since protocol version 5.
+    OutcomeDetail {
+        session: SessionId,
+        strategy: Option<String>,
+        relay_reason: Option<String>,
+    },
+}
+
+/// Longest name in an `OutcomeDetail`.
+pub const MAX_DETAIL: usize = 32;
+
+/// Checks an `OutcomeDetail` name: 1 to [`MAX_DETAIL`] bytes of lowercase
+/// ASCII letters, digits and `-`.
+pub fn validate_detail(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_DETAIL {
+        return Err(format!(
+            "outcome detail of {} bytes (1 to {MAX_DETAIL})",
+            name.len()
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!("outcome detail {name:?}: only a-z, 0-9 and '-'"));
+    }
+    Ok(())
 }
 
 /// Registry queries an agent may send.

@@ -2,6 +2,7 @@
 //! NAT class (the server's HTTP API and the agent's `--json` print the same
 //! fields), and escaping for their HTML status pages.
 
+use crate::allocator::Allocator;
 use crate::signal::{NatClass, WorkerInfo};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -18,6 +19,62 @@ pub struct NatView {
     pub filtering: &'static str,
     /// The NAT kept the agent's source port.
     pub port_preserved: bool,
+    /// How the NAT picks ports for new mappings, when the agent reported
+    /// it (agents of protocol version 5 and later, on this server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<AllocatorView>,
+}
+
+/// A NAT's port allocator, as `nat-check --json` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AllocatorView {
+    /// `preserving`, `sequential`, `block`, `random` or `unknown`.
+    pub kind: &'static str,
+    /// Step between successive ports (sequential).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stride: Option<i16>,
+    /// The host's port block (block).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_base: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u16>,
+    /// Most mappings toward one remote a punch makes on this NAT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usize>,
+}
+
+impl From<Allocator> for AllocatorView {
+    fn from(a: Allocator) -> Self {
+        let (stride, block) = match a {
+            Allocator::Sequential { stride } => (Some(stride), None),
+            Allocator::Block { base, size } => (None, Some((base, size))),
+            _ => (None, None),
+        };
+        AllocatorView {
+            kind: a.kind(),
+            stride,
+            block_base: block.map(|b| b.0),
+            block_size: block.map(|b| b.1),
+            budget: a.budget(),
+        }
+    }
+}
+
+impl AllocatorView {
+    /// One line for status pages: `block 20480+64 (budget 4)`.
+    pub fn summary(&self) -> String {
+        let mut s = self.kind.to_string();
+        if let Some(st) = self.stride {
+            s.push_str(&format!(" stride {st}"));
+        }
+        if let (Some(b), Some(n)) = (self.block_base, self.block_size) {
+            s.push_str(&format!(" {b}+{n}"));
+        }
+        if let Some(b) = self.budget {
+            s.push_str(&format!(" (budget {b})"));
+        }
+        s
+    }
 }
 
 impl From<NatClass> for NatView {
@@ -27,6 +84,17 @@ impl From<NatClass> for NatView {
             mapping: n.mapping.as_str(),
             filtering: n.filtering.as_str(),
             port_preserved: n.port_preserved,
+            allocator: None,
+        }
+    }
+}
+
+impl NatView {
+    /// The class with its allocator, when known.
+    pub fn with_allocator(n: NatClass, a: Option<Allocator>) -> Self {
+        NatView {
+            allocator: a.map(AllocatorView::from),
+            ..NatView::from(n)
         }
     }
 }

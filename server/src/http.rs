@@ -175,7 +175,7 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerJson>> {
                         format!("{k} {}", c.addr)
                     })
                     .collect(),
-                nat: p.nat.map(NatView::from),
+                nat: p.nat.map(|n| NatView::with_allocator(n, p.allocator)),
                 counter: punch_protocol::predict::advertised(&p.candidates).map(|c| CounterJson {
                     next: c.next,
                     stride: c.stride,
@@ -272,7 +272,75 @@ async fn workers(
         validate_name("tag", t).map_err(ApiError::bad)?;
     }
     let list = crate::cluster::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
-    Ok(Json(list.into_iter().map(WorkerView::from).collect()))
+    Ok(Json(list.into_iter().map(|w| view_of(&s, w)).collect()))
+}
+
+/// One of the latest connects, newest first.
+#[derive(Debug, Serialize)]
+struct ConnectView {
+    /// RFC 3339.
+    at: String,
+    /// The punch session (16 hex digits, as `connect --json` prints it).
+    session: String,
+    requester: String,
+    target: String,
+    /// `direct`, `relayed` or `failed`.
+    path: &'static str,
+    connect_ms: u32,
+    /// The NAT classes of requester and target.
+    nat_pair: String,
+    /// How the direct path was found (`plain`, `block-scan`, `birthday`,
+    /// `prediction`, `port-mapping`, `ipv6`), as the requester reported it.
+    strategy: Option<String>,
+    /// Why it started on the relay (`udp-blocked`, `both-random`,
+    /// `peer-never-answered`, `forced`).
+    relay_reason: Option<String>,
+    /// Bytes this server relayed for the session so far, while it still
+    /// holds the session's relay binding: a direct connection's is 0.
+    relayed_bytes: Option<u64>,
+}
+
+/// `GET /api/v1/connects`: the latest connects this server introduced
+/// (at most [`crate::metrics::RECENT_CONNECTS`]), newest first.
+async fn connects(State(s): State<Arc<Shared>>) -> Json<Vec<ConnectView>> {
+    let recent: Vec<_> = s
+        .metrics
+        .recent
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .rev()
+        .cloned()
+        .collect();
+    let relay = s.relay.as_ref().map(|t| t.lock().expect("not poisoned"));
+    Json(
+        recent
+            .into_iter()
+            .map(|c| ConnectView {
+                relayed_bytes: relay.as_ref().and_then(|t| t.session_bytes(c.session)),
+                session: c.session.to_string(),
+                at: humantime::format_rfc3339_seconds(c.at).to_string(),
+                requester: c.requester,
+                target: c.target,
+                path: c.path,
+                connect_ms: c.connect_ms,
+                nat_pair: c.nat_pair,
+                strategy: c.strategy,
+                relay_reason: c.relay_reason,
+            })
+            .collect(),
+    )
+}
+
+/// A worker's view, with the port allocator it reported when it is
+/// connected to this server (other servers of a cluster keep theirs).
+fn view_of(s: &Shared, w: punch_protocol::signal::WorkerInfo) -> WorkerView {
+    let alloc = s.registry.lock().expect("not poisoned").allocator(&w.id);
+    let mut v = WorkerView::from(w);
+    if let Some(n) = &mut v.nat {
+        n.allocator = alloc.map(punch_protocol::view::AllocatorView::from);
+    }
+    v
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -289,7 +357,7 @@ async fn worker(
         Some(w) => Some(w),
         None => crate::cluster::get_remote(&s, &id).await,
     };
-    w.map(|w| Json(w.into())).ok_or_else(|| {
+    w.map(|w| Json(view_of(&s, w))).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_worker",
@@ -434,6 +502,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/peers", get(peers))
         .route("/api/v1/workers", get(workers))
+        .route("/api/v1/connects", get(connects))
         .route("/api/v1/workers/{id}", get(worker))
         .route("/api/v1/discover/{type}", get(discover))
         .route("/api/v1/wait/{id}", get(wait))

@@ -53,11 +53,20 @@ pub const RECENT_CONNECTS: usize = 50;
 #[derive(Debug, Clone, Serialize)]
 pub struct RecentConnect {
     pub at: std::time::SystemTime,
+    #[serde(skip)]
+    pub session: punch_protocol::signal::SessionId,
     pub requester: String,
     pub target: String,
     pub path: &'static str,
     pub connect_ms: u32,
     pub nat_pair: String,
+    /// How the direct path was found, as the requester reported it
+    /// (`plain`, `block-scan`, `birthday`, `prediction`, `port-mapping`,
+    /// `ipv6`).
+    pub strategy: Option<String>,
+    /// Why the connection started on the relay (`udp-blocked`,
+    /// `both-random`, `peer-never-answered`, `forced`).
+    pub relay_reason: Option<String>,
 }
 
 impl Metrics {
@@ -68,6 +77,25 @@ impl Metrics {
             r.pop_front();
         }
         r.push_back(c);
+    }
+
+    /// Adds the requester's strategy and relay reason to its connect.
+    pub fn detail(
+        &self,
+        session: punch_protocol::signal::SessionId,
+        requester: &str,
+        strategy: Option<String>,
+        relay_reason: Option<String>,
+    ) {
+        let mut r = self.recent.lock().expect("not poisoned");
+        if let Some(c) = r
+            .iter_mut()
+            .rev()
+            .find(|c| c.session == session && c.requester == requester)
+        {
+            c.strategy = strategy;
+            c.relay_reason = relay_reason;
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! deregisters at once. Key bindings outlive all of that (they are persisted
 //! by the server) so an id can never be taken over.
 
+use punch_protocol::allocator::Allocator;
 use punch_protocol::signal::{
     Candidate, CandidateKind, ErrorCode, NatClass, PublicKey, Transport, WorkerInfo, WorkerState,
 };
@@ -30,6 +31,8 @@ pub struct Online<H> {
     pub local: Vec<Candidate>,
     /// The NAT class the agent reported, if it did.
     pub nat: Option<NatClass>,
+    /// Its NAT's port allocator, if it reported one (version 5 agents).
+    pub allocator: Option<Allocator>,
     pub handle: H,
 }
 
@@ -97,6 +100,7 @@ pub struct PeerInfo {
     /// Everything offered to peers, server-observed address first.
     pub candidates: Vec<Candidate>,
     pub nat: Option<NatClass>,
+    pub allocator: Option<Allocator>,
 }
 
 /// The outcome of a successful registration.
@@ -324,6 +328,20 @@ impl<H> Registry<H> {
         }
     }
 
+    /// Records the port allocator a worker's current connection reported.
+    pub fn update_allocator(&mut self, id: &str, conn_id: u64, a: Allocator) {
+        if let Some(o) = self.workers.get_mut(id).and_then(|w| w.online.as_mut()) {
+            if o.conn_id == conn_id {
+                o.allocator = Some(a);
+            }
+        }
+    }
+
+    /// The port allocator an online worker reported.
+    pub fn allocator(&self, id: &str) -> Option<Allocator> {
+        self.workers.get(id)?.online.as_ref()?.allocator
+    }
+
     /// Looks up both sides of a connect request.
     pub fn introduce(
         &self,
@@ -427,6 +445,7 @@ impl<H> Registry<H> {
                     since: o.since,
                     candidates: o.candidates(),
                     nat: o.nat,
+                    allocator: o.allocator,
                 })
             })
             .collect();
@@ -457,6 +476,7 @@ mod tests {
             since: SystemTime::now(),
             local: vec![],
             nat: None,
+            allocator: None,
             handle: (),
         }
     }

@@ -9,7 +9,7 @@ use punch_protocol::signal::{
     validate_name, ClientMsg, ErrorCode, Hello, Offer, PathKind, Query, Role, ServerMsg, SessionId,
     Transport, MAX_LIST, MAX_WAIT_MS,
 };
-use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
+use punch_protocol::{ALPN_SIGNAL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
 use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -409,10 +409,10 @@ pub(crate) async fn serve_registered(
     let id = hello.worker_id.clone();
     let span = info_span!("agent", worker = %id, transport = arrival.transport.as_str());
     async move {
-        if hello.version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
             inc(&shared.metrics.registration_refused);
             let msg = format!(
-                "protocol version {} not supported; this server speaks {PROTOCOL_VERSION}",
+                "protocol version {} not supported; this server speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                 hello.version
             );
             link.refuse(ErrorCode::BadVersion, msg).await;
@@ -480,6 +480,7 @@ pub(crate) async fn serve_registered(
             since: SystemTime::now(),
             local: hello.local_candidates.clone(),
             nat: None,
+            allocator: None,
             handle: AgentHandle {
                 tx: tx.clone(),
                 closer,
@@ -540,7 +541,15 @@ pub(crate) async fn serve_registered(
             observed: Some(observed),
         });
         let result = session_loop(
-            &mut link, conn_id, &id, &shared, in_rx, &mut rx, tx, observed,
+            &mut link,
+            conn_id,
+            &id,
+            &shared,
+            in_rx,
+            &mut rx,
+            tx,
+            observed,
+            hello.version,
         )
         .await;
         let clean = matches!(result, Ok(true));
@@ -573,12 +582,10 @@ async fn session_loop(
     rx: &mut mpsc::Receiver<Box<ServerMsg>>,
     tx: OutQueue,
     observed: std::net::SocketAddr,
+    version: u16,
 ) -> Result<bool, String> {
-    link.send(&ServerMsg::Welcome {
-        version: PROTOCOL_VERSION,
-        observed,
-    })
-    .await?;
+    // The agent's own version: it reads nothing newer from us.
+    link.send(&ServerMsg::Welcome { version, observed }).await?;
     let mut check = tokio::time::interval(ADDRESS_CHECK);
     let cfg = &shared.config;
     let mut connects = Bucket::new(
@@ -769,14 +776,46 @@ fn handle(msg: ClientMsg, id: &str, conn_id: u64, shared: &Arc<Shared>) -> Optio
                 }
                 m.record(crate::metrics::RecentConnect {
                     at: SystemTime::now(),
+                    session: o.session,
                     requester: id.to_string(),
                     target: target.clone(),
                     path: o.path.as_str(),
                     connect_ms: o.connect_ms,
                     nat_pair: pair.clone(),
+                    strategy: None,
+                    relay_reason: None,
                 });
             }
             info!(session = %o.session, path = o.path.as_str(), connect_ms = o.connect_ms, via_mapped = o.via_mapped, nat_pair = pair.as_ref().map(|p| p.0.as_str()).unwrap_or("-"), "outcome");
+            None
+        }
+        ClientMsg::Allocator(a) => {
+            if a.plausible() {
+                info!(allocator = ?a, "port allocator reported");
+                shared
+                    .registry
+                    .lock()
+                    .expect("not poisoned")
+                    .update_allocator(id, conn_id, a);
+            } else {
+                debug!(allocator = ?a, "implausible port allocator ignored");
+            }
+            None
+        }
+        ClientMsg::OutcomeDetail {
+            session,
+            strategy,
+            relay_reason,
+        } => {
+            let ok = |n: &Option<String>| {
+                n.as_deref()
+                    .is_none_or(|n| punch_protocol::signal::validate_detail(n).is_ok())
+            };
+            if ok(&strategy) && ok(&relay_reason) {
+                shared.metrics.detail(session, id, strategy, relay_reason);
+            } else {
+                debug!(%session, "malformed outcome detail ignored");
+            }
             None
         }
         ClientMsg::Nat(nat) => {

@@ -86,21 +86,37 @@ code{{font-size:12px}}</style></head><body>
             tags = esc(&w.tags.join(", ")),
             addr = w.observed,
             tr = w.transport.as_str(),
-            nat = w.nat.map(|n| n.label()).unwrap_or_else(|| "–".into()),
+            nat = {
+                let alloc = s.registry.lock().expect("not poisoned").allocator(&w.id);
+                match (w.nat, alloc) {
+                    (Some(n), Some(a)) => format!(
+                        "{} · {}",
+                        n.label(),
+                        punch_protocol::view::AllocatorView::from(a).summary()
+                    ),
+                    (Some(n), None) => n.label(),
+                    (None, _) => "–".into(),
+                }
+            },
             meta = meta.join(" "),
         );
     }
-    h.push_str("</table><h2>Recent connects</h2><table id=\"recent\"><tr><th>when</th><th>from</th><th>to</th><th>path</th><th>time</th><th>NAT pair</th></tr>");
+    h.push_str("</table><h2>Recent connects</h2><table id=\"recent\"><tr><th>when</th><th>from</th><th>to</th><th>path</th><th>how</th><th>time</th><th>NAT pair</th></tr>");
     for c in &recent {
         let _ = write!(
             h,
-            r#"<tr><td>{at}</td><td>{from}</td><td>{to}</td><td class="{p}">{p}</td><td>{ms} ms</td><td>{pair}</td></tr>"#,
+            r#"<tr><td>{at}</td><td>{from}</td><td>{to}</td><td class="{p}">{p}</td><td class="how">{how}</td><td>{ms} ms</td><td>{pair}</td></tr>"#,
             at = humantime::format_rfc3339_seconds(c.at),
             from = esc(&c.requester),
             to = esc(&c.target),
             p = c.path,
             ms = c.connect_ms,
             pair = esc(&c.nat_pair),
+            how = esc(c
+                .strategy
+                .as_deref()
+                .or(c.relay_reason.as_deref())
+                .unwrap_or("")),
         );
     }
     h.push_str("</table></body></html>\n");

@@ -24,7 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use punch_protocol::relay::{Action, Endpoint};
 use punch_protocol::signal::{ClientMsg, ErrorCode, Transport};
 use punch_protocol::ws::{self, WsAuth, WsFrame};
-use punch_protocol::PROTOCOL_VERSION;
+use punch_protocol::MIN_PROTOCOL_VERSION;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -531,8 +531,11 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
     let stats = &shared.tcp.stats;
     let mut server_nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut server_nonce);
+    // The WebSocket's authentication has not changed since version 4, and
+    // agents of version 4 insist on hearing their own version here; the
+    // signaling version is settled by Hello and Welcome.
     let hello = WsAuth::ServerHello {
-        version: PROTOCOL_VERSION,
+        version: MIN_PROTOCOL_VERSION,
         nonce: server_nonce,
     };
     if link.send(ws::encode_auth(&hello)).await.is_err() {

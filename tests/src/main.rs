@@ -95,9 +95,12 @@ enum Cmd {
     /// path and time to connect, against what theory predicts.
     Matrix {
         /// Comma-separated NAT types; `all` (the UDP types), `tcp-only`
-        /// (udp-blocked, proxy-only); `TYPE+upnp` runs a port-mapping
-        /// daemon (miniupnpd: PCP, NAT-PMP, UPnP IGD) on the site's gateway
-        /// (`+pcp`, `+nat-pmp`, `+igd`: one protocol).
+        /// (udp-blocked, proxy-only), `allocators` (cloudnat-inorder, seq,
+        /// seq2, cloudnat-dpa); `TYPE+upnp` runs a port-mapping daemon
+        /// (miniupnpd: PCP, NAT-PMP, UPnP IGD) on the site's gateway
+        /// (`+pcp`, `+nat-pmp`, `+igd`: one protocol); `TYPE+v6` makes the
+        /// site dual-stack (global IPv6 behind a stateful firewall beside
+        /// the IPv4 NAT), e.g. `cgnat+v6`.
         #[arg(long, default_value = "all")]
         types: String,
         /// Connects per pair.
@@ -123,8 +126,9 @@ enum Cmd {
         #[arg(long)]
         svg: Option<PathBuf>,
         /// Exit non-zero when a pair that theory says goes direct does not,
-        /// a pair does not connect at all, or an agent on a UDP-less site
-        /// connects other than over TCP.
+        /// a pair does not connect at all, an agent on a UDP-less site
+        /// connects other than over TCP, or the server relayed bytes during
+        /// a run the agent called direct.
         #[arg(long)]
         strict: bool,
         /// Pass --no-relay to the agents (measure punching alone).
@@ -517,12 +521,17 @@ fn main() -> Result<()> {
             }
             let worse: Vec<String> = results
                 .iter()
-                .filter(|r| r.verdict == "worse-than-theory" || r.verdict == "wrong-transport")
+                .filter(|r| {
+                    matches!(
+                        r.verdict,
+                        "worse-than-theory" | "wrong-transport" | "direct-but-relayed"
+                    )
+                })
                 .map(|r| format!("{} -> {}", r.a, r.b))
                 .collect();
             if strict && !worse.is_empty() {
                 bail!(
-                    "{} pair(s) that theory says go direct did not, or that connected from a UDP-less site but not over TCP: {}",
+                    "{} pair(s) that theory says go direct did not, that connected from a UDP-less site but not over TCP, or whose direct runs the server relayed: {}",
                     worse.len(),
                     worse.join(", ")
                 );

@@ -456,3 +456,41 @@ fn ten_punches_in_a_row_fit_in_a_64_port_block() {
     // over the WebSocket and start on the relay as if UDP were blocked).
     assert!(p["relay_reasons"]["udp-blocked"].is_null(), "{p}");
 }
+
+/// IPv6 paths (issue 19): dual-stack sites whose IPv4 sits behind a
+/// carrier NAT or a symmetric NAT, and whose hosts have global IPv6
+/// addresses behind a stateful firewall, go direct over IPv6 every time
+/// (both firewalls opened by simultaneous probes), with 20 ms and 1 % loss
+/// on every site link; `connect --json` says `ipv6`, and the server relayed
+/// nothing for any of those sessions.
+#[test]
+fn dual_stack_pairs_go_direct_over_ipv6() {
+    if !lab_ready("the NAT lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let m = matrix_json(
+        &[
+            "--types",
+            "dual-stack",
+            "--runs",
+            "3",
+            "--delay",
+            "20",
+            "--loss",
+            "1",
+            "--no-same-nat",
+        ],
+        Duration::from_secs(600),
+    );
+    let pairs = m["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 4, "{m}");
+    for p in pairs {
+        assert_eq!(p["connected"].as_u64(), Some(3), "{p}");
+        assert_eq!(p["direct"].as_u64(), Some(3), "{p}");
+        assert_eq!(p["strategies"]["ipv6"].as_u64(), Some(3), "{p}");
+        assert_eq!(p["families"]["ipv6"].as_u64(), Some(3), "{p}");
+        assert_eq!(p["direct_but_relayed"].as_u64(), Some(0), "{p}");
+        assert_eq!(p["server_relayed_bytes"].as_u64(), Some(0), "{p}");
+    }
+}

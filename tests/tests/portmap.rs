@@ -71,6 +71,7 @@ fn site(nat: NatType, d: Option<PortMapDaemon>) -> SiteSpec {
         hosts: 1,
         impair: Impair::default(),
         port_mapping: d,
+        ipv6: false,
     }
 }
 

@@ -671,3 +671,114 @@ async fn relayed_connections_outlive_a_server_restart() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Protocol version 5 (issue 19) next to 4: a server welcomes an agent of
+/// the older version in that version (such an agent refuses any other),
+/// takes a newer agent's port allocator (and drops an implausible one) and
+/// shows it in the worker's `nat` object of `/peers` and
+/// `/api/v1/workers/{id}`, and a real connect's requester names its
+/// strategy in `/api/v1/connects` (the recent-connects view).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
+    use punch_protocol::allocator::Allocator;
+    use punch_protocol::signal::{NatBehaviour, NatClass};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+
+    let (_ep, _c, mut send, mut recv, id) = raw_client(&s).await;
+    let old = punch_protocol::MIN_PROTOCOL_VERSION;
+    write_frame(&mut send, &hello(&id, old, "old-agent"))
+        .await
+        .unwrap();
+    match next(&mut recv).await {
+        ServerMsg::Welcome { version, .. } => assert_eq!(version, old),
+        m => panic!("expected a welcome, got {m:?}"),
+    }
+
+    let (_ep2, _c2, mut send, mut recv, id) = raw_client(&s).await;
+    write_frame(&mut send, &hello(&id, PROTOCOL_VERSION, "new-agent"))
+        .await
+        .unwrap();
+    match next(&mut recv).await {
+        ServerMsg::Welcome { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
+        m => panic!("expected a welcome, got {m:?}"),
+    }
+    let nat = NatClass {
+        public: false,
+        mapping: NatBehaviour::AddressAndPortDependent,
+        filtering: NatBehaviour::AddressAndPortDependent,
+        port_preserved: false,
+    };
+    for m in [
+        ClientMsg::Nat(nat),
+        ClientMsg::Allocator(Allocator::Block {
+            base: 20480,
+            size: 64,
+        }),
+        // Not a block infer could report: ignored, the first one stays.
+        ClientMsg::Allocator(Allocator::Block { base: 7, size: 3 }),
+        ClientMsg::Ping { req: 1 },
+    ] {
+        write_frame(&mut send, &m).await.unwrap();
+    }
+    // The ping's answer: everything before it was handled.
+    loop {
+        if let ServerMsg::Pong { req: 1 } = next(&mut recv).await {
+            break;
+        }
+    }
+    let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+    let me = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["worker_id"] == "new-agent")
+        .unwrap_or_else(|| panic!("new-agent in {peers}"));
+    let a = &me["nat"]["allocator"];
+    assert_eq!(a["kind"], "block", "{me}");
+    assert_eq!(a["block_base"], 20480, "{me}");
+    assert_eq!(a["block_size"], 64, "{me}");
+    assert_eq!(a["budget"], 4, "{me}");
+    let w: serde_json::Value =
+        serde_json::from_str(&s.http_get("/api/v1/workers/new-agent").unwrap()).unwrap();
+    assert_eq!(w["nat"]["allocator"]["kind"], "block", "{w}");
+    assert_eq!(w["nat"]["label"], "apdm-apdf", "{w}");
+    let w: serde_json::Value =
+        serde_json::from_str(&s.http_get("/api/v1/workers/old-agent").unwrap()).unwrap();
+    assert!(w["nat"].is_null(), "{w}");
+
+    // Real agents: the requester's outcome detail reaches the view.
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let pc = a.connect("worker-b").await.unwrap();
+    let session = pc.path.session.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        let all: serde_json::Value =
+            serde_json::from_str(&s.http_get("/api/v1/connects").unwrap()).unwrap();
+        let c = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["session"] == session.as_str() && !c["strategy"].is_null())
+            .cloned();
+        if let Some(c) = c {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no detail for {session}: {all}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(c["requester"], "worker-a", "{c}");
+    assert_eq!(c["target"], "worker-b", "{c}");
+    assert_eq!(c["path"], "direct", "{c}");
+    assert_eq!(c["strategy"], "plain", "{c}");
+    assert_eq!(c["relayed_bytes"].as_u64().unwrap_or(0), 0, "{c}");
+    let page = s.http_get("/").unwrap();
+    assert!(page.contains("<td class=\"how\">plain</td>"), "{page}");
+}

@@ -373,8 +373,8 @@ impl PathTable {
 
     /// The virtual address of the peer whose direct path (or probed
     /// candidate) `from` is, noting the arrival. QUIC from a probed address
-    /// makes it the path while the peer has no path yet (answer the way it
-    /// came), and so does a new handshake (`initial`) when the path in use
+    /// makes it the path while the peer has no direct path yet (answer the
+    /// way it came, rather than over the relay), and so does a new handshake (`initial`) when the path in use
     /// was found for an older session: the peer may be a new process that
     /// no longer listens there.
     pub fn direct_arrival(
@@ -386,7 +386,11 @@ impl PathTable {
         let v = self.by_direct.get(&from).copied()?;
         let p = self.peers.get_mut(&v)?;
         let stale = initial && p.direct != Some(from) && p.direct_session != Some(p.session);
-        if p.active() == ActivePath::None || stale {
+        // Also over a bound relay: the peer sends QUIC from a probed
+        // address only once its probes there were answered, so our answers
+        // get through the same way (and the relay carries none of the
+        // handshake of a direct connection).
+        if p.direct.is_none() || stale {
             if stale {
                 tracing::info!(peer = %v, %from, old = ?p.direct, "a new handshake arrives on another direct path; answering there");
             }

@@ -62,12 +62,23 @@ pub struct PairResult {
     /// (`relay_reason`): counts by name.
     pub strategies: std::collections::BTreeMap<String, usize>,
     pub relay_reasons: std::collections::BTreeMap<String, usize>,
+    /// Connected runs by the IP family of their path (`connect --json`'s
+    /// `family`: `ipv4`, `ipv6`).
+    pub families: std::collections::BTreeMap<String, usize>,
+    /// Direct runs (`path` and `initial_path` direct) whose session the
+    /// server relayed bytes for all the same (`relayed_bytes` of the run's
+    /// session in its `/api/v1/connects`, read when the dialer has exited):
+    /// the agent's "direct" checked from outside. Zero unless a label lies.
+    pub direct_but_relayed: usize,
+    /// Bytes the server relayed for the pair's sessions.
+    pub server_relayed_bytes: u64,
     /// Error kinds of failed runs.
     pub errors: Vec<String>,
     /// Their one-line reasons.
     pub error_messages: Vec<String>,
-    /// `agrees`, `worse-than-theory`, `better-than-theory`, or
-    /// `wrong-transport` (an A without UDP connected, but not over TCP).
+    /// `agrees`, `worse-than-theory`, `better-than-theory`,
+    /// `wrong-transport` (an A without UDP connected, but not over TCP), or
+    /// `direct-but-relayed` (see [`PairResult::direct_but_relayed`]).
     pub verdict: &'static str,
 }
 
@@ -110,6 +121,30 @@ pub fn start_server(lab: &mut Lab) -> Result<String> {
     // Port-mapping daemons learn their address from the server's STUN.
     lab.start_port_mapping()?;
     Ok(fp)
+}
+
+/// What the lab's server says at `path` of its HTTP API (read inside the
+/// server's namespace).
+pub fn server_json(lab: &Lab, path: &str) -> Result<serde_json::Value> {
+    let out = super::sh(in_ns(&lab.server_ns, "curl").args([
+        "-sf",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:8080{path}"),
+    ]))?;
+    serde_json::from_str(&out).with_context(|| format!("the server's {path}"))
+}
+
+/// Bytes the lab's server relayed for punch session `session` (its
+/// `/api/v1/connects`), 0 when it relayed none or holds no binding.
+pub fn session_relayed_bytes(lab: &Lab, session: &str) -> Result<u64> {
+    let c = server_json(lab, "/api/v1/connects")?;
+    Ok(c.as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["session"] == session)
+        .and_then(|c| c["relayed_bytes"].as_u64())
+        .unwrap_or(0))
 }
 
 /// `punch-agent` with the lab server's address, inside `ns`.
@@ -182,6 +217,7 @@ pub fn pair_lab(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) 
         hosts: 1,
         impair,
         port_mapping: s.port_mapping,
+        ipv6: s.ipv6,
     };
     let sa = lab.add_site(&site(a))?;
     let sb = lab.add_site(&site(b))?;
@@ -210,6 +246,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             hosts: 1,
             impair: opts.impair,
             port_mapping: t.port_mapping,
+            ipv6: t.ipv6,
         };
         a_site.push(lab.add_site(&spec)?);
         b_site.push(lab.add_site(&spec)?);
@@ -220,6 +257,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             hosts: 2,
             impair: opts.impair,
             port_mapping: None,
+            ipv6: false,
         })?)
     } else {
         None
@@ -304,8 +342,10 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         let mut via_mapped = 0;
         let mut strategies = std::collections::BTreeMap::new();
         let mut relay_reasons = std::collections::BTreeMap::new();
+        let mut families = std::collections::BTreeMap::new();
         let mut errors = Vec::new();
         let mut error_messages = Vec::new();
+        let (mut direct_but_relayed, mut server_relayed) = (0, 0);
         for run_no in 0..opts.runs {
             // Each run's agent is new: forget the NAT mappings that earlier
             // runs' agents left (a 64-port block would otherwise fill up and
@@ -331,14 +371,27 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             let j: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
             if r.code == Some(0) {
                 connected += 1;
+                // What the server relayed for this run's session, read
+                // once the dialer is gone.
+                let relayed_now = match j["session"].as_str() {
+                    Some(s) => session_relayed_bytes(&lab, s)?,
+                    None => 0,
+                };
+                server_relayed += relayed_now;
                 if let Some(st) = j["strategy"].as_str() {
                     *strategies.entry(st.to_string()).or_insert(0) += 1;
+                }
+                if let Some(f) = j["family"].as_str() {
+                    *families.entry(f.to_string()).or_insert(0) += 1;
                 }
                 if let Some(why) = j["relay_reason"].as_str() {
                     *relay_reasons.entry(why.to_string()).or_insert(0) += 1;
                 }
                 if j["path"] == "direct" {
                     direct += 1;
+                    if j["initial_path"] == "direct" && relayed_now > 0 {
+                        direct_but_relayed += 1;
+                    }
                     if j["via_mapped"] == true {
                         via_mapped += 1;
                     }
@@ -379,6 +432,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         // WebSocket wins the race: not judged.)
         let wrong_transport = !a_udp && tcp < connected;
         let verdict = match expect {
+            _ if direct_but_relayed > 0 => "direct-but-relayed",
             Expect::Direct if direct < runs => "worse-than-theory",
             Expect::NeedsPredictionOrRelay | Expect::RelayOverTcp if direct > 0 => {
                 "better-than-theory"
@@ -399,6 +453,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             via_mapped,
             strategies,
             relay_reasons,
+            families,
             tcp,
             success_rate: connected as f64 / runs as f64,
             direct_rate,
@@ -407,6 +462,8 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
             median_rtts: quantile(&mut rtts, 0.5),
             p95_rtts: quantile(&mut rtts, 0.95),
             median_rtt_ms: quantile(&mut rtt_ms, 0.5),
+            direct_but_relayed,
+            server_relayed_bytes: server_relayed,
             errors,
             error_messages,
             verdict,

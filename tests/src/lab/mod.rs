@@ -22,7 +22,7 @@ pub mod verify;
 use crate::harness::{bin, Proc};
 use anyhow::{bail, Context, Result};
 use nat::{NatAddrs, NatType, PortMapDaemon};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -34,6 +34,30 @@ pub const PREFIX: &str = "plab";
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The server host's second public address.
 pub const SERVER_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// The server host's IPv6 address. The internet's IPv6 is one link,
+/// 2001:db8::/64, with a router ([`INET_IP6`]) that knows every
+/// dual-stack site's prefix.
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The internet's IPv6 router.
+pub const INET_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+
+/// A dual-stack site's IPv6 addresses: its gateway's on the internet
+/// link, the LAN prefix's `n`-th address (1 the gateway, 0x10 + h host h),
+/// and a CGNAT site's carrier link (1 the carrier, 2 the home gateway).
+fn site_ip6(site: usize, net: u16, n: u16) -> Ipv6Addr {
+    match net {
+        0 => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100 + site as u16),
+        _ => Ipv6Addr::new(0x2001, 0xdb8, net, site as u16, 0, 0, 0, n),
+    }
+}
+/// A dual-stack site's LAN prefix, `2001:db8:1:<site>::/64`.
+fn lan6_prefix(site: usize) -> String {
+    format!("{}/64", site_ip6(site, LAN6, 0))
+}
+
+/// The LAN and carrier-link networks of [`site_ip6`].
+const LAN6: u16 = 1;
+const CARRIER6: u16 = 2;
 
 /// Ports a `proxy-only` site's HTTP proxy lets CONNECT reach (tinyproxy's
 /// `ConnectPort`; with no such line it would allow every port): HTTPS, the
@@ -76,6 +100,9 @@ pub struct SiteSpec {
     /// these protocols; it starts with [`Lab::start_port_mapping`], once
     /// the server's STUN port answers.
     pub port_mapping: Option<PortMapDaemon>,
+    /// Dual-stack: hosts also get global IPv6 addresses behind a stateful
+    /// firewall on the gateway (see [`nat::SiteType::ipv6`]).
+    pub ipv6: bool,
 }
 
 /// A built site.
@@ -87,6 +114,8 @@ pub struct Site {
     pub hosts: Vec<String>,
     /// Their addresses (private, or public for `none`).
     pub host_ips: Vec<Ipv4Addr>,
+    /// Their global IPv6 addresses on a dual-stack site (empty otherwise).
+    pub host_ips6: Vec<Ipv6Addr>,
     /// The outermost NAT namespace (or the host itself for `none`).
     pub edge_ns: String,
     /// Namespaces of all NAT layers, outermost first.
@@ -151,6 +180,7 @@ pub const LAB_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("conntrack", "conntrack"),
     ("ethtool", "ethtool"),
+    ("curl", "curl"),
 ];
 
 /// Can a lab test run here (root and the [`LAB_TOOLS`], plus `extra`)? When
@@ -323,6 +353,14 @@ impl Lab {
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // The lab's IPv6 addresses are unique by construction: duplicate
+        // address detection would only hold each one back for a second.
+        for k in [
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ] {
+            sysctl(&ns, k)?;
+        }
         Ok(ns)
     }
 
@@ -339,8 +377,21 @@ impl Lab {
         nft(
             &inet,
             "table bridge punchnet {\n  chain forward_filter {\n    type filter hook forward priority 0; policy accept;\n    \
-             ip saddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } counter drop\n  }\n}\n",
+             ip saddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } counter drop\n    \
+             ip6 saddr fc00::/7 counter drop\n  }\n}\n",
         )?;
+        // The IPv6 internet routes: dual-stack sites add their prefixes.
+        ip(&[
+            "-n",
+            &inet,
+            "addr",
+            "add",
+            &format!("{INET_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        sysctl(&inet, "net.ipv6.conf.all.forwarding=1")?;
         let srv = self.add_ns("srv")?;
         self.uplink(&srv, "srv", Impair::default())?;
         ip(&[
@@ -360,6 +411,26 @@ impl Lab {
             &format!("{SERVER_IP2}/24"),
             "dev",
             "wan0",
+        ])?;
+        ip(&[
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            &format!("{SERVER_IP6}/64"),
+            "dev",
+            "wan0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &srv,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &INET_IP6.to_string(),
         ])?;
         Ok(())
     }
@@ -478,6 +549,10 @@ impl Lab {
                 "dev",
                 "wan0",
             ])?;
+            let mut host_ips6 = Vec::new();
+            if spec.ipv6 {
+                host_ips6.push(self.ipv6_uplink(&h, i, false)?);
+            }
             hosts.push(h.clone());
             host_ips.push(public_ip);
             self.sites.push(Site {
@@ -485,6 +560,7 @@ impl Lab {
                 nat: spec.nat,
                 hosts,
                 host_ips,
+                host_ips6,
                 edge_ns: h,
                 nat_ns: vec![],
                 public_ip,
@@ -559,6 +635,52 @@ impl Lab {
                     },
                 ),
             )?;
+            if spec.ipv6 {
+                // The carrier routes the site's prefix to the home gateway
+                // and filters nothing; the home gateway's firewall does.
+                self.ipv6_uplink(&cgn, i, true)?;
+                let (carrier, home6) = (site_ip6(i, CARRIER6, 1), site_ip6(i, CARRIER6, 2));
+                ip(&[
+                    "-n",
+                    &cgn,
+                    "addr",
+                    "add",
+                    &format!("{carrier}/64"),
+                    "dev",
+                    "lan0",
+                    "nodad",
+                ])?;
+                ip(&[
+                    "-n",
+                    &home,
+                    "addr",
+                    "add",
+                    &format!("{home6}/64"),
+                    "dev",
+                    "wan0",
+                    "nodad",
+                ])?;
+                ip(&[
+                    "-n",
+                    &home,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &carrier.to_string(),
+                ])?;
+                ip(&[
+                    "-n",
+                    &cgn,
+                    "-6",
+                    "route",
+                    "add",
+                    &lan6_prefix(i),
+                    "via",
+                    &home6.to_string(),
+                ])?;
+            }
             nat_ns.push(cgn.clone());
             nat_ns.push(home.clone());
             edge = cgn;
@@ -575,6 +697,9 @@ impl Lab {
                 "dev",
                 "wan0",
             ])?;
+            if spec.ipv6 {
+                self.ipv6_uplink(&n, i, true)?;
+            }
             nat_ns.push(n.clone());
             edge = n.clone();
             inner = (n, public_ip.to_string());
@@ -615,9 +740,33 @@ impl Lab {
                 spec.port_mapping,
             ),
         )?;
+        let mut host_ips6 = Vec::new();
+        if spec.ipv6 {
+            let gw6 = site_ip6(i, LAN6, 1);
+            ip(&[
+                "-n",
+                &nat_inner,
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                "lan0",
+                "nodad",
+            ])?;
+            sysctl(&nat_inner, "net.ipv6.conf.all.forwarding=1")?;
+            nft(&nat_inner, nat::IPV6_FIREWALL)?;
+            for h in 0..spec.hosts {
+                host_ips6.push(site_ip6(i, LAN6, 0x10 + h as u16));
+            }
+        }
         if matches!(
             spec.nat,
-            NatType::Cloudnat | NatType::CloudnatEim | NatType::CloudnatInorder | NatType::Seq
+            NatType::Cloudnat
+                | NatType::CloudnatEim
+                | NatType::CloudnatInorder
+                | NatType::CloudnatDpa
+                | NatType::Seq
+                | NatType::Seq2
         ) {
             // Cloud NAT drops idle UDP mappings after 30 s (the module is
             // loaded by the ruleset above, so the knobs exist now).
@@ -658,6 +807,20 @@ impl Lab {
                 "via",
                 &format!("{lan_net}.1"),
             ])?;
+            if let Some(a6) = host_ips6.get(h) {
+                ip(&[
+                    "-n",
+                    &hn,
+                    "addr",
+                    "add",
+                    &format!("{a6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                let gw6 = site_ip6(i, LAN6, 1).to_string();
+                ip(&["-n", &hn, "-6", "route", "add", "default", "via", &gw6])?;
+            }
             hosts.push(hn);
             host_ips.push(addr);
         }
@@ -672,6 +835,7 @@ impl Lab {
             nat: spec.nat,
             hosts,
             host_ips,
+            host_ips6,
             edge_ns: edge,
             nat_ns,
             public_ip,
@@ -681,6 +845,49 @@ impl Lab {
             daemon_log: None,
         });
         Ok(i)
+    }
+
+    /// Gives a dual-stack site's outermost namespace `ns` its address on
+    /// the IPv6 internet and a default route; for a gateway (`routes`),
+    /// the internet's router learns the site's LAN prefix through it.
+    /// Returns the address.
+    fn ipv6_uplink(&mut self, ns: &str, site: usize, routes: bool) -> Result<Ipv6Addr> {
+        let wan6 = site_ip6(site, 0, 0);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{wan6}/64"),
+            "dev",
+            "wan0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &INET_IP6.to_string(),
+        ])?;
+        if routes {
+            sysctl(ns, "net.ipv6.conf.all.forwarding=1")?;
+            let inet = self.inet();
+            ip(&[
+                "-n",
+                &inet,
+                "-6",
+                "route",
+                "add",
+                &lan6_prefix(site),
+                "via",
+                &wan6.to_string(),
+            ])?;
+        }
+        Ok(wan6)
     }
 
     /// Runs tinyproxy in the gateway namespace `ns`, listening on the LAN
@@ -866,6 +1073,7 @@ impl Lab {
     pub fn flush_conntrack(&self, site: usize) -> Result<()> {
         for ns in &self.sites[site].nat_ns {
             let _ = sh(in_ns(ns, "conntrack").args(["-F"]));
+            let _ = sh(in_ns(ns, "conntrack").args(["-F", "-f", "ipv6"]));
         }
         Ok(())
     }

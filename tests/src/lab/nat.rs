@@ -39,6 +39,15 @@ pub enum NatType {
     /// A sequential symmetric NAT: every new mapping takes the next port of
     /// one counter over 30000-32047 (`numgen inc`), APDF.
     Seq,
+    /// [`NatType::Seq`] with a stride of 2 (30000, 30002, …): NATs that
+    /// hand ports out in pairs or skip every other port.
+    Seq2,
+    /// Cloud NAT with dynamic port allocation as a host starts out: its
+    /// minimum of 32 ports (a 32-port block, picked at random), mapping
+    /// per destination, APDF, 30 s UDP. (The growth of the block to 64,
+    /// 128, … once a host uses them all is not modelled: nftables cannot
+    /// count a host's mappings.)
+    CloudnatDpa,
 }
 
 /// A real port-mapping daemon (miniupnpd) on a site's gateway, and the
@@ -76,15 +85,20 @@ impl PortMapDaemon {
     }
 }
 
-/// A site as named on the command line: a NAT type, and with a suffix a
+/// A site as named on the command line: a NAT type, with a suffix a
 /// port-mapping daemon on its gateway: `symmetric+upnp` (PCP, NAT-PMP
-/// and UPnP IGD), `+pcp`, `+nat-pmp` or `+igd` (one protocol).
+/// and UPnP IGD), `+pcp`, `+nat-pmp` or `+igd` (one protocol); with
+/// `+v6` the site is dual-stack: its hosts also have global IPv6
+/// addresses (2001:db8::/32) behind a stateful firewall on the gateway
+/// (the common home and mobile setup), while IPv4 goes through the NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct SiteType {
     /// The NAT.
     pub nat: NatType,
     /// The daemon, if any.
     pub port_mapping: Option<PortMapDaemon>,
+    /// Dual-stack (`+v6`).
+    pub ipv6: bool,
 }
 
 impl From<NatType> for SiteType {
@@ -92,6 +106,7 @@ impl From<NatType> for SiteType {
         SiteType {
             nat,
             port_mapping: None,
+            ipv6: false,
         }
     }
 }
@@ -102,6 +117,9 @@ impl fmt::Display for SiteType {
         if let Some(d) = self.port_mapping {
             f.write_str(d.suffix())?;
         }
+        if self.ipv6 {
+            f.write_str("+v6")?;
+        }
         Ok(())
     }
 }
@@ -109,41 +127,55 @@ impl fmt::Display for SiteType {
 impl FromStr for SiteType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (nat, suffix) = match s.split_once('+') {
-            Some((n, x)) => (n, Some(x)),
-            None => (s, None),
-        };
-        let nat: NatType = nat.parse()?;
-        let port_mapping = match suffix {
-            None => None,
-            Some("upnp") => Some(PortMapDaemon::ALL),
-            Some("pcp") => Some(PortMapDaemon {
-                pcp: true,
-                nat_pmp: false,
-                upnp: false,
-            }),
-            Some("nat-pmp") => Some(PortMapDaemon {
-                pcp: false,
-                nat_pmp: true,
-                upnp: false,
-            }),
-            Some("igd") => Some(PortMapDaemon {
-                pcp: false,
-                nat_pmp: false,
-                upnp: true,
-            }),
-            Some(x) => {
-                return Err(format!(
-                    "unknown site option +{x}: +upnp (PCP, NAT-PMP and UPnP IGD), +pcp, +nat-pmp or +igd"
-                ))
+        let mut parts = s.split('+');
+        let nat: NatType = parts.next().unwrap_or_default().parse()?;
+        let mut site = SiteType::from(nat);
+        for x in parts {
+            let daemon = match x {
+                "v6" => {
+                    if site.ipv6 {
+                        return Err(format!("{s}: +v6 twice"));
+                    }
+                    site.ipv6 = true;
+                    continue;
+                }
+                "upnp" => PortMapDaemon::ALL,
+                "pcp" => PortMapDaemon {
+                    pcp: true,
+                    nat_pmp: false,
+                    upnp: false,
+                },
+                "nat-pmp" => PortMapDaemon {
+                    pcp: false,
+                    nat_pmp: true,
+                    upnp: false,
+                },
+                "igd" => PortMapDaemon {
+                    pcp: false,
+                    nat_pmp: false,
+                    upnp: true,
+                },
+                x => {
+                    return Err(format!(
+                        "unknown site option +{x}: +upnp (PCP, NAT-PMP and UPnP IGD), +pcp, +nat-pmp, +igd or +v6 (dual-stack)"
+                    ))
+                }
+            };
+            if site.port_mapping.replace(daemon).is_some() {
+                return Err(format!("{s}: one port-mapping daemon a site"));
             }
-        };
-        if port_mapping.is_some() && !nat.takes_port_mapping() {
+        }
+        if site.port_mapping.is_some() && !nat.takes_port_mapping() {
             return Err(format!(
                 "{nat} cannot run a port-mapping daemon (only one-layer NATs with UDP can)"
             ));
         }
-        Ok(SiteType { nat, port_mapping })
+        if site.ipv6 && !nat.has_udp() {
+            return Err(format!(
+                "{nat} cannot be dual-stack (+v6 is for sites that pass UDP)"
+            ));
+        }
+        Ok(site)
     }
 }
 
@@ -152,7 +184,13 @@ impl FromStr for SiteType {
 /// (`symmetric+upnp,symmetric,port-restricted`).
 pub fn parse_sites(list: &str) -> Result<Vec<SiteType>, String> {
     parse_list(list, |s| {
-        Ok(if s.contains('+') {
+        Ok(if s == "dual-stack" {
+            // IPv6 beside IPv4 behind a carrier NAT or a symmetric one.
+            ["cgnat+v6", "symmetric+v6"]
+                .iter()
+                .map(|x| x.parse())
+                .collect::<Result<_, _>>()?
+        } else if s.contains('+') {
             vec![s.parse()?]
         } else {
             parse_types(s)?.into_iter().map(SiteType::from).collect()
@@ -184,6 +222,13 @@ fn parse_list<T: PartialEq>(
 /// has a public, endpoint-independent and unfiltered port (the mapping),
 /// so it counts as `full-cone`.
 pub fn site_theory(a: SiteType, b: SiteType) -> (Expect, &'static str) {
+    if a.ipv6 && b.ipv6 {
+        return (
+            Expect::Direct,
+            "both sites are dual-stack: their hosts' global IPv6 addresses need no NAT, and \
+             simultaneous probes open both stateful firewalls",
+        );
+    }
     let eff = |s: SiteType| {
         if s.port_mapping.is_some() {
             NatType::FullCone
@@ -255,12 +300,17 @@ impl NatType {
 
     /// NATs that map per destination and count ports (`allocators` on the
     /// command line): for port prediction.
-    pub const ALLOCATORS: [NatType; 2] = [NatType::CloudnatInorder, NatType::Seq];
+    pub const ALLOCATORS: [NatType; 4] = [
+        NatType::CloudnatInorder,
+        NatType::Seq,
+        NatType::Seq2,
+        NatType::CloudnatDpa,
+    ];
 
     /// [`NatType::ALL`], [`NatType::TCP_ONLY`], then
     /// [`NatType::ALLOCATORS`]: every type the lab builds (names, the
     /// theory table).
-    pub const EVERY: [NatType; 12] = [
+    pub const EVERY: [NatType; 14] = [
         NatType::None,
         NatType::FullCone,
         NatType::Restricted,
@@ -273,6 +323,8 @@ impl NatType {
         NatType::ProxyOnly,
         NatType::CloudnatInorder,
         NatType::Seq,
+        NatType::Seq2,
+        NatType::CloudnatDpa,
     ];
 
     /// Can a port-mapping daemon run on this type's gateway (one NAT layer
@@ -303,6 +355,8 @@ impl NatType {
             NatType::ProxyOnly => "proxy-only",
             NatType::CloudnatInorder => "cloudnat-inorder",
             NatType::Seq => "seq",
+            NatType::Seq2 => "seq2",
+            NatType::CloudnatDpa => "cloudnat-dpa",
         }
     }
 
@@ -312,9 +366,12 @@ impl NatType {
     pub fn mapping(self) -> Mapping {
         match self {
             NatType::UdpBlocked | NatType::ProxyOnly => Mapping::NoUdp,
-            NatType::Symmetric | NatType::Cloudnat | NatType::CloudnatInorder | NatType::Seq => {
-                Mapping::EndpointDependent
-            }
+            NatType::Symmetric
+            | NatType::Cloudnat
+            | NatType::CloudnatInorder
+            | NatType::Seq
+            | NatType::Seq2
+            | NatType::CloudnatDpa => Mapping::EndpointDependent,
             _ => Mapping::EndpointIndependent,
         }
     }
@@ -618,12 +675,18 @@ fn ruleset_base(t: NatType, a: &NatAddrs) -> String {
         // network order, and only a typed map converts.)
         NatType::CloudnatInorder => udp_snat(format!(
             " : numgen inc mod 64 map {{ {} }}",
-            counter_map(64, lo)
+            counter_map(64, lo, 1)
         )),
         NatType::Seq => udp_snat(format!(
             " : numgen inc mod {SEQ_PORTS} map {{ {} }}",
-            counter_map(SEQ_PORTS, SEQ_BASE)
+            counter_map(SEQ_PORTS, SEQ_BASE, 1)
         )),
+        NatType::Seq2 => udp_snat(format!(
+            " : numgen inc mod {} map {{ {} }}",
+            SEQ_PORTS / 2,
+            counter_map(SEQ_PORTS / 2, SEQ_BASE, 2)
+        )),
+        NatType::CloudnatDpa => udp_snat(format!(":{lo}-{} random", lo + 31)),
         // A deterministic function of the inside port into the block: the
         // same external port whatever the destination.
         NatType::CloudnatEim => udp_snat(format!(" : udp sport & 0x3f | {lo}")),
@@ -660,14 +723,28 @@ table ip punchnat {{
     )
 }
 
+/// A dual-stack gateway's IPv6 firewall (RFC 6092's default, as home
+/// routers and mobile networks ship it): everything out, answers in,
+/// ICMPv6 in, nothing new in. Loaded after the NAT's ruleset.
+pub const IPV6_FIREWALL: &str = r#"table ip6 punchfw {
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname != "wan0" accept
+    meta l4proto ipv6-icmp accept
+    counter drop
+  }
+}
+"#;
+
 /// The `seq` type's counter runs over this many ports from [`SEQ_BASE`].
 const SEQ_PORTS: u16 = 2048;
 const SEQ_BASE: u16 = 30000;
 
-/// `0 : base, 1 : base + 1, …`: a counter's value to a port.
-fn counter_map(n: u16, base: u16) -> String {
+/// `0 : base, 1 : base + stride, …`: a counter's value to a port.
+fn counter_map(n: u16, base: u16, stride: u16) -> String {
     (0..n)
-        .map(|k| format!("{k} : {}", base + k))
+        .map(|k| format!("{k} : {}", base + k * stride))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -892,6 +969,10 @@ pub fn theory_markdown() -> String {
          `udp-blocked` drops all UDP (both ways) and lets TCP out through a port-restricted-like NAT;\n\
          `proxy-only` forwards nothing and offers only an HTTP CONNECT proxy (tinyproxy) on its gateway.\n\
          Neither is in `all` (`punch-lab matrix`'s default); name them, or use `tcp-only`.\n\n\
+         Any type that passes UDP can be made dual-stack with `+v6` (`cgnat+v6`; `dual-stack` names\n\
+         `cgnat+v6,symmetric+v6`): its hosts also get global IPv6 addresses behind a stateful firewall.\n\
+         Two dual-stack sites are \"direct\" whatever their IPv4 NATs: IPv6 needs no NAT, and\n\
+         simultaneous probes open both firewalls.\n\n\
          | NAT type | mapping | filtering |\n|---|---|---|\n",
     );
     for t in NatType::EVERY {

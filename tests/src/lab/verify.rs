@@ -70,7 +70,8 @@ fn expected_allocator(t: NatType) -> Option<&'static str> {
         NatType::Cloudnat => Some("block"),
         // In order through a block reads as a counter, as the sequential
         // type does: four mappings cannot tell them apart.
-        NatType::CloudnatInorder | NatType::Seq => Some("sequential"),
+        NatType::CloudnatInorder | NatType::Seq | NatType::Seq2 => Some("sequential"),
+        NatType::CloudnatDpa => Some("block"),
         NatType::Symmetric => Some("random"),
         NatType::PortRestricted => Some("preserving"),
         _ => None,
@@ -111,6 +112,7 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
             hosts: 1,
             impair: Impair::default(),
             port_mapping: None,
+            ipv6: false,
         })?);
     }
     let mut cmd = in_ns(&lab.server_ns, bin_self()?);
@@ -166,6 +168,12 @@ pub fn verify(types: &[NatType]) -> Result<Vec<Verdict>> {
                     m.mapped
                         .parse::<std::net::SocketAddr>()
                         .is_ok_and(|a| (lo..lo + 64).contains(&a.port()))
+                }
+                NatType::CloudnatDpa => {
+                    let lo = 20480 + 64 * site as u16;
+                    m.mapped
+                        .parse::<std::net::SocketAddr>()
+                        .is_ok_and(|a| (lo..lo + 32).contains(&a.port()))
                 }
                 _ => true,
             };
