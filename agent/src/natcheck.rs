@@ -35,25 +35,15 @@ pub struct NatReport {
     pub allocator: AllocatorView,
 }
 
-/// The allocator as `nat-check --json` shows it.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The allocator as `nat-check --json` shows it: the fields the server's
+/// API shows too, and the ports it was read from.
+#[derive(Debug, Clone, Serialize)]
 pub struct AllocatorView {
-    /// `preserving`, `sequential`, `block`, `random`, or `unknown` (too few
-    /// answers, or an endpoint-independent mapping, which shows one port).
-    pub kind: &'static str,
-    /// Sequential: the step between two new mappings' ports.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stride: Option<i16>,
-    /// Block: the first port and the size of the aligned block the ports
-    /// came from (Cloud NAT: 64 a VM).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub block_base: Option<u16>,
-    /// Block: how many ports it has.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub block_size: Option<u16>,
-    /// The most mappings toward one remote a punch holds on this NAT.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget: Option<usize>,
+    /// `kind` (`preserving`, `sequential`, `block`, `random`, or `unknown`:
+    /// too few answers, or an endpoint-independent mapping, which shows one
+    /// port), `stride`, `block_base`, `block_size`, `budget`.
+    #[serde(flatten)]
+    pub shape: punch_protocol::view::AllocatorView,
     /// The external ports of the mapping tests, in the order they were made.
     pub ports: Vec<u16>,
     /// The same, for the agent's own use.
@@ -63,17 +53,8 @@ pub struct AllocatorView {
 
 impl AllocatorView {
     fn new(value: Allocator, ports: Vec<u16>) -> AllocatorView {
-        let (stride, block_base, block_size) = match value {
-            Allocator::Sequential { stride } => (Some(stride), None, None),
-            Allocator::Block { base, size } => (None, Some(base), Some(size)),
-            _ => (None, None, None),
-        };
         AllocatorView {
-            kind: value.kind(),
-            stride,
-            block_base,
-            block_size,
-            budget: value.budget(),
+            shape: value.into(),
             ports,
             value,
         }

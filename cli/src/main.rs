@@ -584,10 +584,10 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
         println!("port preserved: {}", r.port_preserved.unwrap_or(false));
         println!("hairpinning:    {}", r.hairpin.unwrap_or(false));
         let a = &r.allocator;
-        let how = match (a.stride, a.block_base, a.block_size) {
+        let how = match (a.shape.stride, a.shape.block_base, a.shape.block_size) {
             (Some(s), _, _) => format!("sequential, stride {s}"),
             (_, Some(b), Some(n)) => format!("from a {n}-port block at {b}"),
-            _ => a.kind.to_string(),
+            _ => a.shape.kind.to_string(),
         };
         let ports = a
             .ports
@@ -596,7 +596,7 @@ async fn nat_check(c: &Common, json: bool) -> Result<(), AgentError> {
             .collect::<Vec<_>>()
             .join(", ");
         println!("port allocator: {how} (ports {ports})");
-        if let Some(b) = a.budget {
+        if let Some(b) = a.shape.budget {
             println!("port budget:    {b} mappings toward one peer per punch");
         }
         if r.other_addr.is_none() {

@@ -272,7 +272,7 @@ async fn workers(
         validate_name("tag", t).map_err(ApiError::bad)?;
     }
     let list = crate::cluster::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
-    Ok(Json(list.into_iter().map(|w| view_of(&s, w)).collect()))
+    Ok(Json(views(&s, list)))
 }
 
 /// One of the latest connects, newest first.
@@ -303,15 +303,7 @@ struct ConnectView {
 /// `GET /api/v1/connects`: the latest connects this server introduced
 /// (at most [`crate::metrics::RECENT_CONNECTS`]), newest first.
 async fn connects(State(s): State<Arc<Shared>>) -> Json<Vec<ConnectView>> {
-    let recent: Vec<_> = s
-        .metrics
-        .recent
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .rev()
-        .cloned()
-        .collect();
+    let recent = s.metrics.recent_newest_first();
     let relay = s.relay.as_ref().map(|t| t.lock().expect("not poisoned"));
     Json(
         recent
@@ -332,15 +324,20 @@ async fn connects(State(s): State<Arc<Shared>>) -> Json<Vec<ConnectView>> {
     )
 }
 
-/// A worker's view, with the port allocator it reported when it is
+/// Workers' views, each with the port allocator it reported when it is
 /// connected to this server (other servers of a cluster keep theirs).
-fn view_of(s: &Shared, w: punch_protocol::signal::WorkerInfo) -> WorkerView {
-    let alloc = s.registry.lock().expect("not poisoned").allocator(&w.id);
-    let mut v = WorkerView::from(w);
-    if let Some(n) = &mut v.nat {
-        n.allocator = alloc.map(punch_protocol::view::AllocatorView::from);
-    }
-    v
+fn views(s: &Shared, list: Vec<punch_protocol::signal::WorkerInfo>) -> Vec<WorkerView> {
+    let reg = s.registry.lock().expect("not poisoned");
+    list.into_iter()
+        .map(|w| {
+            let alloc = reg.allocator(&w.id);
+            let mut v = WorkerView::from(w);
+            if let Some(n) = &mut v.nat {
+                n.allocator = alloc.map(punch_protocol::view::AllocatorView::from);
+            }
+            v
+        })
+        .collect()
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -357,13 +354,15 @@ async fn worker(
         Some(w) => Some(w),
         None => crate::cluster::get_remote(&s, &id).await,
     };
-    w.map(|w| Json(view_of(&s, w))).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_worker",
-            format!("no worker {id:?} is online or stale"),
-        )
-    })
+    w.and_then(|w| views(&s, vec![w]).pop())
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_worker",
+                format!("no worker {id:?} is online or stale"),
+            )
+        })
 }
 
 async fn discover(

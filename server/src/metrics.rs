@@ -79,6 +79,12 @@ impl Metrics {
         r.push_back(c);
     }
 
+    /// The connects remembered, newest first.
+    pub fn recent_newest_first(&self) -> Vec<RecentConnect> {
+        let r = self.recent.lock().expect("not poisoned");
+        r.iter().rev().cloned().collect()
+    }
+
     /// Adds the requester's strategy and relay reason to its connect.
     pub fn detail(
         &self,

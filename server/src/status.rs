@@ -17,21 +17,19 @@ fn pct(n: u64, total: u64) -> String {
 
 /// Renders the page.
 pub fn page(s: &Shared) -> String {
-    let workers =
-        s.registry
-            .lock()
-            .expect("not poisoned")
-            .list(None, None, punch_protocol::signal::MAX_LIST);
+    // The workers and the port allocators they reported, in one look.
+    let (workers, allocs): (Vec<_>, Vec<_>) = {
+        let reg = s.registry.lock().expect("not poisoned");
+        reg.list(None, None, punch_protocol::signal::MAX_LIST)
+            .into_iter()
+            .map(|w| {
+                let a = reg.allocator(&w.id);
+                (w, a)
+            })
+            .unzip()
+    };
     let m = s.metrics.snapshot();
-    let recent: Vec<_> = s
-        .metrics
-        .recent
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .rev()
-        .cloned()
-        .collect();
+    let recent = s.metrics.recent_newest_first();
     let total = m.outcome_direct + m.outcome_relayed + m.outcome_failed;
     let online = workers
         .iter()
@@ -68,7 +66,7 @@ code{{font-size:12px}}</style></head><body>
         ok = pct(m.outcome_direct + m.outcome_relayed, total),
         dr = pct(m.outcome_direct, total),
     );
-    for w in &workers {
+    for (w, alloc) in workers.iter().zip(&allocs) {
         let since = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(w.since_ms),
         );
@@ -87,8 +85,7 @@ code{{font-size:12px}}</style></head><body>
             addr = w.observed,
             tr = w.transport.as_str(),
             nat = {
-                let alloc = s.registry.lock().expect("not poisoned").allocator(&w.id);
-                match (w.nat, alloc) {
+                match (w.nat, *alloc) {
                     (Some(n), Some(a)) => format!(
                         "{} · {}",
                         n.label(),

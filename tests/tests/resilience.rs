@@ -8,6 +8,16 @@ use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier};
 use std::time::{Duration, Instant};
 
+/// Serves every peer connection `a` accepts with the built-in protocols.
+fn serve_peers(a: &Agent) {
+    let a = a.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = a.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+}
+
 async fn agent(s: &ServerProc, id: &str, dir: &std::path::Path) -> Agent {
     agent_mode(s, id, dir, punch_agent::RelayMode::Auto).await
 }
@@ -58,12 +68,7 @@ async fn agents_reregister_after_server_restart() {
     let mut s = ServerProc::start(dir.path(), &[]).unwrap();
     let a = agent(&s, "worker-a", dir.path()).await;
     let b = agent(&s, "worker-b", dir.path()).await;
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     assert_eq!(
         a.connect("worker-b").await.unwrap().path.kind,
         PathKind::Direct
@@ -147,12 +152,7 @@ async fn hostile_clients_get_errors_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
     let b = agent(&s, "worker-b", dir.path()).await;
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
 
     // Wrong protocol version.
     let (_ep, _c, mut send, mut recv, id) = raw_client(&s).await;
@@ -286,12 +286,7 @@ async fn repeated_and_concurrent_connects_to_one_peer() {
     let s = ServerProc::start(dir.path(), &[]).unwrap();
     let a = agent(&s, "worker-a", dir.path()).await;
     let bb = agent(&s, "worker-b", dir.path()).await;
-    let b2 = bb.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = b2.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&bb);
     let one = a.connect("worker-b").await.unwrap();
     let two = a.connect("worker-b").await.unwrap();
     assert_eq!(one.virtual_addr, two.virtual_addr);
@@ -531,12 +526,7 @@ async fn a_restarted_peer_is_answered_on_the_path_its_handshake_takes() {
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
     let b = agent(&s, "worker-b", dir.path()).await;
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let kind = |m| {
         if m == Force {
             PathKind::Relayed
@@ -597,12 +587,7 @@ async fn relayed_pings_across_a_restart(ws: bool) -> Result<Duration, String> {
     let dir = tempfile::tempdir().unwrap();
     let mut s = ServerProc::start(dir.path(), &[]).unwrap();
     let b = agent(&s, "worker-b", dir.path()).await;
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let server = match (ws, s.tcp) {
         (true, Some(tcp)) => format!("wss://{tcp}/ws"),
         (true, None) => return Err("the server has no TCP listener".into()),
@@ -685,24 +670,29 @@ async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
 
-    let (_ep, _c, mut send, mut recv, id) = raw_client(&s).await;
-    let old = punch_protocol::MIN_PROTOCOL_VERSION;
-    write_frame(&mut send, &hello(&id, old, "old-agent"))
-        .await
-        .unwrap();
-    match next(&mut recv).await {
-        ServerMsg::Welcome { version, .. } => assert_eq!(version, old),
-        m => panic!("expected a welcome, got {m:?}"),
+    /// A raw client says hello in `version` and is welcomed in it.
+    async fn welcomed(
+        s: &ServerProc,
+        version: u16,
+        name: &str,
+    ) -> (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    ) {
+        let (ep, c, mut send, mut recv, id) = raw_client(s).await;
+        write_frame(&mut send, &hello(&id, version, name))
+            .await
+            .unwrap();
+        match next(&mut recv).await {
+            ServerMsg::Welcome { version: v, .. } => assert_eq!(v, version, "{name}"),
+            m => panic!("{name}: expected a welcome, got {m:?}"),
+        }
+        (ep, c, send, recv)
     }
-
-    let (_ep2, _c2, mut send, mut recv, id) = raw_client(&s).await;
-    write_frame(&mut send, &hello(&id, PROTOCOL_VERSION, "new-agent"))
-        .await
-        .unwrap();
-    match next(&mut recv).await {
-        ServerMsg::Welcome { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
-        m => panic!("expected a welcome, got {m:?}"),
-    }
+    let _old = welcomed(&s, punch_protocol::MIN_PROTOCOL_VERSION, "old-agent").await;
+    let (_ep, _c, mut send, mut recv) = welcomed(&s, PROTOCOL_VERSION, "new-agent").await;
     let nat = NatClass {
         public: false,
         mapping: NatBehaviour::AddressAndPortDependent,
@@ -727,7 +717,10 @@ async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
             break;
         }
     }
-    let peers: serde_json::Value = serde_json::from_str(&s.http_get("/peers").unwrap()).unwrap();
+    let get = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&s.http_get(path).unwrap()).unwrap()
+    };
+    let peers = get("/peers");
     let me = peers
         .as_array()
         .unwrap()
@@ -739,29 +732,21 @@ async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
     assert_eq!(a["block_base"], 20480, "{me}");
     assert_eq!(a["block_size"], 64, "{me}");
     assert_eq!(a["budget"], 4, "{me}");
-    let w: serde_json::Value =
-        serde_json::from_str(&s.http_get("/api/v1/workers/new-agent").unwrap()).unwrap();
+    let w = get("/api/v1/workers/new-agent");
     assert_eq!(w["nat"]["allocator"]["kind"], "block", "{w}");
     assert_eq!(w["nat"]["label"], "apdm-apdf", "{w}");
-    let w: serde_json::Value =
-        serde_json::from_str(&s.http_get("/api/v1/workers/old-agent").unwrap()).unwrap();
+    let w = get("/api/v1/workers/old-agent");
     assert!(w["nat"].is_null(), "{w}");
 
     // Real agents: the requester's outcome detail reaches the view.
     let b = agent(&s, "worker-b", dir.path()).await;
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let a = agent(&s, "worker-a", dir.path()).await;
     let pc = a.connect("worker-b").await.unwrap();
     let session = pc.path.session.to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     let c = loop {
-        let all: serde_json::Value =
-            serde_json::from_str(&s.http_get("/api/v1/connects").unwrap()).unwrap();
+        let all = get("/api/v1/connects");
         let c = all
             .as_array()
             .unwrap()

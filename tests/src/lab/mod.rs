@@ -50,6 +50,25 @@ fn site_ip6(site: usize, net: u16, n: u16) -> Ipv6Addr {
         _ => Ipv6Addr::new(0x2001, 0xdb8, net, site as u16, 0, 0, 0, n),
     }
 }
+/// Adds IPv6 address `a` (in a /64) to `dev` of namespace `ns`.
+fn addr6(ns: &str, a: Ipv6Addr, dev: &str) -> Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{a}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ])
+}
+
+/// Adds an IPv6 route to `dst` (`default` or a prefix) via `via` in `ns`.
+fn route6(ns: &str, dst: &str, via: Ipv6Addr) -> Result<()> {
+    ip(&["-n", ns, "-6", "route", "add", dst, "via", &via.to_string()])
+}
+
 /// A dual-stack site's LAN prefix, `2001:db8:1:<site>::/64`.
 fn lan6_prefix(site: usize) -> String {
     format!("{}/64", site_ip6(site, LAN6, 0))
@@ -381,16 +400,7 @@ impl Lab {
              ip6 saddr fc00::/7 counter drop\n  }\n}\n",
         )?;
         // The IPv6 internet routes: dual-stack sites add their prefixes.
-        ip(&[
-            "-n",
-            &inet,
-            "addr",
-            "add",
-            &format!("{INET_IP6}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ])?;
+        addr6(&inet, INET_IP6, "br0")?;
         sysctl(&inet, "net.ipv6.conf.all.forwarding=1")?;
         let srv = self.add_ns("srv")?;
         self.uplink(&srv, "srv", Impair::default())?;
@@ -412,26 +422,8 @@ impl Lab {
             "dev",
             "wan0",
         ])?;
-        ip(&[
-            "-n",
-            &srv,
-            "addr",
-            "add",
-            &format!("{SERVER_IP6}/64"),
-            "dev",
-            "wan0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            &srv,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &INET_IP6.to_string(),
-        ])?;
+        addr6(&srv, SERVER_IP6, "wan0")?;
+        route6(&srv, "default", INET_IP6)?;
         Ok(())
     }
 
@@ -640,46 +632,10 @@ impl Lab {
                 // and filters nothing; the home gateway's firewall does.
                 self.ipv6_uplink(&cgn, i, true)?;
                 let (carrier, home6) = (site_ip6(i, CARRIER6, 1), site_ip6(i, CARRIER6, 2));
-                ip(&[
-                    "-n",
-                    &cgn,
-                    "addr",
-                    "add",
-                    &format!("{carrier}/64"),
-                    "dev",
-                    "lan0",
-                    "nodad",
-                ])?;
-                ip(&[
-                    "-n",
-                    &home,
-                    "addr",
-                    "add",
-                    &format!("{home6}/64"),
-                    "dev",
-                    "wan0",
-                    "nodad",
-                ])?;
-                ip(&[
-                    "-n",
-                    &home,
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &carrier.to_string(),
-                ])?;
-                ip(&[
-                    "-n",
-                    &cgn,
-                    "-6",
-                    "route",
-                    "add",
-                    &lan6_prefix(i),
-                    "via",
-                    &home6.to_string(),
-                ])?;
+                addr6(&cgn, carrier, "lan0")?;
+                addr6(&home, home6, "wan0")?;
+                route6(&home, "default", carrier)?;
+                route6(&cgn, &lan6_prefix(i), home6)?;
             }
             nat_ns.push(cgn.clone());
             nat_ns.push(home.clone());
@@ -743,16 +699,7 @@ impl Lab {
         let mut host_ips6 = Vec::new();
         if spec.ipv6 {
             let gw6 = site_ip6(i, LAN6, 1);
-            ip(&[
-                "-n",
-                &nat_inner,
-                "addr",
-                "add",
-                &format!("{gw6}/64"),
-                "dev",
-                "lan0",
-                "nodad",
-            ])?;
+            addr6(&nat_inner, gw6, "lan0")?;
             sysctl(&nat_inner, "net.ipv6.conf.all.forwarding=1")?;
             nft(&nat_inner, nat::IPV6_FIREWALL)?;
             for h in 0..spec.hosts {
@@ -808,18 +755,8 @@ impl Lab {
                 &format!("{lan_net}.1"),
             ])?;
             if let Some(a6) = host_ips6.get(h) {
-                ip(&[
-                    "-n",
-                    &hn,
-                    "addr",
-                    "add",
-                    &format!("{a6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
-                let gw6 = site_ip6(i, LAN6, 1).to_string();
-                ip(&["-n", &hn, "-6", "route", "add", "default", "via", &gw6])?;
+                addr6(&hn, *a6, "eth0")?;
+                route6(&hn, "default", site_ip6(i, LAN6, 1))?;
             }
             hosts.push(hn);
             host_ips.push(addr);
@@ -853,39 +790,12 @@ impl Lab {
     /// Returns the address.
     fn ipv6_uplink(&mut self, ns: &str, site: usize, routes: bool) -> Result<Ipv6Addr> {
         let wan6 = site_ip6(site, 0, 0);
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{wan6}/64"),
-            "dev",
-            "wan0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &INET_IP6.to_string(),
-        ])?;
+        addr6(ns, wan6, "wan0")?;
+        route6(ns, "default", INET_IP6)?;
         if routes {
             sysctl(ns, "net.ipv6.conf.all.forwarding=1")?;
             let inet = self.inet();
-            ip(&[
-                "-n",
-                &inet,
-                "-6",
-                "route",
-                "add",
-                &lan6_prefix(site),
-                "via",
-                &wan6.to_string(),
-            ])?;
+            route6(&inet, &lan6_prefix(site), wan6)?;
         }
         Ok(wan6)
     }
