@@ -375,6 +375,7 @@ async fn serve_stream(
             crate::forward::serve(send, recv, target, check_only, &allow_forward).await;
         }
         PeerRequest::ListFiles => crate::files::serve_list(send, share).await,
+        PeerRequest::ListFilesPaged => crate::files::serve_list_paged(send, share).await,
         PeerRequest::Open { protocol } => {
             let Some(handler) = protocols.get(&protocol).cloned() else {
                 debug!(%protocol, "stream for a protocol we do not serve");

@@ -775,18 +775,40 @@ async fn files(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(),
     let r = punch_agent::files::list(&pc).await;
     pc.conn.close(punch_protocol::close::DONE.into(), b"done");
     agent.close().await;
-    let list = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
+    let listing = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
+    for p in &listing.problems {
+        eprintln!("warning: {target}: {p}");
+    }
+    let list = &listing.files;
     if json {
+        // blake3 is null for a file the sharer has not hashed yet.
         let v: Vec<_> = list
             .iter()
-            .map(|f| json!({"name": f.name, "size": f.size, "blake3": f.blake3}))
+            .map(|f| {
+                let h = (!f.blake3.is_empty()).then_some(&f.blake3);
+                json!({"name": f.name, "size": f.size, "blake3": h})
+            })
             .collect();
         println!("{}", serde_json::Value::Array(v));
     } else {
-        for f in &list {
-            println!("{:>14}  {}  {}", f.size, f.blake3, f.name);
+        let mut unhashed = 0;
+        for f in list {
+            let h = if f.blake3.is_empty() {
+                unhashed += 1;
+                "(not hashed yet)"
+            } else {
+                &f.blake3
+            };
+            println!("{:>14}  {h:<64}  {}", f.size, f.name);
         }
-        println!("{} files", list.len());
+        if unhashed > 0 {
+            println!(
+                "{} files ({unhashed} not hashed yet: the sharer is hashing them; `get` verifies every download)",
+                list.len()
+            );
+        } else {
+            println!("{} files", list.len());
+        }
     }
     Ok(())
 }

@@ -6,7 +6,9 @@
 use punch_portmap::{natpmp, pcp};
 use punch_protocol::cluster::{worker_value, Bus, Introduced, PeerCard, Refusal, SharedEvent};
 use punch_protocol::codec;
-use punch_protocol::peer::{FileEntry, FileHeader, FileList, PeerReply, PeerRequest};
+use punch_protocol::peer::{
+    FileEntry, FileHeader, FileList, FileListPage, PeerReply, PeerRequest,
+};
 use punch_protocol::probe::Probe;
 use punch_protocol::relay::{self, EndReason};
 use punch_protocol::signal::*;
@@ -338,6 +340,7 @@ fn peer_seeds() {
             name: "dir/a.bin".into(),
             offset: 4096,
         },
+        PeerRequest::ListFilesPaged,
     ];
     for (i, r) in reqs.iter().enumerate() {
         write(
@@ -375,5 +378,19 @@ fn peer_seeds() {
         "peer",
         "header",
         &frame(3, codec::encode_frame(&header).unwrap()),
+    );
+    let page = FileListPage {
+        files: vec![FileEntry {
+            name: "dir/b.bin".into(),
+            size: 7,
+            blake3: String::new(),
+        }],
+        more: false,
+        problems: vec!["cannot read dir/locked: permission denied".into()],
+    };
+    write(
+        "peer",
+        "page",
+        &frame(4, codec::encode_frame(&page).unwrap()),
     );
 }

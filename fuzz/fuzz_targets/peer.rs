@@ -1,5 +1,6 @@
 //! What one agent reads from another on a peer stream: the request header,
-//! the reply to a refusable request, the file list and a file header, each
+//! the reply to a refusable request, the file list, a page of it and a file
+//! header, each
 //! as a length-prefixed frame under the limit the agent reads it with (the
 //! bytes split at arbitrary points, as a stream delivers them).
 #![no_main]
@@ -7,7 +8,8 @@
 use libfuzzer_sys::fuzz_target;
 use punch_protocol::codec::{self, FrameDecoder};
 use punch_protocol::peer::{
-    FileHeader, FileList, PeerReply, PeerRequest, MAX_FILE_LIST_FRAME, MAX_PEER_HEADER,
+    FileHeader, FileList, FileListPage, PeerReply, PeerRequest, MAX_FILE_LIST_FRAME,
+    MAX_FILE_LIST_PAGE, MAX_PEER_HEADER,
 };
 use serde::de::DeserializeOwned;
 
@@ -23,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, d)) = data.split_first() else {
         return;
     };
-    match which % 4 {
+    match which % 5 {
         0 => {
             if let Some(r) = read_frame::<PeerRequest>(d, MAX_PEER_HEADER) {
                 let f = codec::encode_frame(&r).expect("re-encodes");
@@ -36,8 +38,14 @@ fuzz_target!(|data: &[u8]| {
         2 => {
             let _ = read_frame::<FileList>(d, MAX_FILE_LIST_FRAME);
         }
-        _ => {
+        3 => {
             let _ = read_frame::<FileHeader>(d, MAX_PEER_HEADER);
+        }
+        _ => {
+            if let Some(p) = read_frame::<FileListPage>(d, MAX_FILE_LIST_PAGE) {
+                let f = codec::encode_frame(&p).expect("re-encodes");
+                assert_eq!(read_frame::<FileListPage>(&f, MAX_FILE_LIST_PAGE), Some(p));
+            }
         }
     }
     // The same bytes arriving in pieces.

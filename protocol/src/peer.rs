@@ -35,6 +35,12 @@ pub enum PeerRequest {
     /// with a [`PeerReply`] first, refused when it has no such protocol.
     /// Agents older than this variant refuse the stream.
     Open { protocol: String },
+    /// List the shared files in pages: a [`PeerReply`], then
+    /// [`FileListPage`] frames until one has `more: false`. A share of any
+    /// allowed size fits (one [`FileList`] frame holds only ~700 entries).
+    /// Agents older than this variant reset the stream; askers then fall
+    /// back to [`PeerRequest::ListFiles`].
+    ListFilesPaged,
 }
 
 /// Longest application protocol name in [`PeerRequest::Open`].
@@ -46,6 +52,12 @@ pub const MAX_FILES: usize = 10_000;
 pub const MAX_FILE_NAME: usize = 1024;
 /// Largest [`FileList`] frame.
 pub const MAX_FILE_LIST_FRAME: usize = 4 << 20;
+/// Largest [`FileListPage`] frame (one ordinary frame).
+pub const MAX_FILE_LIST_PAGE: usize = crate::codec::MAX_FRAME;
+/// Most problems the last [`FileListPage`] reports.
+pub const MAX_LIST_PROBLEMS: usize = 16;
+/// Longest problem message in a [`FileListPage`].
+pub const MAX_LIST_PROBLEM: usize = 512;
 
 /// One shared file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +73,21 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileList {
     pub files: Vec<FileEntry>,
+}
+
+/// One page of an answer to [`PeerRequest::ListFilesPaged`]. A
+/// [`FileEntry::blake3`] that is empty means "not hashed yet": the sharer
+/// hashes lazily, and a download verifies the whole file anyway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileListPage {
+    pub files: Vec<FileEntry>,
+    /// More pages follow.
+    pub more: bool,
+    /// On the last page: what the sharer could not list (unreadable
+    /// directories, files it could not stat), at most
+    /// [`MAX_LIST_PROBLEMS`] of [`MAX_LIST_PROBLEM`] bytes, and a note when
+    /// the share holds more than [`MAX_FILES`] files.
+    pub problems: Vec<String>,
 }
 
 /// What precedes a file's bytes.

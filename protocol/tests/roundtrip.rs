@@ -7,7 +7,7 @@ use proptest::option;
 use proptest::prelude::*;
 use punch_protocol::cluster::{Bus, Introduced, PeerCard, Refusal};
 use punch_protocol::codec::{self, FrameDecoder};
-use punch_protocol::peer::{FileEntry, FileHeader, FileList, PeerReply, PeerRequest};
+use punch_protocol::peer::{FileEntry, FileHeader, FileList, FileListPage, PeerReply, PeerRequest};
 use punch_protocol::probe::Probe;
 use punch_protocol::relay::{self, EndReason, Frame};
 use punch_protocol::signal::*;
@@ -256,6 +256,7 @@ fn peer_request() -> impl Strategy<Value = PeerRequest> {
         Just(PeerRequest::ListFiles),
         (text(), any::<u64>()).prop_map(|(name, offset)| PeerRequest::GetFile { name, offset }),
         text().prop_map(|protocol| PeerRequest::Open { protocol }),
+        Just(PeerRequest::ListFilesPaged),
     ]
 }
 
@@ -359,7 +360,7 @@ proptest! {
         files in vec((text(), any::<u64>(), "[0-9a-f]{64}"), 0..5),
     ) {
         frame_round_trip(&r);
-        frame_round_trip(&PeerReply { ok, message });
+        frame_round_trip(&PeerReply { ok, message: message.clone() });
         let files: Vec<FileEntry> = files
             .into_iter()
             .map(|(name, size, blake3)| FileEntry { name, size, blake3 })
@@ -367,6 +368,7 @@ proptest! {
         if let Some(f) = files.first() {
             frame_round_trip(&FileHeader { size: f.size, blake3: f.blake3.clone() });
         }
+        frame_round_trip(&FileListPage { files: files.clone(), more: ok, problems: vec![message] });
         frame_round_trip(&FileList { files });
     }
 

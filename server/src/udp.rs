@@ -225,8 +225,15 @@ impl ServerSocket {
                     continue;
                 };
                 let from = punch_net::canonical(meta.addr);
-                let t = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
-                match t.handle(from, seg, *now.get_or_insert_with(Instant::now)) {
+                let at = *now.get_or_insert_with(Instant::now);
+                // The table stays locked over a run of segments that only
+                // decide, and is let go before any send: no lock is held
+                // across a syscall (or the TCP side's queue).
+                let (action, released) = {
+                    let g = table.get_or_insert_with(|| t.lock().expect("not poisoned"));
+                    (g.handle(from, seg, at), g.take_released())
+                };
+                match action {
                     Ok(Action::Forward(Endpoint::Tcp(id))) => match relay::parse(seg) {
                         Ok(relay::Frame::Data { session, payload }) => {
                             let same = batch.as_ref().is_some_and(|(b_id, b)| {
@@ -236,6 +243,7 @@ impl ServerSocket {
                             });
                             if !same {
                                 if let Some((b_id, b)) = batch.take() {
+                                    table = None;
                                     self.tcp.deliver(b_id, &b);
                                 }
                                 let mut b = Vec::with_capacity(MAX_TCP_BATCH.min(len + 64));
@@ -246,18 +254,23 @@ impl ServerSocket {
                                 relay::push_batch_item(b, payload);
                             }
                         }
-                        _ => self.tcp.deliver(id, seg),
+                        _ => {
+                            table = None;
+                            self.tcp.deliver(id, seg);
+                        }
                     },
                     Ok(Action::Forward(Endpoint::Udp(to))) => match &mut run {
                         Some((r_to, _, r_end)) if *r_to == to && *r_end == off => *r_end = end,
                         _ => {
                             if let Some((to, s, e)) = run.take() {
+                                table = None;
                                 self.forward(to, &buf[s..e], stride);
                             }
                             run = Some((to, off, end));
                         }
                     },
                     Ok(Action::Reply(frame)) => {
+                        table = None;
                         if let Some((to, s, e)) = run.take() {
                             self.forward(to, &buf[s..e], stride);
                         }
@@ -268,17 +281,20 @@ impl ServerSocket {
                 }
                 // What a bind released (after its bind-ok, above) or a
                 // spent quota's "ended" notices.
-                for (to, f) in t.take_released() {
-                    self.send_to_endpoint(to, &f);
+                if !released.is_empty() {
+                    table = None;
+                    for (to, f) in released {
+                        self.send_to_endpoint(to, &f);
+                    }
                 }
                 off = end;
                 continue;
             }
+            table = None;
             if let Some((to, s, e)) = run.take() {
                 self.forward(to, &buf[s..e], stride);
             }
             if stun::looks_like_stun(seg) {
-                drop(table.take());
                 if let Some(resp) = self.stun_request(meta.addr, meta.dst_ip, seg) {
                     answers.push((meta.addr, meta.dst_ip, resp));
                 }
@@ -290,6 +306,7 @@ impl ServerSocket {
             }
             off = end;
         }
+        drop(table);
         if let Some((to, s, e)) = run.take() {
             self.forward(to, &buf[s..e], stride);
         }

@@ -424,34 +424,60 @@ impl Run {
     }
 }
 
-/// Runs a command to completion within `timeout`.
+/// Runs a command to completion within `timeout`. Its output is read as
+/// it comes (a child writing more than a pipe holds would otherwise block
+/// until the timeout).
 pub fn run(mut cmd: Command, timeout: Duration) -> Result<Run> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
     let mut child = cmd.spawn()?;
+    let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "command timed out after {timeout:?}: {cmd:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output()?;
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let Some(status) = status else {
+        bail!(
+            "command timed out after {timeout:?}: {cmd:?}\nstdout: {}\nstderr: {}",
+            tail(&stdout),
+            tail(&stderr)
+        );
+    };
     Ok(Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code(),
+        stdout,
+        stderr,
     })
+}
+
+/// The last 4 KiB of `s`: enough to see why, not a flood.
+fn tail(s: &str) -> &str {
+    let mut start = s.len().saturating_sub(4096);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
 }
 
 /// A `redis-server` on loopback for cluster tests: no persistence, so a

@@ -1,7 +1,8 @@
 //! What users run over a connection: port forwarding to a real HTTP server
 //! (Python's http.server) through two agents, many connections at once,
 //! and refusals for targets not on the allow list; file sharing with
-//! listing, download, resume, hash verification and path-escape refusals.
+//! listing, download, resume, hash verification and path-escape refusals,
+//! and a share of 10,000 files.
 
 use punch_lab::harness::{run, Proc, ServerProc};
 use std::process::Command;
@@ -240,6 +241,74 @@ fn file_sharing_lists_downloads_resumes_and_refuses_escapes() {
     let r = run(cmd, T).unwrap();
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("shares no directory"), "{r:?}");
+}
+
+/// A share of 10,000 files (the documented most) lists in full — more
+/// than one frame holds, so in pages — answering before it has hashed
+/// everything; the sharer hashes the rest in the background, so a later
+/// listing has every hash; a download of a file listed without a hash is
+/// verified all the same.
+#[test]
+fn a_share_of_ten_thousand_files_lists_in_full_and_hashes_lazily() {
+    const N: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    for i in 0..N {
+        let sub = share.join(format!("dir-{:02}", i % 50));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(
+            sub.join(format!("file-{i:05}.txt")),
+            format!("{i}\n").repeat(200),
+        )
+        .unwrap();
+    }
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s
+        .serve(dir.path(), "sharer", &["--share", share.to_str().unwrap()])
+        .unwrap();
+    let list = |n: usize| {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["files", "sharer", "--json"]);
+        let r = run(cmd, T).unwrap();
+        assert_eq!(r.code, Some(0), "listing {n}: {}", r.stderr);
+        let v = r.json().unwrap();
+        let files = v.as_array().unwrap().clone();
+        assert_eq!(files.len(), N, "listing {n}");
+        files
+    };
+    let first = list(1);
+    assert_eq!(first[0]["name"], "dir-00/file-00000.txt");
+    assert_eq!(first[N - 1]["name"], "dir-49/file-09999.txt");
+    for f in &first {
+        let h = &f["blake3"];
+        assert!(h.is_null() || h.as_str().unwrap().len() == 64, "{f}");
+    }
+    // Pick the last file: the first listing's hashing budget reaches it last.
+    let name = first[N - 1]["name"].as_str().unwrap().to_string();
+    let want = format!("{}\n", N - 1).repeat(200);
+    let out = dir.path().join("one.txt");
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", &name, "-o"]).arg(&out);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+    let want_hash = blake3::hash(want.as_bytes()).to_hex().to_string();
+    assert!(r.stdout.contains(&want_hash), "{r:?}");
+    // Within a bound, a listing carries every hash.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let files = list(2);
+        let unhashed = files.iter().filter(|f| f["blake3"].is_null()).count();
+        if unhashed == 0 {
+            assert_eq!(files[N - 1]["blake3"], want_hash.as_str());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{unhashed} files still unhashed after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// An embedder's own protocol (registered by name on the agent) runs beside
