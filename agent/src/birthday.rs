@@ -77,7 +77,7 @@ pub(crate) async fn hard_side(
     let mut h = HardSide::with_flows(params, flows, Instant::now(), limit);
     let found = loop {
         while let Some((i, t)) = h.poll_transmit() {
-            if let Some(s) = socks.get(i) {
+            if let Some(s) = socks.get(i).filter(|_| inner.socket.probe_allowed(t.dst)) {
                 // Not try_send_to: a socket bound a moment ago is not known
                 // writable until the reactor has polled it, and the whole
                 // first round would be dropped (found in the lab: every

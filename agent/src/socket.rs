@@ -8,6 +8,7 @@
 
 use crate::path::demux::{classify, is_quic_initial, Datagram};
 use bytes::Bytes;
+use punch_protocol::budget::{ProbeBudget, ProbeLimits};
 use punch_protocol::probe::Probe;
 use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
@@ -22,7 +23,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 use tokio::sync::mpsc;
+use tracing::warn;
 
 /// A probe datagram delivered to a session.
 #[derive(Debug)]
@@ -106,6 +109,8 @@ pub struct PunchSocket {
     /// Woken when the server ends a relay session (see
     /// [`PathTable::relay_ended`]).
     pub relay_ended: tokio::sync::Notify,
+    /// What every punching datagram spends, across sessions.
+    probe_budget: Mutex<ProbeBudget>,
 }
 
 /// Relayed datagrams held for quinn before more are dropped.
@@ -135,6 +140,7 @@ impl PunchSocket {
             inbox: Mutex::new(VecDeque::new()),
             inbox_waker: Mutex::new(None),
             relay_ended: tokio::sync::Notify::new(),
+            probe_budget: Mutex::new(ProbeBudget::new(ProbeLimits::default(), Instant::now())),
         }))
     }
 
@@ -316,7 +322,7 @@ impl PunchSocket {
 
     /// Sends a raw datagram (probe or relay control), best effort.
     pub fn send_raw(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
-        self.send_probe(dst, payload)
+        self.send_unbudgeted(dst, payload)
     }
 
     /// Sends quinn's datagrams to the relay, each behind a data header. A
@@ -497,8 +503,35 @@ impl PunchSocket {
         v.map_or(raw, |v| self.quinn_addr(v))
     }
 
-    /// Sends one probe datagram; best effort (probes are repeated anyway).
+    /// Sends one probe datagram within the agent's probe budget (see
+    /// [`punch_protocol::budget`]); best effort (probes are repeated).
     pub fn send_probe(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        if !self.probe_allowed(dst) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "over the probe budget for this address",
+            ));
+        }
+        self.send_unbudgeted(dst, payload)
+    }
+
+    /// Spends one probe of the agent-wide budget on `dst`; false when
+    /// there is none left (the probe is not sent). Every socket that
+    /// punches (the birthday method's too) asks first.
+    pub fn probe_allowed(&self, dst: SocketAddr) -> bool {
+        let mut b = self.probe_budget.lock().expect("not poisoned");
+        let before = b.refused();
+        let ok = b.allow(dst.ip(), Instant::now());
+        // One line at the first refusal and then every 1,000th: enough to
+        // see a peer steering probes, not a flood.
+        if !ok && before.is_multiple_of(1000) {
+            warn!(%dst, refused = before + 1, "probe budget spent: probes to this address are dropped (a peer naming many candidates there, or many sessions at once)");
+        }
+        ok
+    }
+
+    /// Sends a datagram outside the probe budget (relay control).
+    fn send_unbudgeted(&self, dst: SocketAddr, payload: &[u8]) -> io::Result<()> {
         if dst.is_ipv6() && !self.ipv6 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,

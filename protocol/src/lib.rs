@@ -18,6 +18,7 @@
 
 pub mod allocator;
 pub mod birthday;
+pub mod budget;
 pub mod close;
 pub mod cluster;
 pub mod codec;

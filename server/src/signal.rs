@@ -144,43 +144,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the server looks for NAT rebinding of its agents.
 const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up. It
-/// bounds one agent's introductions, each of which costs the target a
-/// punch (and probes) and the server a relay session.
-#[derive(Debug)]
-pub struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    /// A full bucket; `rate` 0 never runs dry.
-    pub fn new(rate: u32, burst: u32, now: std::time::Instant) -> Self {
-        Bucket {
-            rate: rate as f64,
-            burst: burst.max(1) as f64,
-            tokens: burst.max(1) as f64,
-            last: now,
-        }
-    }
-
-    /// Takes one token; false when none is left.
-    pub fn take(&mut self, now: std::time::Instant) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
-}
+/// The token bucket that bounds one agent's introductions, each of which
+/// costs the target a punch (and probes) and the server a relay session.
+pub use punch_protocol::budget::Bucket;
 
 /// A slot for a query answered from a task of its own, or `None` (counted)
 /// when the connection has its share in flight: waits and listings run

@@ -1,6 +1,7 @@
 //! Per-requester budgets on a real server over loopback QUIC: the connect
 //! rate (token bucket), each agent's share of the relay table, and the
-//! bound on queries in flight per connection. Raw signaling clients, so
+//! bound on queries in flight per connection; the agent-wide probe budget
+//! a peer steering probes at a third party meets. Raw signaling clients, so
 //! the test sees every answer (and every offer's relay flag) itself.
 
 use punch_lab::harness::{RawClient as Raw, ServerProc};
@@ -234,4 +235,68 @@ async fn queries_in_flight_are_bounded_per_connection() {
     })
     .await;
     assert!(matches!(b.next().await, ServerMsg::Workers { req: 1, .. }));
+}
+
+/// A peer that names a third party's address as its candidates (16 ports
+/// of one IP) and asks for 128 sessions at once makes the target send
+/// there no more than the agent-wide probe budget (4,000 saved up, 2,000
+/// a second), where the sessions' own bounds would allow tens of thousands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_steer_more_than_the_probe_budget_at_a_third_party() {
+    use punch_protocol::budget::{PROBES_PER_IP, PROBE_BURST_PER_IP};
+    use punch_protocol::signal::{Candidate, CandidateKind};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const SESSIONS: u32 = 128;
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--connect-rate", "0"]).unwrap();
+    let _target = s.serve(dir.path(), "steer-target", &[]).unwrap();
+    // The "third party": 16 sockets on another loopback address, counting.
+    let got = Arc::new(AtomicU64::new(0));
+    let mut victims = Vec::new();
+    let mut candidates = Vec::new();
+    for _ in 0..16 {
+        let v = tokio::net::UdpSocket::bind("127.0.0.3:0").await.unwrap();
+        candidates.push(Candidate {
+            addr: v.local_addr().unwrap(),
+            kind: CandidateKind::Local,
+        });
+        let got = got.clone();
+        victims.push(tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while v.recv_from(&mut buf).await.is_ok() {
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut a = Raw::register_with(&s, "steerer", candidates).await;
+    let started = std::time::Instant::now();
+    for req in 1..=SESSIONS {
+        a.send(ClientMsg::Connect {
+            req,
+            target: "steer-target".into(),
+        })
+        .await;
+    }
+    let mut offers = 0;
+    for _ in 1..=SESSIONS {
+        if matches!(a.next().await, ServerMsg::Offer(_)) {
+            offers += 1;
+        }
+    }
+    assert_eq!(offers, SESSIONS, "every connect was introduced");
+    // Every session's punching ends within its 5 s timeout.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let secs = started.elapsed().as_secs_f64();
+    let sent = got.load(Ordering::Relaxed);
+    let budget = PROBE_BURST_PER_IP as f64 + PROBES_PER_IP as f64 * secs;
+    eprintln!("third party got {sent} probes in {secs:.1} s; budget {budget:.0}");
+    assert!(sent > 0, "the target probed the candidates at all");
+    assert!(
+        (sent as f64) <= budget,
+        "{sent} probes reached the third party in {secs:.1} s, over the budget of {budget:.0}"
+    );
+    for v in victims {
+        v.abort();
+    }
 }
