@@ -716,7 +716,7 @@ async fn session(
 /// timeout restarts with each unanswered keep-alive and would take up to
 /// keep-alive + 20 s. This is what moves an agent to another server of a
 /// cluster within ~8 s, at no cost in packets.
-async fn server_silent(conn: &quinn::Connection, keep_alive: Duration) -> String {
+pub async fn server_silent(conn: &quinn::Connection, keep_alive: Duration) -> String {
     let limit = keep_alive + Duration::from_millis(2500);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut seen = conn.stats().udp_rx.datagrams;

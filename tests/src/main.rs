@@ -204,6 +204,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Kill a punch-server (SIGKILL) under N simulated agents, start it
+    /// again on the same port and data directory after DOWN_MS, and report
+    /// how many registered again and how fast (loopback; exits 1 when any
+    /// agent was lost).
+    ChaosRestart {
+        #[arg(long, default_value_t = 5000)]
+        agents: usize,
+        /// How long the server stays down.
+        #[arg(long, default_value_t = 1000)]
+        down_ms: u64,
+        /// How long to wait for every agent to register again.
+        #[arg(long, default_value_t = 10)]
+        deadline_secs: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Hold N simulated agents (real QUIC signaling connections with
     /// keep-alive) on a punch-server started on loopback, send connect
     /// requests between them at R per second for S seconds, and report
@@ -696,6 +713,33 @@ fn main() -> Result<()> {
                     r.offer_p99_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into()),
                     r.server_rss_mib, r.server_bytes_per_agent, r.server_cpu_pct_while_connecting
                 );
+            }
+            Ok(())
+        }
+        Cmd::ChaosRestart {
+            agents,
+            down_ms,
+            deadline_secs,
+            json,
+        } => {
+            let r = runtime()?.block_on(punch_lab::chaos::restart(
+                agents,
+                std::time::Duration::from_millis(down_ms),
+                std::time::Duration::from_secs(deadline_secs),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let s =
+                    |v: Option<f64>| v.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+                println!(
+                    "{} of {} agents registered again within {} s of the restart ({} lost; server down {} ms): p50 {} p99 {} last {}; the new server counts {} online",
+                    r.registered_again, r.registered_before, r.deadline_secs, r.lost, r.down_ms,
+                    s(r.again_p50_secs), s(r.again_p99_secs), s(r.again_max_secs), r.server_online_after
+                );
+            }
+            if r.lost > 0 {
+                std::process::exit(1);
             }
             Ok(())
         }
