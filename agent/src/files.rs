@@ -75,17 +75,22 @@ struct Walk {
 impl Walk {
     fn problem(&mut self, p: String) {
         if self.problems.len() < MAX_LIST_PROBLEMS {
-            let mut p = p;
-            if p.len() > MAX_LIST_PROBLEM {
-                let mut cut = MAX_LIST_PROBLEM;
-                while !p.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                p.truncate(cut);
-            }
-            self.problems.push(p);
+            self.problems.push(clip_problem(p));
         }
     }
+}
+
+/// A listing problem cut to [`MAX_LIST_PROBLEM`] bytes (at a character
+/// boundary): what the sharer sends and what the asker keeps.
+fn clip_problem(mut p: String) -> String {
+    if p.len() > MAX_LIST_PROBLEM {
+        let mut cut = MAX_LIST_PROBLEM;
+        while !p.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        p.truncate(cut);
+    }
+    p
 }
 
 /// Checks a requested name: a relative path of plain components.
@@ -324,16 +329,21 @@ impl From<Refusal> for FileError {
     }
 }
 
+/// The share a file request is served from; refuses the request (and
+/// ends our side) when this agent shares nothing.
+async fn shared(send: &mut quinn::SendStream, share: Option<Arc<Share>>) -> Option<Arc<Share>> {
+    if share.is_none() {
+        refuse(send, "it shares no directory (serve --share DIR)".into()).await;
+    }
+    share
+}
+
 /// The serving side of `ListFiles` (agents before paged listings): one
 /// frame, so a share too large for it is refused with a message that says
 /// why, not cut off.
 pub(crate) async fn serve_list(mut send: quinn::SendStream, share: Option<Arc<Share>>) {
-    let Some(share) = share else {
-        return refuse(
-            &mut send,
-            "it shares no directory (serve --share DIR)".into(),
-        )
-        .await;
+    let Some(share) = shared(&mut send, share).await else {
+        return;
     };
     let Ok(listed) = tokio::task::spawn_blocking(move || share.list()).await else {
         return refuse(&mut send, "listing failed".into()).await;
@@ -397,12 +407,8 @@ fn pages(files: Vec<FileEntry>, problems: Vec<String>) -> Vec<FileListPage> {
 /// [`LIST_HASH_BUDGET`] of walking the share, then hashes the rest in the
 /// background so the next listing has them.
 pub(crate) async fn serve_list_paged(mut send: quinn::SendStream, share: Option<Arc<Share>>) {
-    let Some(share) = share else {
-        return refuse(
-            &mut send,
-            "it shares no directory (serve --share DIR)".into(),
-        )
-        .await;
+    let Some(share) = shared(&mut send, share).await else {
+        return;
     };
     let s2 = share.clone();
     let Ok((files, problems, unhashed)) =
@@ -439,12 +445,8 @@ pub(crate) async fn serve_get(
     name: String,
     offset: u64,
 ) {
-    let Some(share) = share else {
-        return refuse(
-            &mut send,
-            "it shares no directory (serve --share DIR)".into(),
-        )
-        .await;
+    let Some(share) = shared(&mut send, share).await else {
+        return;
     };
     // Resolving (canonicalize, stat) and hashing touch the disk: both off
     // the runtime's threads.
@@ -564,7 +566,7 @@ pub async fn list(pc: &PeerConnection) -> Result<Listing, FileError> {
                 .problems
                 .into_iter()
                 .take(MAX_LIST_PROBLEMS)
-                .map(|p| p.chars().take(MAX_LIST_PROBLEM).collect())
+                .map(clip_problem)
                 .collect();
             return Ok(out);
         }

@@ -5,21 +5,14 @@
 //! every 5 s) and notice a lost server and reconnect with `punch-agent`'s
 //! own watchdog and back-off. Loopback only, bounded in count and time.
 
-use crate::harness::{bin, Proc};
+use crate::load::{sim_register, start_server, SimServer, SIM_KEEP_ALIVE};
 use anyhow::{bail, Context, Result};
-use punch_net::{read_frame, write_frame};
-use punch_protocol::codec::MAX_FRAME;
-use punch_protocol::signal::{ClientMsg, Hello, ServerMsg};
-use punch_protocol::{ALPN_SIGNAL, PROTOCOL_VERSION};
-use punch_tls::{Expect, Identity, KeyVerifier};
+use punch_tls::Identity;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// `punch-agent`'s default keep-alive.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// What the run measured.
 #[derive(Debug, Serialize)]
@@ -43,40 +36,15 @@ pub struct RestartReport {
     pub server_online_after: u64,
 }
 
-struct Server {
-    proc: Proc,
-    udp: SocketAddr,
-    http: SocketAddr,
-    fp: String,
+fn start(data: &std::path::Path, listen: &str) -> Result<SimServer> {
+    start_server(data, listen, true, &["--connect-rate", "0"])
 }
 
-fn start(data: &std::path::Path, listen: &str) -> Result<Server> {
-    std::fs::create_dir_all(data)?;
-    let mut cmd = std::process::Command::new(bin("punch-server")?);
-    cmd.args(["--listen", listen, "--http", "127.0.0.1:0"])
-        .args(["--idle-timeout", "60", "--max-workers", "200000"])
-        .args(["--connect-rate", "0", "--data-dir"])
-        .arg(data)
-        .env("PUNCH_LOG", "warn");
-    crate::harness::clear_agent_env(&mut cmd);
-    let mut proc = Proc::spawn("punch-server", cmd, Some(&data.join("server.log")))?;
-    let line = proc.wait_line("punch-server udp=", Duration::from_secs(20))?;
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .map(str::to_string)
-            .with_context(|| format!("no {k} in {line:?}"))
-    };
-    Ok(Server {
-        udp: field("udp=")?.parse()?,
-        http: field("http=")?.parse()?,
-        fp: field("fingerprint=")?,
-        proc,
-    })
-}
-
-fn online(s: &Server) -> Result<u64> {
-    let m = crate::harness::http_get(s.http, "/metrics")?;
+fn online(s: &SimServer) -> Result<u64> {
+    let http = s
+        .http
+        .context("the server was started without its HTTP API")?;
+    let m = crate::harness::http_get(http, "/metrics")?;
     m.lines()
         .find_map(|l| l.strip_prefix("punch_agents_online "))
         .context("no punch_agents_online in /metrics")?
@@ -214,7 +182,16 @@ async fn agent(
             let Ok(_permit) = sem.acquire().await else {
                 return;
             };
-            register(i, &ep, server, &fp, &id).await
+            sim_register(
+                &ep,
+                server,
+                &fp,
+                &id,
+                (format!("chaos-{i}"), "chaos"),
+                Duration::from_secs(20),
+                Duration::from_secs(5),
+            )
+            .await
         };
         match conn {
             Ok((conn, _send, _recv)) => {
@@ -225,57 +202,11 @@ async fn agent(
                 // 2.5 s means the server is gone.
                 tokio::select! {
                     _ = conn.closed() => {}
-                    _ = punch_agent::signal::server_silent(&conn, KEEP_ALIVE) => {}
+                    _ = punch_agent::signal::server_silent(&conn, SIM_KEEP_ALIVE) => {}
                 }
                 attempt = Some(0);
             }
             Err(_) => attempt = Some(attempt.map_or(0, |a| a + 1)),
         }
-    }
-}
-
-async fn register(
-    i: usize,
-    ep: &quinn::Endpoint,
-    server: SocketAddr,
-    fp: &str,
-    id: &Identity,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
-    let mut cfg = punch_tls::client_config(
-        id,
-        KeyVerifier::new(Expect::Fingerprint(fp.to_string())),
-        ALPN_SIGNAL,
-    )?;
-    cfg.transport_config(Arc::new(punch_net::signal_transport(
-        Some(KEEP_ALIVE),
-        Duration::from_secs(20),
-    )));
-    let conn = tokio::time::timeout(
-        Duration::from_secs(5),
-        ep.connect_with(cfg, server, "punch")?,
-    )
-    .await
-    .context("handshake timed out")??;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        worker_id: format!("chaos-{i}"),
-        public_key: id.public_key(),
-        token_proof: None,
-        ephemeral: true,
-        local_candidates: vec![],
-        metadata: vec![],
-        kind: Some("chaos".into()),
-        tags: vec![],
-    };
-    write_frame(&mut send, &ClientMsg::Hello(hello)).await?;
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        read_frame::<ServerMsg>(&mut recv, MAX_FRAME),
-    )
-    .await
-    {
-        Ok(Ok(ServerMsg::Welcome { .. })) => Ok((conn, send, recv)),
-        other => bail!("no welcome: {other:?}"),
     }
 }

@@ -69,33 +69,107 @@ struct SimAgent {
 type Pending = Arc<Mutex<HashMap<(usize, u32), Instant>>>;
 
 /// Starts a `punch-server` for the load with its data in `data`.
-fn start_server(data: &std::path::Path, extra: &[&str]) -> Result<(Proc, SocketAddr, String)> {
+/// A `punch-server` started for a load or chaos run.
+pub(crate) struct SimServer {
+    pub proc: Proc,
+    pub udp: SocketAddr,
+    /// The HTTP API, when asked for.
+    pub http: Option<SocketAddr>,
+    pub fp: String,
+}
+
+/// Starts `punch-server` on `listen` (its HTTP API on a free port when
+/// `http`) for many agents, and waits for its listening line.
+pub(crate) fn start_server(
+    data: &std::path::Path,
+    listen: &str,
+    http: bool,
+    extra: &[&str],
+) -> Result<SimServer> {
     std::fs::create_dir_all(data)?;
     let mut cmd = std::process::Command::new(bin("punch-server")?);
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--no-http",
-        "--idle-timeout",
-        "60",
-    ])
-    .args(["--max-workers", "200000", "--data-dir"])
-    .arg(data)
-    .args(extra)
-    .env("PUNCH_LOG", "warn");
+    cmd.args(["--listen", listen])
+        .args(if http {
+            ["--http", "127.0.0.1:0"].as_slice()
+        } else {
+            ["--no-http"].as_slice()
+        })
+        .args([
+            "--idle-timeout",
+            "60",
+            "--max-workers",
+            "200000",
+            "--data-dir",
+        ])
+        .arg(data)
+        .args(extra)
+        .env("PUNCH_LOG", "warn");
     crate::harness::clear_agent_env(&mut cmd);
-    let mut server = Proc::spawn("punch-server", cmd, Some(&data.join("server.log")))?;
-    let line = server.wait_line("punch-server udp=", Duration::from_secs(20))?;
+    let mut proc = Proc::spawn("punch-server", cmd, Some(&data.join("server.log")))?;
+    let line = proc.wait_line("punch-server udp=", Duration::from_secs(20))?;
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
             .map(str::to_string)
             .with_context(|| format!("no {k} in {line:?}"))
     };
-    let udp: SocketAddr = field("udp=")?.parse()?;
-    let fp = field("fingerprint=")?;
-    Ok((server, udp, fp))
+    Ok(SimServer {
+        udp: field("udp=")?.parse()?,
+        http: if http {
+            Some(field("http=")?.parse()?)
+        } else {
+            None
+        },
+        fp: field("fingerprint=")?,
+        proc,
+    })
 }
+
+/// One simulated agent's registration: a signaling connection (keep-alive
+/// every 5 s, `idle` timeout), its Hello as `worker_id` of `kind`, and the
+/// welcome, each step within `wait`.
+pub(crate) async fn sim_register(
+    ep: &quinn::Endpoint,
+    server: SocketAddr,
+    fp: &str,
+    id: &Identity,
+    (worker_id, kind): (String, &str),
+    idle: Duration,
+    wait: Duration,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let mut cfg = punch_tls::client_config(
+        id,
+        KeyVerifier::new(Expect::Fingerprint(fp.to_string())),
+        ALPN_SIGNAL,
+    )?;
+    cfg.transport_config(Arc::new(punch_net::signal_transport(
+        Some(SIM_KEEP_ALIVE),
+        idle,
+    )));
+    let conn = tokio::time::timeout(wait, ep.connect_with(cfg, server, "punch")?)
+        .await
+        .context("handshake timed out")??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        worker_id,
+        public_key: id.public_key(),
+        token_proof: None,
+        ephemeral: true,
+        local_candidates: vec![],
+        metadata: vec![],
+        kind: Some(kind.into()),
+        tags: vec![],
+    };
+    write_frame(&mut send, &ClientMsg::Hello(hello)).await?;
+    match tokio::time::timeout(wait, read_frame::<ServerMsg>(&mut recv, MAX_FRAME)).await {
+        Ok(Ok(ServerMsg::Welcome { .. })) => Ok((conn, send, recv)),
+        other => bail!("no welcome: {other:?}"),
+    }
+}
+
+/// Simulated agents' keep-alive: `punch-agent`'s default.
+pub(crate) const SIM_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Summed resident memory (MiB) and CPU ticks of several processes.
 fn procs_stats(pids: &[u32]) -> (f64, u64) {
@@ -127,16 +201,16 @@ pub async fn run(agents: usize, rate: u32, seconds: u64, cluster: bool) -> Resul
         _redis = Some(redis);
         let extra = ["--registry", url.as_str()];
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        servers.push(start_server(&a, &extra)?);
+        servers.push(start_server(&a, "127.0.0.1:0", false, &extra)?);
         std::fs::create_dir_all(&b)?;
         std::fs::copy(a.join("server.key"), b.join("server.key"))?;
-        servers.push(start_server(&b, &extra)?);
+        servers.push(start_server(&b, "127.0.0.1:0", false, &extra)?);
     } else {
-        servers.push(start_server(dir.path(), &[])?);
+        servers.push(start_server(dir.path(), "127.0.0.1:0", false, &[])?);
     }
-    let fp = servers[0].2.clone();
-    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.1).collect();
-    let pids: Vec<u32> = servers.iter().map(|s| s.0.pid()).collect();
+    let fp = servers[0].fp.clone();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.udp).collect();
+    let pids: Vec<u32> = servers.iter().map(|s| s.proc.pid()).collect();
     let (rss_idle, _) = procs_stats(&pids);
 
     // A socket per 256 agents (as many NAT mappings as a busy host has).
@@ -239,7 +313,7 @@ pub async fn run(agents: usize, rate: u32, seconds: u64, cluster: bool) -> Resul
         ep.close(punch_protocol::close::DONE.into(), b"load done");
     }
     for s in &mut servers {
-        s.0.kill();
+        s.proc.kill();
     }
     Ok(LoadReport {
         agents_requested: agents,
@@ -270,43 +344,16 @@ async fn register(
     latencies: Arc<Mutex<Vec<f64>>>,
 ) -> Result<SimAgent> {
     let id = Identity::generate()?;
-    let mut cfg = punch_tls::client_config(
+    let (conn, mut send, mut recv) = sim_register(
+        &ep,
+        server,
+        fp,
         &id,
-        KeyVerifier::new(Expect::Fingerprint(fp.to_string())),
-        ALPN_SIGNAL,
-    )?;
-    cfg.transport_config(Arc::new(punch_net::signal_transport(
-        Some(Duration::from_secs(5)),
+        (format!("load-{i}"), "load"),
         Duration::from_secs(60),
-    )));
-    let conn = tokio::time::timeout(
         Duration::from_secs(30),
-        ep.connect_with(cfg, server, "punch")?,
     )
-    .await
-    .context("handshake timed out")??;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        worker_id: format!("load-{i}"),
-        public_key: id.public_key(),
-        token_proof: None,
-        ephemeral: true,
-        local_candidates: vec![],
-        metadata: vec![],
-        kind: Some("load".into()),
-        tags: vec![],
-    };
-    write_frame(&mut send, &ClientMsg::Hello(hello)).await?;
-    match tokio::time::timeout(
-        Duration::from_secs(30),
-        read_frame::<ServerMsg>(&mut recv, MAX_FRAME),
-    )
-    .await
-    {
-        Ok(Ok(ServerMsg::Welcome { .. })) => {}
-        other => bail!("no welcome: {other:?}"),
-    }
+    .await?;
     let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
