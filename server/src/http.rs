@@ -58,6 +58,9 @@ struct Health {
     stun: StunJson,
     /// The TCP (WebSocket) channel's counters and open channels.
     tcp: std::collections::BTreeMap<&'static str, u64>,
+    /// The HTTP listener's door: accepted, refused at the cap, closed for
+    /// a late request head, and connections held now.
+    http: std::collections::BTreeMap<&'static str, u64>,
     /// Connect outcomes by `requester/target` NAT class.
     outcomes_by_nat_pair: std::collections::BTreeMap<String, crate::metrics::PairCounts>,
     /// Cluster mode: this server's id, whether Redis answers, and counters.
@@ -128,11 +131,18 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
         relay,
         tcp: s
             .tcp
+            .counters()
+            .into_iter()
+            .map(|(k, _, v)| (k, v))
+            .chain([("clients", s.tcp.count() as u64)])
+            .collect(),
+        http: s
+            .http_door
             .stats
             .list()
             .into_iter()
             .map(|(k, _, v)| (k, v))
-            .chain([("clients", s.tcp.count() as u64)])
+            .chain([("connections", s.http_door.open() as u64)])
             .collect(),
         stun: StunJson {
             requests: s.stun.requests.load(std::sync::atomic::Ordering::Relaxed),
@@ -515,10 +525,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves HTTP on `listener` until the task is aborted.
+/// Serves HTTP on `listener` until the task is aborted, within the HTTP
+/// door's connection cap and head deadline.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    let app = router(shared).into_make_service_with_connect_info::<crate::tcp::Remote>();
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("HTTP server failed: {e}");
-    }
+    let door = shared.http_door.clone();
+    let app = router(shared);
+    crate::serving::accept_loop(listener, door.clone(), move |tcp, remote, slot| {
+        let (app, door) = (app.clone(), door.clone());
+        async move {
+            let io = crate::serving::Slotted::new(tcp, slot);
+            crate::serving::serve_http(io, remote, app, &door).await;
+        }
+    })
+    .await;
 }

@@ -11,6 +11,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod registry;
+pub mod serving;
 pub mod signal;
 pub mod status;
 pub mod store;
@@ -68,6 +69,11 @@ pub struct ServerConfig {
     pub max_tcp_clients: usize,
     /// Bytes per second one TCP client may relay; 0 is unlimited.
     pub tcp_rate: u64,
+    /// Most connections the HTTP listener holds at once.
+    pub max_http_conns: usize,
+    /// Time a client has to send a request's head, on the HTTP listener
+    /// and the TLS port (slow or silent clients are closed after it).
+    pub header_timeout: Duration,
     /// Serve `/healthz` and `/metrics` without the bearer token (on by
     /// default: probes and scrapers rarely carry tokens; they show counts,
     /// not workers).
@@ -100,6 +106,8 @@ impl ServerConfig {
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,
             tcp_rate: 1024 << 20,
+            max_http_conns: serving::MAX_HTTP_CONNS,
+            header_timeout: serving::HEADER_TIMEOUT,
             cluster: None,
         }
     }
@@ -162,6 +170,8 @@ pub struct Shared {
     pub identity: Identity,
     /// WebSocket clients and TCP counters.
     pub tcp: Arc<tcp::TcpClients>,
+    /// The HTTP listener's connection cap, head deadline and counters.
+    pub http_door: Arc<serving::Door>,
     /// The UDP socket (relay frames from TCP clients leave through it).
     pub udp: Arc<udp::ServerSocket>,
     /// Cluster mode, when on.
@@ -209,7 +219,8 @@ impl Server {
             ),
             None => None,
         };
-        let tcp = tcp::TcpClients::new(config.max_tcp_clients);
+        let tcp = tcp::TcpClients::new(config.max_tcp_clients, config.header_timeout);
+        let http_door = serving::Door::new(config.max_http_conns, config.header_timeout);
         let socket = udp::ServerSocket::new(socket, relay.clone(), alt.clone(), tcp.clone())
             .map_err(ServerError::Endpoint)?;
         let stun = socket.stun.clone();
@@ -252,6 +263,7 @@ impl Server {
             stun,
             identity: identity.clone(),
             tcp,
+            http_door,
             udp: socket,
             cluster,
         });
@@ -325,13 +337,8 @@ impl Server {
                 Err(source) => return Err(ServerError::BindTcp { addr, source }),
             };
             let bound = listener.local_addr().map_err(ServerError::Endpoint)?;
-            let tls = tcp::TlsListener::new(
-                listener,
-                punch_tls::tcp::server_config(&identity)?,
-                shared.tcp.clone(),
-            )
-            .map_err(ServerError::Endpoint)?;
-            tasks.push(tokio::spawn(tcp::serve_tls(tls, shared.clone())));
+            let tls = punch_tls::tcp::server_config(&identity)?;
+            tasks.push(tokio::spawn(tcp::serve_tls(listener, tls, shared.clone())));
             tcp::announce(bound);
             tcp_addr = Some(bound);
         }

@@ -66,6 +66,16 @@ struct RunArgs {
     /// Do not serve HTTP.
     #[arg(long)]
     no_http: bool,
+    /// Most connections the HTTP listener holds at once (long-polls and
+    /// WebSockets forwarded by a front each hold one); more are closed at
+    /// accept and counted (`punch_http_refused_full_total`).
+    #[arg(long, env = "PUNCH_MAX_HTTP_CONNS", default_value_t = punch_server::serving::MAX_HTTP_CONNS)]
+    max_http_conns: usize,
+    /// Seconds a client has to send a request's head (line and headers) on
+    /// the HTTP listener and the TLS port; a silent or trickling client is
+    /// closed after it (`punch_http_header_timeouts_total`).
+    #[arg(long, env = "PUNCH_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
     /// Directory holding the persistent server key (server.key).
     #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
@@ -232,6 +242,14 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--max-tcp-clients must be between 1 and 1000000");
     }
     cfg.max_tcp_clients = a.max_tcp_clients;
+    if !(1..=1_000_000).contains(&a.max_http_conns) {
+        anyhow::bail!("--max-http-conns must be between 1 and 1000000");
+    }
+    cfg.max_http_conns = a.max_http_conns;
+    if !(1..=3600).contains(&a.header_timeout_secs) {
+        anyhow::bail!("--header-timeout-secs must be between 1 and 3600");
+    }
+    cfg.header_timeout = std::time::Duration::from_secs(a.header_timeout_secs);
     cfg.tcp_rate = a.tcp_rate_mib.saturating_mul(1 << 20);
     if a.relay_idle_secs == 0 || a.relay_session_secs == 0 || a.relay_max_sessions == 0 {
         anyhow::bail!("relay limits must be positive (use --no-relay to turn the relay off)");

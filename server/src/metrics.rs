@@ -212,8 +212,16 @@ pub fn prometheus(s: &crate::Shared) -> String {
         "Open WebSocket channels",
         ConstGauge::new(s.tcp.count() as i64),
     );
-    for (name, help, v) in s.tcp.stats.list() {
+    for (name, help, v) in s.tcp.counters() {
         reg.register(format!("tcp_{name}"), help, ConstCounter::new(v));
+    }
+    reg.register(
+        "http_connections",
+        "Connections the HTTP listener holds now",
+        ConstGauge::new(s.http_door.open() as i64),
+    );
+    for (name, help, v) in s.http_door.stats.list() {
+        reg.register(format!("http_{name}"), help, ConstCounter::new(v));
     }
     if let Some(c) = &s.cluster {
         reg.register(

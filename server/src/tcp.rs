@@ -9,15 +9,15 @@
 //! a relay session may have one side on UDP and the other on TCP.
 
 use crate::metrics::inc;
+use crate::serving::{self, Door, Slotted};
 use crate::signal::{self, Arrival, Closer, Incoming, Link, ReadEnd};
 use crate::Shared;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -28,14 +28,11 @@ use punch_protocol::MIN_PROTOCOL_VERSION;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// Time a TCP client has for its TLS handshake, and an agent for its
@@ -56,11 +53,9 @@ const SIGNAL_QUEUE: usize = 64;
 /// `punch_tcp_`, in `/metrics`).
 #[derive(Debug, Default)]
 pub struct TcpStats {
-    /// TCP connections accepted on the TLS port.
-    pub accepted: AtomicU64,
     /// TLS handshakes that failed or timed out (plain HTTP, garbage, scans).
     pub tls_failures: AtomicU64,
-    /// Connections or upgrades refused because the client cap was reached.
+    /// WebSocket upgrades refused because the client cap was reached.
     pub refused_full: AtomicU64,
     /// WebSocket channels that completed the handshake and registered.
     pub channels: AtomicU64,
@@ -82,31 +77,22 @@ pub struct TcpClients {
     relay: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     /// Caps WebSocket clients (both listeners).
     pub(crate) slots: Arc<Semaphore>,
-    /// Caps connections on the TLS port, handshakes included.
-    conns: Arc<Semaphore>,
+    /// Caps connections on the TLS port, handshakes included, and holds
+    /// its request-head deadline.
+    pub door: Arc<Door>,
     /// Counters.
     pub stats: TcpStats,
 }
 
 impl TcpStats {
     /// Every counter with its name and help text.
-    pub fn list(&self) -> [(&'static str, &'static str, u64); 9] {
+    pub fn list(&self) -> [(&'static str, &'static str, u64); 7] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
-            (
-                "accepted",
-                "TCP connections accepted on the TLS port",
-                g(&self.accepted),
-            ),
             (
                 "tls_failures",
                 "Failed or timed-out TLS handshakes",
                 g(&self.tls_failures),
-            ),
-            (
-                "refused_full",
-                "Connections refused at the TCP client cap",
-                g(&self.refused_full),
             ),
             (
                 "channels",
@@ -143,14 +129,37 @@ impl TcpStats {
 }
 
 impl TcpClients {
-    /// Room for `max` clients.
-    pub fn new(max: usize) -> Arc<Self> {
+    /// Room for `max` clients; a request head on the TLS port must come
+    /// within `header_timeout`.
+    pub fn new(max: usize, header_timeout: Duration) -> Arc<Self> {
         Arc::new(TcpClients {
             relay: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(max)),
-            conns: Arc::new(Semaphore::new(max)),
+            door: Door::new(max, header_timeout),
             stats: TcpStats::default(),
         })
+    }
+
+    /// Every counter of the TCP channel, the TLS port's door included,
+    /// with its name and help text (`refused_full` counts connections
+    /// refused at the door and upgrades refused on either listener).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let door = self.door.stats.list();
+        let upgrades_refused = self.stats.refused_full.load(Ordering::Relaxed);
+        let mut out: Vec<_> = door
+            .into_iter()
+            .map(|(name, help, v)| match name {
+                "accepted" => (name, "TCP connections accepted on the TLS port", v),
+                "refused_full" => (
+                    name,
+                    "Connections or upgrades refused at the TCP client cap",
+                    v + upgrades_refused,
+                ),
+                _ => (name, help, v),
+            })
+            .collect();
+        out.extend(self.stats.list());
+        out
     }
 
     /// WebSocket channels open now.
@@ -175,155 +184,41 @@ impl TcpClients {
 #[derive(Clone, Copy, Debug)]
 pub struct Remote(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, TcpListener>> for Remote {
-    fn connect_info(s: IncomingStream<'_, TcpListener>) -> Self {
-        Remote(*s.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for Remote {
-    fn connect_info(s: IncomingStream<'_, TlsListener>) -> Self {
-        Remote(*s.remote_addr())
-    }
-}
-
-/// A stream that holds a connection slot while it lives.
-pub struct Slotted<S> {
-    inner: S,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Slotted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Slotted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-type TlsConn = Slotted<tokio_rustls::server::TlsStream<TcpStream>>;
-
-/// Accepts TCP connections and completes their TLS handshakes off the
-/// accept path (a client that stalls its handshake holds only its own
-/// task), handing finished ones to axum.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsConn, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Starts accepting on `listener`.
-    pub fn new(
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-        clients: Arc<TcpClients>,
-    ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel(64);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, remote) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off.
-                        warn!("TCP accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                clients.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let Ok(slot) = clients.conns.clone().try_acquire_owned() else {
-                    clients.stats.refused_full.fetch_add(1, Ordering::Relaxed);
-                    debug!(%remote, "TCP client cap reached; connection closed");
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, tx, clients) = (acceptor.clone(), tx.clone(), clients.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let conn = Slotted {
-                                inner: tls,
-                                _slot: slot,
-                            };
-                            let _ = tx.send((conn, remote)).await;
-                        }
-                        Ok(Err(e)) => {
-                            clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-                            debug!(%remote, "TLS handshake failed: {e}");
-                        }
-                        Err(_) => {
-                            clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-                            debug!(%remote, "TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { rx, local })
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsConn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task never ends while the listener lives.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// Serves the TLS port: the WebSocket at `/ws` and `/healthz`.
-pub async fn serve_tls(listener: TlsListener, shared: Arc<Shared>) {
+/// Serves the TLS port until the task is aborted: the WebSocket at `/ws`
+/// and `/healthz`. Each connection's TLS handshake runs on its own task (a
+/// client that stalls it holds only that task and its slot, for at most
+/// the handshake timeout), then HTTP with the door's head deadline.
+pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>) {
     let app = Router::new()
         .route(ws::PATH, get(upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(shared);
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<Remote>(),
-    )
-    .await
-    {
-        warn!("TCP listener stopped: {e}");
-    }
+        .with_state(shared.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let door = shared.tcp.door.clone();
+    serving::accept_loop(listener, door.clone(), move |tcp, remote, slot| {
+        let (acceptor, app, door, clients) = (
+            acceptor.clone(),
+            app.clone(),
+            door.clone(),
+            shared.tcp.clone(),
+        );
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    serving::serve_http(Slotted::new(tls, slot), remote, app, &door).await;
+                }
+                Ok(Err(e)) => {
+                    clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "TLS handshake timed out");
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// `GET /ws`: upgrades to the agent channel (on either listener).

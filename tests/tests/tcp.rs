@@ -568,3 +568,123 @@ fn behind_a_real_tls_terminating_front_with_its_own_certificate() {
     assert_ne!(r.code, Some(0), "{r:?}");
     assert!(r.stderr.contains("certificate"), "{r:?}");
 }
+
+/// How long the server took to close `s`, reading (and discarding) what
+/// it sends; `None` when it was still open after `limit`.
+fn time_to_close<S: Read>(s: &mut S, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn silent_and_trickling_clients_are_closed_at_the_head_deadline_and_the_cap_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(
+        dir.path(),
+        &["--header-timeout-secs", "1", "--max-http-conns", "6"],
+    )
+    .unwrap();
+    let limit = Duration::from_secs(8);
+    let open = |addr: SocketAddr| {
+        let c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        c
+    };
+
+    // Silent: connects and sends nothing.
+    let mut silent = open(s.http);
+    let t = time_to_close(&mut silent, limit).expect("a silent client is closed");
+    assert!(t >= Duration::from_millis(500), "closed after {t:?}");
+
+    // Slow-loris: a request line, then a header byte every 200 ms, for
+    // ever: the deadline counts from the start of the head, not from the
+    // last byte, so it is closed too.
+    let mut loris = open(s.http);
+    loris
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let closed = loop {
+        // The 200 ms read timeout paces the trickle.
+        match loris.read(&mut byte) {
+            Ok(0) => break Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                break Some(start.elapsed())
+            }
+            Err(_) => {}
+        }
+        if start.elapsed() > limit {
+            break None;
+        }
+        if loris.write_all(b"a").is_err() {
+            break Some(start.elapsed());
+        }
+    };
+    let t = closed.expect("a trickling client is closed");
+    assert!(t >= Duration::from_millis(500), "closed after {t:?}");
+
+    // A client that completes TLS on the TCP port and then sends nothing.
+    let verifier = punch_tls::tcp::FrontVerifier::new(&s.fingerprint, None).unwrap();
+    let cfg = punch_tls::tcp::client_config(verifier);
+    let name = rustls::pki_types::ServerName::try_from("punch").unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, open(s.tcp.unwrap()));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    let t = time_to_close(&mut tls, limit).expect("a silent TLS client is closed");
+    assert!(t >= Duration::from_millis(500), "closed after {t:?}");
+
+    // The cap: six idle connections fill the HTTP listener; the seventh is
+    // closed at accept, without an answer.
+    let mut idle: Vec<TcpStream> = (0..6).map(|_| open(s.http)).collect();
+    let mut seventh = TcpStream::connect(s.http).unwrap();
+    let _ = seventh.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Well before the 1 s deadline: closed at accept, not held.
+    seventh
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut got = [0u8; 64];
+    match seventh.read(&mut got) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!(
+            "served beyond the cap: {:?}",
+            String::from_utf8_lossy(&got[..n])
+        ),
+        Err(e) => panic!("the seventh connection was held: {e}"),
+    }
+    // The idle ones leave at the deadline, and the listener serves again.
+    for c in &mut idle {
+        assert!(
+            time_to_close(c, limit).is_some(),
+            "an idle connection is closed"
+        );
+    }
+    let h = health(&s);
+    assert!(h["http"]["refused_full"].as_u64().unwrap() >= 1, "{h}");
+    // Silent, slow-loris and six idle.
+    assert!(h["http"]["header_timeouts"].as_u64().unwrap() >= 8, "{h}");
+    assert!(h["tcp"]["header_timeouts"].as_u64().unwrap() >= 1, "{h}");
+    let metrics = s.http_get("/metrics").unwrap();
+    assert!(
+        metrics.contains("punch_http_header_timeouts_total"),
+        "{metrics}"
+    );
+}
