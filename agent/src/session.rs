@@ -442,10 +442,23 @@ pub(crate) fn maintain(
             if let Some(r) = repunching {
                 r.abort();
             }
+            // `closed()` resolves at a local close too, before quinn has
+            // sent the CONNECTION_CLOSE (and while it may repeat it,
+            // draining): the route must outlive that, or the close is
+            // dropped unrouted and the peer holds a dead connection until
+            // its idle timeout.
+            tokio::time::sleep(close_grace(conn.rtt())).await;
             release(&inner, v);
         }
         .instrument(span),
     );
+}
+
+/// How long a closed connection's route is kept: quinn drains a closed
+/// connection for three probe timeouts (about 1.5 RTT + 25 ms each),
+/// answering the peer's packets with the close again.
+fn close_grace(rtt: Duration) -> Duration {
+    (rtt * 6 + Duration::from_millis(100)).min(Duration::from_secs(3))
 }
 
 /// An ack-eliciting packet on the (maybe new) path: quinn declares what the

@@ -615,3 +615,13 @@ impl RawClient {
         }
     }
 }
+
+/// The `p` quantile (0 to 1, nearest rank) of `v`, sorting it; `None` when
+/// it is empty.
+pub fn quantile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[((v.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize])
+}

@@ -3,7 +3,9 @@
 
 pub mod chaos;
 pub mod demo;
+pub mod flood;
 pub mod harness;
 pub mod lab;
 pub mod load;
+pub mod slow_clients;
 pub mod stunbench;

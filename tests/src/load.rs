@@ -37,7 +37,7 @@ pub struct LoadReport {
 }
 
 /// Resident memory and CPU ticks of a process, from /proc.
-fn proc_stats(pid: u32) -> (f64, u64) {
+pub(crate) fn proc_stats(pid: u32) -> (f64, u64) {
     let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

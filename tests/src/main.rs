@@ -204,6 +204,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send forged and malformed datagrams at a punch-server's UDP port
+    /// (one socket, as fast as it sends) while real agents connect by id N
+    /// times, and report connects, their times beside a baseline without
+    /// the flood, and what the server refused and forwarded (loopback;
+    /// exits 1 when a connect failed or anything was forwarded).
+    ChaosFlood {
+        #[arg(long, default_value_t = 100)]
+        connects: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold N slow-loris clients against a punch-server's TCP ports (half
+    /// trickle an HTTP request head at the HTTP listener, half a TLS record
+    /// at the TLS port, a byte a second) and report whether the server
+    /// closed them all at its deadlines, its memory, and how /healthz and a
+    /// real agent over the TLS port fared meanwhile (loopback; exits 1 when
+    /// a client was never closed or others were not served).
+    ChaosSlow {
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        /// The server's --header-timeout-secs.
+        #[arg(long, default_value_t = 10)]
+        header_timeout_secs: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Kill a punch-server (SIGKILL) under N simulated agents, start it
     /// again on the same port and data directory after DOWN_MS, and report
     /// how many registered again and how fast (loopback; exits 1 when any
@@ -739,6 +767,62 @@ fn main() -> Result<()> {
                 );
             }
             if r.lost > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::ChaosFlood { connects, json } => {
+            let r = punch_lab::flood::run_flood(connects)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let ms = |v: Option<f64>| {
+                    v.map(|v| format!("{v:.1} ms"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{} of {} connects during the flood ({} direct): p50 {} p99 {} (without the flood p50 {}); {} forged datagrams in {:.1} s ({:.0}/s); the server refused {} relay frames, forwarded {} packets, answered {} STUN requests ({} dropped)",
+                    r.connected, r.connects, r.direct, ms(r.connect_p50_ms), ms(r.connect_p99_ms),
+                    ms(r.baseline_p50_ms), r.datagrams, r.flood_secs, r.datagrams_per_sec,
+                    r.relay_refused, r.forwarded_packets, r.stun_requests, r.stun_dropped
+                );
+            }
+            if r.connected < r.connects || r.forwarded_packets > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::ChaosSlow {
+            clients,
+            header_timeout_secs,
+            json,
+        } => {
+            let r = runtime()?.block_on(punch_lab::slow_clients::run_slow(
+                clients,
+                header_timeout_secs,
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let ms = |v: Option<f64>| {
+                    v.map(|v| format!("{v:.1} ms"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{} slow clients ({} connected): the server closed {} (the last after {}), {} still open; server memory {:.1} MiB before, {:.1} held, {:.1} after; meanwhile /healthz {}/{} answered (p50 {} p99 {}), an agent over the TLS port {} in {:.0} ms; counters: {} HTTP and {} TLS-port head timeouts, {} TLS handshake failures, {} refused at a cap",
+                    r.clients, r.connected, r.closed_by_server,
+                    r.last_closed_secs.map(|v| format!("{v:.1} s")).unwrap_or_else(|| "-".into()),
+                    r.still_open, r.rss_before_mib, r.rss_held_mib, r.rss_after_mib,
+                    r.healthz_ok, r.healthz_asked, ms(r.healthz_p50_ms), ms(r.healthz_p99_ms),
+                    if r.agent_over_tls_ok { "registered" } else { "FAILED" }, r.agent_over_tls_ms,
+                    r.http_header_timeouts, r.tcp_header_timeouts, r.tls_failures, r.refused_full
+                );
+            }
+            if r.still_open > 0
+                || r.healthz_ok < r.healthz_asked
+                || !r.agent_over_tls_ok
+                || r.connected < r.clients
+            {
                 std::process::exit(1);
             }
             Ok(())

@@ -197,35 +197,9 @@ fn malformed_datagram_flood_does_not_stop_a_connect() {
     let flood = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let mut sent = 0u64;
-            let mut x: u64 = 0x9e3779b97f4a7c15;
             // Bounded in count and time.
-            let end = std::time::Instant::now() + Duration::from_secs(20);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && sent < 200_000
-                && std::time::Instant::now() < end
-            {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let len = (x % 1400) as usize + 1;
-                let mut buf = vec![0u8; len];
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = (x >> (i % 8 * 8)) as u8 ^ i as u8;
-                }
-                // Some look like QUIC long headers, some like probes, some
-                // like relay frames.
-                match x % 4 {
-                    0 => buf[0] = 0xc0 | (buf[0] & 0x3f),
-                    1 if len >= 4 => buf[..4].copy_from_slice(&punch_protocol::probe::MAGIC),
-                    2 if len >= 4 => buf[..4].copy_from_slice(&punch_protocol::relay::MAGIC),
-                    _ => {}
-                }
-                let _ = sock.send_to(&buf, target);
-                sent += 1;
-            }
-            sent
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            punch_lab::flood::forged_datagrams(target, &stop, 200_000, until).unwrap()
         })
     };
     for _ in 0..3 {
@@ -489,4 +463,48 @@ fn load_generator_holds_agents_and_measures_offers() {
     let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-lab").unwrap());
     cmd.args(["load", "--agents", "1"]);
     assert_ne!(run(cmd, T).unwrap().code, Some(0));
+}
+
+/// A dialer that closes its connection and exits tells the peer so: the
+/// CONNECTION_CLOSE goes out on the path before the path is forgotten. (It
+/// once raced the path's release: the close was dropped unrouted about
+/// half the time, and the peer held a dead connection until its idle
+/// timeout, moving it to the relay after 2.5 s of silence.)
+#[test]
+fn a_dialer_that_exits_closes_its_connection_at_the_peer() {
+    let dir = tmp();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s
+        .serve(dir.path(), "worker-b", &["--no-nat-check"])
+        .unwrap();
+    let log = dir.path().join("worker-b.log");
+    let closes = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("peer connection closed"))
+            .map(str::to_string)
+            .collect()
+    };
+    let runs = 10;
+    for i in 1..=runs {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["--no-nat-check", "connect", "worker-b", "--json"]);
+        let r = run(cmd, T).unwrap();
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(r.json().unwrap()["path"], "direct");
+        // The peer logs the end of each connection: with the dialer's own
+        // close, not after a timeout or a stateless reset. Bounded wait for
+        // its line (the log is the agent's stderr).
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while closes().len() < i && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seen = closes();
+        assert_eq!(seen.len(), i, "{seen:#?}");
+        assert!(seen[i - 1].contains("closed by peer: done"), "{seen:#?}");
+    }
+    // And the server relayed nothing for any of them.
+    let health: serde_json::Value = serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap();
+    assert_eq!(health["relay"]["forwarded_packets"], 0, "{health}");
 }
