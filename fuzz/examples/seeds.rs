@@ -282,6 +282,7 @@ fn cluster_seeds() {
         candidates: candidates(),
         nat: Some(nat()),
         tcp_only: false,
+        seen: Some("203.0.113.7".parse().unwrap()),
     };
     let connect = Bus::Connect {
         corr: 9,

@@ -24,9 +24,33 @@ pub struct PeerCard {
     pub candidates: Vec<Candidate>,
     pub nat: Option<NatClass>,
     pub tcp_only: bool,
+    /// The address its own server sees it at (for the candidate policy;
+    /// absent from older servers).
+    #[serde(default)]
+    pub seen: Option<std::net::IpAddr>,
 }
 
 impl PeerCard {
+    /// Its candidates that may go to a peer seen at `peer_seen` under
+    /// `policy`; from a card without `seen`, under a strict policy, only
+    /// the address its server observed.
+    pub fn offered(
+        &self,
+        policy: crate::signal::CandidatePolicy,
+        peer_seen: std::net::IpAddr,
+    ) -> Vec<Candidate> {
+        match self.seen {
+            Some(seen) => policy.filter(self.candidates.clone(), seen, Some(peer_seen)),
+            None if policy == crate::signal::CandidatePolicy::Open => self.candidates.clone(),
+            None => self
+                .candidates
+                .iter()
+                .filter(|c| c.kind == crate::signal::CandidateKind::ServerReflexive)
+                .copied()
+                .collect(),
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         validate_worker_id(&self.id).map_err(|e| e.to_string())?;
         if self.candidates.len() > MAX_CANDIDATES + 1 {
@@ -228,6 +252,29 @@ mod tests {
     }
 
     #[test]
+    fn a_card_from_an_older_server_offers_only_what_its_server_saw_when_strict() {
+        use crate::signal::CandidatePolicy;
+        // An older server's card: no `seen`.
+        let json = br#"{"id":"a","key":[3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3],
+            "candidates":[{"addr":"192.0.2.1:5","kind":"ServerReflexive"},{"addr":"198.51.100.9:80","kind":"Local"}],
+            "nat":null,"tcp_only":false}"#;
+        let card: PeerCard = serde_json::from_slice(json).unwrap();
+        assert_eq!(card.seen, None);
+        let peer = "203.0.113.1".parse().unwrap();
+        assert_eq!(card.offered(CandidatePolicy::Open, peer).len(), 2);
+        let strict = card.offered(CandidatePolicy::Explained, peer);
+        assert_eq!(strict.len(), 1);
+        assert_eq!(strict[0].kind, CandidateKind::ServerReflexive);
+        // With `seen`, the policy decides.
+        let card = PeerCard {
+            seen: Some("192.0.2.1".parse().unwrap()),
+            ..card
+        };
+        let strict = card.offered(CandidatePolicy::Explained, peer);
+        assert_eq!(strict.len(), 1);
+    }
+
+    #[test]
     fn bus_messages_round_trip_and_are_checked() {
         let card = PeerCard {
             id: "a".into(),
@@ -238,6 +285,7 @@ mod tests {
             }],
             nat: None,
             tcp_only: false,
+            seen: Some("192.0.2.1".parse().unwrap()),
         };
         let m = Bus::Connect {
             corr: 9,

@@ -6,7 +6,7 @@
 //! that the answer repeats; offers are pushed unsolicited.
 
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// Longest worker id accepted.
 pub const MAX_WORKER_ID: usize = 64;
@@ -469,6 +469,81 @@ pub fn usable_candidate(addr: SocketAddr, observed: SocketAddr) -> bool {
         && !loopback_elsewhere
 }
 
+/// Which of an agent's candidates a server hands to its peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CandidatePolicy {
+    /// Every [`usable_candidate`]: for servers whose agents are the
+    /// operator's own (the default).
+    #[default]
+    Open,
+    /// For public servers, where agents may lie: only addresses the server
+    /// can explain from what it sees itself ([`explained_candidate`]), so
+    /// no agent can point its peers' probes at a third party.
+    Explained,
+}
+
+impl std::str::FromStr for CandidatePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "open" => Ok(CandidatePolicy::Open),
+            "explained" => Ok(CandidatePolicy::Explained),
+            _ => Err(format!("{s:?} is not a candidate policy (open, explained)")),
+        }
+    }
+}
+
+impl CandidatePolicy {
+    /// Keeps the candidates of an agent the server sees at `owner_seen` that
+    /// may be handed to a peer it sees at `peer_seen` (unknown: `None`).
+    pub fn filter(
+        self,
+        candidates: Vec<Candidate>,
+        owner_seen: IpAddr,
+        peer_seen: Option<IpAddr>,
+    ) -> Vec<Candidate> {
+        match self {
+            CandidatePolicy::Open => candidates,
+            CandidatePolicy::Explained => candidates
+                .into_iter()
+                .filter(|c| explained_candidate(c.addr.ip(), owner_seen, peer_seen))
+                .collect(),
+        }
+    }
+}
+
+/// Does what the server sees explain a candidate at `ip` of an agent it
+/// sees at `owner_seen`, offered to a peer it sees at `peer_seen`? The
+/// agent's own public address (any port: its NAT's other mappings, port
+/// predictions, mapped ports, STUN answers from elsewhere); a private,
+/// shared (CGNAT) or link-local address only when the peer is seen at the
+/// same public address (behind the same NAT, so on the same network); a
+/// global IPv6 address in the /64 of the agent's own IPv6 address. Anything
+/// else the agent could have made up.
+pub fn explained_candidate(ip: IpAddr, owner_seen: IpAddr, peer_seen: Option<IpAddr>) -> bool {
+    let (ip, owner) = (ip.to_canonical(), owner_seen.to_canonical());
+    if ip == owner {
+        return true;
+    }
+    let same_nat = peer_seen.is_some_and(|p| p.to_canonical() == owner);
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let shared = o[0] == 100 && (o[1] & 0xc0) == 64;
+            (v4.is_private() || v4.is_link_local() || shared) && same_nat
+        }
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            let local = (seg[0] & 0xfe00) == 0xfc00 || (seg[0] & 0xffc0) == 0xfe80;
+            if local {
+                return same_nat;
+            }
+            matches!(owner, IpAddr::V6(o) if o.segments()[..4] == seg[..4])
+        }
+    }
+}
+
 impl Hello {
     /// Checks the bounded fields of a hello.
     pub fn validate(&self) -> Result<(), String> {
@@ -515,5 +590,58 @@ mod tests {
         assert_eq!(validate_worker_id("a b"), Err(NameError::BadChar));
         assert_eq!(validate_worker_id("ü"), Err(NameError::BadChar));
         assert_eq!(validate_worker_id(&"x".repeat(65)), Err(NameError::TooLong));
+    }
+
+    #[test]
+    fn only_explained_candidates_pass_the_strict_policy() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let owner = ip("203.0.113.7");
+        let ok = |c: &str, peer: Option<&str>| explained_candidate(ip(c), owner, peer.map(ip));
+        // Its own public address, any port; mapped as IPv6.
+        assert!(ok("203.0.113.7", None));
+        assert!(ok("::ffff:203.0.113.7", Some("198.51.100.1")));
+        // A third party's address: never.
+        assert!(!ok("198.51.100.9", None));
+        assert!(!ok("198.51.100.9", Some("203.0.113.7")));
+        // Private, shared and link-local ones: only behind the same NAT.
+        for c in [
+            "10.1.2.3",
+            "172.16.0.9",
+            "192.168.1.1",
+            "100.64.3.4",
+            "169.254.1.1",
+        ] {
+            assert!(ok(c, Some("203.0.113.7")), "{c}");
+            assert!(!ok(c, Some("198.51.100.1")), "{c}");
+            assert!(!ok(c, None), "{c}");
+        }
+        assert!(!ok("100.128.0.1", Some("203.0.113.7")), "outside 100.64/10");
+        // IPv6: the owner's /64 only; ULA and link-local behind the same NAT.
+        let v6 = ip("2001:db8:1:2::5");
+        assert!(explained_candidate(ip("2001:db8:1:2::99"), v6, None));
+        assert!(!explained_candidate(ip("2001:db8:1:3::99"), v6, None));
+        assert!(
+            !ok("2001:db8:1:2::99", None),
+            "an IPv4-seen owner explains no IPv6"
+        );
+        assert!(ok("fd00::1", Some("203.0.113.7")));
+        assert!(ok("fe80::1", Some("203.0.113.7")));
+        assert!(!ok("fd00::1", Some("198.51.100.1")));
+        let c = |a: &str| Candidate {
+            addr: a.parse().unwrap(),
+            kind: CandidateKind::Local,
+        };
+        let all = vec![
+            c("203.0.113.7:4000"),
+            c("198.51.100.9:80"),
+            c("10.0.0.2:4000"),
+        ];
+        assert_eq!(CandidatePolicy::Open.filter(all.clone(), owner, None), all);
+        assert_eq!(
+            CandidatePolicy::Explained.filter(all.clone(), owner, None),
+            vec![all[0]]
+        );
+        assert_eq!("explained".parse(), Ok(CandidatePolicy::Explained));
+        assert!("strict".parse::<CandidatePolicy>().is_err());
     }
 }

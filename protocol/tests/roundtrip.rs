@@ -267,13 +267,15 @@ fn card() -> impl Strategy<Value = PeerCard> {
         vec(candidate(), 0..4),
         option::of(nat()),
         any::<bool>(),
+        option::of(addr()),
     )
-        .prop_map(|(id, key, candidates, nat, tcp_only)| PeerCard {
+        .prop_map(|(id, key, candidates, nat, tcp_only, seen)| PeerCard {
             id,
             key,
             candidates,
             nat,
             tcp_only,
+            seen: seen.map(|a| a.ip()),
         })
 }
 

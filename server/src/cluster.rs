@@ -788,6 +788,7 @@ fn introduce_remote(
         candidates: t.candidates(),
         nat: t.nat,
         tcp_only: t.tcp_only(),
+        seen: Some(t.observed.ip()),
     };
     let offer = Offer {
         req: None,
@@ -796,7 +797,7 @@ fn introduce_remote(
         role: Role::Controlled,
         peer_id: requester.id.clone(),
         peer_key: requester.key,
-        peer_candidates: requester.candidates,
+        peer_candidates: requester.offered(shared.config.candidates, t.observed.ip()),
         start_in_ms: 0,
         relay,
         peer_nat: requester.nat,
@@ -899,8 +900,10 @@ async fn connect_remote_inner(
             candidates: o.candidates(),
             nat: o.nat,
             tcp_only: o.tcp_only(),
+            seen: Some(o.observed.ip()),
         }
     };
+    let requester_seen = card.seen.expect("set just above");
     let requester_nat = card.nat;
     let intro = cluster
         .route_connect(&server, card, target, shared.relay.is_some())
@@ -936,7 +939,9 @@ async fn connect_remote_inner(
         role: Role::Controlling,
         peer_id: target.to_string(),
         peer_key: intro.target.key,
-        peer_candidates: intro.target.candidates,
+        peer_candidates: intro
+            .target
+            .offered(shared.config.candidates, requester_seen),
         start_in_ms: 0,
         relay,
         peer_nat: intro.target.nat,

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub max_tcp_clients: usize,
     /// Bytes per second one TCP client may relay; 0 is unlimited.
     pub tcp_rate: u64,
+    /// Which of an agent's candidates go to its peers.
+    pub candidates: punch_protocol::signal::CandidatePolicy,
     /// Most connections the HTTP listener holds at once.
     pub max_http_conns: usize,
     /// Time a client has to send a request's head, on the HTTP listener
@@ -106,6 +108,7 @@ impl ServerConfig {
             tcp_listen: TcpListen::SameAsUdp,
             max_tcp_clients: 10_000,
             tcp_rate: 1024 << 20,
+            candidates: punch_protocol::signal::CandidatePolicy::Open,
             max_http_conns: serving::MAX_HTTP_CONNS,
             header_timeout: serving::HEADER_TIMEOUT,
             cluster: None,

@@ -66,6 +66,14 @@ struct RunArgs {
     /// Do not serve HTTP.
     #[arg(long)]
     no_http: bool,
+    /// Which of an agent's candidates its peers are given: `open` (every
+    /// usable one, for your own agents) or `explained` (public servers:
+    /// only addresses the server can explain from what it sees: the
+    /// agent's own public address, private ones toward a peer behind the
+    /// same public address, IPv6 in the agent's own /64; an agent cannot
+    /// point its peers' probes at a third party).
+    #[arg(long, env = "PUNCH_CANDIDATES", default_value = "open")]
+    candidates: punch_protocol::signal::CandidatePolicy,
     /// Most connections the HTTP listener holds at once (long-polls and
     /// WebSockets forwarded by a front each hold one); more are closed at
     /// accept and counted (`punch_http_refused_full_total`).
@@ -246,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--max-http-conns must be between 1 and 1000000");
     }
     cfg.max_http_conns = a.max_http_conns;
+    cfg.candidates = a.candidates;
     if !(1..=3600).contains(&a.header_timeout_secs) {
         anyhow::bail!("--header-timeout-secs must be between 1 and 3600");
     }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub connect_rate_limited: AtomicU64,
     /// Queries refused because their connection had its share in flight.
     pub queries_refused: AtomicU64,
+    /// Candidates kept out of offers by `--candidates explained`.
+    pub candidates_unexplained: AtomicU64,
     /// Outcomes by the NAT classes of requester and target.
     pub nat_pairs: Mutex<NatPairs>,
     /// Time to connect as the agents report it.
@@ -203,6 +205,11 @@ pub fn prometheus(s: &crate::Shared) -> String {
             "direct_via_mapped",
             "Direct connections through a port the gateway mapped on request (PCP, NAT-PMP, UPnP)",
             m.direct_via_mapped,
+        ),
+        (
+            "candidates_unexplained",
+            "Candidates kept out of offers: nothing the server saw explains them (--candidates explained)",
+            m.candidates_unexplained,
         ),
     ] {
         reg.register(name, help, ConstCounter::new(v));
@@ -466,6 +473,7 @@ pub struct MetricsSnapshot {
     pub registrations_tcp: u64,
     pub connect_rate_limited: u64,
     pub queries_refused: u64,
+    pub candidates_unexplained: u64,
 }
 
 /// Adds one to a counter.
@@ -497,6 +505,7 @@ impl Metrics {
             registrations_tcp: g(&self.registrations_tcp),
             connect_rate_limited: g(&self.connect_rate_limited),
             queries_refused: g(&self.queries_refused),
+            candidates_unexplained: g(&self.candidates_unexplained),
         }
     }
 }

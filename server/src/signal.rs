@@ -853,6 +853,33 @@ fn query_answer(req: u32, query: Query, shared: &Arc<Shared>) -> ServerMsg {
     ServerMsg::Workers { req, workers }
 }
 
+/// `owner`'s candidates as offered to `peer`, under the server's candidate
+/// policy; what the policy keeps back is counted.
+fn offered<H>(
+    shared: &Shared,
+    owner: &crate::registry::Online<H>,
+    peer: &crate::registry::Online<H>,
+) -> Vec<punch_protocol::signal::Candidate> {
+    let all = owner.candidates();
+    let n = all.len();
+    let kept = shared
+        .config
+        .candidates
+        .filter(all, owner.observed.ip(), Some(peer.observed.ip()));
+    if kept.len() < n {
+        shared.metrics.candidates_unexplained.fetch_add(
+            (n - kept.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        debug!(
+            kept = kept.len(),
+            of = n,
+            "candidates the server cannot explain were not offered"
+        );
+    }
+    kept
+}
+
 fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<ServerMsg> {
     let reg = shared.registry.lock().expect("not poisoned");
     let intro = match reg.introduce(id, target) {
@@ -904,7 +931,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         role: Role::Controlled,
         peer_id: id.to_string(),
         peer_key: intro.requester_key,
-        peer_candidates: intro.requester.candidates(),
+        peer_candidates: offered(shared, intro.requester, intro.target),
         start_in_ms: 0,
         relay,
         peer_nat: intro.requester.nat,
@@ -917,7 +944,7 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
         role: Role::Controlling,
         peer_id: target.to_string(),
         peer_key: intro.target_key,
-        peer_candidates: intro.target.candidates(),
+        peer_candidates: offered(shared, intro.target, intro.requester),
         start_in_ms: 0,
         relay,
         peer_nat: intro.target.nat,

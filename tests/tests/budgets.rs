@@ -300,3 +300,52 @@ async fn a_peer_cannot_steer_more_than_the_probe_budget_at_a_third_party() {
         v.abort();
     }
 }
+
+/// `--candidates explained`: an agent that names a third party's address
+/// (and a private one) as its candidates gets the third party kept out of
+/// its peers' offers, and counted; the default passes every usable one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_server_offers_only_candidates_it_can_explain() {
+    use punch_protocol::signal::{Candidate, CandidateKind};
+    let local = |a: &str| Candidate {
+        addr: a.parse().unwrap(),
+        kind: CandidateKind::Local,
+    };
+    let forged = vec![
+        local("198.51.100.9:80"),
+        local("10.9.9.9:4000"),
+        local("127.0.0.1:5555"),
+    ];
+    for (policy, third_party_offered) in [("explained", false), ("open", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ServerProc::start(dir.path(), &["--candidates", policy]).unwrap();
+        let mut liar = Raw::register_with(&s, "liar", forged.clone()).await;
+        let mut peer = Raw::register(&s, "peer").await;
+        let ServerMsg::Offer(o) = peer.connect(1, "liar").await else {
+            panic!("expected an offer");
+        };
+        liar.offer().await;
+        let addrs: Vec<String> = o
+            .peer_candidates
+            .iter()
+            .map(|c| c.addr.to_string())
+            .collect();
+        assert_eq!(
+            addrs.contains(&"198.51.100.9:80".to_string()),
+            third_party_offered,
+            "{policy}: {addrs:?}"
+        );
+        // Its own address (another port) and, toward a peer at the same
+        // public address, its private one are explained.
+        assert!(
+            addrs.contains(&"127.0.0.1:5555".to_string()),
+            "{policy}: {addrs:?}"
+        );
+        assert!(
+            addrs.contains(&"10.9.9.9:4000".to_string()),
+            "{policy}: {addrs:?}"
+        );
+        let kept_back = metric(&s, "punch_candidates_unexplained_total");
+        assert_eq!(kept_back, u64::from(!third_party_offered), "{policy}");
+    }
+}
