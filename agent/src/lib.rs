@@ -336,6 +336,11 @@ impl Drop for TaskGuard {
 /// Incoming peer connections queued before [`Agent::accept`] takes them.
 const INCOMING_QUEUE: usize = 64;
 
+/// How long [`Agent::close`] gives connections it does not hold (the
+/// application's, unless it closed them with `PeerConnection::close`) to
+/// send their CONNECTION_CLOSE frames: their drivers do at once.
+const CLOSE_FLUSH: Duration = Duration::from_millis(5);
+
 fn anon_id() -> String {
     format!("anon-{:016x}", rand::random::<u64>())
 }
@@ -764,30 +769,41 @@ impl Agent {
         self.inner.incoming_rx.lock().await.recv().await
     }
 
-    /// Closes every connection.
+    /// Closes every connection: deregisters (the server has the queued
+    /// outcome reports and the goodbye, about one round trip), gives a
+    /// mapped port back, and sends every connection's CONNECTION_CLOSE,
+    /// without waiting for the connections to drain.
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::SeqCst);
         // Dropping the control sender ends the signaling writer, which
         // delivers what is queued (outcome reports) before we close.
         let control = self.inner.control.lock().expect("not poisoned").take();
-        if let Some(c) = control {
-            // Deregister at once rather than go stale.
-            let _ = c.try_send(ClientMsg::Bye);
-            drop(c);
-            let mut stopped = self.inner.signal_stopped.subscribe();
-            let _ =
-                tokio::time::timeout(Duration::from_millis(1500), stopped.wait_for(|s| *s)).await;
-        }
-        // Give the gateway's port back (bounded: a silent gateway costs
-        // at most a second).
-        if let Some(mut h) = self.inner.portmap.lock().await.take() {
-            h.shutdown(Duration::from_millis(1500)).await;
-        }
+        let deregister = async {
+            if let Some(c) = control {
+                // Deregister at once rather than go stale.
+                let _ = c.try_send(ClientMsg::Bye);
+                drop(c);
+                let mut stopped = self.inner.signal_stopped.subscribe();
+                let limit = Duration::from_millis(1500);
+                let _ = tokio::time::timeout(limit, stopped.wait_for(|s| *s)).await;
+            }
+        };
+        // Give the gateway's port back, meanwhile (bounded: a silent
+        // gateway costs at most 1.5 s).
+        let unmap = async {
+            if let Some(mut h) = self.inner.portmap.lock().await.take() {
+                h.shutdown(Duration::from_millis(1500)).await;
+            }
+        };
+        tokio::join!(deregister, unmap);
         self.inner
             .endpoint
             .close(punch_protocol::close::DONE.into(), b"agent shutting down");
-        let _ =
-            tokio::time::timeout(Duration::from_millis(500), self.inner.endpoint.wait_idle()).await;
+        // Each connection sends its CONNECTION_CLOSE at its driver's next
+        // poll; waiting for them to drain (three probe timeouts, ~0.5 s at
+        // 40 ms RTT) would only hold the caller. A peer that misses the
+        // close learns it from its idle timeout.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, self.inner.endpoint.wait_idle()).await;
     }
 }
 

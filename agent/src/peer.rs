@@ -223,7 +223,30 @@ impl Pinger {
     }
 }
 
+/// Longest [`close_now`] waits for the close to leave.
+const CLOSE_SENT_WAIT: Duration = Duration::from_millis(100);
+
+/// Closes `conn` and returns once its CONNECTION_CLOSE has been handed to
+/// the socket (at most [`CLOSE_SENT_WAIT`]): not for an acknowledgement,
+/// nor for the draining period (three probe timeouts) after it.
+pub(crate) async fn close_now(conn: &quinn::Connection, code: u32, reason: &[u8]) {
+    let before = conn.stats().udp_tx.datagrams;
+    conn.close(code.into(), reason);
+    let until = tokio::time::Instant::now() + CLOSE_SENT_WAIT;
+    // quinn has no event for "sent"; its counters tell within a tick.
+    while conn.stats().udp_tx.datagrams == before && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 impl PeerConnection {
+    /// Closes the connection (code `DONE`) and returns once the peer has
+    /// been told, without waiting for the connection to drain: what a
+    /// program that exits next should call.
+    pub async fn close(&self) {
+        close_now(&self.conn, punch_protocol::close::DONE, b"done").await;
+    }
+
     /// The path in use now: it moves from the relay to a direct path as
     /// soon as one is validated, without a new connection.
     pub fn path_now(&self) -> (PathKind, Option<SocketAddr>) {

@@ -25,6 +25,10 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
+/// How long a closing agent waits for the server to acknowledge its
+/// goodbye before it closes the connection.
+const GOODBYE_ACK: Duration = Duration::from_millis(10);
+
 /// Runs the signaling connection for the agent's lifetime.
 pub(crate) async fn run(inner: Arc<Inner>) {
     let span = info_span!("signal", worker = %inner.worker_id);
@@ -309,6 +313,10 @@ async fn quic_channel(inner: &Arc<Inner>, server: &str) -> Result<Channel, Agent
     };
     let addr = resolve(server).await?;
     *inner.server_addr.lock().expect("not poisoned") = Some(addr);
+    // The NAT check's tests go out beside the handshake (from sockets of
+    // their own): a fresh agent's mapping is then known about when it
+    // registers, and its first connect need not wait for it.
+    classify_nat(inner);
     let conn = quic_handshake(inner, addr, inner.config.server_connect_timeout).await?;
     let (send, recv) = conn
         .open_bi()
@@ -504,9 +512,17 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.report_nat(nat);
                     }
-                    None => debug!("NAT not classified: no STUN answer"),
+                    None => {
+                        debug!("NAT not classified: no STUN answer");
+                        // Perhaps the server was not up yet: the next
+                        // registration tries again.
+                        inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
                 },
-                Err(e) => debug!("NAT check failed: {e}"),
+                Err(e) => {
+                    debug!("NAT check failed: {e}");
+                    inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             inner.nat_done.send_replace(true);
         }
@@ -669,6 +685,17 @@ fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr)
     }
     inner.channel_changes.send_modify(|n| *n += 1);
     classify_nat(inner);
+    // A counter advertised while the hello was on its way reached no
+    // server: say it again on this channel.
+    if inner
+        .counter
+        .lock()
+        .expect("not poisoned")
+        .counter
+        .is_some()
+    {
+        inner.announce_candidates();
+    }
 }
 
 async fn session(
@@ -687,10 +714,13 @@ async fn session(
                 return format!("write failed: {e}");
             }
         }
-        // The agent is closing: deliver what was queued (outcome reports)
-        // before the connection goes.
+        // The agent is closing: what was queued (outcome reports, the
+        // goodbye) is on its way. Its acknowledgement is given a moment
+        // (older servers need the goodbye itself), not a round trip: a
+        // server takes the DONE close that follows as the goodbye.
         let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        let _ = tokio::time::timeout(GOODBYE_ACK, send.stopped()).await;
+        crate::peer::close_now(conn, punch_protocol::close::DONE, b"agent shutting down").await;
         "agent stopped".to_string()
     };
     let reader = async {

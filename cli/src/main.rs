@@ -762,10 +762,7 @@ async fn forward(
             }
         });
     }
-    pc.lock()
-        .await
-        .conn
-        .close(punch_protocol::close::DONE.into(), b"done");
+    pc.lock().await.close().await;
     agent.close().await;
     Ok(())
 }
@@ -773,7 +770,7 @@ async fn forward(
 async fn files(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
     let (agent, pc) = connect_timed(c, target, timeout).await?;
     let r = punch_agent::files::list(&pc).await;
-    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
+    pc.close().await;
     agent.close().await;
     let listing = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
     for p in &listing.problems {
@@ -843,7 +840,7 @@ async fn get(
     };
     let r = punch_agent::files::get(&pc, name, &out, &progress).await;
     bar.finish_and_clear();
-    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
+    pc.close().await;
     agent.close().await;
     let (size, resumed, hash) = r.map_err(|e| match e {
         punch_agent::files::FileError::Io(m) => AgentError::Io(m),
@@ -1066,7 +1063,7 @@ async fn connect(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(
             transport.as_str(),
         );
     }
-    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
+    pc.close().await;
     agent.close().await;
     Ok(())
 }
@@ -1136,7 +1133,7 @@ async fn bench(
     } else {
         println!("download: {down:9.1} MB/s ({:.0} Mbit/s)", down * 8.0);
     }
-    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
+    pc.close().await;
     agent.close().await;
     Ok(())
 }
@@ -1230,7 +1227,7 @@ async fn ping(
     } else {
         println!("{count} round trips: min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms");
     }
-    pc.conn.close(punch_protocol::close::DONE.into(), b"done");
+    pc.close().await;
     agent.close().await;
     Ok(())
 }

@@ -93,6 +93,14 @@ impl Link<'_> {
         }
     }
 
+    /// Did the agent close the channel as it does when it shuts down?
+    fn shut_down(&self) -> bool {
+        match self {
+            Link::Quic { conn, .. } => shut_down(conn),
+            Link::Tcp(_) => false,
+        }
+    }
+
     /// The peer's current address, where it can change under the channel
     /// (QUIC follows NAT rebinding; a TCP connection cannot).
     fn rebinding_addr(&self) -> Option<std::net::SocketAddr> {
@@ -266,6 +274,15 @@ pub fn error_close_code(code: ErrorCode) -> quinn::VarInt {
     (0x100 + n).into()
 }
 
+/// Did the agent close the connection as it does when it shuts down?
+fn shut_down(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(punch_protocol::close::DONE)
+    )
+}
+
 async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>) {
     let Some(key) = punch_tls::peer_key(&conn) else {
         conn.close(error_close_code(ErrorCode::BadRequest), b"no client key");
@@ -304,15 +321,17 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
         .map(|_| exporter);
     let (in_tx, in_rx) = mpsc::channel::<Box<Incoming>>(16);
     // The reader runs as its own task so a slow peer write cannot stall it.
+    let closed = conn.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let r = read_frame::<ClientMsg>(&mut recv, MAX_FRAME)
-                .await
-                .map_err(|e| match e {
-                    FrameError::Codec(c) => ReadEnd::Malformed(c.to_string()),
-                    e => ReadEnd::Closed(e.to_string()),
-                });
-            let stop = r.is_err();
+            let (r, stop) = match read_frame::<ClientMsg>(&mut recv, MAX_FRAME).await {
+                Ok(m) => (Ok(m), false),
+                Err(FrameError::Codec(c)) => (Err(ReadEnd::Malformed(c.to_string())), true),
+                // An agent shutting down closes with DONE: as good as a
+                // goodbye (its Bye may still have been in flight).
+                Err(_) if shut_down(&closed) => (Ok(ClientMsg::Bye), true),
+                Err(e) => (Err(ReadEnd::Closed(e.to_string())), true),
+            };
             if in_tx.send(Box::new(r)).await.is_err() || stop {
                 break;
             }
@@ -697,7 +716,7 @@ async fn session_loop(
                     link.send(&ServerMsg::AddressChanged { observed: now }).await?;
                 }
             }
-            e = link.closed() => return Err(e),
+            e = link.closed() => return if link.shut_down() { Ok(true) } else { Err(e) },
         }
     }
 }

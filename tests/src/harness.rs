@@ -548,6 +548,17 @@ impl RawClient {
         name: &str,
         local_candidates: Vec<punch_protocol::signal::Candidate>,
     ) -> RawClient {
+        Self::register_opts(s, name, local_candidates, true).await
+    }
+
+    /// Registers `name` offering `local_candidates`; a worker that is not
+    /// `ephemeral` goes stale when its connection drops uncleanly.
+    pub async fn register_opts(
+        s: &ServerProc,
+        name: &str,
+        local_candidates: Vec<punch_protocol::signal::Candidate>,
+        ephemeral: bool,
+    ) -> RawClient {
         let id = punch_tls::Identity::generate().unwrap();
         let cfg = punch_tls::client_config(
             &id,
@@ -570,7 +581,7 @@ impl RawClient {
                 worker_id: name.into(),
                 public_key: id.public_key(),
                 token_proof: None,
-                ephemeral: true,
+                ephemeral,
                 local_candidates,
                 metadata: vec![],
                 kind: None,
@@ -582,6 +593,11 @@ impl RawClient {
             punch_protocol::signal::ServerMsg::Welcome { .. } => raw,
             m => panic!("{name}: expected a welcome, got {m:?}"),
         }
+    }
+
+    /// Closes the connection with application `code` (nothing else sent).
+    pub fn close(&self, code: u32) {
+        self._conn.close(code.into(), b"raw close");
     }
 
     /// Sends one message.

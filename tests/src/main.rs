@@ -420,11 +420,13 @@ fn main() -> Result<()> {
                     let o =
                         |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
                     println!(
-                        "{name:<6} {}/{} ok; start to first round trip: median {} ms, p95 {} ms; connect: median {} ms, p95 {} ms{}; paths {:?}{}",
+                        "{name:<6} {}/{} ok; start to first round trip: median {} ms, p95 {} ms; to exit: median {} ms, p95 {} ms; connect: median {} ms, p95 {} ms{}; paths {:?}{}",
                         f.ok,
                         f.runs,
                         o(f.total_median_ms),
                         o(f.total_p95_ms),
+                        o(f.wall_median_ms),
+                        o(f.wall_p95_ms),
                         o(f.connect_median_ms),
                         o(f.connect_p95_ms),
                         f.setup_median_ms

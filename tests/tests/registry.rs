@@ -469,3 +469,41 @@ fn bindings_survive_restarts_until_forgotten_and_agents_report_status() {
     std::fs::copy(dir.path().join("other.key"), dir2.path().join("keeper.key")).unwrap();
     let _other = s.serve(dir2.path(), "keeper", &[]).unwrap();
 }
+
+/// The close code of a shutdown alone (no goodbye message: an agent that
+/// exits does not wait for its goodbye to be acknowledged) deregisters the
+/// worker at once; any other close leaves it stale.
+#[test]
+fn a_shutdown_close_deregisters_and_another_close_leaves_the_worker_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, code, then) in [
+        ("bye-3", punch_protocol::close::DONE, 404),
+        ("bye-4", 7, 200),
+    ] {
+        let raw = rt.block_on(punch_lab::harness::RawClient::register_opts(
+            &s,
+            name,
+            vec![],
+            false,
+        ));
+        let path = format!("/api/v1/workers/{name}");
+        assert_eq!(call("GET", &s, &path, None).1["state"], "online");
+        raw.close(code);
+        // Bounded: the server sees the close within a round trip.
+        let until = Instant::now() + Duration::from_secs(10);
+        let (status, body) = loop {
+            let (status, body) = call("GET", &s, &path, None);
+            if body["state"] != "online" || Instant::now() > until {
+                break (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status, then, "{name}: {body}");
+        if then == 200 {
+            assert_eq!(body["state"], "stale", "{name}: {body}");
+        }
+        drop(raw);
+    }
+}

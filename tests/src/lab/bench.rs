@@ -28,6 +28,10 @@ pub struct Figures {
     /// connection.
     pub total_median_ms: Option<f64>,
     pub total_p95_ms: Option<f64>,
+    /// Process start to its exit (the answer printed and the shutdown
+    /// done): what a script waits for.
+    pub wall_median_ms: Option<f64>,
+    pub wall_p95_ms: Option<f64>,
     /// The implementation's own connect time: punch `connect_ms`
     /// (connect call to the QUIC handshake with the peer done, registered
     /// before); iroh `connect_ms` (`Endpoint::connect`, home relay up
@@ -43,6 +47,8 @@ pub struct Figures {
     pub errors: Vec<String>,
     #[serde(skip)]
     totals: Vec<f64>,
+    #[serde(skip)]
+    walls: Vec<f64>,
     #[serde(skip)]
     connects: Vec<f64>,
     #[serde(skip)]
@@ -67,6 +73,8 @@ impl Figures {
         };
         self.total_median_ms = q(&mut self.totals, 0.5);
         self.total_p95_ms = q(&mut self.totals, 0.95);
+        self.wall_median_ms = q(&mut self.walls, 0.5);
+        self.wall_p95_ms = q(&mut self.walls, 0.95);
         self.connect_median_ms = q(&mut self.connects, 0.5);
         self.connect_p95_ms = q(&mut self.connects, 0.95);
         self.setup_median_ms = q(&mut self.setups, 0.5);
@@ -85,18 +93,22 @@ pub struct LabConnectBench {
 }
 
 /// Runs `cmd` and waits for its first stdout line starting with `{`:
-/// (time from spawn to that line, the line parsed). The process is killed
-/// afterwards (what follows is shutdown, not connecting).
+/// (time from spawn to that line, time from spawn to the process's exit
+/// when it exits within 5 s, the line parsed). The process is killed
+/// after those 5 s.
 fn timed_json(
     name: &str,
     cmd: std::process::Command,
     log: &Path,
-) -> Result<(f64, serde_json::Value)> {
+) -> Result<(f64, Option<f64>, serde_json::Value)> {
     let t = Instant::now();
     let mut p = Proc::spawn(name, cmd, Some(log))?;
     let line = p.wait_line("{", Duration::from_secs(40));
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    let _ = p.wait_exit(Duration::from_secs(5));
+    let wall = p
+        .wait_exit(Duration::from_secs(5))
+        .ok()
+        .map(|_| t.elapsed().as_secs_f64() * 1e3);
     p.kill();
     let line = line.with_context(|| {
         format!(
@@ -104,7 +116,7 @@ fn timed_json(
             std::fs::read_to_string(log).unwrap_or_default()
         )
     })?;
-    Ok((ms, serde_json::from_str(&line)?))
+    Ok((ms, wall, serde_json::from_str(&line)?))
 }
 
 /// Measures `count` fresh connects from A (site type `a`) to B.
@@ -167,9 +179,10 @@ pub fn bench(
             .args(lab.agent_args_for(&ns_a));
         punch.runs += 1;
         match timed_json("punch-connect", cmd, &lab.path(&format!("connect-{i}.log"))) {
-            Ok((ms, j)) if j["connect_ms"].is_number() => {
+            Ok((ms, wall, j)) if j["connect_ms"].is_number() => {
                 punch.ok += 1;
                 punch.totals.push(ms);
+                punch.walls.extend(wall);
                 punch
                     .connects
                     .push(j["connect_ms"].as_f64().unwrap_or_default());
@@ -179,7 +192,7 @@ pub fn bench(
                     j["transport"].as_str().unwrap_or("?")
                 ));
             }
-            Ok((_, j)) => punch.errors.push(j.to_string()),
+            Ok((_, _, j)) => punch.errors.push(j.to_string()),
             Err(e) => punch.errors.push(format!("{e:#}")),
         }
         if let (Some((probe, url, id)), Some(f)) = (&iroh, iroh_f.as_mut()) {
@@ -198,16 +211,17 @@ pub fn bench(
             ]);
             f.runs += 1;
             match timed_json("iroh-dial", cmd, &lab.path(&format!("iroh-dial-{i}.log"))) {
-                Ok((ms, j)) if j["ok"] == true && j["first_rtt_ms"].is_number() => {
+                Ok((ms, wall, j)) if j["ok"] == true && j["first_rtt_ms"].is_number() => {
                     f.ok += 1;
                     f.totals.push(ms);
+                    f.walls.extend(wall);
                     f.connects
                         .push(j["connect_ms"].as_f64().unwrap_or_default());
                     f.setups.push(j["setup_ms"].as_f64().unwrap_or_default());
                     let remote = j["remote_addr"].as_str().unwrap_or("?");
                     f.add_path(remote.split(':').next().unwrap_or("?").to_string());
                 }
-                Ok((_, j)) => f.errors.push(j.to_string()),
+                Ok((_, _, j)) => f.errors.push(j.to_string()),
                 Err(e) => f.errors.push(format!("{e:#}")),
             }
         }
