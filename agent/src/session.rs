@@ -170,7 +170,7 @@ fn spawn_puncher(
 /// How long after a birthday attempt starts its last new flows are made
 /// (after `PunchConfig::block_scan_after`, 400 ms): the counter is read
 /// anew after that.
-const COUNTER_SETTLE: Duration = Duration::from_millis(1000);
+const COUNTER_SETTLE: Duration = Duration::from_millis(600);
 
 /// Starts the birthday method's hard side when the pair needs it (see
 /// [`crate::birthday`]); a validated path becomes `v`'s direct path through
@@ -633,7 +633,9 @@ pub(crate) async fn connect(
         .lock()
         .expect("not poisoned")
         .is_some_and(|c| c.public || c.mapping == NatBehaviour::EndpointIndependent);
-    if !easy {
+    // Without UDP to the server (registered over TCP, no STUN answer), a
+    // UDP port mapping serves no peer: no waiting for the gateway.
+    if !easy && !inner.tcp_only() {
         crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE).await;
     }
     let (mut offer, mut probes) = request_offer(inner, target).await?;

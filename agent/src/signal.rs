@@ -25,6 +25,11 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
+/// How long after the early TCP connection to the server is up (one round
+/// trip) the QUIC handshake may still answer before the WebSocket goes
+/// ahead: at least this, or half that round trip.
+const QUIC_GRACE: Duration = Duration::from_millis(30);
+
 /// How long a closing agent waits for the server to acknowledge its
 /// goodbye before it closes the connection.
 const GOODBYE_ACK: Duration = Duration::from_millis(10);
@@ -250,6 +255,25 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<(Channel, SocketAddr), Agent
     tokio::pin!(tcp_start);
     let mut tcp: Option<PendingChannel<'_>> = None;
     let mut tcp_done = ep.tcp.is_none();
+    // The WebSocket's TCP connection is opened beside the QUIC handshake
+    // (without a proxy): its connect time is a round trip to the server,
+    // so a QUIC handshake that has not answered soon after is taken as
+    // blocked, long before `tcp_after`. The held connection then carries
+    // the WebSocket; when QUIC answers first it is dropped unused.
+    let started = tokio::time::Instant::now();
+    let early_url = ep
+        .tcp
+        .as_ref()
+        .filter(|u| ep.udp.is_some() && !crate::tcp::proxied(inner, u));
+    let early = async {
+        match early_url {
+            Some(u) => crate::tcp::dial(u).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(early);
+    let mut early_done = early_url.is_none();
+    let mut dialed: Option<Box<dyn crate::tcp::Io>> = None;
     let chan = loop {
         if udp_done && tcp_done {
             return Err(match (udp_err, tcp_err) {
@@ -274,12 +298,26 @@ async fn connect_once(inner: &Arc<Inner>) -> Result<(Channel, SocketAddr), Agent
                     }
                 }
             },
+            r = &mut early, if !early_done => {
+                early_done = true;
+                match r {
+                    Ok(s) => {
+                        let rtt = started.elapsed();
+                        dialed = Some(s);
+                        let by = tokio::time::Instant::now() + (rtt / 2).max(QUIC_GRACE);
+                        if by < tcp_start.deadline() {
+                            tcp_start.as_mut().reset(by);
+                        }
+                    }
+                    Err(e) => debug!("early TCP connect to the server: {e}"),
+                }
+            },
             _ = &mut tcp_start, if tcp.is_none() && !tcp_done => {
                 if let Some(url) = &ep.tcp {
                     if ep.udp.is_some() {
-                        debug!(after = ?inner.config.tcp_after, "no QUIC answer yet; trying the WebSocket too");
+                        debug!(after_ms = started.elapsed().as_millis() as u64, "no QUIC answer yet; trying the WebSocket too");
                     }
-                    tcp = Some(Box::pin(ws_channel(inner, url)));
+                    tcp = Some(Box::pin(ws_channel(inner, url, dialed.take())));
                 }
             },
             r = async { tcp.as_mut().expect("guarded").await }, if tcp.is_some() && !tcp_done => match r {
@@ -368,7 +406,11 @@ async fn quic_handshake(
 }
 
 /// The WebSocket, up to the server's hello.
-async fn ws_channel(inner: &Arc<Inner>, url: &crate::tcp::WsUrl) -> Result<Channel, AgentError> {
+async fn ws_channel(
+    inner: &Arc<Inner>,
+    url: &crate::tcp::WsUrl,
+    dialed: Option<Box<dyn crate::tcp::Io>>,
+) -> Result<Channel, AgentError> {
     let unreachable = |reason: String| AgentError::ServerUnreachable {
         server: url.to_string(),
         reason,
@@ -378,7 +420,7 @@ async fn ws_channel(inner: &Arc<Inner>, url: &crate::tcp::WsUrl) -> Result<Chann
         .server_connect_timeout
         .max(Duration::from_secs(5));
     let r = tokio::time::timeout(limit, async {
-        let mut ws = crate::tcp::open(inner, url).await.map_err(|e| {
+        let mut ws = crate::tcp::open(inner, url, dialed).await.map_err(|e| {
             if e.starts_with(crate::tcp::PROXY_AUTH) {
                 AgentError::Config(e)
             } else {
@@ -679,14 +721,9 @@ async fn register(inner: &Arc<Inner>, chan: &mut Channel) -> Result<SocketAddr, 
 /// the server, relay bindings move onto it, and connections hear of it.
 fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr) {
     *inner.transport.lock().expect("not poisoned") = Some(transport);
-    inner.status.send_replace(Status::Registered { observed });
-    if let Some(via) = inner.relay_via() {
-        crate::relay::move_bindings(&inner.socket, via);
-    }
-    inner.channel_changes.send_modify(|n| *n += 1);
-    classify_nat(inner);
     // A counter advertised while the hello was on its way reached no
-    // server: say it again on this channel.
+    // server: say it again on this channel, ahead of any connect request
+    // that registration releases (the peer must see it in its offer).
     if inner
         .counter
         .lock()
@@ -696,6 +733,12 @@ fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr)
     {
         inner.announce_candidates();
     }
+    inner.status.send_replace(Status::Registered { observed });
+    if let Some(via) = inner.relay_via() {
+        crate::relay::move_bindings(&inner.socket, via);
+    }
+    inner.channel_changes.send_modify(|n| *n += 1);
+    classify_nat(inner);
 }
 
 async fn session(

@@ -309,20 +309,43 @@ async fn connect_via_proxy(proxy: &Proxy, target: &str) -> Result<Box<dyn Io>, S
     Ok(Box::new(TokioIo::new(up)))
 }
 
-/// Opens the WebSocket (TCP or proxy tunnel, TLS when `wss`, upgrade).
-pub(crate) async fn open(inner: &Arc<Inner>, url: &WsUrl) -> Result<Ws, String> {
-    let proxy = proxy_for(inner.config.proxy.as_deref(), url, |k| {
-        std::env::var(k).ok()
-    })
-    .map_err(|e| e.to_string())?;
-    let stream: Box<dyn Io> = match &proxy {
-        Some(p) => connect_via_proxy(p, &url.authority()).await?,
+/// A TCP connection to `url`'s host and port, without a proxy.
+pub(crate) async fn dial(url: &WsUrl) -> Result<Box<dyn Io>, String> {
+    let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("TCP connect to {}: {e}", url.authority()))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(Box::new(tcp))
+}
+
+/// Does the WebSocket to `url` go through a proxy (so no plain TCP
+/// connection can be opened ahead)?
+pub(crate) fn proxied(inner: &Arc<Inner>, url: &WsUrl) -> bool {
+    !matches!(
+        proxy_for(inner.config.proxy.as_deref(), url, |k| std::env::var(k)
+            .ok()),
+        Ok(None)
+    )
+}
+
+/// Opens the WebSocket (TCP or proxy tunnel, TLS when `wss`, upgrade); on
+/// `dialed`, a TCP connection to the server already open.
+pub(crate) async fn open(
+    inner: &Arc<Inner>,
+    url: &WsUrl,
+    dialed: Option<Box<dyn Io>>,
+) -> Result<Ws, String> {
+    let stream: Box<dyn Io> = match dialed {
+        Some(s) => s,
         None => {
-            let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
-                .await
-                .map_err(|e| format!("TCP connect to {}: {e}", url.authority()))?;
-            let _ = tcp.set_nodelay(true);
-            Box::new(tcp)
+            let proxy = proxy_for(inner.config.proxy.as_deref(), url, |k| {
+                std::env::var(k).ok()
+            })
+            .map_err(|e| e.to_string())?;
+            match &proxy {
+                Some(p) => connect_via_proxy(p, &url.authority()).await?,
+                None => dial(url).await?,
+            }
         }
     };
     let stream: Box<dyn Io> = if url.secure {

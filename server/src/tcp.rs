@@ -55,6 +55,9 @@ const SIGNAL_QUEUE: usize = 64;
 pub struct TcpStats {
     /// TLS handshakes that failed or timed out (plain HTTP, garbage, scans).
     pub tls_failures: AtomicU64,
+    /// Connections closed before their TLS handshake began (agents whose
+    /// QUIC answered first, port checks).
+    pub abandoned: AtomicU64,
     /// WebSocket upgrades refused because the client cap was reached.
     pub refused_full: AtomicU64,
     /// WebSocket channels that completed the handshake and registered.
@@ -86,13 +89,18 @@ pub struct TcpClients {
 
 impl TcpStats {
     /// Every counter with its name and help text.
-    pub fn list(&self) -> [(&'static str, &'static str, u64); 7] {
+    pub fn list(&self) -> [(&'static str, &'static str, u64); 8] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
                 "tls_failures",
                 "Failed or timed-out TLS handshakes",
                 g(&self.tls_failures),
+            ),
+            (
+                "abandoned",
+                "TCP connections closed before their TLS handshake (agents whose QUIC answered first)",
+                g(&self.abandoned),
             ),
             (
                 "channels",
@@ -206,6 +214,12 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, sh
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     serving::serve_http(Slotted::new(tls, slot), remote, app, &door).await;
+                }
+                // Closed before a hello: an agent whose QUIC handshake
+                // answered first drops the TCP connection it opened beside it.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    clients.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "closed before its TLS handshake: {e}");
                 }
                 Ok(Err(e)) => {
                     clients.stats.tls_failures.fetch_add(1, Ordering::Relaxed);

@@ -302,6 +302,17 @@ fn bad_input_on_the_tcp_side_is_dropped_and_counted() {
     let s = ServerProc::start(dir.path(), &["--max-tcp-clients", "3"]).unwrap();
     let tcp = s.tcp.unwrap();
 
+    // A connection closed before any byte (an agent whose QUIC answered
+    // first): counted apart from failed handshakes.
+    drop(TcpStream::connect(tcp).unwrap());
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while health(&s)["tcp"]["abandoned"].as_u64() != Some(1) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let h = health(&s);
+    assert_eq!(h["tcp"]["abandoned"].as_u64(), Some(1), "{h}");
+    assert_eq!(h["tcp"]["tls_failures"].as_u64(), Some(0), "{h}");
+
     // Plain HTTP and garbage on the TLS port: closed.
     let mut c = TcpStream::connect(tcp).unwrap();
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
