@@ -665,10 +665,7 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let ms = |v: Option<f64>| {
-                    v.map(|x| format!("{x:.0} ms"))
-                        .unwrap_or_else(|| "-".into())
-                };
+                let ms = |v| fmt_ms(v, 0);
                 println!(
                     "{} -> {}: {} echoes on one connection, all answered in order; paths {}; after the UDP block was lifted: signaling on UDP after {}, direct after {}; B accepted {} connection(s); slowest round trip {:.0} ms",
                     r.a,
@@ -778,10 +775,7 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let ms = |v: Option<f64>| {
-                    v.map(|v| format!("{v:.1} ms"))
-                        .unwrap_or_else(|| "-".into())
-                };
+                let ms = |v| fmt_ms(v, 1);
                 println!(
                     "{} of {} connects during the flood ({} direct): p50 {} p99 {} (without the flood p50 {}); {} forged datagrams in {:.1} s ({:.0}/s); the server refused {} relay frames, forwarded {} packets, answered {} STUN requests ({} dropped)",
                     r.connected, r.connects, r.direct, ms(r.connect_p50_ms), ms(r.connect_p99_ms),
@@ -806,10 +800,7 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let ms = |v: Option<f64>| {
-                    v.map(|v| format!("{v:.1} ms"))
-                        .unwrap_or_else(|| "-".into())
-                };
+                let ms = |v| fmt_ms(v, 1);
                 println!(
                     "{} slow clients ({} connected): the server closed {} (the last after {}), {} still open; server memory {:.1} MiB before, {:.1} held, {:.1} after; meanwhile /healthz {}/{} answered (p50 {} p99 {}), an agent over the TLS port {} in {:.0} ms; counters: {} HTTP and {} TLS-port head timeouts, {} TLS handshake failures, {} refused at a cap",
                     r.clients, r.connected, r.closed_by_server,
@@ -896,6 +887,12 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `v` milliseconds with `digits` decimals, or `-`.
+fn fmt_ms(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$} ms"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
