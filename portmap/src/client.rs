@@ -397,6 +397,19 @@ impl Client {
             if left.is_zero() {
                 break;
             }
+            // PCP and NAT-PMP share the gateway's port 5351 (RFC 6887): when
+            // it is closed for one it is closed for the other, and NAT-PMP's
+            // silence would only cost its share of the budget.
+            if *p == Protocol::NatPmp
+                && failures
+                    .iter()
+                    .any(|(q, e)| *q == Protocol::Pcp && *e == Error::Unreachable)
+            {
+                debug!("no NAT-PMP: the PCP port was unreachable");
+                failures.push((*p, Error::Unreachable));
+                step(*p);
+                continue;
+            }
             // PCP and NAT-PMP a quarter each; UPnP (several round trips)
             // what is left.
             let share = if *p == Protocol::Upnp || i + 1 == protos.len() {
