@@ -396,9 +396,13 @@ pub fn answer(
     // Optional attributes, only while the answer stays within the request's
     // size (FINGERPRINT's 8 bytes reserved for cookie clients).
     let reserve = if req.has_cookie { 8 } else { 0 };
+    // A padded request asks for PADDING in the answer (RFC 5780 §7.6): the
+    // optional rest must leave room for at least a short one.
+    let padded = req.get(attr::PADDING).is_some();
+    let pad_room = if padded { 8 } else { 0 };
     let add = |b: &mut Builder, t: u16, v: &[u8]| {
         let cost = 4 + ((v.len() + 3) & !3);
-        if b.len() + cost + reserve <= budget {
+        if b.len() + cost + reserve + pad_room <= budget {
             b.attr(t, v);
         }
     };
@@ -409,7 +413,7 @@ pub fn answer(
         add(&mut b, attr::SOFTWARE, software.as_bytes());
     }
     // A padded request (RFC 5780 §7.6) gets an answer padded to its size.
-    if req.get(attr::PADDING).is_some() {
+    if padded {
         let room = budget.saturating_sub(b.len() + reserve + 4) & !3;
         if room > 0 {
             b.attr(attr::PADDING, &vec![0; room]);
@@ -483,6 +487,26 @@ mod tests {
         assert_eq!(resp.len(), req.len());
         let r = parse(&resp).unwrap();
         assert!(r.get(attr::SOFTWARE).is_some() && r.get(attr::PADDING).is_some());
+    }
+
+    #[test]
+    fn a_padded_request_with_little_room_gets_padding_before_software() {
+        // Found by the proptest: an IPv6 sender, both addresses, a short
+        // padding; SOFTWARE used to fill the room and leave no PADDING.
+        let from: SocketAddr = "[2001:db8::9]:5".parse().unwrap();
+        let info = ResponderInfo {
+            local: Some("[2001:db8::1]:3478".parse().unwrap()),
+            other: Some("[2001:db8::2]:3479".parse().unwrap()),
+        };
+        let mut b = Builder::new(BINDING_REQUEST, &new_txid());
+        b.attr(attr::CHANGE_REQUEST, &[0; 4]);
+        b.attr(attr::PADDING, &[0; 65]);
+        b.attr(0x8000, &[0]);
+        b.attr(0x8000, &[0]);
+        let req = b.finish_with_fingerprint();
+        let resp = answer(&parse(&req).unwrap(), from, info, "punch-server 0.1.0").unwrap();
+        assert!(resp.len() <= req.len() && resp.len() + 8 > req.len());
+        assert!(parse(&resp).unwrap().get(attr::PADDING).is_some());
     }
 
     #[test]
