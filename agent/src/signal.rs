@@ -554,17 +554,14 @@ fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.report_nat(nat);
                     }
-                    None => {
-                        debug!("NAT not classified: no STUN answer");
-                        // Perhaps the server was not up yet: the next
-                        // registration tries again.
-                        inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
-                    }
+                    None => debug!("NAT not classified: no STUN answer"),
                 },
-                Err(e) => {
-                    debug!("NAT check failed: {e}");
-                    inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
-                }
+                Err(e) => debug!("NAT check failed: {e}"),
+            }
+            if inner.nat.lock().expect("not poisoned").is_none() {
+                // Perhaps the server was not up yet: the next registration
+                // tries again.
+                inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
             }
             inner.nat_done.send_replace(true);
         }

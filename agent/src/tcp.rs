@@ -318,14 +318,19 @@ pub(crate) async fn dial(url: &WsUrl) -> Result<Box<dyn Io>, String> {
     Ok(Box::new(tcp))
 }
 
-/// Does the WebSocket to `url` go through a proxy (so no plain TCP
-/// connection can be opened ahead)?
-pub(crate) fn proxied(inner: &Arc<Inner>, url: &WsUrl) -> bool {
-    !matches!(
-        proxy_for(inner.config.proxy.as_deref(), url, |k| std::env::var(k)
-            .ok()),
-        Ok(None)
-    )
+/// The proxy the WebSocket to `url` goes through, from `--proxy` or the
+/// environment.
+fn proxy(inner: &Inner, url: &WsUrl) -> Result<Option<Proxy>, String> {
+    proxy_for(inner.config.proxy.as_deref(), url, |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Does the WebSocket to `url` go through a proxy (or is the proxy setting
+/// wrong), so that no plain TCP connection can be opened ahead?
+pub(crate) fn proxied(inner: &Inner, url: &WsUrl) -> bool {
+    !matches!(proxy(inner, url), Ok(None))
 }
 
 /// Opens the WebSocket (TCP or proxy tunnel, TLS when `wss`, upgrade); on
@@ -337,16 +342,10 @@ pub(crate) async fn open(
 ) -> Result<Ws, String> {
     let stream: Box<dyn Io> = match dialed {
         Some(s) => s,
-        None => {
-            let proxy = proxy_for(inner.config.proxy.as_deref(), url, |k| {
-                std::env::var(k).ok()
-            })
-            .map_err(|e| e.to_string())?;
-            match &proxy {
-                Some(p) => connect_via_proxy(p, &url.authority()).await?,
-                None => dial(url).await?,
-            }
-        }
+        None => match proxy(inner, url)? {
+            Some(p) => connect_via_proxy(&p, &url.authority()).await?,
+            None => dial(url).await?,
+        },
     };
     let stream: Box<dyn Io> = if url.secure {
         let verifier = punch_tls::tcp::FrontVerifier::new(&inner.fingerprint, inner.front_roots())

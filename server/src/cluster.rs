@@ -797,7 +797,11 @@ fn introduce_remote(
         role: Role::Controlled,
         peer_id: requester.id.clone(),
         peer_key: requester.key,
-        peer_candidates: requester.offered(shared.config.candidates, t.observed.ip()),
+        peer_candidates: crate::signal::counted(
+            shared,
+            requester.candidates.len(),
+            requester.offered(shared.config.candidates, t.observed.ip()),
+        ),
         start_in_ms: 0,
         relay,
         peer_nat: requester.nat,
@@ -939,9 +943,13 @@ async fn connect_remote_inner(
         role: Role::Controlling,
         peer_id: target.to_string(),
         peer_key: intro.target.key,
-        peer_candidates: intro
-            .target
-            .offered(shared.config.candidates, requester_seen),
+        peer_candidates: crate::signal::counted(
+            shared,
+            intro.target.candidates.len(),
+            intro
+                .target
+                .offered(shared.config.candidates, requester_seen),
+        ),
         start_in_ms: 0,
         relay,
         peer_nat: intro.target.nat,

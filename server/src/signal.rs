@@ -321,17 +321,15 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
         .map(|_| exporter);
     let (in_tx, in_rx) = mpsc::channel::<Box<Incoming>>(16);
     // The reader runs as its own task so a slow peer write cannot stall it.
-    let closed = conn.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let (r, stop) = match read_frame::<ClientMsg>(&mut recv, MAX_FRAME).await {
-                Ok(m) => (Ok(m), false),
-                Err(FrameError::Codec(c)) => (Err(ReadEnd::Malformed(c.to_string())), true),
-                // An agent shutting down closes with DONE: as good as a
-                // goodbye (its Bye may still have been in flight).
-                Err(_) if shut_down(&closed) => (Ok(ClientMsg::Bye), true),
-                Err(e) => (Err(ReadEnd::Closed(e.to_string())), true),
-            };
+            let r = read_frame::<ClientMsg>(&mut recv, MAX_FRAME)
+                .await
+                .map_err(|e| match e {
+                    FrameError::Codec(c) => ReadEnd::Malformed(c.to_string()),
+                    e => ReadEnd::Closed(e.to_string()),
+                });
+            let stop = r.is_err();
             if in_tx.send(Box::new(r)).await.is_err() || stop {
                 break;
             }
@@ -694,7 +692,9 @@ async fn session_loop(
                         link.refuse(ErrorCode::Malformed, format!("malformed frame: {e}")).await;
                         return Err(format!("malformed frame: {e}"));
                     }
-                    Some(Err(ReadEnd::Closed(e))) => return Err(e),
+                    // An agent shutting down closes with DONE: as good as
+                    // a goodbye (its Bye may still have been in flight).
+                    Some(Err(ReadEnd::Closed(e))) => return if link.shut_down() { Ok(true) } else { Err(e) },
                     None => return Ok(false),
                 }
             },
@@ -885,6 +885,16 @@ fn offered<H>(
         .config
         .candidates
         .filter(all, owner.observed.ip(), Some(peer.observed.ip()));
+    counted(shared, n, kept)
+}
+
+/// `kept` of `n` candidates, counting (and logging) those the candidate
+/// policy kept back: local and cluster introductions alike.
+pub(crate) fn counted(
+    shared: &Shared,
+    n: usize,
+    kept: Vec<punch_protocol::signal::Candidate>,
+) -> Vec<punch_protocol::signal::Candidate> {
     if kept.len() < n {
         shared.metrics.candidates_unexplained.fetch_add(
             (n - kept.len()) as u64,

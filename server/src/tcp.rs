@@ -152,20 +152,25 @@ impl TcpClients {
     /// with its name and help text (`refused_full` counts connections
     /// refused at the door and upgrades refused on either listener).
     pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let door = self.door.stats.list();
-        let upgrades_refused = self.stats.refused_full.load(Ordering::Relaxed);
-        let mut out: Vec<_> = door
-            .into_iter()
-            .map(|(name, help, v)| match name {
-                "accepted" => (name, "TCP connections accepted on the TLS port", v),
-                "refused_full" => (
-                    name,
-                    "Connections or upgrades refused at the TCP client cap",
-                    v + upgrades_refused,
-                ),
-                _ => (name, help, v),
-            })
-            .collect();
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let door = &self.door.stats;
+        let mut out = vec![
+            (
+                "accepted",
+                "TCP connections accepted on the TLS port",
+                g(&door.accepted),
+            ),
+            (
+                "refused_full",
+                "Connections or upgrades refused at the TCP client cap",
+                g(&door.refused_full) + g(&self.stats.refused_full),
+            ),
+            (
+                "header_timeouts",
+                "Connections closed: a request's head did not arrive in time",
+                g(&door.header_timeouts),
+            ),
+        ];
         out.extend(self.stats.list());
         out
     }

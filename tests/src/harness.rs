@@ -531,7 +531,7 @@ pub const RAW_WAIT: Duration = Duration::from_secs(10);
 /// anything unexpected; every wait is bounded by [`RAW_WAIT`].
 pub struct RawClient {
     _ep: quinn::Endpoint,
-    _conn: quinn::Connection,
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 }
@@ -571,7 +571,7 @@ impl RawClient {
         let (send, recv) = conn.open_bi().await.unwrap();
         let mut raw = RawClient {
             _ep: ep,
-            _conn: conn,
+            conn,
             send,
             recv,
         };
@@ -597,7 +597,7 @@ impl RawClient {
 
     /// Closes the connection with application `code` (nothing else sent).
     pub fn close(&self, code: u32) {
-        self._conn.close(code.into(), b"raw close");
+        self.conn.close(code.into(), b"raw close");
     }
 
     /// Sends one message.
