@@ -56,10 +56,7 @@ fn spawn_puncher(
 ) -> oneshot::Receiver<Option<Punched>> {
     // With an IPv6 address of our own, an IPv6 path to the peer is worth a
     // short wait: no NAT mapping under it to change or expire.
-    let have_ipv6 = inner
-        .local_candidates()
-        .iter()
-        .any(|c| c.kind == punch_protocol::signal::CandidateKind::Local && c.addr.is_ipv6());
+    let have_ipv6 = has_ipv6(inner);
     let config = PunchConfig {
         deadline: inner.config.punch_timeout,
         prefer_ipv6: have_ipv6.then_some(PREFER_IPV6),
@@ -314,10 +311,33 @@ async fn aux_reader(
 /// without traffic.
 const AUX_IDLE: Duration = Duration::from_secs(30);
 
+/// Has this agent a global IPv6 address of its own?
+fn has_ipv6(inner: &Inner) -> bool {
+    inner
+        .local_candidates()
+        .iter()
+        .any(|c| c.kind == punch_protocol::signal::CandidateKind::Local && c.addr.is_ipv6())
+}
+
+/// Does this pair have an IPv6 path to try: a global IPv6 address of
+/// ours and an IPv6 candidate of the peer's?
+fn ipv6_pair(inner: &Inner, offer: &Offer) -> bool {
+    has_ipv6(inner)
+        && offer
+            .peer_candidates
+            .iter()
+            .any(|c| c.addr.is_ipv6() && inner.socket.supports(c.addr.ip()))
+}
+
 /// The first direct path either punching or the birthday method finds.
+/// With `prefer_ipv6`, an IPv4 path the birthday method proves first waits
+/// that long at most for punching to prove an IPv6 one (as the puncher
+/// itself holds its own IPv4 proofs): the two race, and a lost IPv6 ping
+/// should not hand the session to a NAT mapping that can expire.
 async fn first_direct(
     mut punched: oneshot::Receiver<Option<Punched>>,
     birthday: Option<oneshot::Receiver<Option<Punched>>>,
+    prefer_ipv6: Option<Duration>,
 ) -> Option<Punched> {
     let Some(mut birthday) = birthday else {
         return punched.await.ok().flatten();
@@ -330,7 +350,18 @@ async fn first_direct(
                 _ => p_done = true,
             },
             r = &mut birthday, if !b_done => match r {
-                Ok(Some(x)) => return Some(x),
+                Ok(Some(x)) => {
+                    let Some(wait) = prefer_ipv6.filter(|_| !p_done && x.addr.is_ipv4()) else {
+                        return Some(x);
+                    };
+                    return match tokio::time::timeout(wait, &mut punched).await {
+                        Ok(Ok(Some(p))) if p.addr.is_ipv6() => {
+                            debug!(ipv4 = %x.addr, ipv6 = %p.addr, "an IPv6 path followed the birthday method's IPv4 one: using it");
+                            Some(p)
+                        }
+                        _ => Some(x),
+                    };
+                }
                 _ => b_done = true,
             },
         }
@@ -600,7 +631,8 @@ pub(crate) async fn controlled(
         inner.router.unregister(offer.session);
     } else {
         let birthday = spawn_birthday(&inner, &offer, v);
-        let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday).await;
+        let prefer = ipv6_pair(&inner, &offer).then_some(PREFER_IPV6);
+        let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday, prefer).await;
     }
     tokio::time::sleep(window).await;
     release(&inner, v);
@@ -635,11 +667,47 @@ pub(crate) async fn connect(
         .is_some_and(|c| c.public || c.mapping == NatBehaviour::EndpointIndependent);
     // Without UDP to the server (registered over TCP, no STUN answer), a
     // UDP port mapping serves no peer: no waiting for the gateway.
-    if !easy && !inner.tcp_only() {
-        crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE).await;
-    }
-    let (mut offer, mut probes) = request_offer(inner, target).await?;
-    if filtering_matters(inner, &offer) {
+    let needs_mapping = !easy && !inner.tcp_only();
+    let settle = crate::portmap::settle(inner, inner.started + PORTMAP_WAIT, PORTMAP_UPNP_GRACE);
+    let (mut offer, mut probes) = if needs_mapping && has_ipv6(inner) {
+        // A dual-stack agent asks at once: when the peer has IPv6 too, that
+        // path needs no mapping, and a silent gateway should not cost the
+        // connect its whole wait. Otherwise the mapping still counts: wait
+        // for it, and ask again when it came after we asked.
+        let before = inner.mapped_external();
+        tokio::pin!(settle);
+        let asked = request_offer(inner, target);
+        tokio::pin!(asked);
+        let mut settled = false;
+        let (offer, probes) = loop {
+            tokio::select! {
+                _ = &mut settle, if !settled => settled = true,
+                r = &mut asked => break r?,
+            }
+        };
+        if ipv6_pair(inner, &offer) {
+            (offer, probes)
+        } else {
+            if !settled {
+                settle.await;
+            }
+            let now = inner.mapped_external();
+            if now.is_some() && now != before {
+                info!(peer = %target, mapped = ?now, "the gateway granted a mapping after we asked and the peer has no IPv6 path: asking again so its offer carries the mapping");
+                inner.router.unregister(offer.session);
+                request_offer(inner, target).await?
+            } else {
+                (offer, probes)
+            }
+        }
+    } else {
+        if needs_mapping {
+            settle.await;
+        }
+        request_offer(inner, target).await?
+    };
+    // With an IPv6 path to try, no NAT strategy is needed first.
+    if filtering_matters(inner, &offer) && !ipv6_pair(inner, &offer) {
         // The peer's NAT maps per destination and ours does not: if ours
         // filters by port, only the birthday method goes direct, and the
         // peer starts its part only when our offer says so. A fresh agent
@@ -743,7 +811,8 @@ async fn dial(
         crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
         let birthday = spawn_birthday(inner, offer, v);
-        let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday);
+        let prefer = ipv6_pair(inner, offer).then_some(PREFER_IPV6);
+        let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday, prefer);
         tokio::pin!(punched);
         // Bind the relay early (one packet) so falling back costs nothing.
         let mut bound = relay_ok.then(|| {
@@ -937,4 +1006,56 @@ fn report(
         remote,
         via_mapped,
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(addr: &str, strategy: Strategy) -> Option<Punched> {
+        Some(Punched {
+            addr: addr.parse().unwrap(),
+            rtt: Duration::from_millis(80),
+            via_mapped: false,
+            strategy,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ipv6_path_just_after_the_birthday_ipv4_one_wins() {
+        let (ptx, prx) = oneshot::channel();
+        let (btx, brx) = oneshot::channel();
+        let race = tokio::spawn(first_direct(prx, Some(brx), Some(PREFER_IPV6)));
+        btx.send(found("198.51.100.7:4000", Strategy::Birthday))
+            .unwrap();
+        tokio::time::sleep(PREFER_IPV6 / 2).await;
+        ptx.send(found("[2001:db8::7]:5000", Strategy::Ipv6))
+            .unwrap();
+        let won = race.await.unwrap().unwrap();
+        assert_eq!(won.strategy, Strategy::Ipv6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_birthday_ipv4_path_wins_when_no_ipv6_one_comes_in_time() {
+        let (ptx, prx) = oneshot::channel();
+        let (btx, brx) = oneshot::channel();
+        let start = tokio::time::Instant::now();
+        let race = tokio::spawn(first_direct(prx, Some(brx), Some(PREFER_IPV6)));
+        btx.send(found("198.51.100.7:4000", Strategy::Birthday))
+            .unwrap();
+        let won = race.await.unwrap().unwrap();
+        assert_eq!(won.strategy, Strategy::Birthday);
+        assert_eq!(start.elapsed(), PREFER_IPV6);
+        drop(ptx);
+
+        // Without an IPv6 pair the first proof wins at once.
+        let (_ptx, prx) = oneshot::channel();
+        let (btx, brx) = oneshot::channel();
+        let start = tokio::time::Instant::now();
+        let race = tokio::spawn(first_direct(prx, Some(brx), None));
+        btx.send(found("198.51.100.7:4000", Strategy::Birthday))
+            .unwrap();
+        assert_eq!(race.await.unwrap().unwrap().strategy, Strategy::Birthday);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
 }
