@@ -27,6 +27,7 @@
 //! writes every online worker again.
 
 use crate::hub::EventRecord;
+use crate::introduce::{card, counted, Pairing, Recipient};
 use crate::Shared;
 pub use punch_protocol::cluster::{
     parse_worker_value, worker_key, worker_value, BadMessage, Bus, Introduced, PeerCard, Refusal,
@@ -763,9 +764,8 @@ fn introduce_remote(
     if requester.id == target {
         return refuse(ErrorCode::SelfConnect, "cannot connect to yourself".into());
     }
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let session = SessionId(rand::random());
+    let pairing = Pairing::fresh(&mut rand::thread_rng());
+    let (session, secret) = (pairing.session, pairing.secret);
     // The requester's side is its server, which forwards for it.
     let relay = match (&shared.relay, requester_relay) {
         (Some(table), Some(far)) => table
@@ -782,31 +782,14 @@ fn introduce_remote(
             .is_ok(),
         _ => false,
     };
-    let card = PeerCard {
-        id: target.to_string(),
-        key,
-        candidates: t.candidates(),
-        nat: t.nat,
-        tcp_only: t.tcp_only(),
-        seen: Some(t.observed.ip()),
-    };
-    let offer = Offer {
-        req: None,
-        session,
-        secret,
+    let target_card = card(target, t, key);
+    let to_target = Recipient {
         role: Role::Controlled,
-        peer_id: requester.id.clone(),
-        peer_key: requester.key,
-        peer_candidates: crate::signal::counted(
-            shared,
-            requester.candidates.len(),
-            requester.offered(shared.config.candidates, t.observed.ip()),
-        ),
-        start_in_ms: 0,
-        relay,
-        peer_nat: requester.nat,
-        peer_tcp_only: requester.tcp_only,
+        req: None,
+        seen: t.observed.ip(),
     };
+    let policy = shared.config.candidates;
+    let offer = counted(shared, pairing.offer(to_target, &requester, relay, policy));
     if !t.handle.send(ServerMsg::Offer(offer)) {
         crate::metrics::inc(&shared.metrics.dropped_messages);
         return refuse(
@@ -828,7 +811,7 @@ fn introduce_remote(
                 .config
                 .advertise,
         ),
-        target: card,
+        target: target_card,
     })
 }
 
@@ -892,25 +875,18 @@ async fn connect_remote_inner(
             message: format!("worker {target:?} is offline"),
         });
     }
-    let card = {
+    let requester_card = {
         let reg = shared.registry.lock().expect("not poisoned");
         let (o, key) = reg.online_with_key(requester).ok_or(Refusal {
             code: ErrorCode::Internal,
             message: "requester is gone".into(),
         })?;
-        PeerCard {
-            id: requester.to_string(),
-            key,
-            candidates: o.candidates(),
-            nat: o.nat,
-            tcp_only: o.tcp_only(),
-            seen: Some(o.observed.ip()),
-        }
+        card(requester, o, key)
     };
-    let requester_seen = card.seen.expect("set just above");
-    let requester_nat = card.nat;
+    let requester_seen = requester_card.seen.expect("set by card()");
+    let requester_nat = requester_card.nat;
     let intro = cluster
-        .route_connect(&server, card, target, shared.relay.is_some())
+        .route_connect(&server, requester_card, target, shared.relay.is_some())
         .await?;
     let session = SessionId(intro.session);
     let relay = match (&shared.relay, intro.relay) {
@@ -936,25 +912,20 @@ async fn connect_remote_inner(
         .expect("not poisoned")
         .introduced(session, pair.clone(), target.to_string());
     info!(%target, %session, nat_pair = %pair, %server, "introduced (target on another server)");
-    Ok(Offer {
-        req: Some(req),
+    let pairing = Pairing {
         session,
         secret: intro.secret,
+    };
+    let to_requester = Recipient {
         role: Role::Controlling,
-        peer_id: target.to_string(),
-        peer_key: intro.target.key,
-        peer_candidates: crate::signal::counted(
-            shared,
-            intro.target.candidates.len(),
-            intro
-                .target
-                .offered(shared.config.candidates, requester_seen),
-        ),
-        start_in_ms: 0,
-        relay,
-        peer_nat: intro.target.nat,
-        peer_tcp_only: intro.target.tcp_only,
-    })
+        req: Some(req),
+        seen: requester_seen,
+    };
+    let policy = shared.config.candidates;
+    Ok(counted(
+        shared,
+        pairing.offer(to_requester, &intro.target, relay, policy),
+    ))
 }
 
 /// Online and stale workers of a type and with a tag (when given), sorted

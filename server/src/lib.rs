@@ -9,6 +9,7 @@ pub mod alt;
 pub mod cluster;
 pub mod http;
 pub mod hub;
+mod introduce;
 pub mod metrics;
 pub mod registry;
 pub mod serving;

@@ -1,17 +1,17 @@
 //! The QUIC signaling endpoint: one task per agent connection.
 
+use crate::introduce::{card, counted, Pairing, Recipient};
 use crate::metrics::inc;
 use crate::registry::Online;
 use crate::{ServerConfig, ServerError, Shared};
 use punch_net::{canonical, read_frame, write_frame, FrameError};
 use punch_protocol::codec::MAX_FRAME;
 use punch_protocol::signal::{
-    validate_name, ClientMsg, ErrorCode, Hello, Offer, PathKind, Query, Role, ServerMsg, SessionId,
-    Transport, MAX_LIST, MAX_WAIT_MS,
+    validate_name, ClientMsg, ErrorCode, Hello, PathKind, Query, Role, ServerMsg, Transport,
+    MAX_LIST, MAX_WAIT_MS,
 };
 use punch_protocol::{ALPN_SIGNAL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
-use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -872,43 +872,6 @@ fn query_answer(req: u32, query: Query, shared: &Arc<Shared>) -> ServerMsg {
     ServerMsg::Workers { req, workers }
 }
 
-/// `owner`'s candidates as offered to `peer`, under the server's candidate
-/// policy; what the policy keeps back is counted.
-fn offered<H>(
-    shared: &Shared,
-    owner: &crate::registry::Online<H>,
-    peer: &crate::registry::Online<H>,
-) -> Vec<punch_protocol::signal::Candidate> {
-    let all = owner.candidates();
-    let n = all.len();
-    let kept = shared
-        .config
-        .candidates
-        .filter(all, owner.observed.ip(), Some(peer.observed.ip()));
-    counted(shared, n, kept)
-}
-
-/// `kept` of `n` candidates, counting (and logging) those the candidate
-/// policy kept back: local and cluster introductions alike.
-pub(crate) fn counted(
-    shared: &Shared,
-    n: usize,
-    kept: Vec<punch_protocol::signal::Candidate>,
-) -> Vec<punch_protocol::signal::Candidate> {
-    if kept.len() < n {
-        shared.metrics.candidates_unexplained.fetch_add(
-            (n - kept.len()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        debug!(
-            kept = kept.len(),
-            of = n,
-            "candidates the server cannot explain were not offered"
-        );
-    }
-    kept
-}
-
 fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<ServerMsg> {
     let reg = shared.registry.lock().expect("not poisoned");
     let intro = match reg.introduce(id, target) {
@@ -929,9 +892,8 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
             });
         }
     };
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let session = SessionId(rand::random());
+    let pairing = Pairing::fresh(&mut rand::thread_rng());
+    let (session, secret) = (pairing.session, pairing.secret);
     // Counted against the requester's share of the table: one agent
     // connecting in a loop cannot leave others' offers without a relay.
     let relay = shared.relay.as_ref().is_some_and(|t| {
@@ -953,32 +915,24 @@ fn introduce(req: u32, id: &str, target: &str, shared: &Arc<Shared>) -> Option<S
             }
         }
     });
-    let to_target = Offer {
-        req: None,
-        session,
-        secret,
+    let policy = shared.config.candidates;
+    let requester = card(id, intro.requester, intro.requester_key);
+    let target_card = card(target, intro.target, intro.target_key);
+    let to_target = Recipient {
         role: Role::Controlled,
-        peer_id: id.to_string(),
-        peer_key: intro.requester_key,
-        peer_candidates: offered(shared, intro.requester, intro.target),
-        start_in_ms: 0,
-        relay,
-        peer_nat: intro.requester.nat,
-        peer_tcp_only: intro.requester.tcp_only(),
+        req: None,
+        seen: intro.target.observed.ip(),
     };
-    let to_requester = Offer {
-        req: Some(req),
-        session,
-        secret,
+    let to_target = counted(shared, pairing.offer(to_target, &requester, relay, policy));
+    let to_requester = Recipient {
         role: Role::Controlling,
-        peer_id: target.to_string(),
-        peer_key: intro.target_key,
-        peer_candidates: offered(shared, intro.target, intro.requester),
-        start_in_ms: 0,
-        relay,
-        peer_nat: intro.target.nat,
-        peer_tcp_only: intro.target.tcp_only(),
+        req: Some(req),
+        seen: intro.requester.observed.ip(),
     };
+    let to_requester = counted(
+        shared,
+        pairing.offer(to_requester, &target_card, relay, policy),
+    );
     let pair = crate::metrics::pair_label(intro.requester.nat, intro.target.nat);
     if intro
         .target
