@@ -281,7 +281,7 @@ async fn workers(
     if let Some(t) = &p.tag {
         validate_name("tag", t).map_err(ApiError::bad)?;
     }
-    let list = crate::cluster::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
+    let list = crate::query::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
     Ok(Json(views(&s, list)))
 }
 
@@ -362,7 +362,7 @@ async fn worker(
     let local = s.registry.lock().expect("not poisoned").get(&id);
     let w = match local {
         Some(w) => Some(w),
-        None => crate::cluster::get_remote(&s, &id).await,
+        None => crate::query::get_remote(&s, &id).await,
     };
     w.and_then(|w| views(&s, vec![w]).pop())
         .map(Json)
@@ -380,7 +380,7 @@ async fn discover(
     Path(kind): Path<String>,
 ) -> Result<Json<WorkerView>, ApiError> {
     validate_name("type", &kind).map_err(ApiError::bad)?;
-    let w = crate::cluster::discover(&s, &kind).await;
+    let w = crate::query::discover(&s, &kind).await;
     w.map(|w| Json(w.into())).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

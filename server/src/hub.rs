@@ -253,7 +253,7 @@ impl Hub {
         }
         // In a cluster, it may be online at another server.
         let remote = || async {
-            crate::cluster::get_remote(shared, id)
+            crate::query::get_remote(shared, id)
                 .await
                 .filter(|w| w.state == punch_protocol::signal::WorkerState::Online)
         };

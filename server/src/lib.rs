@@ -11,6 +11,7 @@ pub mod http;
 pub mod hub;
 mod introduce;
 pub mod metrics;
+mod query;
 pub mod registry;
 pub mod serving;
 pub mod signal;

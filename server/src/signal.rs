@@ -674,7 +674,7 @@ async fn session_loop(
                         tokio::spawn(async move {
                             let _slot = slot;
                             let w = if validate_name("worker id", &wid).is_ok() {
-                                crate::cluster::get_remote(&shared, &wid).await
+                                crate::query::get_remote(&shared, &wid).await
                             } else {
                                 None
                             };
@@ -839,13 +839,13 @@ async fn cluster_query(shared: &Shared, req: u32, query: Query) -> ServerMsg {
                     }
                 }
             }
-            crate::cluster::list(shared, kind.as_deref(), tag.as_deref(), MAX_LIST).await
+            crate::query::list(shared, kind.as_deref(), tag.as_deref(), MAX_LIST).await
         }
         Query::Discover { kind } => {
             if let Err(e) = validate_name("type", &kind) {
                 return bad(e);
             }
-            crate::cluster::discover(shared, &kind)
+            crate::query::discover(shared, &kind)
                 .await
                 .into_iter()
                 .collect()
