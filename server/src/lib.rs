@@ -5,7 +5,6 @@
 //! agents an offer so they can punch a direct path. A small HTTP endpoint
 //! shows health and who is online.
 
-pub mod alt;
 pub mod cluster;
 pub mod http;
 pub mod hub;
@@ -17,6 +16,7 @@ pub mod serving;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub mod stun;
 pub mod tcp;
 pub mod udp;
 
@@ -166,7 +166,7 @@ pub struct Shared {
     /// Relay sessions; `None` when relaying is off.
     pub relay: Option<Arc<Mutex<punch_protocol::relay::RelayTable>>>,
     /// STUN responder counters.
-    pub stun: Arc<udp::StunStats>,
+    pub stun: Arc<stun::StunStats>,
     /// Persistent id-to-key bindings.
     pub store: store::Store,
     /// Registry events, waits and barriers.
@@ -219,7 +219,7 @@ impl Server {
             .map(|l| Arc::new(Mutex::new(punch_protocol::relay::RelayTable::new(l))));
         let alt = match config.alt_listen {
             Some(a) => Some(
-                alt::AltSockets::bind(&socket, a)
+                stun::AltSockets::bind(&socket, a)
                     .map_err(|source| ServerError::BindUdp { addr: a, source })?,
             ),
             None => None,

@@ -9,7 +9,6 @@
 //! once upgraded, is no longer an HTTP request and has deadlines of its
 //! own (see `tcp`).
 
-use crate::tcp::Remote;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -28,6 +27,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 use tracing::{debug, warn};
+
+/// The remote address of an HTTP or TLS connection (for `ConnectInfo`).
+#[derive(Clone, Copy, Debug)]
+pub struct Remote(pub SocketAddr);
 
 /// Default time a client has to send a request's head (request line and
 /// headers), counted from when the server starts waiting for it (so an

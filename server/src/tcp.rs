@@ -9,7 +9,7 @@
 //! a relay session may have one side on UDP and the other on TCP.
 
 use crate::metrics::inc;
-use crate::serving::{self, Door, Slotted};
+use crate::serving::{self, Door, Remote, Slotted};
 use crate::signal::{self, Arrival, Closer, Incoming, Link, ReadEnd};
 use crate::Shared;
 use axum::extract::connect_info::ConnectInfo;
@@ -22,7 +22,7 @@ use axum::Router;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use punch_protocol::relay::{Action, Endpoint};
-use punch_protocol::signal::{ClientMsg, ErrorCode, Transport};
+use punch_protocol::signal::{ClientMsg, ErrorCode, ServerMsg, Transport};
 use punch_protocol::ws::{self, WsAuth, WsFrame};
 use punch_protocol::MIN_PROTOCOL_VERSION;
 use rand::RngCore;
@@ -193,10 +193,6 @@ impl TcpClients {
     }
 }
 
-/// The remote address of an HTTP or TLS connection (for `ConnectInfo`).
-#[derive(Clone, Copy, Debug)]
-pub struct Remote(pub SocketAddr);
-
 /// Serves the TLS port until the task is aborted: the WebSocket at `/ws`
 /// and `/healthz`. Each connection's TLS handshake runs on its own task (a
 /// client that stalls it holds only that task and its slot, for at most
@@ -285,8 +281,33 @@ pub(crate) struct WsLink {
     kick: Arc<Notify>,
 }
 
+impl Link for WsLink {
+    async fn send(&mut self, m: &ServerMsg) -> Result<(), String> {
+        self.send_raw(ws::encode_signal(m)).await
+    }
+
+    async fn refuse(&mut self, code: ErrorCode, message: String) {
+        warn!(code = code.as_str(), "refusing agent: {message}");
+        let m = ServerMsg::Error {
+            req: None,
+            code,
+            message,
+        };
+        let _ = self.send_raw(ws::encode_signal(&m)).await;
+        self.finish().await;
+    }
+
+    async fn closed(&self) -> String {
+        let mut done = self.done.clone();
+        tokio::select! {
+            _ = self.kick.notified() => "replaced by a new connection".into(),
+            _ = done.wait_for(|d| d.is_some()) => self.reason(),
+        }
+    }
+}
+
 impl WsLink {
-    pub(crate) async fn send(&mut self, payload: Vec<u8>) -> Result<(), String> {
+    async fn send_raw(&mut self, payload: Vec<u8>) -> Result<(), String> {
         let tx = self.sig.as_ref().ok_or("channel closing")?;
         tx.send(Message::Binary(payload.into()))
             .await
@@ -305,14 +326,6 @@ impl WsLink {
         self.sig.take();
         if let Some(w) = self.writer.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
-        }
-    }
-
-    pub(crate) async fn closed(&self) -> String {
-        let mut done = self.done.clone();
-        tokio::select! {
-            _ = self.kick.notified() => "replaced by a new connection".into(),
-            _ = done.wait_for(|d| d.is_some()) => self.reason(),
         }
     }
 }
@@ -452,7 +465,7 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         version: MIN_PROTOCOL_VERSION,
         nonce: server_nonce,
     };
-    if link.send(ws::encode_auth(&hello)).await.is_err() {
+    if link.send_raw(ws::encode_auth(&hello)).await.is_err() {
         return;
     }
     // The agent's proof and hello, in that order, in time.
@@ -488,8 +501,7 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
     else {
         inc(&stats.protocol_errors);
         inc(&shared.metrics.decode_errors);
-        let mut l = Link::Tcp(link);
-        l.refuse(ErrorCode::BadRequest, "expected the key proof first".into())
+        link.refuse(ErrorCode::BadRequest, "expected the key proof first".into())
             .await;
         return;
     };
@@ -500,20 +512,15 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         Ok(_) => Err(ReadEnd::Malformed("expected Hello".into())),
         Err(e) => Err(ReadEnd::Malformed(e.to_string())),
     };
-    let mut l = Link::Tcp(link);
-    let Some(hello) = signal::expect_hello(&mut l, Ok(first), &shared).await else {
+    let Some(hello) = signal::expect_hello(&mut link, Ok(first), &shared).await else {
         inc(&stats.protocol_errors);
         return;
-    };
-    let Link::Tcp(mut link) = l else {
-        unreachable!("built above")
     };
     let signed = ws::client_signed(&server_nonce, &client_nonce);
     if !punch_tls::tcp::verify_signature(&hello.public_key, &signed, &signature) {
         inc(&stats.protocol_errors);
         inc(&shared.metrics.auth_failures);
-        let mut l = Link::Tcp(link);
-        l.refuse(
+        link.refuse(
             ErrorCode::BadRequest,
             "the key proof does not verify".into(),
         )
@@ -531,7 +538,7 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         }
     };
     if link
-        .send(ws::encode_auth(&WsAuth::ServerAuth {
+        .send_raw(ws::encode_auth(&WsAuth::ServerAuth {
             key: shared.identity.public_key(),
             signature: proof,
         }))
@@ -566,7 +573,7 @@ async fn channel(socket: WebSocket, conn_id: u64, observed: SocketAddr, shared: 
         transport: Transport::Tcp,
         closer: Closer::Tcp(link.kick.clone()),
     };
-    signal::serve_registered(Link::Tcp(link), arrival, hello, in_rx, shared.clone()).await;
+    signal::serve_registered(link, arrival, hello, in_rx, shared.clone()).await;
     reader.abort();
     shared
         .tcp

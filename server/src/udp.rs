@@ -5,6 +5,7 @@
 //! drop) and the answer leaves from the same socket, so agents' relayed
 //! packets use the same address and NAT mapping as their signaling.
 
+use crate::stun::StunStats;
 use punch_protocol::relay::{self, Action, Endpoint, RelayTable};
 use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
@@ -13,7 +14,6 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -28,17 +28,9 @@ pub struct ServerSocket {
     local: SocketAddr,
     /// STUN counters.
     pub stun: Arc<StunStats>,
-    alt: Option<Arc<crate::alt::AltSockets>>,
+    alt: Option<Arc<crate::stun::AltSockets>>,
     /// WebSocket clients, for relay sides bound over TCP.
     tcp: Arc<crate::tcp::TcpClients>,
-}
-
-/// Counters of the STUN responder.
-#[derive(Debug, Default)]
-pub struct StunStats {
-    pub requests: AtomicU64,
-    pub errors_sent: AtomicU64,
-    pub dropped: AtomicU64,
 }
 
 /// STUN answers of one receive batch: (client, our address it asked, bytes).
@@ -47,9 +39,6 @@ type Answers = Vec<(SocketAddr, Option<std::net::IpAddr>, Vec<u8>)>;
 /// Largest batch frame built for a TCP client (below the WebSocket message
 /// limit).
 const MAX_TCP_BATCH: usize = 60 * 1024;
-
-/// SOFTWARE attribute of our STUN answers.
-pub const SOFTWARE: &str = concat!("punch-server ", env!("CARGO_PKG_VERSION"));
 
 impl fmt::Debug for ServerSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,7 +51,7 @@ impl ServerSocket {
     pub fn new(
         sock: std::net::UdpSocket,
         relay: Option<Arc<Mutex<RelayTable>>>,
-        alt: Option<Arc<crate::alt::AltSockets>>,
+        alt: Option<Arc<crate::stun::AltSockets>>,
         tcp: Arc<crate::tcp::TcpClients>,
     ) -> io::Result<Arc<Self>> {
         let local = sock.local_addr()?;
@@ -136,42 +125,9 @@ impl ServerSocket {
         dst_ip: Option<std::net::IpAddr>,
         data: &[u8],
     ) -> Option<Vec<u8>> {
+        let local = crate::stun::main_local(self.local, dst_ip);
         let from = punch_net::canonical(from);
-        let Ok(msg) = stun::parse(data) else {
-            self.stun.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let local = match (self.local.ip().is_unspecified(), dst_ip) {
-            (true, Some(ip)) => Some(SocketAddr::new(ip.to_canonical(), self.local.port())),
-            (true, None) => None,
-            (false, _) => Some(punch_net::canonical(self.local)),
-        };
-        let (ci, cp) = msg.change_request();
-        let out = self
-            .alt
-            .as_ref()
-            .and_then(|a| local.and_then(|l| a.respond_from(l, ci, cp)));
-        let info = stun::ResponderInfo {
-            local: match out {
-                Some(s) => s.local_addr().ok(),
-                None => local,
-            },
-            other: self.alt.as_ref().map(|a| a.other),
-        };
-        let Some(resp) = stun::answer(&msg, from, info, SOFTWARE) else {
-            self.stun.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        // The answer's type sits in its first two bytes.
-        if resp.get(..2) == Some(&stun::BINDING_ERROR.to_be_bytes()[..]) {
-            self.stun.errors_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        self.stun.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(out) = out {
-            let _ = out.send_to(&resp, from);
-            return None;
-        }
-        Some(resp)
+        crate::stun::answer_main(self.alt.as_deref(), local, &self.stun, from, data)
     }
 
     /// Sends `data` (one datagram, or `stride`-sized GSO segments) to `to`;

@@ -12,6 +12,7 @@ use punch_protocol::signal::{
 };
 use punch_protocol::{ALPN_SIGNAL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use punch_tls::{Expect, Identity, KeyVerifier, TOKEN_PROOF_LABEL};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,63 +52,55 @@ impl Closer {
     }
 }
 
-/// The agent's end of a registered channel, whichever transport carries it.
-pub(crate) enum Link<'a> {
-    Quic {
-        conn: &'a quinn::Connection,
-        send: &'a mut quinn::SendStream,
-    },
-    Tcp(crate::tcp::WsLink),
-}
-
-impl Link<'_> {
-    async fn send(&mut self, m: &ServerMsg) -> Result<(), String> {
-        match self {
-            Link::Quic { send, .. } => write_frame(send, m).await.map_err(|e| e.to_string()),
-            Link::Tcp(l) => l.send(punch_protocol::ws::encode_signal(m)).await,
-        }
-    }
+/// The agent's end of a registered channel: the session speaks through it
+/// whichever transport carries it (QUIC here, the WebSocket in `tcp`).
+pub(crate) trait Link: Send {
+    /// Sends one message.
+    fn send(&mut self, m: &ServerMsg) -> impl Future<Output = Result<(), String>> + Send;
 
     /// Sends an error, waits briefly for it to be delivered, and closes.
-    pub(crate) async fn refuse(&mut self, code: ErrorCode, message: String) {
-        match self {
-            Link::Quic { conn, send } => refuse(conn, send, code, message).await,
-            Link::Tcp(l) => {
-                warn!(code = code.as_str(), "refusing agent: {message}");
-                let m = ServerMsg::Error {
-                    req: None,
-                    code,
-                    message,
-                };
-                let _ = l.send(punch_protocol::ws::encode_signal(&m)).await;
-                l.finish().await;
-            }
-        }
-    }
+    fn refuse(&mut self, code: ErrorCode, message: String) -> impl Future<Output = ()> + Send;
 
     /// Resolves when the transport is gone.
-    async fn closed(&self) -> String {
-        match self {
-            Link::Quic { conn, .. } => conn.closed().await.to_string(),
-            Link::Tcp(l) => l.closed().await,
-        }
-    }
+    fn closed(&self) -> impl Future<Output = String> + Send;
 
     /// Did the agent close the channel as it does when it shuts down?
     fn shut_down(&self) -> bool {
-        match self {
-            Link::Quic { conn, .. } => shut_down(conn),
-            Link::Tcp(_) => false,
-        }
+        false
     }
 
     /// The peer's current address, where it can change under the channel
     /// (QUIC follows NAT rebinding; a TCP connection cannot).
     fn rebinding_addr(&self) -> Option<std::net::SocketAddr> {
-        match self {
-            Link::Quic { conn, .. } => Some(canonical(conn.remote_address())),
-            Link::Tcp(_) => None,
-        }
+        None
+    }
+}
+
+/// A QUIC signaling connection and its one bi-stream.
+pub(crate) struct QuicLink<'a> {
+    conn: &'a quinn::Connection,
+    send: &'a mut quinn::SendStream,
+}
+
+impl Link for QuicLink<'_> {
+    async fn send(&mut self, m: &ServerMsg) -> Result<(), String> {
+        write_frame(self.send, m).await.map_err(|e| e.to_string())
+    }
+
+    async fn refuse(&mut self, code: ErrorCode, message: String) {
+        refuse(self.conn, self.send, code, message).await
+    }
+
+    async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
+    }
+
+    fn shut_down(&self) -> bool {
+        shut_down(self.conn)
+    }
+
+    fn rebinding_addr(&self) -> Option<std::net::SocketAddr> {
+        Some(canonical(self.conn.remote_address()))
     }
 }
 
@@ -181,7 +174,7 @@ fn busy(req: u32, limit: usize) -> ServerMsg {
 pub fn endpoint(
     identity: &Identity,
     config: &ServerConfig,
-    socket: Arc<crate::udp::ServerSocket>,
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
 ) -> Result<quinn::Endpoint, ServerError> {
     let mut server_cfg =
         punch_tls::server_config(identity, KeyVerifier::new(Expect::AnyKey), &[ALPN_SIGNAL])?;
@@ -307,7 +300,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
                 e => ReadEnd::Closed(e.to_string()),
             })
         });
-    let mut link = Link::Quic {
+    let mut link = QuicLink {
         conn: &conn,
         send: &mut send,
     };
@@ -350,7 +343,7 @@ async fn serve_agent(conn: quinn::Connection, conn_id: u64, shared: Arc<Shared>)
 /// Reads the first message, which must be a hello; refuses the agent
 /// otherwise.
 pub(crate) async fn expect_hello(
-    link: &mut Link<'_>,
+    link: &mut impl Link,
     first: Result<Incoming, tokio::time::error::Elapsed>,
     shared: &Arc<Shared>,
 ) -> Option<Hello> {

@@ -7,7 +7,7 @@ use super::*;
 /// Checks a hello, registers the agent and serves it until it leaves,
 /// whichever transport carries it.
 pub(crate) async fn serve_registered(
-    mut link: Link<'_>,
+    mut link: impl Link,
     arrival: Arrival,
     hello: Hello,
     in_rx: InQueue,
@@ -181,7 +181,7 @@ pub(crate) async fn serve_registered(
 
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
-    link: &mut Link<'_>,
+    link: &mut impl Link,
     conn_id: u64,
     id: &str,
     shared: &Arc<Shared>,

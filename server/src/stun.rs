@@ -1,4 +1,5 @@
-//! RFC 5780 alternate endpoints for NAT behaviour discovery.
+//! The STUN responder: Binding answers on the main socket (the UDP socket
+//! layer hands requests here) and on the RFC 5780 alternate endpoints.
 //!
 //! With `--alt-listen IP2:P2` the server answers STUN on IP2:P2, IP1:P2 and
 //! IP2:P1 besides its main IP1:P1, tells clients about IP2:P2 in
@@ -7,11 +8,70 @@
 //! endpoint-independent, address-dependent and address-and-port-dependent
 //! mapping and filtering apart.
 
-use crate::udp::{StunStats, SOFTWARE};
 use punch_protocol::stun;
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Counters of the STUN responder.
+#[derive(Debug, Default)]
+pub struct StunStats {
+    pub requests: AtomicU64,
+    pub errors_sent: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// SOFTWARE attribute of our STUN answers.
+pub const SOFTWARE: &str = concat!("punch-server ", env!("CARGO_PKG_VERSION"));
+
+/// Answers a STUN Binding request that reached the main socket at `local`
+/// (`None`: an unspecified bind whose destination address is unknown):
+/// sends it from an alternate socket (CHANGE-REQUEST), or returns it for
+/// the main socket to send.
+pub(crate) fn answer_main(
+    alt: Option<&AltSockets>,
+    local: Option<SocketAddr>,
+    stats: &StunStats,
+    from: SocketAddr,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    let Ok(msg) = stun::parse(data) else {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let (ci, cp) = msg.change_request();
+    let out = alt.and_then(|a| local.and_then(|l| a.respond_from(l, ci, cp)));
+    let info = stun::ResponderInfo {
+        local: match out {
+            Some(s) => s.local_addr().ok(),
+            None => local,
+        },
+        other: alt.map(|a| a.other),
+    };
+    let Some(resp) = stun::answer(&msg, from, info, SOFTWARE) else {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    // The answer's type sits in its first two bytes.
+    if resp.get(..2) == Some(&stun::BINDING_ERROR.to_be_bytes()[..]) {
+        stats.errors_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(out) = out {
+        let _ = out.send_to(&resp, from);
+        return None;
+    }
+    Some(resp)
+}
+
+/// The main socket's own address for a request that arrived at `dst_ip`.
+pub(crate) fn main_local(bound: SocketAddr, dst_ip: Option<IpAddr>) -> Option<SocketAddr> {
+    match (bound.ip().is_unspecified(), dst_ip) {
+        (true, Some(ip)) => Some(SocketAddr::new(ip.to_canonical(), bound.port())),
+        (true, None) => None,
+        (false, _) => Some(punch_net::canonical(bound)),
+    }
+}
 
 /// The three extra sockets.
 #[derive(Debug)]
