@@ -645,9 +645,12 @@ async fn relayed_connections_outlive_a_server_restart() {
             Ok(took) => {
                 eprintln!("{name} relay: pings resumed {took:?} after the server was back");
                 // The goal is 2 s (measured: ~1.1 s UDP, ~0.3 s WebSocket on
-                // a quiet machine); the bound leaves room for a loaded CI
-                // machine running the other tests of this file beside it.
-                if took > Duration::from_secs(3) {
+                // a quiet machine). The first echo waits for QUIC's next
+                // probe of the stalled stream, whose timeout doubled during
+                // the 2 s outage: on a loaded machine that alone reached
+                // 3.1 s, so the bound is 5 s (a relay session never renewed
+                // fails at 10 s above).
+                if took > Duration::from_secs(5) {
                     failures.push(format!("{name}: pings resumed only after {took:?}"));
                 }
             }
