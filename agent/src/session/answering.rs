@@ -1,0 +1,56 @@
+//! The controlled side: the peer asked for us; punch (and bind the relay)
+//! so its dial gets through.
+
+use super::punching::{first_direct, ipv6_pair, spawn_birthday, spawn_puncher, PREFER_IPV6};
+use super::{register, release};
+use crate::socket::ProbeDatagram;
+use crate::{Inner, RelayMode};
+use punch_protocol::signal::Offer;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// The controlled side: punch (and bind the relay) and let the peer dial us.
+pub(crate) async fn controlled(
+    inner: Arc<Inner>,
+    offer: Offer,
+    probes: mpsc::Receiver<ProbeDatagram>,
+) {
+    info!(session = %offer.session, peer = %offer.peer_id, "offer: peer wants to connect");
+    let v = match register(&inner, &offer) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("{e}");
+            inner.router.unregister(offer.session);
+            return;
+        }
+    };
+    let window = inner.config.punch_timeout + Duration::from_secs(30);
+    inner.allow_peer(offer.peer_key, &offer.peer_id, window);
+    let mode = inner.config.relay;
+    if offer.relay && mode != RelayMode::Never {
+        let (inner2, offer2) = (inner.clone(), offer.clone());
+        tokio::spawn(async move {
+            // The relay is our path from the first request on: the
+            // dialer's Initial, held by the server until we bind, comes
+            // right behind our bind-ok and must be answerable.
+            let early = tokio::sync::oneshot::channel().0;
+            if let Err(e) =
+                crate::relay::bind(&inner2.socket, inner2.relay_via(), &offer2, v, Some(early))
+                    .await
+            {
+                warn!(session = %offer2.session, "{e}");
+            }
+        });
+    }
+    if mode == RelayMode::Force && offer.relay {
+        inner.router.unregister(offer.session);
+    } else {
+        let birthday = spawn_birthday(&inner, &offer, v);
+        let prefer = ipv6_pair(&inner, &offer).then_some(PREFER_IPV6);
+        let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday, prefer).await;
+    }
+    tokio::time::sleep(window).await;
+    release(&inner, v);
+}

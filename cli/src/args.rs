@@ -1,0 +1,292 @@
+//! The command line: global flags every subcommand shares, and the
+//! subcommands. Help texts, flag names and env vars are a contract that
+//! scripts and deploy/check.sh rely on.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// punch agent: register with a punch rendezvous server and reach other
+/// workers by id over direct, mutually authenticated QUIC connections.
+///
+/// Exit codes: 0 ok, 1 I/O, 2 usage/config, 3 unknown worker, 4 worker
+/// offline, 5 punch timed out, 6 bad token, 7 server fingerprint mismatch,
+/// 8 server unreachable, 9 worker id taken, 10 protocol version mismatch,
+/// 11 peer connection failed, 12 timeout, 13 other server refusal.
+#[derive(Parser, Debug)]
+#[command(name = "punch-agent", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// Rendezvous server. HOST:PORT: QUIC over UDP there, and the TCP
+    /// channel (TLS + WebSocket) at the same host and port, tried when UDP
+    /// has not answered within 300 ms. wss://HOST[:PORT]/ws: the TCP
+    /// channel only (a server behind an HTTPS-only front). A comma-separated
+    /// list names servers of one cluster (`punch-server --registry
+    /// redis://…`): the agent uses the first that answers and moves to the
+    /// next when its server fails.
+    #[arg(long, global = true, env = "PUNCH_SERVER")]
+    pub server: Option<String>,
+    /// The TCP channel when it is not at --server's host and port, e.g. an
+    /// HTTPS front: wss://HOST[:PORT]/ws.
+    #[arg(long, global = true, env = "PUNCH_SERVER_TCP")]
+    pub server_tcp: Option<String>,
+    /// CA certificates (PEM) that sign the front's certificate, instead of
+    /// the system roots. The server's own pinned key is always accepted.
+    #[arg(long, global = true, env = "PUNCH_SERVER_CA")]
+    pub server_ca: Option<PathBuf>,
+    /// HTTP proxy for the TCP channel, http://[USER:PASS@]HOST:PORT (HTTP
+    /// CONNECT, Basic auth). Default: $HTTPS_PROXY / $ALL_PROXY; $NO_PROXY
+    /// exempts hosts either way.
+    #[arg(long, global = true)]
+    pub proxy: Option<String>,
+    /// Renew the TCP channel after this many seconds, before a front cuts
+    /// it (Cloud Run ends WebSockets at 60 minutes); peer connections stay.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_WS_MAX_AGE",
+        default_value_t = 3000.0
+    )]
+    pub ws_max_age: f64,
+    /// Never use the TCP channel (UDP only).
+    #[arg(long, global = true)]
+    pub no_tcp: bool,
+    /// SHA-256 fingerprint of the server key (`punch-server fingerprint`).
+    #[arg(long, global = true, env = "PUNCH_SERVER_FINGERPRINT")]
+    pub server_fingerprint: Option<String>,
+    /// Token, if the server requires one.
+    #[arg(long, global = true, env = "PUNCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Our worker id. `connect` and `ping` register a one-off anon-… id
+    /// when none is given.
+    #[arg(long, global = true, env = "PUNCH_ID")]
+    pub id: Option<String>,
+    /// Persistent Ed25519 key of this agent; created if missing. Default:
+    /// <data dir>/punch/agent.key for agents with an id, a one-off key
+    /// otherwise.
+    #[arg(long, global = true, env = "PUNCH_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Local UDP address of the agent's one socket.
+    #[arg(long, global = true, env = "PUNCH_BIND", default_value = "0.0.0.0:0")]
+    pub bind: SocketAddr,
+    /// Seconds to punch before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_PUNCH_TIMEOUT",
+        default_value_t = 5.0
+    )]
+    pub punch_timeout: f64,
+    /// A standard STUN server (HOST:PORT) to learn our public mapping from;
+    /// repeatable. Its answers become candidates in offers.
+    #[arg(long, global = true, env = "PUNCH_STUN", value_delimiter = ',')]
+    pub stun: Vec<String>,
+    /// Never use the server's relay: fail when no direct path can be punched.
+    #[arg(long, global = true, conflicts_with = "force_relay")]
+    pub no_relay: bool,
+    /// Use the server's relay at once, without punching.
+    #[arg(long, global = true)]
+    pub force_relay: bool,
+    /// Start on the relay when punching has found no path after this many
+    /// seconds; the connection moves to the direct path once one is found.
+    #[arg(long, global = true, env = "PUNCH_RELAY_AFTER", default_value_t = 3.0)]
+    pub relay_after: f64,
+    /// Do not classify our NAT after registering (by default the agent runs
+    /// the nat-check tests once in the background and tells the server its
+    /// class, which offers and the server's metrics carry).
+    #[arg(long, global = true)]
+    pub no_nat_check: bool,
+    /// Ask the gateway for a port mapping (PCP, then NAT-PMP, then UPnP
+    /// IGD) forwarded to our UDP socket, in the background, and offer the
+    /// public address to peers: auto or off. Off sends nothing to the
+    /// gateway. Skipped for a loopback socket or server.
+    #[arg(
+        long,
+        global = true,
+        env = "PUNCH_PORT_MAPPING",
+        default_value = "auto",
+        value_parser = ["auto", "off"]
+    )]
+    pub port_mapping: String,
+    /// Testing: the port mapping protocols to try, in order (pcp,
+    /// nat-pmp, upnp).
+    #[arg(long, global = true, hide = true, value_delimiter = ',')]
+    pub port_mapping_protocols: Vec<String>,
+    /// Testing: the mapping lifetime to ask for, seconds.
+    #[arg(long, global = true, hide = true)]
+    pub port_mapping_lifetime: Option<u32>,
+    /// Testing: the gateway's PCP/NAT-PMP address instead of the default
+    /// route's gateway on port 5351.
+    #[arg(long, global = true, hide = true)]
+    pub port_mapping_gateway: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Register and accept peer connections (answers ping, echo and bench
+    /// streams) until interrupted. Reconnects by itself when the server
+    /// goes away; Ctrl-C or SIGTERM deregisters at once.
+    Serve {
+        /// Our type (service kind), for `list --type` and `discover`.
+        #[arg(long = "type", env = "PUNCH_TYPE")]
+        kind: Option<String>,
+        /// A tag to filter on; repeatable.
+        #[arg(long = "tag", env = "PUNCH_TAGS", value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Metadata KEY=VALUE; repeatable.
+        #[arg(long = "meta", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+        /// Share this directory read-only with peers (`files`, `get`).
+        #[arg(long, value_name = "DIR")]
+        share: Option<PathBuf>,
+        /// Let peers forward TCP connections to this address (`forward
+        /// --remote`); repeatable. Nothing is allowed by default.
+        #[arg(long = "allow-forward", value_name = "IP:PORT")]
+        allow_forward: Vec<SocketAddr>,
+        /// Serve GET /healthz and GET / (our status) on this TCP address.
+        /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+    },
+    /// List workers online or stale (recently dropped), optionally of one
+    /// type and with one tag.
+    List {
+        #[arg(long = "type")]
+        kind: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a random online worker of TYPE (exit 3 when none is online).
+    Discover {
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward local TCP connections to a TCP service reachable from
+    /// TARGET (like `ssh -L`): each connection to --local rides its own
+    /// QUIC stream; TARGET connects to --remote if it is on its
+    /// --allow-forward list. Runs until interrupted.
+    Forward {
+        /// Worker id to reach.
+        target: String,
+        /// Local TCP address to listen on.
+        #[arg(long, value_name = "IP:PORT")]
+        local: SocketAddr,
+        /// The address TARGET connects to, as TARGET sees it.
+        #[arg(long, value_name = "IP:PORT")]
+        remote: SocketAddr,
+        /// Limit in seconds for connecting to TARGET.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// List the files TARGET shares (serve --share): name, size, BLAKE3.
+    Files {
+        target: String,
+        /// Print a JSON array of {name, size, blake3}.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Download NAME from TARGET's shared directory, with a progress bar.
+    /// A partial download (PATH.part) resumes; the file is put in place
+    /// only after its BLAKE3 matches.
+    Get {
+        target: String,
+        name: String,
+        /// Where to write (default: the name's last component, here).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.
+    /// For start-up ordering of containers.
+    Wait {
+        worker: String,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Connect to TARGET, measure one round trip, print the result, exit.
+    Connect {
+        /// Worker id to reach.
+        target: String,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Overall limit in seconds (registration, punching, handshake).
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Classify this host's NAT (RFC 5780): public address, mapping and
+    /// filtering behaviour, port preservation, hairpinning. Asks the
+    /// --server's STUN port (start punch-server with --alt-listen), or the
+    /// first --stun server. No registration, no fingerprint needed.
+    NatCheck {
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect to TARGET and measure round trips: min/avg/max.
+    Ping {
+        /// Worker id to reach.
+        target: String,
+        /// Number of round trips.
+        #[arg(short = 'c', long, default_value_t = 4)]
+        count: u32,
+        /// Seconds between round trips.
+        #[arg(short = 'i', long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Connect to TARGET and measure throughput over the peer connection:
+    /// upload for N seconds, then download for N seconds (MB = 10^6 bytes).
+    /// With --force-relay, through the server's relay.
+    Bench {
+        /// Worker id to reach.
+        target: String,
+        /// Seconds per direction (1 to 60).
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    punch_protocol::signal::validate_name("metadata key", k)?;
+    if v.len() > punch_protocol::signal::MAX_METADATA_LEN {
+        return Err(format!(
+            "metadata value longer than {} bytes",
+            punch_protocol::signal::MAX_METADATA_LEN
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}

@@ -1,0 +1,81 @@
+//! Registry queries: `list`, `discover` and `wait`. Each registers a
+//! one-off agent, asks the server once, and leaves.
+
+use crate::args::Common;
+use crate::config::secs;
+use crate::session::query_agent;
+use punch_agent::AgentError;
+use serde_json::json;
+
+/// A worker as `list --json` and `discover --json` print it (the same
+/// fields as the server's HTTP API).
+fn worker_json(w: &punch_protocol::signal::WorkerInfo) -> serde_json::Value {
+    json!(punch_protocol::view::WorkerView::from(w.clone()))
+}
+
+pub async fn list(
+    c: &Common,
+    kind: Option<&str>,
+    tag: Option<&str>,
+    json: bool,
+) -> Result<(), AgentError> {
+    let agent = query_agent(c).await?;
+    let r = agent.list(kind, tag).await;
+    agent.close().await;
+    let workers = r?;
+    if json {
+        let v: Vec<_> = workers.iter().map(worker_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:<7} {:<22} {:<10} TAGS",
+        "WORKER", "TYPE", "STATE", "ADDRESS", "NAT"
+    );
+    for w in &workers {
+        println!(
+            "{:<24} {:<12} {:<7} {:<22} {:<10} {}",
+            w.id,
+            w.kind.as_deref().unwrap_or("-"),
+            w.state.as_str(),
+            w.observed,
+            w.nat.map(|n| n.label()).unwrap_or_else(|| "-".into()),
+            w.tags.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub async fn discover(c: &Common, kind: &str, json: bool) -> Result<(), AgentError> {
+    punch_protocol::signal::validate_name("type", kind).map_err(AgentError::Config)?;
+    let agent = query_agent(c).await?;
+    let r = agent.discover(kind).await;
+    agent.close().await;
+    match r? {
+        Some(w) if json => println!("{}", worker_json(&w)),
+        Some(w) => println!("{}", w.id),
+        None => {
+            return Err(AgentError::UnknownWorker(format!(
+                "no online worker of type {kind}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+pub async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentError> {
+    let limit = secs(timeout, "--timeout")?;
+    let agent = query_agent(c).await?;
+    let r = agent.wait_for(worker, limit).await;
+    agent.close().await;
+    match r {
+        Ok(w) => {
+            println!("{} is online at {}", w.id, w.observed);
+            Ok(())
+        }
+        Err(AgentError::Timeout(_)) => Err(AgentError::Timeout(format!(
+            "{worker} did not come online within {timeout} s"
+        ))),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,124 @@
+//! `punch-agent serve`: the long-running agent other workers connect to.
+
+use crate::args::Common;
+use crate::config::config;
+use crate::status;
+use punch_agent::{Agent, AgentError, Status};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The status address: --http, else 0.0.0.0:$PORT when PORT is set,
+/// because Cloud Run sets PORT and counts the service as up only once an
+/// HTTP port answers there.
+pub fn http_addr(http: Option<SocketAddr>) -> Option<SocketAddr> {
+    http.or_else(|| {
+        std::env::var("PORT")
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+            .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+    })
+}
+
+pub async fn run(
+    c: &Common,
+    kind: Option<String>,
+    tags: Vec<String>,
+    meta: Vec<(String, String)>,
+    http: Option<SocketAddr>,
+    allow_forward: Vec<SocketAddr>,
+    share: Option<PathBuf>,
+) -> Result<(), AgentError> {
+    // First of all, before registering: a SIGTERM from then on, also
+    // between two turns of the loop below, shuts down cleanly.
+    let shutdown = punch_net::shutdown_signal();
+    if c.id.is_none() {
+        return Err(AgentError::Config(
+            "serve needs --id NAME (or PUNCH_ID): the id other agents connect to".into(),
+        ));
+    }
+    if let Some(k) = &kind {
+        punch_protocol::signal::validate_name("type", k).map_err(AgentError::Config)?;
+    }
+    for t in &tags {
+        punch_protocol::signal::validate_name("tag", t).map_err(AgentError::Config)?;
+    }
+    let max = punch_protocol::signal::MAX_TAGS;
+    if tags.len() > max {
+        return Err(AgentError::Config(format!("at most {max} tags")));
+    }
+    let max = punch_protocol::signal::MAX_METADATA;
+    if meta.len() > max {
+        return Err(AgentError::Config(format!("at most {max} --meta entries")));
+    }
+    let mut cfg = config(c, true)?;
+    cfg.kind = kind;
+    cfg.tags = tags;
+    cfg.metadata = meta;
+    cfg.allow_forward = allow_forward;
+    cfg.share = share;
+    let agent = Agent::start(cfg).await?;
+    if let Some(addr) = http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Config(format!("--http {addr}: {e}")))?;
+        tracing::info!(%addr, "status on HTTP");
+        tokio::spawn(status::serve(listener, agent.clone()));
+    }
+    let mut status = agent.watch_status();
+    let accept = {
+        let agent = agent.clone();
+        async move {
+            while let Some(pc) = agent.accept().await {
+                tokio::spawn(pc.serve());
+            }
+        }
+    };
+    tokio::spawn(accept);
+    // What the background NAT check found, once (scripts and the lab wait
+    // for it: a worker's punching method depends on it).
+    if !c.no_nat_check {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent.nat_checked().await;
+            let class = agent
+                .nat_class()
+                .map_or("unknown".to_string(), |n| n.label());
+            let a = agent.nat_allocator();
+            let alloc = match a {
+                punch_protocol::allocator::Allocator::Sequential { stride } => {
+                    format!("sequential, stride {stride}")
+                }
+                punch_protocol::allocator::Allocator::Block { base, size } => {
+                    format!("block of {size} at {base}")
+                }
+                other => other.kind().to_string(),
+            };
+            println!("punch-agent NAT: {class} (port allocator: {alloc})");
+        });
+    }
+    let mut announced = false;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                agent.close().await;
+                return Ok(());
+            }
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return Err(AgentError::Io("agent stopped".into()));
+                }
+                let s = status.borrow_and_update().clone();
+                match s {
+                    Status::Failed(e) => return Err(e),
+                    Status::Registered { observed } if !announced => {
+                        announced = true;
+                        println!("punch-agent serving as {} (server sees us at {observed})", agent.worker_id());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
