@@ -436,7 +436,7 @@ async fn events(
         let ev = r.ok()?;
         let data = serde_json::to_string(&*ev).ok()?;
         Some(Ok(SseEvent::default()
-            .event(ev.event)
+            .event(ev.event.as_str())
             .id(ev.seq.to_string())
             .data(data)))
     });

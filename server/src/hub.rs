@@ -2,7 +2,7 @@
 //! stream and agents' `Wait` queries block on. Every wait is bounded in
 //! time and in number.
 
-use crate::registry::Event;
+use crate::registry::{Event, EventKind};
 use crate::Shared;
 use punch_protocol::signal::WorkerInfo;
 use serde::Serialize;
@@ -32,7 +32,7 @@ pub struct EventRecord {
     /// Increases by one per event.
     pub seq: u64,
     /// `registered`, `address_changed`, `stale`, `deregistered`, `expired`.
-    pub event: &'static str,
+    pub event: EventKind,
     pub worker: String,
     pub observed_addr: Option<String>,
     /// RFC 3339, UTC.
@@ -193,18 +193,13 @@ impl Hub {
 
     /// Publishes a registry event.
     pub fn publish(&self, ev: Event) {
-        self.publish_record(
-            ev.kind.as_str(),
-            ev.worker,
-            ev.observed.map(|a| a.to_string()),
-            None,
-        );
+        self.publish_record(ev.kind, ev.worker, ev.observed.map(|a| a.to_string()), None);
     }
 
     /// Publishes an event, possibly of another server (`server`).
     pub fn publish_record(
         &self,
-        event: &'static str,
+        event: EventKind,
         worker: String,
         observed_addr: Option<String>,
         server: Option<String>,
@@ -217,7 +212,7 @@ impl Hub {
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             server,
         };
-        tracing::debug!(event = rec.event, worker = %rec.worker, seq = rec.seq, "registry event");
+        tracing::debug!(event = rec.event.as_str(), worker = %rec.worker, seq = rec.seq, "registry event");
         let _ = self.events.send(Arc::new(rec));
     }
 
@@ -268,7 +263,7 @@ impl Hub {
                 Err(_) => return Err(WaitError::Timeout),
                 Ok(Ok(ev)) if ev.worker != id => {}
                 Ok(Ok(ev)) if ev.server.is_some() => {
-                    if ev.event == "registered" {
+                    if ev.event == EventKind::Registered {
                         if let Some(w) = remote().await {
                             return Ok(w);
                         }

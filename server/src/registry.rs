@@ -121,8 +121,9 @@ pub struct Introduction<'a, H> {
     pub target_key: PublicKey,
 }
 
-/// What changed, for the event stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What changed, for the event stream (serialized by its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Registered,
     AddressChanged,
@@ -141,6 +142,19 @@ impl EventKind {
             EventKind::Deregistered => "deregistered",
             EventKind::Expired => "expired",
         }
+    }
+
+    /// The kind named `name` (as [`EventKind::as_str`] spells it).
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        [
+            EventKind::Registered,
+            EventKind::AddressChanged,
+            EventKind::Stale,
+            EventKind::Deregistered,
+            EventKind::Expired,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
     }
 }
 

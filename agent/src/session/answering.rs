@@ -1,7 +1,9 @@
 //! The controlled side: the peer asked for us; punch (and bind the relay)
 //! so its dial gets through.
 
-use super::punching::{first_direct, ipv6_pair, spawn_birthday, spawn_puncher, PREFER_IPV6};
+use super::punching::{
+    first_direct, ipv6_pair, spawn_birthday, spawn_puncher, BIRTHDAY_YIELDS_TO_IPV6,
+};
 use super::{register, release};
 use crate::socket::ProbeDatagram;
 use crate::{Inner, RelayMode};
@@ -48,7 +50,7 @@ pub(crate) async fn controlled(
         inner.router.unregister(offer.session);
     } else {
         let birthday = spawn_birthday(&inner, &offer, v);
-        let prefer = ipv6_pair(&inner, &offer).then_some(PREFER_IPV6);
+        let prefer = ipv6_pair(&inner, &offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
         let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday, prefer).await;
     }
     tokio::time::sleep(window).await;

@@ -3,7 +3,7 @@
 //! dial the peer.
 
 use super::punching::{
-    first_direct, has_ipv6, ipv6_pair, spawn_birthday, spawn_puncher, PREFER_IPV6,
+    first_direct, has_ipv6, ipv6_pair, spawn_birthday, spawn_puncher, BIRTHDAY_YIELDS_TO_IPV6,
 };
 use super::upkeep::maintain;
 use super::{register, release, report};
@@ -204,7 +204,7 @@ async fn dial(
         crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
         let birthday = spawn_birthday(inner, offer, v);
-        let prefer = ipv6_pair(inner, offer).then_some(PREFER_IPV6);
+        let prefer = ipv6_pair(inner, offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
         let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday, prefer);
         tokio::pin!(punched);
         // Bind the relay early (one packet) so falling back costs nothing.

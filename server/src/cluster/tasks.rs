@@ -5,6 +5,7 @@ use super::routing::introduce_remote;
 use super::store::{server_channel, COMMAND_TIMEOUT, EVENTS};
 use super::{Cluster, ClusterError};
 use crate::hub::EventRecord;
+use crate::registry::EventKind;
 use crate::Shared;
 use punch_protocol::cluster::{Bus, SharedEvent};
 use punch_protocol::signal::WorkerState;
@@ -83,7 +84,7 @@ async fn mirror_loop(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
 
 async fn mirror(shared: &Shared, cluster: &Cluster, ev: &EventRecord) -> Result<(), ClusterError> {
     match ev.event {
-        "registered" | "address_changed" => {
+        EventKind::Registered | EventKind::AddressChanged => {
             let info = shared
                 .registry
                 .lock()
@@ -93,12 +94,12 @@ async fn mirror(shared: &Shared, cluster: &Cluster, ev: &EventRecord) -> Result<
                 cluster.put_worker(&info).await?;
             }
         }
-        "deregistered" | "expired" => cluster.drop_worker(&ev.worker).await?,
-        _ => {}
+        EventKind::Deregistered | EventKind::Expired => cluster.drop_worker(&ev.worker).await?,
+        EventKind::Stale => {}
     }
     let body = serde_json::to_vec(&SharedEvent {
         server: cluster.server_id.clone(),
-        event: ev.event.to_string(),
+        event: ev.event.as_str().to_string(),
         worker: ev.worker.clone(),
         observed_addr: ev.observed_addr.clone(),
     })
@@ -165,9 +166,12 @@ fn on_event(shared: &Shared, cluster: &Cluster, payload: &[u8]) {
         Ok((e, _)) if e.server == cluster.server_id => {}
         Ok((e, name)) => {
             cluster.stats.remote_events.fetch_add(1, Ordering::Relaxed);
-            shared
-                .hub
-                .publish_record(name, e.worker, e.observed_addr, Some(e.server));
+            // decode() checked the name against the names the hub uses.
+            if let Some(kind) = EventKind::from_name(name) {
+                shared
+                    .hub
+                    .publish_record(kind, e.worker, e.observed_addr, Some(e.server));
+            }
         }
         Err(e) => {
             cluster.stats.bad_messages.fetch_add(1, Ordering::Relaxed);
