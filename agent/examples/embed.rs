@@ -1,10 +1,12 @@
 //! Embedding the agent: `cargo run -p punch-agent --example embed -- \
 //!   --server HOST:PORT --fingerprint FP --id worker-a [--target worker-b]`.
 //! Both sides serve an application protocol of their own, `hello/1`, beside
-//! the built-in ones. Without `--target` it serves (accepts peers and
+//! the library's echo and one of the apps of `punch-apps` (bench), each
+//! registered the same way. Without `--target` it serves (accepts peers and
 //! answers their streams: ping, bench, and `hello/1`); with it, it connects
-//! by id, reports the path and a round trip (built-in echo), then says
-//! hello over `hello/1` on the same connection and prints the answer.
+//! by id, reports the path and a round trip (built-in echo), uploads for a
+//! moment (bench), then says hello over `hello/1` on the same connection
+//! and prints the answer.
 
 use punch_agent::{Agent, ProtocolStream};
 use std::time::Duration;
@@ -43,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let agent = Agent::builder(server, fp)
         .worker_id(id)
         .protocol("hello/1", hello)
+        .protocol(punch_apps::bench::NAME, punch_apps::bench::Bench)
         .start()
         .await?;
     let seen = agent.registered(Duration::from_secs(10)).await?;
@@ -66,6 +69,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             let mut pinger = peer.pinger().await?;
             println!("round trip {:?}", pinger.ping().await?);
+            let (bytes, took) =
+                punch_apps::bench::upload(&peer, Duration::from_millis(200)).await?;
+            println!("bench: uploaded {bytes} bytes in {took:?}");
             // Our own protocol, on the same connection.
             let (mut send, mut recv) = peer.open_protocol("hello/1").await?;
             send.write_all(b"hi from an embedded agent").await?;

@@ -48,10 +48,8 @@
 
 #![warn(missing_docs)]
 
-pub mod birthday;
+mod admission;
 pub mod error;
-pub mod files;
-pub mod forward;
 pub mod natcheck;
 pub mod path;
 pub mod peer;
@@ -69,9 +67,7 @@ pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
 
-use punch_protocol::signal::{
-    Candidate, CandidateKind, ClientMsg, PublicKey, Query, ServerMsg, WorkerInfo,
-};
+use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, Query, ServerMsg, WorkerInfo};
 use punch_protocol::ALPN_PEER;
 use punch_tls::{Expect, Identity, KeyVerifier};
 use socket::{ProbeRouter, PunchSocket};
@@ -152,11 +148,6 @@ pub struct AgentConfig {
     pub tags: Vec<String>,
     /// Free-form key/value pairs shown in the registry.
     pub metadata: Vec<(String, String)>,
-    /// TCP addresses peers may forward to through us (`forward`); empty:
-    /// none.
-    pub allow_forward: Vec<SocketAddr>,
-    /// A directory to share read-only with peers (`files`, `get`).
-    pub share: Option<PathBuf>,
     /// Ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and
     /// offer it to peers (`--port-mapping`).
     pub port_mapping: portmap::PortMapSettings,
@@ -189,8 +180,6 @@ impl AgentConfig {
             kind: None,
             tags: Vec::new(),
             metadata: Vec::new(),
-            allow_forward: Vec::new(),
-            share: None,
             port_mapping: portmap::PortMapSettings::default(),
         }
     }
@@ -233,12 +222,6 @@ pub enum Status {
     },
     /// Stopped for good (bad token, fingerprint mismatch, id taken, …).
     Failed(AgentError),
-}
-
-#[derive(Debug, Clone)]
-struct AllowedPeer {
-    peer_id: String,
-    until: Instant,
 }
 
 /// Replies to numbered requests.
@@ -290,14 +273,12 @@ pub(crate) struct Inner {
     pub(crate) nat_alloc: Mutex<punch_protocol::allocator::Allocator>,
     /// Where our NAT's port counter stands, when it counts: offered to
     /// peers as two predicted candidates ([`punch_protocol::predict`]).
-    pub(crate) counter: Mutex<crate::birthday::CounterState>,
+    pub(crate) counter: Mutex<crate::session::birthday::CounterState>,
     pub(crate) nat_started: std::sync::atomic::AtomicBool,
     /// True once our NAT's mapping is known or its classification ended.
     pub(crate) nat_ready: watch::Sender<bool>,
     /// True once our NAT's classification ended (filtering known or not).
     pub(crate) nat_done: watch::Sender<bool>,
-    pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
-    pub(crate) share: Option<Arc<files::Share>>,
     /// Application protocols registered by the embedder.
     pub(crate) protocols: protocols::Protocols,
     /// The gateway port mapping task, if port mapping runs.
@@ -311,9 +292,7 @@ pub(crate) struct Inner {
     pub(crate) started: Instant,
     /// (signaling channel count, mapped address) last told the server.
     pub(crate) portmap_sent: Mutex<Option<(u64, Option<SocketAddr>)>>,
-    allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>>,
-    incoming_tx: mpsc::Sender<PeerConnection>,
-    incoming_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
+    pub(crate) admission: admission::Admission,
 }
 
 /// A running agent. Cheap to clone.
@@ -332,9 +311,6 @@ impl Drop for TaskGuard {
         }
     }
 }
-
-/// Incoming peer connections queued before [`Agent::accept`] takes them.
-const INCOMING_QUEUE: usize = 64;
 
 /// How long [`Agent::close`] gives connections it does not hold (the
 /// application's, unless it closed them with `PeerConnection::close`) to
@@ -415,20 +391,17 @@ impl AgentBuilder {
         self.config.metadata.push((key.into(), value.into()));
         self
     }
-    /// Let peers forward TCP to this address (`--allow-forward`).
-    pub fn allow_forward(mut self, addr: SocketAddr) -> Self {
-        self.config.allow_forward.push(addr);
-        self
-    }
-    /// Share a directory read-only (`--share`).
-    pub fn share(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.config.share = Some(dir.into());
-        self
-    }
     /// Ask the gateway for a port mapping, or not (`--port-mapping`).
     pub fn port_mapping(mut self, mode: portmap::PortMapping) -> Self {
         self.config.port_mapping.mode = mode;
         self
+    }
+    /// A builder that starts from `config` (no protocols registered yet).
+    pub fn from_config(config: AgentConfig) -> AgentBuilder {
+        AgentBuilder {
+            config,
+            protocols: std::collections::HashMap::new(),
+        }
     }
     /// The settings built so far.
     pub fn config(self) -> AgentConfig {
@@ -512,15 +485,8 @@ impl Agent {
         let sock = punch_net::bind_udp(config.bind)
             .map_err(|e| AgentError::Io(format!("cannot bind UDP {}: {e}", config.bind)))?;
         let socket = PunchSocket::new(sock, router.clone())?;
-        let allowed: Arc<Mutex<HashMap<PublicKey, AllowedPeer>>> = Arc::default();
-        let allow = allowed.clone();
-        let verifier = KeyVerifier::new(Expect::Allowed(Arc::new(move |k: &PublicKey| {
-            allow
-                .lock()
-                .expect("not poisoned")
-                .get(k)
-                .is_some_and(|p| p.until > Instant::now())
-        })));
+        let admission = admission::Admission::new();
+        let verifier = KeyVerifier::new(Expect::Allowed(Arc::new(admission.checker())));
         let mut server_cfg = punch_tls::server_config(&identity, verifier, &[ALPN_PEER])?;
         server_cfg.transport_config(Arc::new(peer::peer_transport(config.keep_alive)));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -529,15 +495,7 @@ impl Agent {
             socket.clone(),
             Arc::new(quinn::TokioRuntime),
         )?;
-        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let (status, _) = watch::channel(Status::Connecting(None));
-        let allow_forward = Arc::new(config.allow_forward.clone());
-        let share = match &config.share {
-            Some(d) => Some(Arc::new(files::Share::new(d).map_err(|e| {
-                AgentError::Config(format!("--share {}: {e}", d.display()))
-            })?)),
-            None => None,
-        };
         let portmap = match endpoint.local_addr() {
             Ok(local) => portmap::start(&config.port_mapping, local, &config.server),
             Err(_) => None,
@@ -570,8 +528,6 @@ impl Agent {
             nat_started: Default::default(),
             nat_ready: watch::channel(false).0,
             nat_done: watch::channel(false).0,
-            allow_forward,
-            share,
             protocols,
             portmap: tokio::sync::Mutex::new(portmap),
             portmap_state,
@@ -579,13 +535,11 @@ impl Agent {
             portmap_sent: Mutex::new(None),
             started: Instant::now(),
             status,
-            allowed,
-            incoming_tx,
-            incoming_rx: tokio::sync::Mutex::new(incoming_rx),
+            admission,
         });
         let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
-            tokio::spawn(peer::accept_loop(inner.clone())),
+            tokio::spawn(admission::accept_loop(inner.clone())),
         ];
         if let Some(state) = inner.portmap_state.clone() {
             tasks.push(tokio::spawn(portmap::announce(inner.clone(), state)));
@@ -766,7 +720,7 @@ impl Agent {
     /// The next incoming peer connection (already authenticated against the
     /// key the server vouched for). `None` once the agent stops.
     pub async fn accept(&self) -> Option<PeerConnection> {
-        self.inner.incoming_rx.lock().await.recv().await
+        self.inner.admission.next().await
     }
 
     /// Closes every connection: deregisters (the server has the queued
@@ -904,36 +858,6 @@ impl Inner {
     pub(crate) fn notify(&self, msg: ClientMsg) {
         if let Some(c) = self.control.lock().expect("not poisoned").as_ref() {
             let _ = c.try_send(msg);
-        }
-    }
-
-    /// Lets a peer with this key connect to us for a while.
-    pub(crate) fn allow_peer(&self, key: PublicKey, peer_id: &str, for_: Duration) {
-        let mut a = self.allowed.lock().expect("not poisoned");
-        let now = Instant::now();
-        a.retain(|_, p| p.until > now);
-        a.insert(
-            key,
-            AllowedPeer {
-                peer_id: peer_id.to_string(),
-                until: now + for_,
-            },
-        );
-    }
-
-    /// The worker id the server vouched for with this key.
-    pub(crate) fn allowed_peer_id(&self, key: &PublicKey) -> Option<String> {
-        self.allowed
-            .lock()
-            .expect("not poisoned")
-            .get(key)
-            .map(|p| p.peer_id.clone())
-    }
-
-    pub(crate) fn deliver_incoming(&self, pc: PeerConnection) {
-        if let Err(mpsc::error::TrySendError::Full(pc)) = self.incoming_tx.try_send(pc) {
-            tracing::warn!(peer = %pc.peer_id, "incoming queue full; closing connection");
-            pc.conn.close(punch_protocol::close::BUSY.into(), b"busy");
         }
     }
 

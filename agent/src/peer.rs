@@ -1,10 +1,10 @@
 //! Peer connections: what `connect` returns, what `serve` answers.
 
+use crate::protocols::{accept, refuse};
 use crate::socket::{ActivePath, PunchSocket};
-use crate::Inner;
 use punch_net::{read_frame, write_frame};
 use punch_protocol::close;
-use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER, MAX_SOURCE_MS};
+use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER};
 use punch_protocol::signal::{PathKind, SessionId};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,10 +110,6 @@ pub struct PeerConnection {
     /// The stable address quinn sees for the peer.
     pub virtual_addr: SocketAddr,
     pub(crate) socket: Arc<PunchSocket>,
-    /// Targets this side forwards to when the peer asks.
-    pub(crate) allow_forward: Arc<Vec<SocketAddr>>,
-    /// The directory this side shares, if any.
-    pub(crate) share: Option<Arc<crate::files::Share>>,
     /// The application protocols this side serves.
     pub(crate) protocols: crate::protocols::Protocols,
 }
@@ -129,52 +125,6 @@ pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<So
         Some(ActivePath::Relay(crate::socket::RelayVia::Tcp)) => (PathKind::Relayed, None),
         _ => (PathKind::Failed, None),
     }
-}
-
-/// Why a request that the peer may refuse did not go through.
-#[derive(Debug)]
-pub(crate) enum Refusal {
-    /// The peer said no (its reason).
-    Refused(String),
-    /// The stream failed.
-    Stream(String),
-}
-
-/// Opens a stream, sends `req` (finishing our side when `finish`), and
-/// reads the peer's [`PeerReply`]: the streams once it accepted.
-pub(crate) async fn request(
-    conn: &quinn::Connection,
-    req: &PeerRequest,
-    finish: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Refusal> {
-    let stream = |e: &dyn std::fmt::Display| Refusal::Stream(e.to_string());
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
-    write_frame(&mut send, req).await.map_err(|e| stream(&e))?;
-    if finish {
-        let _ = send.finish();
-    }
-    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER)
-        .await
-        .map_err(|e| stream(&e))?;
-    if !reply.ok {
-        return Err(Refusal::Refused(reply.message));
-    }
-    Ok((send, recv))
-}
-
-/// Answers a request with a refusal and ends our side of the stream.
-pub(crate) async fn refuse(send: &mut quinn::SendStream, message: String) {
-    let _ = write_frame(send, &PeerReply { ok: false, message }).await;
-    let _ = send.finish();
-}
-
-/// Accepts a request; false when the stream is gone.
-pub(crate) async fn accept(send: &mut quinn::SendStream) -> bool {
-    let ok = PeerReply {
-        ok: true,
-        message: String::new(),
-    };
-    write_frame(send, &ok).await.is_ok()
 }
 
 /// Errors on a peer stream.
@@ -305,39 +255,36 @@ impl PeerConnection {
         Ok((send, recv))
     }
 
-    /// Sends bytes for `duration` on one stream and returns what the peer
-    /// counted and the time until its count came back.
-    pub async fn upload(&self, duration: Duration) -> Result<(u64, Duration), PeerError> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_frame(&mut send, &PeerRequest::Sink).await?;
-        let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
-        let start = Instant::now();
-        while start.elapsed() < duration {
-            send.write_chunk(chunk.clone()).await?;
-        }
-        let _ = send.finish();
-        let mut count = [0u8; 8];
-        recv.read_exact(&mut count).await?;
-        Ok((u64::from_be_bytes(count), start.elapsed()))
+    /// Opens a stream with a request of a built-in app (files, forward,
+    /// bench: [`PeerRequest::protocol`]) and returns it without waiting
+    /// for an answer: for requests without a [`PeerReply`]
+    /// ([`PeerRequest::has_reply`]).
+    pub async fn open_request(
+        &self,
+        req: &PeerRequest,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, req).await?;
+        Ok((send, recv))
     }
 
-    /// Asks the peer to send for `duration` and returns the bytes received
-    /// and the time they took.
-    pub async fn download(&self, duration: Duration) -> Result<(u64, Duration), PeerError> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        let millis = duration.as_millis().min(MAX_SOURCE_MS as u128) as u32;
-        write_frame(&mut send, &PeerRequest::Source { millis }).await?;
-        let _ = send.finish();
-        let start = Instant::now();
-        let mut total = 0u64;
-        while let Some(chunk) = recv
-            .read_chunk(usize::MAX, true)
-            .await
-            .map_err(|e| PeerError::Read(quinn::ReadExactError::ReadError(e)))?
-        {
-            total += chunk.bytes.len() as u64;
+    /// Opens a stream with `req` (finishing our side when `finish`) and
+    /// reads the peer's [`PeerReply`]: the stream once the peer accepted,
+    /// [`PeerError::Refused`] with its reason when it did not.
+    pub async fn request(
+        &self,
+        req: &PeerRequest,
+        finish: bool,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+        let (mut send, mut recv) = self.open_request(req).await?;
+        if finish {
+            let _ = send.finish();
         }
-        Ok((total, start.elapsed()))
+        let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER).await?;
+        if !reply.ok {
+            return Err(PeerError::Refused(reply.message));
+        }
+        Ok((send, recv))
     }
 
     /// Serves the peer's streams (echo) until the connection closes.
@@ -352,13 +299,8 @@ impl PeerConnection {
                         return;
                     }
                 };
-                let services = Services {
-                    peer_id: self.peer_id.clone(),
-                    allow_forward: self.allow_forward.clone(),
-                    share: self.share.clone(),
-                    protocols: self.protocols.clone(),
-                };
-                tokio::spawn(serve_stream(send, recv, services).in_current_span());
+                let stream = serve_stream(send, recv, self.peer_id.clone(), self.protocols.clone());
+                tokio::spawn(stream.in_current_span());
             }
         }
         .instrument(info_span!("peer", peer = %peer))
@@ -366,25 +308,14 @@ impl PeerConnection {
     }
 }
 
-/// What this side serves on a peer's streams.
-struct Services {
-    peer_id: String,
-    allow_forward: Arc<Vec<SocketAddr>>,
-    share: Option<Arc<crate::files::Share>>,
-    protocols: crate::protocols::Protocols,
-}
-
+/// Serves one stream: echo here, everything else by the protocol it names.
 async fn serve_stream(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    services: Services,
+    recv: quinn::RecvStream,
+    peer_id: String,
+    protocols: crate::protocols::Protocols,
 ) {
-    let Services {
-        peer_id,
-        allow_forward,
-        share,
-        protocols,
-    } = services;
+    let mut recv = recv;
     let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_HEADER).await {
         Ok(r) => r,
         Err(e) => {
@@ -393,83 +324,53 @@ async fn serve_stream(
             return;
         }
     };
-    match req {
-        PeerRequest::Forward { target, check_only } => {
-            crate::forward::serve(send, recv, target, check_only, &allow_forward).await;
+    let Some(protocol) = req.protocol().map(str::to_string) else {
+        return echo(send, recv).await;
+    };
+    let Some(handler) = protocols.get(&protocol).cloned() else {
+        debug!(%protocol, "stream for a protocol we do not serve");
+        if req.has_reply() {
+            refuse(&mut send, format!("no protocol {protocol:?} here")).await;
+        } else {
+            let _ = send.reset(close::STREAM_ERROR.into());
         }
-        PeerRequest::ListFiles => crate::files::serve_list(send, share).await,
-        PeerRequest::ListFilesPaged => crate::files::serve_list_paged(send, share).await,
-        PeerRequest::Open { protocol } => {
-            let Some(handler) = protocols.get(&protocol).cloned() else {
-                debug!(%protocol, "stream for a protocol we do not serve");
-                let reply = PeerReply {
-                    ok: false,
-                    message: format!("no protocol {protocol:?} here"),
-                };
-                let _ = write_frame(&mut send, &reply).await;
-                let _ = send.finish();
-                return;
-            };
-            let reply = PeerReply {
-                ok: true,
-                message: String::new(),
-            };
-            if write_frame(&mut send, &reply).await.is_err() {
+        return;
+    };
+    let request = match req {
+        PeerRequest::Open { .. } => {
+            if !accept(&mut send).await {
                 return;
             }
-            handler
-                .handle(crate::protocols::ProtocolStream {
-                    peer_id,
-                    protocol,
-                    send,
-                    recv,
-                })
-                .await;
+            None
         }
-        PeerRequest::GetFile { name, offset } => {
-            crate::files::serve_get(send, share, name, offset).await
-        }
-        PeerRequest::Sink => {
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => total += n as u64,
-                    Ok(None) => break,
-                    Err(_) => return,
-                }
-            }
-            let _ = send.write_all(&total.to_be_bytes()).await;
-            let _ = send.finish();
-        }
-        PeerRequest::Source { millis } => {
-            let until = Instant::now() + Duration::from_millis(millis.min(MAX_SOURCE_MS) as u64);
-            let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
-            while Instant::now() < until {
-                if send.write_chunk(chunk.clone()).await.is_err() {
+        built_in => Some(built_in),
+    };
+    handler
+        .handle(crate::protocols::ProtocolStream {
+            peer_id,
+            protocol,
+            send,
+            recv,
+            request,
+        })
+        .await;
+}
+
+/// Echoes every byte back until the opener finishes its side (pings).
+async fn echo(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                if send.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
             }
-            let _ = send.finish();
-            // Keep the stream until the opener has read everything.
-            let _ = send.stopped().await;
-        }
-        PeerRequest::Echo => {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => {
-                        if send.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = send.finish();
-                        return;
-                    }
-                    Err(_) => return,
-                }
+            Ok(None) => {
+                let _ = send.finish();
+                return;
             }
+            Err(_) => return,
         }
     }
 }
@@ -502,59 +403,4 @@ pub fn peer_transport(keep_alive: Duration) -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("in range"),
     ));
     t
-}
-
-/// Accepts incoming peer connections for the agent's lifetime.
-pub(crate) async fn accept_loop(inner: Arc<Inner>) {
-    while let Some(incoming) = inner.endpoint.accept().await {
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    debug!(%remote, "incoming peer handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%remote, "incoming peer handshake timed out");
-                    return;
-                }
-            };
-            let Some(peer_id) = punch_tls::peer_key(&conn).and_then(|k| inner.allowed_peer_id(&k))
-            else {
-                conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
-                return;
-            };
-            let v = punch_net::canonical(conn.remote_address());
-            let session = inner
-                .socket
-                .paths
-                .lock()
-                .expect("not poisoned")
-                .session(v)
-                .unwrap_or(SessionId(0));
-            crate::session::maintain(&inner, v, &conn, None);
-            let (kind, remote) = current_path(&inner.socket, v);
-            info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
-            inner.deliver_incoming(PeerConnection {
-                peer_id,
-                path: PathInfo {
-                    kind,
-                    remote_addr: remote.unwrap_or(v),
-                    connect_time: Duration::ZERO,
-                    session,
-                    via_mapped: false,
-                    strategy: None,
-                    relay_reason: None,
-                },
-                virtual_addr: v,
-                socket: inner.socket.clone(),
-                allow_forward: inner.allow_forward.clone(),
-                share: inner.share.clone(),
-                protocols: inner.protocols.clone(),
-                conn,
-            });
-        });
-    }
 }

@@ -9,11 +9,22 @@
 //! protocol's. So a connection carries ping, bench, files, forward and any
 //! number of the application's own protocols at once, as iroh's router
 //! does by ALPN.
+//!
+//! The apps that came before named protocols (files, forward, bench) keep
+//! their wire format: their requests ([`PeerRequest::protocol`]) are handed
+//! to the handler registered under [`FILES_PROTOCOL`], [`FORWARD_PROTOCOL`]
+//! or [`BENCH_PROTOCOL`] (the `punch-apps` crate has them) with the request
+//! in [`ProtocolStream::request`]. An agent without such a handler refuses
+//! them.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+
+use punch_net::write_frame;
+pub use punch_protocol::peer::{PeerReply, PeerRequest};
+pub use punch_protocol::peer::{BENCH_PROTOCOL, FILES_PROTOCOL, FORWARD_PROTOCOL};
 
 /// Longest protocol name.
 pub const MAX_PROTOCOL_NAME: usize = punch_protocol::peer::MAX_PROTOCOL_NAME;
@@ -30,6 +41,30 @@ pub struct ProtocolStream {
     pub send: quinn::SendStream,
     /// The peer's side of the stream.
     pub recv: quinn::RecvStream,
+    /// The request the stream opened with, when it is one of the requests
+    /// that predate named protocols (files, forward, bench): its handler
+    /// answers it, with a [`PeerReply`] when [`PeerRequest::has_reply`]
+    /// ([`accept`], [`refuse`]). `None` for a stream opened with
+    /// [`crate::PeerConnection::open_protocol`], which this agent has
+    /// already accepted.
+    pub request: Option<PeerRequest>,
+}
+
+/// Accepts a request (a [`PeerReply`] that says yes); false when the
+/// stream is gone.
+pub async fn accept(send: &mut quinn::SendStream) -> bool {
+    let ok = PeerReply {
+        ok: true,
+        message: String::new(),
+    };
+    write_frame(send, &ok).await.is_ok()
+}
+
+/// Refuses a request with `message` (the peer shows it) and ends our side
+/// of the stream.
+pub async fn refuse(send: &mut quinn::SendStream, message: String) {
+    let _ = write_frame(send, &PeerReply { ok: false, message }).await;
+    let _ = send.finish();
 }
 
 /// Runs the streams of one application protocol. Any

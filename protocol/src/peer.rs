@@ -43,6 +43,43 @@ pub enum PeerRequest {
     ListFilesPaged,
 }
 
+/// The protocol that serves the file requests ([`PeerRequest::ListFiles`],
+/// [`PeerRequest::ListFilesPaged`], [`PeerRequest::GetFile`]).
+pub const FILES_PROTOCOL: &str = "punch/files";
+/// The protocol that serves [`PeerRequest::Forward`].
+pub const FORWARD_PROTOCOL: &str = "punch/forward";
+/// The protocol that serves the throughput requests ([`PeerRequest::Sink`],
+/// [`PeerRequest::Source`]).
+pub const BENCH_PROTOCOL: &str = "punch/bench";
+
+impl PeerRequest {
+    /// The protocol this request is for: the named one of
+    /// [`PeerRequest::Open`], the protocol of a request that predates
+    /// `Open` ([`FILES_PROTOCOL`], [`FORWARD_PROTOCOL`], [`BENCH_PROTOCOL`]),
+    /// or `None` for [`PeerRequest::Echo`], which every agent serves itself
+    /// (it is how peers measure a round trip).
+    pub fn protocol(&self) -> Option<&str> {
+        match self {
+            PeerRequest::Echo => None,
+            PeerRequest::Sink | PeerRequest::Source { .. } => Some(BENCH_PROTOCOL),
+            PeerRequest::Forward { .. } => Some(FORWARD_PROTOCOL),
+            PeerRequest::ListFiles | PeerRequest::ListFilesPaged | PeerRequest::GetFile { .. } => {
+                Some(FILES_PROTOCOL)
+            }
+            PeerRequest::Open { protocol } => Some(protocol),
+        }
+    }
+
+    /// Does the serving side answer this request with a [`PeerReply`]
+    /// first? (The throughput requests start with their bytes.)
+    pub fn has_reply(&self) -> bool {
+        !matches!(
+            self,
+            PeerRequest::Echo | PeerRequest::Sink | PeerRequest::Source { .. }
+        )
+    }
+}
+
 /// Longest application protocol name in [`PeerRequest::Open`].
 pub const MAX_PROTOCOL_NAME: usize = 64;
 

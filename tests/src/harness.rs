@@ -33,9 +33,18 @@ pub fn ready(what: &str, missing: &[String]) -> bool {
 pub fn missing_tools(tools: &[(&str, &str)]) -> Vec<String> {
     tools
         .iter()
-        .filter(|(tool, _)| !crate::lab::have(tool))
+        .filter(|(tool, _)| !have(tool))
         .map(|(tool, package)| format!("`{tool}` (apt-get install {package})"))
         .collect()
+}
+
+/// Is `tool` on the PATH?
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The directory holding the workspace binaries, built on first use so that

@@ -312,8 +312,9 @@ fn a_share_of_ten_thousand_files_lists_in_full_and_hashes_lazily() {
 }
 
 /// An embedder's own protocol (registered by name on the agent) runs beside
-/// the built-in ones (echo, bench) on one peer connection, at the same
-/// time; a protocol the peer does not serve is refused with a reason.
+/// the library's echo and the apps (bench, files, forward, registered the
+/// same way) on one peer connection, at the same time; a protocol the peer
+/// does not serve is refused with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
     use punch_agent::{Agent, PeerError, ProtocolStream};
@@ -325,8 +326,21 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
             .key_file(dir.path().join(format!("{id}.key")))
             .bind("127.0.0.1:0".parse().unwrap())
     };
+    let share = dir.path().join("b-share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("one.txt"), b"one\n").unwrap();
+    let files = punch_apps::files::Share::new(&share).unwrap();
     // upper/1: answers what it read, upper-cased, and who asked.
     let b = start("worker-b")
+        .protocol(punch_apps::bench::NAME, punch_apps::bench::Bench)
+        .protocol(
+            punch_apps::files::NAME,
+            punch_apps::files::Files::new(Some(files)),
+        )
+        .protocol(
+            punch_apps::forward::NAME,
+            punch_apps::forward::Forward::new(vec![]),
+        )
         .protocol("upper/1", |mut st: ProtocolStream| async move {
             let Ok(msg) = st.recv.read_to_end(1 << 16).await else {
                 return;
@@ -362,22 +376,32 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
             String::from_utf8(recv.read_to_end(1 << 16).await.unwrap()).unwrap()
         }
     };
-    // The built-ins and ours, at once, on the one connection.
+    // The apps and ours, at once, on the one connection.
     let mut pinger = pc.pinger().await.unwrap();
-    let (one, two, rtt, up) = tokio::time::timeout(T, async {
+    let (one, two, rtt, up, listed, fwd) = tokio::time::timeout(T, async {
         tokio::join!(
             upper("hello"),
             upper("again"),
             pinger.ping(),
-            pc.upload(Duration::from_millis(300))
+            punch_apps::bench::upload(&pc, Duration::from_millis(300)),
+            punch_apps::files::list(&pc),
+            punch_apps::forward::open(&pc, "127.0.0.1:9", true),
         )
     })
     .await
-    .expect("all four finish");
+    .expect("all six finish");
     assert_eq!(one, "worker-a:HELLO");
     assert_eq!(two, "worker-a:AGAIN");
     assert!(rtt.unwrap() < Duration::from_secs(1));
     assert!(up.unwrap().0 > 0, "the bench stream carried bytes");
+    let names: Vec<_> = listed.unwrap().files.into_iter().map(|f| f.name).collect();
+    assert_eq!(names, ["one.txt"]);
+    match fwd {
+        Err(punch_apps::forward::ForwardError::Refused(why)) => {
+            assert!(why.contains("--allow-forward"), "{why}")
+        }
+        other => panic!("expected the forward refused, got {other:?}"),
+    }
     // Not served there: refused, and the connection still works.
     match pc.open_protocol("nope/1").await {
         Err(PeerError::Refused(why)) => assert!(why.contains("nope/1"), "{why}"),
@@ -388,6 +412,25 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
         Err(PeerError::Refused(_))
     ));
     pinger.ping().await.unwrap();
+    // The apps are opt-in: worker-a registered none, so its files are
+    // refused by name and its bench stream reset; echo works all the same.
+    let aa = a.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = aa.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let back = b.connect("worker-a").await.unwrap();
+    match punch_apps::files::list(&back).await {
+        Err(punch_apps::files::FileError::Refused(why)) => {
+            assert!(why.contains("punch/files"), "{why}")
+        }
+        other => panic!("expected the files request refused, got {other:?}"),
+    }
+    assert!(punch_apps::bench::upload(&back, Duration::from_millis(50))
+        .await
+        .is_err());
+    back.pinger().await.unwrap().ping().await.unwrap();
     // A bad name is refused when the agent starts.
     let bad = start("worker-c")
         .protocol("", |_: ProtocolStream| async {})
@@ -432,6 +475,7 @@ fn the_embed_example_runs_its_own_protocol_end_to_end() {
     let r = run(connect, T).unwrap();
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stdout.contains("round trip"), "{}", r.stdout);
+    assert!(r.stdout.contains("bench: uploaded"), "{}", r.stdout);
     assert!(
         r.stdout
             .contains("hello/1 answered: hello worker-a, you said \"hi from an embedded agent\""),

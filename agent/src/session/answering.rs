@@ -29,7 +29,9 @@ pub(crate) async fn controlled(
         }
     };
     let window = inner.config.punch_timeout + Duration::from_secs(30);
-    inner.allow_peer(offer.peer_key, &offer.peer_id, window);
+    inner
+        .admission
+        .allow(offer.peer_key, &offer.peer_id, window);
     let mode = inner.config.relay;
     if offer.relay && mode != RelayMode::Never {
         let (inner2, offer2) = (inner.clone(), offer.clone());

@@ -364,8 +364,6 @@ async fn dial(
         },
         virtual_addr: v,
         socket: inner.socket.clone(),
-        allow_forward: inner.allow_forward.clone(),
-        share: inner.share.clone(),
         protocols: inner.protocols.clone(),
     })
 }
@@ -375,7 +373,7 @@ async fn dial(
 fn both_random(inner: &Arc<Inner>, offer: &Offer) -> bool {
     use punch_protocol::allocator::Allocator;
     let ours = *inner.nat.lock().expect("not poisoned");
-    let both = crate::birthday::part(ours, offer.peer_nat) == Some(crate::birthday::Part::Both);
+    let both = super::birthday::part(ours, offer.peer_nat) == Some(super::birthday::Part::Both);
     let our_alloc = *inner.nat_alloc.lock().expect("not poisoned");
     let peer_counts = punch_protocol::predict::advertised(&offer.peer_candidates).is_some();
     both && (our_alloc == Allocator::Random || (!peer_counts && our_alloc == Allocator::Unknown))

@@ -5,6 +5,7 @@
 //! [`Puncher`]: punch_protocol::punch::Puncher
 
 mod answering;
+pub(crate) mod birthday;
 mod dialing;
 mod punching;
 mod upkeep;

@@ -78,7 +78,7 @@ pub(super) fn spawn_puncher(
         config,
     );
     let ours = *inner.nat.lock().expect("not poisoned");
-    let sprayed = crate::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
+    let sprayed = super::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
     let spray_ip = sprayed.as_ref().map(|s| s.ip);
     if let Some(s) = sprayed {
         info!(ip = %s.ip, ports = s.ports.len(), "birthday method: spraying the peer's ports");
@@ -167,14 +167,14 @@ pub(super) fn spawn_puncher(
 const COUNTER_SETTLE: Duration = Duration::from_millis(600);
 
 /// Starts the birthday method's hard side when the pair needs it (see
-/// [`crate::birthday`]); a validated path becomes `v`'s direct path through
+/// [`super::birthday`]); a validated path becomes `v`'s direct path through
 /// the extra socket that found it, and is reported on the receiver.
 pub(super) fn spawn_birthday(
     inner: &Arc<Inner>,
     offer: &Offer,
     v: SocketAddr,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
-    use crate::birthday;
+    use super::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
     let alloc = *inner.nat_alloc.lock().expect("not poisoned");
     let birthday::HardPlan {
@@ -259,7 +259,7 @@ async fn aux_reader(
     v: SocketAddr,
     sock: Arc<tokio::net::UdpSocket>,
     peer: std::net::IpAddr,
-    answer: (crate::birthday::HardParams, Instant),
+    answer: (super::birthday::HardParams, Instant),
 ) {
     let mut buf = vec![0u8; 65_536];
     let mut last = Instant::now();
@@ -276,7 +276,7 @@ async fn aux_reader(
             Ok(Ok((n, from))) if punch_protocol::probe::is_probe(&buf[..n]) => {
                 let from = punch_net::canonical(from);
                 let pong = (Instant::now() < answer.1)
-                    .then(|| crate::birthday::answer_ping(&answer.0, peer, from, &buf[..n]).ok())
+                    .then(|| super::birthday::answer_ping(&answer.0, peer, from, &buf[..n]).ok())
                     .flatten();
                 if let Some(pong) = pong {
                     let _ = sock.try_send_to(&pong, from);

@@ -93,7 +93,7 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
                             let inner = inner.clone();
                             tokio::spawn(
                                 async move {
-                                    crate::birthday::advertise_counter(&inner).await;
+                                    crate::session::birthday::advertise_counter(&inner).await;
                                     inner.nat_ready.send_replace(true);
                                 }
                                 .in_current_span(),

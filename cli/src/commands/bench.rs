@@ -32,7 +32,7 @@ pub async fn run(
             transport.as_str()
         );
     }
-    let (up_bytes, up_time) = tokio::time::timeout(limit, pc.upload(per))
+    let (up_bytes, up_time) = tokio::time::timeout(limit, punch_apps::bench::upload(&pc, per))
         .await
         .map_err(|_| late())?
         .map_err(peer_err)?;
@@ -40,10 +40,11 @@ pub async fn run(
     if !json {
         println!("upload:   {up:9.1} MB/s ({:.0} Mbit/s)", up * 8.0);
     }
-    let (down_bytes, down_time) = tokio::time::timeout(limit, pc.download(per))
-        .await
-        .map_err(|_| late())?
-        .map_err(peer_err)?;
+    let (down_bytes, down_time) =
+        tokio::time::timeout(limit, punch_apps::bench::download(&pc, per))
+            .await
+            .map_err(|_| late())?
+            .map_err(peer_err)?;
     let down = down_bytes as f64 / down_time.as_secs_f64() / 1e6;
     let (kind, remote, transport) = path_now(&pc);
     let family = first_hop_family(&pc);

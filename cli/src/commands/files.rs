@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 pub async fn list(c: &Common, target: &str, json: bool, timeout: f64) -> Result<(), AgentError> {
     let (agent, pc) = connect_timed(c, target, timeout).await?;
-    let r = punch_agent::files::list(&pc).await;
+    let r = punch_apps::files::list(&pc).await;
     pc.close().await;
     agent.close().await;
     let listing = r.map_err(|e| AgentError::PeerConnect(format!("{target}: {e}")))?;
@@ -57,7 +57,7 @@ pub async fn get(
     output: Option<PathBuf>,
     timeout: f64,
 ) -> Result<(), AgentError> {
-    punch_agent::files::check_name(name).map_err(AgentError::Config)?;
+    punch_apps::files::check_name(name).map_err(AgentError::Config)?;
     let out = match output {
         Some(o) => o,
         None => PathBuf::from(
@@ -78,12 +78,12 @@ pub async fn get(
         bar.set_length(total);
         bar.set_position(done);
     };
-    let r = punch_agent::files::get(&pc, name, &out, &progress).await;
+    let r = punch_apps::files::get(&pc, name, &out, &progress).await;
     bar.finish_and_clear();
     pc.close().await;
     agent.close().await;
     let (size, resumed, hash) = r.map_err(|e| match e {
-        punch_agent::files::FileError::Io(m) => AgentError::Io(m),
+        punch_apps::files::FileError::Io(m) => AgentError::Io(m),
         other => AgentError::PeerConnect(format!("{target}: {other}")),
     })?;
     let resumed = if resumed > 0 {

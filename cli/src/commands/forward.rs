@@ -13,7 +13,7 @@ pub async fn run(
     remote: SocketAddr,
     timeout: f64,
 ) -> Result<(), AgentError> {
-    use punch_agent::forward::{self, ForwardError};
+    use punch_apps::forward::{self, ForwardError};
     let remote_s = remote.to_string();
     let (agent, pc) = connect_timed(c, target, timeout).await?;
     // Refused up front, with the peer's reason, rather than per connection.

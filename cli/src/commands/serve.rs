@@ -3,7 +3,7 @@
 use crate::args::Common;
 use crate::config::config;
 use crate::status;
-use punch_agent::{Agent, AgentError, Status};
+use punch_agent::{AgentBuilder, AgentError, Status};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -54,9 +54,27 @@ pub async fn run(
     cfg.kind = kind;
     cfg.tags = tags;
     cfg.metadata = meta;
-    cfg.allow_forward = allow_forward;
-    cfg.share = share;
-    let agent = Agent::start(cfg).await?;
+    // The apps other workers use through us: bench always, files and
+    // forward refusing with a reason unless --share / --allow-forward.
+    let files = match &share {
+        Some(d) => Some(
+            punch_apps::files::Share::new(d)
+                .map_err(|e| AgentError::Config(format!("--share {}: {e}", d.display())))?,
+        ),
+        None => None,
+    };
+    let agent = AgentBuilder::from_config(cfg)
+        .protocol(punch_apps::bench::NAME, punch_apps::bench::Bench)
+        .protocol(
+            punch_apps::files::NAME,
+            punch_apps::files::Files::new(files),
+        )
+        .protocol(
+            punch_apps::forward::NAME,
+            punch_apps::forward::Forward::new(allow_forward),
+        )
+        .start()
+        .await?;
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

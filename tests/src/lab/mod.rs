@@ -174,14 +174,7 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
-/// Is `tool` on the PATH?
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+pub use crate::harness::have;
 
 /// Does this process run as root (real uid 0)?
 pub fn is_root() -> bool {

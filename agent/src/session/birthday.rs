@@ -5,7 +5,7 @@
 
 pub use punch_protocol::birthday::*;
 
-use crate::session::Punched;
+use super::Punched;
 use crate::Inner;
 use punch_protocol::probe;
 use punch_protocol::signal::Offer;

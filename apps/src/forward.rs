@@ -3,10 +3,17 @@
 //! target only when it is on its `--allow-forward` list (nothing is by
 //! default). End-of-stream and errors propagate both ways: a half-closed
 //! TCP side finishes the QUIC stream and the other way round.
+//!
+//! The serving side is [`Forward`], a protocol handler registered under
+//! [`NAME`]; the asking side is [`open`] and [`pipe`].
 
-use crate::peer::{accept, refuse, request, PeerConnection, Refusal};
+use punch_agent::protocols::{accept, refuse, ProtocolHandler, ProtocolStream};
+use punch_agent::{PeerConnection, PeerError};
 use punch_protocol::peer::PeerRequest;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
@@ -22,12 +29,54 @@ pub enum ForwardError {
     Stream(String),
 }
 
-impl From<Refusal> for ForwardError {
-    fn from(r: Refusal) -> Self {
-        match r {
-            Refusal::Refused(m) => ForwardError::Refused(m),
-            Refusal::Stream(m) => ForwardError::Stream(m),
+/// The protocol name forward requests are served under.
+pub const NAME: &str = punch_protocol::peer::FORWARD_PROTOCOL;
+
+impl From<PeerError> for ForwardError {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Refused(m) => ForwardError::Refused(m),
+            e => ForwardError::Stream(e.to_string()),
         }
+    }
+}
+
+/// Serves forward requests ([`NAME`]) to the TCP addresses on its allow
+/// list; an empty list refuses them all.
+#[derive(Clone, Debug, Default)]
+pub struct Forward {
+    allow: Arc<Vec<SocketAddr>>,
+}
+
+impl Forward {
+    /// Forwards to exactly these addresses (`--allow-forward`).
+    pub fn new(allow: Vec<SocketAddr>) -> Forward {
+        Forward {
+            allow: Arc::new(allow),
+        }
+    }
+}
+
+impl ProtocolHandler for Forward {
+    fn handle(&self, stream: ProtocolStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let allow = self.allow.clone();
+        Box::pin(async move {
+            let ProtocolStream {
+                mut send,
+                recv,
+                request,
+                ..
+            } = stream;
+            match request {
+                Some(PeerRequest::Forward { target, check_only }) => {
+                    serve(send, recv, target, check_only, &allow).await
+                }
+                // A stream opened by name carries no request we know.
+                _ => {
+                    let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
+                }
+            }
+        })
     }
 }
 
@@ -42,7 +91,7 @@ pub async fn open(
         target: target.to_string(),
         check_only,
     };
-    Ok(request(&pc.conn, &req, false).await?)
+    Ok(pc.request(&req, false).await?)
 }
 
 /// Carries bytes between a TCP connection and a QUIC stream until both
@@ -104,7 +153,7 @@ pub async fn pipe(
 }
 
 /// The serving side of a `Forward` request.
-pub(crate) async fn serve(
+async fn serve(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     target: String,
