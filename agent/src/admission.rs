@@ -136,7 +136,8 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 .expect("not poisoned")
                 .session(v)
                 .unwrap_or(SessionId(0));
-            crate::session::maintain(&inner, v, &conn, None);
+            let policy = crate::options::DialPolicy::of(&inner.config);
+            crate::session::maintain(&inner, v, &conn, None, policy);
             let (kind, remote) = crate::peer::current_path(&inner.socket, v);
             info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
             inner.admission.deliver(PeerConnection {

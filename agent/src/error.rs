@@ -2,8 +2,10 @@
 
 use punch_protocol::signal::ErrorCode;
 
-/// Everything that can go wrong for an agent.
+/// Everything that can go wrong for an agent. [`AgentError::fault`] says
+/// whose it was; new kinds may come, so a `match` needs a catch-all arm.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     #[error("unknown worker {0:?}: no agent has registered under that id")]
     /// No agent ever registered under this id.
@@ -50,7 +52,55 @@ pub enum AgentError {
     Io(String),
 }
 
+/// Whose fault an error was: what to fix, or whom to ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The caller's: a setting, an argument, a credential or a target id.
+    Caller,
+    /// The rendezvous server's: it refused, or speaks another version.
+    Server,
+    /// The peer's: it is offline, or its connection failed.
+    Peer,
+    /// The network's: no answer, or no path, in time.
+    Network,
+    /// This host's: a local I/O failure.
+    Local,
+}
+
+impl Fault {
+    /// Stable snake_case name, for JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Caller => "caller",
+            Fault::Server => "server",
+            Fault::Peer => "peer",
+            Fault::Network => "network",
+            Fault::Local => "local",
+        }
+    }
+}
+
 impl AgentError {
+    /// Whose fault this was. A pinned fingerprint the server does not
+    /// match is the caller's to check first (a wrong setting is likelier
+    /// than an impostor); a worker id nobody registered, likewise.
+    pub fn fault(&self) -> Fault {
+        match self {
+            AgentError::UnknownWorker(_)
+            | AgentError::BadToken(_)
+            | AgentError::FingerprintMismatch { .. }
+            | AgentError::IdTaken(_)
+            | AgentError::Config(_) => Fault::Caller,
+            AgentError::BadVersion(_) | AgentError::Server { .. } => Fault::Server,
+            AgentError::WorkerOffline(_) | AgentError::PeerConnect(_) => Fault::Peer,
+            AgentError::PunchTimeout { .. }
+            | AgentError::ServerUnreachable { .. }
+            | AgentError::Timeout(_) => Fault::Network,
+            AgentError::Io(_) => Fault::Local,
+        }
+    }
+
     /// Process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -157,6 +207,28 @@ impl From<punch_tls::TlsError> for AgentError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_error_names_whose_fault_it_was() {
+        let cases = [
+            (AgentError::Config("x".into()), Fault::Caller),
+            (AgentError::UnknownWorker("w".into()), Fault::Caller),
+            (AgentError::WorkerOffline("w".into()), Fault::Peer),
+            (AgentError::Timeout("t".into()), Fault::Network),
+            (
+                AgentError::Server {
+                    code: "internal",
+                    message: String::new(),
+                },
+                Fault::Server,
+            ),
+            (AgentError::Io("disk".into()), Fault::Local),
+        ];
+        for (e, fault) in cases {
+            assert_eq!(e.fault(), fault, "{e}");
+        }
+        assert_eq!(Fault::Network.as_str(), "network");
+    }
 
     #[test]
     fn only_four_registration_refusals_are_fatal() {

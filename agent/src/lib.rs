@@ -51,6 +51,7 @@
 mod admission;
 pub mod error;
 pub mod natcheck;
+mod options;
 pub mod path;
 pub mod peer;
 pub mod portmap;
@@ -61,7 +62,8 @@ pub mod signal;
 pub mod socket;
 pub mod tcp;
 
-pub use error::AgentError;
+pub use error::{AgentError, Fault};
+pub use options::ConnectOptions;
 pub use peer::{PathInfo, PeerConnection, PeerError, RelayReason, Strategy};
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
@@ -714,7 +716,30 @@ impl Agent {
     /// Connects to the worker `target`: asks the server for an introduction,
     /// punches, and opens a mutually authenticated QUIC connection.
     pub async fn connect(&self, target: &str) -> Result<PeerConnection, AgentError> {
-        session::connect(&self.inner, target).await
+        self.connect_with(target, ConnectOptions::new()).await
+    }
+
+    /// [`Agent::connect`] with this call's own limits and relay policy
+    /// over the agent's settings. The peer punches and relays as its own
+    /// settings say.
+    pub async fn connect_with(
+        &self,
+        target: &str,
+        opts: ConnectOptions,
+    ) -> Result<PeerConnection, AgentError> {
+        let policy = options::DialPolicy::with(&self.inner.config, &opts);
+        let connect = session::connect(&self.inner, target, policy);
+        match opts.timeout {
+            None => connect.await,
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(AgentError::Timeout(format!(
+                        "no connection to {target:?} within {:.1} s",
+                        limit.as_secs_f64()
+                    )))
+                }),
+        }
     }
 
     /// The next incoming peer connection (already authenticated against the
@@ -819,21 +844,26 @@ impl Inner {
             });
         };
         self.pending.lock().expect("not poisoned").insert(req, tx);
+        // However this ends (an answer, a time-out, the caller dropping the
+        // request midway), the slot goes; after an answer it is gone already.
+        struct Forget<'a>(&'a Inner, u32);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.pending.lock().expect("not poisoned").remove(&self.1);
+            }
+        }
+        let _forget = Forget(self, req);
         let lost = || AgentError::ServerUnreachable {
             server: self.config.server.clone(),
             reason: "signaling connection lost".into(),
         };
         if control.send(make(req)).await.is_err() {
-            self.pending.lock().expect("not poisoned").remove(&req);
             return Err(lost());
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(lost()),
-            Err(_) => {
-                self.pending.lock().expect("not poisoned").remove(&req);
-                Err(AgentError::Timeout("no answer from the server".into()))
-            }
+            Err(_) => Err(AgentError::Timeout("no answer from the server".into())),
         }
     }
 

@@ -49,7 +49,7 @@ pub fn finish(json: bool, result: Result<(), AgentError>) -> ExitCode {
             if json {
                 println!(
                     "{}",
-                    json!({"error": e.kind(), "message": e.to_string(), "exit_code": e.exit_code()})
+                    json!({"error": e.kind(), "message": e.to_string(), "exit_code": e.exit_code(), "fault": e.fault().as_str()})
                 );
             }
             eprintln!("punch-agent: error: {e}");

@@ -441,6 +441,74 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
     b.close().await;
 }
 
+/// Per-call connect options over the agent's own settings: a forced relay
+/// for one call of an agent that punches (the server relayed it), a limit
+/// for the whole connect that ends it with a time-out, and the agent's own
+/// policy again for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_connect_options_override_the_agents_policy() {
+    use punch_agent::{Agent, AgentError, ConnectOptions, PathKind, RelayMode, RelayReason};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let start = |id: &str| {
+        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+            .worker_id(id)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .no_nat_check()
+    };
+    let b = start("worker-b").start().await.unwrap();
+    b.registered(T).await.unwrap();
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let a = start("worker-a").start().await.unwrap();
+    a.registered(T).await.unwrap();
+    let relayed = |h: &serde_json::Value| h["relay"]["forwarded_packets"].as_u64().unwrap();
+    let health =
+        || -> serde_json::Value { serde_json::from_str(&s.http_get("/healthz").unwrap()).unwrap() };
+    let before = relayed(&health());
+
+    let forced = ConnectOptions::new().relay(RelayMode::Force);
+    let pc = tokio::time::timeout(T, a.connect_with("worker-b", forced))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pc.path.kind, PathKind::Relayed, "{:?}", pc.path);
+    assert_eq!(pc.path.relay_reason, Some(RelayReason::Forced));
+    assert_eq!(pc.path.strategy, None);
+    let mut pinger = pc.pinger().await.unwrap();
+    for _ in 0..3 {
+        pinger.ping().await.unwrap();
+    }
+    let after = relayed(&health());
+    assert!(
+        after >= before + 6,
+        "the server relayed {before} -> {after} packets"
+    );
+    pc.conn.close(0u32.into(), b"done");
+
+    // A limit no connect can meet: a time-out, not a hang or another error.
+    let hurried = ConnectOptions::new().timeout(Duration::from_millis(1));
+    match a.connect_with("worker-b", hurried).await {
+        Err(e @ AgentError::Timeout(_)) => assert_eq!(e.kind(), "timeout"),
+        other => panic!("expected a time-out, got {:?}", other.map(|p| p.path)),
+    }
+
+    // The agent's own policy is untouched: punched, direct.
+    let pc = tokio::time::timeout(T, a.connect("worker-b"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pc.path.kind, PathKind::Direct, "{:?}", pc.path);
+    assert_eq!(pc.path.relay_reason, None);
+    pc.pinger().await.unwrap().ping().await.unwrap();
+    a.close().await;
+    b.close().await;
+}
+
 /// examples/embed.rs end to end: two processes of the example, one serving
 /// and one connecting; the connecting one pings (built-in echo) and talks
 /// `hello/1`, the example's own protocol, on the same connection.

@@ -113,6 +113,7 @@ fn unknown_and_offline_targets_are_distinct_errors() {
     assert_eq!(r.code, Some(4), "{r:?}");
     assert!(r.stderr.contains("offline"), "{r:?}");
     assert_eq!(r.json().unwrap()["error"], "worker_offline");
+    assert_eq!(r.json().unwrap()["fault"], "peer");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use super::punching::{
     first_direct, ipv6_pair, spawn_birthday, spawn_puncher, BIRTHDAY_YIELDS_TO_IPV6,
 };
 use super::{register, release};
+use crate::options::DialPolicy;
 use crate::socket::ProbeDatagram;
 use crate::{Inner, RelayMode};
 use punch_protocol::signal::Offer;
@@ -28,11 +29,14 @@ pub(crate) async fn controlled(
             return;
         }
     };
-    let window = inner.config.punch_timeout + Duration::from_secs(30);
+    // The answering side goes by the agent's own policy: the offer does
+    // not carry the dialer's.
+    let policy = DialPolicy::of(&inner.config);
+    let window = policy.punch_timeout + Duration::from_secs(30);
     inner
         .admission
         .allow(offer.peer_key, &offer.peer_id, window);
-    let mode = inner.config.relay;
+    let mode = policy.relay;
     if offer.relay && mode != RelayMode::Never {
         let (inner2, offer2) = (inner.clone(), offer.clone());
         tokio::spawn(async move {
@@ -51,9 +55,10 @@ pub(crate) async fn controlled(
     if mode == RelayMode::Force && offer.relay {
         inner.router.unregister(offer.session);
     } else {
-        let birthday = spawn_birthday(&inner, &offer, v);
+        let birthday = spawn_birthday(&inner, &offer, v, policy.punch_timeout);
         let prefer = ipv6_pair(&inner, &offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
-        let _ = first_direct(spawn_puncher(&inner, &offer, v, probes), birthday, prefer).await;
+        let punched = spawn_puncher(&inner, &offer, v, probes, policy.punch_timeout);
+        let _ = first_direct(punched, birthday, prefer).await;
     }
     tokio::time::sleep(window).await;
     release(&inner, v);

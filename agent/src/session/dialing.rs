@@ -7,6 +7,7 @@ use super::punching::{
 };
 use super::upkeep::maintain;
 use super::{register, release, report};
+use crate::options::DialPolicy;
 use crate::peer::{PathInfo, PeerConnection, RelayReason, Strategy};
 use crate::socket::ProbeDatagram;
 use crate::{AgentError, Inner, RelayMode, Reply};
@@ -35,6 +36,7 @@ const NAT_WAIT: Duration = Duration::from_millis(1500);
 pub(crate) async fn connect(
     inner: &Arc<Inner>,
     target: &str,
+    policy: DialPolicy,
 ) -> Result<PeerConnection, AgentError> {
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
@@ -100,7 +102,7 @@ pub(crate) async fn connect(
         request_offer(inner, target).await?
     };
     // With an IPv6 path to try, no NAT strategy is needed first.
-    if filtering_matters(inner, &offer) && !ipv6_pair(inner, &offer) {
+    if filtering_matters(inner, &offer, policy) && !ipv6_pair(inner, &offer) {
         // The peer's NAT maps per destination and ours does not: if ours
         // filters by port, only the birthday method goes direct, and the
         // peer starts its part only when our offer says so. A fresh agent
@@ -121,20 +123,28 @@ pub(crate) async fn connect(
         }
     }
     let v = register(inner, &offer)?;
+    // Released however this ends, also when the caller drops the connect
+    // (`ConnectOptions::timeout`); a connection holds its own reference.
+    struct Held<'a>(&'a Arc<Inner>, SocketAddr);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            release(self.0, self.1);
+        }
+    }
+    let _held = Held(inner, v);
     let span = info_span!("connect", session = %offer.session, peer = %target);
-    let r = dial(inner, target, &offer, v, probes, start)
+    let r = dial(inner, target, &offer, v, probes, start, policy)
         .instrument(span)
         .await;
     if let Ok(pc) = &r {
-        maintain(inner, v, &pc.conn, Some(target.to_string()));
+        maintain(inner, v, &pc.conn, Some(target.to_string()), policy);
     }
-    release(inner, v);
     r
 }
 
 /// Is our offer to a peer whose NAT maps per destination missing our
 /// filtering, which decides whether the birthday method runs?
-fn filtering_matters(inner: &Arc<Inner>, offer: &Offer) -> bool {
+fn filtering_matters(inner: &Arc<Inner>, offer: &Offer, policy: DialPolicy) -> bool {
     let ours = *inner.nat.lock().expect("not poisoned");
     let peer_hard = offer
         .peer_nat
@@ -144,7 +154,7 @@ fn filtering_matters(inner: &Arc<Inner>, offer: &Offer) -> bool {
             && c.mapping == NatBehaviour::EndpointIndependent
             && c.filtering == NatBehaviour::Unknown
     });
-    peer_hard && ours_unsure && !*inner.nat_done.borrow() && inner.config.relay != RelayMode::Force
+    peer_hard && ours_unsure && !*inner.nat_done.borrow() && policy.relay != RelayMode::Force
 }
 
 /// Asks the server for an introduction to `target`.
@@ -182,8 +192,9 @@ async fn dial(
     v: SocketAddr,
     probes: mpsc::Receiver<ProbeDatagram>,
     start: Instant,
+    policy: DialPolicy,
 ) -> Result<PeerConnection, AgentError> {
-    let mode = inner.config.relay;
+    let mode = policy.relay;
     if mode == RelayMode::Force && !offer.relay {
         inner.router.unregister(offer.session);
         return Err(AgentError::PeerConnect(
@@ -203,9 +214,10 @@ async fn dial(
         inner.router.unregister(offer.session);
         crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
-        let birthday = spawn_birthday(inner, offer, v);
+        let birthday = spawn_birthday(inner, offer, v, policy.punch_timeout);
         let prefer = ipv6_pair(inner, offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
-        let punched = first_direct(spawn_puncher(inner, offer, v, probes), birthday, prefer);
+        let puncher = spawn_puncher(inner, offer, v, probes, policy.punch_timeout);
+        let punched = first_direct(puncher, birthday, prefer);
         tokio::pin!(punched);
         // Bind the relay early (one packet) so falling back costs nothing.
         let mut bound = relay_ok.then(|| {
@@ -217,7 +229,7 @@ async fn dial(
         let relay_at = tokio::time::sleep(if relay_ok && hopeless {
             Duration::ZERO
         } else if relay_ok {
-            inner.config.relay_after
+            policy.relay_after
         } else {
             Duration::MAX / 4
         });
@@ -235,7 +247,7 @@ async fn dial(
                 if hopeless {
                     info!("no direct path is possible (a side has no UDP); starting on the relay at once, still punching");
                 } else {
-                    info!("no direct path after {:?}; starting on the relay, still punching", inner.config.relay_after);
+                    info!("no direct path after {:?}; starting on the relay, still punching", policy.relay_after);
                 }
                 None
             }
@@ -258,7 +270,7 @@ async fn dial(
                 }
                 return Err(AgentError::PunchTimeout {
                     target: target.to_string(),
-                    secs: inner.config.punch_timeout.as_secs_f64(),
+                    secs: policy.punch_timeout.as_secs_f64(),
                 });
             };
             match b.await {

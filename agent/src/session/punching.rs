@@ -41,6 +41,27 @@ pub(super) const PREFER_IPV6: Duration = Duration::from_millis(100);
 /// IPv6 is blocked pay it, on a path that already took several round trips.
 pub(super) const BIRTHDAY_YIELDS_TO_IPV6: Duration = Duration::from_millis(400);
 
+/// How long a pair with an IPv6 path to try gives it before the birthday
+/// method starts (both sides wait alike, so the hard side's sockets and
+/// the easy side's spray still meet). Where IPv6 works its proof comes in
+/// a round trip or two and the birthday method never runs: no 256 extra
+/// sockets, no NAT ports spent. Before, both ran at once, and under load
+/// the birthday method's IPv4 proof sometimes came more than
+/// [`BIRTHDAY_YIELDS_TO_IPV6`] before the IPv6 one (1 of 3 runs of a CI
+/// lab test). By one second the puncher has sent its IPv6 candidate
+/// eight rounds of pings (`PunchConfig::early_rounds`): a pair still
+/// without an answer has no IPv6 path worth waiting for.
+pub(super) const IPV6_HEAD_START: Duration = Duration::from_secs(1);
+
+/// How long this pair's birthday method waits for an IPv6 path first.
+fn birthday_head_start(inner: &Inner, offer: &Offer) -> Duration {
+    if ipv6_pair(inner, offer) {
+        IPV6_HEAD_START
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// Runs a puncher in its own task. The first result goes to the returned
 /// receiver; a validated path becomes the direct path of `v` at once (also
 /// after the connection started on the relay); the task then keeps
@@ -50,12 +71,13 @@ pub(super) fn spawn_puncher(
     offer: &Offer,
     v: SocketAddr,
     mut probes: mpsc::Receiver<ProbeDatagram>,
+    deadline: Duration,
 ) -> oneshot::Receiver<Option<Punched>> {
     // With an IPv6 address of our own, an IPv6 path to the peer is worth a
     // short wait: no NAT mapping under it to change or expire.
     let have_ipv6 = has_ipv6(inner);
     let config = PunchConfig {
-        deadline: inner.config.punch_timeout,
+        deadline,
         prefer_ipv6: have_ipv6.then_some(PREFER_IPV6),
         ..PunchConfig::default()
     };
@@ -81,9 +103,12 @@ pub(super) fn spawn_puncher(
     let sprayed = super::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
     let spray_ip = sprayed.as_ref().map(|s| s.ip);
     if let Some(s) = sprayed {
-        info!(ip = %s.ip, ports = s.ports.len(), "birthday method: spraying the peer's ports");
-        // Give the peer's extra sockets a moment to open their mappings.
-        p.spray(s.ip, s.ports, Instant::now() + s.delay);
+        let head_start = birthday_head_start(inner, offer);
+        info!(ip = %s.ip, ports = s.ports.len(), head_start_ms = head_start.as_millis() as u64, "birthday method: spraying the peer's ports");
+        // Give the peer's extra sockets a moment to open their mappings
+        // (they open after the same head start). A path proved before
+        // then stops the puncher, and its spray with it.
+        p.spray(s.ip, s.ports, Instant::now() + head_start + s.delay);
     }
     let (tx, rx) = oneshot::channel();
     let inner = inner.clone();
@@ -167,12 +192,13 @@ pub(super) fn spawn_puncher(
 const COUNTER_SETTLE: Duration = Duration::from_millis(600);
 
 /// Starts the birthday method's hard side when the pair needs it (see
-/// [`super::birthday`]); a validated path becomes `v`'s direct path through
+/// [`super::birthday`]), for `limit` from now; a validated path becomes `v`'s direct path through
 /// the extra socket that found it, and is reported on the receiver.
 pub(super) fn spawn_birthday(
     inner: &Arc<Inner>,
     offer: &Offer,
     v: SocketAddr,
+    limit: Duration,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
     use super::birthday;
     let ours = *inner.nat.lock().expect("not poisoned");
@@ -185,13 +211,30 @@ pub(super) fn spawn_birthday(
         birthday::Schedule::BlockScan => Strategy::BlockScan,
         birthday::Schedule::Prediction => Strategy::Prediction,
     };
-    let started = Instant::now();
+    let head_start = birthday_head_start(inner, offer);
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);
     tokio::spawn(
         async move {
-            let limit = inner.config.punch_timeout;
+            if !head_start.is_zero() {
+                tokio::time::sleep(head_start).await;
+                let direct = matches!(
+                    inner.socket.paths.lock().expect("not poisoned").active(v),
+                    Some(ActivePath::Direct(_))
+                );
+                if direct {
+                    info!("birthday method not needed: a direct path came first");
+                    let _ = tx.send(None);
+                    return;
+                }
+                info!(
+                    waited_ms = head_start.as_millis() as u64,
+                    "no direct path yet: the birthday method starts"
+                );
+            }
+            let started = Instant::now();
+            let limit = limit.saturating_sub(head_start);
             let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit, strategy).await;
             // Our flows moved our NAT's counter: say where it stands once
             // this punch made its last new flows (the main socket's block

@@ -4,6 +4,7 @@
 use super::dialing::request_offer;
 use super::punching::spawn_puncher;
 use super::{register, release, report};
+use crate::options::DialPolicy;
 use crate::path::machine::PathRole;
 use crate::path::{PathAction, PathConfig, PathMachine, PathView};
 use crate::socket::ActivePath;
@@ -22,6 +23,7 @@ pub(crate) fn maintain(
     v: SocketAddr,
     conn: &quinn::Connection,
     target: Option<String>,
+    policy: DialPolicy,
 ) {
     if !inner.socket.paths.lock().expect("not poisoned").add_ref(v) {
         return;
@@ -30,7 +32,7 @@ pub(crate) fn maintain(
         dialer: target.is_some(),
         // --force-relay means the relay and nothing else, also later on: no
         // punching again, only a new relay session when the server ends one.
-        may_punch: inner.config.relay != RelayMode::Force,
+        may_punch: policy.relay != RelayMode::Force,
     };
     let inner = inner.clone();
     let conn = conn.clone();
@@ -71,7 +73,7 @@ pub(crate) fn maintain(
                         }
                         PathAction::Repunch { punch, .. } => {
                             if let Some(target) = target.as_ref() {
-                                repunching = Some(spawn_repunch(&inner, target, v, punch));
+                                repunching = Some(spawn_repunch(&inner, target, v, punch, policy));
                             }
                         }
                         PathAction::Nudge => nudge(&conn),
@@ -136,11 +138,12 @@ fn spawn_repunch(
     target: &str,
     v: SocketAddr,
     punch: bool,
+    policy: DialPolicy,
 ) -> tokio::task::JoinHandle<bool> {
     let (inner, target) = (inner.clone(), target.to_string());
     tokio::spawn(
         async move {
-            match repunch(&inner, &target, v, punch).await {
+            match repunch(&inner, &target, v, punch, policy).await {
                 Ok(direct) => direct,
                 Err(e) => {
                     debug!("re-punch failed: {e}");
@@ -161,6 +164,7 @@ async fn repunch(
     target: &str,
     v: SocketAddr,
     punch: bool,
+    policy: DialPolicy,
 ) -> Result<bool, AgentError> {
     let start = Instant::now();
     let (offer, probes) = request_offer(inner, target).await?;
@@ -184,7 +188,7 @@ async fn repunch(
             return Ok(false);
         }
         info!(session = %offer.session, "punching again for a direct path");
-        if offer.relay && inner.config.relay != RelayMode::Never {
+        if offer.relay && policy.relay != RelayMode::Never {
             // Move the relay binding to the new session (and our current
             // NAT mapping).
             let (inner, offer) = (inner.clone(), offer.clone());
@@ -196,7 +200,8 @@ async fn repunch(
                 }
             });
         }
-        let punched = spawn_puncher(inner, &offer, v, probes).await.ok().flatten();
+        let punched = spawn_puncher(inner, &offer, v, probes, policy.punch_timeout);
+        let punched = punched.await.ok().flatten();
         let kind = if punched.is_some() {
             PathKind::Direct
         } else {
