@@ -31,6 +31,62 @@ struct AllowedPeer {
     until: Instant,
 }
 
+/// An incoming peer connection the application has not taken yet: the
+/// handshake is done and the peer's key is the one the server introduced
+/// under [`Incoming::peer_id`]. [`Incoming::accept`] takes it,
+/// [`Incoming::refuse`] closes it with a reason the peer sees; dropped, it
+/// is refused without one.
+#[derive(Debug)]
+pub struct Incoming {
+    pc: Option<PeerConnection>,
+}
+
+/// Longest refusal reason sent to the peer (QUIC close frames must fit in
+/// one packet).
+const MAX_REASON: usize = 256;
+
+impl Incoming {
+    /// The server-vouched worker id of the peer.
+    pub fn peer_id(&self) -> &str {
+        &self.pc.as_ref().expect("taken only by value").peer_id
+    }
+
+    /// The path the connection runs on.
+    pub fn path(&self) -> &PathInfo {
+        &self.pc.as_ref().expect("taken only by value").path
+    }
+
+    /// Takes the connection.
+    pub fn accept(mut self) -> PeerConnection {
+        self.pc.take().expect("taken only by value")
+    }
+
+    /// Closes the connection (code `REFUSED`); the peer's streams fail with
+    /// `reason` (clipped to 256 bytes).
+    pub fn refuse(mut self, reason: &str) {
+        let pc = self.pc.take().expect("taken only by value");
+        close_refused(&pc, reason);
+    }
+}
+
+fn close_refused(pc: &PeerConnection, reason: &str) {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    info!(peer = %pc.peer_id, reason = &reason[..end], "incoming peer refused");
+    pc.conn
+        .close(close::REFUSED.into(), &reason.as_bytes()[..end]);
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(pc) = self.pc.take() {
+            close_refused(&pc, "refused");
+        }
+    }
+}
+
 /// The keys allowed to connect and the queue of admitted connections.
 #[derive(Debug)]
 pub(crate) struct Admission {
@@ -99,9 +155,11 @@ impl Admission {
         }
     }
 
-    /// The next admitted connection; `None` once the agent stops.
-    pub(crate) async fn next(&self) -> Option<PeerConnection> {
-        self.incoming_rx.lock().await.recv().await
+    /// The next admitted connection, for the application to accept or
+    /// refuse; `None` once the agent stops.
+    pub(crate) async fn next(&self) -> Option<Incoming> {
+        let pc = self.incoming_rx.lock().await.recv().await?;
+        Some(Incoming { pc: Some(pc) })
     }
 }
 
@@ -140,6 +198,13 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
             crate::session::maintain(&inner, v, &conn, None, policy);
             let (kind, remote) = crate::peer::current_path(&inner.socket, v);
             info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
+            inner.events.emit(crate::AgentEvent::PeerConnected {
+                peer: peer_id.clone(),
+                session,
+                incoming: true,
+                path: kind,
+                remote: remote.unwrap_or(v),
+            });
             inner.admission.deliver(PeerConnection {
                 peer_id,
                 path: PathInfo {

@@ -49,182 +49,44 @@
 #![warn(missing_docs)]
 
 mod admission;
+mod builder;
+mod config;
 pub mod error;
+pub mod events;
 pub mod natcheck;
 mod options;
 pub mod path;
 pub mod peer;
 pub mod portmap;
 pub mod protocols;
+mod registry;
 mod relay;
 pub mod session;
 pub mod signal;
 pub mod socket;
 pub mod tcp;
 
+pub use admission::Incoming;
+pub use builder::AgentBuilder;
+pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
+pub use events::{AgentEvent, PathCause, PathChange};
 pub use options::ConnectOptions;
 pub use peer::{PathInfo, PeerConnection, PeerError, RelayReason, Strategy};
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
 
-use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, Query, ServerMsg, WorkerInfo};
+use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, ServerMsg};
 use punch_protocol::ALPN_PEER;
 use punch_tls::{Expect, Identity, KeyVerifier};
 use socket::{ProbeRouter, PunchSocket};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-
-/// When to use the server's relay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayMode {
-    /// Punch; relay when no direct path is validated by `relay_after`, and
-    /// move to the direct path whenever it is validated.
-    Auto,
-    /// Never relay: fail when punching fails.
-    Never,
-    /// Relay at once, no punching.
-    Force,
-}
-
-/// Agent settings.
-#[derive(Clone, Debug)]
-pub struct AgentConfig {
-    /// Rendezvous server: `HOST:PORT` is QUIC over UDP there, with the TCP
-    /// channel at `wss://HOST:PORT/ws`; `wss://HOST[:PORT]/PATH` alone is
-    /// the TCP channel only (an HTTPS-only front).
-    pub server: String,
-    /// The TCP channel, when it is not at the UDP server's host and port
-    /// (`wss://HOST[:PORT]/ws`, e.g. an HTTPS front).
-    pub server_tcp: Option<String>,
-    /// CA certificates (PEM) for the front's certificate, instead of the
-    /// system roots. The server's own pinned key is always accepted.
-    pub server_ca: Option<PathBuf>,
-    /// HTTP proxy for the TCP channel (`http://[USER:PASS@]HOST:PORT`);
-    /// without it `HTTPS_PROXY`/`ALL_PROXY` apply, and `NO_PROXY` always.
-    pub proxy: Option<String>,
-    /// Renew the WebSocket before a front cuts it (Cloud Run: 60 minutes).
-    pub ws_max_age: Duration,
-    /// Try the TCP channel when QUIC has not answered within this long.
-    pub tcp_after: Duration,
-    /// Never use the TCP channel.
-    pub udp_only: bool,
-    /// SHA-256 fingerprint of the server's key (`punch-server fingerprint`).
-    pub server_fingerprint: String,
-    /// Our worker id; `None` registers a one-off `anon-…` id.
-    pub worker_id: Option<String>,
-    /// Token the server requires, if any.
-    pub token: Option<String>,
-    /// Persistent key; `None` uses a fresh in-memory key (one-off agents).
-    pub key_file: Option<PathBuf>,
-    /// Local UDP address; `0.0.0.0:0` is dual-stack where possible.
-    pub bind: SocketAddr,
-    /// Give up punching after this long.
-    pub punch_timeout: Duration,
-    /// Keep-alive on the signaling and peer connections; must stay below the
-    /// shortest NAT UDP timeout on the path (Cloud NAT: 30 s).
-    pub keep_alive: Duration,
-    /// Advertise our interface addresses (same-LAN peers).
-    pub local_candidates: bool,
-    /// Limit for one connection attempt to the server.
-    pub server_connect_timeout: Duration,
-    /// Relay policy.
-    pub relay: RelayMode,
-    /// Start relayed when punching has not found a path by then.
-    pub relay_after: Duration,
-    /// Standard STUN servers (`HOST:PORT`) to learn our mapping from, in
-    /// addition to the rendezvous server's view.
-    pub stun: Vec<String>,
-    /// Classify our NAT (RFC 5780 checks against the server) after
-    /// registering, and report the class to the server.
-    pub nat_check: bool,
-    /// Our type (service kind), for discovery.
-    pub kind: Option<String>,
-    /// Labels others can filter on.
-    pub tags: Vec<String>,
-    /// Free-form key/value pairs shown in the registry.
-    pub metadata: Vec<(String, String)>,
-    /// Ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and
-    /// offer it to peers (`--port-mapping`).
-    pub port_mapping: portmap::PortMapSettings,
-}
-
-impl AgentConfig {
-    /// Defaults for a server and its fingerprint.
-    pub fn new(server: impl Into<String>, fingerprint: impl Into<String>) -> Self {
-        AgentConfig {
-            server: server.into(),
-            server_tcp: None,
-            server_ca: None,
-            proxy: None,
-            ws_max_age: Duration::from_secs(50 * 60),
-            tcp_after: Duration::from_millis(300),
-            udp_only: false,
-            server_fingerprint: fingerprint.into(),
-            worker_id: None,
-            token: None,
-            key_file: None,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
-            punch_timeout: Duration::from_secs(5),
-            keep_alive: Duration::from_secs(5),
-            local_candidates: true,
-            server_connect_timeout: Duration::from_secs(3),
-            relay: RelayMode::Auto,
-            relay_after: Duration::from_secs(3),
-            stun: Vec::new(),
-            nat_check: true,
-            kind: None,
-            tags: Vec::new(),
-            metadata: Vec::new(),
-            port_mapping: portmap::PortMapSettings::default(),
-        }
-    }
-}
-
-impl AgentConfig {
-    /// Does `server` name the TCP channel only (`wss://…`)? With several
-    /// servers: does any?
-    pub fn server_tcp_only(&self) -> bool {
-        self.servers().iter().any(|s| is_ws_url(s))
-    }
-
-    /// The servers `server` names: a comma-separated list names servers of
-    /// one cluster; the agent uses one at a time and moves to the next when
-    /// it fails.
-    pub fn servers(&self) -> Vec<String> {
-        self.server
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    }
-}
-
-/// Is `s` a WebSocket URL (the TCP channel only)?
-pub(crate) fn is_ws_url(s: &str) -> bool {
-    s.starts_with("wss://") || s.starts_with("ws://")
-}
-
-/// Where the agent's signaling stands.
-#[derive(Clone, Debug)]
-pub enum Status {
-    /// Not registered yet, or reconnecting; the last failure, if any.
-    Connecting(Option<AgentError>),
-    /// Registered; our address as the server sees it.
-    Registered {
-        /// Our address as the server sees it.
-        observed: SocketAddr,
-    },
-    /// Stopped for good (bad token, fingerprint mismatch, id taken, …).
-    Failed(AgentError),
-}
 
 /// Replies to numbered requests.
 #[derive(Debug)]
@@ -268,6 +130,8 @@ pub(crate) struct Inner {
     /// Becomes true when the signaling task has ended.
     pub(crate) signal_stopped: watch::Sender<bool>,
     pub(crate) status: watch::Sender<Status>,
+    /// What happened, for [`Agent::events`].
+    pub(crate) events: events::Events,
     /// Our NAT class, once classified (sent again on every registration).
     pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
     /// How our NAT picks ports, from the same check: sizes the birthday
@@ -323,124 +187,11 @@ fn anon_id() -> String {
     format!("anon-{:016x}", rand::random::<u64>())
 }
 
-/// Builds an agent with the CLI's options, e.g.
-/// `Agent::builder(server, fingerprint).worker_id("w").tag("eu").start()`.
-#[derive(Clone, Debug)]
-pub struct AgentBuilder {
-    config: AgentConfig,
-    protocols: std::collections::HashMap<String, Arc<dyn protocols::ProtocolHandler>>,
-}
-
-impl AgentBuilder {
-    /// Our worker id (`--id`); without it a one-off `anon-…` id.
-    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
-        self.config.worker_id = Some(id.into());
-        self
-    }
-    /// The server's token (`--token`).
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.config.token = Some(token.into());
-        self
-    }
-    /// Where our persistent key lives (`--key-file`).
-    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.key_file = Some(path.into());
-        self
-    }
-    /// Our UDP address (`--bind`).
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.config.bind = addr;
-        self
-    }
-    /// Give up punching after this long (`--punch-timeout`).
-    pub fn punch_timeout(mut self, d: Duration) -> Self {
-        self.config.punch_timeout = d;
-        self
-    }
-    /// Relay policy (`--no-relay`, `--force-relay`).
-    pub fn relay(mut self, mode: RelayMode) -> Self {
-        self.config.relay = mode;
-        self
-    }
-    /// Start on the relay when no direct path is found by then
-    /// (`--relay-after`).
-    pub fn relay_after(mut self, d: Duration) -> Self {
-        self.config.relay_after = d;
-        self
-    }
-    /// A standard STUN server, `HOST:PORT` (`--stun`, repeatable).
-    pub fn stun(mut self, server: impl Into<String>) -> Self {
-        self.config.stun.push(server.into());
-        self
-    }
-    /// Skip classifying our NAT (`--no-nat-check`).
-    pub fn no_nat_check(mut self) -> Self {
-        self.config.nat_check = false;
-        self
-    }
-    /// Our type, for discovery (`--type`).
-    pub fn kind(mut self, kind: impl Into<String>) -> Self {
-        self.config.kind = Some(kind.into());
-        self
-    }
-    /// A tag (`--tag`, repeatable).
-    pub fn tag(mut self, tag: impl Into<String>) -> Self {
-        self.config.tags.push(tag.into());
-        self
-    }
-    /// A metadata entry (`--meta K=V`, repeatable).
-    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.metadata.push((key.into(), value.into()));
-        self
-    }
-    /// Ask the gateway for a port mapping, or not (`--port-mapping`).
-    pub fn port_mapping(mut self, mode: portmap::PortMapping) -> Self {
-        self.config.port_mapping.mode = mode;
-        self
-    }
-    /// A builder that starts from `config` (no protocols registered yet).
-    pub fn from_config(config: AgentConfig) -> AgentBuilder {
-        AgentBuilder {
-            config,
-            protocols: std::collections::HashMap::new(),
-        }
-    }
-    /// The settings built so far.
-    pub fn config(self) -> AgentConfig {
-        self.config
-    }
-    /// Serves application protocol `name` with `handler`, beside the
-    /// built-in ones: a peer's [`PeerConnection::open_protocol`] stream
-    /// for it is handed to `handler` by [`PeerConnection::serve`]. Names
-    /// are 1 to 64 bytes of `[A-Za-z0-9._/-]` (e.g. `myapp/1`).
-    pub fn protocol(
-        mut self,
-        name: impl Into<String>,
-        handler: impl protocols::ProtocolHandler,
-    ) -> Self {
-        self.protocols.insert(name.into(), Arc::new(handler));
-        self
-    }
-    /// Starts the agent ([`Agent::start`]).
-    pub async fn start(self) -> Result<Agent, AgentError> {
-        if let Some(bad) = self.protocols.keys().find(|n| !protocols::valid_name(n)) {
-            return Err(AgentError::Config(format!(
-                "protocol name {bad:?}: 1 to {} bytes of [A-Za-z0-9._/-]",
-                protocols::MAX_PROTOCOL_NAME
-            )));
-        }
-        Agent::start_with(self.config, Arc::new(self.protocols)).await
-    }
-}
-
 impl Agent {
     /// A builder for an agent of the server at `server` (`HOST:PORT`) with
     /// key fingerprint `fingerprint`.
     pub fn builder(server: impl Into<String>, fingerprint: impl Into<String>) -> AgentBuilder {
-        AgentBuilder {
-            config: AgentConfig::new(server, fingerprint),
-            protocols: std::collections::HashMap::new(),
-        }
+        AgentBuilder::from_config(AgentConfig::new(server, fingerprint))
     }
 
     /// Binds the socket and starts registering with the server in the
@@ -449,7 +200,7 @@ impl Agent {
         Agent::start_with(config, Arc::default()).await
     }
 
-    async fn start_with(
+    pub(crate) async fn start_with(
         config: AgentConfig,
         protocols: protocols::Protocols,
     ) -> Result<Agent, AgentError> {
@@ -479,14 +230,27 @@ impl Agent {
         }
         .validate()
         .map_err(AgentError::Config)?;
-        let identity = match &config.key_file {
-            Some(p) => Identity::load_or_create(p)?,
-            None => Identity::generate()?,
+        let identity = match (&config.secret_key, &config.key_file) {
+            (Some(k), _) => k.0.clone(),
+            (None, Some(p)) => Identity::load_or_create(p)?,
+            (None, None) => Identity::generate()?,
         };
         let router = Arc::new(ProbeRouter::default());
         let sock = punch_net::bind_udp(config.bind)
             .map_err(|e| AgentError::Io(format!("cannot bind UDP {}: {e}", config.bind)))?;
         let socket = PunchSocket::new(sock, router.clone())?;
+        let events = events::Events::new();
+        {
+            let tx = events.sender();
+            socket
+                .paths
+                .lock()
+                .expect("not poisoned")
+                .observe(Box::new(move |c| {
+                    tracing::debug!(peer = %c.peer, session = %c.session, path = c.path.as_str(), remote = ?c.remote, cause = c.cause.as_str(), "path changed");
+                    let _ = tx.send(AgentEvent::PathChanged(c));
+                }));
+        }
         let admission = admission::Admission::new();
         let verifier = KeyVerifier::new(Expect::Allowed(Arc::new(admission.checker())));
         let mut server_cfg = punch_tls::server_config(&identity, verifier, &[ALPN_PEER])?;
@@ -537,6 +301,7 @@ impl Agent {
             portmap_sent: Mutex::new(None),
             started: Instant::now(),
             status,
+            events,
             admission,
         });
         let mut tasks = vec![
@@ -592,62 +357,6 @@ impl Agent {
     /// check read it (`Unknown` until then).
     pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
         *self.inner.nat_alloc.lock().expect("not poisoned")
-    }
-
-    async fn query(&self, query: Query, timeout: Duration) -> Result<Vec<WorkerInfo>, AgentError> {
-        let target = match &query {
-            Query::Get { id } | Query::Wait { id, .. } => id.clone(),
-            _ => String::new(),
-        };
-        match self
-            .inner
-            .request(|req| ClientMsg::Query { req, query }, timeout)
-            .await?
-        {
-            Reply::Msg(ServerMsg::Workers { workers, .. }) => Ok(workers),
-            Reply::Msg(ServerMsg::Error { code, message, .. }) => {
-                Err(AgentError::from_code(code, message, &target))
-            }
-            other => Err(AgentError::Io(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    /// Workers online or stale, optionally of a type and with a tag.
-    pub async fn list(
-        &self,
-        kind: Option<&str>,
-        tag: Option<&str>,
-    ) -> Result<Vec<WorkerInfo>, AgentError> {
-        let query = Query::List {
-            kind: kind.map(str::to_string),
-            tag: tag.map(str::to_string),
-        };
-        self.query(query, Duration::from_secs(10)).await
-    }
-
-    /// A random online worker of a type, if there is one.
-    pub async fn discover(&self, kind: &str) -> Result<Option<WorkerInfo>, AgentError> {
-        let query = Query::Discover {
-            kind: kind.to_string(),
-        };
-        Ok(self.query(query, Duration::from_secs(10)).await?.pop())
-    }
-
-    /// Waits until worker `id` is online (at most `timeout`).
-    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Result<WorkerInfo, AgentError> {
-        punch_protocol::signal::validate_worker_id(id)
-            .map_err(|e| AgentError::Config(format!("worker id {id:?}: {e}")))?;
-        let ms = timeout
-            .as_millis()
-            .min(punch_protocol::signal::MAX_WAIT_MS as u128) as u32;
-        let query = Query::Wait {
-            id: id.to_string(),
-            timeout_ms: ms,
-        };
-        self.query(query, timeout + Duration::from_secs(10))
-            .await?
-            .pop()
-            .ok_or_else(|| AgentError::Io("empty answer to wait".into()))
     }
 
     /// The rendezvous server as configured (`HOST:PORT`, or a list).
@@ -742,9 +451,29 @@ impl Agent {
         }
     }
 
+    /// What happens to the agent from now on: registrations, NAT class,
+    /// peers connecting, path changes with their cause. The first call
+    /// also gets what happened since the agent started (so a caller that
+    /// asks right after [`Agent::start`] misses nothing); later calls
+    /// start at the call. Each receiver holds at most
+    /// [`events::EVENT_BUFFER`] unread events; one that falls behind loses
+    /// the oldest (`RecvError::Lagged`).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<AgentEvent> {
+        self.inner.events.subscribe()
+    }
+
     /// The next incoming peer connection (already authenticated against the
     /// key the server vouched for). `None` once the agent stops.
     pub async fn accept(&self) -> Option<PeerConnection> {
+        Some(self.incoming().await?.accept())
+    }
+
+    /// The next incoming peer connection, for the application to
+    /// [`Incoming::accept`] or [`Incoming::refuse`] (by its worker id or
+    /// path, say). [`Agent::accept`] accepts every one. The handshake is
+    /// done by then, so the dialer's `connect` has returned: a refusal
+    /// reaches it as its connection closing with the reason.
+    pub async fn incoming(&self) -> Option<Incoming> {
         self.inner.admission.next().await
     }
 
@@ -799,6 +528,28 @@ impl Inner {
             .lock()
             .expect("not poisoned")
             .map(socket::RelayVia::Udp)
+    }
+
+    /// Sets the registration status and tells the event stream.
+    pub(crate) fn set_status(&self, s: Status) {
+        let event = match &s {
+            Status::Registered { observed } => Some(AgentEvent::Registered {
+                server: signal::current_server(self),
+                transport: self
+                    .transport
+                    .lock()
+                    .expect("not poisoned")
+                    .unwrap_or_default(),
+                observed: *observed,
+            }),
+            Status::Connecting(Some(e)) => Some(AgentEvent::Disconnected { error: e.clone() }),
+            Status::Connecting(None) => None,
+            Status::Failed(e) => Some(AgentEvent::Stopped { error: e.clone() }),
+        };
+        self.status.send_replace(s);
+        if let Some(e) = event {
+            self.events.emit(e);
+        }
     }
 
     /// Our public address by the gateway's port mapping, if one is live.

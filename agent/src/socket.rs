@@ -714,8 +714,8 @@ mod tests {
         let server = tx.local_addr().unwrap();
         let (v1, v2) = {
             let mut p = sock.paths.lock().unwrap();
-            let v1 = p.register(s1, [1; 32]).unwrap();
-            let v2 = p.register(s2, [2; 32]).unwrap();
+            let v1 = p.register(s1, [1; 32], "one").unwrap();
+            let v2 = p.register(s2, [2; 32], "two").unwrap();
             p.set_relay(v1, RelayVia::Udp(server), s1, secret, Role::Controlling);
             (v1, v2)
         };

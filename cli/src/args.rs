@@ -154,6 +154,12 @@ pub enum Cmd {
         /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Also print what happens as JSON lines on stdout, one object
+        /// each, `"event"` naming it: registered, address_changed,
+        /// disconnected, stopped, nat_classified, peer_connected,
+        /// path_changed (with its cause), relay_renewed.
+        #[arg(long)]
+        events: bool,
     },
     /// List workers online or stale (recently dropped), optionally of one
     /// type and with one tag.

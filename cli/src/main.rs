@@ -37,22 +37,19 @@ async fn main() -> ExitCode {
             http,
             allow_forward,
             share,
+            events,
         } => {
             init_logs("info");
-            let http = serve::http_addr(*http);
-            (
-                false,
-                serve::run(
-                    &cli.common,
-                    kind.clone(),
-                    tags.clone(),
-                    meta.clone(),
-                    http,
-                    allow_forward.clone(),
-                    share.clone(),
-                )
-                .await,
-            )
+            let args = serve::ServeArgs {
+                kind: kind.clone(),
+                tags: tags.clone(),
+                meta: meta.clone(),
+                http: serve::http_addr(*http),
+                allow_forward: allow_forward.clone(),
+                share: share.clone(),
+                events: *events,
+            };
+            (false, serve::run(&cli.common, args).await)
         }
         Cmd::List { kind, tag, json } => {
             init_logs("error");

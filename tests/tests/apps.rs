@@ -509,6 +509,175 @@ async fn per_call_connect_options_override_the_agents_policy() {
     b.close().await;
 }
 
+/// The next event named `want` on `rx` (others skipped), within [`T`].
+async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<punch_agent::AgentEvent>,
+    want: &'static str,
+) -> punch_agent::AgentEvent {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(T, async {
+        loop {
+            let e = rx.recv().await.unwrap();
+            if e.name() == want {
+                return e;
+            }
+            seen.push(e.name());
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no {want} event (saw {seen:?})"))
+}
+
+/// The event stream: what an application follows instead of log lines.
+/// The first receiver has the registration from before it was asked for;
+/// a connect shows up on both sides with its path, and a forced relay as
+/// a path change to the relay with its cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_tells_registration_connects_and_path_changes() {
+    use punch_agent::{Agent, AgentEvent, ConnectOptions, PathCause, PathKind, RelayMode};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let start = |id: &str| {
+        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+            .worker_id(id)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .no_nat_check()
+    };
+    let b = start("worker-b").start().await.unwrap();
+    b.registered(T).await.unwrap();
+    // Asked for after registering: the first receiver still has it.
+    let mut b_events = b.events();
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = bb.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+    let a = start("worker-a").start().await.unwrap();
+    let mut a_events = a.events();
+    a.registered(T).await.unwrap();
+    match next_event(&mut b_events, "registered").await {
+        AgentEvent::Registered { observed, .. } => assert!(observed.ip().is_loopback()),
+        e => panic!("{e:?}"),
+    }
+    let j = next_event(&mut a_events, "registered").await.to_json();
+    assert_eq!(j["transport"], "udp", "{j}");
+
+    let forced = ConnectOptions::new().relay(RelayMode::Force);
+    let pc = a.connect_with("worker-b", forced).await.unwrap();
+    match next_event(&mut a_events, "path_changed").await {
+        AgentEvent::PathChanged(c) => {
+            assert_eq!(c.peer, "worker-b");
+            assert_eq!(c.path, PathKind::Relayed);
+            assert_eq!(c.cause, PathCause::RelayBound);
+            assert_eq!(c.session, pc.path.session);
+        }
+        e => panic!("{e:?}"),
+    }
+    match next_event(&mut a_events, "peer_connected").await {
+        AgentEvent::PeerConnected {
+            peer,
+            incoming,
+            path,
+            ..
+        } => assert_eq!(
+            (peer.as_str(), incoming, path),
+            ("worker-b", false, PathKind::Relayed)
+        ),
+        e => panic!("{e:?}"),
+    }
+    match next_event(&mut b_events, "peer_connected").await {
+        AgentEvent::PeerConnected { peer, incoming, .. } => {
+            assert_eq!((peer.as_str(), incoming), ("worker-a", true))
+        }
+        e => panic!("{e:?}"),
+    }
+    a.close().await;
+    b.close().await;
+}
+
+/// The application decides who gets in: worker-b refuses worker-c by id
+/// and takes worker-a; worker-c's connection closes with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_refuses_an_incoming_peer_by_id() {
+    use punch_agent::Agent;
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let start = |id: &str| {
+        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+            .worker_id(id)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .no_nat_check()
+    };
+    let b = start("worker-b").start().await.unwrap();
+    b.registered(T).await.unwrap();
+    let bb = b.clone();
+    tokio::spawn(async move {
+        while let Some(inc) = bb.incoming().await {
+            if inc.peer_id() == "worker-c" {
+                inc.refuse("worker-c is not welcome here");
+            } else {
+                tokio::spawn(inc.accept().serve());
+            }
+        }
+    });
+    let a = start("worker-a").start().await.unwrap();
+    let c = start("worker-c").start().await.unwrap();
+    a.registered(T).await.unwrap();
+    c.registered(T).await.unwrap();
+    let pa = a.connect("worker-b").await.unwrap();
+    pa.pinger().await.unwrap().ping().await.unwrap();
+    let pc = c.connect("worker-b").await.unwrap();
+    let closed = tokio::time::timeout(T, pc.conn.closed()).await.unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, punch_protocol::close::REFUSED.into());
+            assert_eq!(&close.reason[..], b"worker-c is not welcome here");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    // worker-a's connection is untouched.
+    pa.pinger().await.unwrap().ping().await.unwrap();
+    for x in [a, b, c] {
+        x.close().await;
+    }
+}
+
+/// A key the application holds in memory (no key file): the agent is
+/// that key, a restart with it keeps the worker id, and another key is
+/// refused the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_key_in_memory_keeps_the_worker_id_across_restarts() {
+    use punch_agent::{Agent, AgentError, SecretKey};
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let start = |key: SecretKey| {
+        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+            .worker_id("keeper")
+            .secret_key(key)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .no_nat_check()
+            .start()
+    };
+    let pem = SecretKey::generate().unwrap().to_pem().unwrap();
+    let key = SecretKey::from_pem(&pem).unwrap();
+    assert!(!format!("{key:?}").contains("PRIVATE"), "{key:?}");
+    let a = start(key.clone()).await.unwrap();
+    assert_eq!(a.fingerprint(), key.fingerprint());
+    a.registered(T).await.unwrap();
+    a.close().await;
+    let again = start(SecretKey::from_pem(&pem).unwrap()).await.unwrap();
+    again.registered(T).await.unwrap();
+    again.close().await;
+    let other = start(SecretKey::generate().unwrap()).await.unwrap();
+    match other.registered(T).await {
+        Err(AgentError::IdTaken(_)) => {}
+        r => panic!("expected the id refused to another key, got {r:?}"),
+    }
+    other.close().await;
+    assert!(SecretKey::from_pem("-----BEGIN PRIVATE KEY-----\nnope\n").is_err());
+}
+
 /// examples/embed.rs end to end: two processes of the example, one serving
 /// and one connecting; the connecting one pings (built-in echo) and talks
 /// `hello/1`, the example's own protocol, on the same connection.

@@ -91,6 +91,26 @@ impl Identity {
         })
     }
 
+    /// The identity in PEM text (PKCS#8, Ed25519), as
+    /// [`Identity::to_pem`] or a key file holds it.
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let bad = |reason: String| TlsError::BadKey {
+            path: "(in memory)".into(),
+            reason,
+        };
+        let kp = rcgen::KeyPair::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+        if kp.algorithm() != &rcgen::PKCS_ED25519 {
+            return Err(bad("not an Ed25519 key".into()));
+        }
+        Self::from_keypair(&kp)
+    }
+
+    /// The private key as PEM text, to keep where the application keeps
+    /// its secrets.
+    pub fn to_pem(&self) -> Result<String, TlsError> {
+        Ok(self.keypair()?.serialize_pem())
+    }
+
     /// Loads the identity stored at `path`, or creates one there (mode 0600,
     /// parent directories included) when the file does not exist.
     pub fn load_or_create(path: &Path) -> Result<Self, TlsError> {
@@ -473,6 +493,17 @@ mod tests {
             Err(TlsError::BadKey { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_in_memory_roundtrips_through_pem() {
+        let a = Identity::generate().unwrap();
+        let b = Identity::from_pem(&a.to_pem().unwrap()).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+        assert!(matches!(
+            Identity::from_pem("not a key"),
+            Err(TlsError::BadKey { .. })
+        ));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! [`super::machine::PathMachine`] that decides on it) is tested without
 //! I/O. The socket consults it for every datagram.
 
+use crate::events::{PathCause, PathChange};
 use punch_protocol::relay;
-use punch_protocol::signal::SessionId;
+use punch_protocol::signal::{PathKind, SessionId};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub enum ActivePath {
 
 #[derive(Clone, Debug)]
 struct PeerPath {
+    /// The peer's worker id, for what the table reports.
+    peer: String,
     /// The latest session with this peer.
     session: SessionId,
     direct: Option<SocketAddr>,
@@ -97,6 +100,10 @@ impl PeerPath {
 /// The virtual address belongs to the peer (its key), not to one session:
 /// a second connection to the same peer shares it, so the same source
 /// address never has to mean two things.
+///
+/// Every change of a peer's active path goes to the observer, if one is
+/// set ([`PathTable::observe`]), with its cause: the table decides nothing
+/// about it and does no I/O for it.
 #[derive(Debug, Default)]
 pub struct PathTable {
     peers: HashMap<SocketAddr, PeerPath>,
@@ -104,6 +111,18 @@ pub struct PathTable {
     by_session: HashMap<SessionId, SocketAddr>,
     by_key: HashMap<punch_protocol::signal::PublicKey, SocketAddr>,
     next: u32,
+    observer: Option<Observer>,
+}
+
+/// Told of every path change (while the table is locked: keep it short).
+pub type PathObserver = Box<dyn Fn(PathChange) + Send + Sync>;
+
+struct Observer(PathObserver);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 /// Most peers with a virtual address at once.
@@ -118,13 +137,43 @@ pub fn is_virtual(addr: SocketAddr) -> bool {
 }
 
 impl PathTable {
-    /// The virtual address of a session's peer (allocated when the peer
-    /// has none), with one more user: call [`PathTable::unref`] when the
-    /// session is over.
+    /// Reports every path change to `f` from now on.
+    pub fn observe(&mut self, f: PathObserver) {
+        self.observer = Some(Observer(f));
+    }
+
+    /// Tells the observer when `v`'s active path is no longer `before`.
+    fn changed(&self, v: SocketAddr, before: Option<ActivePath>, cause: PathCause) {
+        let (Some(obs), Some(p)) = (&self.observer, self.peers.get(&v)) else {
+            return;
+        };
+        let now = p.active();
+        if before == Some(now) {
+            return;
+        }
+        let (path, remote) = match now {
+            ActivePath::Direct(a) => (PathKind::Direct, Some(a)),
+            ActivePath::Relay(RelayVia::Udp(a)) => (PathKind::Relayed, Some(a)),
+            ActivePath::Relay(RelayVia::Tcp) => (PathKind::Relayed, None),
+            ActivePath::None => return,
+        };
+        (obs.0)(PathChange {
+            peer: p.peer.clone(),
+            session: p.session,
+            path,
+            remote,
+            cause,
+        });
+    }
+
+    /// The virtual address of a session's peer `peer_id` (allocated when
+    /// the peer has none), with one more user: call [`PathTable::unref`]
+    /// when the session is over.
     pub fn register(
         &mut self,
         session: SessionId,
         peer_key: punch_protocol::signal::PublicKey,
+        peer_id: &str,
     ) -> Option<SocketAddr> {
         let known = self
             .by_session
@@ -156,6 +205,7 @@ impl PathTable {
         self.peers.insert(
             v,
             PeerPath {
+                peer: peer_id.to_string(),
                 session,
                 direct: None,
                 direct_aux: None,
@@ -209,6 +259,7 @@ impl PathTable {
 
     /// Uses `addr` as the direct path (validated by probes).
     pub fn set_direct(&mut self, v: SocketAddr, addr: Option<SocketAddr>, now: Instant) {
+        let before = self.active(v);
         if let Some(p) = self.peers.get_mut(&v) {
             p.direct = addr;
             p.direct_aux = None;
@@ -218,6 +269,7 @@ impl PathTable {
                 self.by_direct.insert(a, v);
             }
         }
+        self.changed(v, before, PathCause::Punched);
     }
 
     /// Uses `addr`, reached from the extra socket `aux`, as the direct path
@@ -229,12 +281,14 @@ impl PathTable {
         aux: Arc<tokio::net::UdpSocket>,
         now: Instant,
     ) {
+        let before = self.active(v);
         if let Some(p) = self.peers.get_mut(&v) {
             p.direct = Some(addr);
             p.direct_aux = Some(aux);
             p.direct_rx = Some(now);
             p.direct_session = Some(p.session);
         }
+        self.changed(v, before, PathCause::Punched);
     }
 
     /// Is `aux` still the socket of `v`'s direct path?
@@ -261,6 +315,7 @@ impl PathTable {
         secret: [u8; 32],
         role: punch_protocol::signal::Role,
     ) {
+        let before = self.active(v);
         if let Some(p) = self.peers.get_mut(&v) {
             p.relay = Some(RelayBinding {
                 via,
@@ -270,6 +325,7 @@ impl PathTable {
                 ended: false,
             });
         }
+        self.changed(v, before, PathCause::RelayBound);
     }
 
     /// Notes the server's "ended" notice for the session `v`'s relay is
@@ -314,12 +370,14 @@ impl PathTable {
     /// one); returns a fresh bind request to send, since the NAT mapping
     /// the relay knows may be the one that just died.
     pub fn fall_back(&mut self, v: SocketAddr) -> Option<(RelayVia, Vec<u8>)> {
+        let before = self.active(v);
         let p = self.peers.get_mut(&v)?;
         p.relay?;
         // The dead address keeps mapping to `v`: late packets from it must
         // not look like a new peer to quinn.
         p.direct.take()?;
         p.direct_aux = None;
+        self.changed(v, before, PathCause::DirectLost);
         self.relay_refresh(v)
     }
 
@@ -384,15 +442,18 @@ impl PathTable {
         now: Instant,
     ) -> Option<SocketAddr> {
         let v = self.by_direct.get(&from).copied()?;
+        let before = self.active(v);
         let p = self.peers.get_mut(&v)?;
         let stale = initial && p.direct != Some(from) && p.direct_session != Some(p.session);
         // Also over a bound relay: the peer sends QUIC from a probed
         // address only once its probes there were answered, so our answers
         // get through the same way (and the relay carries none of the
         // handshake of a direct connection).
+        let mut cause = PathCause::PeerArrived;
         if p.direct.is_none() || stale {
             if stale {
                 tracing::info!(peer = %v, %from, old = ?p.direct, "a new handshake arrives on another direct path; answering there");
+                cause = PathCause::PeerMoved;
             }
             p.direct = Some(from);
             p.direct_aux = None;
@@ -401,6 +462,7 @@ impl PathTable {
         if p.direct == Some(from) {
             p.direct_rx = Some(now);
         }
+        self.changed(v, before, cause);
         Some(v)
     }
 
@@ -414,8 +476,10 @@ impl PathTable {
         };
         if p.direct.is_some() && p.relay.is_some() && p.direct_session != Some(p.session) {
             tracing::info!(peer = %v, old = ?p.direct, "a new handshake arrives through the relay; answering there");
+            let before = p.active();
             p.direct = None;
             p.direct_aux = None;
+            self.changed(v, Some(before), PathCause::PeerMoved);
         }
     }
 
@@ -436,5 +500,53 @@ impl PathTable {
     /// The session of a virtual address.
     pub fn session(&self, v: SocketAddr) -> Option<SessionId> {
         self.peers.get(&v).map(|p| p.session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn every_path_change_is_reported_once_with_its_cause() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut t = PathTable::default();
+        let s = seen.clone();
+        t.observe(Box::new(move |c| s.lock().unwrap().push(c)));
+        let session = SessionId(7);
+        let v = t.register(session, [1; 32], "worker-b").unwrap();
+        let server: SocketAddr = "198.51.100.1:7000".parse().unwrap();
+        let peer: SocketAddr = "203.0.113.9:4000".parse().unwrap();
+        let now = Instant::now();
+        let role = punch_protocol::signal::Role::Controlling;
+        t.set_relay(v, RelayVia::Udp(server), session, [0; 32], role);
+        t.set_direct(v, Some(peer), now);
+        // The same path again is no change.
+        t.set_direct(v, Some(peer), now);
+        t.touch_direct(v, now);
+        assert!(t.fall_back(v).is_some());
+        // Rebinding the relay under a relayed connection changes nothing.
+        t.set_relay(v, RelayVia::Udp(server), session, [0; 32], role);
+        let got: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.peer.clone(), c.path, c.remote, c.cause))
+            .collect();
+        let b = "worker-b".to_string();
+        assert_eq!(
+            got,
+            [
+                (
+                    b.clone(),
+                    PathKind::Relayed,
+                    Some(server),
+                    PathCause::RelayBound
+                ),
+                (b.clone(), PathKind::Direct, Some(peer), PathCause::Punched),
+                (b, PathKind::Relayed, Some(server), PathCause::DirectLost),
+            ]
+        );
     }
 }

@@ -362,6 +362,13 @@ async fn dial(
         connect_ms = connect_time.as_secs_f64() * 1e3,
         "connected"
     );
+    inner.events.emit(crate::AgentEvent::PeerConnected {
+        peer: target.to_string(),
+        session: offer.session,
+        incoming: false,
+        path: kind,
+        remote: remote.unwrap_or(v),
+    });
     Ok(PeerConnection {
         conn,
         peer_id: target.to_string(),

@@ -33,7 +33,7 @@ fn register(inner: &Arc<Inner>, offer: &Offer) -> Result<SocketAddr, AgentError>
         .paths
         .lock()
         .expect("not poisoned")
-        .register(offer.session, offer.peer_key)
+        .register(offer.session, offer.peer_key, &offer.peer_id)
         .ok_or_else(|| AgentError::PeerConnect("too many peers".into()))
 }
 

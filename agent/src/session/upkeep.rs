@@ -184,6 +184,10 @@ async fn repunch(
             }
             crate::relay::bind(&inner.socket, inner.relay_via(), &offer, v, None).await?;
             info!(session = %offer.session, "relay bound on a new session");
+            inner.events.emit(crate::AgentEvent::RelayRenewed {
+                peer: target.to_string(),
+                session: offer.session,
+            });
             report(inner, &offer, PathKind::Relayed, start, None, false);
             return Ok(false);
         }

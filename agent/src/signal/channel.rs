@@ -74,7 +74,7 @@ pub(crate) fn endpoints(config: &crate::AgentConfig, s: &str) -> Result<Endpoint
             "--server-tcp names the TCP channel of one server; with several --server entries each is used at its own HOST:PORT (or give wss:// entries)".into(),
         ));
     }
-    if crate::is_ws_url(s) {
+    if crate::config::is_ws_url(s) {
         let tcp = crate::tcp::WsUrl::parse(s)?;
         if config.server_tcp.is_some() {
             return Err(AgentError::Config(

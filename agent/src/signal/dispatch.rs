@@ -33,6 +33,9 @@ pub(super) fn dispatch(inner: &Arc<Inner>, msg: ServerMsg) {
         ServerMsg::AddressChanged { observed } => {
             info!(%observed, "server sees a new address for us (NAT rebinding)");
             inner.status.send_replace(Status::Registered { observed });
+            inner
+                .events
+                .emit(crate::AgentEvent::AddressChanged { observed });
         }
         ServerMsg::Welcome { .. } => debug!("ignoring repeated welcome"),
     }

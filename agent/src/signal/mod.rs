@@ -60,12 +60,10 @@ async fn run_loop(inner: Arc<Inner>) {
                 } else {
                     warn!("signaling connection lost: {reason}; reconnecting");
                 }
-                inner.status.send_replace(Status::Connecting(Some(
-                    AgentError::ServerUnreachable {
-                        server: current_server(&inner),
-                        reason,
-                    },
-                )));
+                inner.set_status(Status::Connecting(Some(AgentError::ServerUnreachable {
+                    server: current_server(&inner),
+                    reason,
+                })));
                 if !planned && next_server(&inner) {
                     info!(server = %current_server(&inner), "trying the next server");
                 }
@@ -79,7 +77,7 @@ async fn run_loop(inner: Arc<Inner>) {
             Err(_) if inner.closing.load(std::sync::atomic::Ordering::SeqCst) => return,
             Err(e) if e.is_fatal() => {
                 warn!("giving up: {e}");
-                inner.status.send_replace(Status::Failed(e));
+                inner.set_status(Status::Failed(e));
                 return;
             }
             Err(e) => {
@@ -92,7 +90,7 @@ async fn run_loop(inner: Arc<Inner>) {
                     backoff(attempt / n - 1)
                 };
                 debug!("registration failed: {e}; retrying in {delay:?}");
-                inner.status.send_replace(Status::Connecting(Some(e)));
+                inner.set_status(Status::Connecting(Some(e)));
                 next_server(&inner);
                 tokio::time::sleep(delay).await;
             }

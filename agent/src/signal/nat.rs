@@ -115,6 +115,10 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
                         *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
                         *inner.nat.lock().expect("not poisoned") = Some(nat);
                         inner.report_nat(nat);
+                        inner.events.emit(crate::AgentEvent::NatClassified {
+                            nat,
+                            allocator: r.allocator.value,
+                        });
                     }
                     None => debug!("NAT not classified: no STUN answer"),
                 },

@@ -181,7 +181,7 @@ pub(super) fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: 
     {
         inner.announce_candidates();
     }
-    inner.status.send_replace(Status::Registered { observed });
+    inner.set_status(Status::Registered { observed });
     if let Some(via) = inner.relay_via() {
         crate::relay::move_bindings(&inner.socket, via);
     }

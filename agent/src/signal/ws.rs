@@ -178,7 +178,7 @@ pub(super) async fn ws_session(
         let Some(addr) = *inner.server_addr.lock().expect("not poisoned") else {
             return std::future::pending().await;
         };
-        if crate::is_ws_url(&current_server(inner)) {
+        if crate::config::is_ws_url(&current_server(inner)) {
             return std::future::pending().await;
         }
         let mut attempt = 0;

@@ -19,15 +19,29 @@ pub fn http_addr(http: Option<SocketAddr>) -> Option<SocketAddr> {
     })
 }
 
-pub async fn run(
-    c: &Common,
-    kind: Option<String>,
-    tags: Vec<String>,
-    meta: Vec<(String, String)>,
-    http: Option<SocketAddr>,
-    allow_forward: Vec<SocketAddr>,
-    share: Option<PathBuf>,
-) -> Result<(), AgentError> {
+/// What `serve` was asked for, beside the common flags.
+pub struct ServeArgs {
+    pub kind: Option<String>,
+    pub tags: Vec<String>,
+    pub meta: Vec<(String, String)>,
+    /// Where the status page listens, if anywhere.
+    pub http: Option<SocketAddr>,
+    pub allow_forward: Vec<SocketAddr>,
+    pub share: Option<PathBuf>,
+    /// Print the agent's events as JSON lines.
+    pub events: bool,
+}
+
+pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
+    let ServeArgs {
+        kind,
+        tags,
+        meta,
+        http,
+        allow_forward,
+        share,
+        events,
+    } = args;
     // First of all, before registering: a SIGTERM from then on, also
     // between two turns of the loop below, shuts down cleanly.
     let shutdown = punch_net::shutdown_signal();
@@ -75,6 +89,27 @@ pub async fn run(
         )
         .start()
         .await?;
+    if events {
+        // Asked at once: the first receiver has everything since start.
+        let mut rx = agent.events();
+        tokio::spawn(async move {
+            use std::io::Write;
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let line = match rx.recv().await {
+                    Ok(e) => e.to_json(),
+                    Err(RecvError::Lagged(n)) => {
+                        serde_json::json!({"event": "lagged", "missed": n})
+                    }
+                    Err(RecvError::Closed) => break,
+                };
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

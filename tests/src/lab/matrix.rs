@@ -170,12 +170,14 @@ pub fn serve(
     udp: bool,
 ) -> Result<()> {
     let mut cmd = agent_cmd(ns, fp, punch_timeout)?;
-    cmd.args(["serve", "--id", id, "--key-file"])
+    cmd.args(["serve", "--events", "--id", id, "--key-file"])
         .arg(lab.path(&format!("{id}.key")))
         .args(lab.agent_args_for(ns));
     let log = lab.path(&format!("{id}.log"));
-    let mut p = Proc::spawn(id, cmd, Some(&log))?;
-    p.wait_line("serving as", Duration::from_secs(20))
+    // Its events (stdout) go to the log too: scenarios count them there.
+    let mut p = Proc::spawn_tee(id, cmd, &log)?;
+    // The agent's event stream (serve --events), not its log lines.
+    p.wait_line(r#""event":"registered""#, Duration::from_secs(20))
         .with_context(|| {
             format!(
                 "agent {id} in {ns} did not register; log: {}",
@@ -185,7 +187,7 @@ pub fn serve(
     // A worker has classified its NAT long before anyone dials it; so does
     // the lab's (a UDP-less site has nothing to classify).
     if udp {
-        if let Err(e) = p.wait_line("punch-agent NAT:", Duration::from_secs(10)) {
+        if let Err(e) = p.wait_line(r#""event":"nat_classified""#, Duration::from_secs(10)) {
             eprintln!("agent {id} in {ns}: NAT check not done: {e:#}");
         }
     }

@@ -209,7 +209,7 @@ pub fn tcp_upgrade(o: &UpgradeOpts) -> Result<Upgrade> {
     let b_log = std::fs::read_to_string(lab.path("worker-b.log")).unwrap_or_default();
     let b_connections = b_log
         .lines()
-        .filter(|l| l.contains("peer connected"))
+        .filter(|l| l.contains(r#""event":"peer_connected""#))
         .count();
     let regs = registrations(&std::fs::read_to_string(&log).unwrap_or_default());
     let r = Upgrade {
