@@ -51,28 +51,36 @@
 mod admission;
 mod builder;
 mod config;
-pub mod error;
-pub mod events;
+mod error;
+mod events;
+mod nat_state;
 pub mod natcheck;
 mod options;
-pub mod path;
-pub mod peer;
+mod path;
+mod peer;
 pub mod portmap;
 pub mod protocols;
 mod registry;
 mod relay;
-pub mod session;
-pub mod signal;
-pub mod socket;
-pub mod tcp;
+mod session;
+mod signal;
+mod socket;
+mod tcp;
+
+/// How the agent reconnects to its server: the back-off between attempts
+/// and the silence that counts as a dead server (load simulations of many
+/// agents reuse them, so they behave as agents do).
+pub mod reconnect {
+    pub use crate::signal::{backoff, server_silent};
+}
 
 pub use admission::Incoming;
 pub use builder::AgentBuilder;
 pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
-pub use events::{AgentEvent, PathCause, PathChange};
+pub use events::{AgentEvent, PathCause, PathChange, EVENT_BUFFER};
 pub use options::ConnectOptions;
-pub use peer::{PathInfo, PeerConnection, PeerError, RelayReason, Strategy};
+pub use peer::{PathInfo, PeerConnection, PeerError, Pinger, RelayReason, Strategy};
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;
@@ -132,19 +140,11 @@ pub(crate) struct Inner {
     pub(crate) status: watch::Sender<Status>,
     /// What happened, for [`Agent::events`].
     pub(crate) events: events::Events,
-    /// Our NAT class, once classified (sent again on every registration).
-    pub(crate) nat: Mutex<Option<punch_protocol::signal::NatClass>>,
-    /// How our NAT picks ports, from the same check: sizes the birthday
-    /// method's extra sockets to the NAT's port budget.
-    pub(crate) nat_alloc: Mutex<punch_protocol::allocator::Allocator>,
+    /// Our NAT: class, allocator, how far the check has come.
+    pub(crate) nat: nat_state::NatWatch,
     /// Where our NAT's port counter stands, when it counts: offered to
     /// peers as two predicted candidates ([`punch_protocol::predict`]).
     pub(crate) counter: Mutex<crate::session::birthday::CounterState>,
-    pub(crate) nat_started: std::sync::atomic::AtomicBool,
-    /// True once our NAT's mapping is known or its classification ended.
-    pub(crate) nat_ready: watch::Sender<bool>,
-    /// True once our NAT's classification ended (filtering known or not).
-    pub(crate) nat_done: watch::Sender<bool>,
     /// Application protocols registered by the embedder.
     pub(crate) protocols: protocols::Protocols,
     /// The gateway port mapping task, if port mapping runs.
@@ -288,12 +288,8 @@ impl Agent {
             next_req: AtomicU32::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),
             signal_stopped: watch::channel(false).0,
-            nat: Mutex::new(None),
-            nat_alloc: Mutex::new(Default::default()),
+            nat: nat_state::NatWatch::new(),
             counter: Mutex::new(Default::default()),
-            nat_started: Default::default(),
-            nat_ready: watch::channel(false).0,
-            nat_done: watch::channel(false).0,
             protocols,
             portmap: tokio::sync::Mutex::new(portmap),
             portmap_state,
@@ -339,7 +335,7 @@ impl Agent {
     /// Our NAT's class, once the agent has classified it (shortly after
     /// it first registers, when [`AgentConfig::nat_check`] is on).
     pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
-        *self.inner.nat.lock().expect("not poisoned")
+        self.inner.nat.class()
     }
 
     /// Resolves once the background NAT check has ended (at once when it
@@ -349,14 +345,13 @@ impl Agent {
         if !self.inner.config.nat_check {
             return;
         }
-        let mut done = self.inner.nat_done.subscribe();
-        let _ = done.wait_for(|d| *d).await;
+        self.inner.nat.wait(|s| s.done, None).await;
     }
 
     /// How our NAT picks the external ports of new mappings, as the same
     /// check read it (`Unknown` until then).
     pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
-        *self.inner.nat_alloc.lock().expect("not poisoned")
+        self.inner.nat.alloc()
     }
 
     /// The rendezvous server as configured (`HOST:PORT`, or a list).
@@ -456,7 +451,7 @@ impl Agent {
     /// also gets what happened since the agent started (so a caller that
     /// asks right after [`Agent::start`] misses nothing); later calls
     /// start at the call. Each receiver holds at most
-    /// [`events::EVENT_BUFFER`] unread events; one that falls behind loses
+    /// [`EVENT_BUFFER`] unread events; one that falls behind loses
     /// the oldest (`RecvError::Lagged`).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<AgentEvent> {
         self.inner.events.subscribe()
@@ -630,7 +625,7 @@ impl Inner {
     /// allocator.
     pub(crate) fn report_nat(&self, nat: punch_protocol::signal::NatClass) {
         self.notify(ClientMsg::Nat(nat));
-        let alloc = *self.nat_alloc.lock().expect("not poisoned");
+        let alloc = self.nat.alloc();
         if alloc != punch_protocol::allocator::Allocator::Unknown && self.server_speaks(5) {
             self.notify(ClientMsg::Allocator(alloc));
         }

@@ -85,7 +85,7 @@ impl ProbeRouter {
     }
 }
 
-pub use crate::path::{is_virtual, ActivePath, PathTable, RelayVia, MAX_PEERS};
+pub use crate::path::{is_virtual, ActivePath, PathTable, RelayVia};
 
 /// quinn's socket with probes and relay frames handled, and peers behind
 /// virtual addresses.

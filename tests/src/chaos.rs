@@ -175,7 +175,7 @@ async fn agent(
     let mut attempt: Option<u32> = None;
     loop {
         if let Some(a) = attempt {
-            tokio::time::sleep(punch_agent::signal::backoff(a)).await;
+            tokio::time::sleep(punch_agent::reconnect::backoff(a)).await;
         }
         let conn = {
             // Handshakes 256 at a time, as a host's worth of agents would.
@@ -202,7 +202,7 @@ async fn agent(
                 // 2.5 s means the server is gone.
                 tokio::select! {
                     _ = conn.closed() => {}
-                    _ = punch_agent::signal::server_silent(&conn, SIM_KEEP_ALIVE) => {}
+                    _ = punch_agent::reconnect::server_silent(&conn, SIM_KEEP_ALIVE) => {}
                 }
                 attempt = Some(0);
             }

@@ -358,12 +358,7 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
         .await
         .unwrap();
     b.registered(T).await.unwrap();
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let a = start("worker-a").start().await.unwrap();
     a.registered(T).await.unwrap();
     let pc = a.connect("worker-b").await.unwrap();
@@ -414,12 +409,7 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
     pinger.ping().await.unwrap();
     // The apps are opt-in: worker-a registered none, so its files are
     // refused by name and its bench stream reset; echo works all the same.
-    let aa = a.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = aa.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&a);
     let back = b.connect("worker-a").await.unwrap();
     match punch_apps::files::list(&back).await {
         Err(punch_apps::files::FileError::Refused(why)) => {
@@ -441,29 +431,37 @@ async fn an_embedders_protocol_runs_beside_the_built_ins_on_one_connection() {
     b.close().await;
 }
 
+/// An in-process agent of server `s` on loopback, without the NAT check.
+fn loopback_agent(s: &ServerProc, id: &str) -> punch_agent::AgentBuilder {
+    punch_agent::Agent::builder(s.udp.to_string(), s.fingerprint.clone())
+        .worker_id(id)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .no_nat_check()
+}
+
+/// Accepts every peer of `agent` and serves its streams.
+fn serve_peers(agent: &punch_agent::Agent) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        while let Some(pc) = agent.accept().await {
+            tokio::spawn(pc.serve());
+        }
+    });
+}
+
 /// Per-call connect options over the agent's own settings: a forced relay
 /// for one call of an agent that punches (the server relayed it), a limit
 /// for the whole connect that ends it with a time-out, and the agent's own
 /// policy again for the next call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_call_connect_options_override_the_agents_policy() {
-    use punch_agent::{Agent, AgentError, ConnectOptions, PathKind, RelayMode, RelayReason};
+    use punch_agent::{AgentError, ConnectOptions, PathKind, RelayMode, RelayReason};
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
-    let start = |id: &str| {
-        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
-            .worker_id(id)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .no_nat_check()
-    };
+    let start = |id: &str| loopback_agent(&s, id);
     let b = start("worker-b").start().await.unwrap();
     b.registered(T).await.unwrap();
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let a = start("worker-a").start().await.unwrap();
     a.registered(T).await.unwrap();
     let relayed = |h: &serde_json::Value| h["relay"]["forwarded_packets"].as_u64().unwrap();
@@ -534,25 +532,15 @@ async fn next_event(
 /// a path change to the relay with its cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_tells_registration_connects_and_path_changes() {
-    use punch_agent::{Agent, AgentEvent, ConnectOptions, PathCause, PathKind, RelayMode};
+    use punch_agent::{AgentEvent, ConnectOptions, PathCause, PathKind, RelayMode};
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
-    let start = |id: &str| {
-        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
-            .worker_id(id)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .no_nat_check()
-    };
+    let start = |id: &str| loopback_agent(&s, id);
     let b = start("worker-b").start().await.unwrap();
     b.registered(T).await.unwrap();
     // Asked for after registering: the first receiver still has it.
     let mut b_events = b.events();
-    let bb = b.clone();
-    tokio::spawn(async move {
-        while let Some(pc) = bb.accept().await {
-            tokio::spawn(pc.serve());
-        }
-    });
+    serve_peers(&b);
     let a = start("worker-a").start().await.unwrap();
     let mut a_events = a.events();
     a.registered(T).await.unwrap();
@@ -600,15 +588,9 @@ async fn the_event_stream_tells_registration_connects_and_path_changes() {
 /// and takes worker-a; worker-c's connection closes with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_refuses_an_incoming_peer_by_id() {
-    use punch_agent::Agent;
     let dir = tempfile::tempdir().unwrap();
     let s = ServerProc::start(dir.path(), &[]).unwrap();
-    let start = |id: &str| {
-        Agent::builder(s.udp.to_string(), s.fingerprint.clone())
-            .worker_id(id)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .no_nat_check()
-    };
+    let start = |id: &str| loopback_agent(&s, id);
     let b = start("worker-b").start().await.unwrap();
     b.registered(T).await.unwrap();
     let bb = b.clone();

@@ -180,7 +180,7 @@ fn the_circle_check_finds_a_circle() {
 /// Modules still over 600 lines of code, each held to its size now: the
 /// layers issue (18) splits them. A module not listed may not pass 600.
 const STILL_TOO_LONG: &[(&str, usize)] = &[
-    ("agent/src/lib.rs", 715),
+    ("agent/src/lib.rs", 710),
     ("agent/src/socket.rs", 665),
     ("server/src/tcp.rs", 665),
     ("protocol/src/birthday.rs", 665),

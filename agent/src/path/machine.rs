@@ -263,11 +263,6 @@ impl PathMachine {
     pub fn poll_timeout(&self) -> Instant {
         self.next_check.min(self.next_refresh)
     }
-
-    /// Is a re-punch or renewal running?
-    pub fn repunching(&self) -> bool {
-        self.repunching
-    }
 }
 
 #[cfg(test)]

@@ -10,4 +10,4 @@ pub mod machine;
 pub mod table;
 
 pub use machine::{PathAction, PathConfig, PathMachine, PathView};
-pub use table::{is_virtual, ActivePath, PathTable, RelayVia, MAX_PEERS};
+pub use table::{is_virtual, ActivePath, PathTable, RelayVia};

@@ -386,11 +386,6 @@ impl PathTable {
         self.peers.get(&v).is_some_and(|p| p.relay.is_some())
     }
 
-    /// The session the peer's relay binding uses.
-    pub fn relay_session(&self, v: SocketAddr) -> Option<SessionId> {
-        self.peers.get(&v)?.relay.map(|r| r.session)
-    }
-
     /// The path packets to `v` take now.
     pub fn active(&self, v: SocketAddr) -> Option<ActivePath> {
         self.peers.get(&v).map(PeerPath::active)

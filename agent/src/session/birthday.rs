@@ -176,9 +176,7 @@ const MOVE_PER_REMOTE: usize = 6;
 /// tell which; past the end both run on in a straight line. Does nothing
 /// behind other NATs.
 pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
-    let punch_protocol::allocator::Allocator::Sequential { stride } =
-        *inner.nat_alloc.lock().expect("not poisoned")
-    else {
+    let punch_protocol::allocator::Allocator::Sequential { stride } = inner.nat.alloc() else {
         return;
     };
     let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {

@@ -44,9 +44,8 @@ pub(crate) async fn connect(
     // A fresh agent's NAT mapping is known a few round trips after it
     // registers; the peer pair's punching method depends on it.
     let nat_wait = async {
-        if inner.nat_started.load(std::sync::atomic::Ordering::SeqCst) && !inner.tcp_only() {
-            let mut ready = inner.nat_ready.subscribe();
-            let _ = tokio::time::timeout(NAT_WAIT, ready.wait_for(|r| *r)).await;
+        if inner.nat.get().started && !inner.tcp_only() {
+            inner.nat.wait(|s| s.ready, Some(NAT_WAIT)).await;
         }
     };
     // Likewise the gateway's port mapping (at once when the gateway
@@ -57,8 +56,7 @@ pub(crate) async fn connect(
     nat_wait.await;
     let easy = inner
         .nat
-        .lock()
-        .expect("not poisoned")
+        .class()
         .is_some_and(|c| c.public || c.mapping == NatBehaviour::EndpointIndependent);
     // Without UDP to the server (registered over TCP, no STUN answer), a
     // UDP port mapping serves no peer: no waiting for the gateway.
@@ -108,13 +106,11 @@ pub(crate) async fn connect(
         // peer starts its part only when our offer says so. A fresh agent
         // may still be testing its filter: wait for that, and if it is
         // strict, ask again so the peer's offer carries it.
-        let mut done = inner.nat_done.subscribe();
-        let deadline = start + NAT_WAIT;
-        let _ = tokio::time::timeout_at(deadline.into(), done.wait_for(|d| *d)).await;
+        let left = (start + NAT_WAIT).saturating_duration_since(Instant::now());
+        inner.nat.wait(|s| s.done, Some(left)).await;
         let strict = inner
             .nat
-            .lock()
-            .expect("not poisoned")
+            .class()
             .is_some_and(|c| c.filtering == NatBehaviour::AddressAndPortDependent);
         if strict {
             info!(peer = %target, waited_ms = start.elapsed().as_millis() as u64, "our NAT filters by port and the peer's maps per destination: asking again so the peer runs the birthday method");
@@ -145,7 +141,7 @@ pub(crate) async fn connect(
 /// Is our offer to a peer whose NAT maps per destination missing our
 /// filtering, which decides whether the birthday method runs?
 fn filtering_matters(inner: &Arc<Inner>, offer: &Offer, policy: DialPolicy) -> bool {
-    let ours = *inner.nat.lock().expect("not poisoned");
+    let ours = inner.nat.class();
     let peer_hard = offer
         .peer_nat
         .is_some_and(|p| !p.public && p.endpoint_dependent());
@@ -154,7 +150,7 @@ fn filtering_matters(inner: &Arc<Inner>, offer: &Offer, policy: DialPolicy) -> b
             && c.mapping == NatBehaviour::EndpointIndependent
             && c.filtering == NatBehaviour::Unknown
     });
-    peer_hard && ours_unsure && !*inner.nat_done.borrow() && policy.relay != RelayMode::Force
+    peer_hard && ours_unsure && !inner.nat.get().done && policy.relay != RelayMode::Force
 }
 
 /// Asks the server for an introduction to `target`.
@@ -391,9 +387,9 @@ async fn dial(
 /// draws from the whole range at random)?
 fn both_random(inner: &Arc<Inner>, offer: &Offer) -> bool {
     use punch_protocol::allocator::Allocator;
-    let ours = *inner.nat.lock().expect("not poisoned");
+    let ours = inner.nat.class();
     let both = super::birthday::part(ours, offer.peer_nat) == Some(super::birthday::Part::Both);
-    let our_alloc = *inner.nat_alloc.lock().expect("not poisoned");
+    let our_alloc = inner.nat.alloc();
     let peer_counts = punch_protocol::predict::advertised(&offer.peer_candidates).is_some();
     both && (our_alloc == Allocator::Random || (!peer_counts && our_alloc == Allocator::Unknown))
 }

@@ -99,7 +99,7 @@ pub(super) fn spawn_puncher(
         Instant::now(),
         config,
     );
-    let ours = *inner.nat.lock().expect("not poisoned");
+    let ours = inner.nat.class();
     let sprayed = super::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
     let spray_ip = sprayed.as_ref().map(|s| s.ip);
     if let Some(s) = sprayed {
@@ -201,8 +201,8 @@ pub(super) fn spawn_birthday(
     limit: Duration,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
     use super::birthday;
-    let ours = *inner.nat.lock().expect("not poisoned");
-    let alloc = *inner.nat_alloc.lock().expect("not poisoned");
+    let ours = inner.nat.class();
+    let alloc = inner.nat.alloc();
     let birthday::HardPlan {
         flows, strategy, ..
     } = birthday::hard_plan(ours, alloc, offer)?;

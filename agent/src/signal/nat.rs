@@ -49,15 +49,11 @@ pub(super) async fn stun_candidates(
 /// Classifies our NAT once, in the background, and reports the class on
 /// this and every later registration.
 pub(super) fn classify_nat(inner: &Arc<Inner>) {
-    if let Some(nat) = *inner.nat.lock().expect("not poisoned") {
+    if let Some(nat) = inner.nat.class() {
         inner.report_nat(nat);
         return;
     }
-    if !inner.config.nat_check
-        || inner
-            .nat_started
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
+    if !inner.config.nat_check || !inner.nat.try_start() {
         return;
     }
     let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {
@@ -71,19 +67,18 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
             } else {
                 SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
             };
-            // Set when the mapping's early report handed nat_ready to the
+            // Set when the mapping's early report handed readiness to the
             // counter's advertisement.
             let advertising = std::sync::atomic::AtomicBool::new(false);
             let early = |r: &crate::natcheck::NatReport| {
                 // The mapping is what the birthday method needs first.
                 if let Some(nat) = r.class() {
                     if nat.mapping != punch_protocol::signal::NatBehaviour::Unknown {
-                        *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
-                        *inner.nat.lock().expect("not poisoned") = Some(nat);
+                        inner.nat.set_class(nat, r.allocator.value);
                         inner.report_nat(nat);
                         // A counting NAT: say where the counter stands
                         // before a connect that waits for the mapping asks
-                        // for its peer (nat_ready follows the advertisement).
+                        // for its peer (readiness follows the advertisement).
                         if let punch_protocol::allocator::Allocator::Sequential { .. } =
                             r.allocator.value
                         {
@@ -94,26 +89,25 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
                             tokio::spawn(
                                 async move {
                                     crate::session::birthday::advertise_counter(&inner).await;
-                                    inner.nat_ready.send_replace(true);
+                                    inner.nat.set_ready();
                                 }
                                 .in_current_span(),
                             );
                             return;
                         }
-                        inner.nat_ready.send_replace(true);
+                        inner.nat.set_ready();
                     }
                 }
             };
             let result = crate::natcheck::check_with(server, bind, false, early).await;
             if !advertising.load(std::sync::atomic::Ordering::SeqCst) {
-                inner.nat_ready.send_replace(true);
+                inner.nat.set_ready();
             }
             match result {
                 Ok(r) => match r.class() {
                     Some(nat) => {
                         info!(nat = %nat.label(), mapping = nat.mapping.as_str(), filtering = nat.filtering.as_str(), allocator = ?r.allocator.value, "NAT classified");
-                        *inner.nat_alloc.lock().expect("not poisoned") = r.allocator.value;
-                        *inner.nat.lock().expect("not poisoned") = Some(nat);
+                        inner.nat.set_class(nat, r.allocator.value);
                         inner.report_nat(nat);
                         inner.events.emit(crate::AgentEvent::NatClassified {
                             nat,
@@ -124,12 +118,9 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
                 },
                 Err(e) => debug!("NAT check failed: {e}"),
             }
-            if inner.nat.lock().expect("not poisoned").is_none() {
-                // Perhaps the server was not up yet: the next registration
-                // tries again.
-                inner.nat_started.store(false, std::sync::atomic::Ordering::SeqCst);
-            }
-            inner.nat_done.send_replace(true);
+            // Without a class (perhaps the server was not up yet) the next
+            // registration tries again.
+            inner.nat.finish();
         }
         .in_current_span(),
     );

@@ -161,6 +161,31 @@ fn query_slot(slots: &Arc<Semaphore>, shared: &Shared) -> Option<OwnedSemaphoreP
     p
 }
 
+/// Runs `work` in a task of its own under one of the connection's query
+/// slots and queues its answer, if it has one; false when every slot is
+/// taken (the caller answers [`busy`]).
+fn in_slot(
+    slots: &Arc<Semaphore>,
+    shared: &Shared,
+    tx: &OutQueue,
+    work: impl std::future::Future<Output = Option<ServerMsg>> + Send + 'static,
+) -> bool {
+    let Some(slot) = query_slot(slots, shared) else {
+        return false;
+    };
+    let tx = tx.clone();
+    tokio::spawn(
+        async move {
+            let _slot = slot;
+            if let Some(answer) = work.await {
+                let _ = tx.send(Box::new(answer)).await;
+            }
+        }
+        .in_current_span(),
+    );
+    true
+}
+
 /// The answer to a query beyond the connection's share.
 fn busy(req: u32, limit: usize) -> ServerMsg {
     ServerMsg::Error {

@@ -228,16 +228,11 @@ async fn session_loop(
                 match msg {
                     Some(Ok(ClientMsg::Bye)) => return Ok(true),
                     Some(Ok(ClientMsg::Query { req, query: Query::Wait { id: target, timeout_ms } })) => {
-                        let Some(slot) = query_slot(&slots, shared) else {
-                            link.send(&busy(req, cfg.max_queries)).await?;
-                            continue;
-                        };
                         // Answered later, from its own task, through the queue.
-                        let (shared, tx) = (shared.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let _slot = slot;
+                        let s = shared.clone();
+                        let work = async move {
                             let limit = Duration::from_millis(timeout_ms.min(MAX_WAIT_MS) as u64);
-                            let answer = match shared.hub.wait_online(&shared, &target, limit).await {
+                            Some(match s.hub.wait_online(&s, &target, limit).await {
                                 Ok(w) => ServerMsg::Workers { req, workers: vec![w] },
                                 Err(e) => ServerMsg::Error {
                                     req: Some(req),
@@ -247,9 +242,11 @@ async fn session_loop(
                                     },
                                     message: format!("waiting for {target:?}: {e}"),
                                 },
-                            };
-                            let _ = tx.send(Box::new(answer)).await;
-                        }.in_current_span());
+                            })
+                        };
+                        if !in_slot(&slots, shared, &tx, work) {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                        }
                     }
                     Some(Ok(ClientMsg::Connect { req, target }))
                         if shared.cluster.is_some()
@@ -259,51 +256,37 @@ async fn session_loop(
                         // Perhaps held by another server: asked through Redis,
                         // answered through the queue.
                         inc(&shared.metrics.connect_requests);
-                        let Some(slot) = query_slot(&slots, shared) else {
-                            link.send(&busy(req, cfg.max_queries)).await?;
-                            continue;
-                        };
+                        // It answers (both sides) by itself.
                         let ask = crate::cluster::connect_remote(shared.clone(), id.to_string(), req, target);
-                        tokio::spawn(
-                            async move {
-                                let _slot = slot;
-                                ask.await
-                            }
-                            .in_current_span(),
-                        );
+                        if !in_slot(&slots, shared, &tx, async move { ask.await; None }) {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                        }
                     }
                     Some(Ok(ClientMsg::Query { req, query: q @ (Query::List { .. } | Query::Discover { .. }) })) => {
                         // In a cluster other servers' workers come from Redis:
                         // answered from a task, through the queue.
-                        let Some(slot) = query_slot(&slots, shared) else {
+                        let s = shared.clone();
+                        let work = async move { Some(cluster_query(&s, req, q).await) };
+                        if !in_slot(&slots, shared, &tx, work) {
                             link.send(&busy(req, cfg.max_queries)).await?;
-                            continue;
-                        };
-                        let (shared, tx) = (shared.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let _slot = slot;
-                            let answer = cluster_query(&shared, req, q).await;
-                            let _ = tx.send(Box::new(answer)).await;
-                        }.in_current_span());
+                        }
                     }
                     Some(Ok(ClientMsg::Query { req, query: Query::Get { id: wid } }))
                         if shared.cluster.is_some()
                             && shared.registry.lock().expect("not poisoned").get(&wid).is_none() =>
                     {
-                        let Some(slot) = query_slot(&slots, shared) else {
-                            link.send(&busy(req, cfg.max_queries)).await?;
-                            continue;
-                        };
-                        let (shared, tx) = (shared.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let _slot = slot;
+                        let s = shared.clone();
+                        let work = async move {
                             let w = if validate_name("worker id", &wid).is_ok() {
-                                crate::query::get_remote(&shared, &wid).await
+                                crate::query::get_remote(&s, &wid).await
                             } else {
                                 None
                             };
-                            let _ = tx.send(Box::new(ServerMsg::Workers { req, workers: w.into_iter().collect() })).await;
-                        }.in_current_span());
+                            Some(ServerMsg::Workers { req, workers: w.into_iter().collect() })
+                        };
+                        if !in_slot(&slots, shared, &tx, work) {
+                            link.send(&busy(req, cfg.max_queries)).await?;
+                        }
                     }
                     Some(Ok(m)) => {
                         if let Some(answer) = handle(m, id, conn_id, shared) {
