@@ -113,11 +113,38 @@ pub(super) fn spawn_puncher(
     let (tx, rx) = oneshot::channel();
     let inner = inner.clone();
     let session = offer.session;
+    // The birthday method's extra sockets found the path: ours would only
+    // spend NAT mappings (the block scan's 63) and move the counter the
+    // next peer aims at. Not where an IPv6 path may still come: the
+    // birthday method's IPv4 one waits for it (`first_direct`).
+    let ipv6 = ipv6_pair(&inner, offer);
+    let birthday_won = {
+        let inner = inner.clone();
+        move || {
+            if ipv6 {
+                return false;
+            }
+            let paths = inner.socket.paths.lock().expect("not poisoned");
+            paths
+                .send_route(v)
+                .is_some_and(|(a, _, aux)| matches!(a, ActivePath::Direct(_)) && aux.is_some())
+        }
+    };
     tokio::spawn(
         async move {
             let mut tx = Some(tx);
             let mut stop_at: Option<Instant> = None;
+            // Only answering the peer's probes, no more pings of our own.
+            let mut quiet = false;
             loop {
+                if tx.is_some() && birthday_won() {
+                    info!("the birthday method found the path: no more pings from the main socket");
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(None);
+                    }
+                    stop_at = Some(Instant::now() + ANSWER_GRACE);
+                    quiet = true;
+                }
                 while let Some(t) = p.poll_transmit() {
                     if let Err(e) = inner.socket.send_probe(t.dst, &t.payload) {
                         debug!(dst = %t.dst, "probe send failed: {e}");
@@ -156,7 +183,7 @@ pub(super) fn spawn_puncher(
                         }
                     }
                 }
-                let wake = match (p.poll_timeout(), stop_at) {
+                let wake = match (p.poll_timeout().filter(|_| !quiet), stop_at) {
                     (Some(a), Some(b)) => a.min(b),
                     (Some(a), None) => a,
                     (None, Some(b)) => b,
@@ -175,7 +202,14 @@ pub(super) fn spawn_puncher(
                         }
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(wake.into()) => p.handle_timeout(Instant::now()),
+                    _ = tokio::time::sleep_until(wake.into()) => {
+                        // Checked here too: the block scan's round must
+                        // not go out after the birthday method's path.
+                        let found = tx.is_some() && birthday_won();
+                        if !quiet && !found {
+                            p.handle_timeout(Instant::now());
+                        }
+                    }
                 }
             }
             inner.router.unregister(session);
@@ -190,6 +224,10 @@ pub(super) fn spawn_puncher(
 /// (after `PunchConfig::block_scan_after`, 400 ms): the counter is read
 /// anew after that.
 const COUNTER_SETTLE: Duration = Duration::from_millis(600);
+
+/// How long after the birthday method found a path the counter is read:
+/// no new flows come after it (see `spawn_puncher`'s `birthday_won`).
+const COUNTER_AFTER_FOUND: Duration = Duration::from_millis(50);
 
 /// Starts the birthday method's hard side when the pair needs it (see
 /// [`super::birthday`]), for `limit` from now; a validated path becomes `v`'s direct path through
@@ -235,19 +273,32 @@ pub(super) fn spawn_birthday(
             }
             let started = Instant::now();
             let limit = limit.saturating_sub(head_start);
-            let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit, strategy).await;
-            // Our flows moved our NAT's counter: say where it stands once
+            // Our flows move our NAT's counter: say where it stands once
             // this punch made its last new flows (the main socket's block
-            // scan starts PunchConfig::block_scan_after into it).
+            // scan starts PunchConfig::block_scan_after into it), also
+            // while a punch that found nothing goes on: the next peer
+            // must not aim at where the counter stood before it (in the
+            // lab, a dialer that came while a failed punch still ran, up
+            // to its 5 s, was handed the old counter and missed too).
+            // A path found ends the new flows sooner (the puncher stops
+            // pinging): read then, well before the next peer may come.
+            let (found_tx, found_rx) = oneshot::channel::<()>();
             {
                 let inner = inner.clone();
                 tokio::spawn(
                     async move {
-                        tokio::time::sleep_until((started + COUNTER_SETTLE).into()).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until((started + COUNTER_SETTLE).into()) => {}
+                            Ok(()) = found_rx => tokio::time::sleep(COUNTER_AFTER_FOUND).await,
+                        }
                         birthday::advertise_counter(&inner).await
                     }
                     .in_current_span(),
                 );
+            }
+            let (found, met) = birthday::hard_side(&inner, &offer, v, flows, limit, strategy).await;
+            if found.is_some() {
+                let _ = found_tx.send(());
             }
             let peer_ip = offer.peer_candidates.first().map(|c| c.addr.ip());
             // The peer sends to whichever of our addresses it validated,
