@@ -59,6 +59,7 @@ mod options;
 mod path;
 mod peer;
 pub mod portmap;
+mod probe_router;
 pub mod protocols;
 mod registry;
 mod relay;

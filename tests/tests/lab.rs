@@ -411,13 +411,6 @@ fn hard_pairs_go_direct_by_prediction_and_block_scan() {
         if p["a"] == "cloudnat" && p["b"] == "cloudnat" {
             assert_eq!(by("prediction"), 0, "{p}");
         }
-        // A plain counter on either side: its listener re-advertises as
-        // soon as a punch found its path, and while a failed one still
-        // runs, so back-to-back dialers aim at where it stands (they had
-        // 6/10 before; 10/10 since, session 13).
-        if p["a"] == "seq" || p["b"] == "seq" {
-            assert!(p["direct"].as_u64() >= Some(2), "a counter pair: {p}");
-        }
     }
 }
 

@@ -181,7 +181,7 @@ fn the_circle_check_finds_a_circle() {
 /// layers issue (18) splits them. A module not listed may not pass 600.
 const STILL_TOO_LONG: &[(&str, usize)] = &[
     ("agent/src/lib.rs", 710),
-    ("agent/src/socket.rs", 665),
+    ("agent/src/socket.rs", 601),
     ("server/src/tcp.rs", 665),
     ("protocol/src/birthday.rs", 665),
     ("portmap/src/client.rs", 795),
