@@ -55,9 +55,10 @@ pub(crate) async fn controlled(
     if mode == RelayMode::Force && offer.relay {
         inner.router.unregister(offer.session);
     } else {
-        let birthday = spawn_birthday(&inner, &offer, v, policy.punch_timeout);
-        let prefer = ipv6_pair(&inner, &offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
-        let punched = spawn_puncher(&inner, &offer, v, probes, policy.punch_timeout);
+        let ipv6 = ipv6_pair(&inner, &offer);
+        let birthday = spawn_birthday(&inner, &offer, v, policy.punch_timeout, ipv6);
+        let prefer = ipv6.then_some(BIRTHDAY_YIELDS_TO_IPV6);
+        let punched = spawn_puncher(&inner, &offer, v, probes, policy.punch_timeout, ipv6);
         let _ = first_direct(punched, birthday, prefer).await;
     }
     tokio::time::sleep(window).await;

@@ -210,9 +210,10 @@ async fn dial(
         inner.router.unregister(offer.session);
         crate::relay::bind_early(&inner.socket, inner.relay_via(), offer, v).await?;
     } else {
-        let birthday = spawn_birthday(inner, offer, v, policy.punch_timeout);
-        let prefer = ipv6_pair(inner, offer).then_some(BIRTHDAY_YIELDS_TO_IPV6);
-        let puncher = spawn_puncher(inner, offer, v, probes, policy.punch_timeout);
+        let ipv6 = ipv6_pair(inner, offer);
+        let birthday = spawn_birthday(inner, offer, v, policy.punch_timeout, ipv6);
+        let prefer = ipv6.then_some(BIRTHDAY_YIELDS_TO_IPV6);
+        let puncher = spawn_puncher(inner, offer, v, probes, policy.punch_timeout, ipv6);
         let punched = first_direct(puncher, birthday, prefer);
         tokio::pin!(punched);
         // Bind the relay early (one packet) so falling back costs nothing.

@@ -53,16 +53,18 @@ pub(super) const BIRTHDAY_YIELDS_TO_IPV6: Duration = Duration::from_millis(400);
 /// without an answer has no IPv6 path worth waiting for.
 pub(super) const IPV6_HEAD_START: Duration = Duration::from_secs(1);
 
-/// How long this pair's birthday method waits for an IPv6 path first.
-fn birthday_head_start(inner: &Inner, offer: &Offer) -> Duration {
-    if ipv6_pair(inner, offer) {
+/// How long the birthday method waits for an IPv6 path first: on a pair
+/// with one to try ([`ipv6_pair`]), [`IPV6_HEAD_START`].
+fn birthday_head_start(ipv6: bool) -> Duration {
+    if ipv6 {
         IPV6_HEAD_START
     } else {
         Duration::ZERO
     }
 }
 
-/// Runs a puncher in its own task. The first result goes to the returned
+/// Runs a puncher in its own task, for `deadline`; `ipv6`: the pair has an
+/// IPv6 path to try ([`ipv6_pair`]). The first result goes to the returned
 /// receiver; a validated path becomes the direct path of `v` at once (also
 /// after the connection started on the relay); the task then keeps
 /// answering probes for [`ANSWER_GRACE`].
@@ -72,6 +74,7 @@ pub(super) fn spawn_puncher(
     v: SocketAddr,
     mut probes: mpsc::Receiver<ProbeDatagram>,
     deadline: Duration,
+    ipv6: bool,
 ) -> oneshot::Receiver<Option<Punched>> {
     // With an IPv6 address of our own, an IPv6 path to the peer is worth a
     // short wait: no NAT mapping under it to change or expire.
@@ -103,7 +106,7 @@ pub(super) fn spawn_puncher(
     let sprayed = super::birthday::spray_plan(ours, offer, &mut rand::thread_rng());
     let spray_ip = sprayed.as_ref().map(|s| s.ip);
     if let Some(s) = sprayed {
-        let head_start = birthday_head_start(inner, offer);
+        let head_start = birthday_head_start(ipv6);
         info!(ip = %s.ip, ports = s.ports.len(), head_start_ms = head_start.as_millis() as u64, "birthday method: spraying the peer's ports");
         // Give the peer's extra sockets a moment to open their mappings
         // (they open after the same head start). A path proved before
@@ -117,7 +120,6 @@ pub(super) fn spawn_puncher(
     // spend NAT mappings (the block scan's 63) and move the counter the
     // next peer aims at. Not where an IPv6 path may still come: the
     // birthday method's IPv4 one waits for it (`first_direct`).
-    let ipv6 = ipv6_pair(&inner, offer);
     let birthday_won = {
         let inner = inner.clone();
         move || {
@@ -136,6 +138,10 @@ pub(super) fn spawn_puncher(
             let mut stop_at: Option<Instant> = None;
             // Only answering the peer's probes, no more pings of our own.
             let mut quiet = false;
+            // The puncher's timer fired: it runs after the check below, so
+            // that no round (the block scan's) goes out after the birthday
+            // method's path.
+            let mut due = false;
             loop {
                 if tx.is_some() && birthday_won() {
                     info!("the birthday method found the path: no more pings from the main socket");
@@ -144,6 +150,9 @@ pub(super) fn spawn_puncher(
                     }
                     stop_at = Some(Instant::now() + ANSWER_GRACE);
                     quiet = true;
+                }
+                if std::mem::take(&mut due) && !quiet {
+                    p.handle_timeout(Instant::now());
                 }
                 while let Some(t) = p.poll_transmit() {
                     if let Err(e) = inner.socket.send_probe(t.dst, &t.payload) {
@@ -202,14 +211,7 @@ pub(super) fn spawn_puncher(
                         }
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(wake.into()) => {
-                        // Checked here too: the block scan's round must
-                        // not go out after the birthday method's path.
-                        let found = tx.is_some() && birthday_won();
-                        if !quiet && !found {
-                            p.handle_timeout(Instant::now());
-                        }
-                    }
+                    _ = tokio::time::sleep_until(wake.into()) => due = true,
                 }
             }
             inner.router.unregister(session);
@@ -230,13 +232,16 @@ const COUNTER_SETTLE: Duration = Duration::from_millis(600);
 const COUNTER_AFTER_FOUND: Duration = Duration::from_millis(50);
 
 /// Starts the birthday method's hard side when the pair needs it (see
-/// [`super::birthday`]), for `limit` from now; a validated path becomes `v`'s direct path through
-/// the extra socket that found it, and is reported on the receiver.
+/// [`super::birthday`]), for `limit` from now (after an IPv6 head start
+/// when `ipv6`, see [`ipv6_pair`]); a validated path becomes `v`'s direct
+/// path through the extra socket that found it, and is reported on the
+/// receiver.
 pub(super) fn spawn_birthday(
     inner: &Arc<Inner>,
     offer: &Offer,
     v: SocketAddr,
     limit: Duration,
+    ipv6: bool,
 ) -> Option<oneshot::Receiver<Option<Punched>>> {
     use super::birthday;
     let ours = inner.nat.class();
@@ -249,7 +254,7 @@ pub(super) fn spawn_birthday(
         birthday::Schedule::BlockScan => Strategy::BlockScan,
         birthday::Schedule::Prediction => Strategy::Prediction,
     };
-    let head_start = birthday_head_start(inner, offer);
+    let head_start = birthday_head_start(ipv6);
     let (tx, rx) = oneshot::channel();
     let (inner, offer) = (inner.clone(), offer.clone());
     let span = info_span!("birthday", session = %offer.session, peer = %offer.peer_id);

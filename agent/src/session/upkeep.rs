@@ -204,7 +204,8 @@ async fn repunch(
                 }
             });
         }
-        let punched = spawn_puncher(inner, &offer, v, probes, policy.punch_timeout);
+        let ipv6 = super::punching::ipv6_pair(inner, &offer);
+        let punched = spawn_puncher(inner, &offer, v, probes, policy.punch_timeout, ipv6);
         let punched = punched.await.ok().flatten();
         let kind = if punched.is_some() {
             PathKind::Direct
