@@ -1,7 +1,10 @@
 //! The command line: global flags every subcommand shares, and the
 //! subcommands. Help texts, flag names and env vars are a contract that
 //! scripts and deploy/check.sh rely on.
+//! Every option can also be set from a `PUNCH_*` environment variable
+//! (booleans take true/false, yes/no, on/off or 1/0); `--help` names each.
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +47,7 @@ pub struct Common {
     /// HTTP proxy for the TCP channel, http://[USER:PASS@]HOST:PORT (HTTP
     /// CONNECT, Basic auth). Default: $HTTPS_PROXY / $ALL_PROXY; $NO_PROXY
     /// exempts hosts either way.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "PUNCH_PROXY")]
     pub proxy: Option<String>,
     /// Renew the TCP channel after this many seconds, before a front cuts
     /// it (Cloud Run ends WebSockets at 60 minutes); peer connections stay.
@@ -56,7 +59,7 @@ pub struct Common {
     )]
     pub ws_max_age: f64,
     /// Never use the TCP channel (UDP only).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "PUNCH_NO_TCP", value_parser = BoolishValueParser::new())]
     pub no_tcp: bool,
     /// SHA-256 fingerprint of the server key (`punch-server fingerprint`).
     #[arg(long, global = true, env = "PUNCH_SERVER_FINGERPRINT")]
@@ -89,10 +92,10 @@ pub struct Common {
     #[arg(long, global = true, env = "PUNCH_STUN", value_delimiter = ',')]
     pub stun: Vec<String>,
     /// Never use the server's relay: fail when no direct path can be punched.
-    #[arg(long, global = true, conflicts_with = "force_relay")]
+    #[arg(long, global = true, env = "PUNCH_NO_RELAY", value_parser = BoolishValueParser::new())]
     pub no_relay: bool,
     /// Use the server's relay at once, without punching.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "PUNCH_FORCE_RELAY", value_parser = BoolishValueParser::new())]
     pub force_relay: bool,
     /// Start on the relay when punching has found no path after this many
     /// seconds; the connection moves to the direct path once one is found.
@@ -101,7 +104,7 @@ pub struct Common {
     /// Do not classify our NAT after registering (by default the agent runs
     /// the nat-check tests once in the background and tells the server its
     /// class, which offers and the server's metrics carry).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "PUNCH_NO_NAT_CHECK", value_parser = BoolishValueParser::new())]
     pub no_nat_check: bool,
     /// Ask the gateway for a port mapping (PCP, then NAT-PMP, then UPnP
     /// IGD) forwarded to our UDP socket, in the background, and offer the
@@ -126,6 +129,12 @@ pub struct Common {
     /// route's gateway on port 5351.
     #[arg(long, global = true, hide = true)]
     pub port_mapping_gateway: Option<SocketAddr>,
+    /// What to log on stderr, as a tracing filter: a level (error, warn,
+    /// info, debug, trace) or per-module directives, e.g.
+    /// `info,punch_agent=debug`. Default: info for serve, warn for
+    /// forward, error for the one-shot commands.
+    #[arg(long, global = true, env = "PUNCH_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,35 +150,43 @@ pub enum Cmd {
         #[arg(long = "tag", env = "PUNCH_TAGS", value_delimiter = ',')]
         tags: Vec<String>,
         /// Metadata KEY=VALUE; repeatable.
-        #[arg(long = "meta", value_parser = parse_meta)]
+        /// (PUNCH_META holds one KEY=VALUE.)
+        #[arg(long = "meta", env = "PUNCH_META", value_parser = parse_meta)]
         meta: Vec<(String, String)>,
         /// Share this directory read-only with peers (`files`, `get`).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, env = "PUNCH_SHARE", value_name = "DIR")]
         share: Option<PathBuf>,
         /// Let peers forward TCP connections to this address (`forward
         /// --remote`); repeatable. Nothing is allowed by default.
-        #[arg(long = "allow-forward", value_name = "IP:PORT")]
+        #[arg(
+            long = "allow-forward",
+            env = "PUNCH_ALLOW_FORWARD",
+            value_name = "IP:PORT",
+            value_delimiter = ','
+        )]
         allow_forward: Vec<SocketAddr>,
         /// Serve GET /healthz and GET / (our status) on this TCP address.
         /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_HTTP")]
         http: Option<SocketAddr>,
         /// Also print what happens as JSON lines on stdout, one object
         /// each, `"event"` naming it: registered, address_changed,
         /// disconnected, stopped, nat_classified, peer_connected,
         /// path_changed (with its cause), relay_renewed.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_EVENTS", value_parser = BoolishValueParser::new())]
         events: bool,
     },
     /// List workers online or stale (recently dropped), optionally of one
     /// type and with one tag.
     List {
-        #[arg(long = "type")]
+        /// Only workers of this type.
+        #[arg(long = "type", env = "PUNCH_LIST_TYPE")]
         kind: Option<String>,
-        #[arg(long)]
+        /// Only workers with this tag.
+        #[arg(long, env = "PUNCH_LIST_TAG")]
         tag: Option<String>,
         /// Print a JSON array.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
     },
     /// Print a random online worker of TYPE (exit 3 when none is online).
@@ -177,7 +194,7 @@ pub enum Cmd {
         #[arg(value_name = "TYPE")]
         kind: String,
         /// Print one JSON object.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
     },
     /// Forward local TCP connections to a TCP service reachable from
@@ -188,23 +205,23 @@ pub enum Cmd {
         /// Worker id to reach.
         target: String,
         /// Local TCP address to listen on.
-        #[arg(long, value_name = "IP:PORT")]
+        #[arg(long, env = "PUNCH_FORWARD_LOCAL", value_name = "IP:PORT")]
         local: SocketAddr,
         /// The address TARGET connects to, as TARGET sees it.
-        #[arg(long, value_name = "IP:PORT")]
+        #[arg(long, env = "PUNCH_FORWARD_REMOTE", value_name = "IP:PORT")]
         remote: SocketAddr,
         /// Limit in seconds for connecting to TARGET.
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
     /// List the files TARGET shares (serve --share): name, size, BLAKE3.
     Files {
         target: String,
         /// Print a JSON array of {name, size, blake3}.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
         /// Limit in seconds for connecting.
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
     /// Download NAME from TARGET's shared directory, with a progress bar.
@@ -214,10 +231,10 @@ pub enum Cmd {
         target: String,
         name: String,
         /// Where to write (default: the name's last component, here).
-        #[arg(short = 'o', long)]
+        #[arg(short = 'o', long, env = "PUNCH_OUTPUT")]
         output: Option<PathBuf>,
         /// Limit in seconds for connecting.
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
     /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.
@@ -225,7 +242,7 @@ pub enum Cmd {
     Wait {
         worker: String,
         /// Seconds to wait at most.
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 60.0)]
         timeout: f64,
     },
     /// Connect to TARGET, measure one round trip, print the result, exit.
@@ -233,10 +250,10 @@ pub enum Cmd {
         /// Worker id to reach.
         target: String,
         /// Print exactly one JSON object on stdout.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
         /// Overall limit in seconds (registration, punching, handshake).
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
     /// Classify this host's NAT (RFC 5780): public address, mapping and
@@ -245,7 +262,7 @@ pub enum Cmd {
     /// first --stun server. No registration, no fingerprint needed.
     NatCheck {
         /// Print exactly one JSON object on stdout.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
     },
     /// Connect to TARGET and measure round trips: min/avg/max.
@@ -253,16 +270,16 @@ pub enum Cmd {
         /// Worker id to reach.
         target: String,
         /// Number of round trips.
-        #[arg(short = 'c', long, default_value_t = 4)]
+        #[arg(short = 'c', long, env = "PUNCH_PING_COUNT", default_value_t = 4)]
         count: u32,
         /// Seconds between round trips.
-        #[arg(short = 'i', long, default_value_t = 1.0)]
+        #[arg(short = 'i', long, env = "PUNCH_PING_INTERVAL", default_value_t = 1.0)]
         interval: f64,
         /// Print exactly one JSON object on stdout.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
         /// Limit in seconds for connecting.
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
     /// Connect to TARGET and measure throughput over the peer connection:
@@ -272,15 +289,17 @@ pub enum Cmd {
         /// Worker id to reach.
         target: String,
         /// Seconds per direction (1 to 60).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, env = "PUNCH_BENCH_SECONDS", default_value_t = 5)]
         seconds: u32,
         /// Print exactly one JSON object on stdout.
-        #[arg(long)]
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
         /// Limit in seconds for connecting.
-        #[arg(long, default_value_t = 15.0)]
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
+    #[command(flatten)]
+    Docs(punch_clidoc::DocsCmd),
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -295,4 +314,23 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Containers and units configure the agent through the environment
+    /// alone, so a new option without a `PUNCH_*` name fails here.
+    #[test]
+    fn every_option_has_an_env_var() {
+        let missing = punch_clidoc::flags_without_env(&Cli::command());
+        assert!(missing.is_empty(), "options without env: {missing:?}");
+    }
 }

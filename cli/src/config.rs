@@ -62,6 +62,13 @@ pub fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
             "--no-tcp, but --server names a WebSocket".into(),
         ));
     }
+    // Checked here, not by clap: clap would also refuse a harmless
+    // PUNCH_NO_RELAY=false beside --force-relay.
+    if c.no_relay && c.force_relay {
+        return Err(AgentError::Config(
+            "--no-relay and --force-relay exclude each other".into(),
+        ));
+    }
     cfg.relay = if c.no_relay {
         RelayMode::Never
     } else if c.force_relay {

@@ -12,9 +12,16 @@ use clap::Parser;
 use commands::{bench, connect, files, forward, nat_check, ping, registry, serve};
 use std::process::ExitCode;
 
-fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PUNCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+/// Logs on stderr, filtered by --log / PUNCH_LOG, else `default`.
+fn init_logs(given: Option<&str>, default: &str) {
+    let filter = match given.map(tracing_subscriber::EnvFilter::try_new) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("punch-agent: ignoring --log/PUNCH_LOG {given:?}: {e}");
+            tracing_subscriber::EnvFilter::new(default)
+        }
+        None => tracing_subscriber::EnvFilter::new(default),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -25,7 +32,19 @@ fn init_logs(default: &str) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log = cli.common.log.clone();
+    let init_logs = |default: &str| init_logs(log.as_deref(), default);
     let (json, result) = match &cli.cmd {
+        Cmd::Docs(docs) => {
+            use clap::CommandFactory;
+            return match punch_clidoc::run(docs, Cli::command()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("punch-agent: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Cmd::NatCheck { json } => {
             init_logs("error");
             (*json, nat_check::run(&cli.common, *json).await)

@@ -18,6 +18,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p punch-agent-cli \
  && install -D target/release/punch-agent /out/punch-agent
+# Man pages and bash/zsh/fish completions, generated from the binary
+# itself (`punch-agent man`, `punch-agent completions SHELL`).
+RUN /out/punch-agent man --out /out/share/man/man1 >/dev/null \
+ && install -d /out/share/bash-completion/completions /out/share/zsh/site-functions /out/share/fish/vendor_completions.d \
+ && /out/punch-agent completions bash > /out/share/bash-completion/completions/punch-agent \
+ && /out/punch-agent completions zsh > /out/share/zsh/site-functions/_punch-agent \
+ && /out/punch-agent completions fish > /out/share/fish/vendor_completions.d/punch-agent.fish
 
 FROM debian:${DEBIAN}-slim
 # ca-certificates: the system roots that check an HTTPS front's certificate
@@ -31,6 +38,7 @@ RUN apt-get update \
       --shell /usr/sbin/nologin punch \
  && install -d -o punch -g punch -m 0700 /var/lib/punch-agent
 COPY --from=build /out/punch-agent /usr/local/bin/punch-agent
+COPY --from=build /out/share /usr/local/share
 USER 10001:10001
 # An agent with an id keeps its key at $XDG_DATA_HOME/punch/agent.key (or
 # PUNCH_KEY_FILE). The server binds the id to that key: mount a volume here,

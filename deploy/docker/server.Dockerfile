@@ -18,6 +18,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p punch-server \
  && install -D target/release/punch-server /out/punch-server
+# Man pages and bash/zsh/fish completions, generated from the binary
+# itself (`punch-server man`, `punch-server completions SHELL`).
+RUN /out/punch-server man --out /out/share/man/man1 >/dev/null \
+ && install -d /out/share/bash-completion/completions /out/share/zsh/site-functions /out/share/fish/vendor_completions.d \
+ && /out/punch-server completions bash > /out/share/bash-completion/completions/punch-server \
+ && /out/punch-server completions zsh > /out/share/zsh/site-functions/_punch-server \
+ && /out/punch-server completions fish > /out/share/fish/vendor_completions.d/punch-server.fish
 
 FROM scratch AS bin
 COPY --from=build /out/punch-server /
@@ -32,6 +39,7 @@ RUN apt-get update \
       --shell /usr/sbin/nologin punch \
  && install -d -o punch -g punch -m 0700 /var/lib/punch-server
 COPY --from=build /out/punch-server /usr/local/bin/punch-server
+COPY --from=build /out/share /usr/local/share
 USER 10001:10001
 # server.key (the fingerprint agents pin) and bindings.redb live here: mount
 # a volume, or every new container is a new server to the agents.

@@ -37,6 +37,10 @@ install -d -m 0755 /etc/punch-server
 install -m 0600 /tmp/env /etc/punch-server/env
 install -m 0644 /tmp/punch-server.service /etc/systemd/system/punch-server.service
 rm -f /tmp/punch-server /tmp/env /tmp/punch-server.service
+# Man pages and bash completion from the binary itself.
+/usr/local/bin/punch-server man --out /usr/local/share/man/man1 >/dev/null
+install -d /usr/local/share/bash-completion/completions
+/usr/local/bin/punch-server completions bash >/usr/local/share/bash-completion/completions/punch-server
 if [ "$TCP_PORT" -lt 1024 ]; then
   # A port below 1024 needs this one capability, and only that.
   install -d /etc/systemd/system/punch-server.service.d

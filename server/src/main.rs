@@ -1,6 +1,7 @@
 //! The `punch-server` command.
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand};
 use punch_server::{Server, ServerConfig};
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(long, env = "PUNCH_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+    #[command(flatten)]
+    Docs(punch_clidoc::DocsCmd),
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,14 +52,14 @@ struct RunArgs {
     #[arg(long, env = "PUNCH_TCP_LISTEN")]
     tcp_listen: Option<SocketAddr>,
     /// Do not listen on TCP (agents can still use /ws on the HTTP listener).
-    #[arg(long)]
+    #[arg(long, env = "PUNCH_NO_TCP", value_parser = BoolishValueParser::new())]
     no_tcp: bool,
     /// Most WebSocket clients at once; more are refused and counted.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "PUNCH_MAX_TCP_CLIENTS", default_value_t = 10_000)]
     max_tcp_clients: usize,
     /// MiB per second one TCP client may send through the relay (excess
     /// frames are dropped and counted); 0 is unlimited.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "PUNCH_TCP_RATE_MIB", default_value_t = 1024)]
     tcp_rate_mib: u64,
     /// HTTP address for GET /healthz and GET /peers; it also takes the
     /// agents' WebSocket at /ws, for a TLS-terminating front (Cloud Run,
@@ -64,7 +67,7 @@ struct RunArgs {
     #[arg(long, env = "PUNCH_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// Do not serve HTTP.
-    #[arg(long)]
+    #[arg(long, env = "PUNCH_NO_HTTP", value_parser = BoolishValueParser::new())]
     no_http: bool,
     /// Which of an agent's candidates its peers are given: `open` (every
     /// usable one, for your own agents) or `explained` (public servers:
@@ -101,19 +104,19 @@ struct RunArgs {
     #[arg(long, env = "PUNCH_ALT_LISTEN")]
     alt_listen: Option<SocketAddr>,
     /// Do not relay: agents that cannot punch fail instead.
-    #[arg(long, env = "PUNCH_NO_RELAY")]
+    #[arg(long, env = "PUNCH_NO_RELAY", value_parser = BoolishValueParser::new())]
     no_relay: bool,
     /// Most relay sessions held at once.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "PUNCH_RELAY_MAX_SESSIONS", default_value_t = 10_000)]
     relay_max_sessions: usize,
     /// Bytes one relay session may carry, in MiB.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "PUNCH_RELAY_SESSION_MIB", default_value_t = 4096)]
     relay_session_mib: u64,
     /// Longest life of a relay session, seconds.
-    #[arg(long, default_value_t = 86_400)]
+    #[arg(long, env = "PUNCH_RELAY_SESSION_SECS", default_value_t = 86_400)]
     relay_session_secs: u64,
     /// A relay session idle this long (seconds) is dropped.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "PUNCH_RELAY_IDLE_SECS", default_value_t = 60)]
     relay_idle_secs: u64,
     /// Relay sessions one requesting agent may hold. Beyond it its oldest
     /// unused session (its pair went direct) makes room, or, when all are
@@ -135,7 +138,7 @@ struct RunArgs {
     max_queries_per_agent: usize,
     /// Seconds without any packet after which an agent's signaling
     /// connection is dropped (agents keep alive every 5 s).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "PUNCH_IDLE_TIMEOUT", default_value_t = 20)]
     idle_timeout: u64,
     /// Seconds a worker whose connection dropped stays listed as stale
     /// (keeping its place for a quick reconnect) before it expires.
@@ -143,18 +146,18 @@ struct RunArgs {
     stale_secs: u64,
     /// Most waits (HTTP long-polls, barrier waits, agents' `wait`) held at
     /// once; more are refused (HTTP 429) and counted.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "PUNCH_MAX_WAITS", default_value_t = 10_000)]
     max_waits: usize,
     /// Seconds a released barrier is remembered (later waits on it return
     /// at once); then it is forgotten and its key may be used again.
     #[arg(long, env = "PUNCH_BARRIER_TTL_SECS", default_value_t = 600)]
     barrier_ttl_secs: u64,
     /// Serve the HTTP API and status page without the bearer token.
-    #[arg(long, env = "PUNCH_HTTP_OPEN")]
+    #[arg(long, env = "PUNCH_HTTP_OPEN", value_parser = BoolishValueParser::new())]
     http_open: bool,
     /// Require the bearer token on /healthz and /metrics too (open by
     /// default, for probes and scrapers).
-    #[arg(long)]
+    #[arg(long, env = "PUNCH_METRICS_AUTH", value_parser = BoolishValueParser::new())]
     metrics_auth: bool,
     /// Where the registry lives: `memory` (this server alone) or
     /// `redis://HOST:PORT[/DB]` to share it with other servers (cluster
@@ -172,6 +175,11 @@ struct RunArgs {
     /// refresh (refreshed every third of it while the worker is online).
     #[arg(long, env = "PUNCH_CLUSTER_TTL", default_value_t = 15)]
     cluster_ttl: u64,
+    /// What to log on stderr, as a tracing filter: a level (error, warn,
+    /// info, debug, trace) or per-module directives, e.g.
+    /// `info,punch_server=debug`. Default: $RUST_LOG, else info.
+    #[arg(long, global = true, env = "PUNCH_LOG", value_name = "FILTER")]
+    log: Option<String>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -180,10 +188,16 @@ fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".punch-server"))
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PUNCH_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logs(given: Option<&str>) {
+    let filter = match given.map(tracing_subscriber::EnvFilter::try_new) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("punch-server: ignoring --log/PUNCH_LOG {given:?}: {e}");
+            tracing_subscriber::EnvFilter::new("info")
+        }
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -194,6 +208,11 @@ fn init_logs() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::Docs(docs)) = &cli.cmd {
+        use clap::CommandFactory;
+        punch_clidoc::run(docs, Cli::command())?;
+        return Ok(());
+    }
     if let Some(Cmd::Fingerprint { data_dir }) = cli.cmd {
         let id = punch_tls::Identity::load_or_create(&punch_server::key_path(&data_dir))?;
         println!("{}", id.fingerprint());
@@ -212,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    init_logs();
+    init_logs(cli.run.log.as_deref());
     let a = cli.run;
     if a.idle_timeout < 5 || a.idle_timeout > 600 {
         anyhow::bail!("--idle-timeout must be between 5 and 600 seconds");
@@ -314,4 +333,23 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Containers and units configure the server through the environment
+    /// alone, so a new option without a `PUNCH_*` name fails here.
+    #[test]
+    fn every_option_has_an_env_var() {
+        let missing = punch_clidoc::flags_without_env(&Cli::command());
+        assert!(missing.is_empty(), "options without env: {missing:?}");
+    }
 }
