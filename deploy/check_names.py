@@ -38,8 +38,8 @@ FOREIGN = {
 # the flags that follow it (docker and kubectl only with run/exec).
 LAUNCHERS = {"sudo", "env", "exec", "timeout", "nohup", "docker", "kubectl"}
 # Read by the binaries outside clap, so absent from --help: accepted only
-# while the source still reads them.
-OUTSIDE_HELP = {"PUNCH_LOG": 'try_from_env("PUNCH_LOG")'}
+# while the source still reads them (none now: PUNCH_LOG is --log's).
+OUTSIDE_HELP = {}
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 ENV = re.compile(r"(?<![A-Za-z0-9_])PUNCH_[A-Z0-9_]*[A-Z0-9]")

@@ -294,6 +294,10 @@ impl Server {
                         .expire(std::time::Instant::now());
                     for ev in events {
                         tracing::info!(worker = %ev.worker, "expired");
+                        shared
+                            .metrics
+                            .departures
+                            .inc(&metrics::DEPARTURES, "expired");
                         shared.hub.publish(ev);
                     }
                     shared.hub.sweep_barriers();

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub nat_pairs: Mutex<NatPairs>,
     /// Time to connect as the agents report it.
     pub connect_time: ConnectTime,
+    /// Direct connects by the strategy that found the path.
+    pub strategies: Tally,
+    /// Connects that started on the relay, by why.
+    pub relay_reasons: Tally,
+    /// Agents that left, by how.
+    pub departures: Tally,
     /// The latest connects, newest last, for the status page.
     pub recent: Mutex<VecDeque<RecentConnect>>,
 }
@@ -87,7 +93,8 @@ impl Metrics {
         r.iter().rev().cloned().collect()
     }
 
-    /// Adds the requester's strategy and relay reason to its connect.
+    /// Adds the requester's strategy and relay reason to its connect and
+    /// counts them, once per connect.
     pub fn detail(
         &self,
         session: punch_protocol::signal::SessionId,
@@ -101,20 +108,107 @@ impl Metrics {
             .rev()
             .find(|c| c.session == session && c.requester == requester)
         {
+            if c.strategy.is_some() || c.relay_reason.is_some() {
+                return;
+            }
+            if let Some(n) = &strategy {
+                self.strategies.inc(&STRATEGIES, n);
+            }
+            if let Some(n) = &relay_reason {
+                self.relay_reasons.inc(&RELAY_REASONS, n);
+            }
             c.strategy = strategy;
             c.relay_reason = relay_reason;
         }
     }
 }
 
-/// Histogram of reported times to connect, in seconds.
+/// Histograms of reported times to connect, in seconds: all of them, and
+/// direct and relayed apart.
 #[derive(Debug, Clone)]
-pub struct ConnectTime(pub Histogram);
+pub struct ConnectTime {
+    pub all: Histogram,
+    /// By `path` (`direct`, `relayed`).
+    pub by_path: Family<Vec<(String, String)>, Histogram>,
+}
+
+fn connect_buckets() -> Histogram {
+    // 5 ms to about 20 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
 
 impl Default for ConnectTime {
     fn default() -> Self {
-        // 5 ms to about 20 s.
-        ConnectTime(Histogram::new(exponential_buckets(0.005, 2.0, 13)))
+        let by_path = Family::new_with_constructor(connect_buckets as fn() -> Histogram);
+        // Both series exist from the start, for dashboards and alerts.
+        for path in ["direct", "relayed"] {
+            drop(by_path.get_or_create(&vec![("path".into(), path.into())]));
+        }
+        ConnectTime {
+            all: connect_buckets(),
+            by_path,
+        }
+    }
+}
+
+impl ConnectTime {
+    /// Counts one connect that got a path.
+    pub fn observe(&self, path: PathKind, seconds: f64) {
+        self.all.observe(seconds);
+        if path != PathKind::Failed {
+            self.by_path
+                .get_or_create(&vec![("path".into(), path.as_str().into())])
+                .observe(seconds);
+        }
+    }
+}
+
+/// The strategies a requester may report; anything else counts as
+/// `other`, so an agent cannot grow the label set.
+pub const STRATEGIES: [&str; 6] = [
+    "plain",
+    "block-scan",
+    "birthday",
+    "prediction",
+    "port-mapping",
+    "ipv6",
+];
+
+/// The relay reasons a requester may report (else `other`).
+pub const RELAY_REASONS: [&str; 4] = [
+    "forced",
+    "udp-blocked",
+    "both-random",
+    "peer-never-answered",
+];
+
+/// How a registered agent left: said goodbye, its connection dropped (it
+/// turns stale), or it stayed away past the grace period.
+pub const DEPARTURES: [&str; 3] = ["deregistered", "dropped", "expired"];
+
+/// Counts by a label from a fixed list, plus `other`.
+#[derive(Debug, Default)]
+pub struct Tally(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Tally {
+    /// Counts `name` under its own label if `known` lists it.
+    pub fn inc(&self, known: &[&'static str], name: &str) {
+        let label = known
+            .iter()
+            .find(|k| **k == name)
+            .copied()
+            .unwrap_or("other");
+        *self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry(label)
+            .or_default() += 1;
+    }
+
+    /// Every label counted so far.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().expect("not poisoned").clone()
     }
 }
 
@@ -281,11 +375,50 @@ pub fn prometheus(s: &crate::Shared) -> String {
         "Connect outcomes by requester/target NAT class and path",
         by_nat,
     );
+    let ct = &s.metrics.connect_time;
     reg.register(
         "time_to_connect_seconds",
         "Time to connect as agents report it",
-        s.metrics.connect_time.0.clone(),
+        ct.all.clone(),
     );
+    reg.register(
+        "time_to_connect_by_path_seconds",
+        "Time to connect as agents report it, direct and relayed apart",
+        ct.by_path.clone(),
+    );
+    for (name, help, tally, label, known) in [
+        (
+            "connect_strategies",
+            "Direct connects by the strategy that found the path, as the requester reported it",
+            &s.metrics.strategies,
+            "strategy",
+            &STRATEGIES[..],
+        ),
+        (
+            "relay_reasons",
+            "Connects that started on the relay, by why, as the requester reported it",
+            &s.metrics.relay_reasons,
+            "reason",
+            &RELAY_REASONS[..],
+        ),
+        (
+            "agent_departures",
+            "Registered agents that left: deregistered (a goodbye), dropped (connection lost; stale) or expired (stale past the grace period)",
+            &s.metrics.departures,
+            "how",
+            &DEPARTURES[..],
+        ),
+    ] {
+        let counts = tally.counts();
+        let fam = Family::<Vec<(String, String)>, Counter>::default();
+        // Departures are counted by the server itself: no `other`.
+        let other = (label != "how").then_some("other");
+        for k in known.iter().copied().chain(other) {
+            fam.get_or_create(&vec![(label.into(), k.into())])
+                .inc_by(counts.get(k).copied().unwrap_or(0));
+        }
+        reg.register(name, help, fam);
+    }
     if let Some(t) = &s.relay {
         let t = t.lock().expect("not poisoned");
         reg.register(
@@ -414,6 +547,31 @@ impl NatPairs {
 mod tests {
     use super::*;
     use punch_protocol::signal::NatBehaviour::*;
+
+    #[test]
+    fn strategies_count_once_per_connect_and_unknown_names_as_other() {
+        let m = Metrics::default();
+        let session = SessionId(7);
+        m.record(RecentConnect {
+            at: std::time::SystemTime::now(),
+            session,
+            requester: "a".into(),
+            target: "b".into(),
+            path: "direct",
+            connect_ms: 80,
+            nat_pair: "x/y".into(),
+            strategy: None,
+            relay_reason: None,
+        });
+        m.detail(session, "a", Some("birthday".into()), None);
+        // A repeat, and a detail for a connect it did not make, count nothing.
+        m.detail(session, "a", Some("plain".into()), None);
+        m.detail(session, "mallory", Some("plain".into()), None);
+        assert_eq!(m.strategies.counts(), [("birthday", 1)].into());
+        let t = Tally::default();
+        t.inc(&STRATEGIES, "made-up-by-an-agent");
+        assert_eq!(t.counts(), [("other", 1)].into());
+    }
 
     #[test]
     fn outcomes_count_once_per_session_under_their_pair() {

@@ -258,20 +258,18 @@ impl Drop for Proc {
     }
 }
 
-/// Removes the `PUNCH_*` settings a test runner may carry, so an agent sees
-/// only the flags the test gives it.
+/// Removes the `PUNCH_*` settings a test runner may carry (every option
+/// has one; `PUNCH_LOG` stays), so an agent sees only the flags the test
+/// gives it.
 pub fn clear_agent_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("PUNCH_") && k != "PUNCH_LOG" {
+            cmd.env_remove(&*k);
+        }
+    }
+    // A proxy in the runner's environment must not carry test traffic.
     for v in [
-        "PUNCH_SERVER",
-        "PUNCH_SERVER_FINGERPRINT",
-        "PUNCH_TOKEN",
-        "PUNCH_ID",
-        "PUNCH_KEY_FILE",
-        "PUNCH_SERVER_TCP",
-        "PUNCH_SERVER_CA",
-        "PUNCH_WS_MAX_AGE",
-        "PUNCH_PORT_MAPPING",
-        // A proxy in the runner's environment must not carry test traffic.
         "HTTPS_PROXY",
         "https_proxy",
         "HTTP_PROXY",

@@ -2,6 +2,7 @@
 //! test harness that runs the real punch binaries.
 
 pub mod chaos;
+pub mod dashboards;
 pub mod demo;
 pub mod flood;
 pub mod harness;

@@ -44,7 +44,7 @@ pub(super) fn handle(
                 .outcome(o.session, o.path);
             if let Some((pair, target)) = &pair {
                 if o.path != PathKind::Failed {
-                    m.connect_time.0.observe(o.connect_ms as f64 / 1e3);
+                    m.connect_time.observe(o.path, o.connect_ms as f64 / 1e3);
                 }
                 m.record(crate::metrics::RecentConnect {
                     at: SystemTime::now(),

@@ -167,6 +167,8 @@ pub(crate) async fn serve_registered(
             std::time::Instant::now(),
         );
         if let Some(ev) = ev {
+            let how = if clean { "deregistered" } else { "dropped" };
+            shared.metrics.departures.inc(&crate::metrics::DEPARTURES, how);
             shared.hub.publish(ev);
         }
         match result {
