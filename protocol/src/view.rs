@@ -10,6 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// An agent's NAT class.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NatView {
     /// Short form: `none`, or e.g. `eim-apdf`.
     pub label: String,
@@ -27,6 +28,7 @@ pub struct NatView {
 
 /// A NAT's port allocator, as `nat-check --json` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AllocatorView {
     /// `preserving`, `sequential`, `block`, `random` or `unknown`.
     pub kind: &'static str,
@@ -101,6 +103,7 @@ impl NatView {
 
 /// One worker of the registry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerView {
     /// Its id.
     pub worker_id: String,

@@ -457,7 +457,7 @@ async fn status_page(State(s): State<Arc<Shared>>) -> Html<String> {
     Html(crate::status::page(&s))
 }
 
-/// Checks the bearer token (or `?token=` on the status page).
+/// Checks the bearer token (or `?token=` on the status page and its data).
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let Some(token) = s.config.token.as_deref() else {
         return next.run(req).await;
@@ -469,8 +469,11 @@ async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
     if s.config.metrics_open && (path == "/healthz" || path == "/metrics") {
         return next.run(req).await;
     }
+    // The page, and the stream its script opens (an EventSource cannot
+    // send headers), also take the token in the query.
+    let in_query = matches!(path, "/" | "/api/v1/status" | "/api/v1/status/stream");
     let given = bearer(req.headers()).or_else(|| {
-        (path == "/")
+        in_query
             .then(|| {
                 req.uri().query().and_then(|q| {
                     q.split('&')
@@ -517,6 +520,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/wait/{id}", get(wait))
         .route("/api/v1/barriers/{key}", get(barrier_get).put(barrier_put))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/status", get(crate::status::status_json))
+        .route("/api/v1/status/stream", get(crate::status::status_stream))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         // Agents prove their token inside the channel (and a front may sit

@@ -181,6 +181,8 @@ pub struct Shared {
     pub udp: Arc<udp::ServerSocket>,
     /// Cluster mode, when on.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// The status page's last hour.
+    pub history: status::History,
 }
 
 /// A running server.
@@ -271,12 +273,14 @@ impl Server {
             http_door,
             udp: socket,
             cluster,
+            history: Default::default(),
         });
         let mut tasks = vec![tokio::spawn(signal::accept_loop(
             endpoint.clone(),
             shared.clone(),
         ))];
         tasks.extend(cluster::spawn(shared.clone()));
+        tasks.push(tokio::spawn(status::keep_history(shared.clone())));
         if let Some(alt) = alt {
             tasks.push(tokio::spawn(alt.serve(shared.stun.clone())));
         }

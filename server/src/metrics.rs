@@ -50,6 +50,10 @@ pub struct Metrics {
     pub relay_reasons: Tally,
     /// Agents that left, by how.
     pub departures: Tally,
+    /// Woken on every connect recorded or detailed (the status stream
+    /// waits on it), and their count.
+    pub changed: tokio::sync::Notify,
+    changes: AtomicU64,
     /// The latest connects, newest last, for the status page.
     pub recent: Mutex<VecDeque<RecentConnect>>,
 }
@@ -85,6 +89,8 @@ impl Metrics {
             r.pop_front();
         }
         r.push_back(c);
+        drop(r);
+        self.bump();
     }
 
     /// The connects remembered, newest first.
@@ -102,12 +108,15 @@ impl Metrics {
         strategy: Option<String>,
         relay_reason: Option<String>,
     ) {
-        let mut r = self.recent.lock().expect("not poisoned");
-        if let Some(c) = r
-            .iter_mut()
-            .rev()
-            .find(|c| c.session == session && c.requester == requester)
         {
+            let mut r = self.recent.lock().expect("not poisoned");
+            let Some(c) = r
+                .iter_mut()
+                .rev()
+                .find(|c| c.session == session && c.requester == requester)
+            else {
+                return;
+            };
             if c.strategy.is_some() || c.relay_reason.is_some() {
                 return;
             }
@@ -120,17 +129,37 @@ impl Metrics {
             c.strategy = strategy;
             c.relay_reason = relay_reason;
         }
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Connects recorded or detailed so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 }
 
 /// Histograms of reported times to connect, in seconds: all of them, and
 /// direct and relayed apart.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnectTime {
     pub all: Histogram,
     /// By `path` (`direct`, `relayed`).
     pub by_path: Family<Vec<(String, String)>, Histogram>,
+    /// Direct and relayed counts per [`PAGE_BUCKETS_MS`] bucket (the last
+    /// one open-ended), for the status page.
+    page: Mutex<[[u64; PAGE_BUCKETS_MS.len() + 1]; 2]>,
 }
+
+/// Upper bounds of the status page's time-to-connect buckets, in ms: the
+/// same as the Prometheus histogram's.
+pub const PAGE_BUCKETS_MS: [u32; 13] = [
+    5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480,
+];
 
 fn connect_buckets() -> Histogram {
     // 5 ms to about 20 s.
@@ -147,6 +176,7 @@ impl Default for ConnectTime {
         ConnectTime {
             all: connect_buckets(),
             by_path,
+            page: Mutex::default(),
         }
     }
 }
@@ -155,11 +185,25 @@ impl ConnectTime {
     /// Counts one connect that got a path.
     pub fn observe(&self, path: PathKind, seconds: f64) {
         self.all.observe(seconds);
-        if path != PathKind::Failed {
-            self.by_path
-                .get_or_create(&vec![("path".into(), path.as_str().into())])
-                .observe(seconds);
-        }
+        let row = match path {
+            PathKind::Direct => 0,
+            PathKind::Relayed => 1,
+            PathKind::Failed => return,
+        };
+        self.by_path
+            .get_or_create(&vec![("path".into(), path.as_str().into())])
+            .observe(seconds);
+        let ms = seconds * 1e3;
+        let b = PAGE_BUCKETS_MS
+            .iter()
+            .position(|le| ms <= f64::from(*le))
+            .unwrap_or(PAGE_BUCKETS_MS.len());
+        self.page.lock().expect("not poisoned")[row][b] += 1;
+    }
+
+    /// Direct and relayed counts per [`PAGE_BUCKETS_MS`] bucket.
+    pub fn page_buckets(&self) -> [[u64; PAGE_BUCKETS_MS.len() + 1]; 2] {
+        *self.page.lock().expect("not poisoned")
     }
 }
 

@@ -1,121 +1,340 @@
-//! `GET /`: a status page for people. Plain server-rendered HTML that
-//! refreshes itself every 5 s: online and stale workers with their
-//! addresses and NAT class, recent connects with outcome and time, success
-//! rates.
+//! The live status page for people (`GET /`) and the data it draws:
+//! `GET /api/v1/status`, one snapshot as JSON, and
+//! `GET /api/v1/status/stream`, server-sent events carrying a snapshot at
+//! once and again after each registry event or connect (at most every
+//! [`STREAM_MIN_GAP`], and every [`STREAM_IDLE`] when nothing happens, for
+//! the relay's byte counts). The page is one HTML file with its script and
+//! styles inline (no CDN, no framework), and carries the first snapshot so
+//! that it shows everything before its script connects.
 
+use crate::metrics::{PairCounts, PAGE_BUCKETS_MS};
 use crate::Shared;
-use punch_protocol::view::html_escape as esc;
-use std::fmt::Write;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::Json;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-fn pct(n: u64, total: u64) -> String {
-    if total == 0 {
-        "–".into()
-    } else {
-        format!("{:.0} %", n as f64 * 100.0 / total as f64)
+/// The page: markup, styles and script, with `/*INITIAL*/` where the first
+/// snapshot goes.
+const PAGE: &str = include_str!("status.html");
+
+/// Least time between two snapshots on one stream.
+pub const STREAM_MIN_GAP: Duration = Duration::from_millis(250);
+/// A snapshot at least this often on a quiet server.
+pub const STREAM_IDLE: Duration = Duration::from_secs(5);
+/// How often the last hour's history is sampled, and how many samples
+/// are kept (an hour).
+pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
+pub const HISTORY_LEN: usize = 360;
+
+/// Counters sampled every [`HISTORY_EVERY`]: the page draws the last hour
+/// from their differences.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sample {
+    /// Unix time, ms.
+    pub t_ms: u64,
+    pub relay_bytes: u64,
+    pub relay_sessions: usize,
+    pub online: usize,
+    pub direct: u64,
+    pub relayed: u64,
+    pub failed: u64,
+}
+
+/// The last hour of [`Sample`]s, oldest first, bounded.
+#[derive(Debug, Default)]
+pub struct History(Mutex<VecDeque<Sample>>);
+
+impl History {
+    /// Takes a sample now.
+    pub fn sample(&self, s: &Shared) {
+        let (relay_bytes, relay_sessions) =
+            relay_now(s).map_or((0, 0), |r| (r.forwarded_bytes, r.sessions));
+        let m = s.metrics.snapshot();
+        let sample = Sample {
+            t_ms: unix_ms(SystemTime::now()),
+            relay_bytes,
+            relay_sessions,
+            online: s.registry.lock().expect("not poisoned").online_count(),
+            direct: m.outcome_direct,
+            relayed: m.outcome_relayed,
+            failed: m.outcome_failed,
+        };
+        let mut h = self.0.lock().expect("not poisoned");
+        if h.len() >= HISTORY_LEN {
+            h.pop_front();
+        }
+        h.push_back(sample);
+    }
+
+    fn list(&self) -> Vec<Sample> {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
-/// Renders the page.
-pub fn page(s: &Shared) -> String {
-    // The workers and the port allocators they reported, in one look.
-    let (workers, allocs): (Vec<_>, Vec<_>) = {
+/// Samples the history until the task is aborted.
+pub async fn keep_history(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HISTORY_EVERY);
+    loop {
+        tick.tick().await;
+        s.history.sample(&s);
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the page shows.
+#[derive(Debug, Serialize)]
+pub struct StatusJson {
+    pub fingerprint: String,
+    /// Unix time of the snapshot, ms.
+    pub now_ms: u64,
+    /// Online and stale workers (at most `MAX_LIST`).
+    pub workers: Vec<WorkerRow>,
+    /// Connect outcomes in all.
+    pub outcomes: PairCounts,
+    /// Outcomes by requester and target NAT class.
+    pub nat_pairs: Vec<PairRow>,
+    pub connect_time: ConnectTimeJson,
+    /// `None` when the relay is off.
+    pub relay: Option<RelayNow>,
+    /// The last hour, oldest first.
+    pub history: Vec<Sample>,
+    /// The latest connects, newest first.
+    pub recent: Vec<RecentRow>,
+}
+
+/// One worker.
+#[derive(Debug, Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub tags: Vec<String>,
+    /// `online` or `stale`.
+    pub state: &'static str,
+    pub addr: String,
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+    /// The NAT class label it reported (`eim-apdf`, …).
+    pub nat: Option<String>,
+    /// Its port allocator, in short (`sequential stride 1`, …).
+    pub allocator: Option<String>,
+    /// RFC 3339.
+    pub since: String,
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Outcomes of one NAT-class pair.
+#[derive(Debug, Serialize)]
+pub struct PairRow {
+    pub requester: String,
+    pub target: String,
+    #[serde(flatten)]
+    pub counts: PairCounts,
+}
+
+/// Times to connect, counted per bucket (not cumulative).
+#[derive(Debug, Serialize)]
+pub struct ConnectTimeJson {
+    /// Upper bounds, ms; a last bucket holds the rest.
+    pub bounds_ms: Vec<u32>,
+    pub direct: Vec<u64>,
+    pub relayed: Vec<u64>,
+}
+
+/// The relay now.
+#[derive(Debug, Serialize)]
+pub struct RelayNow {
+    pub sessions: usize,
+    pub forwarded_bytes: u64,
+}
+
+/// One recent connect.
+#[derive(Debug, Serialize)]
+pub struct RecentRow {
+    /// RFC 3339.
+    pub at: String,
+    pub requester: String,
+    pub target: String,
+    /// `direct`, `relayed` or `failed`.
+    pub path: &'static str,
+    pub connect_ms: u32,
+    pub nat_pair: String,
+    /// The strategy that found the direct path.
+    pub strategy: Option<String>,
+    /// Why it relayed.
+    pub relay_reason: Option<String>,
+}
+
+fn relay_now(s: &Shared) -> Option<RelayNow> {
+    s.relay.as_ref().map(|t| {
+        let t = t.lock().expect("not poisoned");
+        RelayNow {
+            sessions: t.len(),
+            forwarded_bytes: t.stats.forwarded_bytes,
+        }
+    })
+}
+
+/// A snapshot of the server for the page.
+pub fn snapshot(s: &Shared) -> StatusJson {
+    let workers = {
         let reg = s.registry.lock().expect("not poisoned");
         reg.list(None, None, punch_protocol::signal::MAX_LIST)
             .into_iter()
-            .map(|w| {
-                let a = reg.allocator(&w.id);
-                (w, a)
+            .map(|w| WorkerRow {
+                allocator: reg
+                    .allocator(&w.id)
+                    .map(|a| punch_protocol::view::AllocatorView::from(a).summary()),
+                since: humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + Duration::from_millis(w.since_ms),
+                )
+                .to_string(),
+                state: w.state.as_str(),
+                addr: w.observed.to_string(),
+                transport: w.transport.as_str(),
+                nat: w.nat.map(|n| n.label()),
+                id: w.id,
+                kind: w.kind,
+                tags: w.tags,
+                metadata: w.metadata,
             })
-            .unzip()
+            .collect()
     };
     let m = s.metrics.snapshot();
-    let recent = s.metrics.recent_newest_first();
-    let total = m.outcome_direct + m.outcome_relayed + m.outcome_failed;
-    let online = workers
-        .iter()
-        .filter(|w| w.state.as_str() == "online")
-        .count();
-    let online_tcp = workers
-        .iter()
-        .filter(|w| {
-            w.state.as_str() == "online" && w.transport == punch_protocol::signal::Transport::Tcp
+    let nat_pairs = s
+        .metrics
+        .nat_pairs
+        .lock()
+        .expect("not poisoned")
+        .counts()
+        .into_iter()
+        .map(|(pair, counts)| {
+            let (requester, target) = pair.split_once('/').unwrap_or((&pair, "?"));
+            PairRow {
+                requester: requester.to_string(),
+                target: target.to_string(),
+                counts,
+            }
         })
-        .count();
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="5"><title>punch-server</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-th{{background:#f3f3f3}}.stale{{color:#999}}.direct{{color:#070}}.relayed{{color:#a60}}.failed{{color:#b00}}
-code{{font-size:12px}}</style></head><body>
-<h1>punch-server</h1>
-<p>fingerprint <code>{fp}</code> · <b id="online">{online}</b> online
-(<span id="by-transport">{on_udp} over UDP, {online_tcp} over TCP</span>), {stale} stale ·
-{total} connects: <span class="direct">{d} direct</span>, <span class="relayed">{r} relayed</span>,
-<span class="failed">{f} failed</span> (success {ok}, direct {dr})</p>
-<h2>Workers</h2><table id="workers"><tr><th>worker</th><th>type</th><th>tags</th><th>state</th>
-<th>address</th><th>transport</th><th>NAT</th><th>since</th><th>metadata</th></tr>"#,
-        fp = esc(&s.fingerprint),
-        stale = workers.len() - online,
-        on_udp = online - online_tcp,
-        d = m.outcome_direct,
-        r = m.outcome_relayed,
-        f = m.outcome_failed,
-        ok = pct(m.outcome_direct + m.outcome_relayed, total),
-        dr = pct(m.outcome_direct, total),
-    );
-    for (w, alloc) in workers.iter().zip(&allocs) {
-        let since = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(w.since_ms),
-        );
-        let meta: Vec<String> = w
-            .metadata
-            .iter()
-            .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
-            .collect();
-        let _ = write!(
-            h,
-            r#"<tr class="{state}"><td class="worker">{id}</td><td>{kind}</td><td>{tags}</td><td>{state}</td><td>{addr}</td><td>{tr}</td><td>{nat}</td><td>{since}</td><td>{meta}</td></tr>"#,
-            state = w.state.as_str(),
-            id = esc(&w.id),
-            kind = esc(w.kind.as_deref().unwrap_or("")),
-            tags = esc(&w.tags.join(", ")),
-            addr = w.observed,
-            tr = w.transport.as_str(),
-            nat = {
-                match (w.nat, *alloc) {
-                    (Some(n), Some(a)) => format!(
-                        "{} · {}",
-                        n.label(),
-                        punch_protocol::view::AllocatorView::from(a).summary()
-                    ),
-                    (Some(n), None) => n.label(),
-                    (None, _) => "–".into(),
+        .collect();
+    let [direct, relayed] = s.metrics.connect_time.page_buckets();
+    StatusJson {
+        fingerprint: s.fingerprint.clone(),
+        now_ms: unix_ms(SystemTime::now()),
+        workers,
+        outcomes: PairCounts {
+            direct: m.outcome_direct,
+            relayed: m.outcome_relayed,
+            failed: m.outcome_failed,
+        },
+        nat_pairs,
+        connect_time: ConnectTimeJson {
+            bounds_ms: PAGE_BUCKETS_MS.to_vec(),
+            direct: direct.to_vec(),
+            relayed: relayed.to_vec(),
+        },
+        relay: relay_now(s),
+        history: s.history.list(),
+        recent: s
+            .metrics
+            .recent_newest_first()
+            .into_iter()
+            .map(|c| RecentRow {
+                at: humantime::format_rfc3339_seconds(c.at).to_string(),
+                requester: c.requester,
+                target: c.target,
+                path: c.path,
+                connect_ms: c.connect_ms,
+                nat_pair: c.nat_pair,
+                strategy: c.strategy,
+                relay_reason: c.relay_reason,
+            })
+            .collect(),
+    }
+}
+
+/// JSON for inside a `<script>` element: no `<`, so no `</script>`.
+fn script_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v)
+        .unwrap_or_else(|_| "null".into())
+        .replace('<', "\\u003c")
+}
+
+/// Renders the page with the current snapshot in it.
+pub fn page(s: &Shared) -> String {
+    PAGE.replacen("/*INITIAL*/", &script_json(&snapshot(s)), 1)
+}
+
+/// `GET /api/v1/status`.
+pub async fn status_json(State(s): State<Arc<Shared>>) -> Json<StatusJson> {
+    Json(snapshot(&s))
+}
+
+/// `GET /api/v1/status/stream`: `status` events, each a [`StatusJson`].
+pub async fn status_stream(
+    State(s): State<Arc<Shared>>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let events = s.hub.subscribe();
+    let stream = futures_util::stream::unfold(
+        (s, events, None),
+        |(s, mut events, seen): (_, _, Option<u64>)| async move {
+            if let Some(seen) = seen {
+                tokio::time::sleep(STREAM_MIN_GAP).await;
+                // Armed before the counter is read, so a connect recorded
+                // in between still wakes us.
+                let changed = s.metrics.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if s.metrics.changes() == seen {
+                    tokio::select! {
+                        _ = changed => {}
+                        r = events.recv() => {
+                            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                                return None;
+                            }
+                        }
+                        _ = tokio::time::sleep(STREAM_IDLE) => {}
+                    }
                 }
-            },
-            meta = meta.join(" "),
+                // Registry events that came meanwhile are in this snapshot.
+                while events.try_recv().is_ok() {}
+            }
+            let seen = s.metrics.changes();
+            let ev = SseEvent::default()
+                .event("status")
+                .data(serde_json::to_string(&snapshot(&s)).unwrap_or_else(|_| "null".into()));
+            Some((Ok(ev), (s, events, Some(seen))))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_in_the_page_cannot_close_its_script() {
+        let j = script_json(&serde_json::json!({"id": "</script><script>alert(1)</script>"}));
+        assert!(!j.contains('<'), "{j}");
+        let back: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(back["id"], "</script><script>alert(1)</script>");
+        assert!(
+            PAGE.contains("/*INITIAL*/"),
+            "the page lost its placeholder"
         );
     }
-    h.push_str("</table><h2>Recent connects</h2><table id=\"recent\"><tr><th>when</th><th>from</th><th>to</th><th>path</th><th>how</th><th>time</th><th>NAT pair</th></tr>");
-    for c in &recent {
-        let _ = write!(
-            h,
-            r#"<tr><td>{at}</td><td>{from}</td><td>{to}</td><td class="{p}">{p}</td><td class="how">{how}</td><td>{ms} ms</td><td>{pair}</td></tr>"#,
-            at = humantime::format_rfc3339_seconds(c.at),
-            from = esc(&c.requester),
-            to = esc(&c.target),
-            p = c.path,
-            ms = c.connect_ms,
-            pair = esc(&c.nat_pair),
-            how = esc(c
-                .strategy
-                .as_deref()
-                .or(c.relay_reason.as_deref())
-                .unwrap_or("")),
-        );
-    }
-    h.push_str("</table></body></html>\n");
-    h
 }

@@ -1,6 +1,7 @@
 //! punch-lab: the demo, benchmarks, the network-namespace NAT lab and the
 //! test harness that runs the real punch binaries.
 
+pub mod browser;
 pub mod chaos;
 pub mod dashboards;
 pub mod demo;

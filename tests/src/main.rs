@@ -125,6 +125,11 @@ enum Cmd {
         /// Write an SVG heatmap of the direct rate.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// At the end, screenshot the server's live status page (headless
+        /// Chromium in the server's namespace) into DIR: status-page.png
+        /// and status-page-phone.png.
+        #[arg(long, value_name = "DIR")]
+        screenshots: Option<PathBuf>,
         /// Exit non-zero when a pair that theory says goes direct does not,
         /// a pair does not connect at all, an agent on a UDP-less site
         /// connects other than over TCP, or the server relayed bytes during
@@ -507,6 +512,7 @@ fn main() -> Result<()> {
             keep_mappings,
             json,
             svg,
+            screenshots,
             strict,
             no_relay,
             relay_after,
@@ -538,6 +544,7 @@ fn main() -> Result<()> {
                 same_nat: !no_same_nat,
                 keep_mappings,
                 progress: true,
+                screenshots,
                 agent_args: {
                     let mut v = Vec::new();
                     if no_relay {

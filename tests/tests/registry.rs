@@ -398,22 +398,13 @@ fn chromium_dom(url: &str, dir: &std::path::Path) -> Option<String> {
         return None;
     }
     let mut cmd = Command::new("chromium");
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--dump-dom",
-    ])
-    .arg(format!(
-        "--user-data-dir={}",
-        dir.join("chromium").display()
-    ))
-    .arg(url);
+    cmd.args(punch_lab::browser::QUIET_FLAGS)
+        .arg("--dump-dom")
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg(url);
     let r = run(cmd, Duration::from_secs(60)).unwrap();
     assert_eq!(r.code, Some(0), "chromium failed: {}", r.stderr);
     Some(r.stdout)

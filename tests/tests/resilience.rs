@@ -767,6 +767,7 @@ async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
     assert_eq!(c["path"], "direct", "{c}");
     assert_eq!(c["strategy"], "plain", "{c}");
     assert_eq!(c["relayed_bytes"].as_u64().unwrap_or(0), 0, "{c}");
+    // The page carries its first snapshot; its script draws the table.
     let page = s.http_get("/").unwrap();
-    assert!(page.contains("<td class=\"how\">plain</td>"), "{page}");
+    assert!(page.contains("\"strategy\":\"plain\""), "{page}");
 }

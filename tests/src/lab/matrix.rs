@@ -26,6 +26,8 @@ pub struct MatrixOpts {
     pub progress: bool,
     /// Extra arguments for every `punch-agent` (e.g. `--no-relay`).
     pub agent_args: Vec<String>,
+    /// Screenshot the server's status page into this directory at the end.
+    pub screenshots: Option<std::path::PathBuf>,
 }
 
 /// One ordered pair's figures.
@@ -472,7 +474,39 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
         });
     }
     bar.finish_and_clear();
+    if let Some(dir) = &opts.screenshots {
+        // The figures matter more than the pictures: a failed screenshot
+        // is reported, not fatal.
+        if let Err(e) = screenshot_status_page(&lab, dir) {
+            eprintln!("warning: no status page screenshots: {e:#}");
+        }
+    }
     Ok(results)
+}
+
+/// Screenshots the server's status page, as the matrix left it, from a
+/// browser in the server's namespace (where its HTTP port listens).
+fn screenshot_status_page(lab: &Lab, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let prefix = ["ip", "netns", "exec", lab.server_ns.as_str()];
+    let mut b =
+        crate::browser::Browser::open("http://127.0.0.1:8080/", &lab.path("browser"), &prefix)?;
+    b.viewport(1280, 1000, false)?;
+    // The stream's first snapshot is a fresh one.
+    b.wait_for(
+        "document.getElementById('live').textContent === 'live'",
+        Duration::from_secs(20),
+    )?;
+    b.screenshot(&dir.join("status-page.png"))?;
+    b.viewport(390, 844, true)?;
+    b.wait_for(
+        "document.documentElement.scrollWidth <= window.innerWidth + 1",
+        Duration::from_secs(20),
+    )?;
+    b.screenshot(&dir.join("status-page-phone.png"))?;
+    b.close()?;
+    eprintln!("status page screenshots in {}", dir.display());
+    Ok(())
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
