@@ -7,6 +7,10 @@
 //! `/healthz` and `/metrics` are open unless `--metrics-auth`. Errors are
 //! JSON: `{"error": KIND, "message": TEXT}` with a 4xx status.
 
+use crate::api::{
+    BarrierJson, ClusterJson, ConnectView, CounterJson, ErrorJson, Health, PeerJson, RelayJson,
+    StunJson,
+};
 use crate::hub::WaitError;
 use crate::Shared;
 use axum::extract::{Path, Query, Request, State};
@@ -14,95 +18,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use punch_protocol::signal::{validate_name, validate_worker_id, MAX_LIST};
 use punch_protocol::view::{NatView, WorkerView};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// One online worker in `GET /peers`.
-#[derive(Debug, Serialize)]
-pub struct PeerJson {
-    pub worker_id: String,
-    pub observed_addr: String,
-    /// RFC 3339, UTC.
-    pub connected_since: String,
-    /// Candidates offered to peers, as `KIND ADDR` (`server`, `local`,
-    /// `stun`, `mapped`, `predicted`).
-    pub candidates: Vec<String>,
-    /// The NAT class the agent measured and reported, if it has.
-    pub nat: Option<NatView>,
-    /// Where its NAT's port counter stands, when it counts and advertised
-    /// it (two `predicted` candidates, `punch_protocol::predict`).
-    pub counter: Option<CounterJson>,
-}
-
-/// An advertised port counter.
-#[derive(Debug, Serialize)]
-pub struct CounterJson {
-    /// The port its next mapping should get.
-    pub next: u16,
-    /// Between two new mappings' ports.
-    pub stride: i16,
-}
-
-#[derive(Debug, Serialize)]
-struct Health {
-    status: &'static str,
-    agents_online: usize,
-    fingerprint: String,
-    metrics: crate::metrics::MetricsSnapshot,
-    relay: Option<RelayJson>,
-    stun: StunJson,
-    /// The TCP (WebSocket) channel's counters and open channels.
-    tcp: std::collections::BTreeMap<&'static str, u64>,
-    /// The HTTP listener's door: accepted, refused at the cap, closed for
-    /// a late request head, and connections held now.
-    http: std::collections::BTreeMap<&'static str, u64>,
-    /// Connect outcomes by `requester/target` NAT class.
-    outcomes_by_nat_pair: std::collections::BTreeMap<String, crate::metrics::PairCounts>,
-    /// Cluster mode: this server's id, whether Redis answers, and counters.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster: Option<ClusterJson>,
-}
-
-#[derive(Debug, Serialize)]
-struct ClusterJson {
-    server_id: String,
-    redis_up: bool,
-    relay_addr: String,
-    #[serde(flatten)]
-    counters: std::collections::BTreeMap<&'static str, u64>,
-}
-
-#[derive(Debug, Serialize)]
-struct StunJson {
-    requests: u64,
-    errors_sent: u64,
-    dropped: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct RelayJson {
-    sessions: usize,
-    binds: u64,
-    forwarded_packets: u64,
-    forwarded_bytes: u64,
-    dropped: u64,
-    expired: u64,
-    /// Frames held until the peer bound, then forwarded.
-    held: u64,
-    /// Frames dropped for a spent session quota.
-    quota_dropped: u64,
-    /// Notices sent for spent sessions.
-    ended_notices: u64,
-    /// Binds for sessions the server does not know, answered "unknown".
-    unknown_replies: u64,
-    /// Binds refused as replays from another address.
-    replayed_binds: u64,
-}
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
     let online = s.registry.lock().expect("not poisoned").online_count();
@@ -221,7 +143,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(serde_json::json!({"error": self.kind, "message": self.message})),
+            Json(ErrorJson {
+                error: self.kind.into(),
+                message: self.message,
+            }),
         )
             .into_response()
     }
@@ -283,31 +208,6 @@ async fn workers(
     }
     let list = crate::query::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
     Ok(Json(views(&s, list)))
-}
-
-/// One of the latest connects, newest first.
-#[derive(Debug, Serialize)]
-struct ConnectView {
-    /// RFC 3339.
-    at: String,
-    /// The punch session (16 hex digits, as `connect --json` prints it).
-    session: String,
-    requester: String,
-    target: String,
-    /// `direct`, `relayed` or `failed`.
-    path: &'static str,
-    connect_ms: u32,
-    /// The NAT classes of requester and target.
-    nat_pair: String,
-    /// How the direct path was found (`plain`, `block-scan`, `birthday`,
-    /// `prediction`, `port-mapping`, `ipv6`), as the requester reported it.
-    strategy: Option<String>,
-    /// Why it started on the relay (`udp-blocked`, `both-random`,
-    /// `peer-never-answered`, `forced`).
-    relay_reason: Option<String>,
-    /// Bytes this server relayed for the session so far, while it still
-    /// holds the session's relay binding: a direct connection's is 0.
-    relayed_bytes: Option<u64>,
 }
 
 /// `GET /api/v1/connects`: the latest connects this server introduced
@@ -404,22 +304,28 @@ async fn wait(
 async fn barrier_put(
     State(s): State<Arc<Shared>>,
     Path(key): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<BarrierJson>, ApiError> {
     validate_name("barrier", &key).map_err(ApiError::bad)?;
     s.hub.release(&key)?;
     tracing::info!(barrier = %key, "barrier released");
-    Ok(Json(serde_json::json!({"barrier": key, "released": true})))
+    Ok(Json(BarrierJson {
+        barrier: key,
+        released: true,
+    }))
 }
 
 async fn barrier_get(
     State(s): State<Arc<Shared>>,
     Path(key): Path<String>,
     Query(p): Query<TimeoutParam>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<BarrierJson>, ApiError> {
     validate_name("barrier", &key).map_err(ApiError::bad)?;
     let limit = timeout_of(&p)?;
     s.hub.wait_barrier(&key, limit).await?;
-    Ok(Json(serde_json::json!({"barrier": key, "released": true})))
+    Ok(Json(BarrierJson {
+        barrier: key,
+        released: true,
+    }))
 }
 
 async fn events(
@@ -506,22 +412,42 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+/// The routes behind the token check. The router is built from this list
+/// alone, so [`route_paths`] is what it serves and the OpenAPI test holds
+/// the description to it.
+fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<Shared>>)> {
+    vec![
+        ("/", get(status_page)),
+        ("/healthz", get(healthz)),
+        ("/metrics", get(metrics_text)),
+        ("/peers", get(peers)),
+        ("/api/v1/workers", get(workers)),
+        ("/api/v1/connects", get(connects)),
+        ("/api/v1/workers/{id}", get(worker)),
+        ("/api/v1/discover/{type}", get(discover)),
+        ("/api/v1/wait/{id}", get(wait)),
+        ("/api/v1/barriers/{key}", get(barrier_get).put(barrier_put)),
+        ("/api/v1/events", get(events)),
+        ("/api/v1/status", get(crate::status::status_json)),
+        ("/api/v1/status/stream", get(crate::status::status_stream)),
+        ("/api/v1/openapi.json", get(crate::openapi::serve)),
+    ]
+}
+
+/// Every path the router serves.
+pub fn route_paths() -> Vec<&'static str> {
+    api_routes()
+        .into_iter()
+        .map(|(p, _)| p)
+        .chain([punch_protocol::ws::PATH])
+        .collect()
+}
+
 /// The router, for tests and embedding.
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/", get(status_page))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
-        .route("/peers", get(peers))
-        .route("/api/v1/workers", get(workers))
-        .route("/api/v1/connects", get(connects))
-        .route("/api/v1/workers/{id}", get(worker))
-        .route("/api/v1/discover/{type}", get(discover))
-        .route("/api/v1/wait/{id}", get(wait))
-        .route("/api/v1/barriers/{key}", get(barrier_get).put(barrier_put))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/status", get(crate::status::status_json))
-        .route("/api/v1/status/stream", get(crate::status::status_stream))
+    api_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         // Agents prove their token inside the channel (and a front may sit
@@ -543,4 +469,32 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The OpenAPI description names exactly the routes the router serves.
+    #[test]
+    fn every_route_is_described_and_every_description_is_a_route() {
+        let spec: serde_json::Value = serde_json::from_str(&crate::openapi::json()).unwrap();
+        assert_eq!(spec["openapi"], "3.1.0");
+        let described: BTreeSet<&str> = spec["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let served: BTreeSet<&str> = super::route_paths().into_iter().collect();
+        assert_eq!(described, served);
+        for (path, ops) in spec["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path}: no responses"
+                );
+            }
+        }
+    }
 }

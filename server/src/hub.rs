@@ -27,7 +27,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 const EVENT_BUFFER: usize = 1024;
 
 /// One event as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Increases by one per event.
     pub seq: u64,

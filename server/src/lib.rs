@@ -5,11 +5,13 @@
 //! agents an offer so they can punch a direct path. A small HTTP endpoint
 //! shows health and who is online.
 
+pub mod api;
 pub mod cluster;
 pub mod http;
 pub mod hub;
 mod introduce;
 pub mod metrics;
+pub mod openapi;
 mod query;
 pub mod registry;
 pub mod serving;

@@ -548,7 +548,7 @@ pub struct NatPairs {
 }
 
 /// Outcomes of one NAT-class pair.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct PairCounts {
     pub direct: u64,
     pub relayed: u64,
@@ -654,7 +654,7 @@ mod tests {
 }
 
 /// A point-in-time copy of [`Metrics`], for JSON.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MetricsSnapshot {
     pub connections_accepted: u64,
     pub handshake_failures: u64,

@@ -122,7 +122,7 @@ pub struct Introduction<'a, H> {
 }
 
 /// What changed, for the event stream (serialized by its name).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Registered,

@@ -32,7 +32,7 @@ pub const HISTORY_LEN: usize = 360;
 
 /// Counters sampled every [`HISTORY_EVERY`]: the page draws the last hour
 /// from their differences.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Sample {
     /// Unix time, ms.
     pub t_ms: u64,
@@ -95,7 +95,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// Everything the page shows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatusJson {
     pub fingerprint: String,
     /// Unix time of the snapshot, ms.
@@ -116,7 +116,7 @@ pub struct StatusJson {
 }
 
 /// One worker.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     pub id: String,
     #[serde(rename = "type")]
@@ -137,7 +137,7 @@ pub struct WorkerRow {
 }
 
 /// Outcomes of one NAT-class pair.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PairRow {
     pub requester: String,
     pub target: String,
@@ -146,7 +146,7 @@ pub struct PairRow {
 }
 
 /// Times to connect, counted per bucket (not cumulative).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ConnectTimeJson {
     /// Upper bounds, ms; a last bucket holds the rest.
     pub bounds_ms: Vec<u32>,
@@ -155,14 +155,14 @@ pub struct ConnectTimeJson {
 }
 
 /// The relay now.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RelayNow {
     pub sessions: usize,
     pub forwarded_bytes: u64,
 }
 
 /// One recent connect.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RecentRow {
     /// RFC 3339.
     pub at: String,

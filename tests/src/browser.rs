@@ -242,3 +242,27 @@ impl Drop for Browser {
         }
     }
 }
+
+/// Opens a punch-server status page at `url` and saves, once its stream is
+/// live, `status-page.png` (1280 wide) and `status-page-phone.png` (390
+/// wide, as a phone) into `out`.
+pub fn status_page_screenshots(
+    url: &str,
+    profile: &Path,
+    prefix: &[&str],
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let mut b = Browser::open(url, profile, prefix)?;
+    b.viewport(1280, 1000, false)?;
+    let live = "document.getElementById('live').textContent === 'live'";
+    b.wait_for(live, Duration::from_secs(20))?;
+    b.screenshot(&out.join("status-page.png"))?;
+    b.viewport(390, 844, true)?;
+    let fits = "document.documentElement.scrollWidth <= window.innerWidth + 1";
+    b.wait_for(fits, Duration::from_secs(20))?;
+    b.screenshot(&out.join("status-page-phone.png"))?;
+    b.close()?;
+    eprintln!("status page screenshots in {}", out.display());
+    Ok(())
+}

@@ -9,5 +9,6 @@ pub mod flood;
 pub mod harness;
 pub mod lab;
 pub mod load;
+pub mod openapi;
 pub mod slow_clients;
 pub mod stunbench;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use punch_lab::lab::{self, matrix, nat, Impair};
+use punch_lab::lab::{self, matrix, nat, report, Impair};
 use std::path::PathBuf;
 
 /// punch lab: the loopback demo and benchmarks, and a network-namespace NAT
@@ -125,9 +125,7 @@ enum Cmd {
         /// Write an SVG heatmap of the direct rate.
         #[arg(long)]
         svg: Option<PathBuf>,
-        /// At the end, screenshot the server's live status page (headless
-        /// Chromium in the server's namespace) into DIR: status-page.png
-        /// and status-page-phone.png.
+        /// At the end, screenshot the server's status page into DIR.
         #[arg(long, value_name = "DIR")]
         screenshots: Option<PathBuf>,
         /// Exit non-zero when a pair that theory says goes direct does not,
@@ -545,20 +543,18 @@ fn main() -> Result<()> {
                 keep_mappings,
                 progress: true,
                 screenshots,
-                agent_args: {
-                    let mut v = Vec::new();
-                    if no_relay {
-                        v.push("--no-relay".to_string());
-                    }
-                    if let Some(s) = relay_after {
-                        v.push("--relay-after".to_string());
-                        v.push(s.to_string());
-                    }
-                    v
-                },
+                agent_args: no_relay
+                    .then(|| "--no-relay".to_string())
+                    .into_iter()
+                    .chain(
+                        relay_after
+                            .iter()
+                            .flat_map(|s| ["--relay-after".into(), s.to_string()]),
+                    )
+                    .collect(),
             };
             let results = matrix::run_matrix(&opts)?;
-            print!("{}", matrix::table(&results));
+            print!("{}", report::table(&results));
             if let Some(p) = json {
                 std::fs::write(
                     p,
@@ -571,7 +567,7 @@ fn main() -> Result<()> {
                 )?;
             }
             if let Some(p) = svg {
-                std::fs::write(p, matrix::svg(&results))?;
+                std::fs::write(p, report::svg(&results))?;
             }
             let worse: Vec<String> = results
                 .iter()

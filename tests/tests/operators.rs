@@ -99,3 +99,115 @@ fn promtool_accepts_the_rules_the_config_and_the_dashboard_queries() {
         );
     }
 }
+
+/// One request on a fresh connection: (status, content type, body). For a
+/// stream the body is whatever came with the head.
+fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        let streaming = text.split_once("\r\n\r\n").is_some_and(|(head, _)| {
+            head.to_ascii_lowercase()
+                .contains("content-type: text/event-stream")
+        });
+        if n == 0 || streaming {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    // Bodies of fixed-length answers only (no chunked JSON here).
+    (status, ctype, body.to_string())
+}
+
+/// Every operation the OpenAPI description names answers on a live server
+/// with a status it describes, in the content type it describes, and a
+/// JSON body that validates against its schema (the registry tests check
+/// every answer they receive the same way).
+#[test]
+fn every_described_operation_answers_as_described() {
+    const TOKEN: &str = "openapi-token";
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--token", TOKEN]).unwrap();
+    let _b = s
+        .serve(dir.path(), "worker-b", &["--token", TOKEN, "--type", "gpu"])
+        .unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["--token", TOKEN, "connect", "worker-b", "--json"]);
+    let r = run(cmd, Duration::from_secs(60)).unwrap();
+    assert_eq!(r.code, Some(0), "connect: {}", r.stderr);
+    let spec = punch_lab::openapi::Spec::fetch(s.http, Some(TOKEN)).unwrap();
+    let ops = spec.operations();
+    assert!(ops.len() >= 16, "{ops:?}");
+    // PUT before GET, so the barrier wait answers at once.
+    let mut ops = ops;
+    ops.sort_by_key(|(m, _)| m != "PUT");
+    for (method, template) in ops {
+        if template == "/ws" {
+            continue; // a WebSocket upgrade: the agents' tests cover it
+        }
+        let path = template
+            .replace("{id}", "worker-b")
+            .replace("{type}", "gpu")
+            .replace("{key}", "b1");
+        let path = match template.as_str() {
+            "/api/v1/wait/{id}" | "/api/v1/barriers/{key}" if method == "GET" => {
+                format!("{path}?timeout=1")
+            }
+            _ => path,
+        };
+        let (status, ctype, body) = request(s.http, &method, &path, TOKEN);
+        assert!(status == 200, "{method} {path}: {status} {body}");
+        if ctype.starts_with("application/json") {
+            let json: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"));
+            spec.check(&method, &path, status, &json).unwrap();
+        } else {
+            let described = spec.content_types(&method, &template, status);
+            assert!(
+                described.iter().any(|d| ctype.starts_with(d.as_str())),
+                "{method} {path}: answered {ctype}, described {described:?}"
+            );
+        }
+    }
+    // Errors too: a 404, a 400 and a 401, each described and well-formed.
+    for (path, token, want) in [
+        ("/api/v1/workers/nobody", TOKEN, 404),
+        ("/api/v1/workers/bad%20id", TOKEN, 400),
+        ("/api/v1/connects", "wrong", 401),
+    ] {
+        let (status, _, body) = request(s.http, "GET", path, token);
+        assert_eq!(status, want, "{path}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        spec.check("GET", path, status, &json).unwrap();
+    }
+}

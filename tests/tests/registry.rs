@@ -32,6 +32,12 @@ fn call(method: &str, s: &ServerProc, path: &str, token: Option<&str>) -> (u16, 
     let body = resp.into_string().unwrap();
     let json = serde_json::from_str(&body)
         .unwrap_or_else(|e| panic!("{method} {path}: {code} body is not JSON ({e}): {body}"));
+    // Every answer these tests receive is held to the OpenAPI description.
+    static SPEC: std::sync::OnceLock<punch_lab::openapi::Spec> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| punch_lab::openapi::Spec::fetch(s.http, Some(TOKEN)).unwrap());
+    if let Err(e) = spec.check(method, path, code, &json) {
+        panic!("{e}");
+    }
     (code, json)
 }
 

@@ -15,6 +15,7 @@ pub mod matrix;
 pub mod nat;
 pub mod probe;
 pub mod reach;
+pub mod report;
 pub mod throughput;
 pub mod upgrade;
 pub mod verify;
