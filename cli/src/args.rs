@@ -298,6 +298,25 @@ pub enum Cmd {
         #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
+    /// Check everything that decides whether this host can reach other
+    /// workers: the server over UDP and over the TCP channel (through the
+    /// proxy, if one is set), the pinned key, the NAT's class and port
+    /// allocator, a port mapping on the gateway, IPv6, the MTU; with --to,
+    /// what a connect to WORKER would try, and the connect itself. One
+    /// line per check with its verdict (ok, WARN, FAIL, skip) and the fix.
+    /// Exit 0 when nothing failed, 1 otherwise.
+    Doctor {
+        /// Also look up this worker, say what a connect would try, and try.
+        #[arg(long, env = "PUNCH_DOCTOR_TO", value_name = "WORKER")]
+        to: Option<String>,
+        /// Print one JSON object: {"healthy", "checks": [{"check",
+        /// "verdict", "detail", "fix"}]}.
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
+        json: bool,
+        /// Limit in seconds for the connect of --to.
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
+        timeout: f64,
+    },
     #[command(flatten)]
     Docs(punch_clidoc::DocsCmd),
 }

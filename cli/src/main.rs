@@ -9,7 +9,7 @@ mod status;
 
 use args::{Cli, Cmd};
 use clap::Parser;
-use commands::{bench, connect, files, forward, nat_check, ping, registry, serve};
+use commands::{bench, connect, doctor, files, forward, nat_check, ping, registry, serve};
 use std::process::ExitCode;
 
 /// Logs on stderr, filtered by --log / PUNCH_LOG, else `default`.
@@ -35,6 +35,10 @@ async fn main() -> ExitCode {
     let log = cli.common.log.clone();
     let init_logs = |default: &str| init_logs(log.as_deref(), default);
     let (json, result) = match &cli.cmd {
+        Cmd::Doctor { to, json, timeout } => {
+            init_logs("error");
+            return doctor::main(&cli.common, to.as_deref(), *json, *timeout).await;
+        }
         Cmd::Docs(docs) => {
             use clap::CommandFactory;
             return match punch_clidoc::run(docs, Cli::command()) {

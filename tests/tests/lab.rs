@@ -494,3 +494,81 @@ fn dual_stack_pairs_go_direct_over_ipv6() {
         assert_eq!(p["server_relayed_bytes"].as_u64(), Some(0), "{p}");
     }
 }
+
+/// `punch-agent doctor --to worker-b` from a port-restricted, a
+/// udp-blocked and a proxy-only site, each against a full-cone worker:
+/// each says what works and what does not with the right verdict, and
+/// connects the way the site allows (printed: the README shows these).
+#[test]
+fn doctor_tells_each_kind_of_site_what_works() {
+    use punch_lab::lab::matrix::{agent_cmd, pair_lab};
+    use punch_lab::lab::nat::SiteType;
+    if !lab_ready("doctor in the lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let b: SiteType = "full-cone".parse().unwrap();
+    for site in ["port-restricted", "udp-blocked", "proxy-only"] {
+        let a: SiteType = site.parse().unwrap();
+        let p = pair_lab(a, b, Default::default()).unwrap();
+        let mut cmd = agent_cmd(&p.ns_a, &p.fp, 5.0).unwrap();
+        cmd.args(p.lab.agent_args_for(&p.ns_a));
+        cmd.args(["doctor", "--to", "worker-b"]);
+        let text = run(cmd, Duration::from_secs(90)).unwrap();
+        println!("--- doctor from a {site} site:\n{}", text.stdout);
+        let mut cmd = agent_cmd(&p.ns_a, &p.fp, 5.0).unwrap();
+        cmd.args(p.lab.agent_args_for(&p.ns_a));
+        cmd.args(["doctor", "--to", "worker-b", "--json"]);
+        let r = run(cmd, Duration::from_secs(90)).unwrap();
+        assert_eq!(
+            r.code,
+            Some(0),
+            "{site}: not healthy: {}{}",
+            r.stdout,
+            r.stderr
+        );
+        let v = r.json().unwrap();
+        let verdict = |check: &str| -> String {
+            let c = v["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["check"] == check)
+                .unwrap_or_else(|| panic!("{site}: no {check} line: {v}"));
+            c["verdict"].as_str().unwrap().to_string()
+        };
+        let detail = |check: &str| -> String {
+            let c = v["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["check"] == check)
+                .unwrap();
+            c["detail"].as_str().unwrap().to_string()
+        };
+        assert_eq!(v["healthy"], true, "{site}: {v}");
+        assert_eq!(verdict("server over TCP"), "ok", "{site}: {v}");
+        assert_eq!(verdict("pinned key"), "ok", "{site}: {v}");
+        assert_eq!(verdict("connect"), "ok", "{site}: {v}");
+        match site {
+            "port-restricted" => {
+                assert_eq!(verdict("server over UDP"), "ok", "{v}");
+                assert_eq!(verdict("NAT"), "ok", "{v}");
+                assert!(detail("connect").starts_with("direct path"), "{v}");
+            }
+            _ => {
+                // No UDP: a warning (the TCP channel carries the agent),
+                // and the connect goes through the relay over it.
+                assert_eq!(verdict("server over UDP"), "warn", "{v}");
+                assert_eq!(verdict("NAT"), "skip", "{v}");
+                assert!(detail("connect").starts_with("relayed path"), "{v}");
+                if site == "proxy-only" {
+                    assert!(
+                        detail("server over TCP").contains("through the proxy"),
+                        "{v}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -211,3 +211,74 @@ fn every_described_operation_answers_as_described() {
         spec.check("GET", path, status, &json).unwrap();
     }
 }
+
+/// `punch-agent doctor` on loopback: healthy with a connect to a worker;
+/// with a wrong pinned key it fails (exit 1) on the server lines and the
+/// pinned key, with the fix; an unreachable server fails both channels.
+#[test]
+fn doctor_says_what_works_and_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s.serve(dir.path(), "worker-b", &[]).unwrap();
+    let doctor = |extra: &[&str], server: Option<&str>, fingerprint: Option<&str>| {
+        let mut cmd = std::process::Command::new(punch_lab::harness::bin("punch-agent").unwrap());
+        punch_lab::harness::clear_agent_env(&mut cmd);
+        cmd.args(["--bind", "127.0.0.1:0", "--server"])
+            .arg(server.map_or(s.udp.to_string(), str::to_string))
+            .arg("--server-fingerprint")
+            .arg(fingerprint.unwrap_or(&s.fingerprint));
+        cmd.args(["doctor", "--json"]).args(extra);
+        let r = run(cmd, Duration::from_secs(60)).unwrap();
+        (r.code, r.json().unwrap())
+    };
+    let verdict = |v: &serde_json::Value, check: &str| -> String {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == check)
+            .and_then(|c| c["verdict"].as_str())
+            .unwrap_or_else(|| panic!("no {check}: {v}"))
+            .to_string()
+    };
+    let (code, v) = doctor(&["--to", "worker-b"], None, None);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["healthy"], true, "{v}");
+    for c in [
+        "config",
+        "server over UDP",
+        "server over TCP",
+        "pinned key",
+        "to worker",
+        "connect",
+    ] {
+        assert_eq!(verdict(&v, c), "ok", "{c}: {v}");
+    }
+
+    let mut wrong = s.fingerprint.clone();
+    let first = if wrong.starts_with('0') { "1" } else { "0" };
+    wrong.replace_range(..1, first);
+    let (code, v) = doctor(&[], None, Some(&wrong));
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(verdict(&v, "server over UDP"), "fail", "{v}");
+    assert_eq!(verdict(&v, "pinned key"), "fail", "{v}");
+    let udp = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "server over UDP")
+        .unwrap();
+    assert!(
+        udp["fix"]
+            .as_str()
+            .unwrap()
+            .contains("punch-server fingerprint"),
+        "{v}"
+    );
+
+    // Nothing listens on port 9 here: both channels fail.
+    let (code, v) = doctor(&[], Some("127.0.0.1:9"), None);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(verdict(&v, "server over UDP"), "fail", "{v}");
+    assert_eq!(verdict(&v, "server over TCP"), "fail", "{v}");
+}

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod connect;
+pub mod doctor;
 pub mod files;
 pub mod forward;
 pub mod nat_check;
