@@ -50,6 +50,7 @@
 
 mod admission;
 mod builder;
+mod clock;
 mod config;
 mod error;
 mod events;
@@ -128,6 +129,8 @@ pub(crate) struct Inner {
     pub(crate) tcp_only: std::sync::atomic::AtomicBool,
     /// The protocol version the server welcomed us with.
     pub(crate) server_version: std::sync::atomic::AtomicU16,
+    /// The server's clock against ours, from the TCP channel.
+    pub(crate) server_clock: clock::ServerClock,
     /// Counts new channels to the server (connections re-punch on a change).
     pub(crate) channel_changes: watch::Sender<u64>,
     /// Trust anchors for a front, loaded on first use.
@@ -283,6 +286,7 @@ impl Agent {
             transport: Mutex::new(None),
             tcp_only: Default::default(),
             server_version: Default::default(),
+            server_clock: Default::default(),
             channel_changes: watch::channel(0).0,
             roots: std::sync::OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
@@ -353,6 +357,13 @@ impl Agent {
     /// check read it (`Unknown` until then).
     pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
         self.inner.nat.alloc()
+    }
+
+    /// How far the server's clock is ahead of ours (negative: behind), in
+    /// ms, as the `Date` of the TCP channel's upgrade said (whole seconds);
+    /// `None` until a TCP channel opened.
+    pub fn server_clock_skew_ms(&self) -> Option<i64> {
+        self.inner.server_clock.skew_ms()
     }
 
     /// The rendezvous server as configured (`HOST:PORT`, or a list).

@@ -366,10 +366,13 @@ pub(crate) async fn open(
     cfg.max_message_size = Some(ws::MAX_MESSAGE);
     cfg.max_frame_size = Some(ws::MAX_MESSAGE);
     cfg.read_buffer_size = ws::READ_BUFFER;
-    let (ws, _resp) =
+    let (ws, resp) =
         tokio_tungstenite::client_async_with_config(url.to_string(), stream, Some(cfg))
             .await
             .map_err(|e| format!("WebSocket upgrade at {url}: {e}"))?;
+    if let Some(date) = resp.headers().get("date").and_then(|d| d.to_str().ok()) {
+        inner.server_clock.record_http_date(date);
+    }
     Ok(ws)
 }
 

@@ -300,7 +300,8 @@ pub enum Cmd {
     },
     /// Check everything that decides whether this host can reach other
     /// workers: the server over UDP and over the TCP channel (through the
-    /// proxy, if one is set), the pinned key, the NAT's class and port
+    /// proxy, if one is set), the pinned key, the clock against the
+    /// server's, the NAT's class and port
     /// allocator, a port mapping on the gateway, IPv6, the MTU; with --to,
     /// what a connect to WORKER would try, and the connect itself. One
     /// line per check with its verdict (ok, WARN, FAIL, skip) and the fix.

@@ -550,6 +550,7 @@ fn doctor_tells_each_kind_of_site_what_works() {
         assert_eq!(verdict("server over TCP"), "ok", "{site}: {v}");
         assert_eq!(verdict("pinned key"), "ok", "{site}: {v}");
         assert_eq!(verdict("connect"), "ok", "{site}: {v}");
+        assert_eq!(verdict("clock"), "ok", "{site}: {v}");
         match site {
             "port-restricted" => {
                 assert_eq!(verdict("server over UDP"), "ok", "{v}");

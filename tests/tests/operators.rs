@@ -251,6 +251,7 @@ fn doctor_says_what_works_and_names_the_fix() {
         "pinned key",
         "to worker",
         "connect",
+        "clock",
     ] {
         assert_eq!(verdict(&v, c), "ok", "{c}: {v}");
     }

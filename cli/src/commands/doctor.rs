@@ -400,6 +400,23 @@ pub async fn main(c: &Common, to: Option<&str>, json: bool, timeout: f64) -> Exi
         }
     }
 
+    // The server's clock, from the TCP channel's upgrade (whole seconds).
+    match tcp_agent.as_ref().and_then(|a| a.server_clock_skew_ms()) {
+        Some(ms) if ms.abs() <= 2_000 => r.add(
+            "clock",
+            Verdict::Ok,
+            "within 2 s of the server's (its Date header counts whole seconds)",
+            None,
+        ),
+        Some(ms) => r.add(
+            "clock",
+            Verdict::Warn,
+            format!("{:.0} s {} the server's", ms.abs() as f64 / 1e3, if ms > 0 { "behind" } else { "ahead of" }),
+            Some("sync this host's clock (NTP: systemd-timesyncd, chrony); certificates of a TLS front and logs side by side need it".into()),
+        ),
+        None => r.add("clock", Verdict::Skip, "no TCP channel to read the server's time from", None),
+    }
+
     // Our NAT, from the UDP agent's check (it ran beside registration).
     match &udp_agent {
         Some(a) => {
