@@ -8,6 +8,8 @@
 //! - [`forward`]: TCP port forwarding to an allow list
 //!   ([`forward::Forward`] under [`forward::NAME`]).
 //! - [`bench`]: throughput ([`bench::Bench`] under [`bench::NAME`]).
+//! - [`pipe`]: a byte pipe joined to a command or socket the serving side
+//!   names ([`pipe::Pipe`] under [`pipe::NAME`]).
 //!
 //! Their wire format is the one agents spoke before protocols had names
 //! (`punch_protocol::peer::PeerRequest`), so agents of either age talk.
@@ -28,3 +30,4 @@
 pub mod bench;
 pub mod files;
 pub mod forward;
+pub mod pipe;

@@ -165,6 +165,16 @@ pub enum Cmd {
             value_delimiter = ','
         )]
         allow_forward: Vec<SocketAddr>,
+        /// Join pipes from peers (`punch-agent pipe`) to this: a shell
+        /// command (its stdin and stdout, one process per pipe, e.g.
+        /// 'tar x -C /srv/in'), tcp:IP:PORT or unix:PATH. Off by default:
+        /// pipes are refused.
+        #[arg(
+            long,
+            env = "PUNCH_ALLOW_PIPE",
+            value_name = "COMMAND|tcp:IP:PORT|unix:PATH"
+        )]
+        allow_pipe: Option<punch_apps::pipe::PipeTarget>,
         /// Serve GET /healthz and GET / (our status) on this TCP address.
         /// Default: 0.0.0.0:$PORT when PORT is set (Cloud Run), else off.
         #[arg(long, env = "PUNCH_HTTP")]
@@ -294,6 +304,18 @@ pub enum Cmd {
         /// Print exactly one JSON object on stdout.
         #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
+        /// Limit in seconds for connecting.
+        #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Join stdin and stdout to TARGET over the peer connection, like nc
+    /// or dumbpipe: stdin goes to what TARGET's serve --allow-pipe names,
+    /// its output comes to stdout; the end of stdin is passed on, and the
+    /// command ends when both directions have. `tar c . | punch-agent pipe
+    /// worker-b` with `serve --allow-pipe 'tar x -C /srv/in'` on worker-b.
+    Pipe {
+        /// Worker id to reach.
+        target: String,
         /// Limit in seconds for connecting.
         #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,

@@ -9,7 +9,7 @@ mod status;
 
 use args::{Cli, Cmd};
 use clap::Parser;
-use commands::{bench, connect, doctor, files, forward, nat_check, ping, registry, serve};
+use commands::{bench, connect, doctor, files, forward, nat_check, ping, pipe, registry, serve};
 use std::process::ExitCode;
 
 /// Logs on stderr, filtered by --log / PUNCH_LOG, else `default`.
@@ -35,6 +35,10 @@ async fn main() -> ExitCode {
     let log = cli.common.log.clone();
     let init_logs = |default: &str| init_logs(log.as_deref(), default);
     let (json, result) = match &cli.cmd {
+        Cmd::Pipe { target, timeout } => {
+            init_logs("error");
+            (false, pipe::run(&cli.common, target, *timeout).await)
+        }
         Cmd::Doctor { to, json, timeout } => {
             init_logs("error");
             return doctor::main(&cli.common, to.as_deref(), *json, *timeout).await;
@@ -60,6 +64,7 @@ async fn main() -> ExitCode {
             http,
             allow_forward,
             share,
+            allow_pipe,
             events,
         } => {
             init_logs("info");
@@ -70,6 +75,7 @@ async fn main() -> ExitCode {
                 http: serve::http_addr(*http),
                 allow_forward: allow_forward.clone(),
                 share: share.clone(),
+                allow_pipe: allow_pipe.clone(),
                 events: *events,
             };
             (false, serve::run(&cli.common, args).await)

@@ -702,3 +702,97 @@ fn the_embed_example_runs_its_own_protocol_end_to_end() {
         r.stdout
     );
 }
+
+/// Runs `punch-agent pipe TARGET` with `input` on its stdin: (exit code,
+/// stdout, stderr).
+fn pipe_through(s: &ServerProc, target: &str, input: &[u8]) -> (Option<i32>, Vec<u8>, String) {
+    use std::io::{Read, Write};
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["pipe", target, "--timeout", "20"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    // Written from a thread and then closed: the end of input must reach
+    // the far command for it to finish.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let (mut out, mut err) = (Vec::new(), String::new());
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let _ = se.read_to_string(&mut err);
+        err
+    });
+    so.read_to_end(&mut out).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "pipe did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    writer.join().unwrap();
+    (code, out, reader.join().unwrap())
+}
+
+/// `punch-agent pipe` through a real peer connection: a megabyte through
+/// a command on the far side and back, the end of stdin passed on (the
+/// far `tr` ends only then), to a TCP socket, and refused by a worker
+/// without `--allow-pipe`, saying so.
+#[test]
+fn pipes_carry_stdin_to_a_command_and_back_and_are_refused_when_not_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s
+        .serve(dir.path(), "pipe-b", &["--allow-pipe", "tr a-z A-Z"])
+        .unwrap();
+    let input: Vec<u8> = b"hello, pipe\n".repeat(90_000);
+    let (code, out, err) = pipe_through(&s, "pipe-b", &input);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.len(),
+        input.len(),
+        "{err}; starts {:?}, ends {:?}",
+        String::from_utf8_lossy(&out[..40.min(out.len())]),
+        String::from_utf8_lossy(&out[out.len().saturating_sub(40)..])
+    );
+    assert_eq!(out, input.to_ascii_uppercase());
+
+    // To a TCP socket: an echo server that answers one line.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (c, _) = echo.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (&c).write_all(format!("echo: {line}").as_bytes()).unwrap();
+    });
+    let _c = s
+        .serve(
+            dir.path(),
+            "pipe-c",
+            &["--allow-pipe", &format!("tcp:{addr}")],
+        )
+        .unwrap();
+    let (code, out, err) = pipe_through(&s, "pipe-c", b"ping\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "echo: ping\n");
+    server.join().unwrap();
+
+    let _d = s.serve(dir.path(), "pipe-d", &[]).unwrap();
+    let (code, out, err) = pipe_through(&s, "pipe-d", b"nothing\n");
+    assert_eq!(code, Some(11), "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("takes no pipes") && err.contains("--allow-pipe"),
+        "{err}"
+    );
+}

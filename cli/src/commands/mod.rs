@@ -8,5 +8,6 @@ pub mod files;
 pub mod forward;
 pub mod nat_check;
 pub mod ping;
+pub mod pipe;
 pub mod registry;
 pub mod serve;

@@ -28,6 +28,8 @@ pub struct ServeArgs {
     pub http: Option<SocketAddr>,
     pub allow_forward: Vec<SocketAddr>,
     pub share: Option<PathBuf>,
+    /// What pipes from peers are joined to (`--allow-pipe`).
+    pub allow_pipe: Option<punch_apps::pipe::PipeTarget>,
     /// Print the agent's events as JSON lines.
     pub events: bool,
 }
@@ -40,6 +42,7 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
         http,
         allow_forward,
         share,
+        allow_pipe,
         events,
     } = args;
     // First of all, before registering: a SIGTERM from then on, also
@@ -86,6 +89,10 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
         .protocol(
             punch_apps::forward::NAME,
             punch_apps::forward::Forward::new(allow_forward),
+        )
+        .protocol(
+            punch_apps::pipe::NAME,
+            punch_apps::pipe::Pipe::new(allow_pipe),
         )
         .start()
         .await?;
