@@ -360,19 +360,11 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use clap::CommandFactory;
 
+    /// Well formed, and every option has a `PUNCH_*` variable.
     #[test]
-    fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
-    }
-
-    /// Containers and units configure the agent through the environment
-    /// alone, so a new option without a `PUNCH_*` name fails here.
-    #[test]
-    fn every_option_has_an_env_var() {
-        let missing = punch_clidoc::flags_without_env(&Cli::command());
-        assert!(missing.is_empty(), "options without env: {missing:?}");
+    fn the_command_line_is_complete() {
+        punch_clidoc::assert_complete(super::Cli::command());
     }
 }

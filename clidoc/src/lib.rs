@@ -94,6 +94,16 @@ pub fn flags_without_env(cmd: &Command) -> Vec<String> {
     missing
 }
 
+/// For a binary's tests: its command line is well formed (clap's own
+/// checks) and every option has an env var; panics naming what is wrong.
+/// Containers and units configure the binaries through the environment
+/// alone, so a new option without a `PUNCH_*` name fails here.
+pub fn assert_complete(cmd: Command) {
+    let missing = flags_without_env(&cmd);
+    assert!(missing.is_empty(), "options without env: {missing:?}");
+    cmd.debug_assert();
+}
+
 fn walk(cmd: &Command, path: &str, missing: &mut Vec<String>) {
     for arg in cmd.get_arguments() {
         let builtin = matches!(arg.get_id().as_str(), "help" | "version");
