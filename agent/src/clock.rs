@@ -32,6 +32,15 @@ fn skew_ms(server: SystemTime, local: SystemTime) -> i64 {
     }
 }
 
+impl crate::Agent {
+    /// How far the server's clock is ahead of ours (negative: behind), in
+    /// ms, as the `Date` of the TCP channel's upgrade said (whole seconds);
+    /// `None` until a TCP channel opened.
+    pub fn server_clock_skew_ms(&self) -> Option<i64> {
+        self.inner.server_clock.skew_ms()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

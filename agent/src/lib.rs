@@ -337,35 +337,6 @@ impl Agent {
         *self.inner.transport.lock().expect("not poisoned")
     }
 
-    /// Our NAT's class, once the agent has classified it (shortly after
-    /// it first registers, when [`AgentConfig::nat_check`] is on).
-    pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
-        self.inner.nat.class()
-    }
-
-    /// Resolves once the background NAT check has ended (at once when it
-    /// is off): [`Agent::nat_class`] and [`Agent::nat_allocator`] then say
-    /// all they will.
-    pub async fn nat_checked(&self) {
-        if !self.inner.config.nat_check {
-            return;
-        }
-        self.inner.nat.wait(|s| s.done, None).await;
-    }
-
-    /// How our NAT picks the external ports of new mappings, as the same
-    /// check read it (`Unknown` until then).
-    pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
-        self.inner.nat.alloc()
-    }
-
-    /// How far the server's clock is ahead of ours (negative: behind), in
-    /// ms, as the `Date` of the TCP channel's upgrade said (whole seconds);
-    /// `None` until a TCP channel opened.
-    pub fn server_clock_skew_ms(&self) -> Option<i64> {
-        self.inner.server_clock.skew_ms()
-    }
-
     /// The rendezvous server as configured (`HOST:PORT`, or a list).
     pub fn server(&self) -> &str {
         &self.inner.config.server

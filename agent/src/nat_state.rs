@@ -95,6 +95,31 @@ impl NatWatch {
     }
 }
 
+/// What the agent tells its user of the NAT check.
+impl crate::Agent {
+    /// Our NAT's class, once the agent has classified it (shortly after
+    /// it first registers, when [`crate::AgentConfig::nat_check`] is on).
+    pub fn nat_class(&self) -> Option<punch_protocol::signal::NatClass> {
+        self.inner.nat.class()
+    }
+
+    /// Resolves once the background NAT check has ended (at once when it
+    /// is off): [`Agent::nat_class`] and [`Agent::nat_allocator`] then say
+    /// all they will.
+    pub async fn nat_checked(&self) {
+        if !self.inner.config.nat_check {
+            return;
+        }
+        self.inner.nat.wait(|s| s.done, None).await;
+    }
+
+    /// How our NAT picks the external ports of new mappings, as the same
+    /// check read it (`Unknown` until then).
+    pub fn nat_allocator(&self) -> punch_protocol::allocator::Allocator {
+        self.inner.nat.alloc()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
