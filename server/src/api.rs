@@ -1,7 +1,8 @@
 //! The JSON bodies of the HTTP API, in one place for the handlers that
 //! build them and the OpenAPI description that documents them.
 
-use punch_protocol::view::NatView;
+use crate::Shared;
+use punch_protocol::view::{NatView, WorkerView};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -128,4 +129,42 @@ pub struct ConnectView {
     /// Bytes this server relayed for the session so far, while it still
     /// holds the session's relay binding: a direct connection's is 0.
     pub relayed_bytes: Option<u64>,
+}
+
+/// Workers' views, each with the port allocator it reported when it is
+/// connected to this server (other servers of a cluster keep theirs).
+pub fn worker_views(s: &Shared, list: Vec<punch_protocol::signal::WorkerInfo>) -> Vec<WorkerView> {
+    let reg = s.registry.lock().expect("not poisoned");
+    list.into_iter()
+        .map(|w| {
+            let alloc = reg.allocator(&w.id);
+            let mut v = WorkerView::from(w);
+            if let Some(n) = &mut v.nat {
+                n.allocator = alloc.map(punch_protocol::view::AllocatorView::from);
+            }
+            v
+        })
+        .collect()
+}
+
+/// The latest connects this server introduced, newest first, each with
+/// what the relay carried for it while it holds the binding.
+pub fn connect_views(s: &Shared) -> Vec<ConnectView> {
+    let recent = s.metrics.recent_newest_first();
+    let relay = s.relay.as_ref().map(|t| t.lock().expect("not poisoned"));
+    recent
+        .into_iter()
+        .map(|c| ConnectView {
+            relayed_bytes: relay.as_ref().and_then(|t| t.session_bytes(c.session)),
+            session: c.session.to_string(),
+            at: humantime::format_rfc3339_seconds(c.at).to_string(),
+            requester: c.requester,
+            target: c.target,
+            path: c.path,
+            connect_ms: c.connect_ms,
+            nat_pair: c.nat_pair,
+            strategy: c.strategy,
+            relay_reason: c.relay_reason,
+        })
+        .collect()
 }

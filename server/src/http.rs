@@ -207,47 +207,13 @@ async fn workers(
         validate_name("tag", t).map_err(ApiError::bad)?;
     }
     let list = crate::query::list(&s, p.kind.as_deref(), p.tag.as_deref(), MAX_LIST).await;
-    Ok(Json(views(&s, list)))
+    Ok(Json(crate::api::worker_views(&s, list)))
 }
 
 /// `GET /api/v1/connects`: the latest connects this server introduced
 /// (at most [`crate::metrics::RECENT_CONNECTS`]), newest first.
 async fn connects(State(s): State<Arc<Shared>>) -> Json<Vec<ConnectView>> {
-    let recent = s.metrics.recent_newest_first();
-    let relay = s.relay.as_ref().map(|t| t.lock().expect("not poisoned"));
-    Json(
-        recent
-            .into_iter()
-            .map(|c| ConnectView {
-                relayed_bytes: relay.as_ref().and_then(|t| t.session_bytes(c.session)),
-                session: c.session.to_string(),
-                at: humantime::format_rfc3339_seconds(c.at).to_string(),
-                requester: c.requester,
-                target: c.target,
-                path: c.path,
-                connect_ms: c.connect_ms,
-                nat_pair: c.nat_pair,
-                strategy: c.strategy,
-                relay_reason: c.relay_reason,
-            })
-            .collect(),
-    )
-}
-
-/// Workers' views, each with the port allocator it reported when it is
-/// connected to this server (other servers of a cluster keep theirs).
-fn views(s: &Shared, list: Vec<punch_protocol::signal::WorkerInfo>) -> Vec<WorkerView> {
-    let reg = s.registry.lock().expect("not poisoned");
-    list.into_iter()
-        .map(|w| {
-            let alloc = reg.allocator(&w.id);
-            let mut v = WorkerView::from(w);
-            if let Some(n) = &mut v.nat {
-                n.allocator = alloc.map(punch_protocol::view::AllocatorView::from);
-            }
-            v
-        })
-        .collect()
+    Json(crate::api::connect_views(&s))
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -264,7 +230,7 @@ async fn worker(
         Some(w) => Some(w),
         None => crate::query::get_remote(&s, &id).await,
     };
-    w.and_then(|w| views(&s, vec![w]).pop())
+    w.and_then(|w| crate::api::worker_views(&s, vec![w]).pop())
         .map(Json)
         .ok_or_else(|| {
             ApiError::new(

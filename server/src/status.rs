@@ -7,11 +7,13 @@
 //! styles inline (no CDN, no framework), and carries the first snapshot so
 //! that it shows everything before its script connects.
 
+use crate::api::ConnectView;
 use crate::metrics::{PairCounts, PAGE_BUCKETS_MS};
 use crate::Shared;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
+use punch_protocol::view::WorkerView;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -100,8 +102,9 @@ pub struct StatusJson {
     pub fingerprint: String,
     /// Unix time of the snapshot, ms.
     pub now_ms: u64,
-    /// Online and stale workers (at most `MAX_LIST`).
-    pub workers: Vec<WorkerRow>,
+    /// Online and stale workers (at most `MAX_LIST`), as
+    /// `/api/v1/workers` has them.
+    pub workers: Vec<WorkerView>,
     /// Connect outcomes in all.
     pub outcomes: PairCounts,
     /// Outcomes by requester and target NAT class.
@@ -111,29 +114,8 @@ pub struct StatusJson {
     pub relay: Option<RelayNow>,
     /// The last hour, oldest first.
     pub history: Vec<Sample>,
-    /// The latest connects, newest first.
-    pub recent: Vec<RecentRow>,
-}
-
-/// One worker.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct WorkerRow {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub tags: Vec<String>,
-    /// `online` or `stale`.
-    pub state: &'static str,
-    pub addr: String,
-    /// `udp` or `tcp`.
-    pub transport: &'static str,
-    /// The NAT class label it reported (`eim-apdf`, …).
-    pub nat: Option<String>,
-    /// Its port allocator, in short (`sequential stride 1`, …).
-    pub allocator: Option<String>,
-    /// RFC 3339.
-    pub since: String,
-    pub metadata: Vec<(String, String)>,
+    /// The latest connects, newest first, as `/api/v1/connects` has them.
+    pub recent: Vec<ConnectView>,
 }
 
 /// Outcomes of one NAT-class pair.
@@ -161,23 +143,6 @@ pub struct RelayNow {
     pub forwarded_bytes: u64,
 }
 
-/// One recent connect.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RecentRow {
-    /// RFC 3339.
-    pub at: String,
-    pub requester: String,
-    pub target: String,
-    /// `direct`, `relayed` or `failed`.
-    pub path: &'static str,
-    pub connect_ms: u32,
-    pub nat_pair: String,
-    /// The strategy that found the direct path.
-    pub strategy: Option<String>,
-    /// Why it relayed.
-    pub relay_reason: Option<String>,
-}
-
 fn relay_now(s: &Shared) -> Option<RelayNow> {
     s.relay.as_ref().map(|t| {
         let t = t.lock().expect("not poisoned");
@@ -191,27 +156,12 @@ fn relay_now(s: &Shared) -> Option<RelayNow> {
 /// A snapshot of the server for the page.
 pub fn snapshot(s: &Shared) -> StatusJson {
     let workers = {
-        let reg = s.registry.lock().expect("not poisoned");
-        reg.list(None, None, punch_protocol::signal::MAX_LIST)
-            .into_iter()
-            .map(|w| WorkerRow {
-                allocator: reg
-                    .allocator(&w.id)
-                    .map(|a| punch_protocol::view::AllocatorView::from(a).summary()),
-                since: humantime::format_rfc3339_seconds(
-                    UNIX_EPOCH + Duration::from_millis(w.since_ms),
-                )
-                .to_string(),
-                state: w.state.as_str(),
-                addr: w.observed.to_string(),
-                transport: w.transport.as_str(),
-                nat: w.nat.map(|n| n.label()),
-                id: w.id,
-                kind: w.kind,
-                tags: w.tags,
-                metadata: w.metadata,
-            })
-            .collect()
+        let list = s.registry.lock().expect("not poisoned").list(
+            None,
+            None,
+            punch_protocol::signal::MAX_LIST,
+        );
+        crate::api::worker_views(s, list)
     };
     let m = s.metrics.snapshot();
     let nat_pairs = s
@@ -248,21 +198,7 @@ pub fn snapshot(s: &Shared) -> StatusJson {
         },
         relay: relay_now(s),
         history: s.history.list(),
-        recent: s
-            .metrics
-            .recent_newest_first()
-            .into_iter()
-            .map(|c| RecentRow {
-                at: humantime::format_rfc3339_seconds(c.at).to_string(),
-                requester: c.requester,
-                target: c.target,
-                path: c.path,
-                connect_ms: c.connect_ms,
-                nat_pair: c.nat_pair,
-                strategy: c.strategy,
-                relay_reason: c.relay_reason,
-            })
-            .collect(),
+        recent: crate::api::connect_views(s),
     }
 }
 

@@ -329,10 +329,7 @@ pub async fn main(c: &Common, to: Option<&str>, json: bool, timeout: f64) -> Exi
 
     // The TCP channel (TLS + WebSocket), through the proxy if one is set.
     let mut tcp_agent = None;
-    if c.no_tcp {
-        r.add("server over TCP", Verdict::Skip, "--no-tcp", None);
-    } else {
-        let (tcp_task, url, via) = tcp_task.expect("started unless --no-tcp");
+    if let Some((tcp_task, url, via)) = tcp_task {
         let done = tcp_task
             .await
             .unwrap_or_else(|e| Err(AgentError::Io(format!("the TCP check: {e}"))));
@@ -368,6 +365,8 @@ pub async fn main(c: &Common, to: Option<&str>, json: bool, timeout: f64) -> Exi
                 );
             }
         }
+    } else {
+        r.add("server over TCP", Verdict::Skip, "--no-tcp", None);
     }
     match fp_seen {
         Some(Ok(())) => r.add(
