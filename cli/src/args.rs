@@ -234,18 +234,33 @@ pub enum Cmd {
         #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
     },
-    /// Download NAME from TARGET's shared directory, with a progress bar.
-    /// A partial download (PATH.part) resumes; the file is put in place
-    /// only after its BLAKE3 matches.
+    /// Download NAME from TARGET's shared directory, with a progress bar:
+    /// a file, or with a trailing slash a directory tree (`DIR/`; `/` for
+    /// the whole share). Every 16 KiB is checked against the file's BLAKE3
+    /// tree as it arrives; a partial download (PATH.part) is checked, then
+    /// resumed; files are put in place only when complete. A tree fetches
+    /// several files at once and skips those already complete and
+    /// verified.
     Get {
         target: String,
+        /// A shared file's name, or a directory's with a trailing `/`.
         name: String,
-        /// Where to write (default: the name's last component, here).
+        /// Where to write: the file (default: the name's last component,
+        /// here), or the directory the tree goes into (default: the
+        /// directory's last component, here; `.` for the whole share).
         #[arg(short = 'o', long, env = "PUNCH_OUTPUT")]
         output: Option<PathBuf>,
         /// Limit in seconds for connecting.
         #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,
+        /// Print progress as JSON lines on stdout instead of a bar
+        /// (`{"event":"progress",…}` at most 4 a second, then one
+        /// `{"event":"done",…}`).
+        #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
+        json: bool,
+        /// Files of a tree fetched at once (1 to 64).
+        #[arg(long, env = "PUNCH_GET_JOBS", default_value_t = 8)]
+        jobs: usize,
     },
     /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.
     /// For start-up ordering of containers.

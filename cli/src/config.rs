@@ -16,11 +16,15 @@ pub fn secs(v: f64, what: &str) -> Result<Duration, AgentError> {
     Ok(Duration::from_secs_f64(v))
 }
 
-fn default_key_file() -> PathBuf {
+/// `<data dir>/punch`: the agent's key and the sharer's hash trees.
+pub fn data_dir() -> PathBuf {
     dirs::data_local_dir()
         .unwrap_or_else(|| PathBuf::from("."))
         .join("punch")
-        .join("agent.key")
+}
+
+fn default_key_file() -> PathBuf {
+    data_dir().join("agent.key")
 }
 
 pub fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {

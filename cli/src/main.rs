@@ -119,11 +119,18 @@ async fn main() -> ExitCode {
             name,
             output,
             timeout,
+            json,
+            jobs,
         } => {
             init_logs("error");
+            let how = files::GetOpts {
+                json: *json,
+                jobs: *jobs,
+                timeout: *timeout,
+            };
             (
-                false,
-                files::get(&cli.common, target, name, output.clone(), *timeout).await,
+                *json,
+                files::get(&cli.common, target, name, output.clone(), how).await,
             )
         }
         Cmd::Wait { worker, timeout } => {

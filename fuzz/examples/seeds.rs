@@ -342,6 +342,13 @@ fn peer_seeds() {
             offset: 4096,
         },
         PeerRequest::ListFilesPaged,
+        PeerRequest::GetVerified {
+            name: "dir/a.bin".into(),
+            offset: 16384,
+        },
+        PeerRequest::GetOutboard {
+            name: "dir/a.bin".into(),
+        },
     ];
     for (i, r) in reqs.iter().enumerate() {
         write(

@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use punch_protocol::codec::{self, FrameDecoder};
 use punch_protocol::peer::{
-    FileHeader, FileList, FileListPage, PeerReply, PeerRequest, MAX_FILE_LIST_FRAME,
+    FileHeader, FileList, FileListPage, PeerReply, PeerRequest, VerifiedHeader, MAX_FILE_LIST_FRAME,
     MAX_FILE_LIST_PAGE, MAX_PEER_HEADER,
 };
 use serde::de::DeserializeOwned;
@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         }
         3 => {
             let _ = read_frame::<FileHeader>(d, MAX_PEER_HEADER);
+            let _ = read_frame::<VerifiedHeader>(d, MAX_PEER_HEADER);
         }
         _ => {
             if let Some(p) = read_frame::<FileListPage>(d, MAX_FILE_LIST_PAGE) {

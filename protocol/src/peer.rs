@@ -41,6 +41,19 @@ pub enum PeerRequest {
     /// Agents older than this variant reset the stream; askers then fall
     /// back to [`PeerRequest::ListFiles`].
     ListFilesPaged,
+    /// Send shared file `name` as a BLAKE3-verified stream: a
+    /// [`PeerReply`], a [`VerifiedHeader`], then the bao encoding (pre-order,
+    /// chunk groups of 2^[`BAO_BLOCK_LOG`] KiB) of the file from byte
+    /// `offset` (a multiple of [`BAO_GROUP`]) to its end: each group comes
+    /// after the parent hashes that prove it, so the asker checks it before
+    /// writing it. Agents older than this variant reset the stream; askers
+    /// then fall back to [`PeerRequest::GetFile`].
+    GetVerified { name: String, offset: u64 },
+    /// Send the outboard of shared file `name` (its hash tree, without the
+    /// data: 64 bytes for every chunk group but one): a [`PeerReply`], a
+    /// [`VerifiedHeader`], then the outboard in pre-order. A resuming asker
+    /// checks the bytes it already has against it before it asks for more.
+    GetOutboard { name: String },
 }
 
 /// The protocol that serves the file requests ([`PeerRequest::ListFiles`],
@@ -63,9 +76,11 @@ impl PeerRequest {
             PeerRequest::Echo => None,
             PeerRequest::Sink | PeerRequest::Source { .. } => Some(BENCH_PROTOCOL),
             PeerRequest::Forward { .. } => Some(FORWARD_PROTOCOL),
-            PeerRequest::ListFiles | PeerRequest::ListFilesPaged | PeerRequest::GetFile { .. } => {
-                Some(FILES_PROTOCOL)
-            }
+            PeerRequest::ListFiles
+            | PeerRequest::ListFilesPaged
+            | PeerRequest::GetFile { .. }
+            | PeerRequest::GetVerified { .. }
+            | PeerRequest::GetOutboard { .. } => Some(FILES_PROTOCOL),
             PeerRequest::Open { protocol } => Some(protocol),
         }
     }
@@ -134,6 +149,25 @@ pub struct FileHeader {
     pub size: u64,
     /// BLAKE3 of the whole file, hex.
     pub blake3: String,
+}
+
+/// Chunk groups of verified streams are 2^this 1 KiB chunks (16 KiB): the
+/// outboard is 64 bytes a group, 0.4 % of the file.
+pub const BAO_BLOCK_LOG: u8 = 4;
+/// Bytes in a chunk group of a verified stream.
+pub const BAO_GROUP: u64 = 1024 << BAO_BLOCK_LOG;
+
+/// What precedes a verified stream or an outboard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedHeader {
+    /// The whole file's size.
+    pub size: u64,
+    /// BLAKE3 of the whole file, hex: the root every group is checked
+    /// against.
+    pub blake3: String,
+    /// log2 of the chunks in a group; always [`BAO_BLOCK_LOG`] today, and
+    /// an asker refuses any other.
+    pub block_log: u8,
 }
 
 /// The first frame of an answer to a request that can be refused.

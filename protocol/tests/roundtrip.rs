@@ -7,7 +7,9 @@ use proptest::option;
 use proptest::prelude::*;
 use punch_protocol::cluster::{Bus, Introduced, PeerCard, Refusal};
 use punch_protocol::codec::{self, FrameDecoder};
-use punch_protocol::peer::{FileEntry, FileHeader, FileList, FileListPage, PeerReply, PeerRequest};
+use punch_protocol::peer::{
+    FileEntry, FileHeader, FileList, FileListPage, PeerReply, PeerRequest, VerifiedHeader,
+};
 use punch_protocol::probe::Probe;
 use punch_protocol::relay::{self, EndReason, Frame};
 use punch_protocol::signal::*;
@@ -257,6 +259,8 @@ fn peer_request() -> impl Strategy<Value = PeerRequest> {
         (text(), any::<u64>()).prop_map(|(name, offset)| PeerRequest::GetFile { name, offset }),
         text().prop_map(|protocol| PeerRequest::Open { protocol }),
         Just(PeerRequest::ListFilesPaged),
+        (text(), any::<u64>()).prop_map(|(name, offset)| PeerRequest::GetVerified { name, offset }),
+        text().prop_map(|name| PeerRequest::GetOutboard { name }),
     ]
 }
 
@@ -369,6 +373,11 @@ proptest! {
             .collect();
         if let Some(f) = files.first() {
             frame_round_trip(&FileHeader { size: f.size, blake3: f.blake3.clone() });
+            frame_round_trip(&VerifiedHeader {
+                size: f.size,
+                blake3: f.blake3.clone(),
+                block_log: f.size as u8,
+            });
         }
         frame_round_trip(&FileListPage { files: files.clone(), more: ok, problems: vec![message] });
         frame_round_trip(&FileList { files });

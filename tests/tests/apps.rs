@@ -194,25 +194,83 @@ fn file_sharing_lists_downloads_resumes_and_refuses_escapes() {
     );
     assert!(!dir.path().join("dl.bin.part").exists());
 
-    // An interrupted download (the first 2.5 MB already in .part) resumes.
+    // An interrupted download (the first 2.5 MB already in .part) resumes
+    // from the last whole 16 KiB group it holds (152 × 16384).
     let out2 = dir.path().join("resumed.bin");
     std::fs::write(dir.path().join("resumed.bin.part"), &big[..2_500_000]).unwrap();
     let mut cmd = s.agent().unwrap();
     cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out2);
     let r = run(cmd, T).unwrap();
     assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(r.stdout.contains("resumed from byte 2500000"), "{r:?}");
+    assert!(r.stdout.contains("resumed from byte 2490368"), "{r:?}");
     assert!(std::fs::read(&out2).unwrap() == big);
 
-    // A corrupt partial file is caught by the hash, removed, not put in place.
+    // A corrupt partial file (zeros) is caught against the sharer's hash
+    // tree before anything is fetched, and fetched again from its first
+    // bad group (here the first).
     let out3 = dir.path().join("bad.bin");
     std::fs::write(dir.path().join("bad.bin.part"), vec![0u8; 1_000_000]).unwrap();
     let mut cmd = s.agent().unwrap();
     cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out3);
     let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("from byte 0;"), "{r:?}");
+    assert!(std::fs::read(&out3).unwrap() == big);
+    assert!(!dir.path().join("bad.bin.part").exists());
+
+    // One flipped byte in the middle of a partial file: found before any
+    // new byte is fetched; the verified groups before it are kept.
+    let out4 = dir.path().join("flipped.bin");
+    let mut part = big[..4_000_000].to_vec();
+    part[1_000_000] ^= 0x55;
+    std::fs::write(dir.path().join("flipped.bin.part"), &part).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out4);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // 1,000,000 lies in the 16 KiB group that starts at 61 × 16384.
+    assert!(r.stderr.contains("from byte 999424;"), "{r:?}");
+    assert!(r.stdout.contains("resumed from byte 999424"), "{r:?}");
+    assert!(std::fs::read(&out4).unwrap() == big);
+
+    // The sharer's file rots between listing and download, its mtime
+    // kept (so its cached hash tree still claims the old bytes): the
+    // download stops at that group, not at the end, keeps the verified
+    // bytes before it, and puts nothing in place.
+    let shared_big = share.join("big.bin");
+    let mtime = std::fs::metadata(&shared_big).unwrap().modified().unwrap();
+    let mut rotten = big.clone();
+    rotten[3_000_000] ^= 1;
+    std::fs::write(&shared_big, &rotten).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&shared_big)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out5 = dir.path().join("rotten.bin");
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out5);
+    let r = run(cmd, T).unwrap();
     assert_ne!(r.code, Some(0), "{r:?}");
-    assert!(r.stderr.contains("hash mismatch"), "{r:?}");
-    assert!(!out3.exists() && !dir.path().join("bad.bin.part").exists());
+    // 3,000,000 lies in the group that starts at 183 × 16384.
+    assert!(
+        r.stderr.contains("the bytes from 2998272 do not match"),
+        "{r:?}"
+    );
+    assert!(!out5.exists());
+    let kept = std::fs::metadata(dir.path().join("rotten.bin.part"))
+        .unwrap()
+        .len();
+    assert_eq!(kept, 2_998_272);
+    // Mended on the sharer, the download resumes from the kept bytes.
+    std::fs::write(&shared_big, &big).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args(["get", "sharer", "big.bin", "-o"]).arg(&out5);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("resumed from byte 2998272"), "{r:?}");
+    assert!(std::fs::read(&out5).unwrap() == big);
 
     // Escapes are refused by the sharer (and by our own check first).
     for bad in [
@@ -308,6 +366,46 @@ fn a_share_of_ten_thousand_files_lists_in_full_and_hashes_lazily() {
             "{unhashed} files still unhashed after 60 s"
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The whole tree, with JSON progress, killed once half the files are
+    // done; run again, it skips what is complete and verified, fetches
+    // the rest, and every file is the sharer's.
+    let dest = dir.path().join("tree");
+    let get_tree = || {
+        let mut cmd = s.agent().unwrap();
+        cmd.args(["get", "sharer", "/", "--json", "-o"]).arg(&dest);
+        cmd
+    };
+    let mut first =
+        Proc::spawn("get tree", get_tree(), Some(&dir.path().join("get1.log"))).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = first
+            .next_line(Duration::from_secs(60))
+            .unwrap()
+            .expect("progress lines until killed");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "progress", "{line}");
+        assert_eq!(v["files"], N, "{line}");
+        if v["files_done"].as_u64().unwrap() >= N as u64 / 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{line}");
+    }
+    first.kill();
+    let r = run(get_tree(), Duration::from_secs(300)).unwrap();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let done: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["files"], N);
+    assert_eq!(done["failed"], 0);
+    let skipped = done["skipped"].as_u64().unwrap();
+    assert!(skipped >= N as u64 / 2 - 64 && skipped < N as u64, "{done}");
+    for i in 0..N {
+        let p = dest.join(format!("dir-{:02}/file-{i:05}.txt", i % 50));
+        let got = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(got, format!("{i}\n").repeat(200), "{}", p.display());
     }
 }
 

@@ -9,11 +9,14 @@
 //! The sharing side is [`Files`], a protocol handler registered under
 //! [`NAME`]; the asking side is [`list`] and [`get`].
 
+mod batch;
 mod fetch;
+mod outboard;
 mod serve;
 mod share;
 
-pub use fetch::{get, list, part_path, Listing, Progress};
+pub use batch::{get_tree, under, TreeProgress, TreeReport, MAX_JOBS};
+pub use fetch::{get, list, part_path, Fetched, Listing, Progress};
 pub use serve::Files;
 pub use share::{Share, LIST_HASH_BUDGET};
 
@@ -26,6 +29,7 @@ pub const NAME: &str = punch_protocol::peer::FILES_PROTOCOL;
 
 /// Errors of file sharing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FileError {
     #[error("the peer refuses: {0}")]
     /// The sharer refused (its reason).
@@ -40,6 +44,19 @@ pub enum FileError {
     /// The download's BLAKE3 differs from the sharer's.
     #[allow(missing_docs)]
     HashMismatch { got: String, want: String },
+    #[error(
+        "the bytes from {at} do not match the file's BLAKE3 tree ({blake3}): the sharer's copy \
+         is corrupt or changed while hashed; stopped there, keeping the {kept} verified bytes \
+         before it in the partial file"
+    )]
+    /// A group failed its check: the sharer's fault (its disk, or a change
+    /// behind its cache's back). The verified bytes before it are kept.
+    #[allow(missing_docs)]
+    Corrupt { at: u64, kept: u64, blake3: String },
+    #[error("the file changed on the sharer: its BLAKE3 is now {got}, not {want}")]
+    /// The sharer announced another BLAKE3 than the caller expected.
+    #[allow(missing_docs)]
+    Changed { want: String, got: String },
 }
 
 pub(crate) fn stream_err(e: impl std::fmt::Display) -> FileError {

@@ -2,10 +2,15 @@
 //! listing and download requests.
 
 use super::share::{Share, LIST_HASH_BUDGET};
+use bao_tree::io::fsm::encode_ranges;
+use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::{ChunkNum, ChunkRanges};
+use iroh_io::TokioStreamWriter;
 use punch_agent::protocols::{accept, refuse, ProtocolHandler, ProtocolStream};
 use punch_net::write_frame;
 use punch_protocol::peer::{
-    FileEntry, FileHeader, FileList, FileListPage, PeerRequest, MAX_FILE_LIST_PAGE,
+    FileEntry, FileHeader, FileList, FileListPage, PeerRequest, VerifiedHeader, BAO_BLOCK_LOG,
+    BAO_GROUP, MAX_FILE_LIST_PAGE,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -42,6 +47,12 @@ impl ProtocolHandler for Files {
                 Some(PeerRequest::ListFilesPaged) => serve_list_paged(send, share).await,
                 Some(PeerRequest::GetFile { name, offset }) => {
                     serve_get(send, share, name, offset).await
+                }
+                Some(PeerRequest::GetVerified { name, offset }) => {
+                    serve_verified(send, share, name, Some(offset)).await
+                }
+                Some(PeerRequest::GetOutboard { name }) => {
+                    serve_verified(send, share, name, None).await
                 }
                 // A stream opened by name carries no request we know.
                 _ => {
@@ -159,6 +170,93 @@ async fn serve_list_paged(mut send: quinn::SendStream, share: Option<Arc<Share>>
     }
     let _ = send.finish();
     debug!(files = n, unhashed, "file list sent");
+}
+
+/// The serving side of `GetVerified` (with the offset) and `GetOutboard`
+/// (without): the file's hash tree is made, or taken from the cache,
+/// before the answer, so the header's root is the one every group is
+/// checked against.
+async fn serve_verified(
+    mut send: quinn::SendStream,
+    share: Option<Arc<Share>>,
+    name: String,
+    offset: Option<u64>,
+) {
+    let Some(share) = shared(&mut send, share).await else {
+        return;
+    };
+    let n2 = name.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let path = share.resolve(&n2).map_err(|e| (true, e))?;
+        let tree = share
+            .tree(&path)
+            .map_err(|e| (false, format!("cannot read {n2:?}: {e}")))?;
+        Ok::<_, (bool, String)>((path, tree))
+    })
+    .await;
+    let (path, tree) = match found {
+        Ok(Ok(x)) => x,
+        Ok(Err((refused, e))) => {
+            if refused {
+                info!(%name, "file request refused: {e}");
+            }
+            return refuse(&mut send, e).await;
+        }
+        Err(e) => return refuse(&mut send, format!("cannot read {name:?}: {e}")).await,
+    };
+    if let Some(offset) = offset {
+        if offset > tree.size || (offset % BAO_GROUP != 0 && offset != tree.size) {
+            return refuse(
+                &mut send,
+                format!(
+                    "offset {offset} is past the end ({}) or not a multiple of {BAO_GROUP}",
+                    tree.size
+                ),
+            )
+            .await;
+        }
+    }
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => return refuse(&mut send, format!("cannot open {name:?}: {e}")).await,
+    };
+    let header = VerifiedHeader {
+        size: tree.size,
+        blake3: tree.root.to_hex().to_string(),
+        block_log: BAO_BLOCK_LOG,
+    };
+    if !accept(&mut send).await || write_frame(&mut send, &header).await.is_err() {
+        return;
+    }
+    let Some(offset) = offset else {
+        if send.write_all(&tree.outboard).await.is_ok() {
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            debug!(%name, bytes = tree.outboard.len(), "outboard sent");
+        }
+        return;
+    };
+    let ob = PreOrderOutboard {
+        root: tree.root,
+        tree: tree.tree(),
+        data: tree.outboard.clone(),
+    };
+    let ranges = ChunkRanges::from(ChunkNum(offset / 1024)..);
+    let mut out = TokioStreamWriter(send);
+    // Not validated here: the asker checks every group, and a file that
+    // rots on our disk is what its check is for.
+    match encode_ranges(iroh_io::File::from_std(file), ob, &ranges, &mut out).await {
+        Ok(()) => {
+            let mut send = out.0;
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            debug!(%name, offset, "verified stream sent");
+        }
+        Err(e) => {
+            debug!(%name, offset, "verified stream failed: {e}");
+            let _ = out.0.reset(punch_protocol::close::STREAM_ERROR.into());
+        }
+    }
 }
 
 /// The serving side of `GetFile`.

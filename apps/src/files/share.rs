@@ -1,24 +1,23 @@
 //! The shared directory: walking it, resolving names inside it, hashing
 //! lazily with a cache.
 
+use super::outboard::{Cache, Tree};
 use super::{check_name, clip_problem};
 use punch_protocol::peer::{
     FileEntry, MAX_FILES, MAX_FILE_LIST_PAGE, MAX_FILE_NAME, MAX_LIST_PROBLEMS,
 };
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
-/// A shared directory, with BLAKE3 hashes cached by size and mtime.
+/// A shared directory, with BLAKE3 hash trees cached by size and mtime.
 /// Hashing is lazy: a listing hashes for at most [`LIST_HASH_BUDGET`] and
 /// leaves the rest to a background pass (one at a time) and to `get`.
 #[derive(Debug)]
 pub struct Share {
     root: PathBuf,
-    hashes: Mutex<HashMap<PathBuf, (u64, SystemTime, String)>>,
+    cache: Cache,
     warming: AtomicBool,
 }
 
@@ -62,9 +61,16 @@ impl Share {
         }
         Ok(Share {
             root,
-            hashes: Mutex::new(HashMap::new()),
+            cache: Cache::default(),
             warming: AtomicBool::new(false),
         })
+    }
+
+    /// Keeps the hash trees of large files (256 MiB and more) in `dir`
+    /// too, so a restarted sharer serves them without hashing them again.
+    pub fn with_outboard_dir(mut self, dir: PathBuf) -> Share {
+        self.cache = Cache::new(Some(dir));
+        self
     }
 
     /// Resolves `name` to a regular file under the root.
@@ -85,33 +91,19 @@ impl Share {
     }
 
     fn cached(&self, path: &Path, size: u64, mtime: SystemTime) -> Option<String> {
-        let hashes = self.hashes.lock().expect("not poisoned");
-        match hashes.get(path) {
-            Some((s, m, h)) if *s == size && *m == mtime => Some(h.clone()),
-            _ => None,
-        }
+        self.cache
+            .root(path, size, mtime)
+            .map(|h| h.to_hex().to_string())
     }
 
-    fn remember(&self, path: &Path, size: u64, mtime: SystemTime, h: &str) {
-        let mut hashes = self.hashes.lock().expect("not poisoned");
-        // Bounded: files that come and go would otherwise pile up.
-        if hashes.len() >= 2 * MAX_FILES && !hashes.contains_key(path) {
-            hashes.clear();
-        }
-        hashes.insert(path.to_path_buf(), (size, mtime, h.to_string()));
+    /// The hash tree of `path` (blocking).
+    pub(super) fn tree(&self, path: &Path) -> std::io::Result<Tree> {
+        self.cache.tree(path)
     }
 
     pub(super) fn hash(&self, path: &Path) -> std::io::Result<(u64, String)> {
-        let meta = std::fs::metadata(path)?;
-        let (size, mtime) = (meta.len(), meta.modified()?);
-        if let Some(h) = self.cached(path, size, mtime) {
-            return Ok((size, h));
-        }
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(std::fs::File::open(path)?)?;
-        let h = hasher.finalize().to_hex().to_string();
-        self.remember(path, size, mtime, &h);
-        Ok((size, h))
+        let t = self.cache.tree(path)?;
+        Ok((t.size, t.root.to_hex().to_string()))
     }
 
     /// Every regular file under the root (depth ≤ 16, at most

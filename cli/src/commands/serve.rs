@@ -76,7 +76,8 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
     let files = match &share {
         Some(d) => Some(
             punch_apps::files::Share::new(d)
-                .map_err(|e| AgentError::Config(format!("--share {}: {e}", d.display())))?,
+                .map_err(|e| AgentError::Config(format!("--share {}: {e}", d.display())))?
+                .with_outboard_dir(crate::config::data_dir().join("outboards")),
         ),
         None => None,
     };
