@@ -299,7 +299,13 @@ impl PeerConnection {
                         return;
                     }
                 };
-                let stream = serve_stream(send, recv, self.peer_id.clone(), self.protocols.clone());
+                let stream = serve_stream(
+                    send,
+                    recv,
+                    self.conn.clone(),
+                    self.peer_id.clone(),
+                    self.protocols.clone(),
+                );
                 tokio::spawn(stream.in_current_span());
             }
         }
@@ -312,6 +318,7 @@ impl PeerConnection {
 async fn serve_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
+    connection: quinn::Connection,
     peer_id: String,
     protocols: crate::protocols::Protocols,
 ) {
@@ -351,6 +358,7 @@ async fn serve_stream(
             protocol,
             send,
             recv,
+            connection,
             request,
         })
         .await;

@@ -41,6 +41,9 @@ pub struct ProtocolStream {
     pub send: quinn::SendStream,
     /// The peer's side of the stream.
     pub recv: quinn::RecvStream,
+    /// The connection the stream came on: a handler may open streams of
+    /// its own back to the peer (a reverse forward does, one a connection).
+    pub connection: quinn::Connection,
     /// The request the stream opened with, when it is one of the requests
     /// that predate named protocols (files, forward, bench): its handler
     /// answers it, with a [`PeerReply`] when [`PeerRequest::has_reply`]

@@ -8,6 +8,9 @@
 //! - [`forward`]: TCP port forwarding to an allow list
 //!   ([`forward::Forward`] under [`forward::NAME`]).
 //! - [`bench`]: throughput ([`bench::Bench`] under [`bench::NAME`]).
+//! - [`reverse`]: reverse port forwarding from an allow list
+//!   ([`reverse::Reverse`] under [`reverse::NAME`]; the asker's
+//!   [`reverse::ReverseConn`] under [`reverse::CONN`]).
 //! - [`pipe`]: a byte pipe joined to a command or socket the serving side
 //!   names ([`pipe::Pipe`] under [`pipe::NAME`]).
 //!
@@ -31,3 +34,4 @@ pub mod bench;
 pub mod files;
 pub mod forward;
 pub mod pipe;
+pub mod reverse;

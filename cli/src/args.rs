@@ -165,6 +165,16 @@ pub enum Cmd {
             value_delimiter = ','
         )]
         allow_forward: Vec<SocketAddr>,
+        /// Let peers have us listen on this TCP address for them (`forward
+        /// --remote-listen`, like `ssh -R`): connections to it go back to
+        /// the peer; repeatable. Nothing is allowed by default.
+        #[arg(
+            long = "allow-reverse",
+            env = "PUNCH_ALLOW_REVERSE",
+            value_name = "IP:PORT",
+            value_delimiter = ','
+        )]
+        allow_reverse: Vec<SocketAddr>,
         /// Join pipes from peers (`punch-agent pipe`) to this: a shell
         /// command (its stdin and stdout, one process per pipe, e.g.
         /// 'tar x -C /srv/in'), tcp:IP:PORT or unix:PATH. Off by default:
@@ -210,16 +220,30 @@ pub enum Cmd {
     /// Forward local TCP connections to a TCP service reachable from
     /// TARGET (like `ssh -L`): each connection to --local rides its own
     /// QUIC stream; TARGET connects to --remote if it is on its
-    /// --allow-forward list. Runs until interrupted.
+    /// --allow-forward list. With --remote-listen instead of --remote, the
+    /// other way (like `ssh -R`): TARGET listens there, if it is on its
+    /// --allow-reverse list, and every connection it accepts comes back
+    /// to --local here. Runs until interrupted (or, reversed, until
+    /// TARGET stops listening).
     Forward {
         /// Worker id to reach.
         target: String,
-        /// Local TCP address to listen on.
+        /// Local TCP address: listened on, or with --remote-listen the
+        /// service the connections come back to.
         #[arg(long, env = "PUNCH_FORWARD_LOCAL", value_name = "IP:PORT")]
         local: SocketAddr,
         /// The address TARGET connects to, as TARGET sees it.
-        #[arg(long, env = "PUNCH_FORWARD_REMOTE", value_name = "IP:PORT")]
-        remote: SocketAddr,
+        #[arg(
+            long,
+            env = "PUNCH_FORWARD_REMOTE",
+            value_name = "IP:PORT",
+            required_unless_present = "remote_listen",
+            conflicts_with = "remote_listen"
+        )]
+        remote: Option<SocketAddr>,
+        /// The address TARGET listens on, as TARGET sees it (reverse).
+        #[arg(long, env = "PUNCH_FORWARD_REMOTE_LISTEN", value_name = "IP:PORT")]
+        remote_listen: Option<SocketAddr>,
         /// Limit in seconds for connecting to TARGET.
         #[arg(long, env = "PUNCH_TIMEOUT", default_value_t = 15.0)]
         timeout: f64,

@@ -63,6 +63,7 @@ async fn main() -> ExitCode {
             meta,
             http,
             allow_forward,
+            allow_reverse,
             share,
             allow_pipe,
             events,
@@ -74,6 +75,7 @@ async fn main() -> ExitCode {
                 meta: meta.clone(),
                 http: serve::http_addr(*http),
                 allow_forward: allow_forward.clone(),
+                allow_reverse: allow_reverse.clone(),
                 share: share.clone(),
                 allow_pipe: allow_pipe.clone(),
                 events: *events,
@@ -95,13 +97,22 @@ async fn main() -> ExitCode {
             target,
             local,
             remote,
+            remote_listen,
             timeout,
         } => {
             init_logs("warn");
-            (
-                false,
-                forward::run(&cli.common, target, *local, *remote, *timeout).await,
-            )
+            let r = match (remote, remote_listen) {
+                (_, Some(listen)) => {
+                    forward::reverse(&cli.common, target, *local, *listen, *timeout).await
+                }
+                (Some(remote), None) => {
+                    forward::run(&cli.common, target, *local, *remote, *timeout).await
+                }
+                (None, None) => Err(punch_agent::AgentError::Config(
+                    "forward needs --remote IP:PORT or --remote-listen IP:PORT".into(),
+                )),
+            };
+            (false, r)
         }
         Cmd::Files {
             target,

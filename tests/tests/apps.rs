@@ -145,6 +145,106 @@ fn port_forwarding_carries_http_and_refuses_what_is_not_allowed() {
     fwd.terminate(Duration::from_secs(10)).unwrap();
 }
 
+/// `forward --remote-listen` (like `ssh -R`): the peer listens on an
+/// address of its --allow-reverse list and every connection it accepts
+/// comes back, on a stream the peer opens, to a real HTTP server on our
+/// side; anything else is refused with the peer's reason, and the peer
+/// stops listening when the forward ends.
+#[test]
+fn reverse_forwarding_brings_connections_back_and_refuses_what_is_not_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let page: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(www.join("page.txt"), &page).unwrap();
+    let (_http, http_port) = http_server(&www);
+    let local = format!("127.0.0.1:{http_port}");
+    let listen = format!("127.0.0.1:{}", free_port());
+
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let _b = s
+        .serve(dir.path(), "worker-b", &["--allow-reverse", &listen])
+        .unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "forward",
+        "worker-b",
+        "--remote-listen",
+        &listen,
+        "--local",
+        &local,
+    ]);
+    let mut fwd = Proc::spawn("reverse", cmd, Some(&dir.path().join("reverse.log"))).unwrap();
+    let line = fwd.wait_line("reverse forwarding", T).unwrap();
+    assert!(line.contains(&listen) && line.contains(&local), "{line}");
+
+    // Through the peer's listener and back: one fetch, then 20 at once.
+    let url = format!("http://{listen}/page.txt");
+    let fetch = |url: &str| -> Result<String, String> {
+        ureq::get(url)
+            .timeout(T)
+            .call()
+            .map_err(|e| e.to_string())?
+            .into_string()
+            .map_err(|e| e.to_string())
+    };
+    assert!(
+        fetch(&url).unwrap() == page,
+        "page differs through the reverse forward"
+    );
+    let fetches: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || fetch(&url))
+        })
+        .collect();
+    for f in fetches {
+        assert!(f.join().unwrap().expect("concurrent fetch") == page);
+    }
+
+    // Not on the list, and nothing allowed by default: refused up front.
+    let other = format!("127.0.0.1:{}", free_port());
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "forward",
+        "worker-b",
+        "--remote-listen",
+        &other,
+        "--local",
+        &local,
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(11), "{r:?}");
+    assert!(
+        r.stderr.contains("not on its --allow-reverse list"),
+        "{}",
+        r.stderr
+    );
+    let _c = s.serve(dir.path(), "worker-c", &[]).unwrap();
+    let mut cmd = s.agent().unwrap();
+    cmd.args([
+        "forward",
+        "worker-c",
+        "--remote-listen",
+        &listen,
+        "--local",
+        &local,
+    ]);
+    let r = run(cmd, T).unwrap();
+    assert_eq!(r.code, Some(11), "{r:?}");
+
+    // The forward ends: within a bound, nothing listens there any more.
+    fwd.terminate(Duration::from_secs(10)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{listen} still listening after the forward ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn file_sharing_lists_downloads_resumes_and_refuses_escapes() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,7 +71,9 @@ pub async fn get_tree(
 ) -> TreeReport {
     let counts = Counts {
         files: files.len(),
-        total_bytes: files.iter().fold(0u64, |a, (f, _)| a.saturating_add(f.size)),
+        total_bytes: files
+            .iter()
+            .fold(0u64, |a, (f, _)| a.saturating_add(f.size)),
         ..Counts::default()
     };
     let next = AtomicUsize::new(0);

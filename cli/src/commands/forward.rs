@@ -1,10 +1,12 @@
 //! `punch-agent forward`: local TCP connections to a service TARGET can
-//! reach, one QUIC stream each.
+//! reach, one QUIC stream each; or reversed, TARGET's connections to us.
 
 use crate::args::Common;
+use crate::config::{config, secs};
 use crate::session::connect_timed;
-use punch_agent::AgentError;
+use punch_agent::{AgentBuilder, AgentError};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 pub async fn run(
     c: &Common,
@@ -83,5 +85,60 @@ pub async fn run(
     }
     pc.lock().await.close().await;
     agent.close().await;
+    Ok(())
+}
+
+/// `punch-agent forward TARGET --remote-listen IP:PORT --local IP:PORT`:
+/// TARGET listens, and every connection it accepts comes back to --local.
+pub async fn reverse(
+    c: &Common,
+    target: &str,
+    local: SocketAddr,
+    listen: SocketAddr,
+    timeout: f64,
+) -> Result<(), AgentError> {
+    use punch_apps::reverse::{self, ReverseConn, ReverseError};
+    let limit = secs(timeout, "--timeout")?;
+    // Connections come back as streams TARGET opens: served by this
+    // agent's handler, which takes them only from TARGET.
+    let agent = AgentBuilder::from_config(config(c, false)?)
+        .protocol(reverse::CONN, ReverseConn::new(target, local))
+        .start()
+        .await?;
+    let deadline = Instant::now() + limit;
+    agent.registered(limit).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let pc = tokio::time::timeout(left, agent.connect(target))
+        .await
+        .map_err(|_| {
+            AgentError::Timeout(format!("no connection to {target:?} within {timeout} s"))
+        })??;
+    tokio::spawn(pc.clone().serve());
+    let (_send, mut recv) = match reverse::listen(&pc, listen).await {
+        Ok(s) => s,
+        Err(ReverseError::Refused(why)) => {
+            return Err(AgentError::PeerConnect(format!(
+                "{target} refuses to listen on {listen}: {why}"
+            )))
+        }
+        Err(e) => return Err(AgentError::PeerConnect(e.to_string())),
+    };
+    let (kind, _) = pc.path_now();
+    println!(
+        "reverse forwarding {target}:{listen} -> {local} ({} path)",
+        kind.as_str()
+    );
+    let shutdown = punch_net::shutdown_signal();
+    let ended = tokio::select! {
+        _ = shutdown => false,
+        _ = reverse::closed(&mut recv) => true,
+    };
+    pc.close().await;
+    agent.close().await;
+    if ended {
+        return Err(AgentError::PeerConnect(format!(
+            "{target} stopped listening on {listen} (the connection ended)"
+        )));
+    }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub struct ServeArgs {
     /// Where the status page listens, if anywhere.
     pub http: Option<SocketAddr>,
     pub allow_forward: Vec<SocketAddr>,
+    /// Where peers may have us listen for them (`--allow-reverse`).
+    pub allow_reverse: Vec<SocketAddr>,
     pub share: Option<PathBuf>,
     /// What pipes from peers are joined to (`--allow-pipe`).
     pub allow_pipe: Option<punch_apps::pipe::PipeTarget>,
@@ -41,6 +43,7 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
         meta,
         http,
         allow_forward,
+        allow_reverse,
         share,
         allow_pipe,
         events,
@@ -71,8 +74,9 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
     cfg.kind = kind;
     cfg.tags = tags;
     cfg.metadata = meta;
-    // The apps other workers use through us: bench always, files and
-    // forward refusing with a reason unless --share / --allow-forward.
+    // The apps other workers use through us: bench always, files,
+    // forward and reverse refusing with a reason unless --share /
+    // --allow-forward / --allow-reverse.
     let files = match &share {
         Some(d) => Some(
             punch_apps::files::Share::new(d)
@@ -90,6 +94,10 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
         .protocol(
             punch_apps::forward::NAME,
             punch_apps::forward::Forward::new(allow_forward),
+        )
+        .protocol(
+            punch_apps::reverse::NAME,
+            punch_apps::reverse::Reverse::new(allow_reverse),
         )
         .protocol(
             punch_apps::pipe::NAME,
