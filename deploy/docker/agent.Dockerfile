@@ -8,6 +8,12 @@
 # release so the binary finds the glibc it was linked against.
 ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
+# Where the binary, its man pages and completions come from: the build
+# stage below (default), or from
+# deploy/docker/prebuilt/punch-agent/ (the binary and share/), built on a
+# Debian 12 host, with `docker build --build-arg BINARIES=prebuilt`
+# (deploy/containers.sh builds so, and CI compiles once).
+ARG BINARIES=build
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS build
 WORKDIR /src
@@ -26,6 +32,11 @@ RUN /out/punch-agent man --out /out/share/man/man1 >/dev/null \
  && /out/punch-agent completions zsh > /out/share/zsh/site-functions/_punch-agent \
  && /out/punch-agent completions fish > /out/share/fish/vendor_completions.d/punch-agent.fish
 
+FROM scratch AS prebuilt
+COPY deploy/docker/prebuilt/punch-agent/ /out/
+
+FROM ${BINARIES} AS binaries
+
 FROM debian:${DEBIAN}-slim
 # ca-certificates: the system roots that check an HTTPS front's certificate
 # on the TCP channel (the server's own pinned key needs none).
@@ -37,8 +48,8 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid punch --home-dir /var/lib/punch-agent \
       --shell /usr/sbin/nologin punch \
  && install -d -o punch -g punch -m 0700 /var/lib/punch-agent
-COPY --from=build /out/punch-agent /usr/local/bin/punch-agent
-COPY --from=build /out/share /usr/local/share
+COPY --from=binaries /out/punch-agent /usr/local/bin/punch-agent
+COPY --from=binaries /out/share /usr/local/share
 USER 10001:10001
 # An agent with an id keeps its key at $XDG_DATA_HOME/punch/agent.key (or
 # PUNCH_KEY_FILE). The server binds the id to that key: mount a volume here,
@@ -48,6 +59,8 @@ ENV XDG_DATA_HOME=/var/lib/punch-agent
 # Cloud Run sets PORT itself.
 ENV PORT=8080
 EXPOSE 8080/tcp
+# The shell form on purpose: ${PORT} is expanded when the check runs.
+# hadolint ignore=DL3025
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD busybox wget -q -O /dev/null "http://127.0.0.1:${PORT}/healthz" || exit 1
 ENTRYPOINT ["punch-agent"]

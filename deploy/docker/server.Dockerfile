@@ -8,6 +8,12 @@
 # release so the binary finds the glibc it was linked against.
 ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
+# Where the binary, its man pages and completions come from: the build
+# stage below (default), or from
+# deploy/docker/prebuilt/punch-server/ (the binary and share/), built on a
+# Debian 12 host, with `docker build --build-arg BINARIES=prebuilt`
+# (deploy/containers.sh builds so, and CI compiles once).
+ARG BINARIES=build
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS build
 WORKDIR /src
@@ -29,6 +35,11 @@ RUN /out/punch-server man --out /out/share/man/man1 >/dev/null \
 FROM scratch AS bin
 COPY --from=build /out/punch-server /
 
+FROM scratch AS prebuilt
+COPY deploy/docker/prebuilt/punch-server/ /out/
+
+FROM ${BINARIES} AS binaries
+
 FROM debian:${DEBIAN}-slim
 # busybox only for its wget in HEALTHCHECK (curl would pull in ~10 MB).
 RUN apt-get update \
@@ -38,8 +49,8 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid punch --home-dir /var/lib/punch-server \
       --shell /usr/sbin/nologin punch \
  && install -d -o punch -g punch -m 0700 /var/lib/punch-server
-COPY --from=build /out/punch-server /usr/local/bin/punch-server
-COPY --from=build /out/share /usr/local/share
+COPY --from=binaries /out/punch-server /usr/local/bin/punch-server
+COPY --from=binaries /out/share /usr/local/share
 USER 10001:10001
 # server.key (the fingerprint agents pin) and bindings.redb live here: mount
 # a volume, or every new container is a new server to the agents.

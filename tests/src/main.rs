@@ -193,7 +193,8 @@ enum Cmd {
     },
     /// `punch-agent bench` between two lab sites (delay and loss on their
     /// links), beside iperf3 over TCP between the same hosts (with
-    /// `--nat none,none` and iperf3 installed) for the path's ceiling.
+    /// `--nat none,none` and iperf3 installed) for the path's ceiling;
+    /// and, asked for, `punch-agent get` of a file and of a tree.
     Throughput {
         /// Two NAT types.
         #[arg(long, default_value = "none,none")]
@@ -206,6 +207,12 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also `punch-agent get` one file of this many MB from B's share.
+        #[arg(long, default_value_t = 0)]
+        get_mb: u32,
+        /// Also `punch-agent get` a tree of this many 4 KiB files.
+        #[arg(long, default_value_t = 0)]
+        get_files: u32,
     },
     /// Send forged and malformed datagrams at a punch-server's UDP port
     /// (one socket, as fast as it sends) while real agents connect by id N
@@ -688,6 +695,8 @@ fn main() -> Result<()> {
             seconds,
             impair,
             json,
+            get_mb,
+            get_files,
         } => {
             let one = |t: &str| -> Result<nat::NatType> {
                 let v = nat::parse_types(t).map_err(anyhow::Error::msg)?;
@@ -700,24 +709,12 @@ fn main() -> Result<()> {
             if !(1..=60).contains(&seconds) {
                 bail!("--seconds must be between 1 and 60");
             }
-            let t = lab::throughput::throughput(a, b, impair.impair()?, seconds)?;
-            if json {
-                println!("{}", serde_json::to_string(&t)?);
-            } else {
-                println!(
-                    "{} -> {} ({} ms per link): punch {} path: upload {} MB/s, download {} MB/s; iperf3 TCP {}",
-                    t.a,
-                    t.b,
-                    t.delay_ms,
-                    t.punch["path"].as_str().unwrap_or("?"),
-                    t.punch["upload_mb_per_s"],
-                    t.punch["download_mb_per_s"],
-                    t.iperf3_tcp_mb_per_s
-                        .map(|v| format!("{v} MB/s"))
-                        .unwrap_or_else(|| "not measured".into())
-                );
-            }
-            Ok(())
+            let gets = lab::throughput::Gets {
+                file_mb: get_mb,
+                files: get_files,
+            };
+            let t = lab::throughput::throughput(a, b, impair.impair()?, seconds, gets)?;
+            lab::throughput::print(&t, json)
         }
         Cmd::Load {
             agents,

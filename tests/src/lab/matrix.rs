@@ -171,10 +171,24 @@ pub fn serve(
     punch_timeout: f64,
     udp: bool,
 ) -> Result<()> {
+    serve_with(lab, ns, id, fp, punch_timeout, udp, &[])
+}
+
+/// [`serve`] with more arguments.
+pub fn serve_with(
+    lab: &mut Lab,
+    ns: &str,
+    id: &str,
+    fp: &str,
+    punch_timeout: f64,
+    udp: bool,
+    extra: &[String],
+) -> Result<()> {
     let mut cmd = agent_cmd(ns, fp, punch_timeout)?;
     cmd.args(["serve", "--events", "--id", id, "--key-file"])
         .arg(lab.path(&format!("{id}.key")))
-        .args(lab.agent_args_for(ns));
+        .args(lab.agent_args_for(ns))
+        .args(extra);
     let log = lab.path(&format!("{id}.log"));
     // Its events (stdout) go to the log too: scenarios count them there.
     let mut p = Proc::spawn_tee(id, cmd, &log)?;
@@ -216,6 +230,16 @@ pub struct PairLab {
 
 /// Builds a [`PairLab`].
 pub fn pair_lab(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) -> Result<PairLab> {
+    pair_lab_with(a, b, impair, &[])
+}
+
+/// [`pair_lab`] with more arguments for worker-b's `serve`.
+pub fn pair_lab_with(
+    a: impl Into<SiteType>,
+    b: impl Into<SiteType>,
+    impair: Impair,
+    extra: &[String],
+) -> Result<PairLab> {
     let (a, b) = (a.into(), b.into());
     let mut lab = Lab::new()?;
     let site = |s: SiteType| SiteSpec {
@@ -230,7 +254,7 @@ pub fn pair_lab(a: impl Into<SiteType>, b: impl Into<SiteType>, impair: Impair) 
     let fp = start_server(&mut lab)?;
     let ns_a = lab.sites[sa].hosts[0].clone();
     let ns_b = lab.sites[sb].hosts[0].clone();
-    serve(&mut lab, &ns_b, "worker-b", &fp, 3.0, b.nat.has_udp())?;
+    serve_with(&mut lab, &ns_b, "worker-b", &fp, 3.0, b.nat.has_udp(), extra)?;
     Ok(PairLab {
         lab,
         fp,
