@@ -16,7 +16,8 @@
 #   4. the Cloud Run shape: an agent whose only way to the server is a
 #      TLS-terminating nginx front at wss://front/ws, still connecting
 #      directly to another agent.
-# Needs root, podman, runc, debootstrap, podman-compose and curl. Without
+# Needs root, podman, runc, debootstrap, podman-compose, curl, openssl
+# and ss. Without
 # them it says so and exits 0, or 1 under CI (CI set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ skip() {
 }
 
 [ "$(id -u)" = 0 ] || skip "not root (podman's containers here need root)"
-for t in podman runc debootstrap podman-compose curl; do
+for t in podman runc debootstrap podman-compose curl openssl ss; do
   command -v "$t" >/dev/null || skip "$t not installed (apt-get install podman runc debootstrap podman-compose curl)"
 done
 
@@ -128,6 +129,11 @@ echo "-- the compose stack (deploy/docker/compose.yaml)"
 compose() { (cd deploy/docker && podman-compose -p "$project" "$@"); }
 ctr() { echo "${project}_$1_1"; }
 api() { curl -sf --max-time 5 -H "Authorization: Bearer $PUNCH_TOKEN" "http://127.0.0.1:8080$1"; }
+# compose.yaml publishes the server on this host's 3478 and 127.0.0.1:8080.
+if ss -Hltn 'sport = :8080' | grep -q . || ss -Hlun 'sport = :3478' | grep -q . ||
+  ss -Hltn 'sport = :3478' | grep -q .; then
+  fail "port 3478 or 8080 is in use on this host; compose.yaml publishes the server there"
+fi
 PUNCH_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export PUNCH_TOKEN
 # As compose.yaml's own first steps say.
@@ -206,3 +212,70 @@ wait_online agent-a agent-b
 wait_online agent-b agent-a
 connect direct
 say "a restarted server keeps its fingerprint and both ids; a restarted agent-a gets its id back"
+
+echo "-- the Cloud Run shape: an agent reaching the server only through a TLS front"
+# A CA and the front's certificate for the name `front`, as a managed
+# front would present; the agent checks it with --server-ca and the
+# server behind it by its pinned key.
+tls=$work/front
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -keyout "$tls/ca.key" -out "$tls/ca.pem" -subj /CN=punch-ci-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -keyout "$tls/front.key" -out "$tls/front.csr" -subj /CN=front 2>/dev/null
+printf 'subjectAltName=DNS:front\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$tls/ext"
+openssl x509 -req -in "$tls/front.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+  -days 2 -out "$tls/front.pem" -extfile "$tls/ext" 2>/dev/null
+chmod 0644 "$tls"/*
+# nginx terminates TLS and hands /ws to the server's HTTP listener, as a
+# load balancer or Cloud Run's front does.
+cat >"$tls/nginx.conf" <<EOF
+worker_processes 1;
+events { worker_connections 64; }
+http {
+  access_log off;
+  server {
+    listen 443 ssl;
+    ssl_certificate /front/front.pem;
+    ssl_certificate_key /front/front.key;
+    location /ws {
+      proxy_pass http://$(server_ip):8080;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_read_timeout 3600s;
+    }
+  }
+}
+EOF
+cat >"$tls/Dockerfile" <<EOF
+FROM $base
+RUN apt-get update && apt-get install -y --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*
+CMD ["nginx", "-g", "daemon off;"]
+EOF
+"${P[@]}" build --format docker --pull=never "${LIMITS[@]}" -t punch-ci-front:dev "$tls" >"$work/build-front.log" 2>&1 ||
+  fail "building the nginx front: $(tail -20 "$work/build-front.log")"
+net=${project}_default
+"${P[@]}" run -d --name "$project-front" --network "$net" --network-alias front \
+  -v "$tls:/front:ro" -v "$tls/nginx.conf:/etc/nginx/nginx.conf:ro" punch-ci-front:dev >/dev/null 2>"$work/front.log" ||
+  fail "starting the nginx front: $(cat "$work/front.log")"
+# Its only way to the server: wss://front/ws (no UDP to the server).
+"${P[@]}" run -d --name "$project-cloudrun" --network "$net" -v "$tls:/front:ro" \
+  -e PUNCH_SERVER=wss://front/ws -e PUNCH_SERVER_CA=/front/ca.pem \
+  -e "PUNCH_SERVER_FINGERPRINT=$fp" -e "PUNCH_TOKEN=$PUNCH_TOKEN" \
+  punch-agent:dev serve --id agent-c >/dev/null 2>"$work/cloudrun.log" ||
+  fail "starting agent-c: $(cat "$work/cloudrun.log")"
+beside agent-a wait agent-c --timeout 60 >/dev/null ||
+  fail "agent-c did not come online through the front; its log: $("${P[@]}" logs --tail 20 "$project-cloudrun" 2>&1)
+nginx's: $("${P[@]}" logs --tail 20 "$project-front" 2>&1)"
+transport=$(api /api/v1/workers | python3 -c 'import json,sys; print([w["transport"] for w in json.load(sys.stdin) if w["worker_id"] == "agent-c"][0])')
+[ "$transport" = tcp ] || fail "agent-c registered over $transport, not tcp (through the front)"
+# It starts on the relay (no UDP to the server) and punches on: the path
+# turns direct under a live connection.
+j=$(beside agent-a ping agent-c -c 10 -i 0.3 --json 2>/dev/null) || fail "ping agent-c: $j"
+paths=$(python3 -c 'import json,sys; print(" ".join(json.loads(sys.argv[1])["paths"]))' "$j")
+[ "${paths##* }" = direct ] || fail "agent-a -> agent-c never went direct: $paths"
+say "agent-c registered through nginx at wss://front/ws (transport $transport); agent-a -> agent-c paths: $paths"
+say "all container checks passed"

@@ -89,7 +89,14 @@ async fn run_loop(inner: Arc<Inner>) {
                 } else {
                     backoff(attempt / n - 1)
                 };
-                debug!("registration failed: {e}; retrying in {delay:?}");
+                // Said out loud at the 1st, 2nd, 4th, 8th … failure: a
+                // wrong certificate or fingerprint must not stay silent,
+                // nor fill the log while the server is away.
+                if attempt.is_power_of_two() {
+                    warn!("registration failed (attempt {attempt}): {e}; retrying in {delay:?}");
+                } else {
+                    debug!("registration failed (attempt {attempt}): {e}; retrying in {delay:?}");
+                }
                 inner.set_status(Status::Connecting(Some(e)));
                 next_server(&inner);
                 tokio::time::sleep(delay).await;

@@ -254,7 +254,15 @@ pub fn pair_lab_with(
     let fp = start_server(&mut lab)?;
     let ns_a = lab.sites[sa].hosts[0].clone();
     let ns_b = lab.sites[sb].hosts[0].clone();
-    serve_with(&mut lab, &ns_b, "worker-b", &fp, 3.0, b.nat.has_udp(), extra)?;
+    serve_with(
+        &mut lab,
+        &ns_b,
+        "worker-b",
+        &fp,
+        3.0,
+        b.nat.has_udp(),
+        extra,
+    )?;
     Ok(PairLab {
         lab,
         fp,

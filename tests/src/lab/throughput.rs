@@ -154,7 +154,10 @@ fn timed_get(ns: &str, fp: &str, lab: &super::Lab, name: &str) -> Result<serde_j
     let mut v: serde_json::Value =
         serde_json::from_str(r.stdout.lines().last().context("no output")?)?;
     let secs = v["seconds"].as_f64().context("seconds")?;
-    let bytes = v["size"].as_f64().or(v["bytes"].as_f64()).context("bytes")?;
+    let bytes = v["size"]
+        .as_f64()
+        .or(v["bytes"].as_f64())
+        .context("bytes")?;
     v["mb_per_s"] = ((bytes / 1e6 / secs * 10.0).round() / 10.0).into();
     if let Some(n) = v["files"].as_f64() {
         v["files_per_s"] = (n / secs).round().into();
@@ -181,12 +184,21 @@ pub fn print(t: &Throughput, json: bool) -> Result<()> {
             .unwrap_or_else(|| "not measured".into())
     );
     if let Some(g) = &t.get_file {
-        println!("get big.bin: {} bytes in {:.1} s, {} MB/s", g["size"], g["seconds"].as_f64().unwrap_or(0.0), g["mb_per_s"]);
+        println!(
+            "get big.bin: {} bytes in {:.1} s, {} MB/s",
+            g["size"],
+            g["seconds"].as_f64().unwrap_or(0.0),
+            g["mb_per_s"]
+        );
     }
     if let Some(g) = &t.get_tree {
         println!(
             "get small/: {} files, {} bytes in {:.1} s, {} MB/s, {} files/s",
-            g["files"], g["bytes"], g["seconds"].as_f64().unwrap_or(0.0), g["mb_per_s"], g["files_per_s"]
+            g["files"],
+            g["bytes"],
+            g["seconds"].as_f64().unwrap_or(0.0),
+            g["mb_per_s"],
+            g["files_per_s"]
         );
     }
     Ok(())
