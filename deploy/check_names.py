@@ -33,6 +33,8 @@ FOREIGN = {
     "journalctl", "openssl", "curl", "wget", "busybox", "useradd", "groupadd",
     "install", "shellcheck", "python3", "git", "ssh", "scp", "sed", "grep",
     "apt-get", "kustomize", "rustc", "HEALTHCHECK", "RUN", "COPY",
+    "podman", "podman-compose", "hadolint", "kubernetes-validate",
+    "deploy/check.sh", "check.sh", "debootstrap",
 }
 # Commands that run another command: the first punch binary after them owns
 # the flags that follow it (docker and kubectl only with run/exec).
