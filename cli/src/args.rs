@@ -282,8 +282,10 @@ pub enum Cmd {
         /// `{"event":"done",…}`).
         #[arg(long, env = "PUNCH_JSON", value_parser = BoolishValueParser::new())]
         json: bool,
-        /// Files of a tree fetched at once (1 to 64).
-        #[arg(long, env = "PUNCH_GET_JOBS", default_value_t = 8)]
+        /// Files of a tree fetched at once (1 to 64). Each costs a round
+        /// trip to start: on an 87 ms path 8 at once fetch ~90 small files
+        /// a second, 32 ~4 times that.
+        #[arg(long, env = "PUNCH_GET_JOBS", default_value_t = 32)]
         jobs: usize,
     },
     /// Wait until WORKER is online: exit 0 as soon as it is, 12 on timeout.

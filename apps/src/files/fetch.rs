@@ -208,6 +208,8 @@ pub async fn get(
     progress(offset, header.size);
     let tree = BaoTree::new(header.size, BLOCK);
     let ranges = ChunkRanges::from(ChunkNum(offset / 1024)..);
+    // Read from the stream in large pieces, not a group at a time.
+    let recv = tokio::io::BufReader::with_capacity(256 * 1024, recv);
     let mut dec = ResponseDecoder::new(root, ranges, tree, TokioStreamReader(recv));
     let failed = loop {
         match dec.next().await {
@@ -307,6 +309,10 @@ fn decode_error(e: DecodeError, kept: u64, header: &VerifiedHeader) -> FileError
     }
 }
 
+/// Largest hash tree fetched to check a partial file (that of a 256 GiB
+/// file).
+const MAX_OUTBOARD: u64 = 1 << 30;
+
 enum Checked {
     /// The sharer predates verified streams.
     Old,
@@ -344,6 +350,15 @@ async fn check_part(
     let root = check_header(&header)?;
     let tree = BaoTree::new(header.size, BLOCK);
     let len = tree.outboard_size();
+    // The size is the sharer's word: bound what it can make us write.
+    if len > MAX_OUTBOARD {
+        return Err(FileError::Stream(format!(
+            "the sharer says the file is {} bytes; resuming files over {} GiB is not supported \
+             (remove the partial file to fetch it whole)",
+            header.size,
+            ((MAX_OUTBOARD / 64) * BAO_GROUP) >> 30
+        )));
+    }
     let mut ob_path = part.as_os_str().to_os_string();
     ob_path.push(".obao");
     let ob_path = PathBuf::from(ob_path);

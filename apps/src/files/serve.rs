@@ -2,10 +2,10 @@
 //! listing and download requests.
 
 use super::share::{Share, LIST_HASH_BUDGET};
-use bao_tree::io::fsm::encode_ranges;
 use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::io::sync::encode_ranges;
 use bao_tree::{ChunkNum, ChunkRanges};
-use iroh_io::TokioStreamWriter;
+use bytes::Bytes;
 use punch_agent::protocols::{accept, refuse, ProtocolHandler, ProtocolStream};
 use punch_net::write_frame;
 use punch_protocol::peer::{
@@ -236,26 +236,85 @@ async fn serve_verified(
         }
         return;
     };
-    let ob = PreOrderOutboard {
-        root: tree.root,
-        tree: tree.tree(),
-        data: tree.outboard.clone(),
-    };
     let ranges = ChunkRanges::from(ChunkNum(offset / 1024)..);
-    let mut out = TokioStreamWriter(send);
-    // Not validated here: the asker checks every group, and a file that
-    // rots on our disk is what its check is for.
-    match encode_ranges(iroh_io::File::from_std(file), ob, &ranges, &mut out).await {
-        Ok(()) => {
-            let mut send = out.0;
+    // Encoded on a blocking thread (plain reads of the file) into chunks
+    // of ENCODED_CHUNK, written to the stream as they come: per-group
+    // async reads and writes cost the sharer a core at ~150 MB/s.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let encoder = tokio::task::spawn_blocking(move || {
+        let ob = PreOrderOutboard {
+            root: tree.root,
+            tree: tree.tree(),
+            data: &tree.outboard[..],
+        };
+        let mut out = Chunked {
+            buf: Vec::with_capacity(ENCODED_CHUNK),
+            tx,
+        };
+        // Not validated here: the asker checks every group, and a file
+        // that rots on our disk is what its check is for.
+        encode_ranges(&file, ob, &ranges, &mut out)?;
+        out.send()
+    });
+    let mut sent = true;
+    while let Some(chunk) = rx.recv().await {
+        if send.write_chunk(chunk).await.is_err() {
+            sent = false;
+            break;
+        }
+    }
+    drop(rx);
+    match encoder.await {
+        Ok(Ok(())) if sent => {
             let _ = send.finish();
             let _ = send.stopped().await;
             debug!(%name, offset, "verified stream sent");
         }
-        Err(e) => {
+        Ok(Ok(())) => debug!(%name, offset, "the asker stopped the verified stream"),
+        Ok(Err(e)) => {
             debug!(%name, offset, "verified stream failed: {e}");
-            let _ = out.0.reset(punch_protocol::close::STREAM_ERROR.into());
+            let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
         }
+        Err(e) => {
+            warn!(%name, "verified stream encoder panicked: {e}");
+            let _ = send.reset(punch_protocol::close::STREAM_ERROR.into());
+        }
+    }
+}
+
+/// Bytes of encoded stream handed to the async side at a time.
+const ENCODED_CHUNK: usize = 256 * 1024;
+
+/// A `Write` that hands full chunks to the stream writer; fails once the
+/// writer is gone (the asker stopped), which ends the encoding.
+struct Chunked {
+    buf: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl Chunked {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(ENCODED_CHUNK));
+        self.tx
+            .blocking_send(Bytes::from(full))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl std::io::Write for Chunked {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= ENCODED_CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
     }
 }
 
