@@ -5,7 +5,7 @@
 use crate::args::Common;
 use crate::config::{config, secs};
 use punch_agent::portmap::PortMapping;
-use punch_agent::{Agent, AgentError, PeerConnection};
+use punch_agent::{Agent, AgentBuilder, AgentError, PeerConnection};
 use std::time::{Duration, Instant};
 
 /// A one-off agent for registry queries.
@@ -26,8 +26,21 @@ pub async fn connect_timed(
     target: &str,
     timeout: f64,
 ) -> Result<(Agent, PeerConnection), AgentError> {
+    connect_timed_with(c, target, timeout, |b| b).await
+}
+
+/// [`connect_timed`] with an agent `build` adds to (the protocols it
+/// serves the peer).
+pub async fn connect_timed_with(
+    c: &Common,
+    target: &str,
+    timeout: f64,
+    build: impl FnOnce(AgentBuilder) -> AgentBuilder,
+) -> Result<(Agent, PeerConnection), AgentError> {
     let limit = secs(timeout, "--timeout")?;
-    let agent = Agent::start(config(c, false)?).await?;
+    let agent = build(AgentBuilder::from_config(config(c, false)?))
+        .start()
+        .await?;
     let deadline = Instant::now() + limit;
     agent.registered(limit).await?;
     let left = deadline.saturating_duration_since(Instant::now());

@@ -1,6 +1,7 @@
 //! The sharing side: the [`Files`] protocol handler and its answers to
 //! listing and download requests.
 
+use super::outboard::Tree;
 use super::share::{Share, LIST_HASH_BUDGET};
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::encode_ranges;
@@ -172,6 +173,40 @@ async fn serve_list_paged(mut send: quinn::SendStream, share: Option<Arc<Share>>
     debug!(files = n, unhashed, "file list sent");
 }
 
+/// The shared file `name` and its hash tree, or the request refused with
+/// the reason (and our side ended). Resolving (canonicalize, stat) and
+/// hashing touch the disk: both off the runtime's threads.
+async fn resolve(
+    send: &mut quinn::SendStream,
+    share: Option<Arc<Share>>,
+    name: &str,
+) -> Option<(std::path::PathBuf, Tree)> {
+    let share = shared(send, share).await?;
+    let n2 = name.to_string();
+    let found = tokio::task::spawn_blocking(move || {
+        let path = share.resolve(&n2).map_err(|e| (true, e))?;
+        let tree = share
+            .tree(&path)
+            .map_err(|e| (false, format!("cannot read {n2:?}: {e}")))?;
+        Ok::<_, (bool, String)>((path, tree))
+    })
+    .await;
+    match found {
+        Ok(Ok(x)) => Some(x),
+        Ok(Err((refused, e))) => {
+            if refused {
+                info!(%name, "file request refused: {e}");
+            }
+            refuse(send, e).await;
+            None
+        }
+        Err(e) => {
+            refuse(send, format!("cannot read {name:?}: {e}")).await;
+            None
+        }
+    }
+}
+
 /// The serving side of `GetVerified` (with the offset) and `GetOutboard`
 /// (without): the file's hash tree is made, or taken from the cache,
 /// before the answer, so the header's root is the one every group is
@@ -182,27 +217,8 @@ async fn serve_verified(
     name: String,
     offset: Option<u64>,
 ) {
-    let Some(share) = shared(&mut send, share).await else {
+    let Some((path, tree)) = resolve(&mut send, share, &name).await else {
         return;
-    };
-    let n2 = name.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let path = share.resolve(&n2).map_err(|e| (true, e))?;
-        let tree = share
-            .tree(&path)
-            .map_err(|e| (false, format!("cannot read {n2:?}: {e}")))?;
-        Ok::<_, (bool, String)>((path, tree))
-    })
-    .await;
-    let (path, tree) = match found {
-        Ok(Ok(x)) => x,
-        Ok(Err((refused, e))) => {
-            if refused {
-                info!(%name, "file request refused: {e}");
-            }
-            return refuse(&mut send, e).await;
-        }
-        Err(e) => return refuse(&mut send, format!("cannot read {name:?}: {e}")).await,
     };
     if let Some(offset) = offset {
         if offset > tree.size || (offset % BAO_GROUP != 0 && offset != tree.size) {
@@ -325,30 +341,10 @@ async fn serve_get(
     name: String,
     offset: u64,
 ) {
-    let Some(share) = shared(&mut send, share).await else {
+    let Some((path, tree)) = resolve(&mut send, share, &name).await else {
         return;
     };
-    // Resolving (canonicalize, stat) and hashing touch the disk: both off
-    // the runtime's threads.
-    let n2 = name.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let path = share.resolve(&n2).map_err(|e| (true, e))?;
-        let hashed = share
-            .hash(&path)
-            .map_err(|e| (false, format!("cannot read {n2:?}: {e}")))?;
-        Ok::<_, (bool, String)>((path, hashed))
-    })
-    .await;
-    let (path, (size, blake3)) = match found {
-        Ok(Ok(x)) => x,
-        Ok(Err((refused, e))) => {
-            if refused {
-                info!(%name, "file request refused: {e}");
-            }
-            return refuse(&mut send, e).await;
-        }
-        Err(e) => return refuse(&mut send, format!("cannot read {name:?}: {e}")).await,
-    };
+    let (size, blake3) = (tree.size, tree.root.to_hex().to_string());
     if offset > size {
         return refuse(
             &mut send,

@@ -2,11 +2,9 @@
 //! reach, one QUIC stream each; or reversed, TARGET's connections to us.
 
 use crate::args::Common;
-use crate::config::{config, secs};
-use crate::session::connect_timed;
-use punch_agent::{AgentBuilder, AgentError};
+use crate::session::{connect_timed, connect_timed_with};
+use punch_agent::AgentError;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 pub async fn run(
     c: &Common,
@@ -98,21 +96,11 @@ pub async fn reverse(
     timeout: f64,
 ) -> Result<(), AgentError> {
     use punch_apps::reverse::{self, ReverseConn, ReverseError};
-    let limit = secs(timeout, "--timeout")?;
     // Connections come back as streams TARGET opens: served by this
     // agent's handler, which takes them only from TARGET.
-    let agent = AgentBuilder::from_config(config(c, false)?)
-        .protocol(reverse::CONN, ReverseConn::new(target, local))
-        .start()
-        .await?;
-    let deadline = Instant::now() + limit;
-    agent.registered(limit).await?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let pc = tokio::time::timeout(left, agent.connect(target))
-        .await
-        .map_err(|_| {
-            AgentError::Timeout(format!("no connection to {target:?} within {timeout} s"))
-        })??;
+    let conn = ReverseConn::new(target, local);
+    let (agent, pc) =
+        connect_timed_with(c, target, timeout, |b| b.protocol(reverse::CONN, conn)).await?;
     tokio::spawn(pc.clone().serve());
     let (_send, mut recv) = match reverse::listen(&pc, listen).await {
         Ok(s) => s,
