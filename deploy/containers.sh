@@ -39,7 +39,8 @@ for t in podman runc debootstrap podman-compose curl openssl ss; do
 done
 
 # crun cannot set limits in this sandbox; runc with explicit ones can.
-# In a containers.conf of our own, so podman-compose's podman runs use it.
+# In a containers.conf of our own, so every podman run and build (also
+# podman-compose's) uses it.
 conf=$(mktemp)
 cat >"$conf" <<'EOF'
 [containers]
@@ -49,8 +50,6 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 EOF
 export CONTAINERS_CONF=$conf
-LIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=1000:1000)
-P=(podman)
 
 bin_dir=${PUNCH_BIN_DIR:?PUNCH_BIN_DIR: the directory with punch-server and punch-agent}
 cache=${PUNCH_CACHE_DIR:-/var/cache/punch-ci}
@@ -59,13 +58,13 @@ work=$(mktemp -d)
 project=punchci$$
 cleanup() {
   (cd deploy/docker && PUNCH_TOKEN=x podman-compose -p "$project" down -v >/dev/null 2>&1) || true
-  "${P[@]}" rm -f -t 0 "$project-front" "$project-cloudrun" >/dev/null 2>&1 || true
+  podman rm -f -t 0 "$project-front" "$project-cloudrun" >/dev/null 2>&1 || true
   rm -rf "$work" "$conf" deploy/docker/prebuilt
 }
 [ -n "${KEEP:-}" ] || trap cleanup EXIT
 
 echo "-- base image"
-if ! "${P[@]}" image exists "$base"; then
+if ! podman image exists "$base"; then
   tarball=$cache/debian-bookworm-minbase.tar
   if [ ! -s "$tarball" ]; then
     # The mirror this host's apt uses (no registry named here).
@@ -98,11 +97,11 @@ EOF
   else
     say "base image from the cached $tarball"
   fi
-  "${P[@]}" import -q "$tarball" "$base" >/dev/null
+  podman import -q "$tarball" "$base" >/dev/null
 fi
 # The Dockerfiles say debian:bookworm-slim; --pull=never finds this one.
-"${P[@]}" tag "$base" docker.io/library/debian:bookworm-slim
-size=$("${P[@]}" image inspect "$base" --format '{{.Size}}')
+podman tag "$base" docker.io/library/debian:bookworm-slim
+size=$(podman image inspect "$base" --format '{{.Size}}')
 say "base $base: $((size / 1000000)) MB"
 
 echo "-- images"
@@ -118,10 +117,10 @@ for b in server agent; do
   "$d/punch-$b" completions zsh >"$d/share/zsh/site-functions/_punch-$b"
   "$d/punch-$b" completions fish >"$d/share/fish/vendor_completions.d/punch-$b.fish"
   # docker format: OCI images have no HEALTHCHECK.
-  "${P[@]}" build --format docker --pull=never "${LIMITS[@]}" --build-arg BINARIES=prebuilt \
+  podman build --format docker --pull=never --build-arg BINARIES=prebuilt \
     -f "deploy/docker/$b.Dockerfile" -t "punch-$b:dev" . >"$work/build-$b.log" 2>&1 ||
     fail "building deploy/docker/$b.Dockerfile: $(tail -20 "$work/build-$b.log")"
-  size=$("${P[@]}" image inspect "punch-$b:dev" --format '{{.Size}}')
+  size=$(podman image inspect "punch-$b:dev" --format '{{.Size}}')
   say "built punch-$b:dev from deploy/docker/$b.Dockerfile: $((size / 1000000)) MB"
 done
 
@@ -149,18 +148,18 @@ compose up -d >"$work/up.log" 2>&1 || fail "compose up: $(tail -20 "$work/up.log
 # address: aardvark-dns here sometimes leaves a new network's names
 # unanswered for a while (the agents themselves use the name and retry).
 server_ip() {
-  "${P[@]}" inspect "$(ctr server)" --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}'
+  podman inspect "$(ctr server)" --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}'
 }
 beside() {
   local c=$1
   shift
-  "${P[@]}" exec -e "PUNCH_SERVER=$(server_ip):3478" "$(ctr "$c")" punch-agent "$@"
+  podman exec -e "PUNCH_SERVER=$(server_ip):3478" "$(ctr "$c")" punch-agent "$@"
 }
 # `punch-agent wait` returns as soon as the worker is online (bounded).
 wait_online() {
   beside "$1" wait "$2" --timeout 60 >/dev/null ||
-    fail "$2 did not come online; its log: $("${P[@]}" logs --tail 20 "$(ctr "$2")" 2>&1)
-the server's: $("${P[@]}" logs --tail 20 "$(ctr server)" 2>&1)"
+    fail "$2 did not come online; its log: $(podman logs --tail 20 "$(ctr "$2")" 2>&1)
+the server's: $(podman logs --tail 20 "$(ctr server)" 2>&1)"
 }
 wait_online agent-b agent-a
 wait_online agent-a agent-b
@@ -191,24 +190,24 @@ connect relayed --force-relay
 
 for s in server agent-a agent-b; do
   c=$(ctr "$s")
-  uid=$("${P[@]}" exec "$c" id -u)
+  uid=$(podman exec "$c" id -u)
   [ "$uid" = 10001 ] || fail "$s runs as uid $uid, not 10001"
-  "${P[@]}" healthcheck run "$c" >/dev/null 2>&1 || fail "$s: its image's HEALTHCHECK fails"
+  podman healthcheck run "$c" >/dev/null 2>&1 || fail "$s: its image's HEALTHCHECK fails"
 done
 for s in agent-a agent-b; do
-  "${P[@]}" exec "$(ctr "$s")" busybox wget -q -O /dev/null http://127.0.0.1:8080/healthz ||
+  podman exec "$(ctr "$s")" busybox wget -q -O /dev/null http://127.0.0.1:8080/healthz ||
     fail "$s: GET /healthz did not answer 200"
 done
 say "every container runs as uid 10001; every HEALTHCHECK passes; both agents' /healthz answer 200"
 
 # Restarts: the server keeps its key (the fingerprint agents pin) and the
 # id bindings; an agent keeps its key, so the server gives its id back.
-"${P[@]}" restart "$(ctr server)" >/dev/null
-fp2=$("${P[@]}" exec "$(ctr server)" punch-server fingerprint | tail -1)
+podman restart "$(ctr server)" >/dev/null
+fp2=$(podman exec "$(ctr server)" punch-server fingerprint | tail -1)
 [ "$fp2" = "$fp" ] || fail "the restarted server has fingerprint $fp2, not $fp"
 wait_online agent-b agent-a
 wait_online agent-a agent-b
-"${P[@]}" restart "$(ctr agent-a)" >/dev/null
+podman restart "$(ctr agent-a)" >/dev/null
 wait_online agent-b agent-a
 connect direct
 say "a restarted server keeps its fingerprint and both ids; a restarted agent-a gets its id back"
@@ -255,21 +254,21 @@ FROM $base
 RUN apt-get update && apt-get install -y --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*
 CMD ["nginx", "-g", "daemon off;"]
 EOF
-"${P[@]}" build --format docker --pull=never "${LIMITS[@]}" -t punch-ci-front:dev "$tls" >"$work/build-front.log" 2>&1 ||
+podman build --format docker --pull=never -t punch-ci-front:dev "$tls" >"$work/build-front.log" 2>&1 ||
   fail "building the nginx front: $(tail -20 "$work/build-front.log")"
 net=${project}_default
-"${P[@]}" run -d --name "$project-front" --network "$net" --network-alias front \
+podman run -d --name "$project-front" --network "$net" --network-alias front \
   -v "$tls:/front:ro" -v "$tls/nginx.conf:/etc/nginx/nginx.conf:ro" punch-ci-front:dev >/dev/null 2>"$work/front.log" ||
   fail "starting the nginx front: $(cat "$work/front.log")"
 # Its only way to the server: wss://front/ws (no UDP to the server).
-"${P[@]}" run -d --name "$project-cloudrun" --network "$net" -v "$tls:/front:ro" \
+podman run -d --name "$project-cloudrun" --network "$net" -v "$tls:/front:ro" \
   -e PUNCH_SERVER=wss://front/ws -e PUNCH_SERVER_CA=/front/ca.pem \
   -e "PUNCH_SERVER_FINGERPRINT=$fp" -e "PUNCH_TOKEN=$PUNCH_TOKEN" \
   punch-agent:dev serve --id agent-c >/dev/null 2>"$work/cloudrun.log" ||
   fail "starting agent-c: $(cat "$work/cloudrun.log")"
 beside agent-a wait agent-c --timeout 60 >/dev/null ||
-  fail "agent-c did not come online through the front; its log: $("${P[@]}" logs --tail 20 "$project-cloudrun" 2>&1)
-nginx's: $("${P[@]}" logs --tail 20 "$project-front" 2>&1)"
+  fail "agent-c did not come online through the front; its log: $(podman logs --tail 20 "$project-cloudrun" 2>&1)
+nginx's: $(podman logs --tail 20 "$project-front" 2>&1)"
 transport=$(api /api/v1/workers | python3 -c 'import json,sys; print([w["transport"] for w in json.load(sys.stdin) if w["worker_id"] == "agent-c"][0])')
 [ "$transport" = tcp ] || fail "agent-c registered over $transport, not tcp (through the front)"
 # It starts on the relay (no UDP to the server) and punches on: the path

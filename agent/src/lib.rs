@@ -82,7 +82,9 @@ pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
 pub use events::{AgentEvent, PathCause, PathChange, EVENT_BUFFER};
 pub use options::ConnectOptions;
-pub use peer::{PathInfo, PeerConnection, PeerError, Pinger, RelayReason, Strategy};
+pub use peer::{
+    open_protocol_on, PathInfo, PeerConnection, PeerError, Pinger, RelayReason, Strategy,
+};
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::Punched;

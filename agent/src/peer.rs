@@ -114,6 +114,30 @@ pub struct PeerConnection {
     pub(crate) protocols: crate::protocols::Protocols,
 }
 
+/// [`PeerConnection::open_protocol`] on a bare connection: for a protocol
+/// handler that opens streams back to the peer that asked
+/// ([`crate::ProtocolStream::connection`]).
+pub async fn open_protocol_on(
+    conn: &quinn::Connection,
+    name: &str,
+) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+    if !crate::protocols::valid_name(name) {
+        return Err(PeerError::Refused(format!(
+            "{name:?} is not a protocol name"
+        )));
+    }
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = PeerRequest::Open {
+        protocol: name.to_string(),
+    };
+    write_frame(&mut send, &req).await?;
+    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER).await?;
+    if !reply.ok {
+        return Err(PeerError::Refused(reply.message));
+    }
+    Ok((send, recv))
+}
+
 /// The path packets to virtual address `v` take now, and the address they
 /// go to (the peer's, or the relay's).
 pub fn current_path(socket: &PunchSocket, v: SocketAddr) -> (PathKind, Option<SocketAddr>) {
@@ -238,21 +262,7 @@ impl PeerConnection {
         &self,
         name: &str,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
-        if !crate::protocols::valid_name(name) {
-            return Err(PeerError::Refused(format!(
-                "{name:?} is not a protocol name"
-            )));
-        }
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        let req = PeerRequest::Open {
-            protocol: name.to_string(),
-        };
-        write_frame(&mut send, &req).await?;
-        let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER).await?;
-        if !reply.ok {
-            return Err(PeerError::Refused(reply.message));
-        }
-        Ok((send, recv))
+        open_protocol_on(&self.conn, name).await
     }
 
     /// Opens a stream with a request of a built-in app (files, forward,

@@ -9,11 +9,11 @@
 //! registers [`ReverseConn`] under [`CONN`] for the connections that come
 //! back.
 
-use crate::forward::pipe;
+use crate::forward::{pipe, ForwardError};
 use punch_agent::protocols::{accept, refuse, ProtocolHandler, ProtocolStream};
-use punch_agent::{PeerConnection, PeerError};
+use punch_agent::{open_protocol_on, PeerConnection, PeerError};
 use punch_net::{read_frame, write_frame};
-use punch_protocol::peer::{PeerReply, PeerRequest, MAX_PEER_HEADER};
+use punch_protocol::peer::{PeerReply, MAX_PEER_HEADER};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,33 +40,13 @@ pub struct ListenRequest {
     pub listen: String,
 }
 
-/// Errors of a reverse forward.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReverseError {
-    #[error("the peer refuses: {0}")]
-    /// The peer refused (its reason).
-    Refused(String),
-    #[error("peer stream: {0}")]
-    /// The peer stream failed.
-    Stream(String),
-}
-
-impl From<PeerError> for ReverseError {
-    fn from(e: PeerError) -> Self {
-        match e {
-            PeerError::Refused(m) => ReverseError::Refused(m),
-            e => ReverseError::Stream(e.to_string()),
-        }
-    }
-}
-
 /// Asks the peer to listen on `addr`: the control stream once it does.
 /// The forward lasts while the stream does; [`closed`] waits for its end.
+/// Its errors are a forward's, either way round.
 pub async fn listen(
     pc: &PeerConnection,
     addr: SocketAddr,
-) -> Result<(quinn::SendStream, quinn::RecvStream), ReverseError> {
+) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
     let (mut send, mut recv) = pc.open_protocol(NAME).await?;
     let req = ListenRequest {
         listen: addr.to_string(),
@@ -78,7 +58,7 @@ pub async fn listen(
         .await
         .map_err(PeerError::from)?;
     if !reply.ok {
-        return Err(ReverseError::Refused(reply.message));
+        return Err(ForwardError::Refused(reply.message));
     }
     Ok((send, recv))
 }
@@ -170,7 +150,7 @@ async fn serve_listen(stream: ProtocolStream, allow: Arc<Vec<SocketAddr>>) {
         let conn = connection.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match open_back(&conn).await {
+            match open_protocol_on(&conn, CONN).await {
                 Ok((s, r)) => {
                     let (up, down) = pipe(tcp, s, r).await;
                     debug!(%from, up, down, "reverse connection closed");
@@ -181,22 +161,6 @@ async fn serve_listen(stream: ProtocolStream, allow: Arc<Vec<SocketAddr>>) {
     }
     info!(%addr, %peer_id, "reverse forward closed");
     let _ = send.finish();
-}
-
-/// Opens a [`CONN`] stream to the peer that asked.
-async fn open_back(
-    conn: &quinn::Connection,
-) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let req = PeerRequest::Open {
-        protocol: CONN.to_string(),
-    };
-    write_frame(&mut send, &req).await?;
-    let reply: PeerReply = read_frame(&mut recv, MAX_PEER_HEADER).await?;
-    if !reply.ok {
-        return Err(PeerError::Refused(reply.message));
-    }
-    Ok((send, recv))
 }
 
 /// Carries the connections the peer `peer` sends back to `local`; streams

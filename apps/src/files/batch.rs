@@ -2,7 +2,7 @@
 //! progress for the whole, files already complete and verified skipped.
 
 use super::fetch::{get, Fetched};
-use super::{check_name, FileError};
+use super::{check_name, hash_file, FileError};
 use punch_agent::PeerConnection;
 use punch_protocol::peer::FileEntry;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,13 @@ pub struct TreeProgress {
     pub bytes: u64,
     /// Bytes in the tree.
     pub total_bytes: u64,
+}
+
+impl TreeProgress {
+    /// Files fetched (done, neither skipped nor failed).
+    pub fn fetched(&self) -> usize {
+        self.files_done - self.skipped - self.failed
+    }
 }
 
 /// What a tree download did.
@@ -181,14 +188,7 @@ async fn complete(out: &Path, entry: &FileEntry) -> bool {
         Ok(m) if m.is_file() && m.len() == entry.size => {}
         _ => return false,
     }
-    let p = out.to_path_buf();
-    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut h = blake3::Hasher::new();
-        h.update_reader(std::fs::File::open(&p)?)?;
-        Ok(h.finalize().to_hex().to_string())
-    })
-    .await;
-    matches!(hashed, Ok(Ok(h)) if h == entry.blake3)
+    matches!(hash_file(out).await, Ok(h) if h == entry.blake3)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The asking side: listing a peer's share and downloading from it.
 
 use super::outboard::BLOCK;
-use super::{check_name, clip_problem, stream_err, FileError};
+use super::{check_name, clip_problem, hash_file, stream_err, FileError};
 use bao_tree::io::fsm::{ResponseDecoder, ResponseDecoderNext};
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::valid_ranges;
@@ -490,15 +490,7 @@ async fn get_whole(
             header.size
         )));
     }
-    let p2 = part.clone();
-    let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut h = blake3::Hasher::new();
-        h.update_reader(std::fs::File::open(&p2)?)?;
-        Ok(h.finalize().to_hex().to_string())
-    })
-    .await
-    .map_err(|e| FileError::Io(e.to_string()))?
-    .map_err(io)?;
+    let got = hash_file(&part).await.map_err(io)?;
     if got != header.blake3 {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(FileError::HashMismatch {

@@ -72,6 +72,19 @@ impl From<PeerError> for FileError {
     }
 }
 
+/// The BLAKE3 of the file at `path`, hex, hashed off the runtime's
+/// threads.
+pub(crate) async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(&p)?)?;
+        Ok(h.finalize().to_hex().to_string())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// A listing problem cut to [`MAX_LIST_PROBLEM`] bytes (at a character
 /// boundary): what the sharer sends and what the asker keeps.
 pub(crate) fn clip_problem(mut p: String) -> String {

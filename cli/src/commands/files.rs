@@ -63,7 +63,8 @@ pub struct GetOpts {
 /// Progress lines at most this often (and one at the end).
 const JSON_EVERY: Duration = Duration::from_millis(250);
 
-fn bar() -> indicatif::ProgressBar {
+/// The progress bar; drawn nowhere when progress goes out as JSON lines.
+fn bar(json: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -71,6 +72,9 @@ fn bar() -> indicatif::ProgressBar {
         )
         .expect("valid template"),
     );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     bar
 }
 
@@ -107,10 +111,7 @@ pub async fn get(
         ),
     };
     let (agent, pc) = connect_timed(c, target, how.timeout).await?;
-    let bar = bar();
-    if how.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = bar(how.json);
     let last = Mutex::new(None::<Instant>);
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -127,14 +128,12 @@ pub async fn get(
     bar.finish_and_clear();
     pc.close().await;
     agent.close().await;
-    let r = r.map_err(|e| match e {
-        FileError::Io(m) => AgentError::Io(m),
+    let got = r.map_err(|e| match e {
         FileError::Refused(m) if m.contains("is not a file") => AgentError::PeerConnect(format!(
             "{target}: {m} (for a directory, end the name with a slash: {name}/)"
         )),
-        other => AgentError::PeerConnect(format!("{target}: {other}")),
-    });
-    let got = r?;
+        e => fetch_err(target, e),
+    })?;
     if let Some(at) = got.corrupt_from {
         eprintln!(
             "warning: the partial file did not match the file's BLAKE3 tree from byte {at}; \
@@ -212,10 +211,7 @@ async fn get_dir(
             "{target} shares no files under {dir:?}/"
         )));
     }
-    let bar = bar();
-    if how.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = bar(how.json);
     let last = Mutex::new(None::<Instant>);
     let progress = |p: TreeProgress| {
         bar.set_length(p.total_bytes);
@@ -242,7 +238,7 @@ async fn get_dir(
     if how.json {
         println!(
             "{}",
-            json!({"event": "done", "files": p.files, "fetched": p.files - p.skipped - p.failed,
+            json!({"event": "done", "files": p.files, "fetched": p.fetched(),
                    "skipped": p.skipped, "failed": p.failed, "bytes": p.total_bytes,
                    "resumed_bytes": report.resumed_bytes, "path": dest, "seconds": secs})
         );
@@ -250,7 +246,7 @@ async fn get_dir(
         println!(
             "got {dir}/: {} files ({} fetched, {} already complete, {} failed), {} bytes -> {} in {secs:.1} s",
             p.files,
-            p.files - p.skipped - p.failed,
+            p.fetched(),
             p.skipped,
             p.failed,
             p.total_bytes,

@@ -95,7 +95,8 @@ pub async fn reverse(
     listen: SocketAddr,
     timeout: f64,
 ) -> Result<(), AgentError> {
-    use punch_apps::reverse::{self, ReverseConn, ReverseError};
+    use punch_apps::forward::ForwardError;
+    use punch_apps::reverse::{self, ReverseConn};
     // Connections come back as streams TARGET opens: served by this
     // agent's handler, which takes them only from TARGET.
     let conn = ReverseConn::new(target, local);
@@ -104,7 +105,7 @@ pub async fn reverse(
     tokio::spawn(pc.clone().serve());
     let (_send, mut recv) = match reverse::listen(&pc, listen).await {
         Ok(s) => s,
-        Err(ReverseError::Refused(why)) => {
+        Err(ForwardError::Refused(why)) => {
             return Err(AgentError::PeerConnect(format!(
                 "{target} refuses to listen on {listen}: {why}"
             )))
