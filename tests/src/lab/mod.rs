@@ -271,6 +271,21 @@ fn nft(ns: &str, script: &str) -> Result<()> {
     Ok(())
 }
 
+/// The ephemeral port range of host `h` of a `cloudnat-eim` site with
+/// `hosts` hosts. That NAT maps an inside port to `block | (port & 63)`
+/// (one external port whatever the destination); a real Cloud NAT gives a
+/// new socket a free port of the block, ours would drop the flow of a
+/// second socket with the same low bits. Windows of distinct low bits
+/// keep the function one-to-one on the ports the hosts pick; without them
+/// one start in twenty saw its registration collide with its own NAT
+/// check's sockets and ran UDP-less.
+fn eim_port_window(h: usize, hosts: usize) -> String {
+    const BASE: usize = 49152; // a multiple of 64
+    let per = 64 / hosts.clamp(1, 64);
+    let lo = BASE + h * per;
+    format!("net.ipv4.ip_local_port_range={lo} {}", lo + per - 1)
+}
+
 fn sysctl(ns: &str, kv: &str) -> Result<()> {
     sh(in_ns(ns, "sysctl").args(["-qw", kv])).map(|_| ())
 }
@@ -739,6 +754,9 @@ impl Lab {
                 "eth0",
             ])?;
             ip(&["-n", &hn, "link", "set", "eth0", "up"])?;
+            if spec.nat == NatType::CloudnatEim {
+                sysctl(&hn, &eim_port_window(h, spec.hosts))?;
+            }
             ip(&[
                 "-n",
                 &hn,
