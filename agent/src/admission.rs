@@ -180,8 +180,8 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                     return;
                 }
             };
-            let Some(peer_id) =
-                punch_tls::peer_key(&conn).and_then(|k| inner.admission.peer_id(&k))
+            let Some((key, peer_id)) =
+                punch_tls::peer_key(&conn).and_then(|k| Some((k, inner.admission.peer_id(&k)?)))
             else {
                 conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
                 return;
@@ -198,6 +198,13 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
             crate::session::maintain(&inner, v, &conn, None, policy);
             let (kind, remote) = crate::peer::current_path(&inner.socket, v);
             info!(peer = %peer_id, path = kind.as_str(), ?remote, "peer connected");
+            let direct = remote.filter(|_| kind == punch_protocol::signal::PathKind::Direct);
+            let port = inner.endpoint.local_addr().map_or(0, |a| a.port());
+            inner
+                .book
+                .lock()
+                .expect("not poisoned")
+                .confirm(session, key, direct, port);
             inner.events.emit(crate::AgentEvent::PeerConnected {
                 peer: peer_id.clone(),
                 session,

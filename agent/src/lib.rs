@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 mod admission;
+mod book;
 mod builder;
 mod clock;
 mod config;
@@ -77,6 +78,7 @@ pub mod reconnect {
 }
 
 pub use admission::Incoming;
+pub use book::KnownPeer;
 pub use builder::AgentBuilder;
 pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
@@ -165,6 +167,8 @@ pub(crate) struct Inner {
     /// (signaling channel count, mapped address) last told the server.
     pub(crate) portmap_sent: Mutex<Option<(u64, Option<SocketAddr>)>>,
     pub(crate) admission: admission::Admission,
+    /// The peers we connected to, to find them without the server.
+    pub(crate) book: Arc<Mutex<book::Book>>,
 }
 
 /// A running agent. Cheap to clone.
@@ -241,9 +245,9 @@ impl Agent {
             (None, Some(p)) => Identity::load_or_create(p)?,
             (None, None) => Identity::generate()?,
         };
+        let book = book::Book::for_config(&config);
         let router = Arc::new(ProbeRouter::default());
-        let sock = punch_net::bind_udp(config.bind)
-            .map_err(|e| AgentError::Io(format!("cannot bind UDP {}: {e}", config.bind)))?;
+        let sock = book.bind(config.bind)?;
         let socket = PunchSocket::new(sock, router.clone())?;
         let events = events::Events::new();
         {
@@ -306,10 +310,12 @@ impl Agent {
             status,
             events,
             admission,
+            book: Arc::new(Mutex::new(book)),
         });
         let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
             tokio::spawn(admission::accept_loop(inner.clone())),
+            tokio::spawn(session::serverless::run(inner.clone())),
         ];
         if let Some(state) = inner.portmap_state.clone() {
             tasks.push(tokio::spawn(portmap::announce(inner.clone(), state)));
@@ -431,6 +437,14 @@ impl Agent {
         }
     }
 
+    /// The peers the address book knows (those this agent connected to,
+    /// most recent first): what a connect falls back to while the server
+    /// cannot be reached.
+    pub fn known_peers(&self) -> Vec<KnownPeer> {
+        let book = self.inner.book.lock().expect("not poisoned");
+        book.entries().iter().map(KnownPeer::of).collect()
+    }
+
     /// What happens to the agent from now on: registrations, NAT class,
     /// peers connecting, path changes with their cause. The first call
     /// also gets what happened since the agent started (so a caller that
@@ -463,6 +477,9 @@ impl Agent {
     /// without waiting for the connections to drain.
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::SeqCst);
+        // What this run learnt of its peers (it is saved once a second
+        // otherwise, and a one-off command may end sooner).
+        self.inner.book.lock().expect("not poisoned").save();
         // Dropping the control sender ends the signaling writer, which
         // delivers what is queued (outcome reports) before we close.
         let control = self.inner.control.lock().expect("not poisoned").take();

@@ -53,11 +53,14 @@ pub enum Strategy {
     PortMapping,
     /// Over IPv6 (no NAT in the way).
     Ipv6,
+    /// Without the server: to the endpoints the address book remembered,
+    /// the peer called by a knock.
+    AddressBook,
 }
 
 impl Strategy {
     /// `plain`, `block-scan`, `birthday`, `prediction`, `port-mapping`,
-    /// `ipv6`.
+    /// `ipv6`, `address-book`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Strategy::Plain => "plain",
@@ -66,6 +69,7 @@ impl Strategy {
             Strategy::Prediction => "prediction",
             Strategy::PortMapping => "port-mapping",
             Strategy::Ipv6 => "ipv6",
+            Strategy::AddressBook => "address-book",
         }
     }
 }

@@ -27,6 +27,9 @@ pub const MAX_SESSIONS: usize = 256;
 #[derive(Debug, Default)]
 pub struct ProbeRouter {
     sessions: Mutex<HashMap<SessionId, mpsc::Sender<ProbeDatagram>>>,
+    /// Where probes of no running session go, when someone listens: the
+    /// knocks of peers that find us without the server.
+    stray: Mutex<Option<mpsc::Sender<ProbeDatagram>>>,
     /// Probes for no known session, or malformed: dropped and counted.
     pub dropped: AtomicU64,
 }
@@ -48,6 +51,14 @@ impl ProbeRouter {
         self.sessions.lock().expect("not poisoned").remove(&session);
     }
 
+    /// Probes of no running session from now on (a bounded queue: what
+    /// does not fit is dropped and counted).
+    pub(crate) fn strays(&self, queue: usize) -> mpsc::Receiver<ProbeDatagram> {
+        let (tx, rx) = mpsc::channel(queue);
+        *self.stray.lock().expect("not poisoned") = Some(tx);
+        rx
+    }
+
     /// Hands a probe to its session (dropped and counted when none has it,
     /// or its queue is full).
     pub(crate) fn route(&self, from: SocketAddr, data: &[u8]) {
@@ -55,14 +66,19 @@ impl ProbeRouter {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let s = self.sessions.lock().expect("not poisoned");
-        let delivered = s.get(&session).is_some_and(|tx| {
-            tx.try_send(ProbeDatagram {
-                from: punch_net::canonical(from),
-                data: data.to_vec(),
-            })
-            .is_ok()
-        });
+        let d = || ProbeDatagram {
+            from: punch_net::canonical(from),
+            data: data.to_vec(),
+        };
+        let delivered = match self.sessions.lock().expect("not poisoned").get(&session) {
+            Some(tx) => tx.try_send(d()).is_ok(),
+            None => self
+                .stray
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(d()).is_ok()),
+        };
         if !delivered {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -19,6 +19,36 @@ pub async fn query_agent(c: &Common) -> Result<Agent, AgentError> {
     Ok(agent)
 }
 
+/// Longest a connect to a peer the address book knows waits for the
+/// server.
+const KNOWN_PEER_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until the agent registers (`Ok`) or its first attempt fails, or
+/// `limit` passes (the reason as `Err`).
+async fn first_attempt(agent: &Agent, limit: Duration) -> Result<(), AgentError> {
+    let mut rx = agent.watch_status();
+    let wait = async {
+        loop {
+            match &*rx.borrow_and_update() {
+                punch_agent::Status::Registered { .. } => return Ok(()),
+                punch_agent::Status::Failed(e) | punch_agent::Status::Connecting(Some(e)) => {
+                    return Err(e.clone())
+                }
+                punch_agent::Status::Connecting(None) => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(AgentError::Io("agent stopped".into()));
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or_else(|_| {
+        Err(AgentError::ServerUnreachable {
+            server: agent.server().to_string(),
+            reason: format!("not registered within {:.1} s", limit.as_secs_f64()),
+        })
+    })
+}
+
 /// One limit covers registering and connecting, so a script has one
 /// number to set.
 pub async fn connect_timed(
@@ -42,7 +72,22 @@ pub async fn connect_timed_with(
         .start()
         .await?;
     let deadline = Instant::now() + limit;
-    agent.registered(limit).await?;
+    let known = agent
+        .known_peers()
+        .iter()
+        .any(|p| p.worker_id == target && p.reachable_without_server);
+    if known {
+        // The address book knows the target: a server that does not answer
+        // the first attempt is not waited for (the connect knocks on the
+        // peer's last endpoints instead).
+        if let Err(e) = first_attempt(&agent, limit.min(KNOWN_PEER_WAIT)).await {
+            eprintln!(
+                "warning: {e}; connecting to {target} from the address book, without the server"
+            );
+        }
+    } else {
+        agent.registered(limit).await?;
+    }
     let left = deadline.saturating_duration_since(Instant::now());
     let pc = tokio::time::timeout(left, agent.connect(target))
         .await

@@ -71,6 +71,17 @@ fn mac(secret: &[u8; 32], data: &[u8]) -> [u8; MAC_LEN] {
     out
 }
 
+/// The probe secret of a session two agents start without the server
+/// (a knock names a standing session and the new one): from the secret of
+/// a session the server set up between them, which only they (and the
+/// server) know, and the new session's id.
+pub fn derive_secret(standing: &[u8; 32], session: SessionId) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(standing).expect("any key length");
+    m.update(b"punch serverless session v1");
+    m.update(&session.0.to_be_bytes());
+    m.finalize().into_bytes().into()
+}
+
 impl Probe {
     /// A ping from `role` in `session`.
     pub fn ping(role: Role, session: SessionId, txid: u64) -> Probe {

@@ -573,3 +573,72 @@ fn doctor_tells_each_kind_of_site_what_works() {
         }
     }
 }
+
+/// The address book: two agents behind port-restricted NATs that
+/// connected once connect again, 10 times out of 10, with the server
+/// killed (a fresh `connect` process each time, with its key file), by
+/// knocking on each other's remembered endpoints. Direct is the only way:
+/// no server, so no relay.
+#[test]
+fn known_peers_reconnect_while_the_server_is_down() {
+    use punch_lab::lab::matrix::{agent_cmd, pair_lab};
+    use punch_lab::lab::nat::NatType;
+    if !lab_ready("address book in the lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let mut p = pair_lab(
+        NatType::PortRestricted,
+        NatType::PortRestricted,
+        Default::default(),
+    )
+    .unwrap();
+    let key = p.lab.path("worker-a.key");
+    let connect = |p: &punch_lab::lab::matrix::PairLab| {
+        let mut cmd = agent_cmd(&p.ns_a, &p.fp, 5.0).unwrap();
+        cmd.args(p.lab.agent_args_for(&p.ns_a));
+        cmd.args(["connect", "worker-b", "--json", "--timeout", "20", "--id"])
+            .arg("worker-a")
+            .arg("--key-file")
+            .arg(&key);
+        cmd.env("PUNCH_LOG", "info");
+        let r = run(cmd, Duration::from_secs(40)).unwrap();
+        let read = |f: &str| std::fs::read_to_string(p.lab.path(f)).unwrap_or_default();
+        assert_eq!(
+            r.code,
+            Some(0),
+            "{}\n{}\n--- worker-b's log:\n{}\n--- books:\n{}\n{}",
+            r.stdout,
+            r.stderr,
+            read("worker-b.log"),
+            read("worker-a.key.peers.json"),
+            read("worker-b.key.peers.json")
+        );
+        r.json().unwrap()
+    };
+    // Through the server first: both books learn the other.
+    let first = connect(&p);
+    assert_eq!(first["path"], "direct", "{first}");
+    assert!(
+        std::fs::metadata(p.lab.path("worker-a.key.peers.json")).is_ok(),
+        "no address book beside the dialer's key"
+    );
+    assert_eq!(p.lab.kill("punch-server"), 1);
+    // worker-b notices (its keep-alives go unanswered) and knocks.
+    let b = p.lab.kept("worker-b").unwrap();
+    b.wait_line(r#""event":"disconnected""#, Duration::from_secs(30))
+        .unwrap();
+    let mut ms = Vec::new();
+    for i in 0..10 {
+        let v = connect(&p);
+        assert_eq!(v["path"], "direct", "run {i}: {v}");
+        assert_eq!(v["strategy"], "address-book", "run {i}: {v}");
+        ms.push(v["connect_ms"].as_f64().unwrap_or_default());
+    }
+    println!("10/10 reconnects without the server; connect_ms {ms:?}");
+    let book: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.lab.path("worker-b.key.peers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(book["peers"][0]["worker_id"], "worker-a", "{book}");
+}

@@ -20,6 +20,17 @@ pub(crate) async fn controlled(
     offer: Offer,
     probes: mpsc::Receiver<ProbeDatagram>,
 ) {
+    controlled_with(inner, offer, probes, true).await
+}
+
+/// [`controlled`]; `standing`: the server set this session up, so its
+/// secret can authenticate knocks later (see [`super::serverless`]).
+pub(crate) async fn controlled_with(
+    inner: Arc<Inner>,
+    offer: Offer,
+    probes: mpsc::Receiver<ProbeDatagram>,
+    standing: bool,
+) {
     info!(session = %offer.session, peer = %offer.peer_id, "offer: peer wants to connect");
     let v = match register(&inner, &offer) {
         Ok(v) => v,
@@ -36,6 +47,17 @@ pub(crate) async fn controlled(
     inner
         .admission
         .allow(offer.peer_key, &offer.peer_id, window);
+    // Into the address book once the peer's connection comes up.
+    inner.book.lock().expect("not poisoned").expect(
+        offer.session,
+        &offer.peer_id,
+        offer.peer_key,
+        standing.then_some(crate::book::Standing {
+            session: offer.session.0,
+            secret: offer.secret,
+        }),
+        crate::book::endpoints_of(&offer.peer_candidates),
+    );
     let mode = policy.relay;
     if offer.relay && mode != RelayMode::Never {
         let (inner2, offer2) = (inner.clone(), offer.clone());

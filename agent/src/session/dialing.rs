@@ -32,7 +32,8 @@ const HANDSHAKE_ON_DIRECT: Duration = Duration::from_millis(2500);
 /// Longest a connect waits for our NAT's mapping to be classified.
 const NAT_WAIT: Duration = Duration::from_millis(1500);
 
-/// The controlling side of `Agent::connect`.
+/// The controlling side of `Agent::connect`: through the server, or,
+/// while it cannot be reached, to a peer the address book knows.
 pub(crate) async fn connect(
     inner: &Arc<Inner>,
     target: &str,
@@ -40,6 +41,34 @@ pub(crate) async fn connect(
 ) -> Result<PeerConnection, AgentError> {
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
+    let known = || {
+        inner
+            .book
+            .lock()
+            .expect("not poisoned")
+            .get(target)
+            .cloned()
+    };
+    let registered = matches!(*inner.status.borrow(), crate::Status::Registered { .. });
+    if !registered {
+        if let Some(entry) = known() {
+            return super::serverless::connect(inner, target, entry, policy).await;
+        }
+    }
+    match via_server(inner, target, policy).await {
+        Err(AgentError::ServerUnreachable { .. }) if known().is_some() => {
+            let entry = known().expect("just seen");
+            super::serverless::connect(inner, target, entry, policy).await
+        }
+        r => r,
+    }
+}
+
+async fn via_server(
+    inner: &Arc<Inner>,
+    target: &str,
+    policy: DialPolicy,
+) -> Result<PeerConnection, AgentError> {
     let start = Instant::now();
     // A fresh agent's NAT mapping is known a few round trips after it
     // registers; the peer pair's punching method depends on it.
@@ -129,7 +158,7 @@ pub(crate) async fn connect(
     }
     let _held = Held(inner, v);
     let span = info_span!("connect", session = %offer.session, peer = %target);
-    let r = dial(inner, target, &offer, v, probes, start, policy)
+    let r = dial(inner, target, &offer, v, probes, start, policy, false)
         .instrument(span)
         .await;
     if let Ok(pc) = &r {
@@ -181,7 +210,10 @@ pub(super) async fn request_offer(
     Ok((offer, probes))
 }
 
-async fn dial(
+/// Punches (or binds the relay) and opens the connection for `offer`;
+/// `serverless`: the offer is the address book's, not the server's.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn dial(
     inner: &Arc<Inner>,
     target: &str,
     offer: &Offer,
@@ -189,6 +221,7 @@ async fn dial(
     probes: mpsc::Receiver<ProbeDatagram>,
     start: Instant,
     policy: DialPolicy,
+    serverless: bool,
 ) -> Result<PeerConnection, AgentError> {
     let mode = policy.relay;
     if mode == RelayMode::Force && !offer.relay {
@@ -338,11 +371,29 @@ async fn dial(
             }));
     report(inner, offer, kind, start, remote, via_mapped);
     // A path found after the start on the relay: the punch's.
-    let strategy = if kind == PathKind::Direct {
-        strategy.or(Some(Strategy::Plain))
-    } else {
+    let strategy = if kind != PathKind::Direct {
         None
+    } else if serverless {
+        Some(Strategy::AddressBook)
+    } else {
+        strategy.or(Some(Strategy::Plain))
     };
+    let port = inner.endpoint.local_addr().map_or(0, |a| a.port());
+    let mut endpoints: Vec<SocketAddr> = remote
+        .filter(|_| kind == PathKind::Direct)
+        .into_iter()
+        .collect();
+    endpoints.extend(crate::book::endpoints_of(&offer.peer_candidates));
+    inner.book.lock().expect("not poisoned").record(
+        target,
+        offer.peer_key,
+        (!serverless).then_some(crate::book::Standing {
+            session: offer.session.0,
+            secret: offer.secret,
+        }),
+        &endpoints,
+        port,
+    );
     let relay_reason = (start_kind == PathKind::Relayed)
         .then_some(relay_reason)
         .flatten();

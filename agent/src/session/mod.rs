@@ -8,6 +8,7 @@ mod answering;
 pub(crate) mod birthday;
 mod dialing;
 mod punching;
+pub(crate) mod serverless;
 mod upkeep;
 
 pub(crate) use answering::controlled;

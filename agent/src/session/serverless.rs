@@ -1,0 +1,284 @@
+//! Reaching a known peer while the server is away, from the address book
+//! ([`crate::book`]).
+//!
+//! While an agent is not registered, it knocks once a second on the last
+//! endpoints of its most recent peers: a probe of a standing session (one
+//! the server set up between us, whose secret only the two agents and the
+//! server know) with txid 0. Nobody answers a knock; it keeps our own NAT
+//! open for the peer. A dialer knocks with the txid set to a new session
+//! id: the peer, whose NAT lets the knock in (it has been knocking us),
+//! starts the controlled side of that session with a secret derived from
+//! the standing one ([`punch_protocol::probe::derive_secret`]), both punch
+//! as they do for a server's offer, and the dialer opens QUIC expecting the
+//! pinned key. A knock that does not verify against a standing secret is
+//! dropped: a peer learns nothing, and an endpoint only ever serves the
+//! key it was recorded for.
+
+use super::dialing::dial;
+use super::release;
+use crate::book::{Entry, Standing};
+use crate::options::DialPolicy;
+use crate::peer::PeerConnection;
+use crate::socket::ProbeDatagram;
+use crate::{AgentError, Inner, RelayMode, Status};
+use punch_protocol::probe::{derive_secret, Probe, ProbeKind};
+use punch_protocol::signal::{Candidate, CandidateKind, Offer, Role, SessionId};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// How often an unregistered agent knocks on its recent peers.
+const KNOCK_EVERY: Duration = Duration::from_secs(1);
+/// How many of the most recent peers it knocks on.
+const KNOCK_PEERS: usize = 16;
+/// How often a dialer repeats its knock until the peer answers.
+const DIAL_KNOCK_EVERY: Duration = Duration::from_millis(200);
+/// Probes of no running session waiting to be looked at.
+const STRAY_QUEUE: usize = 64;
+/// Most sessions started by knocks at once (each lives through its
+/// admission window, about half a minute) ...
+const MAX_ANSWERING: usize = 64;
+/// ... and of those, most for one peer: no known peer takes them all.
+const MAX_ANSWERING_PER_PEER: usize = 16;
+/// New sessions remembered, so a repeated (or replayed) knock starts none.
+const SEEN: usize = 128;
+
+fn registered(inner: &Inner) -> bool {
+    matches!(*inner.status.borrow(), Status::Registered { .. })
+}
+
+/// Knocks while unregistered, answers knocks, and saves the book when it
+/// changed; for the agent's lifetime.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut strays = inner.router.strays(STRAY_QUEUE);
+    let mut tick = tokio::time::interval(KNOCK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = VecDeque::with_capacity(SEEN);
+    let answering = Arc::new(Mutex::new(HashMap::new()));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let book = inner.book.clone();
+                // A small file, but a disk can stall: not on the runtime.
+                let _ = tokio::task::spawn_blocking(move || book.lock().expect("not poisoned").save()).await;
+                if !registered(&inner) {
+                    keep_knocking(&inner);
+                }
+            }
+            d = strays.recv() => match d {
+                Some(d) => on_stray(&inner, d, &mut seen, &answering),
+                None => return,
+            },
+        }
+    }
+}
+
+fn keep_knocking(inner: &Inner) {
+    let entries = inner.book.lock().expect("not poisoned").entries();
+    for e in entries.iter().take(KNOCK_PEERS) {
+        let Some(s) = e.standing.first() else {
+            continue;
+        };
+        let knock = Probe::ping(Role::Controlled, SessionId(s.session), 0).encode(&s.secret);
+        for ep in &e.endpoints {
+            if inner.socket.supports(ep.ip()) {
+                let _ = inner.socket.send_probe(*ep, &knock);
+            }
+        }
+    }
+}
+
+/// A probe of no running session: a knock, if it verifies against a
+/// standing session of the book.
+fn on_stray(
+    inner: &Arc<Inner>,
+    d: ProbeDatagram,
+    seen: &mut VecDeque<u64>,
+    answering: &Arc<Mutex<HashMap<String, usize>>>,
+) {
+    let Ok(standing) = Probe::peek_session(&d.data) else {
+        return;
+    };
+    let found = {
+        let book = inner.book.lock().expect("not poisoned");
+        book.by_standing(standing).map(|(e, s)| (e.clone(), s))
+    };
+    let Some((entry, secret)) = found else {
+        return;
+    };
+    let Ok(p) = Probe::decode(&d.data, &secret) else {
+        debug!(from = %d.from, "a knock that does not verify; dropped");
+        return;
+    };
+    if p.kind != ProbeKind::Ping {
+        return;
+    }
+    inner
+        .book
+        .lock()
+        .expect("not poisoned")
+        .saw(&entry.worker_id, d.from);
+    if p.txid == 0 || p.role != Role::Controlling || seen.contains(&p.txid) {
+        return;
+    }
+    if seen.len() >= SEEN {
+        seen.pop_front();
+    }
+    seen.push_back(p.txid);
+    {
+        let a = answering.lock().expect("not poisoned");
+        let (all, theirs) = (a.values().sum::<usize>(), a.get(&entry.worker_id).copied());
+        if all >= MAX_ANSWERING || theirs.unwrap_or(0) >= MAX_ANSWERING_PER_PEER {
+            warn!(peer = %entry.worker_id, all, "a known peer knocks, but too many sessions without the server run already");
+            return;
+        }
+    }
+    let session = SessionId(p.txid);
+    let Some(probes) = inner.router.register(session) else {
+        return;
+    };
+    let mut candidates = vec![Candidate {
+        addr: d.from,
+        kind: CandidateKind::PeerReflexive,
+    }];
+    candidates.extend(
+        entry
+            .endpoints
+            .iter()
+            .filter(|a| **a != d.from)
+            .map(|a| Candidate {
+                addr: *a,
+                kind: CandidateKind::ServerReflexive,
+            }),
+    );
+    let offer = Offer {
+        req: None,
+        session,
+        secret: derive_secret(&secret, session),
+        role: Role::Controlled,
+        peer_id: entry.worker_id.clone(),
+        peer_key: entry.key,
+        peer_candidates: candidates,
+        start_in_ms: 0,
+        relay: false,
+        peer_nat: None,
+        peer_tcp_only: false,
+    };
+    info!(peer = %entry.worker_id, %session, from = %d.from, "a known peer knocks without the server: punching back");
+    let peer = entry.worker_id.clone();
+    *answering
+        .lock()
+        .expect("not poisoned")
+        .entry(peer.clone())
+        .or_default() += 1;
+    let (inner, answering) = (inner.clone(), answering.clone());
+    tokio::spawn(async move {
+        super::answering::controlled_with(inner, offer, probes, false).await;
+        let mut a = answering.lock().expect("not poisoned");
+        if let Some(n) = a.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                a.remove(&peer);
+            }
+        }
+    });
+}
+
+/// Connects to `target`, known from the book as `entry`, without the
+/// server.
+pub(crate) async fn connect(
+    inner: &Arc<Inner>,
+    target: &str,
+    entry: Entry,
+    policy: DialPolicy,
+) -> Result<PeerConnection, AgentError> {
+    let unreachable = |reason: String| AgentError::ServerUnreachable {
+        server: inner.config.server.clone(),
+        reason,
+    };
+    let Some(Standing {
+        session: standing,
+        secret: standing_secret,
+    }) = entry.standing.first().copied()
+    else {
+        return Err(unreachable(format!(
+            "not registered, and the address book has no session with {target:?}"
+        )));
+    };
+    let endpoints: Vec<_> = entry
+        .endpoints
+        .iter()
+        .filter(|a| inner.socket.supports(a.ip()))
+        .copied()
+        .collect();
+    if endpoints.is_empty() {
+        return Err(unreachable(format!(
+            "not registered, and the address book has no endpoint of {target:?}"
+        )));
+    }
+    let start = Instant::now();
+    let session = SessionId(rand::random::<u64>() | 1);
+    let offer = Offer {
+        req: None,
+        session,
+        secret: derive_secret(&standing_secret, session),
+        role: Role::Controlling,
+        peer_id: target.to_string(),
+        peer_key: entry.key,
+        peer_candidates: endpoints
+            .iter()
+            .map(|a| Candidate {
+                addr: *a,
+                kind: CandidateKind::ServerReflexive,
+            })
+            .collect(),
+        start_in_ms: 0,
+        relay: false,
+        peer_nat: None,
+        peer_tcp_only: false,
+    };
+    let probes = inner
+        .router
+        .register(session)
+        .ok_or_else(|| AgentError::PeerConnect("too many punch sessions".into()))?;
+    let v = match super::register(inner, &offer) {
+        Ok(v) => v,
+        Err(e) => {
+            inner.router.unregister(session);
+            return Err(e);
+        }
+    };
+    struct Held<'a>(&'a Arc<Inner>, std::net::SocketAddr);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            release(self.0, self.1);
+        }
+    }
+    let _held = Held(inner, v);
+    info!(peer = %target, %session, endpoints = ?endpoints, "not registered: knocking on the peer's last endpoints (address book)");
+    let knock =
+        Probe::ping(Role::Controlling, SessionId(standing), session.0).encode(&standing_secret);
+    let knocking = async {
+        loop {
+            for ep in &endpoints {
+                let _ = inner.socket.send_probe(*ep, &knock);
+            }
+            tokio::time::sleep(DIAL_KNOCK_EVERY).await;
+        }
+    };
+    // No relay without the server.
+    let policy = DialPolicy {
+        relay: RelayMode::Never,
+        ..policy
+    };
+    let span = info_span!("connect", %session, peer = %target, serverless = true);
+    let r = tokio::select! {
+        r = dial(inner, target, &offer, v, probes, start, policy, true).instrument(span) => r,
+        _ = knocking => unreachable!("knocks until the dial ends"),
+    };
+    if let Ok(pc) = &r {
+        super::maintain(inner, v, &pc.conn, Some(target.to_string()), policy);
+    }
+    r
+}
