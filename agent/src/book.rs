@@ -86,6 +86,16 @@ impl KnownPeer {
     }
 }
 
+impl crate::Agent {
+    /// The peers the address book knows (those this agent connected to,
+    /// most recent first): what a connect falls back to while the server
+    /// cannot be reached.
+    pub fn known_peers(&self) -> Vec<KnownPeer> {
+        let book = self.inner.book.lock().expect("not poisoned");
+        book.entries().iter().map(KnownPeer::of).collect()
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct File {
     version: u32,

@@ -57,6 +57,12 @@ impl AgentBuilder {
         self.config.stun.push(server.into());
         self
     }
+    /// Announce us on the LAN and find agents there (`--lan-discovery`).
+    pub fn lan_discovery(mut self, on: bool) -> Self {
+        self.config.lan_discovery = on;
+        self
+    }
+
     /// Skip classifying our NAT (`--no-nat-check`).
     pub fn no_nat_check(mut self) -> Self {
         self.config.nat_check = false;

@@ -81,6 +81,10 @@ pub struct AgentConfig {
     /// Ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and
     /// offer it to peers (`--port-mapping`).
     pub port_mapping: portmap::PortMapSettings,
+    /// Announce us on the LAN and browse for other agents (mDNS,
+    /// `--lan-discovery`): known peers are found there without the
+    /// server, and agents sharing a token meet there for the first time.
+    pub lan_discovery: bool,
 }
 
 impl AgentConfig {
@@ -112,6 +116,7 @@ impl AgentConfig {
             tags: Vec::new(),
             metadata: Vec::new(),
             port_mapping: portmap::PortMapSettings::default(),
+            lan_discovery: false,
         }
     }
 }

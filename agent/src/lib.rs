@@ -55,6 +55,7 @@ mod clock;
 mod config;
 mod error;
 mod events;
+mod lan;
 mod nat_state;
 pub mod natcheck;
 mod options;
@@ -83,6 +84,7 @@ pub use builder::AgentBuilder;
 pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
 pub use events::{AgentEvent, PathCause, PathChange, EVENT_BUFFER};
+pub use lan::LanPeer;
 pub use options::ConnectOptions;
 pub use peer::{
     open_protocol_on, PathInfo, PeerConnection, PeerError, Pinger, RelayReason, Strategy,
@@ -169,6 +171,8 @@ pub(crate) struct Inner {
     pub(crate) admission: admission::Admission,
     /// The peers we connected to, to find them without the server.
     pub(crate) book: Arc<Mutex<book::Book>>,
+    /// LAN discovery, when on.
+    pub(crate) lan: Option<lan::Lan>,
 }
 
 /// A running agent. Cheap to clone.
@@ -277,6 +281,7 @@ impl Agent {
             Err(_) => None,
         };
         let portmap_state = portmap.as_ref().map(|h| h.state());
+        let lan = lan::Lan::for_agent(&config, &worker_id, &identity, &endpoint);
         let inner = Arc::new(Inner {
             config,
             identity,
@@ -311,6 +316,7 @@ impl Agent {
             events,
             admission,
             book: Arc::new(Mutex::new(book)),
+            lan,
         });
         let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
@@ -435,14 +441,6 @@ impl Agent {
                     )))
                 }),
         }
-    }
-
-    /// The peers the address book knows (those this agent connected to,
-    /// most recent first): what a connect falls back to while the server
-    /// cannot be reached.
-    pub fn known_peers(&self) -> Vec<KnownPeer> {
-        let book = self.inner.book.lock().expect("not poisoned");
-        book.entries().iter().map(KnownPeer::of).collect()
     }
 
     /// What happens to the agent from now on: registrations, NAT class,

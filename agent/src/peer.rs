@@ -56,11 +56,14 @@ pub enum Strategy {
     /// Without the server: to the endpoints the address book remembered,
     /// the peer called by a knock.
     AddressBook,
+    /// Without the server: to the endpoints the peer announces on the LAN
+    /// (mDNS), the peer called by a knock.
+    Lan,
 }
 
 impl Strategy {
     /// `plain`, `block-scan`, `birthday`, `prediction`, `port-mapping`,
-    /// `ipv6`, `address-book`.
+    /// `ipv6`, `address-book`, `lan`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Strategy::Plain => "plain",
@@ -70,6 +73,7 @@ impl Strategy {
             Strategy::PortMapping => "port-mapping",
             Strategy::Ipv6 => "ipv6",
             Strategy::AddressBook => "address-book",
+            Strategy::Lan => "lan",
         }
     }
 }

@@ -64,6 +64,13 @@ pub struct Common {
     /// SHA-256 fingerprint of the server key (`punch-server fingerprint`).
     #[arg(long, global = true, env = "PUNCH_SERVER_FINGERPRINT")]
     pub server_fingerprint: Option<String>,
+    /// Announce this agent on the local network and find others there
+    /// (mDNS, `_punch._udp.local.`, carrying the worker id and key only):
+    /// a connect to a known peer then finds it on the LAN while the server
+    /// is away, and agents with the same --token meet there without any
+    /// server.
+    #[arg(long, global = true, env = "PUNCH_LAN_DISCOVERY", value_parser = BoolishValueParser::new())]
+    pub lan_discovery: bool,
     /// Token, if the server requires one.
     #[arg(long, global = true, env = "PUNCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -199,6 +206,18 @@ pub enum Cmd {
     /// List workers online or stale (recently dropped), optionally of one
     /// type and with one tag.
     List {
+        /// The agents LAN discovery sees on the local network (mDNS; no
+        /// server needed) instead of the server's registry: worker id, key
+        /// fingerprint, endpoints. Listens for --lan-wait seconds.
+        #[arg(long, env = "PUNCH_LIST_LAN", value_parser = BoolishValueParser::new())]
+        lan: bool,
+        /// With --lan: how long to listen for announcements.
+        #[arg(long, env = "PUNCH_LIST_LAN_WAIT", default_value_t = 2.0)]
+        lan_wait: f64,
+        /// The address book instead (the peers this agent's key has
+        /// connected to, which a connect reaches without the server).
+        #[arg(long, env = "PUNCH_LIST_KNOWN", value_parser = BoolishValueParser::new(), conflicts_with = "lan")]
+        known: bool,
         /// Only workers of this type.
         #[arg(long = "type", env = "PUNCH_LIST_TYPE")]
         kind: Option<String>,

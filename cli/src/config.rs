@@ -50,6 +50,7 @@ pub fn config(c: &Common, persistent: bool) -> Result<AgentConfig, AgentError> {
     cfg.relay_after = secs(c.relay_after, "--relay-after")?;
     cfg.stun = c.stun.clone();
     cfg.nat_check = !c.no_nat_check;
+    cfg.lan_discovery = c.lan_discovery;
     cfg.server_tcp = c.server_tcp.clone().filter(|s| !s.is_empty());
     cfg.server_ca = c.server_ca.clone();
     cfg.proxy = c.proxy.clone().filter(|s| !s.is_empty());

@@ -82,12 +82,23 @@ async fn main() -> ExitCode {
             };
             (false, serve::run(&cli.common, args).await)
         }
-        Cmd::List { kind, tag, json } => {
+        Cmd::List {
+            lan,
+            lan_wait,
+            known,
+            kind,
+            tag,
+            json,
+        } => {
             init_logs("error");
-            (
-                *json,
-                registry::list(&cli.common, kind.as_deref(), tag.as_deref(), *json).await,
-            )
+            let r = if *lan {
+                registry::list_lan(&cli.common, *lan_wait, *json).await
+            } else if *known {
+                registry::list_known(&cli.common, *json).await
+            } else {
+                registry::list(&cli.common, kind.as_deref(), tag.as_deref(), *json).await
+            };
+            (*json, r)
         }
         Cmd::Discover { kind, json } => {
             init_logs("error");

@@ -75,14 +75,15 @@ pub async fn connect_timed_with(
     let known = agent
         .known_peers()
         .iter()
-        .any(|p| p.worker_id == target && p.reachable_without_server);
+        .any(|p| p.worker_id == target && p.reachable_without_server)
+        || c.lan_discovery;
     if known {
-        // The address book knows the target: a server that does not answer
-        // the first attempt is not waited for (the connect knocks on the
-        // peer's last endpoints instead).
+        // The address book knows the target, or the LAN may: a server that
+        // does not answer the first attempt is not waited for (the connect
+        // knocks on the peer's last or announced endpoints instead).
         if let Err(e) = first_attempt(&agent, limit.min(KNOWN_PEER_WAIT)).await {
             eprintln!(
-                "warning: {e}; connecting to {target} from the address book, without the server"
+                "warning: {e}; connecting to {target} without the server (address book, LAN)"
             );
         }
     } else {

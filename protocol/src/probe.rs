@@ -82,6 +82,18 @@ pub fn derive_secret(standing: &[u8; 32], session: SessionId) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// The standing session of agents that share a fleet token, for a first
+/// meeting on a LAN with no server: its id and secret, both from the token
+/// (so only token holders can knock with it or answer its probes).
+pub fn token_standing(token: &str) -> (SessionId, [u8; 32]) {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes()).expect("any key length");
+    m.update(b"punch lan standing v1");
+    let secret: [u8; 32] = m.finalize().into_bytes().into();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&derive_secret(&secret, SessionId(0))[..8]);
+    (SessionId(u64::from_be_bytes(id)), secret)
+}
+
 impl Probe {
     /// A ping from `role` in `session`.
     pub fn ping(role: Role, session: SessionId, txid: u64) -> Probe {

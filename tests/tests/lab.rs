@@ -642,3 +642,83 @@ fn known_peers_reconnect_while_the_server_is_down() {
     .unwrap();
     assert_eq!(book["peers"][0]["worker_id"], "worker-a", "{book}");
 }
+
+/// LAN discovery: two agents on one LAN, no server anywhere (none ever
+/// ran), holding the same token, find each other by mDNS and connect
+/// directly, 10 times out of 10 (a fresh `connect` each time, with a
+/// one-off key: a first meeting every time).
+#[test]
+fn agents_on_one_lan_meet_with_no_server_at_all() {
+    use punch_lab::harness::Proc;
+    use punch_lab::lab::matrix::agent_cmd;
+    use punch_lab::lab::nat::NatType;
+    use punch_lab::lab::{Lab, SiteSpec};
+    if !lab_ready("LAN discovery in the lab", &[]) {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let mut lab = Lab::new().unwrap();
+    let s = lab
+        .add_site(&SiteSpec {
+            nat: NatType::PortRestricted,
+            hosts: 2,
+            impair: Default::default(),
+            port_mapping: None,
+            ipv6: false,
+        })
+        .unwrap();
+    let (ha, hb) = (lab.sites[s].hosts[0].clone(), lab.sites[s].hosts[1].clone());
+    // No server runs: any fingerprint will do.
+    let fp = "00".repeat(32);
+    let agent = |ns: &str| {
+        let mut cmd = agent_cmd(ns, &fp, 5.0).unwrap();
+        cmd.args(["--lan-discovery", "--token", "lab-fleet-token"]);
+        cmd
+    };
+    let mut b = agent(&hb);
+    b.args(["serve", "--events", "--id", "worker-b", "--key-file"])
+        .arg(lab.path("worker-b.key"));
+    b.env("PUNCH_LOG", "info");
+    let p = Proc::spawn_tee("worker-b", b, &lab.path("worker-b.log")).unwrap();
+    lab.keep(p);
+    // A sees B on the LAN (bounded: mDNS answers within a second or two).
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..20 {
+        let mut cmd = agent(&ha);
+        cmd.args(["list", "--lan", "--json", "--lan-wait", "1"]);
+        let r = run(cmd, Duration::from_secs(20)).unwrap();
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        seen = r.json().unwrap();
+        if seen
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p["worker_id"] == "worker-b"))
+        {
+            break;
+        }
+    }
+    let peer = seen
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["worker_id"] == "worker-b"))
+        .unwrap_or_else(|| panic!("worker-b never seen on the LAN: {seen}"));
+    assert_eq!(peer["endpoints"].as_array().unwrap().len(), 1, "{peer}");
+    let mut ms = Vec::new();
+    for i in 0..10 {
+        let mut cmd = agent(&ha);
+        cmd.args(["connect", "worker-b", "--json", "--timeout", "20"]);
+        cmd.env("PUNCH_LOG", "info");
+        let r = run(cmd, Duration::from_secs(40)).unwrap();
+        assert_eq!(
+            r.code,
+            Some(0),
+            "run {i}: {}\n{}\n--- worker-b's log:\n{}",
+            r.stdout,
+            r.stderr,
+            std::fs::read_to_string(lab.path("worker-b.log")).unwrap_or_default()
+        );
+        let v = r.json().unwrap();
+        assert_eq!(v["path"], "direct", "run {i}: {v}");
+        assert_eq!(v["strategy"], "lan", "run {i}: {v}");
+        ms.push(v["connect_ms"].as_f64().unwrap_or_default());
+    }
+    println!("10/10 LAN connects with no server; connect_ms {ms:?}");
+}

@@ -33,7 +33,8 @@ const HANDSHAKE_ON_DIRECT: Duration = Duration::from_millis(2500);
 const NAT_WAIT: Duration = Duration::from_millis(1500);
 
 /// The controlling side of `Agent::connect`: through the server, or,
-/// while it cannot be reached, to a peer the address book knows.
+/// while it cannot be reached, to a peer the address book or the LAN
+/// knows.
 pub(crate) async fn connect(
     inner: &Arc<Inner>,
     target: &str,
@@ -41,24 +42,18 @@ pub(crate) async fn connect(
 ) -> Result<PeerConnection, AgentError> {
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
-    let known = || {
-        inner
-            .book
-            .lock()
-            .expect("not poisoned")
-            .get(target)
-            .cloned()
-    };
     let registered = matches!(*inner.status.borrow(), crate::Status::Registered { .. });
     if !registered {
-        if let Some(entry) = known() {
-            return super::serverless::connect(inner, target, entry, policy).await;
+        if let Some(r) = super::serverless::without_server(inner, target, policy).await {
+            return r;
         }
     }
     match via_server(inner, target, policy).await {
-        Err(AgentError::ServerUnreachable { .. }) if known().is_some() => {
-            let entry = known().expect("just seen");
-            super::serverless::connect(inner, target, entry, policy).await
+        Err(e @ AgentError::ServerUnreachable { .. }) => {
+            match super::serverless::without_server(inner, target, policy).await {
+                Some(r) => r,
+                None => Err(e),
+            }
         }
         r => r,
     }
@@ -158,7 +153,7 @@ async fn via_server(
     }
     let _held = Held(inner, v);
     let span = info_span!("connect", session = %offer.session, peer = %target);
-    let r = dial(inner, target, &offer, v, probes, start, policy, false)
+    let r = dial(inner, target, &offer, v, probes, start, policy, None)
         .instrument(span)
         .await;
     if let Ok(pc) = &r {
@@ -211,7 +206,8 @@ pub(super) async fn request_offer(
 }
 
 /// Punches (or binds the relay) and opens the connection for `offer`;
-/// `serverless`: the offer is the address book's, not the server's.
+/// `serverless`: the offer is not the server's but made from what the
+/// address book or the LAN knows, and a direct path counts as found so.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn dial(
     inner: &Arc<Inner>,
@@ -221,7 +217,7 @@ pub(super) async fn dial(
     probes: mpsc::Receiver<ProbeDatagram>,
     start: Instant,
     policy: DialPolicy,
-    serverless: bool,
+    serverless: Option<Strategy>,
 ) -> Result<PeerConnection, AgentError> {
     let mode = policy.relay;
     if mode == RelayMode::Force && !offer.relay {
@@ -373,8 +369,8 @@ pub(super) async fn dial(
     // A path found after the start on the relay: the punch's.
     let strategy = if kind != PathKind::Direct {
         None
-    } else if serverless {
-        Some(Strategy::AddressBook)
+    } else if serverless.is_some() {
+        serverless
     } else {
         strategy.or(Some(Strategy::Plain))
     };
@@ -387,7 +383,7 @@ pub(super) async fn dial(
     inner.book.lock().expect("not poisoned").record(
         target,
         offer.peer_key,
-        (!serverless).then_some(crate::book::Standing {
+        serverless.is_none().then_some(crate::book::Standing {
             session: offer.session.0,
             secret: offer.secret,
         }),

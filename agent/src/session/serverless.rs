@@ -18,10 +18,10 @@ use super::dialing::dial;
 use super::release;
 use crate::book::{Entry, Standing};
 use crate::options::DialPolicy;
-use crate::peer::PeerConnection;
+use crate::peer::{PeerConnection, Strategy};
 use crate::socket::ProbeDatagram;
 use crate::{AgentError, Inner, RelayMode, Status};
-use punch_protocol::probe::{derive_secret, Probe, ProbeKind};
+use punch_protocol::probe::{derive_secret, token_standing, Probe, ProbeKind};
 use punch_protocol::signal::{Candidate, CandidateKind, Offer, Role, SessionId};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -104,7 +104,7 @@ fn on_stray(
         let book = inner.book.lock().expect("not poisoned");
         book.by_standing(standing).map(|(e, s)| (e.clone(), s))
     };
-    let Some((entry, secret)) = found else {
+    let Some((entry, secret)) = found.or_else(|| first_meeting(inner, standing, &d)) else {
         return;
     };
     let Ok(p) = Probe::decode(&d.data, &secret) else {
@@ -185,13 +185,116 @@ fn on_stray(
     });
 }
 
-/// Connects to `target`, known from the book as `entry`, without the
-/// server.
-pub(crate) async fn connect(
+/// A knock of the token's standing session from an agent announced on
+/// the LAN at its source: that agent, as the book would have it (no
+/// standing session of its own; its key the announced one, unless the
+/// book pins another for its id).
+fn first_meeting(
+    inner: &Inner,
+    standing: SessionId,
+    d: &ProbeDatagram,
+) -> Option<(Entry, [u8; 32])> {
+    let token = inner.config.token.as_deref()?;
+    let lan = inner.lan.as_ref()?;
+    let (session, secret) = token_standing(token);
+    if session != standing {
+        return None;
+    }
+    let Some(p) = lan.at(d.from) else {
+        debug!(from = %d.from, "a token knock from an address no LAN announcement names (yet)");
+        return None;
+    };
+    let pinned = inner
+        .book
+        .lock()
+        .expect("not poisoned")
+        .get(&p.worker_id)
+        .map(|e| e.key);
+    if pinned.is_some_and(|k| k != p.key) {
+        warn!(peer = %p.worker_id, from = %d.from, "a LAN knock for a worker whose pinned key is another; ignored");
+        return None;
+    }
+    let entry = Entry {
+        worker_id: p.worker_id,
+        key: p.key,
+        endpoints: p.endpoints,
+        standing: Vec::new(),
+        last_ok: 0,
+    };
+    Some((entry, secret))
+}
+
+/// How long a connect without the server waits for a LAN announcement of
+/// its target: a peer the book knows (its remembered endpoints may do) ...
+const LAN_WAIT_KNOWN: Duration = Duration::from_millis(300);
+/// ... and one it does not (a first meeting: nothing else to try).
+const LAN_WAIT_NEW: Duration = Duration::from_secs(2);
+
+/// A connect to `target` without the server: to the endpoints the book
+/// remembers and the LAN announces for the key the book pins, or, for a
+/// first meeting, to the agent the LAN announces under that id when we
+/// hold a token to prove ourselves with. `None`: nothing to try.
+pub(crate) async fn without_server(
+    inner: &Arc<Inner>,
+    target: &str,
+    policy: DialPolicy,
+) -> Option<Result<PeerConnection, AgentError>> {
+    let known = inner
+        .book
+        .lock()
+        .expect("not poisoned")
+        .get(target)
+        .cloned();
+    let token = inner.config.token.as_deref().map(token_standing);
+    let seen = match &inner.lan {
+        Some(l) if known.is_some() => l.find(target, LAN_WAIT_KNOWN).await,
+        Some(l) if token.is_some() => l.find(target, LAN_WAIT_NEW).await,
+        _ => None,
+    };
+    let token = token.map(|(s, secret)| Standing {
+        session: s.0,
+        secret,
+    });
+    let (entry, strategy) = match known {
+        Some(mut e) => {
+            let lan = crate::lan::endpoints_for(&e.key, seen.as_ref());
+            let strategy = if lan.is_empty() {
+                Strategy::AddressBook
+            } else {
+                Strategy::Lan
+            };
+            let mut eps = lan;
+            for a in &e.endpoints {
+                if !eps.contains(a) {
+                    eps.push(*a);
+                }
+            }
+            e.endpoints = eps;
+            e.standing.extend(token);
+            (e, strategy)
+        }
+        None => {
+            let p = seen?;
+            let e = Entry {
+                worker_id: p.worker_id,
+                key: p.key,
+                endpoints: p.endpoints,
+                standing: vec![token?],
+                last_ok: 0,
+            };
+            (e, Strategy::Lan)
+        }
+    };
+    Some(connect(inner, target, entry, policy, strategy).await)
+}
+
+/// Connects to `target`, known as `entry`, without the server.
+async fn connect(
     inner: &Arc<Inner>,
     target: &str,
     entry: Entry,
     policy: DialPolicy,
+    strategy: Strategy,
 ) -> Result<PeerConnection, AgentError> {
     let unreachable = |reason: String| AgentError::ServerUnreachable {
         server: inner.config.server.clone(),
@@ -274,7 +377,7 @@ pub(crate) async fn connect(
     };
     let span = info_span!("connect", %session, peer = %target, serverless = true);
     let r = tokio::select! {
-        r = dial(inner, target, &offer, v, probes, start, policy, true).instrument(span) => r,
+        r = dial(inner, target, &offer, v, probes, start, policy, Some(strategy)).instrument(span) => r,
         _ = knocking => unreachable!("knocks until the dial ends"),
     };
     if let Ok(pc) = &r {

@@ -79,3 +79,75 @@ pub async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentErr
         Err(e) => Err(e),
     }
 }
+
+/// `list --lan`: what LAN discovery sees within `wait` seconds (no server
+/// needed: the agent does not wait to register).
+pub async fn list_lan(c: &Common, wait: f64, json: bool) -> Result<(), AgentError> {
+    let limit = secs(wait, "--lan-wait")?;
+    let mut cfg = crate::config::config(c, false)?;
+    cfg.lan_discovery = true;
+    cfg.nat_check = false;
+    cfg.port_mapping.mode = punch_agent::portmap::PortMapping::Off;
+    let agent = punch_agent::Agent::start(cfg).await?;
+    tokio::time::sleep(limit).await;
+    let peers = agent.lan_peers();
+    agent.close().await;
+    if json {
+        println!("{}", json!(peers));
+        return Ok(());
+    }
+    println!("{:<24} {:<18} ENDPOINTS", "WORKER", "KEY");
+    for p in &peers {
+        let eps: Vec<String> = p.endpoints.iter().map(|e| e.to_string()).collect();
+        println!(
+            "{:<24} {:<18} {}",
+            p.worker_id,
+            &p.fingerprint[..16],
+            eps.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `list --known`: the address book of this agent's key.
+pub async fn list_known(c: &Common, json: bool) -> Result<(), AgentError> {
+    let mut cfg = crate::config::config(c, false)?;
+    cfg.nat_check = false;
+    cfg.port_mapping.mode = punch_agent::portmap::PortMapping::Off;
+    let agent = punch_agent::Agent::start(cfg).await?;
+    let peers = agent.known_peers();
+    agent.close().await;
+    if json {
+        println!("{}", json!(peers));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<18} {:<20} ENDPOINTS",
+        "WORKER", "KEY", "LAST CONNECTED"
+    );
+    for p in &peers {
+        let eps: Vec<String> = p.endpoints.iter().map(|e| e.to_string()).collect();
+        let when = ago(p.last_ok);
+        println!(
+            "{:<24} {:<18} {:<20} {}",
+            p.worker_id,
+            &p.fingerprint[..16],
+            when,
+            eps.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `42 s ago`, `5 min ago`, `3 h ago`, `2 d ago` for a Unix time.
+fn ago(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match now.saturating_sub(unix) {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} d ago", s / 86_400),
+    }
+}
