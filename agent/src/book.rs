@@ -87,6 +87,11 @@ impl KnownPeer {
 }
 
 impl crate::Agent {
+    /// Sessions without the server (address book, LAN) so far.
+    pub fn discovery_counts(&self) -> crate::DiscoveryCounts {
+        *self.inner.discovery.lock().expect("not poisoned")
+    }
+
     /// The peers the address book knows (those this agent connected to,
     /// most recent first): what a connect falls back to while the server
     /// cannot be reached.

@@ -64,6 +64,10 @@ pub enum AgentEvent {
     },
     /// A peer's path changed.
     PathChanged(PathChange),
+    /// A connection without the server (from the address book or the
+    /// LAN): `started` (we knock, or a peer knocked on us), `ended` (the
+    /// connection is up) or `failed`.
+    Discovery(Discovery),
     /// A relay session the server ended was replaced by a new one under a
     /// live connection.
     RelayRenewed {
@@ -72,6 +76,24 @@ pub enum AgentEvent {
         /// The new session.
         session: SessionId,
     },
+}
+
+/// One step of a session without the server.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Discovery {
+    /// The peer's worker id.
+    pub peer: String,
+    /// The session's id.
+    pub session: SessionId,
+    /// `address-book` or `lan`: where its endpoints came from.
+    pub source: &'static str,
+    /// `started`, `ended` or `failed`.
+    pub phase: &'static str,
+    /// The peer knocked on us.
+    pub incoming: bool,
+    /// Why it failed.
+    pub error: Option<AgentError>,
 }
 
 /// A peer's path moved.
@@ -143,6 +165,7 @@ impl AgentEvent {
             AgentEvent::PeerConnected { .. } => "peer_connected",
             AgentEvent::PathChanged(_) => "path_changed",
             AgentEvent::RelayRenewed { .. } => "relay_renewed",
+            AgentEvent::Discovery(_) => "discovery",
         }
     }
 
@@ -191,6 +214,14 @@ impl AgentEvent {
             AgentEvent::RelayRenewed { peer, session } => {
                 json!({"peer": peer, "session": session.to_string()})
             }
+            AgentEvent::Discovery(d) => json!({
+                "peer": d.peer,
+                "session": d.session.to_string(),
+                "source": d.source,
+                "phase": d.phase,
+                "incoming": d.incoming,
+                "error": d.error.as_ref().map(error),
+            }),
         };
         v["event"] = json!(self.name());
         v

@@ -83,7 +83,7 @@ pub use book::KnownPeer;
 pub use builder::AgentBuilder;
 pub use config::{AgentConfig, RelayMode, SecretKey, Status};
 pub use error::{AgentError, Fault};
-pub use events::{AgentEvent, PathCause, PathChange, EVENT_BUFFER};
+pub use events::{AgentEvent, Discovery, PathCause, PathChange, EVENT_BUFFER};
 pub use lan::LanPeer;
 pub use options::ConnectOptions;
 pub use peer::{
@@ -91,6 +91,7 @@ pub use peer::{
 };
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
+pub use session::serverless::DiscoveryCounts;
 pub use session::Punched;
 
 use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, ServerMsg};
@@ -173,6 +174,7 @@ pub(crate) struct Inner {
     pub(crate) book: Arc<Mutex<book::Book>>,
     /// LAN discovery, when on.
     pub(crate) lan: Option<lan::Lan>,
+    pub(crate) discovery: Mutex<session::serverless::DiscoveryCounts>,
 }
 
 /// A running agent. Cheap to clone.
@@ -317,6 +319,7 @@ impl Agent {
             admission,
             book: Arc::new(Mutex::new(book)),
             lan,
+            discovery: Mutex::default(),
         });
         let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
@@ -475,8 +478,7 @@ impl Agent {
     /// without waiting for the connections to drain.
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::SeqCst);
-        // What this run learnt of its peers (it is saved once a second
-        // otherwise, and a one-off command may end sooner).
+        // A one-off command may end before the book's once-a-second save.
         self.inner.book.lock().expect("not poisoned").save();
         // Dropping the control sender ends the signaling writer, which
         // delivers what is queued (outcome reports) before we close.

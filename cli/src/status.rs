@@ -29,6 +29,7 @@ fn state(agent: &Agent) -> (bool, serde_json::Value) {
             "nat": nat,
             "port_mapping": agent.port_mapping(),
             "error": error,
+            "discovery": agent.discovery_counts(),
         }),
     )
 }

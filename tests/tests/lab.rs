@@ -636,6 +636,16 @@ fn known_peers_reconnect_while_the_server_is_down() {
         ms.push(v["connect_ms"].as_f64().unwrap_or_default());
     }
     println!("10/10 reconnects without the server; connect_ms {ms:?}");
+    // worker-b's event stream tells each session without the server.
+    let events = std::fs::read_to_string(p.lab.path("worker-b.log")).unwrap();
+    let answered = events
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains(r#""event":"discovery""#))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["phase"] == "started" && v["incoming"] == true)
+        .inspect(|v| assert_eq!(v["source"], "address-book", "{v}"))
+        .count();
+    assert!(answered >= 10, "{answered} discovery events on worker-b");
     let book: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(p.lab.path("worker-b.key.peers.json")).unwrap(),
     )
@@ -721,4 +731,15 @@ fn agents_on_one_lan_meet_with_no_server_at_all() {
         ms.push(v["connect_ms"].as_f64().unwrap_or_default());
     }
     println!("10/10 LAN connects with no server; connect_ms {ms:?}");
+    let events = std::fs::read_to_string(lab.path("worker-b.log")).unwrap();
+    let answered = events
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains(r#""event":"discovery""#))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["phase"] == "started" && v["source"] == "lan")
+        .count();
+    assert!(
+        answered >= 10,
+        "{answered} LAN discovery events on worker-b"
+    );
 }

@@ -44,6 +44,51 @@ const MAX_ANSWERING_PER_PEER: usize = 16;
 /// New sessions remembered, so a repeated (or replayed) knock starts none.
 const SEEN: usize = 128;
 
+/// How many sessions without the server started, ended (connected) and
+/// failed, since the agent started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DiscoveryCounts {
+    /// Connects we started by knocking.
+    pub started: u64,
+    /// Knocks of peers we answered.
+    pub answered: u64,
+    /// Our connects that came up.
+    pub ended: u64,
+    /// Our connects that failed.
+    pub failed: u64,
+}
+
+fn emit(
+    inner: &Inner,
+    peer: &str,
+    session: SessionId,
+    source: Strategy,
+    phase: &'static str,
+    incoming: bool,
+    error: Option<AgentError>,
+) {
+    {
+        let mut c = inner.discovery.lock().expect("not poisoned");
+        match (phase, incoming) {
+            ("started", true) => c.answered += 1,
+            ("started", false) => c.started += 1,
+            ("ended", _) => c.ended += 1,
+            _ => c.failed += 1,
+        }
+    }
+    inner
+        .events
+        .emit(crate::AgentEvent::Discovery(crate::events::Discovery {
+            peer: peer.to_string(),
+            session,
+            source: source.as_str(),
+            phase,
+            incoming,
+            error,
+        }));
+}
+
 fn registered(inner: &Inner) -> bool {
     matches!(*inner.status.borrow(), Status::Registered { .. })
 }
@@ -103,6 +148,11 @@ fn on_stray(
     let found = {
         let book = inner.book.lock().expect("not poisoned");
         book.by_standing(standing).map(|(e, s)| (e.clone(), s))
+    };
+    let source = if found.is_some() {
+        Strategy::AddressBook
+    } else {
+        Strategy::Lan
     };
     let Some((entry, secret)) = found.or_else(|| first_meeting(inner, standing, &d)) else {
         return;
@@ -166,6 +216,15 @@ fn on_stray(
         peer_tcp_only: false,
     };
     info!(peer = %entry.worker_id, %session, from = %d.from, "a known peer knocks without the server: punching back");
+    emit(
+        inner,
+        &entry.worker_id,
+        session,
+        source,
+        "started",
+        true,
+        None,
+    );
     let peer = entry.worker_id.clone();
     *answering
         .lock()
@@ -360,6 +419,7 @@ async fn connect(
     }
     let _held = Held(inner, v);
     info!(peer = %target, %session, endpoints = ?endpoints, "not registered: knocking on the peer's last endpoints (address book)");
+    emit(inner, target, session, strategy, "started", false, None);
     let knock =
         Probe::ping(Role::Controlling, SessionId(standing), session.0).encode(&standing_secret);
     let knocking = async {
@@ -380,8 +440,20 @@ async fn connect(
         r = dial(inner, target, &offer, v, probes, start, policy, Some(strategy)).instrument(span) => r,
         _ = knocking => unreachable!("knocks until the dial ends"),
     };
-    if let Ok(pc) = &r {
-        super::maintain(inner, v, &pc.conn, Some(target.to_string()), policy);
+    match &r {
+        Ok(pc) => {
+            emit(inner, target, session, strategy, "ended", false, None);
+            super::maintain(inner, v, &pc.conn, Some(target.to_string()), policy);
+        }
+        Err(e) => emit(
+            inner,
+            target,
+            session,
+            strategy,
+            "failed",
+            false,
+            Some(e.clone()),
+        ),
     }
     r
 }
