@@ -771,3 +771,72 @@ async fn older_agents_keep_their_version_and_newer_ones_report_allocators() {
     let page = s.http_get("/").unwrap();
     assert!(page.contains("\"strategy\":\"plain\""), "{page}");
 }
+
+/// Waits until the agent has lost its registration.
+async fn unregistered(a: &Agent, limit: Duration) {
+    let mut rx = a.watch_status();
+    let wait = async {
+        while matches!(&*rx.borrow_and_update(), Status::Registered { .. }) {
+            rx.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{} still registered after {limit:?}", a.worker_id()));
+}
+
+/// The address book: with the server killed, a connect to a peer this
+/// agent connected to before goes through the book (knock, punch, the
+/// pinned key), and both sides say so on their event streams; a worker the
+/// book does not know is refused at once as the server being unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_peers_are_reached_with_the_server_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).unwrap();
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let b = agent(&s, "worker-b", dir.path()).await;
+    serve_peers(&b);
+    let mut b_events = b.events();
+    let pc = a.connect("worker-b").await.unwrap();
+    assert_eq!(pc.path.strategy, Some(punch_agent::Strategy::Plain));
+    pc.close().await;
+    assert_eq!(a.known_peers()[0].worker_id, "worker-b");
+    assert!(a.known_peers()[0].reachable_without_server);
+    let mut s = s;
+    s.proc.kill();
+    let limit = Duration::from_secs(20);
+    let t = Instant::now();
+    tokio::join!(unregistered(&a, limit), unregistered(&b, limit));
+    eprintln!("both unregistered after {:?}", t.elapsed());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let pc = a.connect("worker-b").await.unwrap();
+        assert_eq!(pc.path.kind, PathKind::Direct);
+        assert_eq!(pc.path.strategy, Some(punch_agent::Strategy::AddressBook));
+        let rtt = pc.pinger().await.unwrap().ping().await.unwrap();
+        assert!(rtt < Duration::from_secs(1));
+        pc.close().await;
+        eprintln!("reconnected in {:?}", t.elapsed());
+    }
+    let c = a.discovery_counts();
+    assert_eq!((c.started, c.ended, c.failed), (3, 3, 0), "{c:?}");
+    assert_eq!(b.discovery_counts().answered, 3);
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut n = 0;
+        while n < 3 {
+            if let punch_agent::AgentEvent::Discovery(d) = b_events.recv().await.unwrap() {
+                assert_eq!((d.source, d.incoming), ("address-book", true), "{d:?}");
+                n += 1;
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "worker-b's stream has no discovery events"
+    );
+    match a.connect("worker-x").await {
+        Err(AgentError::ServerUnreachable { .. }) => {}
+        other => panic!("a worker the book does not know: {other:?}"),
+    }
+}

@@ -42,10 +42,13 @@ pub(crate) async fn connect(
 ) -> Result<PeerConnection, AgentError> {
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
-    let registered = matches!(*inner.status.borrow(), crate::Status::Registered { .. });
-    if !registered {
-        if let Some(r) = super::serverless::without_server(inner, target, policy).await {
-            return r;
+    let registered = || matches!(*inner.status.borrow(), crate::Status::Registered { .. });
+    if !registered() {
+        match super::serverless::without_server(inner, target, policy).await {
+            // The server came back meanwhile: through it, then.
+            Some(Err(_)) if registered() => {}
+            Some(r) => return r,
+            None => {}
         }
     }
     match via_server(inner, target, policy).await {
