@@ -6,7 +6,7 @@ use super::punching::{
     first_direct, has_ipv6, ipv6_pair, spawn_birthday, spawn_puncher, BIRTHDAY_YIELDS_TO_IPV6,
 };
 use super::upkeep::maintain;
-use super::{register, release, report};
+use super::{register, report};
 use crate::options::DialPolicy;
 use crate::peer::{PathInfo, PeerConnection, RelayReason, Strategy};
 use crate::socket::ProbeDatagram;
@@ -146,15 +146,7 @@ async fn via_server(
         }
     }
     let v = register(inner, &offer)?;
-    // Released however this ends, also when the caller drops the connect
-    // (`ConnectOptions::timeout`); a connection holds its own reference.
-    struct Held<'a>(&'a Arc<Inner>, SocketAddr);
-    impl Drop for Held<'_> {
-        fn drop(&mut self) {
-            release(self.0, self.1);
-        }
-    }
-    let _held = Held(inner, v);
+    let _held = super::Held(inner, v);
     let span = info_span!("connect", session = %offer.session, peer = %target);
     let r = dial(inner, target, &offer, v, probes, start, policy, None)
         .instrument(span)

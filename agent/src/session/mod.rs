@@ -23,6 +23,17 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::warn;
 
+/// Holds a session's virtual address while a connect runs: released
+/// however the connect ends, also when its caller drops it
+/// (`ConnectOptions::timeout`); a connection holds its own reference.
+struct Held<'a>(&'a Arc<Inner>, SocketAddr);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        release(self.0, self.1);
+    }
+}
+
 /// The session using `v` is over; the last user forgets the peer.
 fn release(inner: &Arc<Inner>, v: SocketAddr) {
     inner.socket.paths.lock().expect("not poisoned").unref(v);

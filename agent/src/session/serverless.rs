@@ -15,7 +15,6 @@
 //! key it was recorded for.
 
 use super::dialing::dial;
-use super::release;
 use crate::book::{Entry, Standing};
 use crate::options::DialPolicy;
 use crate::peer::{PeerConnection, Strategy};
@@ -411,13 +410,7 @@ async fn connect(
             return Err(e);
         }
     };
-    struct Held<'a>(&'a Arc<Inner>, std::net::SocketAddr);
-    impl Drop for Held<'_> {
-        fn drop(&mut self) {
-            release(self.0, self.1);
-        }
-    }
-    let _held = Held(inner, v);
+    let _held = super::Held(inner, v);
     info!(peer = %target, %session, endpoints = ?endpoints, "not registered: knocking on the peer's last endpoints (address book)");
     emit(inner, target, session, strategy, "started", false, None);
     let knock =
