@@ -181,13 +181,18 @@ impl Book {
         book
     }
 
-    /// The book of an agent: beside its key file, or in memory when its
-    /// key is not in a file.
-    pub(crate) fn for_config(config: &crate::AgentConfig) -> Book {
-        match &config.key_file {
+    /// The book of an agent (beside its key file, or in memory when its
+    /// key is not in a file) and its UDP socket ([`Book::bind`]).
+    pub(crate) fn open(
+        config: &crate::AgentConfig,
+    ) -> Result<(std::sync::Arc<std::sync::Mutex<Book>>, std::net::UdpSocket), crate::AgentError>
+    {
+        let book = match &config.key_file {
             Some(p) if config.secret_key.is_none() => Book::load(path_for(p)),
             _ => Book::in_memory(),
-        }
+        };
+        let sock = book.bind(config.bind)?;
+        Ok((std::sync::Arc::new(std::sync::Mutex::new(book)), sock))
     }
 
     /// The agent's UDP socket at `bind`; with no port asked for, the one we
@@ -219,6 +224,33 @@ impl Book {
                 .then(a.worker_id.cmp(&b.worker_id))
         });
         v
+    }
+
+    /// The entry pinning `key`.
+    pub fn by_key(&self, key: &PublicKey) -> Option<&Entry> {
+        self.peers.values().find(|e| e.key == *key)
+    }
+
+    /// Endpoints a peer told us for `key` (peer exchange): they go before
+    /// ours, which just failed, in the entry of that key and no other.
+    /// True when one was new.
+    pub fn learned(&mut self, key: &PublicKey, endpoints: &[SocketAddr]) -> bool {
+        let Some(e) = self.peers.values_mut().find(|e| e.key == *key) else {
+            return false;
+        };
+        let new: Vec<SocketAddr> = endpoints
+            .iter()
+            .map(|a| punch_net::canonical(*a))
+            .filter(|a| !e.endpoints.contains(a) && a.port() != 0 && !a.ip().is_unspecified())
+            .take(MAX_ENDPOINTS)
+            .collect();
+        if new.is_empty() {
+            return false;
+        }
+        let old = std::mem::take(&mut e.endpoints);
+        e.endpoints = new.into_iter().chain(old).take(MAX_ENDPOINTS).collect();
+        self.dirty = true;
+        true
     }
 
     /// The peer and the secret of a standing session `session`.
@@ -493,6 +525,20 @@ mod tests {
         assert_eq!(b.local_port, Some(40000));
         assert_eq!(b.by_standing(SessionId(1)).unwrap().1, [1; 32]);
         assert!(b.by_standing(SessionId(9)).is_none());
+    }
+
+    #[test]
+    fn learned_endpoints_go_to_the_key_they_were_given_for_only() {
+        let mut b = Book::in_memory();
+        let old: SocketAddr = "203.0.113.5:4000".parse().unwrap();
+        let new: SocketAddr = "203.0.113.5:4999".parse().unwrap();
+        b.record("w", [1; 32], Some(st(1)), &[old], 1);
+        b.record("x", [2; 32], Some(st(2)), &[old], 1);
+        assert!(!b.learned(&[9; 32], &[new]), "no entry has that key");
+        assert!(b.learned(&[1; 32], &[new]));
+        assert!(!b.learned(&[1; 32], &[new]), "nothing new the second time");
+        assert_eq!(b.get("w").unwrap().endpoints, vec![new, old]);
+        assert_eq!(b.get("x").unwrap().endpoints, vec![old]);
     }
 
     #[test]

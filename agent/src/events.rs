@@ -86,7 +86,8 @@ pub struct Discovery {
     pub peer: String,
     /// The session's id.
     pub session: SessionId,
-    /// `address-book` or `lan`: where its endpoints came from.
+    /// `address-book`, `lan` or `peer-exchange` (a question to the
+    /// peer named: where is another).
     pub source: &'static str,
     /// `started`, `ended` or `failed`.
     pub phase: &'static str,

@@ -91,8 +91,7 @@ pub use peer::{
 };
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
-pub use session::serverless::DiscoveryCounts;
-pub use session::Punched;
+pub use session::{serverless::DiscoveryCounts, Punched};
 
 use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, ServerMsg};
 use punch_protocol::ALPN_PEER;
@@ -251,9 +250,9 @@ impl Agent {
             (None, Some(p)) => Identity::load_or_create(p)?,
             (None, None) => Identity::generate()?,
         };
-        let book = book::Book::for_config(&config);
+        let (book, sock) = book::Book::open(&config)?;
+        let protocols = session::pex::with_handler(protocols, &book);
         let router = Arc::new(ProbeRouter::default());
-        let sock = book.bind(config.bind)?;
         let socket = PunchSocket::new(sock, router.clone())?;
         let events = events::Events::new();
         {
@@ -317,7 +316,7 @@ impl Agent {
             status,
             events,
             admission,
-            book: Arc::new(Mutex::new(book)),
+            book,
             lan,
             discovery: Mutex::default(),
         });

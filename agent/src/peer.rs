@@ -59,11 +59,14 @@ pub enum Strategy {
     /// Without the server: to the endpoints the peer announces on the LAN
     /// (mDNS), the peer called by a knock.
     Lan,
+    /// Without the server: to endpoints another peer told us (peer
+    /// exchange) after the remembered ones did not answer.
+    PeerExchange,
 }
 
 impl Strategy {
     /// `plain`, `block-scan`, `birthday`, `prediction`, `port-mapping`,
-    /// `ipv6`, `address-book`, `lan`.
+    /// `ipv6`, `address-book`, `lan`, `peer-exchange`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Strategy::Plain => "plain",
@@ -74,6 +77,7 @@ impl Strategy {
             Strategy::Ipv6 => "ipv6",
             Strategy::AddressBook => "address-book",
             Strategy::Lan => "lan",
+            Strategy::PeerExchange => "peer-exchange",
         }
     }
 }

@@ -840,3 +840,83 @@ async fn known_peers_are_reached_with_the_server_gone() {
         other => panic!("a worker the book does not know: {other:?}"),
     }
 }
+
+/// An agent with `id`'s key in `dir`, on its own fixed port, not waiting
+/// to register (the server is gone).
+async fn agent_on(s: &ServerProc, id: &str, dir: &std::path::Path, port: u16) -> Agent {
+    let mut cfg = AgentConfig::new(s.udp.to_string(), s.fingerprint.clone());
+    cfg.worker_id = Some(id.into());
+    cfg.key_file = Some(dir.join(format!("{id}.key")));
+    cfg.bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    cfg.punch_timeout = Duration::from_secs(2);
+    Agent::start(cfg).await.unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Peer exchange: with the server gone, worker-a and worker-c both restart
+/// on new ports, so neither hears the other's knocks (aimed at the old
+/// ports) and a's book points at c's old port; worker-b stayed and hears
+/// c's knocks. a's connect to c fails at the remembered endpoint, asks b
+/// (reached through the book) where c is, and connects there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_moved_is_found_through_a_peer_that_saw_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ServerProc::start(dir.path(), &[]).unwrap();
+    let a = agent(&s, "worker-a", dir.path()).await;
+    let b = agent(&s, "worker-b", dir.path()).await;
+    let c = agent(&s, "worker-c", dir.path()).await;
+    for x in [&a, &b, &c] {
+        serve_peers(x);
+    }
+    for (from, to) in [(&a, "worker-b"), (&a, "worker-c"), (&b, "worker-c")] {
+        from.connect(to).await.unwrap().close().await;
+    }
+    s.proc.kill();
+    let limit = Duration::from_secs(20);
+    tokio::join!(unregistered(&a, limit), unregistered(&b, limit));
+    for x in [&a, &c] {
+        x.close().await;
+    }
+    drop((a, c));
+    let c = agent_on(&s, "worker-c", dir.path(), free_port()).await;
+    serve_peers(&c);
+    let c_at = c.local_addr().unwrap();
+    // b hears c's knocks (c knocks once a second while unregistered).
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let p = b.known_peers();
+            if p.iter()
+                .any(|p| p.worker_id == "worker-c" && p.endpoints.first() == Some(&c_at))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        heard.is_ok(),
+        "worker-b never heard worker-c at {c_at}: {:?}",
+        b.known_peers()
+    );
+    let a = agent_on(&s, "worker-a", dir.path(), free_port()).await;
+    let before = a.known_peers();
+    let c_old = before.iter().find(|p| p.worker_id == "worker-c").unwrap();
+    assert!(!c_old.endpoints.contains(&c_at), "{before:?}");
+    let pc = a.connect("worker-c").await.unwrap();
+    assert_eq!(pc.path.kind, PathKind::Direct);
+    assert_eq!(pc.path.strategy, Some(punch_agent::Strategy::PeerExchange));
+    assert_eq!(pc.path.remote_addr, c_at);
+    let rtt = pc.pinger().await.unwrap().ping().await.unwrap();
+    assert!(rtt < Duration::from_secs(1));
+    let known = a.known_peers();
+    let c_now = known.iter().find(|p| p.worker_id == "worker-c").unwrap();
+    assert_eq!(c_now.endpoints.first(), Some(&c_at), "{known:?}");
+}

@@ -7,6 +7,7 @@
 mod answering;
 pub(crate) mod birthday;
 mod dialing;
+pub(crate) mod pex;
 mod punching;
 pub(crate) mod serverless;
 mod upkeep;

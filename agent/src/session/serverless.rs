@@ -103,6 +103,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // A closed agent neither knocks nor answers knocks.
+                if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let book = inner.book.clone();
                 // A small file, but a disk can stall: not on the runtime.
                 let _ = tokio::task::spawn_blocking(move || book.lock().expect("not poisoned").save()).await;
@@ -111,6 +115,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 }
             }
             d = strays.recv() => match d {
+                Some(_) if inner.closing.load(std::sync::atomic::Ordering::SeqCst) => return,
                 Some(d) => on_stray(&inner, d, &mut seen, &answering),
                 None => return,
             },
@@ -313,6 +318,7 @@ pub(crate) async fn without_server(
         session: s.0,
         secret,
     });
+    let asked_key = known.as_ref().map(|e| e.key);
     let (entry, strategy) = match known {
         Some(mut e) => {
             let lan = crate::lan::endpoints_for(&e.key, seen.as_ref());
@@ -343,7 +349,92 @@ pub(crate) async fn without_server(
             (e, Strategy::Lan)
         }
     };
-    Some(connect(inner, target, entry, policy, strategy).await)
+    let first = connect(inner, target, entry, policy, strategy).await;
+    let Some(key) = asked_key.filter(|_| first.is_err()) else {
+        return Some(first);
+    };
+    // Its endpoints did not answer: ask the peers we can reach where it is
+    // now, and try once more if one knows somewhere new.
+    if !exchange(inner, target, key, policy).await {
+        return Some(first);
+    }
+    let entry = inner
+        .book
+        .lock()
+        .expect("not poisoned")
+        .get(target)
+        .cloned()?;
+    Some(connect(inner, target, entry, policy, Strategy::PeerExchange).await)
+}
+
+/// Most peers asked where one is.
+const EXCHANGE_PEERS: usize = 3;
+
+/// Asks up to [`EXCHANGE_PEERS`] of our most recent other peers (reached
+/// without the server too) where the peer with `key` is now; true when
+/// one told us an endpoint the book did not have.
+async fn exchange(inner: &Arc<Inner>, target: &str, key: [u8; 32], policy: DialPolicy) -> bool {
+    let others: Vec<Entry> = inner
+        .book
+        .lock()
+        .expect("not poisoned")
+        .entries()
+        .into_iter()
+        .filter(|e| e.worker_id != target && !e.standing.is_empty())
+        .take(EXCHANGE_PEERS)
+        .collect();
+    for other in others {
+        let id = other.worker_id.clone();
+        let Ok(pc) = connect(inner, &id, other, policy, Strategy::AddressBook).await else {
+            continue;
+        };
+        let session = pc.path.session;
+        emit(
+            inner,
+            &id,
+            session,
+            Strategy::PeerExchange,
+            "started",
+            false,
+            None,
+        );
+        let found = super::pex::ask(&pc, &[key]).await;
+        pc.close().await;
+        match found {
+            Ok(found) => {
+                emit(
+                    inner,
+                    &id,
+                    session,
+                    Strategy::PeerExchange,
+                    "ended",
+                    false,
+                    None,
+                );
+                let mut book = inner.book.lock().expect("not poisoned");
+                let new = found
+                    .iter()
+                    .any(|f| f.key == key && book.learned(&key, &f.endpoints));
+                if new {
+                    info!(peer = %target, via = %id, "a peer told us where the peer is now");
+                    return true;
+                }
+            }
+            Err(e) => {
+                let e = AgentError::PeerConnect(e.to_string());
+                emit(
+                    inner,
+                    &id,
+                    session,
+                    Strategy::PeerExchange,
+                    "failed",
+                    false,
+                    Some(e),
+                );
+            }
+        }
+    }
+    false
 }
 
 /// Connects to `target`, known as `entry`, without the server.
