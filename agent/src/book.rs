@@ -167,7 +167,7 @@ impl Book {
                         book.peers.insert(e.worker_id.clone(), e);
                     }
                 }
-                book.trim();
+                book.trim(None);
             }
             Ok(None) => {}
             Err(why) => {
@@ -310,7 +310,7 @@ impl Book {
         if local_port != 0 {
             self.local_port = Some(local_port);
         }
-        self.trim();
+        self.trim(Some(worker_id));
         self.dirty = true;
     }
 
@@ -375,14 +375,22 @@ impl Book {
         self.dirty = true;
     }
 
-    fn trim(&mut self) {
+    /// Forgets expired entries, and the least recently connected beyond
+    /// [`MAX_PEERS`], never `keep` (the one just recorded: within one
+    /// second every entry is as recent as it).
+    fn trim(&mut self, keep: Option<&str>) {
         let now = now_unix();
         self.peers.retain(|_, e| !expired(e, now));
         while self.peers.len() > MAX_PEERS {
             let oldest = self
                 .peers
                 .values()
-                .min_by_key(|e| e.last_ok)
+                .filter(|e| Some(e.worker_id.as_str()) != keep)
+                .min_by(|a, b| {
+                    a.last_ok
+                        .cmp(&b.last_ok)
+                        .then(a.worker_id.cmp(&b.worker_id))
+                })
                 .map(|e| e.worker_id.clone());
             match oldest {
                 Some(id) => self.peers.remove(&id),
@@ -394,23 +402,41 @@ impl Book {
     /// Writes the book if it changed (to a temporary file, then renamed,
     /// so a crash leaves the old one).
     pub fn save(&mut self) {
+        if let Some(w) = self.changes() {
+            w.write();
+        }
+    }
+
+    /// What [`Book::save`] would write, if the book changed: to be written
+    /// without holding the book.
+    pub fn changes(&mut self) -> Option<BookWrite> {
         if !self.dirty {
-            return;
+            return None;
         }
         self.dirty = false;
-        let Some(path) = &self.path else {
-            return;
-        };
+        let path = self.path.clone()?;
         let f = File {
             version: VERSION,
             local_port: self.local_port,
             peers: self.entries(),
         };
-        let Ok(json) = serde_json::to_vec_pretty(&f) else {
-            return;
-        };
-        if let Err(e) = write_private(path, &json) {
-            warn!(path = %path.display(), "cannot save the address book: {e}");
+        let json = serde_json::to_vec_pretty(&f).ok()?;
+        Some(BookWrite { path, json })
+    }
+}
+
+/// A book's contents on their way to its file.
+#[derive(Debug)]
+pub struct BookWrite {
+    path: PathBuf,
+    json: Vec<u8>,
+}
+
+impl BookWrite {
+    /// Writes them (a warning when it cannot).
+    pub fn write(self) {
+        if let Err(e) = write_private(&self.path, &self.json) {
+            warn!(path = %self.path.display(), "cannot save the address book: {e}");
         }
     }
 }

@@ -107,9 +107,12 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
-                let book = inner.book.clone();
-                // A small file, but a disk can stall: not on the runtime.
-                let _ = tokio::task::spawn_blocking(move || book.lock().expect("not poisoned").save()).await;
+                // A small file, but a disk can stall: neither on the
+                // runtime nor holding the book.
+                let changes = inner.book.lock().expect("not poisoned").changes();
+                if let Some(w) = changes {
+                    let _ = tokio::task::spawn_blocking(move || w.write()).await;
+                }
                 if !registered(&inner) {
                     keep_knocking(&inner);
                 }
