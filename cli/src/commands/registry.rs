@@ -112,6 +112,11 @@ pub async fn list_lan(c: &Common, wait: f64, json: bool) -> Result<(), AgentErro
 /// `list --known`: the address book of this agent's key.
 pub async fn list_known(c: &Common, json: bool) -> Result<(), AgentError> {
     let mut cfg = crate::config::config(c, false)?;
+    if cfg.key_file.is_none() {
+        return Err(AgentError::Config(
+            "list --known reads the address book beside a key: give --id (its default key) or --key-file".into(),
+        ));
+    }
     cfg.nat_check = false;
     cfg.port_mapping.mode = punch_agent::portmap::PortMapping::Off;
     let agent = punch_agent::Agent::start(cfg).await?;
