@@ -238,17 +238,16 @@ impl Book {
         let Some(e) = self.peers.values_mut().find(|e| e.key == *key) else {
             return false;
         };
+        // Only endpoints we do not have count: one we have, further down,
+        // is no news.
         let new: Vec<SocketAddr> = endpoints
             .iter()
-            .map(|a| punch_net::canonical(*a))
-            .filter(|a| !e.endpoints.contains(a) && a.port() != 0 && !a.ip().is_unspecified())
-            .take(MAX_ENDPOINTS)
+            .filter(|a| !e.endpoints.contains(&punch_net::canonical(**a)))
+            .copied()
             .collect();
-        if new.is_empty() {
+        if !prepend(&mut e.endpoints, &new) {
             return false;
         }
-        let old = std::mem::take(&mut e.endpoints);
-        e.endpoints = new.into_iter().chain(old).take(MAX_ENDPOINTS).collect();
         self.dirty = true;
         true
     }
@@ -292,15 +291,7 @@ impl Book {
             e.endpoints.clear();
             e.standing.clear();
         }
-        let mut eps: Vec<SocketAddr> = Vec::new();
-        for a in endpoints.iter().chain(e.endpoints.iter()) {
-            let a = punch_net::canonical(*a);
-            if !eps.contains(&a) && a.port() != 0 && !a.ip().is_unspecified() {
-                eps.push(a);
-            }
-        }
-        eps.truncate(MAX_ENDPOINTS);
-        e.endpoints = eps;
+        prepend(&mut e.endpoints, endpoints);
         if let Some(s) = standing {
             e.standing.retain(|x| x.session != s.session);
             e.standing.insert(0, s);
@@ -365,14 +356,9 @@ impl Book {
         let Some(e) = self.peers.get_mut(worker_id) else {
             return;
         };
-        let addr = punch_net::canonical(addr);
-        if e.endpoints.first() == Some(&addr) {
-            return;
+        if prepend(&mut e.endpoints, &[addr]) {
+            self.dirty = true;
         }
-        e.endpoints.retain(|a| *a != addr);
-        e.endpoints.insert(0, addr);
-        e.endpoints.truncate(MAX_ENDPOINTS);
-        self.dirty = true;
     }
 
     /// Forgets expired entries, and the least recently connected beyond
@@ -439,6 +425,25 @@ impl BookWrite {
             warn!(path = %self.path.display(), "cannot save the address book: {e}");
         }
     }
+}
+
+/// Puts `new` (canonical, with a port and an address, each once) before
+/// `eps`, keeping at most [`MAX_ENDPOINTS`]; true when `eps` changed.
+fn prepend(eps: &mut Vec<SocketAddr>, new: &[SocketAddr]) -> bool {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(MAX_ENDPOINTS);
+    for a in new
+        .iter()
+        .map(|a| punch_net::canonical(*a))
+        .chain(eps.iter().copied())
+    {
+        if !out.contains(&a) && a.port() != 0 && !a.ip().is_unspecified() {
+            out.push(a);
+        }
+    }
+    out.truncate(MAX_ENDPOINTS);
+    let changed = out != *eps;
+    *eps = out;
+    changed
 }
 
 /// The candidates of an offer worth remembering, best first: what the
