@@ -23,6 +23,7 @@ use crate::{AgentError, Inner, RelayMode, Status};
 use punch_protocol::probe::{derive_secret, token_standing, Probe, ProbeKind};
 use punch_protocol::signal::{Candidate, CandidateKind, Offer, Role, SessionId};
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -195,33 +196,14 @@ fn on_stray(
     let Some(probes) = inner.router.register(session) else {
         return;
     };
-    let mut candidates = vec![Candidate {
-        addr: d.from,
-        kind: CandidateKind::PeerReflexive,
-    }];
-    candidates.extend(
-        entry
-            .endpoints
-            .iter()
-            .filter(|a| **a != d.from)
-            .map(|a| Candidate {
-                addr: *a,
-                kind: CandidateKind::ServerReflexive,
-            }),
-    );
-    let offer = Offer {
-        req: None,
+    let offer = book_offer(
+        Role::Controlled,
         session,
-        secret: derive_secret(&secret, session),
-        role: Role::Controlled,
-        peer_id: entry.worker_id.clone(),
-        peer_key: entry.key,
-        peer_candidates: candidates,
-        start_in_ms: 0,
-        relay: false,
-        peer_nat: None,
-        peer_tcp_only: false,
-    };
+        &secret,
+        &entry,
+        Some(d.from),
+        &entry.endpoints,
+    );
     info!(peer = %entry.worker_id, %session, from = %d.from, "a known peer knocks without the server: punching back");
     emit(
         inner,
@@ -392,28 +374,23 @@ async fn exchange(inner: &Arc<Inner>, target: &str, key: [u8; 32], policy: DialP
             continue;
         };
         let session = pc.path.session;
-        emit(
-            inner,
-            &id,
-            session,
-            Strategy::PeerExchange,
-            "started",
-            false,
-            None,
-        );
+        let say = |phase, error| {
+            emit(
+                inner,
+                &id,
+                session,
+                Strategy::PeerExchange,
+                phase,
+                false,
+                error,
+            )
+        };
+        say("started", None);
         let found = super::pex::ask(&pc, &[key]).await;
         pc.close().await;
         match found {
             Ok(found) => {
-                emit(
-                    inner,
-                    &id,
-                    session,
-                    Strategy::PeerExchange,
-                    "ended",
-                    false,
-                    None,
-                );
+                say("ended", None);
                 let mut book = inner.book.lock().expect("not poisoned");
                 let new = found
                     .iter()
@@ -423,21 +400,48 @@ async fn exchange(inner: &Arc<Inner>, target: &str, key: [u8; 32], policy: DialP
                     return true;
                 }
             }
-            Err(e) => {
-                let e = AgentError::PeerConnect(e.to_string());
-                emit(
-                    inner,
-                    &id,
-                    session,
-                    Strategy::PeerExchange,
-                    "failed",
-                    false,
-                    Some(e),
-                );
-            }
+            Err(e) => say("failed", Some(AgentError::PeerConnect(e.to_string()))),
         }
     }
     false
+}
+
+/// The offer a session without the server goes by, as if the server had
+/// sent it: its secret derived from the standing one, the peer's key the
+/// pinned one, its candidates where the knock came `from` (if it did) and
+/// the remembered `endpoints`, no relay.
+fn book_offer(
+    role: Role,
+    session: SessionId,
+    standing_secret: &[u8; 32],
+    peer: &Entry,
+    from: Option<SocketAddr>,
+    endpoints: &[SocketAddr],
+) -> Offer {
+    let seen = from.map(|addr| Candidate {
+        addr,
+        kind: CandidateKind::PeerReflexive,
+    });
+    let remembered = endpoints
+        .iter()
+        .filter(|a| Some(**a) != from)
+        .map(|a| Candidate {
+            addr: *a,
+            kind: CandidateKind::ServerReflexive,
+        });
+    Offer {
+        req: None,
+        session,
+        secret: derive_secret(standing_secret, session),
+        role,
+        peer_id: peer.worker_id.clone(),
+        peer_key: peer.key,
+        peer_candidates: seen.into_iter().chain(remembered).collect(),
+        start_in_ms: 0,
+        relay: false,
+        peer_nat: None,
+        peer_tcp_only: false,
+    }
 }
 
 /// Connects to `target`, known as `entry`, without the server.
@@ -474,25 +478,14 @@ async fn connect(
     }
     let start = Instant::now();
     let session = SessionId(rand::random::<u64>() | 1);
-    let offer = Offer {
-        req: None,
+    let offer = book_offer(
+        Role::Controlling,
         session,
-        secret: derive_secret(&standing_secret, session),
-        role: Role::Controlling,
-        peer_id: target.to_string(),
-        peer_key: entry.key,
-        peer_candidates: endpoints
-            .iter()
-            .map(|a| Candidate {
-                addr: *a,
-                kind: CandidateKind::ServerReflexive,
-            })
-            .collect(),
-        start_in_ms: 0,
-        relay: false,
-        peer_nat: None,
-        peer_tcp_only: false,
-    };
+        &standing_secret,
+        &entry,
+        None,
+        &endpoints,
+    );
     let probes = inner
         .router
         .register(session)
