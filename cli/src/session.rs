@@ -8,13 +8,18 @@ use punch_agent::portmap::PortMapping;
 use punch_agent::{Agent, AgentBuilder, AgentError, PeerConnection};
 use std::time::{Duration, Instant};
 
-/// A one-off agent for registry queries.
-pub async fn query_agent(c: &Common) -> Result<Agent, AgentError> {
+/// The config of a one-off agent that asks and goes: no NAT check, and no
+/// port of its own on the gateway.
+pub fn quiet_config(c: &Common) -> Result<punch_agent::AgentConfig, AgentError> {
     let mut cfg = config(c, false)?;
     cfg.nat_check = false;
-    // A one-off query has no use for a port of its own.
     cfg.port_mapping.mode = PortMapping::Off;
-    let agent = Agent::start(cfg).await?;
+    Ok(cfg)
+}
+
+/// A one-off agent for registry queries.
+pub async fn query_agent(c: &Common) -> Result<Agent, AgentError> {
+    let agent = Agent::start(quiet_config(c)?).await?;
     agent.registered(Duration::from_secs(15)).await?;
     Ok(agent)
 }

@@ -84,10 +84,8 @@ pub async fn wait(c: &Common, worker: &str, timeout: f64) -> Result<(), AgentErr
 /// needed: the agent does not wait to register).
 pub async fn list_lan(c: &Common, wait: f64, json: bool) -> Result<(), AgentError> {
     let limit = secs(wait, "--lan-wait")?;
-    let mut cfg = crate::config::config(c, false)?;
+    let mut cfg = crate::session::quiet_config(c)?;
     cfg.lan_discovery = true;
-    cfg.nat_check = false;
-    cfg.port_mapping.mode = punch_agent::portmap::PortMapping::Off;
     let agent = punch_agent::Agent::start(cfg).await?;
     tokio::time::sleep(limit).await;
     let peers = agent.lan_peers();
@@ -111,14 +109,12 @@ pub async fn list_lan(c: &Common, wait: f64, json: bool) -> Result<(), AgentErro
 
 /// `list --known`: the address book of this agent's key.
 pub async fn list_known(c: &Common, json: bool) -> Result<(), AgentError> {
-    let mut cfg = crate::config::config(c, false)?;
+    let cfg = crate::session::quiet_config(c)?;
     if cfg.key_file.is_none() {
         return Err(AgentError::Config(
             "list --known reads the address book beside a key: give --id (its default key) or --key-file".into(),
         ));
     }
-    cfg.nat_check = false;
-    cfg.port_mapping.mode = punch_agent::portmap::PortMapping::Off;
     let agent = punch_agent::Agent::start(cfg).await?;
     let peers = agent.known_peers();
     agent.close().await;
