@@ -50,6 +50,8 @@ pub(crate) struct Lan {
     daemon: ServiceDaemon,
     table: Table,
     ours: String,
+    /// Bumped whenever the table changes, for [`Lan::find`] to wait on.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Lan {
@@ -96,6 +98,8 @@ impl Lan {
         let events = daemon.browse(SERVICE).map_err(|e| e.to_string())?;
         let table: Table = Arc::default();
         let t = table.clone();
+        let changed = tokio::sync::watch::Sender::new(0u64);
+        let bump = changed.clone();
         let me = worker_id.to_string();
         tokio::spawn(async move {
             while let Ok(ev) = events.recv_async().await {
@@ -124,10 +128,12 @@ impl Lan {
                             info!(peer = %p.worker_id, endpoints = ?p.endpoints, "seen on the LAN");
                         }
                         t.insert(p.worker_id.clone(), (p, now));
+                        bump.send_modify(|n| *n += 1);
                     }
                     ServiceEvent::ServiceRemoved(_, fullname) => {
                         let id = fullname.strip_suffix(&format!(".{SERVICE}")).unwrap_or("");
                         t.lock().expect("not poisoned").remove(id);
+                        bump.send_modify(|n| *n += 1);
                     }
                     _ => {}
                 }
@@ -137,6 +143,7 @@ impl Lan {
             daemon,
             table,
             ours,
+            changed,
         })
     }
 
@@ -157,15 +164,17 @@ impl Lan {
 
     /// The agent announcing `worker_id`, waiting up to `limit` for it.
     pub(crate) async fn find(&self, worker_id: &str, limit: Duration) -> Option<LanPeer> {
-        let deadline = Instant::now() + limit;
+        let deadline = tokio::time::Instant::now() + limit;
+        // Subscribed before the first look, so no change goes unseen.
+        let mut changes = self.changed.subscribe();
         loop {
             if let Some(p) = self.peers().into_iter().find(|p| p.worker_id == worker_id) {
                 return Some(p);
             }
-            if Instant::now() >= deadline {
-                return None;
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
