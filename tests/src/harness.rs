@@ -158,7 +158,11 @@ impl Proc {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 if let Some(f) = tee.as_mut() {
-                    let _ = writeln!(f, "{line}");
+                    // One write per line: the child's stderr appends to the
+                    // same file, and `writeln!` would write the line and
+                    // its newline separately, letting a stderr line in
+                    // between.
+                    let _ = f.write_all(format!("{line}\n").as_bytes());
                 }
                 if tx.send(line).is_err() && tee.is_none() {
                     break;
