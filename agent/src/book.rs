@@ -56,6 +56,9 @@ pub struct Entry {
     pub standing: Vec<Standing>,
     /// Unix seconds of the last connection.
     pub last_ok: u64,
+    /// Its type and tags, as it told us over a walk ([`crate::walk`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
 }
 
 /// A peer of the address book, as the application sees it (no secrets).
@@ -72,6 +75,8 @@ pub struct KnownPeer {
     pub last_ok: u64,
     /// A connect can knock on it without the server.
     pub reachable_without_server: bool,
+    /// Its type and tags, as it told us over a walk.
+    pub topics: Vec<String>,
 }
 
 impl KnownPeer {
@@ -82,14 +87,17 @@ impl KnownPeer {
             endpoints: e.endpoints.clone(),
             last_ok: e.last_ok,
             reachable_without_server: !e.standing.is_empty() && !e.endpoints.is_empty(),
+            topics: e.topics.clone(),
         }
     }
 }
 
 impl crate::Agent {
-    /// Sessions without the server (address book, LAN) so far.
+    /// Sessions without the server (address book, LAN) and walks so far.
     pub fn discovery_counts(&self) -> crate::DiscoveryCounts {
-        *self.inner.discovery.lock().expect("not poisoned")
+        let mut c = *self.inner.discovery.lock().expect("not poisoned");
+        c.walk_answered = self.inner.walking.answered();
+        c
     }
 
     /// The peers the address book knows (those this agent connected to,
@@ -285,6 +293,7 @@ impl Book {
                 endpoints: Vec::new(),
                 standing: Vec::new(),
                 last_ok: now,
+                topics: Vec::new(),
             });
         if e.key != key {
             e.key = key;
@@ -348,6 +357,19 @@ impl Book {
         }
         let eps: Vec<SocketAddr> = remote.into_iter().chain(p.endpoints).collect();
         self.record(&p.worker_id, p.key, p.standing, &eps, local_port);
+    }
+
+    /// The type and tags `worker_id` told us it has (over a walk, from
+    /// the connection that proved its key); nothing for a peer the book
+    /// does not know.
+    pub fn set_topics(&mut self, worker_id: &str, topics: &[String]) {
+        let Some(e) = self.peers.get_mut(worker_id) else {
+            return;
+        };
+        if e.topics != topics {
+            e.topics = topics.to_vec();
+            self.dirty = true;
+        }
     }
 
     /// Notes that a peer answered from `addr` (an authenticated knock):
@@ -500,6 +522,7 @@ fn valid(e: &Entry) -> bool {
     punch_protocol::signal::validate_worker_id(&e.worker_id).is_ok()
         && e.endpoints.len() <= MAX_ENDPOINTS
         && e.standing.len() <= MAX_STANDING
+        && e.topics.len() <= punch_protocol::signal::MAX_TAGS + 1
 }
 
 fn expired(e: &Entry, now: u64) -> bool {
@@ -628,6 +651,7 @@ mod tests {
             endpoints: vec![],
             standing: vec![],
             last_ok: now_unix() - EXPIRE.as_secs() - 10,
+            topics: vec![],
         };
         let f = File {
             version: VERSION,

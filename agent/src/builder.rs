@@ -63,6 +63,26 @@ impl AgentBuilder {
         self
     }
 
+    /// A type or tag to find more workers of by random walks
+    /// (`--walk-topic`, repeatable).
+    pub fn walk_topic(mut self, topic: impl Into<String>) -> Self {
+        self.config.walk_topics.push(topic.into());
+        self
+    }
+
+    /// From one walk to the next (`--walk-every`; the first comes a
+    /// twelfth of it after registering).
+    pub fn walk_every(mut self, every: std::time::Duration) -> Self {
+        self.config.walk_every = every;
+        self
+    }
+
+    /// A worker walks may start from (`--bootstrap`, repeatable).
+    pub fn bootstrap(mut self, worker_id: impl Into<String>) -> Self {
+        self.config.bootstrap.push(worker_id.into());
+        self
+    }
+
     /// Skip classifying our NAT (`--no-nat-check`).
     pub fn no_nat_check(mut self) -> Self {
         self.config.nat_check = false;

@@ -85,6 +85,15 @@ pub struct AgentConfig {
     /// `--lan-discovery`): known peers are found there without the
     /// server, and agents sharing a token meet there for the first time.
     pub lan_discovery: bool,
+    /// Types or tags to find more workers of by random walks over known
+    /// peers (`--walk-topic`, at most 8; none: no walks). See
+    /// [`crate::walk`].
+    pub walk_topics: Vec<String>,
+    /// Workers a walk may start from, beside the address book's peers of
+    /// a topic and, while registered, the server's list (`--bootstrap`).
+    pub bootstrap: Vec<String>,
+    /// From one walk to the next (±25 %).
+    pub walk_every: Duration,
 }
 
 impl AgentConfig {
@@ -117,11 +126,49 @@ impl AgentConfig {
             metadata: Vec::new(),
             port_mapping: portmap::PortMapSettings::default(),
             lan_discovery: false,
+            walk_topics: Vec::new(),
+            bootstrap: Vec::new(),
+            walk_every: Duration::from_secs(60),
         }
     }
 }
 
 impl AgentConfig {
+    /// What the server checks of our hello, and our walk settings, checked
+    /// before starting: a bad tag is our mistake and stops us now, so that
+    /// a refusal the server sends later can be taken for a passing one and
+    /// retried.
+    pub(crate) fn check(&self, worker_id: &str, ephemeral: bool) -> Result<(), AgentError> {
+        punch_protocol::signal::Hello {
+            version: punch_protocol::PROTOCOL_VERSION,
+            worker_id: worker_id.to_string(),
+            public_key: [0; 32],
+            token_proof: None,
+            ephemeral,
+            local_candidates: Vec::new(),
+            metadata: self.metadata.clone(),
+            kind: self.kind.clone(),
+            tags: self.tags.clone(),
+        }
+        .validate()
+        .map_err(AgentError::Config)?;
+        let max = crate::walk::MAX_TOPICS;
+        if self.walk_topics.len() > max {
+            return Err(AgentError::Config(format!("more than {max} walk topics")));
+        }
+        for t in &self.walk_topics {
+            punch_protocol::signal::validate_name("walk topic", t).map_err(AgentError::Config)?;
+        }
+        for id in &self.bootstrap {
+            punch_protocol::signal::validate_worker_id(id)
+                .map_err(|e| AgentError::Config(format!("bootstrap worker {id:?}: {e}")))?;
+        }
+        if self.walk_every < std::time::Duration::from_secs(1) {
+            return Err(AgentError::Config("walks at most once a second".into()));
+        }
+        Ok(())
+    }
+
     /// Does `server` name the TCP channel only (`wss://…`)? With several
     /// servers: does any?
     pub fn server_tcp_only(&self) -> bool {

@@ -86,8 +86,9 @@ pub struct Discovery {
     pub peer: String,
     /// The session's id.
     pub session: SessionId,
-    /// `address-book`, `lan` or `peer-exchange` (a question to the
-    /// peer named: where is another).
+    /// `address-book`, `lan`, `peer-exchange` (a question to the peer
+    /// named: where is another) or `random-walk` (a question to the peer
+    /// named: which workers of our topics it knows).
     pub source: &'static str,
     /// `started`, `ended` or `failed`.
     pub phase: &'static str,
@@ -95,6 +96,9 @@ pub struct Discovery {
     pub incoming: bool,
     /// Why it failed.
     pub error: Option<AgentError>,
+    /// A walk's question that ended: how many workers the answer named
+    /// that we had not heard of.
+    pub learned: Option<usize>,
 }
 
 /// A peer's path moved.
@@ -215,14 +219,20 @@ impl AgentEvent {
             AgentEvent::RelayRenewed { peer, session } => {
                 json!({"peer": peer, "session": session.to_string()})
             }
-            AgentEvent::Discovery(d) => json!({
-                "peer": d.peer,
-                "session": d.session.to_string(),
-                "source": d.source,
-                "phase": d.phase,
-                "incoming": d.incoming,
-                "error": d.error.as_ref().map(error),
-            }),
+            AgentEvent::Discovery(d) => {
+                let mut v = json!({
+                    "peer": d.peer,
+                    "session": d.session.to_string(),
+                    "source": d.source,
+                    "phase": d.phase,
+                    "incoming": d.incoming,
+                    "error": d.error.as_ref().map(error),
+                });
+                if let Some(n) = d.learned {
+                    v["learned"] = json!(n);
+                }
+                v
+            }
         };
         v["event"] = json!(self.name());
         v

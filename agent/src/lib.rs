@@ -70,6 +70,7 @@ mod session;
 mod signal;
 mod socket;
 mod tcp;
+pub mod walk;
 
 /// How the agent reconnects to its server: the back-off between attempts
 /// and the silence that counts as a dead server (load simulations of many
@@ -92,6 +93,7 @@ pub use peer::{
 pub use protocols::{ProtocolHandler, ProtocolStream};
 pub use punch_protocol::signal::PathKind;
 pub use session::{serverless::DiscoveryCounts, Punched};
+pub use walk::{machine::WalkSummary, HeardPeer};
 
 use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, ServerMsg};
 use punch_protocol::ALPN_PEER;
@@ -174,6 +176,8 @@ pub(crate) struct Inner {
     /// LAN discovery, when on.
     pub(crate) lan: Option<lan::Lan>,
     pub(crate) discovery: Mutex<session::serverless::DiscoveryCounts>,
+    /// Random walks: what they heard, the way to the walker.
+    pub(crate) walking: Arc<walk::Walking>,
 }
 
 /// A running agent. Cheap to clone.
@@ -229,29 +233,16 @@ impl Agent {
             }
             None => (anon_id(), true),
         };
-        // What the server checks of our hello, checked here: a bad tag is
-        // our mistake and stops us now, so that a refusal the server sends
-        // later can be taken for a passing one and retried.
-        punch_protocol::signal::Hello {
-            version: punch_protocol::PROTOCOL_VERSION,
-            worker_id: worker_id.clone(),
-            public_key: [0; 32],
-            token_proof: None,
-            ephemeral,
-            local_candidates: Vec::new(),
-            metadata: config.metadata.clone(),
-            kind: config.kind.clone(),
-            tags: config.tags.clone(),
-        }
-        .validate()
-        .map_err(AgentError::Config)?;
+        config.check(&worker_id, ephemeral)?;
         let identity = match (&config.secret_key, &config.key_file) {
             (Some(k), _) => k.0.clone(),
             (None, Some(p)) => Identity::load_or_create(p)?,
             (None, None) => Identity::generate()?,
         };
         let (book, sock) = book::Book::open(&config)?;
+        let walking = Arc::new(walk::Walking::default());
         let protocols = session::pex::with_handler(protocols, &book);
+        let protocols = walk::with_handler(protocols, &book, &config, &walking);
         let router = Arc::new(ProbeRouter::default());
         let socket = PunchSocket::new(sock, router.clone())?;
         let events = events::Events::new();
@@ -319,6 +310,7 @@ impl Agent {
             book,
             lan,
             discovery: Mutex::default(),
+            walking,
         });
         let mut tasks = vec![
             tokio::spawn(signal::run(inner.clone())),
@@ -327,6 +319,9 @@ impl Agent {
         ];
         if let Some(state) = inner.portmap_state.clone() {
             tasks.push(tokio::spawn(portmap::announce(inner.clone(), state)));
+        }
+        if !inner.config.walk_topics.is_empty() {
+            tasks.push(tokio::spawn(walk::run(inner.clone())));
         }
         Ok(Agent {
             inner,

@@ -199,9 +199,12 @@ pub enum Cmd {
         /// Also print what happens as JSON lines on stdout, one object
         /// each, `"event"` naming it: registered, address_changed,
         /// disconnected, stopped, nat_classified, peer_connected,
-        /// path_changed (with its cause), relay_renewed.
+        /// path_changed (with its cause), relay_renewed, discovery
+        /// (connections without the server, and random walks).
         #[arg(long, env = "PUNCH_EVENTS", value_parser = BoolishValueParser::new())]
         events: bool,
+        #[command(flatten)]
+        walk: WalkArgs,
     },
     /// List workers online or stale (recently dropped), optionally of one
     /// type and with one tag.
@@ -427,4 +430,41 @@ mod tests {
     fn the_command_line_is_complete() {
         punch_clidoc::assert_complete(super::Cli::command());
     }
+}
+
+/// Random walks (`serve`): finding more workers of some types or tags
+/// through the peers we know, so the address book holds peers to reach
+/// while the server is away.
+#[derive(Args, Debug, Clone)]
+pub struct WalkArgs {
+    /// A type or tag to find more workers of: every minute or so the agent
+    /// asks a peer it knows (a --bootstrap worker, a peer of the address
+    /// book with that topic, else one the server lists) which workers of
+    /// it that peer has connected to, and walks on to one of them (3 hops,
+    /// back-off for peers that fail). Each connection puts the peer in the
+    /// address book. Repeatable, at most 8; none: no walks. We answer
+    /// others' walks for the topics we share whether or not we walk.
+    #[arg(
+        long = "walk-topic",
+        env = "PUNCH_WALK_TOPICS",
+        value_delimiter = ',',
+        value_name = "TOPIC"
+    )]
+    pub topics: Vec<String>,
+    /// A worker walks may start from; repeatable.
+    #[arg(
+        long,
+        env = "PUNCH_BOOTSTRAP",
+        value_delimiter = ',',
+        value_name = "WORKER_ID"
+    )]
+    pub bootstrap: Vec<String>,
+    /// Seconds from one walk to the next (±25 %; at least 1).
+    #[arg(
+        long,
+        env = "PUNCH_WALK_EVERY",
+        default_value_t = 60.0,
+        value_name = "SECS"
+    )]
+    pub walk_every: f64,
 }

@@ -67,6 +67,7 @@ async fn main() -> ExitCode {
             share,
             allow_pipe,
             events,
+            walk,
         } => {
             init_logs("info");
             let args = serve::ServeArgs {
@@ -79,6 +80,7 @@ async fn main() -> ExitCode {
                 share: share.clone(),
                 allow_pipe: allow_pipe.clone(),
                 events: *events,
+                walk: walk.clone(),
             };
             (false, serve::run(&cli.common, args).await)
         }

@@ -1,7 +1,8 @@
 //! `punch-agent serve --http ADDR`: the agent's own status over HTTP, so it
 //! can run as a Cloud Run service (which wants an HTTP port that answers)
 //! and so people can see what it is doing. `GET /healthz` is 200 while
-//! registered and 503 otherwise; `GET /` is a small HTML page.
+//! registered and 503 otherwise; `GET /` is a small HTML page; `GET
+//! /metrics` is the same in Prometheus' text format.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -42,6 +43,96 @@ async fn healthz(State(agent): State<Agent>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
+}
+
+/// `punch_agent_*`: registration, the address book, what walks heard
+/// of, LAN peers, and sessions without the server by kind.
+fn prometheus(agent: &Agent) -> String {
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    let mut reg = prometheus_client::registry::Registry::with_prefix("punch_agent");
+    let registered = matches!(*agent.watch_status().borrow(), Status::Registered { .. });
+    let gauges = [
+        (
+            "registered",
+            "1 while registered with the server",
+            registered as i64,
+        ),
+        (
+            "known_peers",
+            "Peers in the address book",
+            agent.known_peers().len() as i64,
+        ),
+        (
+            "heard_peers",
+            "Workers walks heard of, not connected to",
+            agent.heard_peers().len() as i64,
+        ),
+        (
+            "lan_peers",
+            "Agents LAN discovery sees",
+            agent.lan_peers().len() as i64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        reg.register(name, help, ConstGauge::new(v));
+    }
+    let c = agent.discovery_counts();
+    let counters = [
+        (
+            "discovery_started",
+            "Connects without the server we started",
+            c.started,
+        ),
+        (
+            "discovery_answered",
+            "Knocks of known peers we answered",
+            c.answered,
+        ),
+        (
+            "discovery_ended",
+            "Our connects without the server that came up",
+            c.ended,
+        ),
+        (
+            "discovery_failed",
+            "Our connects without the server that failed",
+            c.failed,
+        ),
+        ("walks", "Random walks ended", c.walks),
+        (
+            "walk_questions",
+            "Questions random walks asked",
+            c.walk_questions,
+        ),
+        ("walk_failed", "Walk questions that failed", c.walk_failed),
+        (
+            "walk_learned",
+            "Workers walks heard of first",
+            c.walk_learned,
+        ),
+        (
+            "walk_answered",
+            "Walk questions of peers we answered",
+            c.walk_answered,
+        ),
+    ];
+    for (name, help, v) in counters {
+        reg.register(name, help, ConstCounter::new(v));
+    }
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    out
+}
+
+async fn metrics(State(agent): State<Agent>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        prometheus(&agent),
+    )
 }
 
 async fn index(State(agent): State<Agent>) -> Html<String> {
@@ -85,6 +176,7 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Agent) {
     let app = Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .with_state(agent);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("status HTTP server failed: {e}");

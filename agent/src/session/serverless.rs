@@ -57,6 +57,16 @@ pub struct DiscoveryCounts {
     pub ended: u64,
     /// Our connects that failed.
     pub failed: u64,
+    /// Random walks ended ([`crate::walk`]) ...
+    pub walks: u64,
+    /// ... the questions they asked ...
+    pub walk_questions: u64,
+    /// ... of which failed (no connection or no answer) ...
+    pub walk_failed: u64,
+    /// ... and the workers they heard of first.
+    pub walk_learned: u64,
+    /// Walk questions of peers we answered.
+    pub walk_answered: u64,
 }
 
 fn emit(
@@ -86,6 +96,7 @@ fn emit(
             phase,
             incoming,
             error,
+            learned: None,
         }));
 }
 
@@ -268,6 +279,7 @@ fn first_meeting(
         endpoints: p.endpoints,
         standing: Vec::new(),
         last_ok: 0,
+        topics: Vec::new(),
     };
     Some((entry, secret))
 }
@@ -330,6 +342,7 @@ pub(crate) async fn without_server(
                 endpoints: p.endpoints,
                 standing: vec![token?],
                 last_ok: 0,
+                topics: Vec::new(),
             };
             (e, Strategy::Lan)
         }

@@ -6,6 +6,7 @@ use crate::status;
 use punch_agent::{AgentBuilder, AgentError, Status};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The status address: --http, else 0.0.0.0:$PORT when PORT is set,
 /// because Cloud Run sets PORT and counts the service as up only once an
@@ -34,6 +35,8 @@ pub struct ServeArgs {
     pub allow_pipe: Option<punch_apps::pipe::PipeTarget>,
     /// Print the agent's events as JSON lines.
     pub events: bool,
+    /// Random walks (`--walk-topic`, `--bootstrap`, `--walk-every`).
+    pub walk: crate::args::WalkArgs,
 }
 
 pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
@@ -47,6 +50,7 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
         share,
         allow_pipe,
         events,
+        walk,
     } = args;
     // First of all, before registering: a SIGTERM from then on, also
     // between two turns of the loop below, shuts down cleanly.
@@ -74,6 +78,17 @@ pub async fn run(c: &Common, args: ServeArgs) -> Result<(), AgentError> {
     cfg.kind = kind;
     cfg.tags = tags;
     cfg.metadata = meta;
+    cfg.walk_topics = walk.topics;
+    cfg.bootstrap = walk.bootstrap;
+    cfg.walk_every = Duration::try_from_secs_f64(walk.walk_every)
+        .ok()
+        .filter(|d| *d >= Duration::from_secs(1))
+        .ok_or_else(|| {
+            AgentError::Config(format!(
+                "--walk-every {}: at least 1 second",
+                walk.walk_every
+            ))
+        })?;
     // The apps other workers use through us: bench always, files,
     // forward and reverse refusing with a reason unless --share /
     // --allow-forward / --allow-reverse.
