@@ -376,3 +376,125 @@ fn serve_walks_by_itself_and_its_metrics_count_the_walks() {
         Err(e) => eprintln!("promtool not run: {e}"),
     }
 }
+
+// Peer exchange's wire format as a peer sends it (postcard, `punch/pex`).
+#[derive(Serialize, Deserialize)]
+struct PexAsk {
+    keys: Vec<[u8; 32]>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PexAnswer {
+    found: Vec<PexFound>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PexFound {
+    key: [u8; 32],
+    endpoints: Vec<std::net::SocketAddr>,
+}
+
+/// Peer exchange with a lying peer, the server gone: worker-b is gone too,
+/// so a's connect to b asks the liar where b is. The liar answers with its
+/// own address for b's key, an endpoint for worker-c's key (not asked) and
+/// one for a key nobody has. a tries the liar's address for b only, where
+/// nothing proves b's key, so the connect fails; c's entry gets nothing,
+/// and the book holds no entry for the unknown key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_exchange_answer_is_used_only_for_the_key_asked_and_proves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ServerProc::start(dir.path(), &[]).unwrap();
+    let fast = |b: AgentBuilder| b.punch_timeout(Duration::from_secs(2));
+    let liar_at = std::sync::Arc::new(std::sync::Mutex::new(None::<std::net::SocketAddr>));
+    let c_key = std::sync::Arc::new(std::sync::Mutex::new([0u8; 32]));
+    let (at, ck) = (liar_at.clone(), c_key.clone());
+    let liar = started(fast(builder(&s, "liar", dir.path())).protocol(
+        "punch/pex",
+        move |mut st: ProtocolStream| {
+            let (at, ck) = (at.clone(), ck.clone());
+            async move {
+                let ask: PexAsk = read_frame(&mut st.recv, 4096).await.unwrap();
+                let me = at.lock().unwrap().unwrap();
+                let mut found: Vec<PexFound> = ask
+                    .keys
+                    .iter()
+                    .map(|k| PexFound {
+                        key: *k,
+                        endpoints: vec![me],
+                    })
+                    .collect();
+                found.push(PexFound {
+                    key: *ck.lock().unwrap(),
+                    endpoints: vec!["127.0.0.1:9".parse().unwrap()],
+                });
+                found.push(PexFound {
+                    key: [7; 32],
+                    endpoints: vec!["127.0.0.1:9".parse().unwrap()],
+                });
+                write_frame(&mut st.send, &PexAnswer { found })
+                    .await
+                    .unwrap();
+                let _ = st.send.finish();
+            }
+        },
+    ))
+    .await;
+    *liar_at.lock().unwrap() = Some(liar.local_addr().unwrap());
+    let b = started(fast(builder(&s, "worker-b", dir.path()))).await;
+    let _c = started(fast(builder(&s, "worker-c", dir.path()))).await;
+    let a = started(fast(builder(&s, "worker-a", dir.path()))).await;
+    for to in ["worker-b", "worker-c", "liar"] {
+        a.connect(to).await.unwrap().close().await;
+    }
+    *c_key.lock().unwrap() = punch_tls::Identity::load_or_create(&dir.path().join("worker-c.key"))
+        .unwrap()
+        .public_key();
+    let before = a.known_peers();
+    let c_before = before
+        .iter()
+        .find(|p| p.worker_id == "worker-c")
+        .unwrap()
+        .clone();
+    b.close().await;
+    drop(b);
+    s.proc.kill();
+    let mut rx = a.watch_status();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while matches!(&*rx.borrow_and_update(), Status::Registered { .. }) {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("a notices the server is gone");
+    let mut events = a.events();
+    let r = tokio::time::timeout(Duration::from_secs(30), a.connect("worker-b"))
+        .await
+        .expect("the connect ends");
+    assert!(
+        r.is_err(),
+        "connected to something claiming to be worker-b: {:?}",
+        r.map(|p| p.path)
+    );
+    let mut asked_liar = false;
+    while let Ok(e) = events.try_recv() {
+        let v = e.to_json();
+        asked_liar |=
+            v["source"] == "peer-exchange" && v["peer"] == "liar" && v["phase"] == "ended";
+    }
+    assert!(asked_liar, "a never asked the liar");
+    let after = a.known_peers();
+    let c_after = after.iter().find(|p| p.worker_id == "worker-c").unwrap();
+    assert_eq!(
+        c_after.endpoints, c_before.endpoints,
+        "an endpoint told for a key not asked went into c's entry"
+    );
+    let b_after = after.iter().find(|p| p.worker_id == "worker-b").unwrap();
+    assert_eq!(
+        b_after.endpoints.first(),
+        liar_at.lock().unwrap().as_ref(),
+        "{b_after:?}"
+    );
+    let unknown = punch_tls::fingerprint_of(&[7; 32]);
+    assert!(!after.iter().any(|p| p.fingerprint == unknown), "{after:?}");
+    assert_eq!(after.len(), before.len(), "{after:?}");
+}
