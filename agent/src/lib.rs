@@ -51,6 +51,7 @@
 mod admission;
 mod book;
 mod builder;
+mod candidates;
 mod clock;
 mod config;
 mod error;
@@ -95,7 +96,7 @@ pub use punch_protocol::signal::PathKind;
 pub use session::{serverless::DiscoveryCounts, Punched};
 pub use walk::{machine::WalkSummary, HeardPeer};
 
-use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg, ServerMsg};
+use punch_protocol::signal::{Candidate, ClientMsg, ServerMsg};
 use punch_protocol::ALPN_PEER;
 use punch_tls::{Expect, Identity, KeyVerifier};
 use socket::{ProbeRouter, PunchSocket};
@@ -503,202 +504,5 @@ impl Agent {
         // 40 ms RTT) would only hold the caller. A peer that misses the
         // close learns it from its idle timeout.
         let _ = tokio::time::timeout(CLOSE_FLUSH, self.inner.endpoint.wait_idle()).await;
-    }
-}
-
-impl Inner {
-    /// How relay frames reach the server now: over the WebSocket while
-    /// signaling runs there, else over UDP.
-    pub(crate) fn relay_via(&self) -> Option<socket::RelayVia> {
-        if *self.transport.lock().expect("not poisoned")
-            == Some(punch_protocol::signal::Transport::Tcp)
-        {
-            return Some(socket::RelayVia::Tcp);
-        }
-        self.server_addr
-            .lock()
-            .expect("not poisoned")
-            .map(socket::RelayVia::Udp)
-    }
-
-    /// Sets the registration status and tells the event stream.
-    pub(crate) fn set_status(&self, s: Status) {
-        let event = match &s {
-            Status::Registered { observed } => Some(AgentEvent::Registered {
-                server: signal::current_server(self),
-                transport: self
-                    .transport
-                    .lock()
-                    .expect("not poisoned")
-                    .unwrap_or_default(),
-                observed: *observed,
-            }),
-            Status::Connecting(Some(e)) => Some(AgentEvent::Disconnected { error: e.clone() }),
-            Status::Connecting(None) => None,
-            Status::Failed(e) => Some(AgentEvent::Stopped { error: e.clone() }),
-        };
-        self.status.send_replace(s);
-        if let Some(e) = event {
-            self.events.emit(e);
-        }
-    }
-
-    /// Our public address by the gateway's port mapping, if one is live.
-    pub(crate) fn mapped_external(&self) -> Option<SocketAddr> {
-        self.portmap_state
-            .as_ref()
-            .and_then(|s| s.borrow().mapping.map(|m| m.external))
-    }
-
-    /// Registered over TCP with no UDP mapping of our own.
-    pub(crate) fn tcp_only(&self) -> bool {
-        self.tcp_only.load(Ordering::SeqCst)
-    }
-
-    /// The front's trust anchors: `--server-ca`, else the system roots;
-    /// `None` (pinned key only) when neither loads.
-    pub(crate) fn front_roots(&self) -> Option<rustls::RootCertStore> {
-        self.roots
-            .get_or_init(
-                || match punch_tls::tcp::load_roots(self.config.server_ca.as_deref()) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::warn!("{e}; only the server's pinned key is accepted on TCP");
-                        None
-                    }
-                },
-            )
-            .clone()
-    }
-    /// Sends a request and waits for its answer.
-    pub(crate) async fn request(
-        &self,
-        make: impl FnOnce(u32) -> ClientMsg,
-        timeout: Duration,
-    ) -> Result<Reply, AgentError> {
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let control = self.control.lock().expect("not poisoned").clone();
-        let Some(control) = control else {
-            return Err(AgentError::ServerUnreachable {
-                server: self.config.server.clone(),
-                reason: "not connected".into(),
-            });
-        };
-        self.pending.lock().expect("not poisoned").insert(req, tx);
-        // However this ends (an answer, a time-out, the caller dropping the
-        // request midway), the slot goes; after an answer it is gone already.
-        struct Forget<'a>(&'a Inner, u32);
-        impl Drop for Forget<'_> {
-            fn drop(&mut self) {
-                self.0.pending.lock().expect("not poisoned").remove(&self.1);
-            }
-        }
-        let _forget = Forget(self, req);
-        let lost = || AgentError::ServerUnreachable {
-            server: self.config.server.clone(),
-            reason: "signaling connection lost".into(),
-        };
-        if control.send(make(req)).await.is_err() {
-            return Err(lost());
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(lost()),
-            Err(_) => Err(AgentError::Timeout("no answer from the server".into())),
-        }
-    }
-
-    /// Sends a message without waiting for an answer.
-    /// Does the server read messages of protocol version `v`?
-    pub(crate) fn server_speaks(&self, v: u16) -> bool {
-        self.server_version
-            .load(std::sync::atomic::Ordering::SeqCst)
-            >= v
-    }
-
-    /// Tells the server our NAT class and, if it reads it, our port
-    /// allocator.
-    pub(crate) fn report_nat(&self, nat: punch_protocol::signal::NatClass) {
-        self.notify(ClientMsg::Nat(nat));
-        let alloc = self.nat.alloc();
-        if alloc != punch_protocol::allocator::Allocator::Unknown && self.server_speaks(5) {
-            self.notify(ClientMsg::Allocator(alloc));
-        }
-    }
-
-    pub(crate) fn notify(&self, msg: ClientMsg) {
-        if let Some(c) = self.control.lock().expect("not poisoned").as_ref() {
-            let _ = c.try_send(msg);
-        }
-    }
-
-    /// Tells the server all our candidates (ours and what STUN saw) anew.
-    pub(crate) fn announce_candidates(&self) {
-        let mut local = self.local_candidates();
-        for c in self.stun_seen.lock().expect("not poisoned").iter() {
-            if !local.iter().any(|l| l.addr == c.addr) {
-                local.push(*c);
-            }
-        }
-        local.truncate(punch_protocol::signal::MAX_CANDIDATES);
-        self.notify(ClientMsg::Candidates { local });
-    }
-
-    /// Our candidates besides the server-observed address.
-    pub(crate) fn local_candidates(&self) -> Vec<Candidate> {
-        let mut out = Vec::new();
-        // The gateway's mapping first: it is what peers behind hard NATs
-        // reach.
-        if let Some(c) = self
-            .portmap_state
-            .as_ref()
-            .and_then(|s| portmap::candidate(&s.borrow()))
-        {
-            out.push(c);
-        }
-        // Our counter next: what a peer behind a per-destination NAT aims
-        // at (first, so that many interface addresses do not crowd it out).
-        if let Some(c) = self.counter.lock().expect("not poisoned").counter {
-            out.extend(c.candidates());
-        }
-        if !self.config.local_candidates {
-            return out;
-        }
-        let Ok(local) = self.endpoint.local_addr() else {
-            return out;
-        };
-        if !local.ip().is_unspecified() {
-            if !local.ip().is_loopback() {
-                out.push(Candidate {
-                    addr: punch_net::canonical(local),
-                    kind: CandidateKind::Local,
-                });
-            }
-            return out;
-        }
-        let Ok(ifs) = if_addrs::get_if_addrs() else {
-            return out;
-        };
-        for i in ifs {
-            let ip = i.ip();
-            if ip.is_loopback() || !self.socket.supports(ip) {
-                continue;
-            }
-            if let std::net::IpAddr::V6(v6) = ip {
-                // Link-local addresses need a scope id that peers do not know.
-                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
-                    continue;
-                }
-            }
-            out.push(Candidate {
-                addr: SocketAddr::new(ip, local.port()),
-                kind: CandidateKind::Local,
-            });
-            if out.len() >= punch_protocol::signal::MAX_CANDIDATES {
-                break;
-            }
-        }
-        out
     }
 }

@@ -177,20 +177,10 @@ fn the_circle_check_finds_a_circle() {
     );
 }
 
-/// Modules still over 600 lines of code, each held to its size now: the
-/// layers issue (18) splits them. A module not listed may not pass 600.
-const STILL_TOO_LONG: &[(&str, usize)] = &[
-    ("agent/src/lib.rs", 710),
-    ("agent/src/socket.rs", 601),
-    ("server/src/tcp.rs", 665),
-    ("protocol/src/birthday.rs", 665),
-    ("portmap/src/client.rs", 795),
-    ("tests/src/lab/mod.rs", 1055),
-    ("tests/src/lab/nat.rs", 795),
-    ("tests/src/lab/matrix.rs", 630),
-    ("tests/src/main.rs", 905),
-    ("tests/src/harness.rs", 655),
-];
+/// Modules allowed over 600 lines of code, each held to its size: none
+/// since the layers issue (18) split the last ones by role. A module that
+/// grows past 600 is split, not listed here.
+const STILL_TOO_LONG: &[(&str, usize)] = &[];
 
 #[test]
 fn no_module_is_over_six_hundred_lines_of_code() {

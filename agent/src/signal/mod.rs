@@ -2,6 +2,7 @@
 
 mod channel;
 mod dispatch;
+mod link;
 mod nat;
 mod quic;
 mod register;

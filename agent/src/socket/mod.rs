@@ -11,7 +11,6 @@ use bytes::Bytes;
 use punch_protocol::budget::{ProbeBudget, ProbeLimits};
 use punch_protocol::relay;
 use punch_protocol::signal::SessionId;
-use punch_protocol::stun;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::collections::{HashMap, VecDeque};
@@ -24,6 +23,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::warn;
+
+mod stun_client;
 
 pub use crate::path::{is_virtual, ActivePath, PathTable, RelayVia};
 pub use crate::probe_router::{ProbeDatagram, ProbeRouter};
@@ -198,59 +199,6 @@ impl PunchSocket {
             .expect("not poisoned")
             .insert(session, tx);
         rx
-    }
-
-    /// Asks a STUN server for our mapped address, from the agent's one
-    /// socket (so it is the mapping peers see), with retries.
-    pub async fn stun_query(
-        &self,
-        server: SocketAddr,
-        limit: std::time::Duration,
-    ) -> Option<SocketAddr> {
-        let txid = stun::new_txid();
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        self.stun_waiters
-            .lock()
-            .expect("not poisoned")
-            .insert(txid, tx);
-        let req = stun::binding_request(&txid, false, false);
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut wait = std::time::Duration::from_millis(100);
-        let mut out = None;
-        while tokio::time::Instant::now() < deadline {
-            if self.send_raw(server, &req).is_err() {
-                break;
-            }
-            let until = (tokio::time::Instant::now() + wait).min(deadline);
-            if let Ok(Ok(resp)) = tokio::time::timeout_at(until, &mut rx).await {
-                out = stun::parse(&resp)
-                    .ok()
-                    .filter(|m| m.msg_type == stun::BINDING_SUCCESS)
-                    .and_then(|m| m.mapped_address());
-                break;
-            }
-            wait *= 2;
-        }
-        self.stun_waiters
-            .lock()
-            .expect("not poisoned")
-            .remove(&txid);
-        out.map(punch_net::canonical)
-    }
-
-    fn stun_in(&self, data: &[u8]) {
-        let Ok(m) = stun::parse(data) else { return };
-        if m.msg_type != stun::BINDING_SUCCESS && m.msg_type != stun::BINDING_ERROR {
-            return;
-        }
-        if let Some(tx) = self
-            .stun_waiters
-            .lock()
-            .expect("not poisoned")
-            .remove(&m.txid)
-        {
-            let _ = tx.send(data.to_vec());
-        }
     }
 
     /// Stops waiting for binds of `session`.
