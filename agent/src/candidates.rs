@@ -2,9 +2,22 @@
 //! the server observes (the gateway's mapping, our port counter's
 //! predictions, interface addresses, what STUN saw).
 
+use crate::session::birthday::CounterState;
 use crate::{portmap, Inner};
 use punch_protocol::signal::{Candidate, CandidateKind, ClientMsg};
 use std::net::SocketAddr;
+use std::sync::Mutex;
+
+/// What the gatherer keeps between registrations.
+#[derive(Debug, Default)]
+pub(crate) struct Gathered {
+    /// The STUN candidates of the last registration (sent again with the
+    /// mapped candidate when it changes).
+    pub(crate) stun_seen: Mutex<Vec<Candidate>>,
+    /// Where our NAT's port counter stands, when it counts: offered to
+    /// peers as two predicted candidates ([`punch_protocol::predict`]).
+    pub(crate) counter: Mutex<CounterState>,
+}
 
 impl Inner {
     /// Our public address by the gateway's port mapping, if one is live.
@@ -17,7 +30,7 @@ impl Inner {
     /// Tells the server all our candidates (ours and what STUN saw) anew.
     pub(crate) fn announce_candidates(&self) {
         let mut local = self.local_candidates();
-        for c in self.stun_seen.lock().expect("not poisoned").iter() {
+        for c in self.gather.stun_seen.lock().expect("not poisoned").iter() {
             if !local.iter().any(|l| l.addr == c.addr) {
                 local.push(*c);
             }
@@ -40,7 +53,7 @@ impl Inner {
         }
         // Our counter next: what a peer behind a per-destination NAT aims
         // at (first, so that many interface addresses do not crowd it out).
-        if let Some(c) = self.counter.lock().expect("not poisoned").counter {
+        if let Some(c) = self.gather.counter.lock().expect("not poisoned").counter {
             out.extend(c.candidates());
         }
         if !self.config.local_candidates {

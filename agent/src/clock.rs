@@ -37,7 +37,7 @@ impl crate::Agent {
     /// ms, as the `Date` of the TCP channel's upgrade said (whole seconds);
     /// `None` until a TCP channel opened.
     pub fn server_clock_skew_ms(&self) -> Option<i64> {
-        self.inner.server_clock.skew_ms()
+        self.inner.link.server_clock.skew_ms()
     }
 }
 

@@ -96,16 +96,15 @@ pub use punch_protocol::signal::PathKind;
 pub use session::{serverless::DiscoveryCounts, Punched};
 pub use walk::{machine::WalkSummary, HeardPeer};
 
-use punch_protocol::signal::{Candidate, ClientMsg, ServerMsg};
+use punch_protocol::signal::{ClientMsg, ServerMsg};
 use punch_protocol::ALPN_PEER;
 use punch_tls::{Expect, Identity, KeyVerifier};
 use socket::{ProbeRouter, PunchSocket};
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Replies to numbered requests.
 #[derive(Debug)]
@@ -126,26 +125,9 @@ pub(crate) struct Inner {
     pub(crate) worker_id: String,
     pub(crate) ephemeral: bool,
     pub(crate) fingerprint: String,
-    pub(crate) control: Mutex<Option<mpsc::Sender<ClientMsg>>>,
-    /// The server's UDP address as last resolved (also the relay).
-    pub(crate) server_addr: Mutex<Option<SocketAddr>>,
-    /// Which of the configured servers (a cluster) is in use.
-    pub(crate) server_idx: std::sync::atomic::AtomicUsize,
-    /// The channel signaling runs on now, if registered.
-    pub(crate) transport: Mutex<Option<punch_protocol::signal::Transport>>,
-    /// Registered over TCP with no UDP mapping known: nobody can punch to
-    /// us.
-    pub(crate) tcp_only: std::sync::atomic::AtomicBool,
-    /// The protocol version the server welcomed us with.
-    pub(crate) server_version: std::sync::atomic::AtomicU16,
-    /// The server's clock against ours, from the TCP channel.
-    pub(crate) server_clock: clock::ServerClock,
-    /// Counts new channels to the server (connections re-punch on a change).
-    pub(crate) channel_changes: watch::Sender<u64>,
-    /// Trust anchors for a front, loaded on first use.
-    roots: std::sync::OnceLock<Option<rustls::RootCertStore>>,
-    pub(crate) pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
-    next_req: AtomicU32,
+    /// Our link to the server: the channel, requests in flight, what
+    /// the server speaks and where it is.
+    pub(crate) link: signal::ServerLink,
     /// Set by [`Agent::close`]: the signaling loop stops instead of reconnecting.
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Becomes true when the signaling task has ended.
@@ -155,18 +137,15 @@ pub(crate) struct Inner {
     pub(crate) events: events::Events,
     /// Our NAT: class, allocator, how far the check has come.
     pub(crate) nat: nat_state::NatWatch,
-    /// Where our NAT's port counter stands, when it counts: offered to
-    /// peers as two predicted candidates ([`punch_protocol::predict`]).
-    pub(crate) counter: Mutex<crate::session::birthday::CounterState>,
+    /// What we offer besides the observed address: STUN's answers, our
+    /// NAT's port counter.
+    pub(crate) gather: candidates::Gathered,
     /// Application protocols registered by the embedder.
     pub(crate) protocols: protocols::Protocols,
     /// The gateway port mapping task, if port mapping runs.
     portmap: tokio::sync::Mutex<Option<punch_portmap::client::Handle>>,
     /// What it knows (the live mapping), if it runs.
     pub(crate) portmap_state: Option<watch::Receiver<punch_portmap::client::State>>,
-    /// The STUN candidates of the last registration (sent again with the
-    /// mapped candidate when it changes).
-    pub(crate) stun_seen: Mutex<Vec<Candidate>>,
     /// When the agent started.
     pub(crate) started: Instant,
     /// (signaling channel count, mapped address) last told the server.
@@ -284,25 +263,14 @@ impl Agent {
             worker_id,
             ephemeral,
             fingerprint,
-            control: Mutex::new(None),
-            server_addr: Mutex::new(None),
-            server_idx: std::sync::atomic::AtomicUsize::new(0),
-            transport: Mutex::new(None),
-            tcp_only: Default::default(),
-            server_version: Default::default(),
-            server_clock: Default::default(),
-            channel_changes: watch::channel(0).0,
-            roots: std::sync::OnceLock::new(),
-            pending: Mutex::new(HashMap::new()),
-            next_req: AtomicU32::new(1),
+            link: signal::ServerLink::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
             signal_stopped: watch::channel(false).0,
             nat: nat_state::NatWatch::new(),
-            counter: Mutex::new(Default::default()),
+            gather: Default::default(),
             protocols,
             portmap: tokio::sync::Mutex::new(portmap),
             portmap_state,
-            stun_seen: Mutex::new(Vec::new()),
             portmap_sent: Mutex::new(None),
             started: Instant::now(),
             status,
@@ -346,7 +314,7 @@ impl Agent {
 
     /// The channel signaling runs on now (`None` while not registered).
     pub fn transport(&self) -> Option<punch_protocol::signal::Transport> {
-        *self.inner.transport.lock().expect("not poisoned")
+        *self.inner.link.transport.lock().expect("not poisoned")
     }
 
     /// The rendezvous server as configured (`HOST:PORT`, or a list).
@@ -477,7 +445,7 @@ impl Agent {
         self.inner.book.lock().expect("not poisoned").save();
         // Dropping the control sender ends the signaling writer, which
         // delivers what is queued (outcome reports) before we close.
-        let control = self.inner.control.lock().expect("not poisoned").take();
+        let control = self.inner.link.control.lock().expect("not poisoned").take();
         let deregister = async {
             if let Some(c) = control {
                 // Deregister at once rather than go stale.

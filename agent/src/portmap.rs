@@ -155,10 +155,10 @@ pub(crate) fn sync(inner: &Inner) {
         return;
     };
     let now = (
-        *inner.channel_changes.borrow(),
+        *inner.link.channel_changes.borrow(),
         state.borrow().mapping.map(|m| m.external),
     );
-    if inner.control.lock().expect("not poisoned").is_none() {
+    if inner.link.control.lock().expect("not poisoned").is_none() {
         return;
     }
     let mut sent = inner.portmap_sent.lock().expect("not poisoned");
@@ -177,7 +177,7 @@ pub(crate) fn sync(inner: &Inner) {
 /// Keeps the server's view of our mapped candidate current: on every
 /// mapping change and every new signaling channel.
 pub(crate) async fn announce(inner: Arc<Inner>, mut state: tokio::sync::watch::Receiver<State>) {
-    let mut channel = inner.channel_changes.subscribe();
+    let mut channel = inner.link.channel_changes.subscribe();
     loop {
         state.borrow_and_update();
         channel.borrow_and_update();

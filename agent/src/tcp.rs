@@ -371,7 +371,7 @@ pub(crate) async fn open(
             .await
             .map_err(|e| format!("WebSocket upgrade at {url}: {e}"))?;
     if let Some(date) = resp.headers().get("date").and_then(|d| d.to_str().ok()) {
-        inner.server_clock.record_http_date(date);
+        inner.link.server_clock.record_http_date(date);
     }
     Ok(ws)
 }

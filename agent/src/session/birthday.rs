@@ -179,13 +179,13 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     let punch_protocol::allocator::Allocator::Sequential { stride } = inner.nat.alloc() else {
         return;
     };
-    let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {
+    let Some(server) = *inner.link.server_addr.lock().expect("not poisoned") else {
         return;
     };
     if !server.is_ipv4() {
         return;
     }
-    let other = inner.counter.lock().expect("not poisoned").other;
+    let other = inner.gather.counter.lock().expect("not poisoned").other;
     let servers = match other.filter(|o| o.is_ipv4()) {
         Some(o) => crate::natcheck::server_addresses(server, o).to_vec(),
         None => vec![server],
@@ -225,7 +225,7 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
         "counter: advertising where our NAT's port counter stands"
     );
     let changed = {
-        let mut c = inner.counter.lock().expect("not poisoned");
+        let mut c = inner.gather.counter.lock().expect("not poisoned");
         std::mem::replace(&mut c.counter, counter) != counter
     };
     if changed {

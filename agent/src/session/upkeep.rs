@@ -41,7 +41,7 @@ pub(crate) fn maintain(
         async move {
             let mut m = PathMachine::new(Instant::now(), role, PathConfig::default());
             let mut repunching: Option<tokio::task::JoinHandle<bool>> = None;
-            let mut channel = inner.channel_changes.subscribe();
+            let mut channel = inner.link.channel_changes.subscribe();
             let view = |now: Instant| {
                 let p = inner.socket.paths.lock().expect("not poisoned");
                 PathView {

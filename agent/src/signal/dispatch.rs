@@ -42,7 +42,12 @@ pub(super) fn dispatch(inner: &Arc<Inner>, msg: ServerMsg) {
 }
 
 fn answer(inner: &Arc<Inner>, req: u32, reply: Reply) {
-    let tx = inner.pending.lock().expect("not poisoned").remove(&req);
+    let tx = inner
+        .link
+        .pending
+        .lock()
+        .expect("not poisoned")
+        .remove(&req);
     match tx {
         Some(tx) => {
             if let Err(Reply::Offer(o, _)) = tx.send(reply) {

@@ -8,6 +8,8 @@ mod quic;
 mod register;
 mod ws;
 
+pub(crate) use link::ServerLink;
+
 pub use quic::server_silent;
 
 use crate::{AgentError, Inner, Status};
@@ -47,10 +49,10 @@ async fn run_loop(inner: Arc<Inner>) {
                     }
                     Channel::Ws(ws) => ws::ws_session(&inner, *ws, observed).await,
                 };
-                *inner.control.lock().expect("not poisoned") = None;
+                *inner.link.control.lock().expect("not poisoned") = None;
                 inner.socket.set_tcp_out(None);
-                *inner.transport.lock().expect("not poisoned") = None;
-                inner.pending.lock().expect("not poisoned").clear();
+                *inner.link.transport.lock().expect("not poisoned") = None;
+                inner.link.pending.lock().expect("not poisoned").clear();
                 if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
@@ -129,7 +131,10 @@ pub(crate) fn current_server(inner: &Inner) -> String {
     if all.is_empty() {
         return inner.config.server.clone();
     }
-    let i = inner.server_idx.load(std::sync::atomic::Ordering::Relaxed);
+    let i = inner
+        .link
+        .server_idx
+        .load(std::sync::atomic::Ordering::Relaxed);
     all[i % all.len()].clone()
 }
 
@@ -139,6 +144,7 @@ fn next_server(inner: &Inner) -> bool {
         return false;
     }
     inner
+        .link
         .server_idx
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     true

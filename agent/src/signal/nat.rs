@@ -56,7 +56,7 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
     if !inner.config.nat_check || !inner.nat.try_start() {
         return;
     }
-    let Some(server) = *inner.server_addr.lock().expect("not poisoned") else {
+    let Some(server) = *inner.link.server_addr.lock().expect("not poisoned") else {
         return;
     };
     let inner = inner.clone();
@@ -82,7 +82,7 @@ pub(super) fn classify_nat(inner: &Arc<Inner>) {
                         if let punch_protocol::allocator::Allocator::Sequential { .. } =
                             r.allocator.value
                         {
-                            inner.counter.lock().expect("not poisoned").other =
+                            inner.gather.counter.lock().expect("not poisoned").other =
                                 r.other_addr.as_deref().and_then(|a| a.parse().ok());
                             advertising.store(true, std::sync::atomic::Ordering::SeqCst);
                             let inner = inner.clone();

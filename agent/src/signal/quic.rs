@@ -28,7 +28,7 @@ pub(super) async fn quic_channel(inner: &Arc<Inner>, server: &str) -> Result<Cha
         reason,
     };
     let addr = resolve(server).await?;
-    *inner.server_addr.lock().expect("not poisoned") = Some(addr);
+    *inner.link.server_addr.lock().expect("not poisoned") = Some(addr);
     // The NAT check's tests go out beside the handshake (from sockets of
     // their own): a fresh agent's mapping is then known about when it
     // registers, and its first connect need not wait for it.
@@ -91,7 +91,7 @@ pub(super) async fn session(
     observed: SocketAddr,
 ) -> SessionEnd {
     let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
-    *inner.control.lock().expect("not poisoned") = Some(tx);
+    *inner.link.control.lock().expect("not poisoned") = Some(tx);
     on_registered(inner, Transport::Udp, observed);
     let writer = async {
         while let Some(m) = rx.recv().await {

@@ -66,7 +66,7 @@ pub(super) async fn register(
         Channel::Ws(_) => Vec::new(),
     };
     let has_stun = !stun.is_empty();
-    *inner.stun_seen.lock().expect("not poisoned") = stun.clone();
+    *inner.gather.stun_seen.lock().expect("not poisoned") = stun.clone();
     candidates.extend(stun);
     candidates.truncate(punch_protocol::signal::MAX_CANDIDATES);
     let hello = ClientMsg::Hello(Hello {
@@ -153,9 +153,11 @@ pub(super) async fn register(
                 )));
             }
             inner
+                .link
                 .server_version
                 .store(version, std::sync::atomic::Ordering::SeqCst);
             inner
+                .link
                 .tcp_only
                 .store(tcp && !has_stun, std::sync::atomic::Ordering::SeqCst);
             Ok(punch_net::canonical(observed))
@@ -168,11 +170,12 @@ pub(super) async fn register(
 /// Common start of a registered session: the channel becomes the way to
 /// the server, relay bindings move onto it, and connections hear of it.
 pub(super) fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: SocketAddr) {
-    *inner.transport.lock().expect("not poisoned") = Some(transport);
+    *inner.link.transport.lock().expect("not poisoned") = Some(transport);
     // A counter advertised while the hello was on its way reached no
     // server: say it again on this channel, ahead of any connect request
     // that registration releases (the peer must see it in its offer).
     if inner
+        .gather
         .counter
         .lock()
         .expect("not poisoned")
@@ -185,6 +188,6 @@ pub(super) fn on_registered(inner: &Arc<Inner>, transport: Transport, observed: 
     if let Some(via) = inner.relay_via() {
         crate::relay::move_bindings(&inner.socket, via);
     }
-    inner.channel_changes.send_modify(|n| *n += 1);
+    inner.link.channel_changes.send_modify(|n| *n += 1);
     classify_nat(inner);
 }

@@ -72,7 +72,7 @@ pub(super) async fn ws_session(
     let (mut sink, mut stream) = chan.ws.split();
     let (tx, mut rx) = mpsc::channel::<ClientMsg>(64);
     let (relay_tx, mut relay_rx) = mpsc::channel::<bytes::Bytes>(1024);
-    *inner.control.lock().expect("not poisoned") = Some(tx);
+    *inner.link.control.lock().expect("not poisoned") = Some(tx);
     inner.socket.set_tcp_out(Some(relay_tx));
     on_registered(inner, Transport::Tcp, observed);
     // The server sees no UDP mapping of ours over TCP: ask its STUN port and
@@ -81,16 +81,17 @@ pub(super) async fn ws_session(
         let inner = inner.clone();
         tokio::spawn(
             async move {
-                let server = *inner.server_addr.lock().expect("not poisoned");
+                let server = *inner.link.server_addr.lock().expect("not poisoned");
                 let stun = stun_candidates(&inner, server).await;
                 if stun.is_empty() {
                     return;
                 }
-                *inner.stun_seen.lock().expect("not poisoned") = stun.clone();
+                *inner.gather.stun_seen.lock().expect("not poisoned") = stun.clone();
                 let mut local = inner.local_candidates();
                 local.extend(stun);
                 local.truncate(punch_protocol::signal::MAX_CANDIDATES);
                 inner
+                    .link
                     .tcp_only
                     .store(false, std::sync::atomic::Ordering::SeqCst);
                 info!("UDP works although signaling runs over TCP: peers may punch to us");
@@ -175,7 +176,7 @@ pub(super) async fn ws_session(
     };
     let max_age = tokio::time::sleep(inner.config.ws_max_age);
     let udp_back = async {
-        let Some(addr) = *inner.server_addr.lock().expect("not poisoned") else {
+        let Some(addr) = *inner.link.server_addr.lock().expect("not poisoned") else {
             return std::future::pending().await;
         };
         if crate::config::is_ws_url(&current_server(inner)) {
