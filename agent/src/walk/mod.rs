@@ -427,11 +427,24 @@ async fn question(inner: &Arc<Inner>, peer: &str) -> Answered {
 /// topics and, while registered, workers the server lists for one topic.
 async fn starting_set(inner: &Arc<Inner>) -> Vec<String> {
     let topics = &inner.config.walk_topics;
-    let mut ids: Vec<String> = inner.config.bootstrap.clone();
     let reg = registered(inner);
-    for e in inner.book.lock().expect("not poisoned").entries() {
-        if e.topics.iter().any(|t| topics.contains(t)) && (reg || !e.standing.is_empty()) {
-            ids.push(e.worker_id);
+    let mut ids: Vec<String> = Vec::new();
+    {
+        let book = inner.book.lock().expect("not poisoned");
+        // Without the server, only peers the book can knock on.
+        let reachable = |id: &str| reg || book.get(id).is_some_and(|e| !e.standing.is_empty());
+        ids.extend(
+            inner
+                .config
+                .bootstrap
+                .iter()
+                .filter(|id| reachable(id))
+                .cloned(),
+        );
+        for e in book.entries() {
+            if e.topics.iter().any(|t| topics.contains(t)) && reachable(&e.worker_id) {
+                ids.push(e.worker_id);
+            }
         }
     }
     // The server's list only when nobody else is there to start from.
