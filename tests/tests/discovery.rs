@@ -29,6 +29,18 @@ async fn started(b: AgentBuilder) -> Agent {
     a
 }
 
+/// Waits (at most 20 s) until `a` knows its server is gone.
+async fn server_gone(a: &Agent) {
+    let mut rx = a.watch_status();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while matches!(&*rx.borrow_and_update(), Status::Registered { .. }) {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} still registered after 20 s", a.worker_id()));
+}
+
 /// Walk events of `a` that have arrived.
 fn walk_events(rx: &mut tokio::sync::broadcast::Receiver<AgentEvent>) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -135,14 +147,7 @@ async fn a_walk_finds_a_worker_of_a_topic_through_a_known_peer_and_it_stays_reac
     );
     // The server goes: a reaches c from the book the walk filled.
     s.proc.kill();
-    let mut rx = a.watch_status();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while matches!(&*rx.borrow_and_update(), Status::Registered { .. }) {
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("a notices the server is gone");
+    server_gone(&a).await;
     let pc = tokio::time::timeout(Duration::from_secs(20), a.connect("worker-c"))
         .await
         .expect("a connect ends")
@@ -458,14 +463,7 @@ async fn a_lying_peer_exchange_answer_is_used_only_for_the_key_asked_and_proves_
     b.close().await;
     drop(b);
     s.proc.kill();
-    let mut rx = a.watch_status();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while matches!(&*rx.borrow_and_update(), Status::Registered { .. }) {
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("a notices the server is gone");
+    server_gone(&a).await;
     let mut events = a.events();
     let r = tokio::time::timeout(Duration::from_secs(30), a.connect("worker-b"))
         .await
