@@ -140,7 +140,7 @@ struct Pending {
     endpoints: Vec<SocketAddr>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -221,6 +221,12 @@ impl Book {
     /// What the book knows of `worker_id`.
     pub fn get(&self, worker_id: &str) -> Option<&Entry> {
         self.peers.get(worker_id)
+    }
+
+    /// The book holds a session the server set up with `worker_id`: a
+    /// connect can knock on it without the server.
+    pub fn has_standing(&self, worker_id: &str) -> bool {
+        self.get(worker_id).is_some_and(|e| !e.standing.is_empty())
     }
 
     /// Every peer, most recently connected first.

@@ -277,6 +277,30 @@ impl PeerConnection {
         open_protocol_on(&self.conn, name).await
     }
 
+    /// One question and its answer on a new stream of protocol `name`
+    /// (a postcard frame each way, the answer at most `max` bytes), as the
+    /// agent's own protocols ask (`punch/pex`, `punch/walk`); the other
+    /// side reads it with [`crate::ProtocolStream::question`].
+    pub(crate) async fn ask<Q, A>(
+        &self,
+        name: &str,
+        question: &Q,
+        max: usize,
+    ) -> Result<A, PeerError>
+    where
+        Q: serde::Serialize,
+        A: serde::de::DeserializeOwned,
+    {
+        let (mut send, mut recv) = self.open_protocol(name).await?;
+        write_frame(&mut send, question)
+            .await
+            .map_err(|e| PeerError::Refused(e.to_string()))?;
+        let _ = send.finish();
+        read_frame(&mut recv, max)
+            .await
+            .map_err(|e| PeerError::Refused(e.to_string()))
+    }
+
     /// Opens a stream with a request of a built-in app (files, forward,
     /// bench: [`PeerRequest::protocol`]) and returns it without waiting
     /// for an answer: for requests without a [`PeerReply`]

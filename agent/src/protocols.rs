@@ -53,6 +53,37 @@ pub struct ProtocolStream {
     pub request: Option<PeerRequest>,
 }
 
+impl ProtocolStream {
+    /// The stream's one question (a postcard frame of at most `max`
+    /// bytes, [`crate::PeerConnection::ask`]'s); `None`, with the stream
+    /// reset and a debug line naming `what`, when it does not parse.
+    pub(crate) async fn question<Q: serde::de::DeserializeOwned>(
+        &mut self,
+        max: usize,
+        what: &str,
+    ) -> Option<Q> {
+        match punch_net::read_frame(&mut self.recv, max).await {
+            Ok(q) => Some(q),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer_id, "bad {what} question: {e}");
+                self.refuse_question();
+                None
+            }
+        }
+    }
+
+    /// Resets our side: the question is refused.
+    pub(crate) fn refuse_question(&mut self) {
+        let _ = self.send.reset(punch_protocol::close::STREAM_ERROR.into());
+    }
+
+    /// Sends the answer and ends our side.
+    pub(crate) async fn answer<A: serde::Serialize>(&mut self, answer: &A) {
+        let _ = write_frame(&mut self.send, answer).await;
+        let _ = self.send.finish();
+    }
+}
+
 /// Accepts a request (a [`PeerReply`] that says yes); false when the
 /// stream is gone.
 pub async fn accept(send: &mut quinn::SendStream) -> bool {

@@ -42,11 +42,10 @@ pub(crate) async fn connect(
 ) -> Result<PeerConnection, AgentError> {
     punch_protocol::signal::validate_worker_id(target)
         .map_err(|e| AgentError::Config(format!("target {target:?}: {e}")))?;
-    let registered = || matches!(*inner.status.borrow(), crate::Status::Registered { .. });
-    if !registered() {
+    if !inner.registered() {
         match super::serverless::without_server(inner, target, policy).await {
             // The server came back meanwhile: through it, then.
-            Some(Err(_)) if registered() => {}
+            Some(Err(_)) if inner.registered() => {}
             Some(r) => return r,
             None => {}
         }

@@ -12,12 +12,10 @@
 use crate::book::{Book, MAX_ENDPOINTS};
 use crate::peer::{PeerConnection, PeerError};
 use crate::protocols::{ProtocolHandler, ProtocolStream};
-use punch_net::{read_frame, write_frame};
 use punch_tls::PublicKey;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tracing::debug;
 
 /// The protocol's name on a peer connection.
 pub const PEX_PROTOCOL: &str = "punch/pex";
@@ -65,17 +63,11 @@ pub(crate) fn handler(book: Arc<Mutex<Book>>) -> impl ProtocolHandler {
     move |mut s: ProtocolStream| {
         let book = book.clone();
         async move {
-            let ask: Ask = match read_frame(&mut s.recv, MAX_ASK).await {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(peer = %s.peer_id, "bad peer-exchange question: {e}");
-                    let _ = s.send.reset(punch_protocol::close::STREAM_ERROR.into());
-                    return;
-                }
+            let Some(ask) = s.question::<Ask>(MAX_ASK, "peer-exchange").await else {
+                return;
             };
             let answer = answer(&book.lock().expect("not poisoned"), &ask.keys);
-            let _ = write_frame(&mut s.send, &answer).await;
-            let _ = s.send.finish();
+            s.answer(&answer).await;
         }
     }
 }
@@ -99,14 +91,8 @@ fn answer(book: &Book, keys: &[PublicKey]) -> Answer {
 /// each with at most [`MAX_ENDPOINTS`] endpoints, are kept.
 pub(crate) async fn ask(pc: &PeerConnection, keys: &[PublicKey]) -> Result<Vec<Found>, PeerError> {
     let keys: Vec<PublicKey> = keys.iter().take(MAX_KEYS).copied().collect();
-    let (mut send, mut recv) = pc.open_protocol(PEX_PROTOCOL).await?;
-    write_frame(&mut send, &Ask { keys: keys.clone() })
-        .await
-        .map_err(|e| PeerError::Refused(e.to_string()))?;
-    let _ = send.finish();
-    let a: Answer = read_frame(&mut recv, MAX_ANSWER)
-        .await
-        .map_err(|e| PeerError::Refused(e.to_string()))?;
+    let ask = Ask { keys: keys.clone() };
+    let a: Answer = pc.ask(PEX_PROTOCOL, &ask, MAX_ANSWER).await?;
     Ok(checked(a, &keys))
 }
 

@@ -19,7 +19,7 @@ use crate::book::{Entry, Standing};
 use crate::options::DialPolicy;
 use crate::peer::{PeerConnection, Strategy};
 use crate::socket::ProbeDatagram;
-use crate::{AgentError, Inner, RelayMode, Status};
+use crate::{AgentError, Inner, RelayMode};
 use punch_protocol::probe::{derive_secret, token_standing, Probe, ProbeKind};
 use punch_protocol::signal::{Candidate, CandidateKind, Offer, Role, SessionId};
 use std::collections::{HashMap, VecDeque};
@@ -100,10 +100,6 @@ fn emit(
         }));
 }
 
-fn registered(inner: &Inner) -> bool {
-    matches!(*inner.status.borrow(), Status::Registered { .. })
-}
-
 /// Knocks while unregistered, answers knocks, and saves the book when it
 /// changed; for the agent's lifetime.
 pub(crate) async fn run(inner: Arc<Inner>) {
@@ -125,7 +121,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 if let Some(w) = changes {
                     let _ = tokio::task::spawn_blocking(move || w.write()).await;
                 }
-                if !registered(&inner) {
+                if !inner.registered() {
                     keep_knocking(&inner);
                 }
             }

@@ -71,6 +71,11 @@ impl Inner {
             .map(socket::RelayVia::Udp)
     }
 
+    /// Registered with the server now.
+    pub(crate) fn registered(&self) -> bool {
+        matches!(*self.status.borrow(), Status::Registered { .. })
+    }
+
     /// Sets the registration status and tells the event stream.
     pub(crate) fn set_status(&self, s: Status) {
         let event = match &s {

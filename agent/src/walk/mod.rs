@@ -29,7 +29,6 @@ use crate::options::{ConnectOptions, DialPolicy};
 use crate::protocols::{ProtocolHandler, ProtocolStream};
 use crate::{AgentError, AgentEvent, Inner, Status};
 use machine::{Answered, WalkConfig, WalkSummary, Walker};
-use punch_net::{read_frame, write_frame};
 use punch_protocol::signal::{validate_name, validate_worker_id, SessionId, MAX_TAGS};
 use punch_tls::PublicKey;
 use rand::seq::SliceRandom;
@@ -37,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -152,7 +151,7 @@ impl Walking {
                 topics: n.topics,
                 from: from.to_string(),
                 at: now,
-                unix: unix_now(),
+                unix: crate::book::now_unix(),
             };
             match heard.get(&n.worker_id) {
                 Some(h) if h.key != entry.key => {
@@ -184,12 +183,6 @@ impl Walking {
         let mut heard = self.heard.lock().expect("not poisoned");
         heard.remove(worker_id).map(|h| h.key)
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// What we are: our type and tags.
@@ -233,17 +226,12 @@ fn handler(
         let (book, own, shared, walking) =
             (book.clone(), own.clone(), shared.clone(), walking.clone());
         async move {
-            let ask: Ask = match read_frame(&mut s.recv, MAX_ASK).await {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(peer = %s.peer_id, "bad walk question: {e}");
-                    let _ = s.send.reset(punch_protocol::close::STREAM_ERROR.into());
-                    return;
-                }
+            let Some(ask) = s.question::<Ask>(MAX_ASK, "walk").await else {
+                return;
             };
             if !valid_topics(&ask.topics, MAX_TOPICS) || !valid_topics(&ask.own, MAX_OWN) {
                 debug!(peer = %s.peer_id, "a walk question with bad topics; refused");
-                let _ = s.send.reset(punch_protocol::close::STREAM_ERROR.into());
+                s.refuse_question();
                 return;
             }
             let answer = {
@@ -253,8 +241,7 @@ fn handler(
             };
             walking.answered.fetch_add(1, Ordering::Relaxed);
             debug!(peer = %s.peer_id, named = answer.peers.len(), "answered a walk question");
-            let _ = write_frame(&mut s.send, &answer).await;
-            let _ = s.send.finish();
+            s.answer(&answer).await;
         }
     }
 }
@@ -319,32 +306,55 @@ fn emit(
     }));
 }
 
-fn registered(inner: &Inner) -> bool {
-    matches!(*inner.status.borrow(), Status::Registered { .. })
-}
-
 /// Asks `peer` for workers of our topics: what it named.
 async fn question(inner: &Arc<Inner>, peer: &str) -> Answered {
-    let policy = DialPolicy::with(&inner.config, &ConnectOptions::new());
-    let asked = &inner.config.walk_topics;
-    let pc = match tokio::time::timeout(
-        QUESTION_TIMEOUT,
-        crate::session::connect(inner, peer, policy),
-    )
-    .await
-    {
-        Ok(Ok(pc)) => pc,
-        Ok(Err(e)) => {
-            debug!(%peer, "walk: no connection: {e}");
-            emit(inner, peer, SessionId(0), "failed", None, Some(e));
-            return Answered::Failed;
-        }
-        Err(_) => {
-            let e = AgentError::Timeout(format!("no connection to {peer:?} for the walk"));
-            emit(inner, peer, SessionId(0), "failed", None, Some(e));
+    let (session, own, named) = match ask(inner, peer).await {
+        Ok(answered) => answered,
+        Err((session, e)) => {
+            debug!(%peer, "walk question failed: {e}");
+            emit(inner, peer, session, "failed", None, Some(e));
             return Answered::Failed;
         }
     };
+    let now = Instant::now();
+    let (new, next) = {
+        let mut book = inner.book.lock().expect("not poisoned");
+        book.set_topics(peer, &own);
+        let (new, ids) = inner
+            .walking
+            .heard(&book, &inner.worker_id, peer, named, now);
+        // Without the server, only peers the book can knock on are
+        // reachable.
+        let reg = inner.registered();
+        let next = ids.into_iter().filter(|id| reg || book.has_standing(id));
+        (new, next.collect::<Vec<_>>())
+    };
+    {
+        let mut c = inner.discovery.lock().expect("not poisoned");
+        c.walk_learned += new as u64;
+    }
+    info!(%peer, named = next.len(), new, "walk: a peer named workers of our topics");
+    emit(inner, peer, session, "ended", Some(new), None);
+    Answered::Named { peers: next, new }
+}
+
+/// Connects to `peer` (a `started` event once connected) and asks it: the
+/// session, the answerer's own topics and the workers it named that can
+/// be believed; or the session so far (0 before connecting) and why not.
+async fn ask(
+    inner: &Arc<Inner>,
+    peer: &str,
+) -> Result<(SessionId, Vec<String>, Vec<Named>), (SessionId, AgentError)> {
+    let policy = DialPolicy::with(&inner.config, &ConnectOptions::new());
+    let asked = &inner.config.walk_topics;
+    let connect = crate::session::connect(inner, peer, policy);
+    let pc = match tokio::time::timeout(QUESTION_TIMEOUT, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(AgentError::Timeout(format!(
+            "no connection to {peer:?} for the walk"
+        ))),
+    }
+    .map_err(|e| (SessionId(0), e))?;
     let session = pc.path.session;
     // The server vouched for the key we just connected to.
     let pinned = inner
@@ -359,80 +369,39 @@ async fn question(inner: &Arc<Inner>, peer: &str) -> Answered {
         }
     }
     emit(inner, peer, session, "started", None, None);
-    let ask = Ask {
+    let question = Ask {
         topics: asked.clone(),
         own: own_topics(&inner.config),
     };
-    let talk = async {
-        let (mut send, mut recv) = pc.open_protocol(WALK_PROTOCOL).await?;
-        write_frame(&mut send, &ask)
-            .await
-            .map_err(|e| crate::peer::PeerError::Refused(e.to_string()))?;
-        let _ = send.finish();
-        read_frame::<Answer>(&mut recv, MAX_ANSWER)
-            .await
-            .map_err(|e| crate::peer::PeerError::Refused(e.to_string()))
-    };
+    let talk = pc.ask::<_, Answer>(WALK_PROTOCOL, &question, MAX_ANSWER);
     let got = tokio::time::timeout(QUESTION_TIMEOUT, talk).await;
     pc.close().await;
-    let checked = match got {
-        Ok(Ok(a)) => checked(a, asked),
-        Ok(Err(e)) => {
-            emit(
-                inner,
-                peer,
-                session,
-                "failed",
-                None,
-                Some(AgentError::PeerConnect(e.to_string())),
-            );
-            return Answered::Failed;
-        }
+    let answer = match got {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err((session, AgentError::PeerConnect(e.to_string()))),
         Err(_) => {
             let e = AgentError::Timeout(format!("{peer:?} did not answer the walk question"));
-            emit(inner, peer, session, "failed", None, Some(e));
-            return Answered::Failed;
+            return Err((session, e));
         }
     };
-    let Some((own, named)) = checked else {
-        let e = AgentError::PeerConnect(format!(
-            "{peer:?} answered the walk question with too much or bad topics"
-        ));
-        emit(inner, peer, session, "failed", None, Some(e));
-        return Answered::Failed;
-    };
-    let now = Instant::now();
-    let (new, next) = {
-        let mut book = inner.book.lock().expect("not poisoned");
-        book.set_topics(peer, &own);
-        let (new, ids) = inner
-            .walking
-            .heard(&book, &inner.worker_id, peer, named, now);
-        // Without the server, only peers the book can knock on are
-        // reachable.
-        let reachable =
-            |id: &String| registered(inner) || book.get(id).is_some_and(|e| !e.standing.is_empty());
-        (new, ids.into_iter().filter(reachable).collect::<Vec<_>>())
-    };
-    {
-        let mut c = inner.discovery.lock().expect("not poisoned");
-        c.walk_learned += new as u64;
-    }
-    info!(%peer, named = next.len(), new, "walk: a peer named workers of our topics");
-    emit(inner, peer, session, "ended", Some(new), None);
-    Answered::Named { peers: next, new }
+    checked(answer, asked)
+        .map(|(own, named)| (session, own, named))
+        .ok_or_else(|| {
+            let e = format!("{peer:?} answered the walk question with too much or bad topics");
+            (session, AgentError::PeerConnect(e))
+        })
 }
 
 /// Where a walk starts: the bootstrap workers, the book's peers of our
 /// topics and, while registered, workers the server lists for one topic.
 async fn starting_set(inner: &Arc<Inner>) -> Vec<String> {
     let topics = &inner.config.walk_topics;
-    let reg = registered(inner);
+    let reg = inner.registered();
     let mut ids: Vec<String> = Vec::new();
     {
         let book = inner.book.lock().expect("not poisoned");
         // Without the server, only peers the book can knock on.
-        let reachable = |id: &str| reg || book.get(id).is_some_and(|e| !e.standing.is_empty());
+        let reachable = |id: &str| reg || book.has_standing(id);
         ids.extend(
             inner
                 .config
