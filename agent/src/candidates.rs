@@ -17,6 +17,10 @@ pub(crate) struct Gathered {
     /// Where our NAT's port counter stands, when it counts: offered to
     /// peers as two predicted candidates ([`punch_protocol::predict`]).
     pub(crate) counter: Mutex<CounterState>,
+    /// Held while the counter is read: reads run one after another, so
+    /// the last one written is the latest (a slow read must not put an
+    /// older position back over a newer one).
+    pub(crate) counter_read: tokio::sync::Mutex<()>,
 }
 
 impl Inner {

@@ -208,27 +208,61 @@ pub async fn fresh_mapping(server: SocketAddr, bind: SocketAddr) -> Option<Socke
         .map(|a| a.mapped)
 }
 
-/// Fresh mappings one after another, one socket each toward `targets[i]`:
-/// the first requests leave in this order, so a counting NAT hands out its
-/// ports in it. Each answer's public address, in the same order.
-pub async fn fresh_mappings(targets: &[SocketAddr], bind: SocketAddr) -> Vec<Option<SocketAddr>> {
+/// A fresh mapping toward one of `servers`, asked from a new socket toward
+/// the next address at each try (one try per entry of `waits`, the first
+/// toward `servers[first]`), and how long the answered try took. Behind a
+/// NAT that counts ports up each try is one new flow, and the answer read
+/// is the last flow's: where the counter stands now. A try whose first
+/// packet the NAT drops (its port still taken toward that address) is not
+/// sent again: that would be a new flow on the next port anyway, and
+/// another address is less likely to be taken.
+pub async fn fresh_mapping_among(
+    servers: &[SocketAddr],
+    first: usize,
+    bind: SocketAddr,
+    waits: &[Duration],
+) -> Option<(SocketAddr, Duration)> {
+    if servers.is_empty() {
+        return None;
+    }
+    for (i, wait) in waits.iter().enumerate() {
+        let s = UdpSocket::bind(bind).await.ok()?;
+        let to = servers[(first + i) % servers.len()];
+        let asked = tokio::time::Instant::now();
+        if let Some(a) = ask_with(&s, to, false, false, std::slice::from_ref(wait)).await {
+            return Some((a.mapped, asked.elapsed()));
+        }
+    }
+    None
+}
+
+/// How long a counter read waits for each answer, from the round trip a
+/// first read took (its first waits: [`FIRST_WAITS`]).
+pub fn read_wait(rtt: Duration) -> Duration {
+    filter_waits(rtt)[0]
+}
+
+/// The waits of a first counter read, when the round trip is not known.
+pub const FIRST_READ_WAITS: [Duration; 3] = FIRST_WAITS;
+
+/// New flows one after another, one socket each toward `targets[i]`, one
+/// request each and no waiting for answers: on a NAT that counts ports up
+/// each moves the counter by one whether or not it gets through (a port
+/// whose tuple is still taken drops the flow's first packet, and waiting
+/// out retransmits there would take seconds and move the counter further).
+/// The sockets are returned so that answers still find them open.
+pub async fn open_flows(targets: &[SocketAddr], bind: SocketAddr) -> Vec<UdpSocket> {
     let mut socks = Vec::with_capacity(targets.len());
     for t in targets {
         let Ok(s) = UdpSocket::bind(bind).await else {
             break;
         };
-        // Opens the mapping now; the ask below retransmits on it.
         let _ = s
             .send_to(&request(&stun::new_txid(), false, false), t)
             .await;
         socks.push(s);
     }
-    futures_util::future::join_all(socks.iter().zip(targets).map(|(s, t)| async move {
-        ask_with(s, *t, false, false, &FIRST_WAITS)
-            .await
-            .map(|a| a.mapped)
-    }))
-    .await
+    socks
 }
 
 async fn hairpin(sock: &UdpSocket, mapped: SocketAddr) -> bool {

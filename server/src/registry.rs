@@ -46,7 +46,10 @@ impl<H> Online<H> {
 
     /// Candidates offered to peers: the server-observed address first, then
     /// the agent's own interface addresses that a peer may be sent to
-    /// ([`punch_protocol::signal::usable_candidate`]).
+    /// ([`punch_protocol::signal::usable_candidate`]), each address once,
+    /// except that predicted candidates are all kept: two of them make a
+    /// port counter ([`punch_protocol::predict::advertised`]), even when
+    /// one is the observed port.
     pub fn candidates(&self) -> Vec<Candidate> {
         let mut v = Vec::new();
         if self.transport == Transport::Udp {
@@ -57,7 +60,8 @@ impl<H> Online<H> {
         }
         for c in &self.local {
             let usable = punch_protocol::signal::usable_candidate(c.addr, self.observed);
-            if usable && !v.iter().any(|x| x.addr == c.addr) {
+            let predicted = c.kind == CandidateKind::Predicted;
+            if usable && (predicted || !v.iter().any(|x| x.addr == c.addr)) {
                 v.push(*c);
             }
         }
@@ -535,6 +539,25 @@ mod tests {
             .any(|c| c.addr.to_string() == "127.0.0.1:4000"));
     }
 
+    /// A counter whose next port is the observed one still reaches peers
+    /// as a counter (two predicted candidates); other duplicates go.
+    #[test]
+    fn predicted_candidates_survive_the_observed_port() {
+        let c = |a: &str, kind| Candidate {
+            addr: a.parse().unwrap(),
+            kind,
+        };
+        let mut o = online(1, 20545);
+        o.local = vec![
+            c("203.0.113.1:20545", CandidateKind::Predicted),
+            c("203.0.113.1:20546", CandidateKind::Predicted),
+            c("203.0.113.1:20545", CandidateKind::Stun),
+        ];
+        let got = o.candidates();
+        assert_eq!(got.len(), 3, "{got:?}");
+        let counter = punch_protocol::predict::advertised(&got).expect("a counter");
+        assert_eq!((counter.next, counter.stride), (20545, 1));
+    }
     #[test]
     fn id_is_bound_to_key() {
         let now = Instant::now();

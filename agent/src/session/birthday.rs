@@ -162,19 +162,28 @@ pub(crate) struct CounterState {
 /// side's twelve flows two strides apart, [`punch_protocol::predict`]).
 const COUNTER_SPAN: u16 = 24;
 /// Most fresh mappings toward one server address when moving the counter
-/// (within the per-remote budget of a 64-port block).
+/// to its block's end (within the per-remote budget of a 64-port block;
+/// up to [`MOVE_SPREAD`] more go past the end).
 const MOVE_PER_REMOTE: usize = 6;
+
+/// Extra flows, at most, past the block's end when moving the counter
+/// there (a random number of them): the read that follows then lands on
+/// one of several ports of the new block, not always on its first, whose
+/// tuples toward the server's few addresses the last moves may still hold.
+const MOVE_SPREAD: usize = 8;
 
 /// Behind a NAT that counts ports up, reads where the counter stands with
 /// a fresh mapping toward the server and offers it to peers
 /// ([`punch_protocol::predict`]): when the NAT check has read the mapping,
 /// and after each birthday attempt (whose flows moved the counter). When
 /// the ports a peer would aim at cross the end of an aligned 64-port
-/// block, it first moves the counter past that end with a few more fresh
-/// mappings (spread over the server's addresses): an in-order Cloud NAT
-/// block wraps there and a plain counter does not, and the peer cannot
-/// tell which; past the end both run on in a straight line. Does nothing
-/// behind other NATs.
+/// block, it first moves the counter past that end with a few more new
+/// flows (spread over the server's addresses, not waiting for answers)
+/// and reads it again: an in-order Cloud NAT block wraps there and a plain
+/// counter does not, and the peer cannot tell which; past the end both
+/// run on in a straight line. Reads run one at a time; a read that gets
+/// no answer withdraws the counter (where it stood is wrong by now).
+/// Does nothing behind other NATs.
 pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     let punch_protocol::allocator::Allocator::Sequential { stride } = inner.nat.alloc() else {
         return;
@@ -185,41 +194,19 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     if !server.is_ipv4() {
         return;
     }
+    let _one_read = inner.gather.counter_read.lock().await;
     let other = inner.gather.counter.lock().expect("not poisoned").other;
     let servers = match other.filter(|o| o.is_ipv4()) {
         Some(o) => crate::natcheck::server_addresses(server, o).to_vec(),
         None => vec![server],
     };
     let bind = SocketAddr::new(inner.socket.local_ip_v4(), 0);
-    let Some(mut m) = crate::natcheck::fresh_mapping(server, bind).await else {
-        debug!("counter: no answer to the fresh mapping");
-        return;
-    };
-    let step = stride.unsigned_abs().max(1);
-    let in_block = if stride > 0 {
-        m.port() & 63
-    } else {
-        63 - (m.port() & 63)
-    };
-    let left = 64 - in_block; // steps to the block's end, this one included
-    if in_block + COUNTER_SPAN * step >= 64 {
-        let n = (left / step) as usize;
-        if n <= MOVE_PER_REMOTE * servers.len() {
-            let targets: Vec<SocketAddr> =
-                (0..n).map(|i| servers[(i + 1) % servers.len()]).collect();
-            let got = crate::natcheck::fresh_mappings(&targets, bind).await;
-            if let Some(last) = got.into_iter().flatten().last() {
-                debug!(
-                    from = m.port(),
-                    to = last.port(),
-                    mappings = n,
-                    "counter: moved past the block's end"
-                );
-                m = last;
-            }
-        }
+    let read = read_counter(stride, &servers, bind).await;
+    if read.is_none() {
+        debug!("counter: no answer to the fresh mappings; withdrawn");
     }
-    let counter = punch_protocol::predict::Counter::after(m.ip(), m.port(), stride);
+    let counter =
+        read.and_then(|m| punch_protocol::predict::Counter::after(m.ip(), m.port(), stride));
     debug!(
         ?counter,
         "counter: advertising where our NAT's port counter stands"
@@ -231,4 +218,41 @@ pub(crate) async fn advertise_counter(inner: &Arc<Inner>) {
     if changed {
         inner.announce_candidates();
     }
+}
+
+/// The fresh mapping that says where the counter stands, after moving it
+/// past the end of its block when a peer's flows would cross it (see
+/// [`advertise_counter`]); `None` without an answer.
+async fn read_counter(stride: i16, servers: &[SocketAddr], bind: SocketAddr) -> Option<SocketAddr> {
+    use crate::natcheck::{fresh_mapping_among, open_flows, read_wait, FIRST_READ_WAITS};
+    let (m, rtt) = fresh_mapping_among(servers, 0, bind, &FIRST_READ_WAITS).await?;
+    let step = stride.unsigned_abs().max(1);
+    let in_block = if stride > 0 {
+        m.port() & 63
+    } else {
+        63 - (m.port() & 63)
+    };
+    let left = 64 - in_block; // steps to the block's end, this one included
+    if in_block + COUNTER_SPAN * step < 64 {
+        return Some(m);
+    }
+    let n = (left / step) as usize;
+    if n > MOVE_PER_REMOTE * servers.len() {
+        return Some(m);
+    }
+    let n = n + rand::Rng::gen_range(&mut rand::thread_rng(), 0..MOVE_SPREAD);
+    // n - 1 flows and the read; four tries toward four addresses, each a
+    // round trip like the first read's, outlast tuples still taken.
+    let targets: Vec<SocketAddr> = (1..n).map(|i| servers[i % servers.len()]).collect();
+    let _open = open_flows(&targets, bind).await;
+    let last = fresh_mapping_among(servers, n, bind, &[read_wait(rtt); 4])
+        .await?
+        .0;
+    debug!(
+        from = m.port(),
+        to = last.port(),
+        mappings = n,
+        "counter: moved past the block's end"
+    );
+    Some(last)
 }
