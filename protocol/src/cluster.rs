@@ -28,6 +28,10 @@ pub struct PeerCard {
     /// absent from older servers).
     #[serde(default)]
     pub seen: Option<std::net::IpAddr>,
+    /// Its NAT's port allocator, when it reported one (absent from older
+    /// servers).
+    #[serde(default)]
+    pub allocator: Option<crate::allocator::Allocator>,
 }
 
 impl PeerCard {
@@ -286,6 +290,7 @@ mod tests {
             nat: None,
             tcp_only: false,
             seen: Some("192.0.2.1".parse().unwrap()),
+            allocator: Some(crate::allocator::Allocator::Sequential { stride: 2 }),
         };
         let m = Bus::Connect {
             corr: 9,

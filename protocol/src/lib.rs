@@ -41,8 +41,9 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// Version of the signaling protocol; sent in `Hello` and `Welcome`.
 /// A server speaks every version from [`MIN_PROTOCOL_VERSION`] up: it
 /// answers `Welcome` with the agent's version and sends it nothing newer.
-/// Version 5 added `ClientMsg::Allocator` and `ClientMsg::OutcomeDetail`.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 5 added `ClientMsg::Allocator` and `ClientMsg::OutcomeDetail`;
+/// version 6 `ServerMsg::OfferWithAllocator`.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest agents a server still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// ALPN of the agent-to-server signaling connection.

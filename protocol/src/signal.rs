@@ -278,6 +278,49 @@ pub enum ServerMsg {
     AddressChanged { observed: SocketAddr },
     /// Answer to a `Query`.
     Workers { req: u32, workers: Vec<WorkerInfo> },
+    /// An introduction with the peer's port allocator (version 6; older
+    /// agents get [`ServerMsg::Offer`] without it).
+    OfferWithAllocator {
+        offer: Offer,
+        peer_allocator: crate::allocator::Allocator,
+    },
+}
+
+impl ServerMsg {
+    /// This message as an agent of `version` reads it: an offer carries the
+    /// peer's allocator only to version 6 and later.
+    pub fn for_version(self, version: u16) -> ServerMsg {
+        match self {
+            ServerMsg::Offer(offer) if version >= 6 => match offer.peer_allocator {
+                Some(peer_allocator) => ServerMsg::OfferWithAllocator {
+                    offer,
+                    peer_allocator,
+                },
+                None => ServerMsg::Offer(offer),
+            },
+            ServerMsg::OfferWithAllocator { mut offer, .. } if version < 6 => {
+                offer.peer_allocator = None;
+                ServerMsg::Offer(offer)
+            }
+            m => m,
+        }
+    }
+
+    /// The offer in this message, with the peer's allocator when it came
+    /// beside it and is one [`crate::allocator::infer`] could report.
+    pub fn into_offer(self) -> Option<Offer> {
+        match self {
+            ServerMsg::Offer(o) => Some(o),
+            ServerMsg::OfferWithAllocator {
+                mut offer,
+                peer_allocator,
+            } => {
+                offer.peer_allocator = peer_allocator.plausible().then_some(peer_allocator);
+                Some(offer)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Why the server refused something.
@@ -380,6 +423,12 @@ pub struct Offer {
     /// The peer reaches the server only over TCP and knows no UDP mapping
     /// of its own: punching cannot work, so start on the relay at once.
     pub peer_tcp_only: bool,
+    /// The peer's port allocator, when it reported one. Not part of this
+    /// struct's encoding (which version 4 and 5 agents read as it was):
+    /// version 6 servers send it beside the offer, in
+    /// [`ServerMsg::OfferWithAllocator`].
+    #[serde(skip)]
+    pub peer_allocator: Option<crate::allocator::Allocator>,
 }
 
 /// How a connection attempt ended.

@@ -5,6 +5,7 @@
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
+use punch_protocol::allocator::Allocator;
 use punch_protocol::cluster::{Bus, Introduced, PeerCard, Refusal};
 use punch_protocol::codec::{self, FrameDecoder};
 use punch_protocol::peer::{
@@ -229,6 +230,8 @@ fn offer() -> impl Strategy<Value = Offer> {
                     relay,
                     peer_nat: nat,
                     peer_tcp_only: tcp,
+                    // Not in Offer's encoding (see OfferWithAllocator).
+                    peer_allocator: None,
                 }
             },
         )
@@ -241,6 +244,12 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         (option::of(any::<u32>()), error_code(), text())
             .prop_map(|(req, code, message)| ServerMsg::Error { req, code, message }),
         offer().prop_map(ServerMsg::Offer),
+        (offer(), allocator()).prop_map(|(offer, peer_allocator)| {
+            ServerMsg::OfferWithAllocator {
+                offer,
+                peer_allocator,
+            }
+        }),
         any::<u32>().prop_map(|req| ServerMsg::Pong { req }),
         addr().prop_map(|observed| ServerMsg::AddressChanged { observed }),
         (any::<u32>(), vec(worker(), 0..3))
@@ -272,15 +281,29 @@ fn card() -> impl Strategy<Value = PeerCard> {
         option::of(nat()),
         any::<bool>(),
         option::of(addr()),
+        option::of(allocator()),
     )
-        .prop_map(|(id, key, candidates, nat, tcp_only, seen)| PeerCard {
-            id,
-            key,
-            candidates,
-            nat,
-            tcp_only,
-            seen: seen.map(|a| a.ip()),
-        })
+        .prop_map(
+            |(id, key, candidates, nat, tcp_only, seen, allocator)| PeerCard {
+                id,
+                key,
+                candidates,
+                nat,
+                tcp_only,
+                seen: seen.map(|a| a.ip()),
+                allocator,
+            },
+        )
+}
+
+fn allocator() -> impl Strategy<Value = Allocator> {
+    prop_oneof![
+        Just(Allocator::Unknown),
+        Just(Allocator::Preserving),
+        any::<i16>().prop_map(|stride| Allocator::Sequential { stride }),
+        (any::<u16>(), any::<u16>()).prop_map(|(base, size)| Allocator::Block { base, size }),
+        Just(Allocator::Random),
+    ]
 }
 
 fn bus() -> impl Strategy<Value = Bus> {

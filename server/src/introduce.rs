@@ -70,6 +70,7 @@ impl Pairing {
                 relay,
                 peer_nat: peer.nat,
                 peer_tcp_only: peer.tcp_only,
+                peer_allocator: peer.allocator.filter(|a| a.plausible()),
             },
         }
     }
@@ -84,6 +85,7 @@ pub(crate) fn card<H>(id: &str, worker: &Online<H>, key: PublicKey) -> PeerCard 
         nat: worker.nat,
         tcp_only: worker.tcp_only(),
         seen: Some(worker.observed.ip()),
+        allocator: worker.allocator,
     }
 }
 
@@ -127,6 +129,7 @@ mod tests {
             nat: None,
             tcp_only: true,
             seen: seen.map(|s| s.parse().unwrap()),
+            allocator: None,
         }
     }
 

@@ -249,6 +249,7 @@ pub fn run(s: &Scenario) -> Outcome {
                 local: net.local_addr(hosts[i], 0),
                 nat: classes[i],
                 extra: extra[i].clone(),
+                alloc: agents[i].alloc,
             };
             let offers = server::offers(&[reg(0), reg(1)], SessionId(rng.gen()), rng.gen());
             for (agent, offer) in agents.iter_mut().zip(&offers) {

@@ -2,6 +2,7 @@
 //! mapped address each agent's registration arrives from, and introduces
 //! the two with offers built as server/src/signal.rs builds them.
 
+use punch_protocol::allocator::Allocator;
 use punch_protocol::signal::{Candidate, CandidateKind, NatClass, Offer, Role, SessionId};
 use std::net::SocketAddr;
 
@@ -16,6 +17,8 @@ pub struct Registered {
     /// Candidates the agent added itself (its advertised counter, as
     /// `ClientMsg::Candidates` carries it).
     pub extra: Vec<Candidate>,
+    /// Its NAT's allocator as it reported it.
+    pub alloc: Allocator,
 }
 
 /// Candidates offered to the peer: the server-observed address first,
@@ -35,7 +38,8 @@ fn candidates(r: &Registered) -> Vec<Candidate> {
         });
     }
     for c in &r.extra {
-        if !v.iter().any(|x| x.addr == c.addr) {
+        // Predicted candidates all stay, as the server keeps them.
+        if c.kind == CandidateKind::Predicted || !v.iter().any(|x| x.addr == c.addr) {
             v.push(*c);
         }
     }
@@ -63,6 +67,7 @@ pub fn offers(agents: &[Registered; 2], session: SessionId, secret: [u8; 32]) ->
             relay: true,
             peer_nat: Some(peer.nat),
             peer_tcp_only: false,
+            peer_allocator: (peer.alloc != Allocator::Unknown).then_some(peer.alloc),
         }
     };
     [offer(0), offer(1)]

@@ -140,7 +140,8 @@ pub(crate) enum Cmd {
         /// Pass --relay-after SECS to the agents.
         #[arg(long)]
         relay_after: Option<f64>,
-        /// Only the ordered pairs with this site type on either side, e.g.
+        /// Only the ordered pairs with one of these comma-separated site
+        /// types on either side (as in --types, `allocators` included), e.g.
         /// `--types symmetric+upnp,symmetric,port-restricted,cloudnat
         /// --with symmetric+upnp`.
         #[arg(long)]

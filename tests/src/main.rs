@@ -174,13 +174,13 @@ fn main() -> Result<()> {
             let types = nat::parse_sites(&types).map_err(anyhow::Error::msg)?;
             let with = match with {
                 Some(w) => {
-                    let w: nat::SiteType = w.parse().map_err(anyhow::Error::msg)?;
-                    if !types.contains(&w) {
-                        bail!("--with {w} is not among --types");
+                    let w = nat::parse_sites(&w).map_err(anyhow::Error::msg)?;
+                    if let Some(missing) = w.iter().find(|t| !types.contains(t)) {
+                        bail!("--with {missing} is not among --types");
                     }
-                    Some(w)
+                    w
                 }
-                None => None,
+                None => Vec::new(),
             };
             if !(1..=1000).contains(&runs) {
                 bail!("--runs must be between 1 and 1000");

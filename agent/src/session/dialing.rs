@@ -425,13 +425,18 @@ pub(super) async fn dial(
     })
 }
 
-/// Do both NATs map per destination with nothing to scan or predict (one
-/// draws from the whole range at random)?
+/// Do both NATs map per destination with nothing to scan or predict (ours
+/// draws from the whole range at random, and the peer's too as far as its
+/// offer tells: a peer that reported a block or a counter is scanned)?
 fn both_random(inner: &Arc<Inner>, offer: &Offer) -> bool {
     use punch_protocol::allocator::Allocator;
     let ours = inner.nat.class();
     let both = super::birthday::part(ours, offer.peer_nat) == Some(super::birthday::Part::Both);
     let our_alloc = inner.nat.alloc();
     let peer_counts = punch_protocol::predict::advertised(&offer.peer_candidates).is_some();
-    both && (our_alloc == Allocator::Random || (!peer_counts && our_alloc == Allocator::Unknown))
+    let peer_random = offer
+        .peer_allocator
+        .is_none_or(|a| a == Allocator::Random || a == Allocator::Unknown);
+    both && peer_random
+        && (our_alloc == Allocator::Random || (!peer_counts && our_alloc == Allocator::Unknown))
 }

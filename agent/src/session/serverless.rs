@@ -450,6 +450,7 @@ fn book_offer(
         relay: false,
         peer_nat: None,
         peer_tcp_only: false,
+        peer_allocator: None,
     }
 }
 

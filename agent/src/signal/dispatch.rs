@@ -18,7 +18,8 @@ pub(super) fn dispatch(inner: &Arc<Inner>, msg: ServerMsg) {
             code,
             message,
         } => warn!(code = code.as_str(), "server error: {message}"),
-        ServerMsg::Offer(offer) => {
+        m @ (ServerMsg::Offer(_) | ServerMsg::OfferWithAllocator { .. }) => {
+            let Some(offer) = m.into_offer() else { return };
             let Some(probes) = inner.router.register(offer.session) else {
                 warn!(session = %offer.session, "too many punch sessions; offer ignored");
                 return;

@@ -157,8 +157,10 @@ pub fn spray_ports(seen: &[u16], counter_next: Option<u16>, rng: &mut impl rand:
 }
 
 /// Where the extra sockets send for our `part`: the peer's public
-/// mapping (hard side), or every port of the aligned 64-port block around
-/// each port we saw it use (both sides hard). IPv4 only.
+/// mapping (hard side), or every port of the peer's block (both sides
+/// hard): the block its allocator reported when that holds every port we
+/// saw it use (a grown block under dynamic port allocation), else the
+/// aligned 64-port block around each such port. IPv4 only.
 pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
     match part {
         Part::Hard => public_candidates(offer).filter(|a| a.is_ipv4()).collect(),
@@ -166,12 +168,22 @@ pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
             let Some((ip, seen)) = spray_target(offer).filter(|(ip, _)| ip.is_ipv4()) else {
                 return Vec::new();
             };
-            let mut blocks: Vec<u16> = seen.iter().map(|p| p & !63).collect();
+            let mut blocks: Vec<(u16, u16)> = match offer.peer_allocator {
+                Some(Allocator::Block { base, size })
+                    if size <= MAX_SCAN_BLOCK
+                        && seen.iter().all(|p| {
+                            (base as u32..base as u32 + size as u32).contains(&(*p as u32))
+                        }) =>
+                {
+                    vec![(base, size)]
+                }
+                _ => seen.iter().map(|p| (p & !63, 64)).collect(),
+            };
             blocks.sort_unstable();
             blocks.dedup();
             blocks
                 .iter()
-                .flat_map(|b| (0..64u16).map(move |k| b.wrapping_add(k)))
+                .flat_map(|&(b, n)| (0..n).map(move |k| b.wrapping_add(k)))
                 .filter(|p| *p >= 1024)
                 .map(|p| SocketAddr::new(ip, p))
                 .collect()
@@ -179,6 +191,10 @@ pub fn targets(offer: &Offer, part: Part) -> Vec<SocketAddr> {
         Part::Easy => Vec::new(),
     }
 }
+
+/// Largest reported block [`targets`] scans whole (a block grown larger
+/// than this is scanned as the 64 ports around what we saw).
+pub const MAX_SCAN_BLOCK: u16 = 256;
 
 /// The peer's addresses as servers saw them (its NAT's public side).
 fn public_candidates(offer: &Offer) -> impl Iterator<Item = SocketAddr> + '_ {

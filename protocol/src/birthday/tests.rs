@@ -33,6 +33,7 @@ fn offer(peer_nat: Option<NatClass>, cands: &[(&str, CandidateKind)]) -> Offer {
         relay: true,
         peer_nat,
         peer_tcp_only: false,
+        peer_allocator: None,
     }
 }
 
@@ -287,4 +288,40 @@ fn hard_side_without_targets_is_done_at_once() {
     assert_eq!(h.poll_event(), Some(HardEvent::TimedOut));
     assert!(h.poll_transmit().is_none());
     assert_eq!(h.poll_timeout(), None);
+}
+
+/// A block the peer reported (version 6 offers) is scanned whole when it
+/// holds what we saw of the peer; otherwise, or without one, the aligned
+/// 64 ports around that.
+#[test]
+fn both_hard_scans_the_block_the_peer_reported() {
+    use NatBehaviour::*;
+    let sym = class(AddressAndPortDependent, AddressAndPortDependent);
+    let mut o = offer(
+        sym,
+        &[("198.51.100.7:20600", CandidateKind::ServerReflexive)],
+    );
+    let ports =
+        |o: &Offer| -> Vec<u16> { targets(o, Part::Both).iter().map(|a| a.port()).collect() };
+    assert_eq!(ports(&o), (20544..20608).collect::<Vec<_>>());
+    o.peer_allocator = Some(Allocator::Block {
+        base: 20480,
+        size: 128,
+    });
+    assert_eq!(ports(&o), (20480..20608).collect::<Vec<_>>());
+    // A block that does not hold the observed port, or one too big to scan.
+    for a in [
+        Allocator::Block {
+            base: 30000,
+            size: 64,
+        },
+        Allocator::Block {
+            base: 16384,
+            size: 1024,
+        },
+        Allocator::Random,
+    ] {
+        o.peer_allocator = Some(a);
+        assert_eq!(ports(&o), (20544..20608).collect::<Vec<_>>(), "{a:?}");
+    }
 }

@@ -292,7 +292,7 @@ async fn session_loop(
                     }
                     Some(Ok(m)) => {
                         if let Some(answer) = handle(m, id, conn_id, shared) {
-                            link.send(&answer).await?;
+                            link.send(&answer.for_version(version)).await?;
                         }
                     }
                     Some(Err(ReadEnd::Malformed(e))) => {
@@ -308,7 +308,7 @@ async fn session_loop(
                 }
             },
             out = rx.recv() => match out {
-                Some(m) => link.send(&m).await?,
+                Some(m) => link.send(&m.for_version(version)).await?,
                 None => return Ok(false),
             },
             _ = check.tick() => {

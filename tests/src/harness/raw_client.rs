@@ -31,6 +31,11 @@ impl RawClient {
         Self::register_opts(s, name, local_candidates, true).await
     }
 
+    /// Registers `name` speaking protocol `version` (welcomed in it).
+    pub async fn register_version(s: &ServerProc, name: &str, version: u16) -> RawClient {
+        Self::register_full(s, name, vec![], true, version).await
+    }
+
     /// Registers `name` offering `local_candidates`; a worker that is not
     /// `ephemeral` goes stale when its connection drops uncleanly.
     pub async fn register_opts(
@@ -38,6 +43,17 @@ impl RawClient {
         name: &str,
         local_candidates: Vec<punch_protocol::signal::Candidate>,
         ephemeral: bool,
+    ) -> RawClient {
+        let v = punch_protocol::PROTOCOL_VERSION;
+        Self::register_full(s, name, local_candidates, ephemeral, v).await
+    }
+
+    async fn register_full(
+        s: &ServerProc,
+        name: &str,
+        local_candidates: Vec<punch_protocol::signal::Candidate>,
+        ephemeral: bool,
+        version: u16,
     ) -> RawClient {
         let id = punch_tls::Identity::generate().unwrap();
         let cfg = punch_tls::client_config(
@@ -57,7 +73,7 @@ impl RawClient {
         };
         raw.send(punch_protocol::signal::ClientMsg::Hello(
             punch_protocol::signal::Hello {
-                version: punch_protocol::PROTOCOL_VERSION,
+                version,
                 worker_id: name.into(),
                 public_key: id.public_key(),
                 token_proof: None,
@@ -70,8 +86,8 @@ impl RawClient {
         ))
         .await;
         match raw.next().await {
-            punch_protocol::signal::ServerMsg::Welcome { .. } => raw,
-            m => panic!("{name}: expected a welcome, got {m:?}"),
+            punch_protocol::signal::ServerMsg::Welcome { version: v, .. } if v == version => raw,
+            m => panic!("{name}: expected a welcome in version {version}, got {m:?}"),
         }
     }
 
@@ -103,11 +119,12 @@ impl RawClient {
         self.next().await
     }
 
-    /// The next message, which must be an offer.
+    /// The next message, which must be an offer (with the peer's
+    /// allocator when the server sent it beside).
     pub async fn offer(&mut self) -> punch_protocol::signal::Offer {
-        match self.next().await {
-            punch_protocol::signal::ServerMsg::Offer(o) => o,
-            m => panic!("expected an offer, got {m:?}"),
-        }
+        let m = self.next().await;
+        let what = format!("{m:?}");
+        m.into_offer()
+            .unwrap_or_else(|| panic!("expected an offer, got {what}"))
     }
 }

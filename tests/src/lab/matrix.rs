@@ -12,8 +12,9 @@ use std::time::Duration;
 pub struct MatrixOpts {
     /// Site types (NAT types, maybe with a port-mapping daemon).
     pub types: Vec<SiteType>,
-    /// Only the ordered pairs with this site on either side, when set.
-    pub with: Option<SiteType>,
+    /// Only the ordered pairs with one of these sites on either side, when
+    /// not empty.
+    pub with: Vec<SiteType>,
     pub runs: usize,
     pub impair: Impair,
     /// Punch deadline given to the agents, seconds.
@@ -331,7 +332,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<Vec<PairResult>> {
     let mut pairs: Vec<Pair> = Vec::new();
     for (i, a) in opts.types.iter().enumerate() {
         for b in opts.types.iter() {
-            if opts.with.is_some_and(|w| w != *a && w != *b) {
+            if !opts.with.is_empty() && !opts.with.contains(a) && !opts.with.contains(b) {
                 continue;
             }
             let (e, why) = site_theory(*a, *b);
