@@ -3,7 +3,7 @@
 //! the system roots or `--server-ca`), directly or through an HTTP proxy
 //! (`--proxy`, `HTTPS_PROXY`, `NO_PROXY`).
 
-use crate::{AgentError, Inner};
+use crate::AgentError;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -12,7 +12,6 @@ use hyper_util::rt::TokioIo;
 use punch_protocol::ws::{self, WsAuth, WsFrame};
 use punch_protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -318,37 +317,43 @@ pub(crate) async fn dial(url: &WsUrl) -> Result<Box<dyn Io>, String> {
     Ok(Box::new(tcp))
 }
 
-/// The proxy the WebSocket to `url` goes through, from `--proxy` or the
-/// environment.
-fn proxy(inner: &Inner, url: &WsUrl) -> Result<Option<Proxy>, String> {
-    proxy_for(inner.config.proxy.as_deref(), url, |k| {
-        std::env::var(k).ok()
-    })
-    .map_err(|e| e.to_string())
+/// The proxy the WebSocket to `url` goes through, from the `--proxy`
+/// setting or the environment.
+fn proxy(setting: Option<&str>, url: &WsUrl) -> Result<Option<Proxy>, String> {
+    proxy_for(setting, url, |k| std::env::var(k).ok()).map_err(|e| e.to_string())
 }
 
 /// Does the WebSocket to `url` go through a proxy (or is the proxy setting
 /// wrong), so that no plain TCP connection can be opened ahead?
-pub(crate) fn proxied(inner: &Inner, url: &WsUrl) -> bool {
-    !matches!(proxy(inner, url), Ok(None))
+pub(crate) fn proxied(setting: Option<&str>, url: &WsUrl) -> bool {
+    !matches!(proxy(setting, url), Ok(None))
+}
+
+/// Where and how the WebSocket reaches the server: the `--proxy` setting,
+/// the pinned fingerprint, the roots a TLS front is checked against.
+pub(crate) struct WsDial<'a> {
+    pub proxy: Option<&'a str>,
+    pub fingerprint: &'a str,
+    pub front_roots: Option<rustls::RootCertStore>,
 }
 
 /// Opens the WebSocket (TCP or proxy tunnel, TLS when `wss`, upgrade); on
-/// `dialed`, a TCP connection to the server already open.
+/// `dialed`, a TCP connection to the server already open. Also the
+/// server's `Date` header, when it sent one.
 pub(crate) async fn open(
-    inner: &Arc<Inner>,
+    how: WsDial<'_>,
     url: &WsUrl,
     dialed: Option<Box<dyn Io>>,
-) -> Result<Ws, String> {
+) -> Result<(Ws, Option<String>), String> {
     let stream: Box<dyn Io> = match dialed {
         Some(s) => s,
-        None => match proxy(inner, url)? {
+        None => match proxy(how.proxy, url)? {
             Some(p) => connect_via_proxy(&p, &url.authority()).await?,
             None => dial(url).await?,
         },
     };
     let stream: Box<dyn Io> = if url.secure {
-        let verifier = punch_tls::tcp::FrontVerifier::new(&inner.fingerprint, inner.front_roots())
+        let verifier = punch_tls::tcp::FrontVerifier::new(how.fingerprint, how.front_roots)
             .map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(punch_tls::tcp::client_config(verifier));
         let name = rustls::pki_types::ServerName::try_from(url.host.clone())
@@ -370,10 +375,12 @@ pub(crate) async fn open(
         tokio_tungstenite::client_async_with_config(url.to_string(), stream, Some(cfg))
             .await
             .map_err(|e| format!("WebSocket upgrade at {url}: {e}"))?;
-    if let Some(date) = resp.headers().get("date").and_then(|d| d.to_str().ok()) {
-        inner.link.server_clock.record_http_date(date);
-    }
-    Ok(ws)
+    let date = resp
+        .headers()
+        .get("date")
+        .and_then(|d| d.to_str().ok())
+        .map(str::to_string);
+    Ok((ws, date))
 }
 
 /// Reads the next binary message, skipping control frames.
@@ -420,14 +427,12 @@ pub(crate) async fn server_hello(ws: &mut Ws) -> Result<[u8; 32], AgentError> {
 
 /// Sends our key proof.
 pub(crate) async fn client_auth(
-    inner: &Inner,
+    identity: &punch_tls::Identity,
     ws: &mut Ws,
     server_nonce: &[u8; 32],
     client_nonce: &[u8; 32],
 ) -> Result<(), AgentError> {
-    let signature = inner
-        .identity
-        .sign(&ws::client_signed(server_nonce, client_nonce))?;
+    let signature = identity.sign(&ws::client_signed(server_nonce, client_nonce))?;
     let m = ws::encode_auth(&WsAuth::ClientAuth {
         nonce: *client_nonce,
         signature,
@@ -440,7 +445,7 @@ pub(crate) async fn client_auth(
 /// Checks the server's proof: its key has the pinned fingerprint and signed
 /// both nonces.
 pub(crate) fn check_server_auth(
-    inner: &Inner,
+    fingerprint: &str,
     body: &[u8],
     server_nonce: &[u8; 32],
     client_nonce: &[u8; 32],
@@ -449,9 +454,9 @@ pub(crate) fn check_server_auth(
         return Err(AgentError::Io("expected the server's key proof".into()));
     };
     let got = punch_tls::fingerprint_of(&key);
-    if !punch_tls::ct_eq(got.as_bytes(), inner.fingerprint.as_bytes()) {
+    if !punch_tls::ct_eq(got.as_bytes(), fingerprint.as_bytes()) {
         return Err(AgentError::FingerprintMismatch {
-            expected: inner.fingerprint.clone(),
+            expected: fingerprint.to_string(),
             got,
         });
     }
@@ -461,7 +466,7 @@ pub(crate) fn check_server_auth(
         &signature,
     ) {
         return Err(AgentError::FingerprintMismatch {
-            expected: inner.fingerprint.clone(),
+            expected: fingerprint.to_string(),
             got: format!("{got} (its signature does not verify)"),
         });
     }

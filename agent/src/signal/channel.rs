@@ -134,7 +134,7 @@ pub(super) async fn connect_once(inner: &Arc<Inner>) -> Result<(Channel, SocketA
     let early_url = ep
         .tcp
         .as_ref()
-        .filter(|u| ep.udp.is_some() && !crate::tcp::proxied(inner, u));
+        .filter(|u| ep.udp.is_some() && !crate::tcp::proxied(inner.config.proxy.as_deref(), u));
     let early = async {
         match early_url {
             Some(u) => crate::tcp::dial(u).await,

@@ -111,7 +111,7 @@ pub(super) async fn register(
                     match punch_protocol::ws::parse(&m) {
                         Ok(WsFrame::Auth(b)) => {
                             crate::tcp::check_server_auth(
-                                inner,
+                                &inner.fingerprint,
                                 b,
                                 &w.server_nonce,
                                 &w.client_nonce,

@@ -35,17 +35,25 @@ pub(super) async fn ws_channel(
         .server_connect_timeout
         .max(Duration::from_secs(5));
     let r = tokio::time::timeout(limit, async {
-        let mut ws = crate::tcp::open(inner, url, dialed).await.map_err(|e| {
+        let how = crate::tcp::WsDial {
+            proxy: inner.config.proxy.as_deref(),
+            fingerprint: &inner.fingerprint,
+            front_roots: inner.front_roots(),
+        };
+        let (mut ws, date) = crate::tcp::open(how, url, dialed).await.map_err(|e| {
             if e.starts_with(crate::tcp::PROXY_AUTH) {
                 AgentError::Config(e)
             } else {
                 unreachable(e)
             }
         })?;
+        if let Some(date) = date {
+            inner.link.server_clock.record_http_date(&date);
+        }
         let server_nonce = crate::tcp::server_hello(&mut ws).await?;
         let mut client_nonce = [0u8; 32];
         rand::thread_rng().fill(&mut client_nonce);
-        crate::tcp::client_auth(inner, &mut ws, &server_nonce, &client_nonce).await?;
+        crate::tcp::client_auth(&inner.identity, &mut ws, &server_nonce, &client_nonce).await?;
         Ok(Channel::Ws(Box::new(WsChannel {
             ws,
             server_nonce,
